@@ -1,0 +1,282 @@
+"""rollbox's guest half: runs notebook cells inside the sandboxed interpreter.
+
+The host loads this file once per interpreter as the module `rollbox_guest`, then runs each
+cell as one `turn` that calls `run_cell`, which pulls the cell's source through the door (the
+`_host` builtin). A cell runs in `__main__`'s namespace, so state persists across cells as in
+a Jupyter kernel. Its outcome (stdout, stderr, the value of the final expression, rich
+displays, the exception) goes back to the host as one JSON object through the door, never
+through stdout, so nothing the cell prints can forge it.
+"""
+
+import ast
+import builtins
+import io
+import json
+import linecache
+import sys
+import warnings
+
+from _host import call as _door_call
+
+_MAIN = sys.modules["__main__"].__dict__
+_THIS_FILE = __file__ if "__file__" in globals() else "<rollbox_guest>"
+# matplotlib's agg backend warns that it cannot show a window; the figures are collected after
+# each cell instead, as Jupyter's inline backend does.
+warnings.filterwarnings("ignore", message=".*non-interactive, and thus cannot be shown")
+
+
+class _CappedWriter(io.TextIOBase):
+    """A text stream that keeps the first `cap` bytes written to it and counts the rest."""
+
+    def __init__(self, cap, name):
+        super().__init__()
+        self._parts = []
+        self._room = cap
+        self.dropped = 0
+        self.name = name
+
+    @property
+    def encoding(self):
+        return "utf-8"
+
+    def writable(self):
+        return True
+
+    def isatty(self):
+        return False
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        data = text.encode("utf-8", "replace")
+        if len(data) <= self._room:
+            self._parts.append(text)
+            self._room -= len(data)
+        else:
+            kept = data[: max(self._room, 0)].decode("utf-8", "ignore")
+            if kept:
+                self._parts.append(kept)
+            self.dropped += len(data) - len(kept.encode("utf-8"))
+            self._room = 0
+        return len(text)
+
+    def getvalue(self):
+        return "".join(self._parts)
+
+
+class _Cell:
+    """What one cell produced so far; `display()` appends to the current one."""
+
+    current = None
+    count = 0
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.display = []
+        self.result = None
+        self.error = None
+
+
+def display(*objects):
+    """Show rich outputs (images, HTML) in the cell's result, as IPython's display does."""
+    cell = _Cell.current
+    for obj in objects:
+        if cell is None:
+            print(repr(obj))
+        else:
+            cell.display.append(_mime_bundle(obj, cell.cap))
+
+
+builtins.display = display
+
+
+def _mime_bundle(value, cap):
+    bundle = {}
+    try:
+        text = repr(value)
+    except BaseException as e:  # a broken __repr__ must not lose the cell's result
+        text = f"<{type(value).__name__} object; repr() raised {type(e).__name__}>"
+    if len(text) > cap:
+        text = text[:cap] + f"... [{len(text) - cap} more characters]"
+    bundle["text/plain"] = text
+    if _is_figure(value):
+        png = _figure_png(value)
+        if png is not None:
+            bundle["image/png"] = png
+        return bundle
+    for method, mime in (
+        ("_repr_html_", "text/html"),
+        ("_repr_markdown_", "text/markdown"),
+        ("_repr_latex_", "text/latex"),
+        ("_repr_svg_", "image/svg+xml"),
+        ("_repr_png_", "image/png"),
+        ("_repr_json_", "application/json"),
+    ):
+        render = getattr(type(value), method, None)
+        if render is None:
+            continue
+        try:
+            data = render(value)
+        except Exception:
+            continue
+        if data is None:
+            continue
+        if isinstance(data, bytes):
+            import base64
+
+            data = base64.b64encode(data).decode("ascii")
+        elif not isinstance(data, str):
+            data = json.dumps(data, default=str)
+        bundle[mime] = data
+    return bundle
+
+
+def _is_figure(value):
+    figure_module = sys.modules.get("matplotlib.figure")
+    return figure_module is not None and isinstance(value, figure_module.Figure)
+
+
+def _figure_png(figure):
+    import base64
+
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, format="png", bbox_inches="tight")
+    except Exception as e:
+        print(f"rollbox: could not render a figure: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _collect_figures(cell):
+    """Open pyplot figures become PNG displays and are closed, as in Jupyter's inline mode."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return
+    for number in pyplot.get_fignums():
+        bundle = _mime_bundle(pyplot.figure(number), cell.cap)
+        if "image/png" in bundle:
+            cell.display.append(bundle)
+    pyplot.close("all")
+
+
+def _user_traceback(error):
+    """The traceback without this module's own frames."""
+    import traceback
+
+    tb = error.__traceback__
+    while tb is not None and _is_ours(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    return traceback.format_exception(type(error), error, tb)
+
+
+def _is_ours(filename):
+    return filename == _THIS_FILE or filename.startswith("<turn")
+
+
+def _execute(source, cell):
+    _Cell.count += 1
+    filename = f"<cell-{_Cell.count}>"
+    # Registered so tracebacks and inspect show the cell's lines.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    tree = compile(source, filename, "exec", ast.PyCF_ONLY_AST | flags)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    _run(compile(tree, filename, "exec", flags))
+    if last is not None:
+        value = _run(compile(last, filename, "eval", flags))
+        if value is not None:
+            _MAIN["_"] = value
+            cell.result = _mime_bundle(value, cell.cap)
+
+
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: the cell awaits at top level
+
+
+def _run(code):
+    value = eval(code, _MAIN)
+    if code.co_flags & _CO_COROUTINE:
+        value = _event_loop().run_until_complete(value)
+    return value
+
+
+def _event_loop():
+    """The interpreter's one asyncio loop, made on first use. WASI has no socketpair, so the
+    loop has no self-pipe: nothing outside the cell's own thread ever needs to wake it."""
+    global _LOOP
+    if _LOOP is None or _LOOP.is_closed():
+        import asyncio
+
+        class _SandboxLoop(asyncio.SelectorEventLoop):
+            def _make_self_pipe(self):
+                self._ssock = self._csock = None
+
+            def _close_self_pipe(self):
+                pass
+
+            def _write_to_self(self):
+                pass
+
+        _LOOP = _SandboxLoop()
+        asyncio.set_event_loop(_LOOP)
+    return _LOOP
+
+
+_LOOP = None
+
+
+def pull():
+    """The data the host queued for this turn (the cell's source), as bytes."""
+    return _door_call(b"pull")[1:]
+
+
+def run_cell(cap):
+    """Runs the cell the host queued and sends its report to the host. Never raises."""
+    cell = _Cell(cap)
+    out, err = _CappedWriter(cap, "<stdout>"), _CappedWriter(cap, "<stderr>")
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    _Cell.current = cell
+    try:
+        try:
+            _execute(pull().decode("utf-8"), cell)
+        except BaseException as e:  # SystemExit and KeyboardInterrupt too: the kernel lives on
+            cell.error = {
+                "name": type(e).__name__,
+                "value": str(e),
+                "traceback": [line.rstrip("\n") for line in _user_traceback(e)],
+            }
+        try:
+            _collect_figures(cell)
+        except Exception as e:
+            print(f"rollbox: could not collect figures: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        sys.stdout, sys.stderr = saved
+        _Cell.current = None
+    report = {
+        "stdout": out.getvalue(),
+        "stderr": err.getvalue(),
+        "stdout_dropped": out.dropped,
+        "stderr_dropped": err.dropped,
+        "result": cell.result,
+        "display": cell.display,
+        "error": cell.error,
+    }
+    _send(report)
+
+
+def _send(report):
+    try:
+        _door_call(json.dumps(report, ensure_ascii=False).encode("utf-8", "replace"))
+    except Exception as e:
+        # Too large for the host's cap: keep the text, drop the rich displays.
+        report["display"] = []
+        report["stderr"] += f"\nrollbox: rich outputs were dropped: {type(e).__name__}: {e}"
+        _door_call(json.dumps(report, ensure_ascii=False).encode("utf-8", "replace"))
+
+
+def ping():
+    """Answers the host's readiness check."""
+    _door_call(b'{"ready": true}')

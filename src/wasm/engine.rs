@@ -1,0 +1,52 @@
+//! The one place the wasmtime engine is configured, and its epoch ticker.
+
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, OptLevel};
+
+/// How often the epoch advances. A call's deadline is checked at this granularity, so a
+/// timeout ends at most one tick late; 10 ms keeps the ticker's cost negligible.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The engine every slot of a backend shares. `fuel` turns on instruction metering, which
+/// compiles different code (a separately cached module) and runs slower, so it is only on when
+/// a [`crate::Limits::fuel`] is set.
+pub(crate) fn build_engine(fuel: bool) -> wasmtime::Result<Engine> {
+    let mut config = Config::new();
+    // The runtime's CPython is built with wasm exception handling.
+    config.wasm_exceptions(true);
+    // Wall-clock limits: an epoch deadline per call, advanced by the ticker below.
+    config.epoch_interruption(true);
+    config.consume_fuel(fuel);
+    config.cranelift_opt_level(OptLevel::Speed);
+    // Slots are instantiated from the snapshot's memory image copy-on-write (wasmtime's
+    // default), which is what keeps an idle slot at a few MB of RSS. The on-demand allocator
+    // is used: the pooling allocator would reserve every slot's maximum up front, and its
+    // tuning is left open (see BENCHMARKS.md).
+    let engine = Engine::new(&config)?;
+    start_epoch_ticker(&engine);
+    Ok(engine)
+}
+
+/// Advances `engine`'s epoch every [`EPOCH_TICK`] on a thread that holds only a weak
+/// reference, so it ends when the engine does.
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new().name("rollbox-epoch".into()).spawn(move || {
+        loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        }
+    });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "failed to start the epoch ticker; time limits will not be enforced");
+    }
+}
+
+/// The epoch ticks that cover `timeout`, plus one for the tick already under way.
+pub(crate) fn ticks_for(timeout: Duration) -> u64 {
+    (timeout.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
+}

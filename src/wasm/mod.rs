@@ -1,0 +1,10 @@
+//! The wasm backend: notebook slots that are CPython interpreters in wasmtime instances.
+
+mod backend;
+mod capture;
+mod engine;
+mod interpreter;
+mod poll;
+
+pub use backend::{WasmBackend, WasmBackendConfig, WasmBackendError};
+pub use interpreter::StartError;

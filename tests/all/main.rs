@@ -1,0 +1,8 @@
+//! rollbox's one integration-test binary: a module per area, over the real runtime.
+
+mod cli;
+mod conformance;
+mod runtime;
+mod support;
+mod truncation;
+mod wasm;

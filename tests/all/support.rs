@@ -1,0 +1,42 @@
+//! Shared fixtures: real wasm backends over the real runtime, and assertions that print the
+//! whole result (the guest's stdout and stderr included) when they fail.
+
+use std::sync::OnceLock;
+
+use rollbox::{ExecutionResult, Limits, SilentReporter, WasmBackend, WasmBackendConfig};
+
+/// A backend with `limits`, over the runtime in the user's cache (installed on first use).
+pub fn wasm_backend(limits: Limits) -> WasmBackend {
+    WasmBackend::new(WasmBackendConfig { limits, ..WasmBackendConfig::from_env() }, &SilentReporter)
+        .unwrap_or_else(|e| panic!("failed to start the wasm backend: {e:?}"))
+}
+
+/// One default-limits backend shared by the tests that need nothing special.
+pub fn shared_wasm() -> &'static WasmBackend {
+    static BACKEND: OnceLock<WasmBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| wasm_backend(Limits::default()))
+}
+
+/// Asserts success and returns the result; on failure prints all of it.
+#[track_caller]
+pub fn ok(result: ExecutionResult) -> ExecutionResult {
+    assert!(result.success, "expected success, got:\n{}", pretty(&result));
+    result
+}
+
+/// The final expression's `text/plain`, asserting there is one.
+#[track_caller]
+pub fn value(result: &ExecutionResult) -> String {
+    result
+        .cell
+        .as_ref()
+        .and_then(|c| c.result.as_ref())
+        .and_then(|r| r.get("text/plain"))
+        .cloned()
+        .unwrap_or_else(|| panic!("expected a final value, got:\n{}", pretty(result)))
+}
+
+/// The whole result as pretty JSON, for failure messages.
+pub fn pretty(result: &ExecutionResult) -> String {
+    serde_json::to_string_pretty(result).unwrap_or_else(|e| format!("{result:?} ({e})"))
+}

@@ -1,0 +1,210 @@
+//! The wasm backend against the real runtime: the conformance suite, then what only an
+//! in-process interpreter shows (values, displays, limits, the sandbox).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollbox::{Backend, ErrorKind, LimitKind, Limits, ToolCall};
+use serde_json::json;
+
+use crate::conformance;
+use crate::support::{ok, pretty, shared_wasm, value, wasm_backend};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_backend_passes_the_conformance_suite() {
+    conformance::run_all(shared_wasm()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_reports_stdout_stderr_value_and_error_apart() {
+    let backend = shared_wasm();
+    let slot = backend.acquire("shape").await.unwrap();
+    let r = ok(backend.execute(&slot, ToolCall::python("import sys\nprint('out')\nprint('err', file=sys.stderr)\n[1, 2][0] + 1")).await);
+    let cell = r.cell.as_ref().unwrap();
+    assert_eq!(cell.stdout, "out\n");
+    assert_eq!(cell.stderr, "err\n");
+    assert_eq!(value(&r), "2");
+    assert_eq!(r.output, "out\nerr\n2");
+
+    let failed = backend.execute(&slot, ToolCall::python("def f():\n    return {}['missing']\nf()")).await;
+    assert!(!failed.success);
+    assert_eq!(failed.error.as_ref().map(|e| e.kind), Some(ErrorKind::CellError));
+    let error = failed.cell.as_ref().and_then(|c| c.error.clone()).expect("an error");
+    assert_eq!((error.name.as_str(), error.value.as_str()), ("KeyError", "'missing'"));
+    let traceback = error.traceback.join("\n");
+    assert!(traceback.contains("<cell-") && traceback.contains("in f"), "{traceback}");
+    assert!(!traceback.contains("rollbox_guest"), "the guest's own frames are hidden: {traceback}");
+    assert!(!failed.metadata.state_lost);
+
+    let none = ok(backend.execute(&slot, ToolCall::python("x = 5")).await);
+    assert!(none.cell.as_ref().unwrap().result.is_none(), "an assignment has no value");
+    let exit = backend.execute(&slot, ToolCall::python("raise SystemExit(3)")).await;
+    assert_eq!(exit.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.name.as_str()), Some("SystemExit"));
+    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("x")).await)), "5", "SystemExit does not end the kernel");
+    let awaited = ok(backend.execute(&slot, ToolCall::python("import asyncio\nawait asyncio.sleep(0.01)\nawait asyncio.gather(asyncio.sleep(0), asyncio.sleep(0.01))\n7")).await);
+    assert_eq!(value(&awaited), "7");
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numpy_sympy_and_matplotlib_work() {
+    let backend = shared_wasm();
+    let slot = backend.acquire("science").await.unwrap();
+    let np = ok(backend.execute(&slot, ToolCall::python("import numpy as np\nint(np.arange(10).sum())")).await);
+    assert_eq!(value(&np), "45");
+    let sp = ok(backend.execute(&slot, ToolCall::python("import sympy as sp\nx = sp.symbols('x')\nsp.integrate(x**2, (x, 0, 3))")).await);
+    assert_eq!(value(&sp), "9");
+    let plot = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\nplt.show()";
+    let fig = ok(backend.execute(&slot, ToolCall::python(plot)).await);
+    let display = &fig.cell.as_ref().unwrap().display;
+    assert_eq!(display.len(), 1, "{}", pretty(&fig));
+    let png = display[0].get("image/png").expect("a PNG");
+    assert!(png.starts_with("iVBORw0KGgo"), "base64 of a PNG header");
+    assert!(fig.cell.as_ref().unwrap().stderr.is_empty(), "no warning about a non-interactive backend: {}", pretty(&fig));
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_limit_stops_busy_and_sleeping_cells_and_the_slot_recovers() {
+    let backend = shared_wasm();
+    let slot = backend.acquire("time").await.unwrap();
+    ok(backend.execute(&slot, ToolCall::python("kept = 1")).await);
+    for code in ["while True:\n    pass", "import time\ntime.sleep(3600)"] {
+        let r = backend.execute(&slot, ToolCall::python(code).with_timeout(Duration::from_millis(300))).await;
+        assert!(!r.success);
+        assert_eq!(r.metadata.limit_hit, Some(LimitKind::Time), "{}", pretty(&r));
+        assert_eq!(r.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded));
+        assert!(r.metadata.state_lost);
+        assert!(r.output.contains("time limit") && r.output.contains("restarted"), "{}", r.output);
+        let after = ok(backend.execute(&slot, ToolCall::python("'kept' in globals()")).await);
+        assert_eq!(value(&after), "False", "a fresh interpreter replaced the interrupted one");
+        ok(backend.execute(&slot, ToolCall::python("kept = 1")).await);
+    }
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_limit_is_a_memory_error_and_state_survives() {
+    let backend = wasm_backend(Limits { memory_bytes: 256 << 20, ..Limits::default() });
+    let slot = backend.acquire("memory").await.unwrap();
+    ok(backend.execute(&slot, ToolCall::python("kept = 'yes'")).await);
+    let r = backend.execute(&slot, ToolCall::python("hog = bytearray(1 << 30)")).await;
+    assert!(!r.success);
+    assert_eq!(r.metadata.limit_hit, Some(LimitKind::Memory), "{}", pretty(&r));
+    assert_eq!(r.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded));
+    let after = ok(backend.execute(&slot, ToolCall::python("kept")).await);
+    assert_eq!(value(&after), "'yes'");
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_limit_cuts_with_a_visible_marker() {
+    let backend = wasm_backend(Limits { output_bytes: 1000, ..Limits::default() });
+    let slot = backend.acquire("output").await.unwrap();
+    let r = ok(backend.execute(&slot, ToolCall::python("print('y' * 5000)\nimport os\nos.write(1, b'z' * 5000)\nNone")).await);
+    assert_eq!(r.metadata.limit_hit, Some(LimitKind::Output));
+    assert!(r.metadata.truncated);
+    let stdout = &r.cell.as_ref().unwrap().stdout;
+    assert!(stdout.contains("[rollbox: output truncated, 4001 more bytes not shown]"), "{stdout}");
+    assert!(stdout.contains("[rollbox: output truncated, 4000 more bytes not shown]"), "raw fd writes are capped too: {stdout}");
+    assert!(stdout.len() < 2400, "{}", stdout.len());
+    let r = ok(backend.execute(&slot, ToolCall::python("'next call is not truncated'")).await);
+    assert_eq!(r.metadata.limit_hit, None);
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fuel_limit_stops_a_cell_and_the_slot_recovers() {
+    let backend = wasm_backend(Limits { fuel: Some(50_000_000), ..Limits::default() });
+    let slot = backend.acquire("fuel").await.unwrap();
+    ok(backend.execute(&slot, ToolCall::python("1 + 1")).await);
+    let r = backend.execute(&slot, ToolCall::python("n = 0\nwhile True:\n    n += 1")).await;
+    assert_eq!(r.metadata.limit_hit, Some(LimitKind::Fuel), "{}", pretty(&r));
+    assert!(r.metadata.state_lost);
+    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("2 + 2")).await)), "4");
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_cannot_reach_host_files_environment_or_network() {
+    let backend = shared_wasm();
+    let slot = backend.acquire("sandbox").await.unwrap();
+    let probe = r#"
+import os, socket
+seen = {}
+for path in ['/etc/passwd', '../outside.txt', '/workspace/../etc/hostname', '/proc/self/environ']:
+    try:
+        open(path).read()
+        seen[path] = 'READ'
+    except OSError as e:
+        seen[path] = type(e).__name__
+try:
+    socket.create_connection(('127.0.0.1', 9), timeout=1)
+    seen['net'] = 'CONNECTED'
+except Exception as e:
+    seen['net'] = type(e).__name__
+seen['env'] = sorted(os.environ)
+seen['lib'] = sorted(os.listdir('/usr/local/lib'))
+seen['cwd'] = os.getcwd()
+seen
+"#;
+    let r = ok(backend.execute(&slot, ToolCall::python(probe)).await);
+    let seen = value(&r);
+    assert!(!seen.contains("READ") && !seen.contains("CONNECTED"), "{seen}");
+    assert!(seen.contains("'cwd': '/workspace'"), "{seen}");
+    assert!(seen.contains("'lib': ['python315.zip']"), "only the stdlib is visible there: {seen}");
+    assert!(seen.contains("'env': ['HOME', 'MPLBACKEND', 'MPLCONFIGDIR', 'PYTHONIOENCODING', 'TMPDIR']"), "no host variable reaches the guest: {seen}");
+    let write_stdlib = backend.execute(&slot, ToolCall::python("open('/usr/local/lib/evil.py', 'w')")).await;
+    assert!(!write_stdlib.success, "the stdlib is read-only: {}", pretty(&write_stdlib));
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cells_get_clear_results_and_hurt_no_one() {
+    let backend = shared_wasm();
+    let slot = backend.acquire("bad-cells").await.unwrap();
+    let bystander = backend.acquire("bystander").await.unwrap();
+    ok(backend.execute(&bystander, ToolCall::python("alive = True")).await);
+    let huge = format!("s = '{}'\nlen(s)", "é".repeat(5_000_000));
+    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python(huge)).await)), "5000000");
+    let weird = ok(backend.execute(&slot, ToolCall::python("'\\udc80 ünïcode ✓'")).await);
+    assert!(value(&weird).contains("ünïcode ✓"));
+    let bash = backend.execute(&slot, ToolCall::new("bash", json!({"command": "ls"}))).await;
+    assert_eq!(bash.error.as_ref().map(|e| e.kind), Some(ErrorKind::ToolUnavailable));
+    assert!(bash.output.contains("process") && bash.output.contains("remote"), "{}", bash.output);
+    let deep = backend.execute(&slot, ToolCall::python("def f(n):\n    return f(n + 1)\nf(0)")).await;
+    assert!(!deep.success, "{}", pretty(&deep));
+    assert_eq!(value(&ok(backend.execute(&bystander, ToolCall::python("alive")).await)), "True");
+    backend.release(&slot, true).await.unwrap();
+    backend.release(&bystander, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_slots_run_concurrently_without_cross_talk() {
+    let backend: Arc<dyn Backend> = Arc::new(wasm_backend(Limits::default()));
+    let mut slots = Vec::new();
+    for i in 0..100 {
+        slots.push(backend.acquire(&format!("crowd-{i}")).await.unwrap());
+    }
+    for round in 0..3 {
+        let calls = slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let code = if round == 0 { format!("me = {i}\nhistory = [me]") } else { format!("history.append(me * 10 + {round})\nhistory") };
+                (slot.clone(), ToolCall::python(code))
+            })
+            .collect();
+        let results = backend.execute_batch(calls).await;
+        assert_eq!(results.len(), 100);
+        for (i, r) in results.iter().enumerate() {
+            let r = ok(r.clone());
+            if round == 2 {
+                assert_eq!(value(&r), format!("[{i}, {}, {}]", i * 10 + 1, i * 10 + 2));
+            }
+        }
+    }
+    for slot in &slots {
+        backend.release(slot, true).await.unwrap();
+    }
+}
