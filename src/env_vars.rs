@@ -10,6 +10,11 @@ pub const RUNTIME_WHEEL: &str = "ROLLBOX_RUNTIME_WHEEL";
 pub const PYTHON: &str = "ROLLBOX_PYTHON";
 /// The log filter for rollbox's tracing output (`info`, `rollbox=debug`, ...).
 pub const LOG: &str = "ROLLBOX_LOG";
+/// Path of the tokenizer.json the tests count with; defaults to
+/// `target/test-data/qwen-tokenizer.json`, which `scripts/fetch-tokenizer.sh` writes.
+pub const TEST_TOKENIZER: &str = "ROLLBOX_TEST_TOKENIZER";
+/// Bearer token for the OpenAI-compatible summariser endpoint of `rollbox compact`.
+pub const SUMMARIZER_API_KEY: &str = "ROLLBOX_SUMMARIZER_API_KEY";
 /// Standard: disables colour in the CLI's output.
 pub const NO_COLOR: &str = "NO_COLOR";
 /// Standard: the per-user cache root.

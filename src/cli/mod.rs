@@ -2,6 +2,7 @@
 //! module per command. The only place that prints.
 
 mod bench;
+mod compact;
 mod demo;
 mod exec;
 mod progress;
@@ -41,6 +42,14 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure the engine: cell and acquire latency, throughput, memory, process start.
     Bench(bench::BenchArgs),
+    /// Print the OpenAI function-calling schemas of a backend's tools, as JSON.
+    Tools {
+        /// The backend whose tools to list.
+        #[arg(long, default_value = "wasm")]
+        backend: String,
+    },
+    /// Fit a conversation (OpenAI messages JSON on stdin) into a token budget.
+    Compact(compact::CompactArgs),
     /// Install or inspect the Python runtime.
     #[command(subcommand)]
     Runtime(runtime::RuntimeCommand),
@@ -123,6 +132,8 @@ pub fn main() -> ExitCode {
             Command::Repl(args) => repl::run(args, quiet).await,
             Command::Demo(args) => demo::run(args, quiet).await,
             Command::Bench(args) => bench::run(args, quiet).await,
+            Command::Compact(args) => compact::run(args, quiet).await,
+            Command::Tools { backend } => print_tool_schemas(&backend),
             Command::Runtime(command) => runtime::run(command, quiet).await,
         }
     });
@@ -130,6 +141,15 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => report_error(error),
     }
+}
+
+fn print_tool_schemas(backend: &str) -> anyhow::Result<ExitCode> {
+    let tools = match backend {
+        "wasm" => rollbox::wasm::TOOLS.to_vec(),
+        other => anyhow::bail!("unknown backend `{other}`; the backends are: wasm"),
+    };
+    println!("{}", serde_json::to_string_pretty(&rollbox::tools::schemas(&tools))?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_tracing() {

@@ -15,6 +15,9 @@ use crate::slot::{Backend, BackendError, ErrorKind, ExecutionMetadata, Execution
 use crate::tools::workspace::{Workspace, WorkspaceError};
 use crate::tools::{ToolCallError, ToolName, ToolRequest};
 
+/// The tools a wasm slot runs: everything but `bash`.
+pub const TOOLS: [ToolName; 6] = [ToolName::Python, ToolName::ReadFile, ToolName::WriteFile, ToolName::EditFile, ToolName::ListDir, ToolName::Search];
+
 /// How a [`WasmBackend`] is set up.
 #[derive(Clone, Debug)]
 pub struct WasmBackendConfig {
@@ -152,7 +155,7 @@ impl Backend for WasmBackend {
     }
 
     fn tools(&self) -> Vec<ToolName> {
-        vec![ToolName::Python, ToolName::ReadFile, ToolName::WriteFile, ToolName::EditFile, ToolName::ListDir, ToolName::Search]
+        TOOLS.to_vec()
     }
 
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {

@@ -6,5 +6,5 @@ mod engine;
 mod interpreter;
 mod poll;
 
-pub use backend::{WasmBackend, WasmBackendConfig, WasmBackendError};
+pub use backend::{TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError};
 pub use interpreter::StartError;

