@@ -1,39 +1,48 @@
 """rollbox's guest half: runs notebook cells inside the sandboxed interpreter.
 
-The host loads this file once per interpreter as the module `rollbox_guest`, then runs each
-cell as one `turn` that calls `run_cell`, which pulls the cell's source through the door (the
-`_host` builtin). A cell runs in `__main__`'s namespace, so state persists across cells as in
-a Jupyter kernel. Its outcome (stdout, stderr, the value of the final expression, rich
-displays, the exception) goes back to the host as one JSON object through the door, never
-through stdout, so nothing the cell prints can forge it.
+The host loads this file once per interpreter as the module `rollbox_guest` and calls
+`start`, which installs `_turn` as the reactor's turn handler. From then on the host sends
+each cell's source as one `turn`, and `_turn` runs it: the cell executes in `__main__`'s
+namespace, so state persists across cells as in a Jupyter kernel. The cell is parsed and
+compiled once, here, and nowhere else. Its outcome (stdout, stderr, the value of the final
+expression, rich displays, the exception) goes back to the host as one JSON object through
+the door (the `_host` builtin), never through stdout, so nothing the cell prints can forge it.
 """
 
-import ast
+import _ast as ast  # the C module: `ast.py` costs an import and is not needed
 import builtins
 import io
 import json
 import linecache
+import re
 import sys
-import warnings
+
+import _warnings
 
 from _host import call as _door_call
 
 _MAIN = sys.modules["__main__"].__dict__
 _THIS_FILE = __file__ if "__file__" in globals() else "<rollbox_guest>"
 # matplotlib's agg backend warns that it cannot show a window; the figures are collected after
-# each cell instead, as Jupyter's inline backend does.
-warnings.filterwarnings("ignore", message=".*non-interactive, and thus cannot be shown")
+# each cell instead, as Jupyter's inline backend does. The filter goes straight into the C
+# `_warnings` list (which `warnings.filters` is), because importing `warnings` would cost each
+# new interpreter a few milliseconds; `re` and `_warnings` are already loaded.
+_warnings.filters.insert(0, ("ignore", re.compile(".*non-interactive, and thus cannot be shown", re.I), Warning, None, 0))
 
 
 class _CappedWriter(io.TextIOBase):
     """A text stream that keeps the first `cap` bytes written to it and counts the rest."""
 
-    def __init__(self, cap, name):
+    def __init__(self, name):
         super().__init__()
+        self.name = name
+        self.reset(0)
+
+    def reset(self, cap):
+        """Empties the stream for the next cell; one writer serves every cell."""
         self._parts = []
         self._room = cap
         self.dropped = 0
-        self.name = name
 
     @property
     def encoding(self):
@@ -62,6 +71,9 @@ class _CappedWriter(io.TextIOBase):
 
     def getvalue(self):
         return "".join(self._parts)
+
+
+_STDOUT, _STDERR = _CappedWriter("<stdout>"), _CappedWriter("<stderr>")
 
 
 class _Cell:
@@ -171,7 +183,7 @@ def _user_traceback(error):
 
 
 def _is_ours(filename):
-    return filename == _THIS_FILE or filename.startswith("<turn")
+    return filename == _THIS_FILE or filename in ("<reactor>",) or filename.startswith("<turn")
 
 
 def _execute(source, cell):
@@ -227,21 +239,25 @@ def _event_loop():
 _LOOP = None
 
 
-def pull():
-    """The data the host queued for this turn (the cell's source), as bytes."""
-    return _door_call(b"pull")[1:]
+class _Config:
+    """Set once by `start`: the byte cap of each output stream."""
+
+    cap = 1 << 18
 
 
-def run_cell(cap):
-    """Runs the cell the host queued and sends its report to the host. Never raises."""
-    cell = _Cell(cap)
-    out, err = _CappedWriter(cap, "<stdout>"), _CappedWriter(cap, "<stderr>")
+def _turn(source, name):
+    """The reactor's turn handler, replaced by `start`: runs `source` as one cell and sends
+    its report to the host. Never raises."""
+    cell = _Cell(_Config.cap)
+    out, err = _STDOUT, _STDERR
+    out.reset(cell.cap)
+    err.reset(cell.cap)
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     _Cell.current = cell
     try:
         try:
-            _execute(pull().decode("utf-8"), cell)
+            _execute(source, cell)
         except BaseException as e:  # SystemExit and KeyboardInterrupt too: the kernel lives on
             cell.error = {
                 "name": type(e).__name__,
@@ -267,6 +283,20 @@ def run_cell(cap):
     _send(report)
 
 
+def start(cap):
+    """Installs `_turn` as the reactor's turn handler (found on the stack: the reactor's
+    `turn` looks `_run_turn` up in its globals on every call) and answers the host's
+    readiness check, saying whether the handler was installed."""
+    _Config.cap = cap
+    frame = sys._getframe()
+    while frame is not None and not (frame.f_code.co_name == "turn" and "_run_turn" in frame.f_globals):
+        frame = frame.f_back
+    hooked = frame is not None
+    if hooked:
+        frame.f_globals["_run_turn"] = _turn
+    _door_call(json.dumps({"ready": True, "hooked": hooked}).encode())
+
+
 def _send(report):
     try:
         _door_call(json.dumps(report, ensure_ascii=False).encode("utf-8", "replace"))
@@ -275,8 +305,3 @@ def _send(report):
         report["display"] = []
         report["stderr"] += f"\nrollbox: rich outputs were dropped: {type(e).__name__}: {e}"
         _door_call(json.dumps(report, ensure_ascii=False).encode("utf-8", "replace"))
-
-
-def ping():
-    """Answers the host's readiness check."""
-    _door_call(b'{"ready": true}')

@@ -202,41 +202,19 @@ impl Backend for WasmBackend {
             groups[g].1.push((index, call));
         }
         let mut results: Vec<Option<ExecutionResult>> = (0..total).map(|_| None).collect();
-        let mut running = Vec::with_capacity(groups.len());
+        let mut runnable: Vec<(Arc<LiveSlot>, Vec<(usize, ToolCall)>)> = Vec::with_capacity(groups.len());
         for (slot_id, group) in groups {
-            let live = self.read_slots().get(&slot_id).cloned();
-            let Some(live) = live else {
-                for (index, call) in group {
-                    results[index] = Some(unknown_slot(slot_id, &call));
-                }
-                continue;
-            };
-            let indices: Vec<(usize, String)> = group.iter().map(|(i, c)| (*i, c.name.clone())).collect();
-            let factory = self.factory.clone();
-            let handle = tokio::task::spawn_blocking(move || {
-                group.into_iter().map(|(index, call)| (index, run_call(&factory, &live, &call))).collect::<Vec<_>>()
-            });
-            running.push((slot_id, indices, handle));
-        }
-        for (slot_id, indices, handle) in running {
-            match handle.await {
-                Ok(done) => {
-                    for (index, result) in done {
-                        results[index] = Some(result);
-                    }
-                }
-                Err(join) => {
-                    tracing::error!(%slot_id, error = %join, "a slot's calls panicked in the host");
-                    for (index, tool) in indices {
-                        let metadata = ExecutionMetadata { tool, slot_id: Some(slot_id), ..Default::default() };
-                        results[index] = Some(ExecutionResult::failure(
-                            ErrorKind::Backend,
-                            "rollbox failed while running this call (a host panic; please report it); the slot's interpreter will be restarted",
-                            metadata,
-                        ));
+            match self.read_slots().get(&slot_id).cloned() {
+                Some(live) => runnable.push((live, group)),
+                None => {
+                    for (index, call) in group {
+                        results[index] = Some(unknown_slot(slot_id, &call));
                     }
                 }
             }
+        }
+        for (index, result) in run_groups(&self.factory, runnable).await {
+            results[index] = Some(result);
         }
         results
             .into_iter()
@@ -261,6 +239,53 @@ impl Backend for WasmBackend {
         .await;
         Ok(())
     }
+}
+
+/// The most threads one batch runs on, per CPU. Guest work is CPU-bound, so more threads
+/// than this only add switching; a few per CPU keep a sleeping cell from holding up the rest.
+const BATCH_THREADS_PER_CPU: usize = 8;
+
+/// Runs each slot's calls in order, different slots in parallel, and returns every result
+/// with its index in the batch.
+///
+/// One slot's calls run inline on this worker thread (`block_in_place`): no hand-off to
+/// another thread, which is most of a trivial cell's cost otherwise. Several slots are shared
+/// out to a bounded set of blocking workers that each take the next slot's calls until none
+/// are left, so a batch over hundreds of slots wakes a handful of threads, not hundreds.
+async fn run_groups(factory: &Arc<InterpreterFactory>, groups: Vec<(Arc<LiveSlot>, Vec<(usize, ToolCall)>)>) -> Vec<(usize, ExecutionResult)> {
+    let inline = groups.len() == 1 && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+    if inline {
+        return tokio::task::block_in_place(|| groups.iter().flat_map(|(live, calls)| run_group(factory, live, calls)).collect());
+    }
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let workers = groups.len().min(cpus * BATCH_THREADS_PER_CPU).max(1);
+    let queue = Arc::new((std::sync::atomic::AtomicUsize::new(0), groups));
+    let mut handles = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (factory, queue) = (factory.clone(), queue.clone());
+        handles.push(tokio::task::spawn_blocking(move || {
+            let (next, groups) = &*queue;
+            let mut done = Vec::new();
+            while let Some((live, calls)) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
+                done.extend(run_group(&factory, live, calls));
+            }
+            done
+        }));
+    }
+    let mut results = Vec::new();
+    for handle in handles {
+        match handle.await {
+            Ok(done) => results.extend(done),
+            // A panic loses that worker's finished results; the caller fills every missing
+            // index with a failure, so nothing is silently dropped.
+            Err(join) => tracing::error!(error = %join, "a batch worker panicked in the host"),
+        }
+    }
+    results
+}
+
+fn run_group(factory: &InterpreterFactory, live: &LiveSlot, calls: &[(usize, ToolCall)]) -> Vec<(usize, ExecutionResult)> {
+    calls.iter().map(|(index, call)| (*index, run_call(factory, live, call))).collect()
 }
 
 fn unknown_slot(slot_id: SlotId, call: &ToolCall) -> ExecutionResult {

