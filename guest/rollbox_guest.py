@@ -14,7 +14,6 @@ import builtins
 import io
 import json
 import linecache
-import re
 import sys
 
 import _warnings
@@ -25,9 +24,20 @@ _MAIN = sys.modules["__main__"].__dict__
 _THIS_FILE = __file__ if "__file__" in globals() else "<rollbox_guest>"
 # matplotlib's agg backend warns that it cannot show a window; the figures are collected after
 # each cell instead, as Jupyter's inline backend does. The filter goes straight into the C
-# `_warnings` list (which `warnings.filters` is), because importing `warnings` would cost each
-# new interpreter a few milliseconds; `re` and `_warnings` are already loaded.
-_warnings.filters.insert(0, ("ignore", re.compile(".*non-interactive, and thus cannot be shown", re.I), Warning, None, 0))
+# `_warnings` list (which `warnings.filters` is): importing `warnings`, or compiling a regex,
+# would cost each new interpreter milliseconds. A filter's message test is any object with a
+# `match` method.
+
+
+class _EndsWith:
+    def __init__(self, suffix):
+        self.suffix = suffix
+
+    def match(self, text):
+        return text.endswith(self.suffix)
+
+
+_warnings.filters.insert(0, ("ignore", _EndsWith("is non-interactive, and thus cannot be shown"), Warning, None, 0))
 
 
 class _CappedWriter(io.TextIOBase):

@@ -12,6 +12,7 @@ pub mod env_vars;
 pub mod limits;
 pub mod output;
 pub mod reporter;
+pub mod rollout;
 pub mod runtime;
 pub mod slot;
 pub mod tools;

@@ -94,7 +94,12 @@ pub async fn run(args: CompactArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     serde_json::to_writer(&mut stdout, &document).context("failed to write the conversation to stdout")?;
     writeln!(stdout).context("failed to write the conversation to stdout")?;
     if !quiet {
-        eprint!("{}", render_report(&compacted.report));
+        // The strategies do not tokenise text they remove; the report counts the input for people.
+        let tokens_before = match compacted.report.tokens_before {
+            Some(tokens) => tokens,
+            None => counter.count_conversation(&messages)?,
+        };
+        eprint!("{}", render_report(&compacted.report, tokens_before));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -114,13 +119,13 @@ fn parse_conversation(input: &str) -> anyhow::Result<(Value, Vec<Message>)> {
     Ok((document, messages))
 }
 
-/// The human-readable report.
-fn render_report(report: &CompactionReport) -> String {
+/// The human-readable report; `tokens_before` is the input's count.
+fn render_report(report: &CompactionReport, tokens_before: usize) -> String {
     let mut text = format!(
         "rollbox compact: {} to {} tokens\n  tokens:   {} -> {} ({} -> {} messages)\n",
         report.strategy,
         report.budget,
-        report.tokens_before,
+        tokens_before,
         report.tokens_after,
         report.messages_before,
         report.messages_after
@@ -128,15 +133,16 @@ fn render_report(report: &CompactionReport) -> String {
     if !report.compacted.is_empty() {
         let cells = report.compacted.iter().filter(|c| c.kind == CompactionKind::CodeSkeleton).count();
         let outputs = report.compacted.len() - cells;
-        let saved: usize = report.compacted.iter().map(|c| c.tokens_before - c.tokens_after).sum();
+        let before: usize = report.compacted.iter().map(|c| c.chars_before).sum();
+        let after: usize = report.compacted.iter().map(|c| c.chars_after).sum();
         text.push_str(&format!(
-            "  compacted: {cells} messages' code cells to skeletons, {outputs} outputs cut to head and tail ({saved} tokens saved)\n"
+            "  compacted: {cells} messages' code cells to skeletons, {outputs} outputs cut to head and tail ({before} -> {after} characters)\n"
         ));
     }
     if let Some(summary) = &report.summarized {
         text.push_str(&format!(
-            "  summarised: {} messages in {} turns ({} tokens) into a {}-token summary\n",
-            summary.messages, summary.turns, summary.tokens, summary.replacement_tokens
+            "  summarised: {} messages in {} turns ({} characters) into a {}-token summary\n",
+            summary.messages, summary.turns, summary.chars, summary.replacement_tokens
         ));
     }
     if let Some(reason) = &report.summarizer_failure {
@@ -144,8 +150,8 @@ fn render_report(report: &CompactionReport) -> String {
     }
     if let Some(dropped) = &report.dropped {
         text.push_str(&format!(
-            "  removed:  {} messages in {} turns ({} tokens), replaced by a {}-token marker\n",
-            dropped.messages, dropped.turns, dropped.tokens, dropped.replacement_tokens
+            "  removed:  {} messages in {} turns ({} characters), replaced by a {}-token marker\n",
+            dropped.messages, dropped.turns, dropped.chars, dropped.replacement_tokens
         ));
     }
     if report.compacted.is_empty() && report.dropped.is_none() && report.summarized.is_none() {

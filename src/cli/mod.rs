@@ -7,6 +7,7 @@ mod demo;
 mod exec;
 mod progress;
 mod repl;
+mod rollout;
 mod runtime;
 
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ enum Command {
     },
     /// Fit a conversation (OpenAI messages JSON on stdin) into a token budget.
     Compact(compact::CompactArgs),
+    /// Run agent trajectories over a dataset (a model server, or the offline oracle) and score them.
+    Rollout(Box<rollout::RolloutArgs>),
     /// Install or inspect the Python runtime.
     #[command(subcommand)]
     Runtime(runtime::RuntimeCommand),
@@ -134,6 +137,7 @@ pub fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args, quiet).await,
             Command::Compact(args) => compact::run(args, quiet).await,
             Command::Tools { backend } => print_tool_schemas(&backend),
+            Command::Rollout(args) => rollout::run(*args, quiet).await,
             Command::Runtime(command) => runtime::run(command, quiet).await,
         }
     });

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::chat::{Content, Message, Role};
 
 use super::{CompactionKind, CompactionOptions};
-use super::skeleton::python_skeleton;
+use super::skeleton::SkeletonCache;
 
 static CODE_CELL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?s)(<code>)(.*?)(</code>)|(```(?:python|py|ipython|python3)[ \t]*\n)(.*?)(```)")
@@ -24,23 +24,14 @@ static CODE_CELL: LazyLock<Regex> = LazyLock::new(|| {
 
 const TRACEBACK_START: &str = "Traceback (most recent call last)";
 
-/// The code of every cell in `message`, in order.
-pub(crate) fn code_cells(message: &Message, options: &CompactionOptions) -> Vec<String> {
-    let mut cells = Vec::new();
-    if message.role != Role::Assistant {
-        return cells;
-    }
-    for captures in CODE_CELL.captures_iter(&message.text()) {
-        if let Some(code) = captures.get(2).or_else(|| captures.get(5)) {
-            cells.push(code.as_str().to_owned());
-        }
-    }
-    for call in message.tool_calls() {
-        if let Some(code) = tool_call_code(&call.function.name, &call.function.arguments, options) {
-            cells.push(code);
-        }
-    }
-    cells
+/// Whether `message` holds a code cell, which makes the user message after it a cell output.
+pub(crate) fn has_code_cell(message: &Message, options: &CompactionOptions) -> bool {
+    message.role == Role::Assistant
+        && (CODE_CELL.is_match(&message.text())
+            || message
+                .tool_calls()
+                .iter()
+                .any(|call| tool_call_code(&call.function.name, &call.function.arguments, options).is_some()))
 }
 
 fn tool_call_code(name: &str, arguments: &str, options: &CompactionOptions) -> Option<String> {
@@ -63,11 +54,16 @@ pub(crate) struct Compaction {
 
 /// The compacted form of `message`, or `None` when there is nothing to compact in it.
 /// `follows_code` says whether the previous message held a code cell, which makes a user
-/// message a cell output.
-pub(crate) fn compact_message(message: &Message, follows_code: bool, options: &CompactionOptions) -> Option<Compaction> {
+/// message a cell output. Skeletons come from `skeletons`, which builds each one once.
+pub(crate) fn compact_message(
+    message: &Message,
+    follows_code: bool,
+    options: &CompactionOptions,
+    skeletons: &SkeletonCache,
+) -> Option<Compaction> {
     let trim = |text: &str| trim_output(text, options);
     match message.role {
-        Role::Assistant => compact_assistant(message, options),
+        Role::Assistant => compact_assistant(message, options, skeletons),
         Role::Tool => output_compaction(map_text(message, trim)),
         Role::User if follows_code => output_compaction(map_text(message, trim)),
         _ => None,
@@ -78,7 +74,7 @@ fn output_compaction(message: Option<Message>) -> Option<Compaction> {
     message.map(|message| Compaction { message, kind: CompactionKind::OutputTrimmed, names: Vec::new() })
 }
 
-fn compact_assistant(message: &Message, options: &CompactionOptions) -> Option<Compaction> {
+fn compact_assistant(message: &Message, options: &CompactionOptions, skeletons: &SkeletonCache) -> Option<Compaction> {
     let names = RefCell::new(Vec::new());
     let mut changed = map_text(message, |text| {
         let replaced = CODE_CELL.replace_all(text, |captures: &Captures| {
@@ -86,7 +82,7 @@ fn compact_assistant(message: &Message, options: &CompactionOptions) -> Option<C
                 Some(code) => (&captures[1], code.as_str(), &captures[3]),
                 None => (&captures[4], captures.get(5).map_or("", |m| m.as_str()), &captures[6]),
             };
-            let skeleton = python_skeleton(code);
+            let skeleton = skeletons.skeleton(code);
             names.borrow_mut().extend(skeleton.names);
             // A fence's opening already ends its line; `<code>` may not.
             let newline = if open.ends_with('\n') { "" } else { "\n" };
@@ -110,7 +106,7 @@ fn compact_assistant(message: &Message, options: &CompactionOptions) -> Option<C
             }
             if let Ok(Value::Object(mut arguments)) = serde_json::from_str::<Value>(&call.function.arguments) {
                 let code = arguments.get("code").and_then(Value::as_str).unwrap_or("");
-                let skeleton = python_skeleton(code);
+                let skeleton = skeletons.skeleton(code);
                 names.extend(skeleton.names);
                 arguments.insert("code".to_owned(), Value::String(skeleton.text));
                 call.function.arguments = Value::Object(arguments).to_string();
@@ -119,11 +115,6 @@ fn compact_assistant(message: &Message, options: &CompactionOptions) -> Option<C
         changed = Some(compacted);
     }
     changed.map(|message| Compaction { message, kind: CompactionKind::CodeSkeleton, names })
-}
-
-/// Top-level names defined by the code cells of `message`.
-pub(crate) fn defined_names(message: &Message, options: &CompactionOptions) -> Vec<String> {
-    code_cells(message, options).iter().flat_map(|code| python_skeleton(code).names).collect()
 }
 
 /// Applies `edit` to each text of `message`; `None` when no text changed.

@@ -18,8 +18,11 @@
 //! same input gives the same output. A budget too small for the kept parts is
 //! [`TruncationError::BudgetTooSmall`], which says how many tokens they need.
 //!
-//! Counting is incremental: the conversation is tokenised once (in one parallel batch); after
-//! that only a message that changes, and the marker, are tokenised again.
+//! Counting is incremental and lazy. A strategy counts the pinned head and tail, then walks the
+//! middle from the newest turn back and tokenises turns only while they may still fit, so the
+//! text of the turns it removes is not tokenised at all (only their characters are counted, for
+//! the marker). The [`TokenCounter`] remembers each message's count, so in a rollout loop, where
+//! all but the newest messages were seen on the previous call, little is tokenised again.
 
 mod cells;
 mod plan;
@@ -168,8 +171,11 @@ pub struct CompactionReport {
     pub strategy: Strategy,
     /// The budget asked for.
     pub budget: usize,
-    /// Tokens of the input, generation prompt included.
-    pub tokens_before: usize,
+    /// Tokens of the input, generation prompt included, when the strategy counted all of it:
+    /// `Some` when the input already fit, `None` when it was compacted or cut, because then the
+    /// older text is removed without being tokenised. [`TokenCounter::count_conversation`] gives
+    /// the number when it is worth a full count.
+    pub tokens_before: Option<usize>,
     /// Tokens of the output, generation prompt included; at most `budget`.
     pub tokens_after: usize,
     /// Messages in the input.
@@ -194,8 +200,10 @@ pub struct CompactedMessage {
     pub index: usize,
     /// What was done to it.
     pub kind: CompactionKind,
-    /// Its tokens before.
-    pub tokens_before: usize,
+    /// Its characters before (text and tool-call arguments); the original is not tokenised.
+    pub chars_before: usize,
+    /// Its characters after.
+    pub chars_after: usize,
     /// Its tokens after.
     pub tokens_after: usize,
 }
@@ -216,8 +224,9 @@ pub struct DroppedSpan {
     pub messages: usize,
     /// How many turns: a turn is a message with the tool results that answer it.
     pub turns: usize,
-    /// Their tokens (after any compaction in place).
-    pub tokens: usize,
+    /// Their characters as they came (text and tool-call arguments). Characters, not tokens:
+    /// removed text is never tokenised.
+    pub chars: usize,
     /// Tokens of the marker or summary message that replaced them.
     pub replacement_tokens: usize,
 }

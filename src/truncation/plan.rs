@@ -1,10 +1,17 @@
-//! The shape every strategy works within: a pinned head, a word-for-word tail and the middle
-//! turns between them, plus the per-message token counts that make re-counting incremental.
+//! The shape every strategy works within (a pinned head, a word-for-word tail and the middle
+//! turns between them) and the [`Plan`] that decides, newest turn first, what of the middle fits.
+//!
+//! A plan tokenises lazily. It counts the head and tail, then walks the middle from the newest
+//! turn back, tokenising only turns that may still fit, so the text of turns it removes is never
+//! tokenised (the one exception is the turn where the budget runs out). Counts come from the
+//! [`TokenCounter`]'s per-message cache when it has seen a message before.
 
+use std::num::NonZero;
 use std::ops::Range;
 
-use crate::chat::{Message, Role};
+use crate::chat::{Content, Message, Role};
 
+use super::cells::{self, Compaction};
 use super::{CompactionOptions, DroppedSpan, TokenCounter, TruncationError};
 
 /// Where the kept parts of a conversation are.
@@ -49,96 +56,329 @@ impl Layout {
     pub fn middle(&self) -> Range<usize> {
         self.head_end..self.tail_start
     }
+
+    /// The messages of the oldest `count` turns.
+    pub fn oldest_turns(&self, count: usize) -> Range<usize> {
+        let end = self.turns.get(count).map_or(self.tail_start, |turn| turn.start);
+        self.head_end..end
+    }
 }
 
-/// A conversation being compacted: its messages with their current token counts.
-#[derive(Debug, Clone)]
-pub(crate) struct Working {
-    pub messages: Vec<Message>,
-    pub counts: Vec<usize>,
-    pub generation_prompt: usize,
+/// Which version of a middle message is meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// The message as it came.
+    Original,
+    /// Its AST compaction (code skeletons, trimmed outputs), or the original when compaction
+    /// would not make it shorter.
+    Compacted,
 }
 
-impl Working {
-    pub fn count(messages: &[Message], counter: &TokenCounter) -> Result<Working, TruncationError> {
-        Ok(Working {
-            messages: messages.to_vec(),
-            counts: counter.count_messages(messages)?,
-            generation_prompt: counter.generation_prompt_tokens(),
-        })
+/// What a walk over the middle adds up for each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cost {
+    /// The tokens of this form.
+    Tokens(Form),
+    /// The tokens kept by not compacting the message: original minus compacted.
+    Expansion,
+}
+
+/// What AST compaction makes of one middle message.
+struct Reduced {
+    /// The compaction, when it is shorter than the original.
+    shorter: Option<Compaction>,
+    /// Top-level names defined by the message's code, listed when the message is removed.
+    names: Vec<String>,
+}
+
+/// A conversation being planned: its layout and whatever has been counted or compacted so far.
+pub(crate) struct Plan<'a> {
+    pub messages: &'a [Message],
+    pub layout: Layout,
+    counter: &'a TokenCounter,
+    options: &'a CompactionOptions,
+    /// Tokens of the head, the tail and the generation prompt: what is always sent.
+    pub fixed: usize,
+    original_tokens: Vec<Option<usize>>,
+    compacted_tokens: Vec<Option<usize>>,
+    /// Filled for the whole middle by [`Plan::reduce_middle`].
+    reduced: Vec<Option<Reduced>>,
+}
+
+impl<'a> Plan<'a> {
+    /// Lays out `messages` and counts the parts that are always kept.
+    pub fn new(messages: &'a [Message], counter: &'a TokenCounter, options: &'a CompactionOptions) -> Result<Self, TruncationError> {
+        let layout = Layout::of(messages, options);
+        let mut plan = Plan {
+            messages,
+            counter,
+            options,
+            fixed: counter.generation_prompt_tokens(),
+            original_tokens: vec![None; messages.len()],
+            compacted_tokens: vec![None; messages.len()],
+            reduced: std::iter::repeat_with(|| None).take(messages.len()).collect(),
+            layout,
+        };
+        let pinned: Vec<usize> = (0..plan.layout.head_end).chain(plan.layout.tail_start..messages.len()).collect();
+        plan.count(Form::Original, &pinned)?;
+        plan.fixed += pinned.iter().map(|&index| plan.tokens(Form::Original, index)).sum::<usize>();
+        Ok(plan)
     }
 
-    pub fn total(&self) -> usize {
-        self.counts.iter().sum::<usize>() + self.generation_prompt
+    /// The counter this plan counts with.
+    pub fn counter(&self) -> &'a TokenCounter {
+        self.counter
     }
 
-    pub fn tokens_in(&self, range: Range<usize>) -> usize {
-        self.counts[range].iter().sum()
+    /// Tokens left for the middle (and any marker), or `None` when the pinned parts alone exceed
+    /// `budget`.
+    pub fn room(&self, budget: usize) -> Option<usize> {
+        budget.checked_sub(self.fixed)
     }
 
-    /// Tokens of the parts that are never removed: head, tail and generation prompt.
-    pub fn fixed_tokens(&self, layout: &Layout) -> usize {
-        self.tokens_in(0..layout.head_end) + self.tokens_in(layout.tail_start..self.messages.len()) + self.generation_prompt
+    /// Bytes of the middle's text and tool calls: a bound on its tokens, without tokenising.
+    pub fn middle_bytes(&self) -> usize {
+        self.messages[self.layout.middle()].iter().map(size).sum()
     }
 
-    /// Replaces the oldest middle turns with one message built by `replacement` from the span it
-    /// replaces, removing just enough turns for the result to fit `budget`. The replacement is
-    /// re-tokenised each time the span grows; nothing else is.
-    pub fn replace_oldest_turns(
-        self,
-        layout: &Layout,
-        budget: usize,
-        counter: &TokenCounter,
-        mut replacement: impl FnMut(Range<usize>, &DroppedSpan) -> Message,
-    ) -> Result<(Vec<Message>, DroppedSpan, usize), TruncationError> {
-        let fixed = self.fixed_tokens(layout);
-        let turn_tokens: Vec<usize> = layout.turns.iter().map(|turn| self.tokens_in(turn.clone())).collect();
-        let middle_tokens: usize = turn_tokens.iter().sum();
-        // Fewest turns to remove, ignoring the replacement's own size; then grow from there.
-        let mut removed = 0;
-        let mut removed_tokens = 0;
-        while removed < layout.turns.len() && fixed + middle_tokens - removed_tokens > budget {
-            removed_tokens += turn_tokens[removed];
-            removed += 1;
+    /// Works out the AST compaction of every middle message, in parallel: parsing code is the
+    /// costliest step after tokenising, and a compaction that goes past the originals needs the
+    /// compacted form of the turns it keeps and the names of those it removes.
+    pub fn reduce_middle(&mut self) {
+        let (messages, options, middle) = (self.messages, self.options, self.layout.middle());
+        let skeletons = self.counter.skeletons();
+        let reduce = |index: usize| {
+            let follows_code = index > 0 && cells::has_code_cell(&messages[index - 1], options);
+            let compaction = cells::compact_message(&messages[index], follows_code, options, skeletons);
+            let names = compaction.as_ref().map(|c| c.names.clone()).unwrap_or_default();
+            let shorter = compaction.filter(|c| size(&c.message) < size(&messages[index]));
+            Reduced { shorter, names }
+        };
+        let threads = std::thread::available_parallelism().map_or(1, NonZero::get);
+        // Below a few dozen messages a thread costs more than it saves.
+        let chunk = middle.len().div_ceil(threads).max(MIN_MESSAGES_PER_THREAD);
+        let reduced: Vec<Reduced> = std::thread::scope(|scope| {
+            let workers: Vec<_> = middle
+                .clone()
+                .step_by(chunk)
+                .map(|start| {
+                    let end = (start + chunk).min(middle.end);
+                    scope.spawn(move || (start..end).map(reduce).collect::<Vec<_>>())
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        });
+        for (index, reduced) in middle.zip(reduced) {
+            self.reduced[index] = Some(reduced);
         }
-        loop {
-            let span_end = layout.turns.get(removed).map_or(layout.tail_start, |turn| turn.start);
-            let span = layout.head_end..span_end;
-            let dropped = DroppedSpan {
-                messages: span.len(),
-                turns: removed,
-                tokens: removed_tokens,
-                replacement_tokens: 0,
-            };
-            let marker = replacement(span.clone(), &dropped);
-            let marker_tokens = counter.count_message(&marker)?;
-            let total = fixed + marker_tokens + middle_tokens - removed_tokens;
-            if total <= budget {
-                let dropped = DroppedSpan { replacement_tokens: marker_tokens, ..dropped };
-                return Ok((self.splice(span, marker), dropped, total));
+    }
+
+    /// How many of the newest middle turns fit in `room` tokens in `form`, and their tokens.
+    pub fn newest_fitting_turns(&mut self, form: Form, room: usize) -> Result<(usize, usize), TruncationError> {
+        let turns = self.layout.turns.clone();
+        self.newest_fitting(&turns, Cost::Tokens(form), room)
+    }
+
+    /// With every middle message compacted and `spare` tokens left, how many of the newest
+    /// middle messages can stay original. Compaction is oldest first, so these are the ones it
+    /// need not touch.
+    pub fn newest_left_original(&mut self, spare: usize) -> Result<usize, TruncationError> {
+        let messages: Vec<Range<usize>> = self.layout.middle().map(|index| index..index + 1).collect();
+        Ok(self.newest_fitting(&messages, Cost::Expansion, spare)?.0)
+    }
+
+    /// Walks `units` from the newest back and returns how many fit in `room` and what they cost.
+    ///
+    /// Tokenising is done in parallel batches. Each batch holds no more bytes than the room left
+    /// (a token covers at least one byte, so such a batch all but always fits), which means
+    /// nothing older than the first unit that does not fit is tokenised.
+    fn newest_fitting(&mut self, units: &[Range<usize>], cost: Cost, room: usize) -> Result<(usize, usize), TruncationError> {
+        let form = match cost {
+            Cost::Tokens(form) => form,
+            Cost::Expansion => Form::Original,
+        };
+        let (mut fitting, mut used) = (0, 0);
+        while fitting < units.len() {
+            let end = units.len() - fitting;
+            let mut start = end - 1;
+            let mut bytes = self.bytes(form, &units[start]);
+            while start > 0 && bytes + self.bytes(form, &units[start - 1]) <= room - used {
+                start -= 1;
+                bytes += self.bytes(form, &units[start]);
             }
-            if removed == layout.turns.len() {
+            let batch: Vec<usize> = units[start..end].iter().flat_map(Clone::clone).collect();
+            self.count(form, &batch)?;
+            for unit in units[start..end].iter().rev() {
+                let unit_cost: usize = unit.clone().map(|index| self.cost(cost, index)).sum();
+                if used + unit_cost > room {
+                    return Ok((fitting, used));
+                }
+                used += unit_cost;
+                fitting += 1;
+            }
+        }
+        Ok((fitting, used))
+    }
+
+    fn cost(&self, cost: Cost, index: usize) -> usize {
+        match cost {
+            Cost::Tokens(form) => self.tokens(form, index),
+            // Saturating: a compaction shorter in bytes is, very rarely, longer in tokens; then
+            // keeping the original costs nothing extra.
+            Cost::Expansion => self.tokens(Form::Original, index).saturating_sub(self.tokens(Form::Compacted, index)),
+        }
+    }
+
+    /// Upper bound of a unit's tokens in `form`: its bytes plus the template's overhead.
+    fn bytes(&self, form: Form, unit: &Range<usize>) -> usize {
+        unit.clone().map(|index| size(self.version(form, index)) + self.counter.overhead_tokens(&self.messages[index].role)).sum()
+    }
+
+    /// Tokenises, in one batch, whichever of `indices` has no count yet in `form`.
+    fn count(&mut self, form: Form, indices: &[usize]) -> Result<(), TruncationError> {
+        let missing: Vec<usize> = indices.iter().copied().filter(|&index| self.known(form, index).is_none()).collect();
+        let versions: Vec<&Message> = missing.iter().map(|&index| self.version(form, index)).collect();
+        let counts = self.counter.count_each(&versions)?;
+        for (index, tokens) in missing.into_iter().zip(counts) {
+            match (form, self.compaction(index)) {
+                (Form::Compacted, Some(_)) => self.compacted_tokens[index] = Some(tokens),
+                _ => self.original_tokens[index] = Some(tokens),
+            }
+        }
+        Ok(())
+    }
+
+    fn known(&self, form: Form, index: usize) -> Option<usize> {
+        match (form, self.compaction(index)) {
+            (Form::Compacted, Some(_)) => self.compacted_tokens[index],
+            _ => self.original_tokens[index],
+        }
+    }
+
+    /// Tokens of message `index` in `form`; it must have been counted.
+    pub fn tokens(&self, form: Form, index: usize) -> usize {
+        self.known(form, index).expect("the plan counts a message before reading its count")
+    }
+
+    /// Message `index` in `form`.
+    pub fn version(&self, form: Form, index: usize) -> &Message {
+        match (form, self.compaction(index)) {
+            (Form::Compacted, Some(compaction)) => &compaction.message,
+            _ => &self.messages[index],
+        }
+    }
+
+    /// The compaction used for message `index`, if it was worked out and is shorter.
+    pub fn compaction(&self, index: usize) -> Option<&Compaction> {
+        self.reduced[index].as_ref()?.shorter.as_ref()
+    }
+
+    /// Top-level names defined by code in `span`, in order of first definition (empty unless
+    /// [`Plan::reduce_middle`] ran).
+    pub fn names_in(&self, span: Range<usize>) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for reduced in self.reduced[span].iter().flatten() {
+            names.extend(reduced.names.iter().filter(|name| seen.insert(name.as_str())).cloned());
+        }
+        names
+    }
+
+    /// The messages of the oldest `turns` middle turns, and what removing them removes.
+    pub fn oldest_span(&self, turns: usize) -> (Range<usize>, DroppedSpan) {
+        let span = self.layout.oldest_turns(turns);
+        let dropped = DroppedSpan {
+            messages: span.len(),
+            turns,
+            chars: self.messages[span.clone()].iter().map(chars).sum(),
+            replacement_tokens: 0,
+        };
+        (span, dropped)
+    }
+
+    /// Replaces the oldest middle turns with one message built by `replacement` from the span
+    /// it replaces, keeping as many of the newest turns (in `form`) as fit beside it in `budget`.
+    ///
+    /// The replacement is tokenised once for the turns that fit on their own, then again each
+    /// time more turns have to go to make room for it. Each time, as many turns go as free the
+    /// tokens missing. That keeps the most turns when a longer span never has a shorter
+    /// replacement, which holds for the markers: their name list only grows.
+    pub fn replace_oldest_turns(
+        &mut self,
+        form: Form,
+        budget: usize,
+        mut replacement: impl FnMut(&Plan<'a>, Range<usize>, &DroppedSpan) -> Message,
+    ) -> Result<(Vec<Message>, DroppedSpan, usize), TruncationError> {
+        let room = self.room(budget).unwrap_or(0);
+        let (mut kept, mut used) = self.newest_fitting_turns(form, room)?;
+        let all = self.layout.turns.len();
+        loop {
+            let (span, mut dropped) = self.oldest_span(all - kept);
+            let marker = replacement(self, span.clone(), &dropped);
+            let marker_tokens = self.counter.count_message(&marker)?;
+            let total = self.fixed + used + marker_tokens;
+            if total <= budget {
+                dropped.replacement_tokens = marker_tokens;
+                let mut messages = self.assemble(form, self.layout.tail_start);
+                messages.splice(span, std::iter::once(marker));
+                return Ok((messages, dropped, total));
+            }
+            if kept == 0 {
                 // With no middle at all there is nothing to mark, so the marker is not needed.
-                let required = if layout.turns.is_empty() { fixed } else { fixed + marker_tokens };
+                let required = if all == 0 { self.fixed } else { total };
                 return Err(TruncationError::BudgetTooSmall { budget, required });
             }
-            removed_tokens += turn_tokens[removed];
-            removed += 1;
+            let mut missing = total - budget;
+            while kept > 0 && missing > 0 {
+                let turn = self.layout.turns[all - kept].clone();
+                let tokens: usize = turn.map(|index| self.tokens(form, index)).sum();
+                used -= tokens;
+                missing = missing.saturating_sub(tokens);
+                kept -= 1;
+            }
         }
     }
 
-    fn splice(mut self, span: Range<usize>, marker: Message) -> Vec<Message> {
-        self.messages.splice(span, std::iter::once(marker));
-        self.messages
+    /// The conversation with messages `..in_form_before` in `form` and the rest original.
+    pub fn assemble(&self, form: Form, in_form_before: usize) -> Vec<Message> {
+        (0..self.messages.len())
+            .map(|index| match index < in_form_before {
+                true => self.version(form, index).clone(),
+                false => self.messages[index].clone(),
+            })
+            .collect()
     }
+}
+
+/// Fewest middle messages worth a thread of their own in [`Plan::reduce_middle`].
+const MIN_MESSAGES_PER_THREAD: usize = 16;
+
+/// A message's text and tool-call bytes: what decides whether a compaction is shorter, and a
+/// bound on its tokens (each token covers at least one byte).
+fn size(message: &Message) -> usize {
+    let text = match &message.content {
+        None => 0,
+        Some(Content::Text(text)) => text.len(),
+        Some(Content::Parts(parts)) => parts.iter().filter_map(|part| part.text.as_ref()).map(String::len).sum(),
+    };
+    text + message.tool_calls().iter().map(|call| call.function.name.len() + call.function.arguments.len()).sum::<usize>()
+}
+
+/// A message's characters, as the marker reports what was removed: its text and tool calls.
+pub(crate) fn chars(message: &Message) -> usize {
+    let calls: usize = message.tool_calls().iter().map(|call| call.function.arguments.chars().count()).sum();
+    message.text().chars().count() + calls
 }
 
 /// The marker that stands in for removed turns. `names` are the top-level names defined by code
 /// in them, listed because the notebook still holds them and the model must know they exist.
 pub(crate) fn removal_marker(dropped: &DroppedSpan, names: &[String]) -> Message {
     let mut text = format!(
-        "[rollbox: {} earlier messages ({} turns, {} tokens) were removed here to fit the context budget.]",
-        dropped.messages, dropped.turns, dropped.tokens
+        "[rollbox: {} earlier messages ({} turns, {} characters) were removed here to fit the context budget.]",
+        dropped.messages, dropped.turns, dropped.chars
     );
     if !names.is_empty() {
         text.push_str("\nNames defined by code in the removed turns, still live in the notebook: ");

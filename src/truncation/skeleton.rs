@@ -7,8 +7,9 @@
 //! cell magic) gets a line-based skeleton instead, and every skeleton ends with a comment saying
 //! how many lines were left out, so nothing disappears silently.
 
-use std::collections::HashSet;
-use std::sync::LazyLock;
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{LazyLock, Mutex};
 
 use regex::Regex;
 use rustpython_parser::Parse;
@@ -63,6 +64,41 @@ pub fn python_skeleton(code: &str) -> Skeleton {
 /// as [`python_skeleton`] finds them.
 pub fn defined_names(code: &str) -> Vec<String> {
     python_skeleton(code).names
+}
+
+/// Most skeletons a [`SkeletonCache`] remembers (a few MB); when full it is cleared, which costs
+/// parsing again, never a wrong skeleton.
+const SKELETON_CACHE_CAPACITY: usize = 8_192;
+
+/// Skeletons already built, keyed by a 64-bit hash of the cell's code. Parsing is the costliest
+/// step of compaction after tokenising, and the rollout loop compacts the same cells before
+/// every model call, so a cell is parsed once per cache rather than once per call.
+#[derive(Debug, Default)]
+pub(crate) struct SkeletonCache(Mutex<HashMap<u64, Skeleton>>);
+
+impl SkeletonCache {
+    /// [`python_skeleton`] of `code`, built at most once while remembered.
+    pub fn skeleton(&self, code: &str) -> Skeleton {
+        // DefaultHasher::new() uses fixed keys, so keys are stable within the process.
+        let mut hasher = DefaultHasher::new();
+        code.hash(&mut hasher);
+        let key = hasher.finish();
+        if let Some(skeleton) = self.lock().get(&key) {
+            return skeleton.clone();
+        }
+        let skeleton = python_skeleton(code);
+        let mut cache = self.lock();
+        if cache.len() >= SKELETON_CACHE_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(key, skeleton.clone());
+        skeleton
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Skeleton>> {
+        // Inserts are single operations, so a poisoned cache still holds only whole skeletons.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// IPython magics (`%time`, `!pip install`, `%%capture`) are not Python. Turning their first

@@ -1,13 +1,11 @@
-//! The three strategies. Each counts the conversation once, then works on per-message counts.
+//! The three strategies, each a [`Plan`] walked from the newest turn back.
 
-use std::collections::HashSet;
 use std::error::Error;
 use std::ops::Range;
 
 use crate::chat::Message;
 
-use super::cells::{self, compact_message};
-use super::plan::{Layout, Working, removal_marker};
+use super::plan::{Form, Plan, chars, removal_marker};
 use super::summarizer::{Summarizer, SummaryRequest};
 use super::{
     Compacted, CompactedMessage, CompactionOptions, CompactionReport, DroppedSpan, Strategy, TokenCounter,
@@ -16,7 +14,7 @@ use super::{
 
 /// Keeps the system prompt and first user message word for word, the last
 /// [`CompactionOptions::keep_last`] messages, and as many of the most recent turns before them as
-/// fit; the removed middle becomes one marker message saying how many turns and tokens went.
+/// fit; the removed middle becomes one marker message saying how many turns and characters went.
 ///
 /// Returns the input unchanged when it already fits.
 pub fn first_user_priority(
@@ -25,25 +23,37 @@ pub fn first_user_priority(
     counter: &TokenCounter,
     options: &CompactionOptions,
 ) -> Result<Compacted, TruncationError> {
-    let working = Working::count(messages, counter)?;
-    let layout = Layout::of(messages, options);
-    let report = new_report(Strategy::FirstUserPriority, budget, &working);
-    drop_if_needed(working, &layout, budget, counter, report, |_| Vec::new())
+    let mut plan = Plan::new(messages, counter, options)?;
+    let mut report = new_report(Strategy::FirstUserPriority, budget, messages.len());
+    if let Some(total) = fits_unchanged(&mut plan, budget)? {
+        report.tokens_before = Some(total);
+        return Ok(finish(messages.to_vec(), total, report));
+    }
+    let (messages, dropped, total) =
+        plan.replace_oldest_turns(Form::Original, budget, |_, _, dropped| removal_marker(dropped, &[]))?;
+    report.dropped = Some(dropped);
+    Ok(finish(messages, total, report))
 }
 
 /// Compacts older turns in place, oldest first and only as far as needed: code cells become their
 /// Python skeleton and long outputs are cut to head and tail. If that is not enough, removes
-/// turns as [`first_user_priority`] does; the marker then lists the names the removed code
-/// defined.
+/// turns as [`first_user_priority`] does, keeping the newest turns in compacted form; the marker
+/// then lists the names the removed code defined.
+///
+/// A compaction is used only when it is shorter in bytes than the message, so choosing it needs
+/// no count of the original.
 pub fn ast_compaction(
     messages: &[Message],
     budget: usize,
     counter: &TokenCounter,
     options: &CompactionOptions,
 ) -> Result<Compacted, TruncationError> {
-    let mut compaction = AstPass::run(messages, budget, counter, options, Strategy::AstCompaction)?;
-    let names = compaction.names_for_spans(options);
-    drop_if_needed(compaction.working, &compaction.layout, budget, counter, compaction.report, names)
+    let mut plan = Plan::new(messages, counter, options)?;
+    let report = new_report(Strategy::AstCompaction, budget, messages.len());
+    match compact_in_place(&mut plan, budget)? {
+        Some(in_place) => Ok(finish_in_place(&plan, in_place, report)),
+        None => remove_compacted_turns(&mut plan, budget, report),
+    }
 }
 
 /// [`ast_compaction`] first; if still over budget, replaces the older middle turns with a summary
@@ -58,35 +68,33 @@ pub async fn llm_compaction(
     options: &CompactionOptions,
     summarizer: &dyn Summarizer,
 ) -> Result<Compacted, TruncationError> {
-    let mut compaction = AstPass::run(messages, budget, counter, options, Strategy::LlmCompaction)?;
-    if compaction.working.total() <= budget {
-        let total = compaction.working.total();
-        return Ok(finish(compaction.working.messages, total, compaction.report));
+    let mut plan = Plan::new(messages, counter, options)?;
+    let mut report = new_report(Strategy::LlmCompaction, budget, messages.len());
+    if let Some(in_place) = compact_in_place(&mut plan, budget)? {
+        return Ok(finish_in_place(&plan, in_place, report));
     }
-    let mut names = compaction.names_for_spans(options);
-    let attempt = summarize_older_turns(&compaction.working, &compaction.layout, budget, counter, options, summarizer, &mut names).await;
-    match attempt {
+    match summarize_older_turns(&mut plan, budget, options, summarizer).await {
         Ok((messages, span, total)) => {
-            let mut report = compaction.report;
+            report.compacted = compacted_entries(&plan, plan.layout.head_end + span.messages..plan.layout.tail_start);
             report.summarized = Some(span);
             Ok(finish(messages, total, report))
         }
         Err(reason) => {
             tracing::warn!(%reason, "summariser failed; falling back to AST compaction");
-            compaction.report.summarizer_failure = Some(reason);
-            drop_if_needed(compaction.working, &compaction.layout, budget, counter, compaction.report, names)
+            report.summarizer_failure = Some(reason);
+            remove_compacted_turns(&mut plan, budget, report)
         }
     }
 }
 
-fn new_report(strategy: Strategy, budget: usize, working: &Working) -> CompactionReport {
+fn new_report(strategy: Strategy, budget: usize, messages: usize) -> CompactionReport {
     CompactionReport {
         strategy,
         budget,
-        tokens_before: working.total(),
-        tokens_after: working.total(),
-        messages_before: working.messages.len(),
-        messages_after: working.messages.len(),
+        tokens_before: None,
+        tokens_after: 0,
+        messages_before: messages,
+        messages_after: messages,
         compacted: Vec::new(),
         dropped: None,
         summarized: None,
@@ -100,137 +108,109 @@ fn finish(messages: Vec<Message>, total: usize, mut report: CompactionReport) ->
     Compacted { messages, report }
 }
 
-/// Returns `working` as is if it fits, else with the oldest turns replaced by a removal marker
-/// listing `names(span)`.
-fn drop_if_needed(
-    working: Working,
-    layout: &Layout,
-    budget: usize,
-    counter: &TokenCounter,
-    mut report: CompactionReport,
-    mut names: impl FnMut(Range<usize>) -> Vec<String>,
-) -> Result<Compacted, TruncationError> {
-    let total = working.total();
-    if total <= budget {
-        return Ok(finish(working.messages, total, report));
+/// The input's tokens if it fits `budget` as it is; `None` as soon as the newest turns show it
+/// does not, before the older ones are tokenised.
+fn fits_unchanged(plan: &mut Plan<'_>, budget: usize) -> Result<Option<usize>, TruncationError> {
+    let Some(room) = plan.room(budget) else { return Ok(None) };
+    let (fitting, used) = plan.newest_fitting_turns(Form::Original, room)?;
+    Ok((fitting == plan.layout.turns.len()).then_some(plan.fixed + used))
+}
+
+/// A middle with more bytes than this per token of room is taken not to fit unchanged without
+/// counting it: code and prose run at 3 to 4 bytes per Qwen token, so such input nearly always
+/// needs compaction, and counting its newest originals first would tokenise a budget's worth of
+/// text that compaction then replaces. Either order gives the same result (short of a compaction
+/// that is shorter in bytes but longer in tokens), so this decides cost only.
+const LIKELY_OVER_BYTES_PER_TOKEN: usize = 8;
+
+/// AST compaction without removing turns: `in_form_before` is where compaction stopped (middle
+/// messages before it are compacted, the rest original) and `total` the tokens.
+struct InPlace {
+    in_form_before: usize,
+    total: usize,
+}
+
+/// Compacts the middle oldest first until it fits; `None` when even all of it compacted does
+/// not. Only the newest turns are tokenised: compacted, until they fill the room or all fit;
+/// then, if all fit, original, until keeping one more original would not fit.
+fn compact_in_place(plan: &mut Plan<'_>, budget: usize) -> Result<Option<InPlace>, TruncationError> {
+    let Some(room) = plan.room(budget) else { return Ok(None) };
+    let middle = plan.layout.middle();
+    if plan.middle_bytes() <= room.saturating_mul(LIKELY_OVER_BYTES_PER_TOKEN)
+        && let Some(total) = fits_unchanged(plan, budget)?
+    {
+        return Ok(Some(InPlace { in_form_before: middle.start, total }));
     }
-    let (messages, dropped, total) =
-        working.replace_oldest_turns(layout, budget, counter, |span, dropped| removal_marker(dropped, &names(span)))?;
+    plan.reduce_middle();
+    let (fitting, compacted) = plan.newest_fitting_turns(Form::Compacted, room)?;
+    if fitting < plan.layout.turns.len() {
+        return Ok(None);
+    }
+    let in_form_before = middle.end - plan.newest_left_original(room - compacted)?;
+    let total = plan.fixed
+        + middle.map(|index| plan.tokens(if index < in_form_before { Form::Compacted } else { Form::Original }, index)).sum::<usize>();
+    Ok(Some(InPlace { in_form_before, total }))
+}
+
+fn finish_in_place(plan: &Plan<'_>, in_place: InPlace, mut report: CompactionReport) -> Compacted {
+    let InPlace { in_form_before, total } = in_place;
+    report.compacted = compacted_entries(plan, plan.layout.head_end..in_form_before);
+    if report.compacted.is_empty() {
+        report.tokens_before = Some(total);
+    }
+    finish(plan.assemble(Form::Compacted, in_form_before), total, report)
+}
+
+/// All of the middle compacted, and the oldest turns replaced by a marker that lists the names
+/// their code defined.
+fn remove_compacted_turns(plan: &mut Plan<'_>, budget: usize, mut report: CompactionReport) -> Result<Compacted, TruncationError> {
+    let (messages, dropped, total) = plan.replace_oldest_turns(Form::Compacted, budget, |plan, span, dropped| {
+        removal_marker(dropped, &plan.names_in(span))
+    })?;
+    report.compacted = compacted_entries(plan, plan.layout.head_end + dropped.messages..plan.layout.tail_start);
     report.dropped = Some(dropped);
     Ok(finish(messages, total, report))
 }
 
-/// The in-place half of AST compaction, shared by [`ast_compaction`] and [`llm_compaction`].
-struct AstPass<'a> {
-    original: &'a [Message],
-    working: Working,
-    layout: Layout,
-    report: CompactionReport,
-    /// Names defined by each message's code, kept from its compaction so removal need not
-    /// parse it again.
-    names: Vec<Option<Vec<String>>>,
-}
-
-impl<'a> AstPass<'a> {
-    fn run(
-        original: &'a [Message],
-        budget: usize,
-        counter: &TokenCounter,
-        options: &CompactionOptions,
-        strategy: Strategy,
-    ) -> Result<AstPass<'a>, TruncationError> {
-        let mut working = Working::count(original, counter)?;
-        let layout = Layout::of(original, options);
-        let mut report = new_report(strategy, budget, &working);
-        let mut names = vec![None; original.len()];
-        let mut total = working.total();
-        let mut previous_has_code = layout.head_end > 0 && !cells::code_cells(&original[layout.head_end - 1], options).is_empty();
-        for index in layout.middle() {
-            if total <= budget {
-                break;
-            }
-            let follows_code = previous_has_code;
-            previous_has_code = !cells::code_cells(&original[index], options).is_empty();
-            let Some(compaction) = compact_message(&original[index], follows_code, options) else {
-                continue;
-            };
-            let tokens = counter.count_message(&compaction.message)?;
-            let before = working.counts[index];
-            // A tiny cell's skeleton can be longer than the cell; then the original stays.
-            if tokens >= before {
-                continue;
-            }
-            total -= before - tokens;
-            working.counts[index] = tokens;
-            working.messages[index] = compaction.message;
-            names[index] = Some(compaction.names);
-            report.compacted.push(CompactedMessage { index, kind: compaction.kind, tokens_before: before, tokens_after: tokens });
-        }
-        report.tokens_after = total;
-        Ok(AstPass { original, working, layout, report, names })
-    }
-
-    /// A function from a span of message indices to the names its code defines, in order of
-    /// first definition, reusing the names found during compaction.
-    fn names_for_spans(&mut self, options: &'a CompactionOptions) -> impl FnMut(Range<usize>) -> Vec<String> + 'a {
-        let mut cache = std::mem::take(&mut self.names);
-        let original = self.original;
-        move |span: Range<usize>| {
-            let mut seen = HashSet::new();
-            let mut names = Vec::new();
-            for index in span {
-                let found = cache[index].get_or_insert_with(|| cells::defined_names(&original[index], options));
-                for name in found.iter() {
-                    if seen.insert(name.clone()) {
-                        names.push(name.clone());
-                    }
-                }
-            }
-            names
-        }
-    }
+/// The report's entries for the messages of `range` that were sent compacted.
+fn compacted_entries(plan: &Plan<'_>, range: Range<usize>) -> Vec<CompactedMessage> {
+    range
+        .filter_map(|index| {
+            let compaction = plan.compaction(index)?;
+            Some(CompactedMessage {
+                index,
+                kind: compaction.kind,
+                chars_before: chars(&plan.messages[index]),
+                chars_after: chars(&compaction.message),
+                tokens_after: plan.tokens(Form::Compacted, index),
+            })
+        })
+        .collect()
 }
 
 /// Replaces the older middle turns with a model's summary. `Err` carries the reason the summary
 /// could not be used.
 async fn summarize_older_turns(
-    working: &Working,
-    layout: &Layout,
+    plan: &mut Plan<'_>,
     budget: usize,
-    counter: &TokenCounter,
     options: &CompactionOptions,
     summarizer: &dyn Summarizer,
-    names: &mut impl FnMut(Range<usize>) -> Vec<String>,
 ) -> Result<(Vec<Message>, DroppedSpan, usize), String> {
-    let fixed = working.fixed_tokens(layout);
-    let room = budget.checked_sub(fixed).filter(|room| *room > 0).ok_or("no room left for a summary")?;
+    let room = plan.room(budget).filter(|room| *room > 0).ok_or("no room left for a summary")?;
     let reserve = options.summary_max_tokens.min(room);
     // Keep the most recent turns that fit beside the reserved summary; summarise the rest.
-    let mut kept_tokens = 0;
-    let mut first_kept = layout.turns.len();
-    while first_kept > 0 {
-        let turn = working.tokens_in(layout.turns[first_kept - 1].clone());
-        if kept_tokens + turn > room - reserve {
-            break;
-        }
-        kept_tokens += turn;
-        first_kept -= 1;
-    }
-    if first_kept == 0 {
+    let (kept, kept_tokens) = plan.newest_fitting_turns(Form::Compacted, room - reserve).map_err(|e| chain(&e))?;
+    let all = plan.layout.turns.len();
+    if kept == all {
         return Err("nothing to summarise".to_owned());
     }
-    let span_end = layout.turns.get(first_kept).map_or(layout.tail_start, |turn| turn.start);
-    let span = layout.head_end..span_end;
-    let mut dropped = DroppedSpan {
-        messages: span.len(),
-        turns: first_kept,
-        tokens: working.tokens_in(span.clone()),
-        replacement_tokens: 0,
-    };
-    let span_names = names(span.clone());
+    let (span, mut dropped) = plan.oldest_span(all - kept);
+    let span_names = plan.names_in(span.clone());
+    let counter = plan.counter();
     let wrapper_tokens = counter.count_message(&summary_message(&dropped, "", &span_names)).map_err(|e| chain(&e))?;
     let max_tokens = reserve.checked_sub(wrapper_tokens).filter(|n| *n > 0).ok_or("no room left for a summary")?;
-    let request = SummaryRequest { messages: working.messages[span.clone()].to_vec(), max_tokens };
+    let compacted: Vec<Message> = span.clone().map(|index| plan.version(Form::Compacted, index).clone()).collect();
+    let request = SummaryRequest { messages: compacted, max_tokens };
     let summary = summarizer.summarize(request).await.map_err(|e| chain(&e))?;
     let summary = summary.trim();
     if summary.is_empty() {
@@ -238,20 +218,20 @@ async fn summarize_older_turns(
     }
     let message = summary_message(&dropped, summary, &span_names);
     let tokens = counter.count_message(&message).map_err(|e| chain(&e))?;
-    let total = fixed + tokens + kept_tokens;
+    let total = plan.fixed + tokens + kept_tokens;
     if total > budget {
         return Err(format!("the summary took {tokens} tokens, more than the {} left for it", room - kept_tokens));
     }
     dropped.replacement_tokens = tokens;
-    let mut messages = working.messages.clone();
+    let mut messages = plan.assemble(Form::Compacted, plan.layout.tail_start);
     messages.splice(span, std::iter::once(message));
     Ok((messages, dropped, total))
 }
 
 fn summary_message(span: &DroppedSpan, summary: &str, names: &[String]) -> Message {
     let mut text = format!(
-        "[rollbox: summary of {} earlier messages ({} turns, {} tokens), written by a model to fit the context budget]\n{summary}",
-        span.messages, span.turns, span.tokens
+        "[rollbox: summary of {} earlier messages ({} turns, {} characters), written by a model to fit the context budget]\n{summary}",
+        span.messages, span.turns, span.chars
     );
     if !names.is_empty() {
         text.push_str("\nNames defined by code in the summarised turns, still live in the notebook: ");

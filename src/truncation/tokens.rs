@@ -11,6 +11,7 @@ use tokenizers::Tokenizer;
 use crate::chat::{Content, Message, Role};
 
 use super::TruncationError;
+use super::skeleton::SkeletonCache;
 
 /// The text a chat template wraps around messages, used to count their overhead in tokens.
 ///
@@ -98,10 +99,13 @@ const COUNT_CACHE_CAPACITY: usize = 65_536;
 /// Built once per model and shared; counting is `&self` and thread-safe. It remembers the count
 /// of each message it has seen (keyed by a 64-bit hash of its role and texts), because the
 /// rollout loop compacts before every model call and all but the newest messages were counted
-/// on the previous call: only new or changed messages are tokenised again.
+/// on the previous call: only new or changed messages are tokenised again. For the same reason it
+/// also remembers the Python skeleton of each code cell compacted with it, so all of a
+/// conversation's caches live, and end, with the counter the caller holds.
 pub struct TokenCounter {
     tokenizer: Tokenizer,
     cache: Mutex<HashMap<u64, usize>>,
+    skeletons: SkeletonCache,
     template: ChatTemplate,
     /// Start plus end overhead for each role seen at construction (all the standard ones).
     role_overhead: HashMap<Role, usize>,
@@ -132,6 +136,7 @@ impl TokenCounter {
             tokenizer,
             template,
             cache: Mutex::new(HashMap::new()),
+            skeletons: SkeletonCache::default(),
             role_overhead: HashMap::new(),
             generation_prompt_tokens: 0,
         };
@@ -182,8 +187,14 @@ impl TokenCounter {
     }
 
     /// [`TokenCounter::count_message`] for every message, tokenising all of them in one parallel
-    /// batch. This is the only place a whole conversation is tokenised.
+    /// batch.
     pub fn count_messages(&self, messages: &[Message]) -> Result<Vec<usize>, TruncationError> {
+        self.count_each(&messages.iter().collect::<Vec<_>>())
+    }
+
+    /// [`TokenCounter::count_messages`] for messages that are not contiguous (a plan counts the
+    /// versions it chose, some original and some compacted).
+    pub(crate) fn count_each(&self, messages: &[&Message]) -> Result<Vec<usize>, TruncationError> {
         let keys: Vec<u64> = messages.iter().map(|message| self.cache_key(message)).collect();
         let cached: Vec<Option<usize>> = {
             let cache = self.lock_cache();
@@ -271,6 +282,17 @@ impl TokenCounter {
             cache.clear();
         }
         cache.extend(counts.iter().copied());
+    }
+
+    /// The skeletons of code cells compacted with this counter.
+    pub(crate) fn skeletons(&self) -> &SkeletonCache {
+        &self.skeletons
+    }
+
+    /// The template's tokens around a message of `role` (0 for a role not seen at
+    /// construction): a cheap bound used to size counting batches, never to count.
+    pub(crate) fn overhead_tokens(&self, role: &Role) -> usize {
+        self.role_overhead.get(role).copied().unwrap_or(0)
     }
 
     fn overhead(&self, role: &Role) -> Result<usize, TruncationError> {

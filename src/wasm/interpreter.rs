@@ -136,6 +136,7 @@ impl InterpreterFactory {
     /// A fresh interpreter over `dirs`, with the guest module loaded and the working
     /// directory set to the workspace.
     pub(crate) fn start(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        let started = Instant::now();
         let stdout = CapturedStream::new(self.limits.output_bytes);
         let stderr = CapturedStream::new(self.limits.output_bytes);
         let wasi = self.wasi_ctx(dirs, &stdout, &stderr)?;
@@ -165,6 +166,7 @@ impl InterpreterFactory {
         if let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
             initialize.call(&mut store, ()).map_err(boxed)?;
         }
+        let instantiated = started.elapsed();
         let mut interpreter = Interpreter { store, memory, host_alloc, turn, stdout, stderr };
         interpreter.store.data_mut().door_outbox = match self.guest_code.get() {
             Some(code) => [b"M".as_slice(), code].concat(),
@@ -185,6 +187,11 @@ impl InterpreterFactory {
         if let Some(code) = interpreter.store.data_mut().guest_code_upload.take() {
             let _ = self.guest_code.set(code);
         }
+        tracing::debug!(
+            instantiate_us = instantiated.as_micros() as u64,
+            bootstrap_us = (started.elapsed() - instantiated).as_micros() as u64,
+            "interpreter started"
+        );
         Ok(interpreter)
     }
 

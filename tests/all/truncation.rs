@@ -267,8 +267,8 @@ fn first_user_priority_drops_the_middle_behind_a_marker() {
     let marker = result.messages[2].text();
     assert!(
         marker.starts_with(&format!(
-            "[rollbox: {} earlier messages ({} turns, {} tokens) were removed",
-            dropped.messages, dropped.turns, dropped.tokens
+            "[rollbox: {} earlier messages ({} turns, {} characters) were removed",
+            dropped.messages, dropped.turns, dropped.chars
         )),
         "marker: {marker}"
     );
@@ -384,6 +384,36 @@ fn same_input_gives_the_same_output() {
         let second = truncation::ast_compaction(&input, budget, counter(), &options()).expect("fits");
         assert_eq!(first, second);
     }
+}
+
+/// The counter's caches (counts and skeletons) change what is tokenised, never the result.
+#[test]
+fn a_fresh_counter_and_a_warm_one_give_the_same_result() {
+    let input = notebook();
+    let fresh = TokenCounter::from_file(tokenizer_path(), ChatTemplate::qwen_chatml()).expect("loads");
+    for budget in [total(&input), total(&input) - 100, 900, 600] {
+        let warm = truncation::ast_compaction(&input, budget, counter(), &options()).expect("fits");
+        let cold = truncation::ast_compaction(&input, budget, &fresh, &options()).expect("fits");
+        assert_eq!(warm, cold, "at budget {budget}");
+    }
+}
+
+/// Removed text is not tokenised, so the report gives its characters, and the input's tokens
+/// only when it was all counted (it fit).
+#[test]
+fn removal_reports_characters_and_counts_the_input_only_when_it_fits() {
+    let input = notebook();
+    let fits = truncation::first_user_priority(&input, total(&input), counter(), &options()).expect("fits");
+    assert_eq!(fits.report.tokens_before, Some(total(&input)));
+    let cut = truncation::first_user_priority(&input, 700, counter(), &options()).expect("fits");
+    assert_eq!(cut.report.tokens_before, None);
+    let dropped = cut.report.dropped.expect("something was dropped");
+    let removed = &input[2..2 + dropped.messages];
+    let chars: usize = removed
+        .iter()
+        .map(|m| m.text().chars().count() + m.tool_calls().iter().map(|c| c.function.arguments.chars().count()).sum::<usize>())
+        .sum();
+    assert_eq!(dropped.chars, chars);
 }
 
 #[test]

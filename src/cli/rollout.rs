@@ -1,0 +1,301 @@
+//! `rollbox rollout`: run agent trajectories over a dataset and write trajectories and a summary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use rollbox::rollout::agent::{AgentConfig, AgentKind, Trajectory};
+use rollbox::rollout::code_blocks::CodeTags;
+use rollbox::rollout::dataset::load_dataset;
+use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy};
+use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, StopSignal, run_rollout};
+use rollbox::rollout::summary::Summary;
+
+use super::{LimitArgs, RuntimeArgs, start_wasm_backend};
+
+/// The agent loops, as flags.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AgentFlag {
+    /// Code in <code> blocks, outputs back in <output> tags.
+    Notebook,
+    /// OpenAI function calling with the backend's tools.
+    Tools,
+}
+
+#[derive(Args)]
+pub(crate) struct RolloutArgs {
+    /// The problems, one JSON object per line (instance_id, problem, ground_truth or test_cases,
+    /// reference_solution for the oracle). Repeat to run several files as one batch.
+    #[arg(long, value_name = "FILE.jsonl", required = true)]
+    dataset: Vec<PathBuf>,
+    /// The folder for trajectories.jsonl and summary.json.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// An OpenAI-compatible server (`http://localhost:8000/v1`); without it the offline oracle
+    /// policy plays each problem's reference solution.
+    #[arg(long, value_name = "URL")]
+    model: Option<String>,
+    /// The model name sent with each request.
+    #[arg(long, value_name = "NAME", requires = "model", default_value = "default")]
+    model_name: String,
+    /// The environment variable that holds the server's API key.
+    #[arg(long, value_name = "VAR", requires = "model")]
+    api_key_env: Option<String>,
+    /// The agent loop.
+    #[arg(long, value_enum, default_value_t = AgentFlag::Notebook)]
+    agent: AgentFlag,
+    /// Trajectories per problem, each in its own slot (G for GRPO).
+    #[arg(long, value_name = "G", default_value_t = 1)]
+    group_size: usize,
+    /// Trajectories running at once.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    concurrency: usize,
+    /// Most assistant turns per trajectory.
+    #[arg(long, value_name = "T", default_value_t = 8)]
+    max_turns: usize,
+    /// Skip trajectories already in the output folder's trajectories.jsonl.
+    #[arg(long)]
+    resume: bool,
+    /// The tag that opens a code block in the notebook agent.
+    #[arg(long, value_name = "TAG", default_value = "<code>")]
+    code_open: String,
+    /// The tag that closes a code block in the notebook agent.
+    #[arg(long, value_name = "TAG", default_value = "</code>")]
+    code_close: String,
+    /// The tag name code output is wrapped in (`output` gives <output>...</output>).
+    #[arg(long, value_name = "NAME", default_value = "output")]
+    output_tag: String,
+    /// A file whose text replaces the default system prompt.
+    #[arg(long, value_name = "PATH")]
+    system_prompt: Option<PathBuf>,
+    /// A Python file defining `reward(problem, answer, messages) -> float`, run in each
+    /// trajectory's slot in place of the math and code rewards.
+    #[arg(long, value_name = "PATH")]
+    reward_file: Option<PathBuf>,
+    /// Stop a trajectory once the server reports at least this many tokens in the conversation.
+    #[arg(long, value_name = "TOKENS")]
+    max_context_tokens: Option<u64>,
+    /// Model requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_in_flight: usize,
+    /// Retries of a model request on 429, 5xx, timeouts and connection errors.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    retries: u32,
+    /// Seconds before one model request times out.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    request_timeout: f64,
+    /// Sampling temperature.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Most tokens per model reply.
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<u32>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+impl RolloutArgs {
+    fn agent_config(&self) -> anyhow::Result<AgentConfig> {
+        anyhow::ensure!(self.max_turns > 0, "--max-turns must be at least 1");
+        anyhow::ensure!(!self.code_open.is_empty() && !self.code_close.is_empty(), "--code-open and --code-close must not be empty");
+        let kind = match self.agent {
+            AgentFlag::Notebook => AgentKind::Notebook,
+            AgentFlag::Tools => AgentKind::Tools,
+        };
+        let system_prompt = match &self.system_prompt {
+            Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("failed to read the system prompt {}", path.display()))?),
+            None => None,
+        };
+        Ok(AgentConfig {
+            max_turns: self.max_turns,
+            code_tags: CodeTags { open: self.code_open.clone(), close: self.code_close.clone() },
+            output_tag: self.output_tag.clone(),
+            system_prompt,
+            max_context_tokens: self.max_context_tokens,
+            ..AgentConfig::new(kind)
+        })
+    }
+
+    fn policy(&self) -> anyhow::Result<Arc<dyn Policy>> {
+        let Some(url) = &self.model else { return Ok(Arc::new(OraclePolicy)) };
+        let api_key = match &self.api_key_env {
+            Some(var) => Some(std::env::var(var).with_context(|| format!("--api-key-env names `{var}`, which is not set"))?),
+            None => None,
+        };
+        let request_timeout = Duration::try_from_secs_f64(self.request_timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| anyhow::anyhow!("--request-timeout must be a positive number of seconds"))?;
+        let config = ChatClientConfig {
+            api_key,
+            max_in_flight: self.max_in_flight.max(1),
+            max_retries: self.retries,
+            request_timeout,
+            temperature: self.temperature,
+            max_tokens: self.max_tokens,
+            ..ChatClientConfig::new(url.clone(), self.model_name.clone())
+        };
+        Ok(Arc::new(ChatClient::new(config)?))
+    }
+}
+
+/// Every file's problems in order, one batch. Unreadable lines are reported with their file
+/// and line; an `instance_id` already seen in an earlier file is reported and skipped.
+fn load_datasets(paths: &[PathBuf]) -> anyhow::Result<rollbox::rollout::dataset::Dataset> {
+    let mut merged = rollbox::rollout::dataset::Dataset::default();
+    let mut seen = std::collections::HashSet::new();
+    for path in paths {
+        let dataset = load_dataset(path)?;
+        for error in &dataset.errors {
+            eprintln!("warning: {}: skipped {error}", path.display());
+        }
+        merged.errors.extend(dataset.errors);
+        for problem in dataset.problems {
+            if seen.insert(problem.instance_id.clone()) {
+                merged.problems.push(problem);
+            } else {
+                eprintln!("warning: {}: skipped `{}`: its instance_id is already in an earlier dataset", path.display(), problem.instance_id);
+            }
+        }
+    }
+    Ok(merged)
+}
+
+pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.group_size > 0, "--group-size must be at least 1");
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    let agent = args.agent_config()?;
+    let policy = args.policy()?;
+    let dataset = load_datasets(&args.dataset)?;
+    anyhow::ensure!(!dataset.problems.is_empty(), "the dataset has no readable problems");
+    let limits = args.limits.resolve()?;
+    let backend = Arc::new(start_wasm_backend(limits, &args.runtime, quiet).await?);
+    let custom_reward = match &args.reward_file {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("failed to read the reward file {}", path.display()))?.into()),
+        None => None,
+    };
+    let config = RolloutConfig {
+        agent,
+        group_size: args.group_size,
+        concurrency: args.concurrency,
+        out_dir: args.out.clone(),
+        resume: args.resume,
+        custom_reward,
+    };
+    let stop = StopSignal::new();
+    let watcher = tokio::spawn(stop_on_ctrl_c(stop.clone(), quiet));
+    let reporter = ProgressReporter::new(quiet);
+    let outcome = run_rollout(backend, policy, &dataset, &config, &reporter, &stop).await;
+    watcher.abort();
+    reporter.finish();
+    let run = outcome?;
+    if !quiet {
+        print_summary(&run.summary, &run.trajectories_path, &run.summary_path);
+    }
+    Ok(if run.summary.run.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+}
+
+/// The first Ctrl-C stops new trajectories and abandons running ones at their next turn; a
+/// second one exits at once (everything finished is already on disk).
+async fn stop_on_ctrl_c(stop: StopSignal, quiet: bool) {
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    stop.stop();
+    if !quiet {
+        eprintln!("\ninterrupted: starting no new trajectories; finished ones are saved (Ctrl-C again to exit now)");
+    }
+    if tokio::signal::ctrl_c().await.is_ok() {
+        std::process::exit(130);
+    }
+}
+
+/// A progress bar of trajectories with the running mean reward.
+struct ProgressReporter {
+    bar: ProgressBar,
+    rewards: std::sync::Mutex<(f64, usize)>,
+}
+
+impl ProgressReporter {
+    fn new(quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let bar = ProgressBar::hidden();
+        if !quiet && std::io::stderr().is_terminal() {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} rollout [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        ProgressReporter { bar, rewards: std::sync::Mutex::new((0.0, 0)) }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl RolloutReporter for ProgressReporter {
+    fn on_start(&self, to_run: usize, skipped: usize) {
+        self.bar.set_length(to_run as u64);
+        if skipped > 0 {
+            self.bar.println(format!("resuming: {skipped} trajectories already done"));
+        }
+    }
+
+    fn on_trajectory(&self, trajectory: &Trajectory) {
+        let mut rewards = self.rewards.lock().unwrap_or_else(|p| p.into_inner());
+        rewards.0 += trajectory.reward.score;
+        rewards.1 += 1;
+        self.bar.set_message(format!("mean reward {:.3}", rewards.0 / rewards.1 as f64));
+        self.bar.inc(1);
+    }
+
+    fn on_trajectory_failed(&self, trajectory_id: &str, message: &str) {
+        self.bar.println(format!("warning: trajectory {trajectory_id} did not run: {message}"));
+        self.bar.inc(1);
+    }
+}
+
+fn print_summary(summary: &Summary, trajectories: &std::path::Path, summary_path: &std::path::Path) {
+    if summary.oracle_policy {
+        eprintln!("policy: oracle (reference solutions, no model): these numbers check the environment and rewards, not a model");
+    } else {
+        eprintln!("policy: {}", summary.policy);
+    }
+    eprintln!("agent: {}   problems: {}   group size: {}   trajectories: {}", summary.agent, summary.problems, summary.group_size, summary.trajectories);
+    let passes: Vec<String> = summary.pass_at_k.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+    eprintln!("mean reward: {:.3}   {}", summary.mean_reward, passes.join("   "));
+    eprintln!("turns per trajectory: mean {:.2}, max {}", summary.mean_turns, summary.max_turns);
+    eprintln!(
+        "time: model {:.2} s, tools {:.2} s ({:.2} ms per turn), rewards {:.2} s",
+        summary.model_seconds, summary.tool_seconds, summary.tool_ms_per_turn, summary.reward_seconds
+    );
+    eprintln!("engine overhead per turn (excluding model and cells): median {:.3} ms", summary.median_overhead_ms_per_turn);
+    let run = &summary.run;
+    eprintln!(
+        "this run: {} written, {} skipped (resume), {:.2} trajectories/s over {:.2} s",
+        run.written, run.skipped, summary.trajectories_per_second, run.wall_seconds
+    );
+    if run.interrupted {
+        eprintln!("interrupted: {} abandoned, {} not started; rerun with --resume to finish", run.abandoned, run.not_started);
+    }
+    let reasons: Vec<String> = summary.stop_reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    eprintln!("stop reasons: {}", reasons.join(", "));
+    if !summary.errors_by_kind.is_empty() {
+        let errors: Vec<String> = summary.errors_by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        eprintln!("errors: {}", errors.join(", "));
+    }
+    if !summary.dataset_errors.is_empty() {
+        eprintln!("dataset: {} lines skipped (see summary.json)", summary.dataset_errors.len());
+    }
+    eprintln!("wrote {} and {}", trajectories.display(), summary_path.display());
+}

@@ -1,0 +1,110 @@
+//! Problems from a JSONL file in the verl notebook-recipe field names: `instance_id`, `problem`,
+//! `ground_truth`, `test_cases`, `reference_solution`.
+//!
+//! A line that cannot be read becomes a [`LineError`] with its line number; it never aborts the
+//! whole file and is never dropped silently.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One problem of a dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    /// A unique id within the dataset; trajectory ids are built from it.
+    pub instance_id: String,
+    /// The task, as the first user message.
+    pub problem: String,
+    /// The expected final answer of a math problem (a number, a fraction, a LaTeX expression).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ground_truth: Option<String>,
+    /// Python snippets that each run as a cell after the trajectory and fail by raising.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_cases: Vec<String>,
+    /// The assistant turns the offline oracle policy plays, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_solution: Option<Vec<String>>,
+}
+
+/// A dataset line that could not be read, with why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineError {
+    /// The 1-based line number in the file.
+    pub line: usize,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl std::fmt::Display for LineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// The readable problems of a file, plus every line that was not.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Dataset {
+    /// The problems, in file order.
+    pub problems: Vec<Problem>,
+    /// The lines that were skipped, in file order.
+    pub errors: Vec<LineError>,
+}
+
+/// The dataset file could not be read at all.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to read the dataset {path}")]
+pub struct DatasetError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Reads a JSONL dataset file; see [`parse_dataset`].
+pub fn load_dataset(path: &Path) -> Result<Dataset, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DatasetError { path: path.to_owned(), source })?;
+    Ok(parse_dataset(&text))
+}
+
+/// Parses JSONL text: one problem per non-blank line. `ground_truth` may be a JSON string or
+/// number. A problem needs a `ground_truth` (math) or `test_cases` (code) to be scored; one with
+/// neither, a duplicate `instance_id`, or bad JSON becomes a [`LineError`].
+pub fn parse_dataset(text: &str) -> Dataset {
+    let mut dataset = Dataset::default();
+    let mut seen = HashSet::new();
+    for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_line(line) {
+            Ok(problem) if !seen.insert(problem.instance_id.clone()) => dataset
+                .errors
+                .push(LineError { line: number, message: format!("duplicate instance_id `{}`", problem.instance_id) }),
+            Ok(problem) => dataset.problems.push(problem),
+            Err(message) => dataset.errors.push(LineError { line: number, message }),
+        }
+    }
+    dataset
+}
+
+fn parse_line(line: &str) -> Result<Problem, String> {
+    let mut value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let object = value.as_object_mut().ok_or("not a JSON object")?;
+    // A numeric ground truth (`80`, `97.2`) is as good as its string form.
+    if let Some(number @ Value::Number(_)) = object.get("ground_truth") {
+        let text = number.to_string();
+        object.insert("ground_truth".to_owned(), Value::String(text));
+    }
+    let problem: Problem = serde_json::from_value(value).map_err(|e| format!("not a problem: {e}"))?;
+    if problem.instance_id.trim().is_empty() {
+        return Err("`instance_id` is empty".to_owned());
+    }
+    if problem.ground_truth.is_none() && problem.test_cases.is_empty() {
+        return Err("has neither `ground_truth` nor `test_cases`, so it cannot be scored".to_owned());
+    }
+    Ok(problem)
+}

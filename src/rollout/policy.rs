@@ -1,0 +1,354 @@
+//! Who writes the assistant's turns: the offline [`OraclePolicy`], which plays a problem's
+//! reference solution, or [`ChatClient`], an OpenAI-compatible `/v1/chat/completions` client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::chat::Message;
+use crate::rollout::agent::AgentKind;
+use crate::rollout::code_blocks::{CodeTags, extract_code_blocks};
+use crate::rollout::dataset::Problem;
+
+/// What a policy is asked for: the next assistant message of a conversation.
+#[derive(Clone, Copy, Debug)]
+pub struct TurnRequest<'a> {
+    /// The problem being solved.
+    pub problem: &'a Problem,
+    /// The conversation so far.
+    pub messages: &'a [Message],
+    /// The OpenAI function schemas on offer (empty for the notebook agent).
+    pub tools: &'a [Value],
+    /// The 0-based index of the assistant turn being asked for.
+    pub turn: usize,
+    /// Which agent loop is asking.
+    pub agent: AgentKind,
+    /// The code tags of the notebook agent.
+    pub code_tags: &'a CodeTags,
+}
+
+/// Token counts as an OpenAI-compatible server reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// Their sum.
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// One assistant turn and what is known about how it was made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelReply {
+    /// The assistant message, tool calls included.
+    pub message: Message,
+    /// Token usage, when the server reports it.
+    pub usage: Option<Usage>,
+    /// `choices[0].logprobs`, when the server returns them.
+    pub logprobs: Option<Value>,
+    /// `choices[0].finish_reason`.
+    pub finish_reason: Option<String>,
+    /// How many HTTP requests it took (1 without retries; 0 for the oracle).
+    pub attempts: u32,
+}
+
+/// Why a policy gave no turn.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The problem has no `reference_solution` for the oracle to play.
+    #[error("problem `{instance_id}` has no reference_solution for the oracle policy")]
+    NoReferenceSolution {
+        /// The problem.
+        instance_id: String,
+    },
+    /// The reference solution has fewer turns than the agent asked for.
+    #[error("the reference solution has only {turns} turns; the agent asked for turn {asked}")]
+    OutOfTurns {
+        /// How many turns the reference solution has.
+        turns: usize,
+        /// The 1-based turn asked for.
+        asked: usize,
+    },
+    /// The request failed after every retry (connection, timeout, body).
+    #[error("failed to call the model endpoint after {attempts} attempts")]
+    Request {
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last failure.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The endpoint answered with an error status (after retries for 429 and 5xx).
+    #[error("the model endpoint answered HTTP {status} after {attempts} attempts: {body}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// How many attempts were made.
+        attempts: u32,
+        /// The start of the response body.
+        body: String,
+    },
+    /// The endpoint answered 2xx with something that is not a chat completion.
+    #[error("the model endpoint's response is not a chat completion: {message}")]
+    Decode {
+        /// What is missing or wrong.
+        message: String,
+    },
+}
+
+impl PolicyError {
+    /// A short, stable name for counting errors by kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PolicyError::NoReferenceSolution { .. } => "oracle_no_reference",
+            PolicyError::OutOfTurns { .. } => "oracle_out_of_turns",
+            PolicyError::Request { source, .. } if source.is_timeout() => "model_timeout",
+            PolicyError::Request { .. } => "model_request",
+            PolicyError::Status { status: 429, .. } => "model_rate_limited",
+            PolicyError::Status { .. } => "model_http_status",
+            PolicyError::Decode { .. } => "model_bad_response",
+        }
+    }
+}
+
+/// A source of assistant turns. Object-safe: use it as `Arc<dyn Policy>`.
+#[async_trait]
+pub trait Policy: Send + Sync {
+    /// A short name for summaries (`oracle`, or the model's name).
+    fn name(&self) -> &str;
+
+    /// Whether this policy plays reference solutions rather than asking a model.
+    fn is_oracle(&self) -> bool {
+        false
+    }
+
+    /// The next assistant message.
+    async fn next_turn(&self, request: TurnRequest<'_>) -> Result<ModelReply, PolicyError>;
+}
+
+/// Plays a problem's `reference_solution` as the assistant's turns, offline.
+///
+/// For the `tools` agent, each turn's code blocks become `python` tool calls (ids
+/// `call_<turn>_<n>`), so the same reference solutions drive both agents.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OraclePolicy;
+
+#[async_trait]
+impl Policy for OraclePolicy {
+    fn name(&self) -> &str {
+        "oracle"
+    }
+
+    fn is_oracle(&self) -> bool {
+        true
+    }
+
+    async fn next_turn(&self, request: TurnRequest<'_>) -> Result<ModelReply, PolicyError> {
+        let turns = request
+            .problem
+            .reference_solution
+            .as_ref()
+            .ok_or_else(|| PolicyError::NoReferenceSolution { instance_id: request.problem.instance_id.clone() })?;
+        let text = turns.get(request.turn).ok_or(PolicyError::OutOfTurns { turns: turns.len(), asked: request.turn + 1 })?;
+        let mut message = Message::assistant(text.clone());
+        if request.agent == AgentKind::Tools {
+            for (n, block) in extract_code_blocks(text, request.code_tags).into_iter().enumerate() {
+                let arguments = json!({ "code": block.code }).to_string();
+                message = message.with_tool_call(format!("call_{}_{n}", request.turn), "python", arguments);
+            }
+        }
+        Ok(ModelReply { message, usage: None, logprobs: None, finish_reason: Some("stop".to_owned()), attempts: 0 })
+    }
+}
+
+/// How a [`ChatClient`] talks to its endpoint.
+#[derive(Clone, Debug)]
+pub struct ChatClientConfig {
+    /// The server's base URL (`http://localhost:8000/v1`) or the full
+    /// `.../chat/completions` URL.
+    pub url: String,
+    /// The `model` field of each request.
+    pub model: String,
+    /// A bearer token, if the server needs one.
+    pub api_key: Option<String>,
+    /// Most requests in flight at once, across every trajectory.
+    pub max_in_flight: usize,
+    /// Retries after the first attempt, for 429, 5xx, timeouts and connection failures.
+    pub max_retries: u32,
+    /// The wait before the first retry; it doubles per retry up to `max_backoff`, each wait
+    /// jittered down by up to half. A `Retry-After` header in seconds is honoured when it asks
+    /// for longer.
+    pub initial_backoff: Duration,
+    /// The longest wait between retries.
+    pub max_backoff: Duration,
+    /// The time limit of one HTTP request, body included.
+    pub request_timeout: Duration,
+    /// Sampling temperature, if set.
+    pub temperature: Option<f64>,
+    /// Most tokens per reply, if set.
+    pub max_tokens: Option<u32>,
+    /// Ask for logprobs of the sampled tokens.
+    pub logprobs: bool,
+}
+
+impl ChatClientConfig {
+    /// Defaults for `url` and `model`: 16 requests in flight, 4 retries from 1 s backing off to
+    /// 30 s, a 300 s request timeout, the server's own sampling defaults, logprobs requested.
+    pub fn new(url: impl Into<String>, model: impl Into<String>) -> Self {
+        ChatClientConfig {
+            url: url.into(),
+            model: model.into(),
+            api_key: None,
+            max_in_flight: 16,
+            max_retries: 4,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(300),
+            temperature: None,
+            max_tokens: None,
+            logprobs: true,
+        }
+    }
+}
+
+/// The HTTP client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to build the HTTP client for the model endpoint")]
+pub struct ChatClientError(#[source] reqwest::Error);
+
+/// An OpenAI-compatible chat-completions client (vLLM, SGLang, llama.cpp's server, OpenAI).
+#[derive(Clone, Debug)]
+pub struct ChatClient {
+    http: reqwest::Client,
+    endpoint: String,
+    config: ChatClientConfig,
+    in_flight: Arc<Semaphore>,
+}
+
+/// How much of an error body is kept in a [`PolicyError::Status`].
+const ERROR_BODY_CHARS: usize = 500;
+
+impl ChatClient {
+    /// A client for `config`'s endpoint.
+    pub fn new(config: ChatClientConfig) -> Result<Self, ChatClientError> {
+        let http = reqwest::Client::builder().timeout(config.request_timeout).build().map_err(ChatClientError)?;
+        let base = config.url.trim_end_matches('/');
+        let endpoint = if base.ends_with("/chat/completions") { base.to_owned() } else { format!("{base}/chat/completions") };
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+        Ok(ChatClient { http, endpoint, config, in_flight })
+    }
+
+    /// The URL requests go to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn body(&self, messages: &[Message], tools: &[Value]) -> Value {
+        let mut body = json!({ "model": self.config.model, "messages": messages });
+        if !tools.is_empty() {
+            body["tools"] = json!(tools);
+        }
+        if let Some(t) = self.config.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(n) = self.config.max_tokens {
+            body["max_tokens"] = json!(n);
+        }
+        if self.config.logprobs {
+            body["logprobs"] = json!(true);
+        }
+        body
+    }
+
+    /// The wait before retry number `retry` (0-based): the doubled backoff with "equal jitter"
+    /// (between half and all of it), so trajectories rate-limited together do not retry in
+    /// lockstep; never shorter than the server's `Retry-After`, never longer than `max_backoff`.
+    fn backoff(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        use std::hash::BuildHasher;
+        let doubled = self.config.initial_backoff.saturating_mul(2u32.saturating_pow(retry)).min(self.config.max_backoff);
+        // `RandomState` is seeded randomly per instance: std's randomness, without a new crate.
+        let unit = (std::collections::hash_map::RandomState::new().hash_one(retry) % 1024) as f64 / 1024.0;
+        let jittered = doubled.mul_f64(0.5 + 0.5 * unit);
+        jittered.max(retry_after.unwrap_or_default().min(self.config.max_backoff))
+    }
+
+    /// Sends one request, holding an in-flight permit only while it is on the wire.
+    async fn send_once(&self, body: &Value) -> Result<reqwest::Response, reqwest::Error> {
+        // The semaphore is never closed, so acquiring only waits.
+        let _permit = self.in_flight.acquire().await;
+        let mut request = self.http.post(&self.endpoint).json(body);
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        request.send().await
+    }
+}
+
+#[async_trait]
+impl Policy for ChatClient {
+    fn name(&self) -> &str {
+        &self.config.model
+    }
+
+    async fn next_turn(&self, request: TurnRequest<'_>) -> Result<ModelReply, PolicyError> {
+        let body = self.body(request.messages, request.tools);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let retries_left = attempt <= self.config.max_retries;
+            let response = match self.send_once(&body).await {
+                Ok(response) => response,
+                Err(source) if retries_left && (source.is_timeout() || source.is_connect()) => {
+                    tokio::time::sleep(self.backoff(attempt - 1, None)).await;
+                    continue;
+                }
+                Err(source) => return Err(PolicyError::Request { attempts: attempt, source }),
+            };
+            let status = response.status();
+            if status.is_success() {
+                let value: Value = response.json().await.map_err(|source| PolicyError::Request { attempts: attempt, source })?;
+                return parse_completion(value, attempt);
+            }
+            let retryable = status.as_u16() == 429 || status.is_server_error();
+            if retryable && retries_left {
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
+                tokio::time::sleep(self.backoff(attempt - 1, retry_after)).await;
+                continue;
+            }
+            let text = response.text().await.unwrap_or_default();
+            let body: String = text.chars().take(ERROR_BODY_CHARS).collect();
+            return Err(PolicyError::Status { status: status.as_u16(), attempts: attempt, body });
+        }
+    }
+}
+
+/// Reads `choices[0]` and `usage` of a chat completion.
+fn parse_completion(mut value: Value, attempts: u32) -> Result<ModelReply, PolicyError> {
+    let usage = value.get("usage").cloned().and_then(|u| serde_json::from_value::<Usage>(u).ok());
+    let choice = value
+        .get_mut("choices")
+        .and_then(|c| c.get_mut(0))
+        .map(Value::take)
+        .ok_or_else(|| PolicyError::Decode { message: "no choices[0]".to_owned() })?;
+    let message = choice
+        .get("message")
+        .cloned()
+        .ok_or_else(|| PolicyError::Decode { message: "no choices[0].message".to_owned() })
+        .and_then(|m| serde_json::from_value::<Message>(m).map_err(|e| PolicyError::Decode { message: format!("choices[0].message: {e}") }))?;
+    let logprobs = choice.get("logprobs").filter(|l| !l.is_null()).cloned();
+    let finish_reason = choice.get("finish_reason").and_then(Value::as_str).map(str::to_owned);
+    Ok(ModelReply { message, usage, logprobs, finish_reason, attempts })
+}

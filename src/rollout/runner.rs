@@ -1,0 +1,343 @@
+//! The rollout runner: G trajectories per problem, each in its own slot, at most N at a time,
+//! appended to `trajectories.jsonl` and flushed as each finishes, then `summary.json`.
+//!
+//! Interruption ([`StopSignal::stop`]) starts no new trajectory; running ones are abandoned at
+//! their next model call or turn boundary, their slots released, and nothing of them written,
+//! so a rerun with `resume` runs them again and skips every one already on disk.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::rollout::agent::{AgentConfig, AgentContext, Trajectory, TrajectoryError, run_agent};
+use crate::rollout::dataset::{Dataset, Problem};
+use crate::rollout::policy::Policy;
+use crate::rollout::reward::{compute_reward, custom_reward};
+use crate::rollout::summary::{RunStats, Summary};
+use crate::slot::Backend;
+
+/// The trajectories file in the output folder.
+pub const TRAJECTORIES_FILE: &str = "trajectories.jsonl";
+/// The summary file in the output folder.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// How a rollout runs.
+#[derive(Clone, Debug)]
+pub struct RolloutConfig {
+    /// The agent loop and its settings.
+    pub agent: AgentConfig,
+    /// Trajectories per problem (G in GRPO).
+    pub group_size: usize,
+    /// Most trajectories running at once (each holds one slot).
+    pub concurrency: usize,
+    /// The output folder.
+    pub out_dir: PathBuf,
+    /// Skip trajectories already in `trajectories.jsonl` instead of refusing to run.
+    pub resume: bool,
+    /// A Python reward function's source (see [`crate::rollout::reward::custom_reward`]) that
+    /// replaces the math and code rewards.
+    pub custom_reward: Option<Arc<str>>,
+}
+
+/// Told of a rollout's progress. Every method does nothing by default.
+pub trait RolloutReporter: Send + Sync {
+    /// The rollout starts `to_run` trajectories; `skipped` were already on disk.
+    fn on_start(&self, to_run: usize, skipped: usize) {
+        let _ = (to_run, skipped);
+    }
+    /// A trajectory was scored and written.
+    fn on_trajectory(&self, trajectory: &Trajectory) {
+        let _ = trajectory;
+    }
+    /// A trajectory could not start (no slot) or its task failed; nothing was written for it.
+    fn on_trajectory_failed(&self, trajectory_id: &str, message: &str) {
+        let _ = (trajectory_id, message);
+    }
+}
+
+/// A [`RolloutReporter`] that reports nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SilentRolloutReporter;
+
+impl RolloutReporter for SilentRolloutReporter {}
+
+/// Interrupts a rollout from another task (a Ctrl-C handler). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StopSignal {
+    sender: Arc<watch::Sender<bool>>,
+}
+
+impl Default for StopSignal {
+    fn default() -> Self {
+        StopSignal { sender: Arc::new(watch::channel(false).0) }
+    }
+}
+
+impl StopSignal {
+    /// A signal that has not fired.
+    pub fn new() -> Self {
+        StopSignal::default()
+    }
+
+    /// Fires: no new trajectory starts, running ones are abandoned.
+    pub fn stop(&self) {
+        self.sender.send_replace(true);
+    }
+
+    /// Whether it has fired.
+    pub fn is_stopped(&self) -> bool {
+        *self.sender.borrow()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.sender.subscribe()
+    }
+}
+
+/// What a rollout did.
+#[derive(Clone, Debug)]
+pub struct RolloutRun {
+    /// The summary over every trajectory in the file, as written to `summary.json`.
+    pub summary: Summary,
+    /// The trajectories file.
+    pub trajectories_path: PathBuf,
+    /// The summary file.
+    pub summary_path: PathBuf,
+}
+
+/// The host failed to read or write the rollout's files.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// The output folder could not be made.
+    #[error("failed to create the output folder {path}")]
+    CreateDir {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The output folder already holds trajectories and `resume` is off.
+    #[error("{path} already holds trajectories; pass --resume to continue that rollout or choose another --out")]
+    AlreadyStarted {
+        /// The trajectories file.
+        path: PathBuf,
+    },
+    /// A file could not be read or written.
+    #[error("failed to {action} {path}")]
+    Io {
+        /// What was being done (`read`, `append to`, `write`).
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Job {
+    trajectory_id: String,
+    sample: usize,
+    problem: Problem,
+}
+
+enum JobOutcome {
+    Done(Box<Trajectory>),
+    Abandoned,
+    Failed { trajectory_id: String, kind: String, message: String },
+}
+
+/// Runs the rollout of `dataset` and writes its files; see the module docs.
+pub async fn run_rollout(
+    backend: Arc<dyn Backend>,
+    policy: Arc<dyn Policy>,
+    dataset: &Dataset,
+    config: &RolloutConfig,
+    reporter: &dyn RolloutReporter,
+    stop: &StopSignal,
+) -> Result<RolloutRun, RolloutError> {
+    let started = Instant::now();
+    let out = &config.out_dir;
+    std::fs::create_dir_all(out).map_err(|source| RolloutError::CreateDir { path: out.clone(), source })?;
+    let trajectories_path = out.join(TRAJECTORIES_FILE);
+    let existing = read_existing(&trajectories_path)?;
+    if !existing.lines.is_empty() && !config.resume {
+        return Err(RolloutError::AlreadyStarted { path: trajectories_path });
+    }
+    let done: HashSet<&str> = existing.lines.iter().filter_map(|v| v.get("trajectory_id")?.as_str()).collect();
+    let mut jobs = Vec::new();
+    let mut skipped = 0;
+    for problem in &dataset.problems {
+        for sample in 0..config.group_size.max(1) {
+            let trajectory_id = format!("{}/{sample}", problem.instance_id);
+            if done.contains(trajectory_id.as_str()) {
+                skipped += 1;
+            } else {
+                jobs.push(Job { trajectory_id, sample, problem: problem.clone() });
+            }
+        }
+    }
+    reporter.on_start(jobs.len(), skipped);
+    let mut writer = TrajectoryWriter::open(&trajectories_path, existing.needs_newline)?;
+    let mut stats = RunStats { skipped, ..RunStats::default() };
+    let tools = Arc::new(crate::tools::schemas(&backend.tools()));
+    let agent = Arc::new(config.agent.clone());
+    let mut pending = jobs.into_iter();
+    let mut running = JoinSet::new();
+    loop {
+        while running.len() < config.concurrency.max(1) && !stop.is_stopped() {
+            let Some(job) = pending.next() else { break };
+            let reward = config.custom_reward.clone();
+            let task = run_job(backend.clone(), policy.clone(), agent.clone(), tools.clone(), reward, stop.subscribe(), job);
+            running.spawn(task);
+        }
+        let Some(joined) = running.join_next().await else { break };
+        match joined {
+            Ok(JobOutcome::Done(trajectory)) => {
+                writer.append(&trajectory)?;
+                stats.written += 1;
+                reporter.on_trajectory(&trajectory);
+            }
+            Ok(JobOutcome::Abandoned) => stats.abandoned += 1,
+            Ok(JobOutcome::Failed { trajectory_id, kind, message }) => {
+                reporter.on_trajectory_failed(&trajectory_id, &message);
+                *stats.failed_by_kind.entry(kind).or_default() += 1;
+            }
+            Err(join_error) => {
+                reporter.on_trajectory_failed("(unknown)", &join_error.to_string());
+                *stats.failed_by_kind.entry("task_panicked".to_owned()).or_default() += 1;
+            }
+        }
+    }
+    stats.not_started = pending.len();
+    stats.interrupted = stop.is_stopped();
+    stats.wall_seconds = started.elapsed().as_secs_f64();
+    let all = read_existing(&trajectories_path)?;
+    let trajectories: Vec<Trajectory> = all.lines.into_iter().filter_map(|v| serde_json::from_value(v).ok()).collect();
+    stats.unreadable_lines = all.unreadable;
+    let summary = Summary::new(&trajectories, policy.as_ref(), config, dataset, stats);
+    let summary_path = out.join(SUMMARY_FILE);
+    let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    std::fs::write(&summary_path, json + "\n").map_err(|source| RolloutError::Io { action: "write", path: summary_path.clone(), source })?;
+    Ok(RolloutRun { summary, trajectories_path, summary_path })
+}
+
+/// Runs one trajectory start to finish in its own slot.
+async fn run_job(
+    backend: Arc<dyn Backend>,
+    policy: Arc<dyn Policy>,
+    config: Arc<AgentConfig>,
+    tools: Arc<Vec<Value>>,
+    reward_source: Option<Arc<str>>,
+    stop: watch::Receiver<bool>,
+    job: Job,
+) -> JobOutcome {
+    let started = Instant::now();
+    let slot = match backend.acquire(&job.trajectory_id).await {
+        Ok(slot) => slot,
+        Err(error) => {
+            let message = format!("failed to acquire a slot: {error}");
+            return JobOutcome::Failed { trajectory_id: job.trajectory_id, kind: "slot_acquire".to_owned(), message };
+        }
+    };
+    let mut context = AgentContext { backend: backend.as_ref(), slot: &slot, policy: policy.as_ref(), config: &config, tools: &tools, stop };
+    let Some(episode) = run_agent(&mut context, &job.problem).await else {
+        // Releasing is best effort: the trajectory is abandoned either way.
+        let _ = backend.release(&slot, true).await;
+        return JobOutcome::Abandoned;
+    };
+    let reward_started = Instant::now();
+    let answer = episode.final_answer.as_deref();
+    let reward = match &reward_source {
+        Some(source) => custom_reward(backend.as_ref(), &slot, source, &job.problem, answer, &episode.messages).await,
+        None => compute_reward(backend.as_ref(), &slot, &job.problem, answer).await,
+    };
+    let reward_ms = reward_started.elapsed().as_secs_f64() * 1e3;
+    // A slot that fails to release does not change the trajectory's outcome.
+    let _ = backend.release(&slot, true).await;
+    let tokens = episode.steps.iter().filter_map(|s| s.usage).fold(None, |sum: Option<crate::rollout::agent::TokenCounts>, u| {
+        let mut sum = sum.unwrap_or_default();
+        sum.prompt_tokens += u.prompt_tokens;
+        sum.completion_tokens += u.completion_tokens;
+        Some(sum)
+    });
+    JobOutcome::Done(Box::new(Trajectory {
+        trajectory_id: job.trajectory_id,
+        instance_id: job.problem.instance_id.clone(),
+        sample: job.sample,
+        agent: config.kind,
+        policy: policy.name().to_owned(),
+        turns: episode.steps.len(),
+        model_ms: episode.steps.iter().map(|s| s.model_ms).sum(),
+        tool_ms: episode.steps.iter().map(|s| s.tool_ms).sum(),
+        messages: episode.messages,
+        steps: episode.steps,
+        stop_reason: episode.stop_reason,
+        error: episode.policy_error.map(|(kind, message)| TrajectoryError { kind, message }),
+        final_answer: episode.final_answer,
+        reward,
+        tokens,
+        reward_ms,
+        wall_ms: started.elapsed().as_secs_f64() * 1e3,
+    }))
+}
+
+/// The lines of an existing trajectories file.
+struct Existing {
+    lines: Vec<Value>,
+    /// Lines that are not JSON objects (a line cut off by a crash).
+    unreadable: usize,
+    /// The file does not end with a newline, so the next append must start with one.
+    needs_newline: bool,
+}
+
+fn read_existing(path: &Path) -> Result<Existing, RolloutError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => return Err(RolloutError::Io { action: "read", path: path.to_owned(), source }),
+    };
+    let mut existing = Existing { lines: Vec::new(), unreadable: 0, needs_newline: !text.is_empty() && !text.ends_with('\n') };
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<Value>(line) {
+            Ok(value @ Value::Object(_)) => existing.lines.push(value),
+            _ => existing.unreadable += 1,
+        }
+    }
+    Ok(existing)
+}
+
+/// Appends one JSON line per trajectory and flushes it to the OS at once, so an interruption
+/// keeps every finished trajectory.
+struct TrajectoryWriter {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl TrajectoryWriter {
+    fn open(path: &Path, needs_newline: bool) -> Result<Self, RolloutError> {
+        let io = |source| RolloutError::Io { action: "append to", path: path.to_owned(), source };
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        if needs_newline {
+            file.write_all(b"\n").map_err(io)?;
+        }
+        Ok(TrajectoryWriter { file, path: path.to_owned() })
+    }
+
+    fn append(&mut self, trajectory: &Trajectory) -> Result<(), RolloutError> {
+        let io = |source| RolloutError::Io { action: "append to", path: self.path.clone(), source };
+        let mut line = serde_json::to_vec(trajectory).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        // One write per line: a crash mid-way leaves at most one cut-off line, which resume
+        // reports as unreadable and runs again.
+        self.file.write_all(&line).map_err(io)?;
+        self.file.flush().map_err(io)
+    }
+}

@@ -1,0 +1,652 @@
+//! Rollouts: code extraction, answers and rewards, the model client against a scripted server,
+//! end-to-end oracle rollouts over the shipped examples, and resume after an interruption.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use rollbox::chat::{Message, Role};
+use rollbox::rollout::agent::{AgentConfig, AgentKind, StopReason, Trajectory};
+use rollbox::rollout::answer::{Rational, extract_final_answer, latex_to_sympy, parse_exact_number};
+use rollbox::rollout::code_blocks::{CodeBlock, CodeTags, extract_code_blocks};
+use rollbox::rollout::dataset::{Dataset, Problem, load_dataset, parse_dataset};
+use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy, PolicyError, TurnRequest};
+use rollbox::rollout::reward::{MathMethod, RewardBreakdown, code_reward, custom_reward, math_reward};
+use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, SilentRolloutReporter, StopSignal, run_rollout};
+use rollbox::rollout::summary::pass_estimate;
+use rollbox::{Backend, Limits, WasmBackend};
+
+use crate::support::wasm_backend;
+
+/// One backend for every rollout test, shareable as `Arc<dyn Backend>`.
+fn backend() -> Arc<dyn Backend> {
+    static BACKEND: OnceLock<Arc<WasmBackend>> = OnceLock::new();
+    BACKEND.get_or_init(|| Arc::new(wasm_backend(Limits::default()))).clone()
+}
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+fn blocks(text: &str) -> Vec<CodeBlock> {
+    extract_code_blocks(text, &CodeTags::default())
+}
+
+fn block(code: &str, terminated: bool) -> CodeBlock {
+    CodeBlock { code: code.to_owned(), terminated }
+}
+
+// ---- code extraction -------------------------------------------------------------------------
+
+#[test]
+fn several_blocks_come_out_in_order() {
+    let text = "First\n<code>\nx = 1\n</code>\nthen\n```python\ny = x + 1\n```\nand <code>print(y)</code>";
+    assert_eq!(blocks(text), vec![block("x = 1\n", true), block("y = x + 1\n", true), block("print(y)\n", true)]);
+}
+
+#[test]
+fn nested_tags_stay_inside_their_block() {
+    let text = "<code>s = '<code>inner</code>'\nprint(s)</code> after <code>z = 3</code>";
+    assert_eq!(blocks(text), vec![block("s = '<code>inner</code>'\nprint(s)\n", true), block("z = 3\n", true)]);
+}
+
+#[test]
+fn an_unterminated_block_runs_to_the_end_and_says_so() {
+    assert_eq!(blocks("Let me compute.\n<code>\nprint(2 + 2)\n"), vec![block("print(2 + 2)\n", false)]);
+    assert_eq!(blocks("```python\nprint(1)\n"), vec![block("print(1)\n", false)]);
+    assert_eq!(blocks("<code>a = 1</code> and then <code>b = "), vec![block("a = 1\n", true), block("b =\n", false)]);
+}
+
+#[test]
+fn fences_inside_tags_and_other_languages_are_not_blocks() {
+    assert_eq!(blocks("<code>\ntext = '''\n```python\n'''\n</code>"), vec![block("text = '''\n```python\n'''\n", true)]);
+    assert_eq!(blocks("```bash\nls\n```\n```py\nprint(3)\n```"), vec![block("print(3)\n", true)]);
+    assert!(blocks("no code here, just `inline` and <code></code>").is_empty());
+}
+
+#[test]
+fn code_tags_are_configurable_and_keep_indentation() {
+    let tags = CodeTags { open: "<python>".to_owned(), close: "</python>".to_owned() };
+    let found = extract_code_blocks("<code>ignored</code><python>\n\n    if True:\n        print(1)\n\n</python>", &tags);
+    assert_eq!(found, vec![block("    if True:\n        print(1)\n", true)]);
+}
+
+// ---- answers -----------------------------------------------------------------------------------
+
+#[test]
+fn final_answers_are_extracted_with_balanced_braces() {
+    assert_eq!(extract_final_answer("so \\boxed{\\frac{5}{14}} in all").as_deref(), Some("\\frac{5}{14}"));
+    assert_eq!(extract_final_answer("\\boxed{1} then \\boxed{ 2 }").as_deref(), Some("2"));
+    assert_eq!(extract_final_answer("\\boxed{3} <answer> 6\\sqrt{5} </answer>").as_deref(), Some("6\\sqrt{5}"));
+    assert_eq!(extract_final_answer("<answer>x</answer> and finally \\boxed{y}").as_deref(), Some("y"));
+    assert_eq!(extract_final_answer("\\boxed{unclosed"), None);
+    assert_eq!(extract_final_answer("\\boxed{}"), None);
+    assert_eq!(extract_final_answer("no answer"), None);
+}
+
+#[test]
+fn plain_numbers_compare_exactly_on_the_host() {
+    let r = |n, d| Rational::new(n, d);
+    assert_eq!(parse_exact_number("97.20"), r(486, 5));
+    assert_eq!(parse_exact_number("97.2"), parse_exact_number("97.20"));
+    assert_eq!(parse_exact_number("\\frac{5}{14}"), r(5, 14));
+    assert_eq!(parse_exact_number("$\\dfrac{10}{28}$"), r(5, 14));
+    assert_eq!(parse_exact_number("-\\frac{1}{2}"), r(-1, 2));
+    assert_eq!(parse_exact_number("12/5"), r(12, 5));
+    assert_eq!(parse_exact_number("128,000"), r(128_000, 1));
+    assert_eq!(parse_exact_number("80 \\text{ km/h}"), r(80, 1));
+    assert_eq!(parse_exact_number("10\\%"), r(10, 1));
+    assert_eq!(parse_exact_number("1/0"), None);
+    assert_eq!(parse_exact_number("6\\sqrt{5}"), None);
+    assert_eq!(parse_exact_number("(1,2)"), None);
+}
+
+#[test]
+fn latex_becomes_sympy_syntax() {
+    assert_eq!(latex_to_sympy("6\\sqrt{5}"), "6sqrt(5)");
+    assert_eq!(latex_to_sympy("\\frac{\\sqrt{3}}{2}"), "((sqrt(3))/(2))");
+    assert_eq!(latex_to_sympy("2^{10} \\cdot \\pi"), "2**(10)*pi");
+    assert_eq!(latex_to_sympy("\\sqrt[3]{8}"), "((8)**(1/(3)))");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn math_rewards_decide_equivalence_exactly_or_with_sympy_in_the_slot() {
+    let backend = backend();
+    let slot = backend.acquire("math-reward").await.expect("slot");
+    let cases = [
+        ("5/14", Some("\\frac{5}{14}"), 1.0, MathMethod::Exact),
+        ("97.20", Some("97.2"), 1.0, MathMethod::Exact),
+        ("80", Some("81"), 0.0, MathMethod::Exact),
+        ("6\\sqrt{5}", Some("\\sqrt{180}"), 1.0, MathMethod::Sympy),
+        ("6\\sqrt{5}", Some("6 \\sqrt{5}"), 1.0, MathMethod::Sympy),
+        ("2\\sqrt{10}", Some("\\sqrt{20}"), 0.0, MathMethod::Sympy),
+        ("\\frac{\\sqrt{3}}{2}", Some("\\sqrt{3}/2"), 1.0, MathMethod::Sympy),
+        ("6\\sqrt{5}", Some("13.416"), 0.0, MathMethod::Sympy),
+        ("7", None, 0.0, MathMethod::NoAnswer),
+    ];
+    for (truth, answer, score, method) in cases {
+        let reward = math_reward(backend.as_ref(), &slot, truth, answer).await;
+        assert_eq!(reward.score, score, "{truth} vs {answer:?}: {reward:?}");
+        let RewardBreakdown::Math { method: used, .. } = reward.breakdown else { panic!("not a math reward: {reward:?}") };
+        assert_eq!(used, method, "{truth} vs {answer:?}");
+    }
+    // An answer sympy cannot parse scores 0 and says why, rather than failing the rollout.
+    let reward = math_reward(backend.as_ref(), &slot, "6\\sqrt{5}", Some("six root five ((")).await;
+    assert_eq!(reward.score, 0.0);
+    let RewardBreakdown::Math { note, .. } = reward.breakdown else { panic!("not a math reward") };
+    assert!(note.is_some_and(|n| n.contains("sympy could not compare")));
+    backend.release(&slot, true).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_rewards_are_the_pass_fraction_with_failures_recorded() {
+    let backend = backend();
+    let slot = backend.acquire("code-reward").await.expect("slot");
+    let define = rollbox::ToolCall::python("def double(x):\n    return x * 2 if x != 3 else 0\n");
+    assert!(backend.execute(&slot, define).await.success);
+    let tests = ["assert double(2) == 4", "assert double(3) == 6, 'three'", "assert double(0) == 0", "undefined_name"].map(String::from);
+    let reward = code_reward(backend.as_ref(), &slot, &tests).await;
+    assert_eq!(reward.score, 0.5);
+    let RewardBreakdown::Code { passed, total, failures } = reward.breakdown else { panic!("not a code reward") };
+    assert_eq!((passed, total), (2, 4));
+    assert_eq!(failures.iter().map(|f| f.index).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(failures[0].error, "AssertionError: three");
+    assert!(failures[1].error.starts_with("NameError"), "{:?}", failures[1]);
+    backend.release(&slot, true).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_rewards_run_the_users_function_in_the_slot() {
+    let backend = backend();
+    let slot = backend.acquire("custom-reward").await.expect("slot");
+    assert!(backend.execute(&slot, rollbox::ToolCall::python("secret = 0.25")).await.success);
+    let source = "import __main__\n\ndef reward(problem, answer, messages):\n    \"\"\"Length bonus plus the notebook's secret.\"\"\"\n    \
+                  return len(messages) / 10 + __main__.secret + (answer == problem['ground_truth'])\n";
+    let messages = [Message::user("q"), Message::assistant("\\boxed{42}")];
+    let reward = custom_reward(backend.as_ref(), &slot, source, &problem(), Some("42"), &messages).await;
+    assert!((reward.score - 1.45).abs() < 1e-9, "{reward:?}");
+    let broken = custom_reward(backend.as_ref(), &slot, "def reward(p, a, m):\n    return 1 / 0\n", &problem(), None, &[]).await;
+    assert_eq!(broken.score, 0.0);
+    let RewardBreakdown::Custom { error, .. } = broken.breakdown else { panic!("not a custom reward") };
+    assert!(error.is_some_and(|e| e.contains("ZeroDivisionError")));
+    backend.release(&slot, true).await.expect("release");
+}
+
+#[test]
+fn pass_at_k_uses_the_unbiased_estimator() {
+    assert_eq!(pass_estimate(8, 0, 1), 0.0);
+    assert_eq!(pass_estimate(8, 8, 8), 1.0);
+    assert!((pass_estimate(8, 2, 1) - 0.25).abs() < 1e-12);
+    assert_eq!(pass_estimate(8, 1, 8), 1.0);
+    assert!((pass_estimate(4, 1, 2) - 0.5).abs() < 1e-12);
+}
+
+// ---- datasets ----------------------------------------------------------------------------------
+
+#[test]
+fn malformed_dataset_lines_are_reported_with_their_numbers() {
+    let text = [
+        r#"{"instance_id": "a", "problem": "p", "ground_truth": 80}"#,
+        "",
+        "{not json",
+        r#"{"instance_id": "b", "problem": "p"}"#,
+        r#"{"instance_id": "a", "problem": "p", "ground_truth": "1"}"#,
+        r#"[1, 2]"#,
+        r#"{"instance_id": "c", "problem": "p", "test_cases": ["assert True"]}"#,
+        r#"{"problem": "no id", "ground_truth": "1"}"#,
+    ]
+    .join("\n");
+    let dataset = parse_dataset(&text);
+    let ids: Vec<&str> = dataset.problems.iter().map(|p| p.instance_id.as_str()).collect();
+    assert_eq!(ids, vec!["a", "c"]);
+    assert_eq!(dataset.problems[0].ground_truth.as_deref(), Some("80"));
+    let lines: Vec<usize> = dataset.errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, vec![3, 4, 5, 6, 8]);
+    assert!(dataset.errors[1].message.contains("neither `ground_truth` nor `test_cases`"));
+    assert!(dataset.errors[2].message.contains("duplicate instance_id `a`"));
+}
+
+#[test]
+fn the_shipped_examples_load_without_errors() {
+    for (file, count) in [("math.jsonl", 40), ("code.jsonl", 24)] {
+        let dataset = load_dataset(&examples_dir().join(file)).expect("readable");
+        assert_eq!(dataset.errors, vec![], "{file}");
+        assert_eq!(dataset.problems.len(), count, "{file}");
+        assert!(dataset.problems.iter().all(|p| p.reference_solution.is_some()), "{file}");
+    }
+}
+
+// ---- end-to-end oracle rollouts ----------------------------------------------------------------
+
+fn examples() -> Dataset {
+    let mut dataset = load_dataset(&examples_dir().join("math.jsonl")).expect("math examples");
+    let code = load_dataset(&examples_dir().join("code.jsonl")).expect("code examples");
+    dataset.problems.extend(code.problems);
+    dataset
+}
+
+fn read_trajectories(dir: &Path) -> Vec<Trajectory> {
+    let text = std::fs::read_to_string(dir.join("trajectories.jsonl")).expect("trajectories.jsonl");
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {e}: {l}"))).collect()
+}
+
+fn config(kind: AgentKind, out: &Path, group_size: usize, concurrency: usize) -> RolloutConfig {
+    RolloutConfig { agent: AgentConfig::new(kind), group_size, concurrency, out_dir: out.to_owned(), resume: false, custom_reward: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shipped_example_scores_full_reward_under_the_oracle() {
+    let dataset = examples();
+    let out = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
+    let config = config(AgentKind::Notebook, out.path(), 1, 4);
+    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("rollout");
+    eprintln!("oracle rollout of {} examples: {:.1} s", dataset.problems.len(), started.elapsed().as_secs_f64());
+    let trajectories = read_trajectories(out.path());
+    assert_eq!(trajectories.len(), 64);
+    let failing: Vec<String> = trajectories
+        .iter()
+        .filter(|t| t.reward.score < 1.0)
+        .map(|t| format!("{}: {:?} {:?}", t.trajectory_id, t.final_answer, t.reward))
+        .collect();
+    assert!(failing.is_empty(), "examples below full reward:\n{}", failing.join("\n"));
+    assert!(trajectories.iter().all(|t| t.stop_reason == StopReason::FinalAnswer));
+    let summary = &run.summary;
+    assert!(summary.oracle_policy && summary.note.contains("oracle policy was used"));
+    assert_eq!(summary.mean_reward, 1.0);
+    assert_eq!(summary.pass_at_k.get("pass@1"), Some(&1.0));
+    assert_eq!(summary.run.written, 64);
+    // Each notebook turn's outputs come back in the output tag, and each call keeps its timing.
+    let first = &trajectories[0];
+    assert_eq!(first.messages[0].role, Role::System);
+    assert!(first.messages[2].role == Role::Assistant && first.messages[3].text().starts_with("<output>\n"));
+    assert!(first.steps[0].calls[0].result.metadata.duration_us > 0);
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&run.summary_path).expect("summary.json")).expect("json");
+    assert_eq!(written["mean_reward"], json!(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_agent_plays_code_examples_as_parallel_tool_calls_in_groups() {
+    let mut dataset = load_dataset(&examples_dir().join("code.jsonl")).expect("code examples");
+    dataset.problems.truncate(6);
+    let out = tempfile::tempdir().expect("tempdir");
+    let config = config(AgentKind::Tools, out.path(), 2, 4);
+    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("rollout");
+    let trajectories = read_trajectories(out.path());
+    assert_eq!(trajectories.len(), 12);
+    assert!(trajectories.iter().all(|t| t.reward.score == 1.0), "{trajectories:#?}");
+    let ids: HashSet<&str> = trajectories.iter().map(|t| t.trajectory_id.as_str()).collect();
+    assert!(ids.contains("code-001/0") && ids.contains("code-001/1"));
+    for t in &trajectories {
+        let tool_messages = t.messages.iter().filter(|m| m.role == Role::Tool).count();
+        let calls: usize = t.steps.iter().map(|s| s.calls.len()).sum();
+        assert_eq!(tool_messages, calls, "{}", t.trajectory_id);
+        assert!(t.messages.iter().filter(|m| m.role == Role::Tool).all(|m| m.tool_call_id.is_some()));
+    }
+    assert_eq!(run.summary.pass_at_k.get("pass@2"), Some(&1.0));
+}
+
+// ---- resume ------------------------------------------------------------------------------------
+
+/// Interrupts the rollout once `after` trajectories are written, as Ctrl-C would.
+struct InterruptAfter {
+    after: usize,
+    seen: AtomicUsize,
+    stop: StopSignal,
+}
+
+impl RolloutReporter for InterruptAfter {
+    fn on_trajectory(&self, _: &Trajectory) {
+        if self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.after {
+            self.stop.stop();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rollout_resumes_where_it_stopped() {
+    let mut dataset = load_dataset(&examples_dir().join("code.jsonl")).expect("code examples");
+    dataset.problems.truncate(8);
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut config = config(AgentKind::Notebook, out.path(), 1, 2);
+    let stop = StopSignal::new();
+    let reporter = InterruptAfter { after: 3, seen: AtomicUsize::new(0), stop: stop.clone() };
+    let first = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &reporter, &stop).await.expect("first run");
+    assert!(first.summary.run.interrupted);
+    let kept = read_trajectories(out.path());
+    assert!(kept.len() >= 3 && kept.len() < 8, "kept {}", kept.len());
+    assert_eq!(first.summary.run.written, kept.len());
+    assert_eq!(first.summary.run.written + first.summary.run.abandoned + first.summary.run.not_started, 8);
+
+    // Without --resume the folder is refused rather than appended to twice.
+    let refused = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &SilentRolloutReporter, &StopSignal::new()).await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("--resume")));
+
+    // A line cut off by a crash is reported and its trajectory runs again.
+    let path = out.path().join("trajectories.jsonl");
+    let mut text = std::fs::read_to_string(&path).expect("read");
+    let last = text.trim_end().rsplit('\n').next().expect("a line").to_owned();
+    text.truncate(text.trim_end().len() - last.len());
+    text.push_str(&last[..last.len() / 2]);
+    std::fs::write(&path, &text).expect("write");
+
+    config.resume = true;
+    let second = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("resumed run");
+    assert_eq!(second.summary.run.skipped, kept.len() - 1);
+    assert_eq!(second.summary.run.written, 8 - (kept.len() - 1));
+    assert_eq!(second.summary.run.unreadable_lines, 1);
+    assert_eq!(second.summary.trajectories, 8);
+    assert_eq!(second.summary.mean_reward, 1.0);
+    let ids: Vec<String> = read_trajectories_lenient(&path);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 8, "{ids:?}");
+    assert_eq!(ids.len(), 8);
+}
+
+fn read_trajectories_lenient(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).expect("read");
+    text.lines().filter_map(|l| serde_json::from_str::<Trajectory>(l).ok()).map(|t| t.trajectory_id).collect()
+}
+
+// ---- the model client, against a scripted server ------------------------------------------------
+
+/// One scripted reply: an HTTP status, a JSON body, a delay before answering, extra headers.
+#[derive(Clone)]
+struct Scripted {
+    status: u16,
+    body: Value,
+    delay: Duration,
+    retry_after: Option<&'static str>,
+}
+
+fn reply(body: Value) -> Scripted {
+    Scripted { status: 200, body, delay: Duration::ZERO, retry_after: None }
+}
+
+fn failure(status: u16) -> Scripted {
+    Scripted { status, body: json!({"error": {"message": format!("scripted {status}")}}), delay: Duration::ZERO, retry_after: None }
+}
+
+fn completion(message: Value) -> Value {
+    json!({
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop",
+                     "logprobs": {"content": [{"token": "x", "logprob": -0.25}]}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+    })
+}
+
+/// The scripted server's state: the replies still to give (the last one repeats), every request
+/// body received, and the most requests it saw at once.
+#[derive(Default)]
+struct Script {
+    replies: Mutex<VecDeque<Scripted>>,
+    requests: Mutex<Vec<Value>>,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+/// A local OpenAI-compatible server on 127.0.0.1 that serves *scripted* responses, in order:
+/// it is not a model, just enough of `/v1/chat/completions` to exercise the client.
+async fn scripted_server(replies: Vec<Scripted>) -> (String, Arc<Script>) {
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    let script = Arc::new(Script { replies: Mutex::new(replies.into()), ..Script::default() });
+    async fn handle(State(script): State<Arc<Script>>, axum::Json(body): axum::Json<Value>) -> axum::response::Response {
+        let now = script.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        script.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        script.requests.lock().expect("lock").push(body);
+        let next = {
+            let mut replies = script.replies.lock().expect("lock");
+            if replies.len() > 1 { replies.pop_front() } else { replies.front().cloned() }
+        };
+        let next = next.unwrap_or_else(|| failure(500));
+        tokio::time::sleep(next.delay).await;
+        script.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let status = StatusCode::from_u16(next.status).expect("status");
+        let mut response = (status, axum::Json(next.body)).into_response();
+        if let Some(seconds) = next.retry_after {
+            response.headers_mut().insert("retry-after", seconds.parse().expect("header"));
+        }
+        response
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(handle)).with_state(script.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}/v1"), script)
+}
+
+fn client(url: &str) -> ChatClient {
+    let config = ChatClientConfig {
+        max_retries: 3,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        request_timeout: Duration::from_secs(5),
+        ..ChatClientConfig::new(url, "scripted-model")
+    };
+    ChatClient::new(config).expect("client")
+}
+
+fn problem() -> Problem {
+    Problem { instance_id: "p".to_owned(), problem: "What is 6 * 7?".to_owned(), ground_truth: Some("42".to_owned()), test_cases: vec![], reference_solution: None }
+}
+
+async fn ask(client: &ChatClient) -> Result<rollbox::rollout::policy::ModelReply, PolicyError> {
+    let problem = problem();
+    let messages = [Message::user("hi")];
+    let tags = CodeTags::default();
+    let request = TurnRequest { problem: &problem, messages: &messages, tools: &[], turn: 0, agent: AgentKind::Notebook, code_tags: &tags };
+    client.next_turn(request).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_retries_429_and_5xx_then_records_usage_and_logprobs() {
+    let mut limited = failure(429);
+    limited.retry_after = Some("0");
+    let answer = completion(json!({"role": "assistant", "content": "\\boxed{42}"}));
+    let (url, script) = scripted_server(vec![limited, failure(503), reply(answer)]).await;
+    let client = client(&url);
+    let reply = ask(&client).await.expect("a reply after retries");
+    assert_eq!(reply.attempts, 3);
+    assert_eq!(reply.message.text(), "\\boxed{42}");
+    assert_eq!(reply.usage.map(|u| u.total_tokens), Some(120));
+    assert_eq!(reply.logprobs.as_ref().and_then(|l| l["content"][0]["logprob"].as_f64()), Some(-0.25));
+    let requests = script.requests.lock().expect("lock");
+    assert_eq!(requests[0]["model"], "scripted-model");
+    assert_eq!(requests[0]["logprobs"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_gives_up_with_typed_errors() {
+    let (url, script) = scripted_server(vec![failure(500)]).await;
+    let error = ask(&client(&url)).await.expect_err("always 500");
+    assert!(matches!(error, PolicyError::Status { status: 500, attempts: 4, .. }), "{error:?}");
+    assert_eq!(script.requests.lock().expect("lock").len(), 4);
+
+    // A client error is not retried.
+    let (url, script) = scripted_server(vec![failure(400)]).await;
+    let error = ask(&client(&url)).await.expect_err("400");
+    assert!(matches!(error, PolicyError::Status { status: 400, attempts: 1, .. }), "{error:?}");
+    assert!(error.to_string().contains("scripted 400"));
+    assert_eq!(script.requests.lock().expect("lock").len(), 1);
+
+    // A reply without choices is a decode error.
+    let (url, _) = scripted_server(vec![reply(json!({"object": "chat.completion"}))]).await;
+    assert!(matches!(ask(&client(&url)).await, Err(PolicyError::Decode { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_replies_time_out_and_in_flight_requests_are_bounded() {
+    let mut slow = reply(completion(json!({"role": "assistant", "content": "late"})));
+    slow.delay = Duration::from_millis(800);
+    let (url, script) = scripted_server(vec![slow]).await;
+    let config = ChatClientConfig {
+        max_retries: 1,
+        initial_backoff: Duration::from_millis(10),
+        request_timeout: Duration::from_millis(200),
+        ..ChatClientConfig::new(&url, "scripted-model")
+    };
+    let error = ask(&ChatClient::new(config).expect("client")).await.expect_err("too slow");
+    assert_eq!(error.kind(), "model_timeout", "{error:?}");
+    assert!(matches!(error, PolicyError::Request { attempts: 2, .. }));
+    drop(script);
+
+    let mut steady = reply(completion(json!({"role": "assistant", "content": "ok"})));
+    steady.delay = Duration::from_millis(100);
+    let (url, script) = scripted_server(vec![steady]).await;
+    let config = ChatClientConfig { max_in_flight: 2, ..ChatClientConfig::new(&url, "scripted-model") };
+    let client = Arc::new(ChatClient::new(config).expect("client"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        tasks.spawn(async move { ask(&client).await.map(|r| r.attempts) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        assert_eq!(done.expect("task").expect("reply"), 1);
+    }
+    assert_eq!(script.most_in_flight.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tools_rollout_against_the_scripted_server_runs_parallel_calls_as_one_batch() {
+    let calls = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "python", "arguments": "{\"code\": \"a = 6\"}"}},
+        {"id": "call_b", "type": "function", "function": {"name": "python", "arguments": "{\"code\": \"b = 7\\nprint(a * b)\"}"}},
+        {"id": "call_c", "type": "function", "function": {"name": "python", "arguments": "not json"}}
+    ]});
+    let done = json!({"role": "assistant", "content": "The product is \\boxed{42}."});
+    let (url, script) = scripted_server(vec![reply(completion(calls)), reply(completion(done))]).await;
+    let dataset = Dataset { problems: vec![problem()], errors: vec![] };
+    let out = tempfile::tempdir().expect("tempdir");
+    let config = config(AgentKind::Tools, out.path(), 1, 1);
+    let run = run_rollout(backend(), Arc::new(client(&url)), &dataset, &config, &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("rollout");
+    let trajectory = read_trajectories(out.path()).pop().expect("one trajectory");
+    assert_eq!(trajectory.stop_reason, StopReason::FinalAnswer);
+    assert_eq!(trajectory.reward.score, 1.0);
+    assert_eq!(trajectory.policy, "scripted-model");
+    let tool_messages: Vec<&Message> = trajectory.messages.iter().filter(|m| m.role == Role::Tool).collect();
+    assert_eq!(tool_messages.iter().map(|m| m.tool_call_id.as_deref().unwrap_or("")).collect::<Vec<_>>(), ["call_a", "call_b", "call_c"]);
+    assert_eq!(tool_messages[1].text().trim(), "42");
+    assert!(tool_messages[2].text().contains("not a JSON object"));
+    assert_eq!(trajectory.steps[0].calls.len(), 3);
+    assert_eq!(trajectory.tokens.map(|t| (t.prompt_tokens, t.completion_tokens)), Some((200, 40)));
+    assert!(trajectory.steps[0].logprobs.is_some());
+    assert_eq!(run.summary.errors_by_kind.get("call_invalid_arguments"), Some(&1));
+    assert!(!run.summary.oracle_policy);
+    // The request offered the backend's tool schemas.
+    let requests = script.requests.lock().expect("lock");
+    let offered: Vec<&str> = requests[0]["tools"].as_array().expect("tools").iter().filter_map(|t| t["function"]["name"].as_str()).collect();
+    assert!(offered.contains(&"python"), "{offered:?}");
+    assert_eq!(requests[1]["messages"].as_array().map(Vec::len), Some(6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_failures_end_the_trajectory_with_the_error_recorded() {
+    let (url, _) = scripted_server(vec![failure(400)]).await;
+    let dataset = Dataset { problems: vec![problem()], errors: vec![] };
+    let out = tempfile::tempdir().expect("tempdir");
+    let run = run_rollout(backend(), Arc::new(client(&url)), &dataset, &config(AgentKind::Notebook, out.path(), 1, 1), &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("rollout");
+    let trajectory = read_trajectories(out.path()).pop().expect("one trajectory");
+    assert_eq!(trajectory.stop_reason, StopReason::PolicyError);
+    assert_eq!(trajectory.error.as_ref().map(|e| e.kind.as_str()), Some("model_http_status"));
+    assert_eq!(trajectory.reward.score, 0.0);
+    assert_eq!(run.summary.errors_by_kind.get("model_http_status"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notebook_loop_stops_on_max_turns_context_budget_and_no_action() {
+    let looping = completion(json!({"role": "assistant", "content": "Again.\n<code>\nn = globals().get('n', 0) + 1\nprint(n)\n</code>"}));
+    let dataset = Dataset { problems: vec![problem()], errors: vec![] };
+
+    // A model that only ever writes code runs until the turn limit, in one persistent slot.
+    let (url, _) = scripted_server(vec![reply(looping.clone())]).await;
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(AgentKind::Notebook, out.path(), 1, 1);
+    cfg.agent.max_turns = 3;
+    cfg.agent.output_tag = "result".to_owned();
+    run_rollout(backend(), Arc::new(client(&url)), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.turns), (StopReason::MaxTurns, 3));
+    assert_eq!(t.messages.last().map(|m| m.text().into_owned()), Some("<result>\n3\n</result>".to_owned()));
+    assert_eq!(t.reward.score, 0.0);
+
+    // The server reports 120 tokens per reply: a budget of 100 stops after the first turn.
+    let (url, _) = scripted_server(vec![reply(looping)]).await;
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(AgentKind::Notebook, out.path(), 1, 1);
+    cfg.agent.max_context_tokens = Some(100);
+    run_rollout(backend(), Arc::new(client(&url)), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.turns), (StopReason::ContextBudget, 1));
+
+    // A reply with neither code nor an answer ends the trajectory.
+    let (url, _) = scripted_server(vec![reply(completion(json!({"role": "assistant", "content": "I am not sure."})))]).await;
+    let out = tempfile::tempdir().expect("tempdir");
+    let cfg = config(AgentKind::Notebook, out.path(), 1, 1);
+    run_rollout(backend(), Arc::new(client(&url)), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.turns), (StopReason::NoAction, 1));
+}
+
+#[test]
+fn the_rollout_command_reports_bad_lines_and_writes_its_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = dir.path().join("mixed.jsonl");
+    let code = std::fs::read_to_string(examples_dir().join("code.jsonl")).expect("examples");
+    let lines: Vec<&str> = code.lines().take(2).collect();
+    std::fs::write(&dataset, format!("{}\n{{broken\n{}\n", lines[0], lines[1])).expect("write");
+    let out = dir.path().join("out");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["rollout", "--group-size", "2", "--dataset"])
+        .arg(&dataset)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run rollbox");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(stderr.contains("policy: oracle"), "{stderr}");
+    assert!(stderr.contains("mean reward: 1.000"), "{stderr}");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
+    assert_eq!(summary["trajectories"], 4);
+    assert_eq!(summary["pass_at_k"]["pass@2"], 1.0);
+    assert_eq!(summary["dataset_errors"].as_array().map(Vec::len), Some(1));
+    // A second run into the same folder needs --resume, and then has nothing left to do.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["--quiet", "rollout", "--dataset"])
+        .arg(&dataset)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run rollbox");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    let resumed = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["--quiet", "rollout", "--group-size", "2", "--resume", "--dataset"])
+        .arg(&dataset)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run rollbox");
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
+    assert_eq!((summary["run"]["skipped"].as_u64(), summary["run"]["written"].as_u64()), (Some(4), Some(0)));
+}
