@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-tokenizer.sh
-cargo build --locked --bins --tests
+# One build for everything: `cargo run` here would rebuild wasmtime, because the test build's
+# dev-dependencies unify features differently from a plain binary build.
+cargo build --locked --all-targets
 # Install and compile the runtime before the tests start, with progress, so parallel tests
 # find it ready (they would otherwise wait on its file lock).
-cargo run --locked --quiet -- runtime install
+"${CARGO_TARGET_DIR:-target}/debug/rollbox" runtime install
 cargo test --locked --all-targets
