@@ -376,12 +376,18 @@ pub(crate) fn chars(message: &Message) -> usize {
 /// The marker that stands in for removed turns. `names` are the top-level names defined by code
 /// in them, listed because the notebook still holds them and the model must know they exist.
 pub(crate) fn removal_marker(dropped: &DroppedSpan, names: &[String]) -> Message {
-    let mut text = format!(
+    let header = format!(
         "[rollbox: {} earlier messages ({} turns, {} characters) were removed here to fit the context budget.]",
         dropped.messages, dropped.turns, dropped.chars
     );
+    with_live_names(header, "removed", names)
+}
+
+/// A user message of `text` followed by the top-level names the `what` (removed, summarised)
+/// turns' code defined, which the notebook still holds.
+pub(crate) fn with_live_names(mut text: String, what: &str, names: &[String]) -> Message {
     if !names.is_empty() {
-        text.push_str("\nNames defined by code in the removed turns, still live in the notebook: ");
+        text.push_str(&format!("\nNames defined by code in the {what} turns, still live in the notebook: "));
         text.push_str(&names.join(", "));
     }
     Message::user(text)

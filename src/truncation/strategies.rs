@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use crate::chat::Message;
 
-use super::plan::{Form, Plan, chars, removal_marker};
+use super::plan::{Form, Plan, chars, removal_marker, with_live_names};
 use super::summarizer::{Summarizer, SummaryRequest};
 use super::{
     Compacted, CompactedMessage, CompactionOptions, CompactionReport, DroppedSpan, Strategy, TokenCounter,
@@ -229,15 +229,11 @@ async fn summarize_older_turns(
 }
 
 fn summary_message(span: &DroppedSpan, summary: &str, names: &[String]) -> Message {
-    let mut text = format!(
+    let text = format!(
         "[rollbox: summary of {} earlier messages ({} turns, {} characters), written by a model to fit the context budget]\n{summary}",
         span.messages, span.turns, span.chars
     );
-    if !names.is_empty() {
-        text.push_str("\nNames defined by code in the summarised turns, still live in the notebook: ");
-        text.push_str(&names.join(", "));
-    }
-    Message::user(text)
+    with_live_names(text, "summarised", names)
 }
 
 /// An error and its causes on one line, for the report.
