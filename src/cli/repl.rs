@@ -26,8 +26,7 @@ pub(crate) async fn run(args: ReplArgs, quiet: bool) -> anyhow::Result<ExitCode>
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
-    loop {
-        let Some(cell) = read_cell(&mut lines, interactive)? else { break };
+    while let Some(cell) = read_cell(&mut lines, interactive)? {
         if cell.trim().is_empty() {
             continue;
         }

@@ -61,11 +61,10 @@ fn run_blocking(command: RuntimeCommand, quiet: bool) -> anyhow::Result<ExitCode
                 Ok(None) => "not installed (any command installs it on first use)".to_string(),
                 Err(error) => format!("damaged: {error}"),
             };
-            if verify {
-                if let Ok(Some(installed)) = &installed {
+            if verify
+                && let Ok(Some(installed)) = &installed {
                     install::verify(installed, &reporter)?;
                 }
-            }
             if json {
                 let info = serde_json::json!({
                     "pinned": pinned,

@@ -25,22 +25,20 @@ pub fn install_dir(options: &RuntimeOptions) -> PathBuf {
 /// [`RuntimeOptions::force`]).
 pub fn ensure_installed(options: &RuntimeOptions, reporter: &dyn Reporter) -> Result<InstalledRuntime, RuntimeError> {
     let root = install_dir(options);
-    if !options.force {
-        if let Some(installed) = find_installed(&root)? {
+    if !options.force
+        && let Some(installed) = find_installed(&root)? {
             return Ok(installed);
         }
-    }
     let parent = root.parent().unwrap_or(&root).to_path_buf();
     fs::create_dir_all(&parent).map_err(io_err("create", &parent))?;
     // One installer at a time: parallel test processes all call this on first use.
     let lock_path = parent.join(".install.lock");
     let lock = File::create(&lock_path).map_err(io_err("create", &lock_path))?;
     lock.lock().map_err(io_err("lock", &lock_path))?;
-    if !options.force {
-        if let Some(installed) = find_installed(&root)? {
+    if !options.force
+        && let Some(installed) = find_installed(&root)? {
             return Ok(installed);
         }
-    }
     install(options, &root, reporter)?;
     find_installed(&root)?.ok_or_else(|| RuntimeError::CorruptCache {
         path: root.clone(),

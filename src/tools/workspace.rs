@@ -204,11 +204,10 @@ impl Workspace {
                 let path = if dir == Path::new(".") { PathBuf::from(&name) } else { dir.join(&name) };
                 match entry.file_type() {
                     Ok(t) if t.is_dir() => pending.push(path),
-                    Ok(t) if t.is_file() => {
-                        if entry.metadata().map(|m| m.len() <= MAX_SEARCH_FILE_BYTES).unwrap_or(false) {
+                    Ok(t) if t.is_file()
+                        && entry.metadata().map(|m| m.len() <= MAX_SEARCH_FILE_BYTES).unwrap_or(false) => {
                             files.push(path);
                         }
-                    }
                     _ => {}
                 }
             }

@@ -202,7 +202,7 @@ impl Backend for WasmBackend {
             groups[g].1.push((index, call));
         }
         let mut results: Vec<Option<ExecutionResult>> = (0..total).map(|_| None).collect();
-        let mut runnable: Vec<(Arc<LiveSlot>, Vec<(usize, ToolCall)>)> = Vec::with_capacity(groups.len());
+        let mut runnable: Vec<SlotCalls> = Vec::with_capacity(groups.len());
         for (slot_id, group) in groups {
             match self.read_slots().get(&slot_id).cloned() {
                 Some(live) => runnable.push((live, group)),
@@ -241,6 +241,9 @@ impl Backend for WasmBackend {
     }
 }
 
+/// One live slot's calls in a batch, each with its index in the batch.
+type SlotCalls = (Arc<LiveSlot>, Vec<(usize, ToolCall)>);
+
 /// The most threads one batch runs on, per CPU. Guest work is CPU-bound, so more threads
 /// than this only add switching; a few per CPU keep a sleeping cell from holding up the rest.
 const BATCH_THREADS_PER_CPU: usize = 8;
@@ -252,7 +255,7 @@ const BATCH_THREADS_PER_CPU: usize = 8;
 /// another thread, which is most of a trivial cell's cost otherwise. Several slots are shared
 /// out to a bounded set of blocking workers that each take the next slot's calls until none
 /// are left, so a batch over hundreds of slots wakes a handful of threads, not hundreds.
-async fn run_groups(factory: &Arc<InterpreterFactory>, groups: Vec<(Arc<LiveSlot>, Vec<(usize, ToolCall)>)>) -> Vec<(usize, ExecutionResult)> {
+async fn run_groups(factory: &Arc<InterpreterFactory>, groups: Vec<SlotCalls>) -> Vec<(usize, ExecutionResult)> {
     let inline = groups.len() == 1 && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
     if inline {
         return tokio::task::block_in_place(|| groups.iter().flat_map(|(live, calls)| run_group(factory, live, calls)).collect());

@@ -331,11 +331,10 @@ impl Interpreter {
         state.door_inbox = None;
         state.deadline = Some(Instant::now() + timeout);
         self.store.set_epoch_deadline(ticks_for(timeout));
-        if let Some(fuel) = limits.fuel {
-            if let Err(error) = self.store.set_fuel(fuel) {
+        if let Some(fuel) = limits.fuel
+            && let Err(error) = self.store.set_fuel(fuel) {
                 return crashed(format!("failed to set the fuel limit: {error}"), None);
             }
-        }
         let outcome = self.turn_raw(chunk);
         let (raw_stdout, stdout_dropped) = self.stdout.take(limits.output_bytes);
         let (raw_stderr, stderr_dropped) = self.stderr.take(limits.output_bytes);
