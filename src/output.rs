@@ -1,4 +1,5 @@
-//! Capping text a guest or a tool produced, with a marker a model can see.
+//! Text for people and models: output capped with a visible marker, and errors with their
+//! causes on one line.
 
 /// `text` cut to at most `max_bytes` (at a character boundary), followed by a marker saying how
 /// many bytes were dropped; and whether it was cut.
@@ -19,6 +20,18 @@ pub fn cap_text(text: &str, max_bytes: usize) -> (String, bool) {
 /// The visible marker that replaces `dropped` bytes of output.
 pub fn truncation_marker(dropped: usize) -> String {
     format!("\n[rollbox: output truncated, {dropped} more bytes not shown]\n")
+}
+
+/// `error` and each of its sources, joined with `": "`, for reports that keep no error value.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::chat::Message;
+use crate::output::error_chain;
 use crate::rollout::answer::extract_final_answer;
 use crate::rollout::code_blocks::{CodeTags, extract_code_blocks};
 use crate::rollout::dataset::Problem;
@@ -316,16 +317,6 @@ fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
-    message
-}
 
 /// Runs a notebook reply's code blocks in order as one batch in the slot; the outputs, each in
 /// the output tag, come back as one user message.

@@ -1,9 +1,9 @@
 //! The three strategies, each a [`Plan`] walked from the newest turn back.
 
-use std::error::Error;
 use std::ops::Range;
 
 use crate::chat::Message;
+use crate::output::error_chain;
 
 use super::plan::{Form, Plan, chars, removal_marker, with_live_names};
 use super::summarizer::{Summarizer, SummaryRequest};
@@ -199,7 +199,7 @@ async fn summarize_older_turns(
     let room = plan.room(budget).filter(|room| *room > 0).ok_or("no room left for a summary")?;
     let reserve = options.summary_max_tokens.min(room);
     // Keep the most recent turns that fit beside the reserved summary; summarise the rest.
-    let (kept, kept_tokens) = plan.newest_fitting_turns(Form::Compacted, room - reserve).map_err(|e| chain(&e))?;
+    let (kept, kept_tokens) = plan.newest_fitting_turns(Form::Compacted, room - reserve).map_err(|e| error_chain(&e))?;
     let all = plan.layout.turns.len();
     if kept == all {
         return Err("nothing to summarise".to_owned());
@@ -207,17 +207,17 @@ async fn summarize_older_turns(
     let (span, mut dropped) = plan.oldest_span(all - kept);
     let span_names = plan.names_in(span.clone());
     let counter = plan.counter();
-    let wrapper_tokens = counter.count_message(&summary_message(&dropped, "", &span_names)).map_err(|e| chain(&e))?;
+    let wrapper_tokens = counter.count_message(&summary_message(&dropped, "", &span_names)).map_err(|e| error_chain(&e))?;
     let max_tokens = reserve.checked_sub(wrapper_tokens).filter(|n| *n > 0).ok_or("no room left for a summary")?;
     let compacted: Vec<Message> = span.clone().map(|index| plan.version(Form::Compacted, index).clone()).collect();
     let request = SummaryRequest { messages: compacted, max_tokens };
-    let summary = summarizer.summarize(request).await.map_err(|e| chain(&e))?;
+    let summary = summarizer.summarize(request).await.map_err(|e| error_chain(&e))?;
     let summary = summary.trim();
     if summary.is_empty() {
         return Err("the summariser returned an empty summary".to_owned());
     }
     let message = summary_message(&dropped, summary, &span_names);
-    let tokens = counter.count_message(&message).map_err(|e| chain(&e))?;
+    let tokens = counter.count_message(&message).map_err(|e| error_chain(&e))?;
     let total = plan.fixed + tokens + kept_tokens;
     if total > budget {
         return Err(format!("the summary took {tokens} tokens, more than the {} left for it", room - kept_tokens));
@@ -236,14 +236,3 @@ fn summary_message(span: &DroppedSpan, summary: &str, names: &[String]) -> Messa
     with_live_names(text, "summarised", names)
 }
 
-/// An error and its causes on one line, for the report.
-fn chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
