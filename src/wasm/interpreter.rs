@@ -265,7 +265,7 @@ fn door(mut caller: Caller<'_, GuestState>, ptr: i32, len: i32, out_ptr_ptr: i32
     let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
     let (out_ptr_ptr, out_len_ptr) = (out_ptr_ptr as u32 as usize, out_len_ptr as u32 as usize);
     let size = memory.data_size(&caller);
-    let in_bounds = |at: usize, n: usize| at.checked_add(n).is_some_and(|end| end <= size);
+    let in_bounds = |at, n| fits_in_memory(size, at, n);
     if len > caller.data().door_cap || !in_bounds(ptr, len) || !in_bounds(out_ptr_ptr, 4) || !in_bounds(out_len_ptr, 4) {
         return Ok(DOOR_FAULT);
     }
@@ -287,7 +287,7 @@ fn door(mut caller: Caller<'_, GuestState>, ptr: i32, len: i32, out_ptr_ptr: i32
     let at = alloc.call(&mut caller, answer.len() as i32)? as u32 as usize;
     // The allocation may have grown memory: check against the size it has now.
     let size = memory.data_size(&caller);
-    let in_bounds = |at: usize, n: usize| at.checked_add(n).is_some_and(|end| end <= size);
+    let in_bounds = |at, n| fits_in_memory(size, at, n);
     if at == 0 || !in_bounds(at, answer.len()) {
         return Ok(DOOR_FAULT);
     }
@@ -295,6 +295,12 @@ fn door(mut caller: Caller<'_, GuestState>, ptr: i32, len: i32, out_ptr_ptr: i32
     memory.write(&mut caller, out_ptr_ptr, &(at as u32).to_le_bytes())?;
     memory.write(&mut caller, out_len_ptr, &(answer.len() as u32).to_le_bytes())?;
     Ok(DOOR_OK)
+}
+
+/// Whether `len` bytes at guest address `at` lie inside a memory of `size` bytes; guest
+/// addresses and lengths are untrusted, so the sum must not overflow either.
+pub(crate) fn fits_in_memory(size: usize, at: usize, len: usize) -> bool {
+    at.checked_add(len).is_some_and(|end| end <= size)
 }
 
 /// A live interpreter. Dropping it frees everything it held.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Memory};
 
-use super::interpreter::GuestState;
+use super::interpreter::{GuestState, fits_in_memory};
 
 /// The trap a sleeping guest gets at its call's deadline.
 #[derive(Debug)]
@@ -78,7 +78,7 @@ pub(crate) fn poll_oneoff(
     }
     let (subs_at, events_at, nevents_at) = (subscriptions_ptr as u32 as usize, events_ptr as u32 as usize, nevents_ptr as u32 as usize);
     let size = memory.data_size(&caller);
-    let fits = |at: usize, len: usize| at.checked_add(len).is_some_and(|end| end <= size);
+    let fits = |at, len| fits_in_memory(size, at, len);
     if !fits(subs_at, count * SUBSCRIPTION_SIZE) || !fits(events_at, count * EVENT_SIZE) || !fits(nevents_at, 4) {
         return Ok(ERRNO_FAULT);
     }
