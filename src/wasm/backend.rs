@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
@@ -74,6 +74,8 @@ pub struct WasmBackend {
     factory: Arc<InterpreterFactory>,
     slots: RwLock<HashMap<SlotId, Arc<LiveSlot>>>,
     next_id: AtomicU64,
+    /// Slots alive or starting; never more than `max_slots`.
+    reserved: AtomicUsize,
     root: PathBuf,
     owns_root: bool,
     max_slots: usize,
@@ -104,6 +106,7 @@ impl WasmBackend {
             factory: Arc::new(factory),
             slots: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            reserved: AtomicUsize::new(0),
             root,
             owns_root,
             max_slots: config.max_slots,
@@ -142,6 +145,35 @@ impl Drop for WasmBackend {
     }
 }
 
+/// One place in a backend's capacity, given back on drop unless the slot it was for went live.
+struct SlotReservation<'a> {
+    reserved: &'a AtomicUsize,
+    kept: bool,
+}
+
+impl<'a> SlotReservation<'a> {
+    fn take(reserved: &'a AtomicUsize, capacity: usize) -> Result<Self, BackendError> {
+        if reserved.fetch_add(1, Ordering::SeqCst) >= capacity {
+            reserved.fetch_sub(1, Ordering::SeqCst);
+            return Err(BackendError::Exhausted { capacity });
+        }
+        Ok(SlotReservation { reserved, kept: false })
+    }
+
+    /// The slot went live: its place stays taken until `release`.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for SlotReservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.reserved.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 fn private_temp_dir() -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
@@ -159,9 +191,8 @@ impl Backend for WasmBackend {
     }
 
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {
-        if self.live_slots() >= self.max_slots {
-            return Err(BackendError::Exhausted { capacity: self.max_slots });
-        }
+        // Reserved before the interpreter starts, so concurrent acquires cannot overshoot.
+        let reservation = SlotReservation::take(&self.reserved, self.max_slots)?;
         let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let slot_root = self.root.join(id.to_string());
         let dirs = SlotDirs { workspace: slot_root.join("workspace"), tmp: slot_root.join("tmp") };
@@ -186,6 +217,7 @@ impl Backend for WasmBackend {
         let slot = Slot { id, trajectory_id: trajectory_id.to_string(), backend: "wasm".into(), workspace: dirs.workspace.clone() };
         let live = Arc::new(LiveSlot { slot: slot.clone(), dirs, workspace, interpreter: Mutex::new(Some(interpreter)) });
         self.write_slots().insert(id, live);
+        reservation.keep();
         Ok(slot)
     }
 
@@ -224,6 +256,7 @@ impl Backend for WasmBackend {
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
         let live = self.write_slots().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
+        self.reserved.fetch_sub(1, Ordering::SeqCst);
         let slot_root = live.dirs.workspace.parent().map(Path::to_path_buf);
         // Dropping a store unmaps its memory; keep that off the async threads.
         let _ = tokio::task::spawn_blocking(move || {
@@ -262,7 +295,7 @@ async fn run_groups(factory: &Arc<InterpreterFactory>, groups: Vec<SlotCalls>) -
     }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let workers = groups.len().min(cpus * BATCH_THREADS_PER_CPU).max(1);
-    let queue = Arc::new((std::sync::atomic::AtomicUsize::new(0), groups));
+    let queue = Arc::new((AtomicUsize::new(0), groups));
     let mut handles = Vec::with_capacity(workers);
     for _ in 0..workers {
         let (factory, queue) = (factory.clone(), queue.clone());

@@ -221,3 +221,24 @@ async fn a_full_backend_refuses_new_slots_with_a_clear_error() {
     backend.release(&a, true).await.unwrap();
     backend.acquire("c").await.expect("a released slot frees capacity");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquires_never_exceed_the_capacity() {
+    let config = rollbox::WasmBackendConfig { max_slots: 2, ..rollbox::WasmBackendConfig::from_env() };
+    let backend = Arc::new(rollbox::WasmBackend::new(config, &rollbox::SilentReporter).unwrap());
+    let attempts: Vec<_> = (0..6)
+        .map(|i| {
+            let backend = backend.clone();
+            tokio::spawn(async move { backend.acquire(&format!("race-{i}")).await })
+        })
+        .collect();
+    let mut acquired = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(_) => acquired += 1,
+            Err(error) => assert!(matches!(error, rollbox::BackendError::Exhausted { capacity: 2 }), "{error}"),
+        }
+    }
+    assert_eq!(acquired, 2);
+    assert_eq!(backend.live_slots(), 2);
+}
