@@ -14,6 +14,7 @@ pub mod output;
 pub mod reporter;
 pub mod rollout;
 pub mod runtime;
+pub mod server;
 pub mod slot;
 pub mod tools;
 pub mod truncation;

@@ -1,0 +1,3 @@
+//! The slot server: any [`crate::Backend`] over HTTP (`rollbox serve`).
+
+pub mod api;
