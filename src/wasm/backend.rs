@@ -215,7 +215,12 @@ fn prepare_template(factory: &mut InterpreterFactory, root: &Path, config: &Wasm
     if preloading {
         reporter.on_step_start(&format!("preloading {} into the slot snapshot", config.preload.join(", ")), None);
     }
-    let prepared = factory.prepare(&dirs, config.snapshots);
+    // The template runs guest code, whose WASI calls block on a Tokio runtime of wasmtime-wasi's
+    // own; that panics on a thread already inside a runtime, and `new` may be called from async
+    // code. A scoped thread of its own has no runtime.
+    let prepared = std::thread::scope(|scope| {
+        scope.spawn(|| factory.prepare(&dirs, config.snapshots)).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
     if preloading {
         reporter.on_step_end();
     }

@@ -481,7 +481,7 @@ impl Interpreter {
         let (raw_stderr, stderr_dropped) = self.stderr.take(limits.output_bytes);
         let memory_refused = self.store.data().limiter.refused;
         let report = self.store.data_mut().door_inbox.take();
-        let mut cell = CellOutput {
+        let cell = CellOutput {
             stdout: with_marker(String::from_utf8_lossy(&raw_stdout).into_owned(), stdout_dropped),
             stderr: with_marker(String::from_utf8_lossy(&raw_stderr).into_owned(), stderr_dropped),
             ..Default::default()
@@ -491,32 +491,11 @@ impl Interpreter {
             Ok(_) => match report.as_deref().map(serde_json::from_slice::<GuestReport>) {
                 Some(Ok(report)) => cell_result(cell, report, host_truncated, memory_refused, limits),
                 Some(Err(error)) => crashed(format!("the guest sent an unreadable report ({error})"), Some(cell)),
+                // Out of memory even for its report: the memory limit, not a mystery.
+                None if memory_refused => stopped(cell, Some(LimitKind::Memory), String::new(), limits, timeout),
                 None => crashed("the guest ended the cell without a report".into(), Some(cell)),
             },
-            Err(error) => {
-                let limit = trap_limit(&error, memory_refused);
-                let message = match limit {
-                    Some(LimitKind::Time) => format!(
-                        "the cell ran past its {:.3} s time limit and was stopped",
-                        timeout.as_secs_f64()
-                    ),
-                    Some(LimitKind::Fuel) => "the cell used up its fuel (instruction) limit and was stopped".into(),
-                    Some(LimitKind::Memory) => format!(
-                        "the cell needed more than its {} MiB memory limit and the interpreter failed",
-                        limits.memory_bytes >> 20
-                    ),
-                    _ => format!("the interpreter crashed: {}", first_line(&error)),
-                };
-                cell.error = Some(CellError { name: "RollboxRestart".into(), value: message.clone(), traceback: Vec::new() });
-                let mut result = crashed(message, Some(cell));
-                if let Some(limit) = limit {
-                    result.metadata.limit_hit = Some(limit);
-                    if let Some(e) = result.error.as_mut() {
-                        e.kind = ErrorKind::LimitExceeded;
-                    }
-                }
-                result
-            }
+            Err(error) => stopped(cell, trap_limit(&error, memory_refused), format!("the interpreter crashed: {}", first_line(&error)), limits, timeout),
         }
     }
 
@@ -591,6 +570,26 @@ fn cell_result(mut cell: CellOutput, report: GuestReport, host_truncated: bool, 
         cell: Some(cell),
         metadata: ExecutionMetadata { limit_hit, truncated, ..Default::default() },
     }
+}
+
+/// A result for a cell whose interpreter was stopped by `limit` (or crashed, as `crash` says)
+/// and must be replaced.
+fn stopped(mut cell: CellOutput, limit: Option<LimitKind>, crash: String, limits: &Limits, timeout: Duration) -> ExecutionResult {
+    let message = match limit {
+        Some(LimitKind::Time) => format!("the cell ran past its {:.3} s time limit and was stopped", timeout.as_secs_f64()),
+        Some(LimitKind::Fuel) => "the cell used up its fuel (instruction) limit and was stopped".into(),
+        Some(LimitKind::Memory) => format!("the cell needed more than its {} MiB memory limit and the interpreter failed", limits.memory_bytes >> 20),
+        _ => crash,
+    };
+    cell.error = Some(CellError { name: "RollboxRestart".into(), value: message.clone(), traceback: Vec::new() });
+    let mut result = crashed(message, Some(cell));
+    if let Some(limit) = limit {
+        result.metadata.limit_hit = Some(limit);
+        if let Some(e) = result.error.as_mut() {
+            e.kind = ErrorKind::LimitExceeded;
+        }
+    }
+    result
 }
 
 /// Why a setup cell failed, in words that fit a start-up error (no talk of restarts).

@@ -1,10 +1,10 @@
 //! The wasm backend against the real runtime: the conformance suite, then what only an
 //! in-process interpreter shows (values, displays, limits, the sandbox).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use rollbox::{Backend, ErrorKind, LimitKind, Limits, ToolCall};
+use rollbox::{Backend, ErrorKind, LimitKind, Limits, SilentReporter, ToolCall, WasmBackend, WasmBackendConfig};
 use serde_json::json;
 
 use crate::conformance;
@@ -241,4 +241,125 @@ async fn concurrent_acquires_never_exceed_the_capacity() {
     }
     assert_eq!(acquired, 2);
     assert_eq!(backend.live_slots(), 2);
+}
+
+/// One backend whose slots start with numpy, sympy and random preloaded, shared by the
+/// snapshot tests (the preload takes a couple of seconds).
+fn preloaded_wasm() -> &'static WasmBackend {
+    static BACKEND: OnceLock<WasmBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let preload = ["numpy", "sympy", "random"].map(String::from).to_vec();
+        backend_with(WasmBackendConfig { preload, ..WasmBackendConfig::from_env() }).unwrap_or_else(|e| panic!("{e}"))
+    })
+}
+
+/// A backend from `config`, or its error with every cause, for asserting on messages.
+fn backend_with(config: WasmBackendConfig) -> Result<WasmBackend, String> {
+    WasmBackend::new(config, &SilentReporter).map_err(|e| {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_slots_never_see_each_others_changes() {
+    let backend = shared_wasm();
+    let a = backend.acquire("snapshot-a").await.unwrap();
+    let change = "import os, json\nsecret = 'a'\nos.environ['MARK'] = 'a'\njson.MARK = 'a'\nopen('a.txt', 'w').write('a')\nopen('/tmp/a.txt', 'w').write('a')";
+    ok(backend.execute(&a, ToolCall::python(change)).await);
+    let probe = "import os, sys\n('secret' in globals(), 'MARK' in os.environ, hasattr(sys.modules['json'], 'MARK'), os.path.exists('a.txt'), os.path.exists('/tmp/a.txt'))";
+    let clean = "(False, False, False, False, False)";
+    let b = backend.acquire("snapshot-b").await.unwrap();
+    assert_eq!(value(&ok(backend.execute(&b, ToolCall::python(probe)).await)), clean, "a live slot's changes reach no other slot");
+    backend.release(&a, true).await.unwrap();
+    let c = backend.acquire("snapshot-c").await.unwrap();
+    assert_eq!(value(&ok(backend.execute(&c, ToolCall::python(probe)).await)), clean, "a released slot's changes reach no new slot");
+    let first = backend.execute(&c, ToolCall::python("1/0")).await;
+    let traceback = first.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.traceback.join("\n")).unwrap_or_default();
+    assert!(traceback.contains("<cell-2>"), "cells are numbered from the slot's first, not the template's: {traceback}");
+    backend.release(&b, true).await.unwrap();
+    backend.release(&c, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preloaded_modules_are_imported_and_work_without_touching_the_namespace() {
+    let backend = preloaded_wasm();
+    let slot = backend.acquire("preloaded").await.unwrap();
+    let seen = ok(backend.execute(&slot, ToolCall::python("import sys\n(all(m in sys.modules for m in ['numpy', 'sympy', 'random']), 'sympy' in globals(), '_' in globals())")).await);
+    assert_eq!(value(&seen), "(True, False, False)");
+    let sp = ok(backend.execute(&slot, ToolCall::python("import sympy as sp\nx = sp.symbols('x')\nsp.integrate(x**2, (x, 0, 3))")).await);
+    assert_eq!(value(&sp), "9");
+    let np = ok(backend.execute(&slot, ToolCall::python("import numpy as np\nint(np.arange(10).sum())")).await);
+    assert_eq!(value(&np), "45");
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_slots_do_not_share_random_streams() {
+    let backend = preloaded_wasm();
+    let draw = "import random, numpy, sympy.core.random as sr\n(random.random(), float(numpy.random.rand()), sr.rng.random())";
+    let mut draws = Vec::new();
+    for name in ["random-a", "random-b"] {
+        let slot = backend.acquire(name).await.unwrap();
+        draws.push(value(&ok(backend.execute(&slot, ToolCall::python(draw)).await)));
+        backend.release(&slot, true).await.unwrap();
+    }
+    let parts: Vec<Vec<&str>> = draws.iter().map(|d| d.trim_matches(|c| c == '(' || c == ')').split(", ").collect()).collect();
+    for (generator, (a, b)) in ["random", "numpy.random", "sympy.core.random"].iter().zip(parts[0].iter().zip(&parts[1])) {
+        assert_ne!(a, b, "{generator} gave two restored slots the same stream: {draws:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_a_restored_slot_restarts_from_the_snapshot() {
+    let backend = preloaded_wasm();
+    let slot = backend.acquire("snapshot-crash").await.unwrap();
+    ok(backend.execute(&slot, ToolCall::python("kept = 1")).await);
+    let r = backend.execute(&slot, ToolCall::python("while True:\n    pass").with_timeout(Duration::from_millis(300))).await;
+    assert_eq!(r.metadata.limit_hit, Some(LimitKind::Time), "{}", pretty(&r));
+    assert!(r.metadata.state_lost);
+    let after = ok(backend.execute(&slot, ToolCall::python("import sys\n('kept' in globals(), 'sympy' in sys.modules)")).await);
+    assert_eq!(value(&after), "(False, True)", "the new interpreter is the snapshot's: fresh state, modules preloaded");
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_passes_with_preload_and_without_snapshots() {
+    conformance::run_all(preloaded_wasm()).await;
+    let bootstrapped = backend_with(WasmBackendConfig { snapshots: false, preload: vec!["json".into()], ..WasmBackendConfig::from_env() }).unwrap();
+    conformance::run_all(&bootstrapped).await;
+    let slot = bootstrapped.acquire("no-snapshot").await.unwrap();
+    let seen = ok(bootstrapped.execute(&slot, ToolCall::python("import sys\n('json' in sys.modules, 'json' in globals())")).await);
+    assert_eq!(value(&seen), "(True, False)", "without snapshots every interpreter imports the preload itself");
+    let r = bootstrapped.execute(&slot, ToolCall::python("while True:\n    pass").with_timeout(Duration::from_millis(300))).await;
+    assert!(r.metadata.state_lost, "{}", pretty(&r));
+    assert_eq!(value(&ok(bootstrapped.execute(&slot, ToolCall::python("'json' in __import__('sys').modules")).await)), "True");
+    bootstrapped.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_preload_fails_at_backend_start_with_a_clear_error() {
+    let small = Limits { memory_bytes: 48 << 20, ..Limits::default() };
+    let error = backend_with(WasmBackendConfig { limits: small, preload: vec!["sympy".into()], ..WasmBackendConfig::from_env() }).err().expect("sympy needs more than 48 MiB");
+    assert!(error.contains("failed to preload the modules sympy") && error.contains("48 MiB memory limit"), "{error}");
+    let missing = backend_with(WasmBackendConfig { preload: vec!["no_such_module".into()], ..WasmBackendConfig::from_env() }).err().expect("no such module");
+    assert!(missing.contains("ModuleNotFoundError") && missing.contains("no_such_module"), "{missing}");
+    let invalid = backend_with(WasmBackendConfig { preload: vec!["os; import socket".into()], ..WasmBackendConfig::from_env() }).err().expect("not a module name");
+    assert!(invalid.contains("not a module name"), "{invalid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_that_ends_without_a_report_keeps_its_output_and_message_apart() {
+    let backend = shared_wasm();
+    let slot = backend.acquire("no-report").await.unwrap();
+    let r = backend.execute(&slot, ToolCall::python("import os, rollbox_guest\nrollbox_guest._send = lambda report: None\nos.write(1, b'partial')")).await;
+    assert!(r.metadata.state_lost, "{}", pretty(&r));
+    assert!(r.output.starts_with("partial\nthe guest ended the cell without a report"), "{}", r.output);
+    ok(backend.execute(&slot, ToolCall::python("1 + 1")).await);
+    backend.release(&slot, true).await.unwrap();
 }
