@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
 use super::engine::build_engine;
-use super::interpreter::{Interpreter, InterpreterFactory, SlotDirs, StartError};
+use super::interpreter::{Interpreter, InterpreterFactory, SlotDirs, StartError, StartOptions};
 use crate::limits::{LimitKind, Limits};
 use crate::reporter::Reporter;
 use crate::runtime::{RuntimeError, RuntimeOptions, compiled, install};
@@ -119,17 +119,18 @@ impl WasmBackend {
         let runtime = install::ensure_installed(&config.runtime, reporter)?;
         let engine = build_engine(config.limits.fuel.is_some()).map_err(|e| WasmBackendError::Engine(e.into_boxed_dyn_error()))?;
         let module = compiled::load_or_compile(&engine, &runtime, &config.runtime, reporter)?;
-        let mut factory = InterpreterFactory::new(engine, &module, runtime, config.limits, &config.preload)?;
-        let (root, owns_root) = match config.workspace_root.clone() {
+        let (root, owns_root) = match config.workspace_root {
             Some(root) => (root, false),
             None => (private_temp_dir(), true),
         };
+        let options = StartOptions { preload: config.preload, snapshots: config.snapshots, template_dir: root.join("template") };
+        let factory = InterpreterFactory::new(engine, &module, runtime, config.limits, options)?;
         std::fs::create_dir_all(&root).map_err(|source| WasmBackendError::WorkspaceRoot { path: root.clone(), source })?;
-        if let Err(error) = prepare_template(&mut factory, &root, &config, reporter) {
+        if let Err(error) = prepare_template(&factory, reporter) {
             if owns_root {
                 let _ = std::fs::remove_dir_all(&root);
             }
-            return Err(error);
+            return Err(error.into());
         }
         Ok(WasmBackend {
             factory: Arc::new(factory),
@@ -150,6 +151,13 @@ impl WasmBackend {
     /// How many slots are alive.
     pub fn live_slots(&self) -> usize {
         self.read_slots().len()
+    }
+
+    /// Whether new slots' interpreters are restored from a memory snapshot. False while
+    /// snapshots are off, when the snapshot was refused (a warning says why), and, without a
+    /// preload, until a second interpreter starts: the first one bootstraps.
+    pub fn restores_from_snapshot(&self) -> bool {
+        self.factory.restores_from_snapshot()
     }
 
     /// The wasmtime engine the slots run on.
@@ -203,29 +211,20 @@ impl Drop for SlotReservation<'_> {
     }
 }
 
-/// Builds the template interpreter in a folder of its own under `root`, removed afterwards:
-/// nothing it writes reaches a slot's files.
-fn prepare_template(factory: &mut InterpreterFactory, root: &Path, config: &WasmBackendConfig, reporter: &dyn Reporter) -> Result<(), WasmBackendError> {
-    let dir = root.join("template");
-    let dirs = SlotDirs { workspace: dir.join("workspace"), tmp: dir.join("tmp") };
-    for folder in [&dirs.workspace, &dirs.tmp] {
-        std::fs::create_dir_all(folder).map_err(|source| WasmBackendError::WorkspaceRoot { path: folder.clone(), source })?;
-    }
-    let preloading = !config.preload.is_empty();
-    if preloading {
-        reporter.on_step_start(&format!("preloading {} into the slot snapshot", config.preload.join(", ")), None);
+/// Runs [`InterpreterFactory::prepare`], with progress when there are modules to preload.
+fn prepare_template(factory: &InterpreterFactory, reporter: &dyn Reporter) -> Result<(), StartError> {
+    let preloading = factory.preload_list();
+    if let Some(modules) = preloading {
+        reporter.on_step_start(&format!("preloading {modules} into the slot snapshot"), None);
     }
     // The template runs guest code, whose WASI calls block on a Tokio runtime of wasmtime-wasi's
     // own; that panics on a thread already inside a runtime, and `new` may be called from async
     // code. A scoped thread of its own has no runtime.
-    let prepared = std::thread::scope(|scope| {
-        scope.spawn(|| factory.prepare(&dirs, config.snapshots)).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    });
-    if preloading {
+    let prepared = std::thread::scope(|scope| scope.spawn(|| factory.prepare()).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+    if preloading.is_some() {
         reporter.on_step_end();
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(prepared?)
+    prepared
 }
 
 /// A dotted Python module name: identifiers (ASCII here) joined by dots.

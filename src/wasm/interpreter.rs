@@ -5,6 +5,7 @@
 //! [`Store`]: slots never share guest state.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -132,17 +133,34 @@ pub(crate) struct InterpreterFactory {
     guest_code: std::sync::OnceLock<Vec<u8>>,
     /// The modules every interpreter starts with imported, and the cell that imports them.
     preload: Option<(String, String)>,
-    /// What new interpreters are restored from, once [`InterpreterFactory::prepare`] took it.
-    snapshot: Option<Snapshot>,
+    /// Whether interpreters start from a memory snapshot.
+    snapshots: bool,
+    /// The folder the template interpreter runs in (a workspace and a `/tmp` of its own),
+    /// removed once the template is done.
+    template_dir: PathBuf,
+    /// The snapshot new interpreters restore, once taken; `None` inside when it was refused.
+    snapshot: OnceLock<Option<Snapshot>>,
+    /// Cleared by the first interpreter start (see [`InterpreterFactory::start`]).
+    first_start: AtomicBool,
     /// Set when a restored interpreter failed its stack probe: from then on every
     /// interpreter bootstraps.
     snapshot_failed: AtomicBool,
 }
 
+/// How an [`InterpreterFactory`] starts interpreters.
+pub(crate) struct StartOptions {
+    /// Modules every interpreter starts with imported.
+    pub(crate) preload: Vec<String>,
+    /// Start interpreters from a memory snapshot of a template interpreter.
+    pub(crate) snapshots: bool,
+    /// A folder the factory may create (and removes) for the template interpreter's files.
+    pub(crate) template_dir: PathBuf,
+}
+
 impl InterpreterFactory {
     /// Links the runtime's imports once: WASI preview 1, the deadline-aware `poll_oneoff`, and
     /// the door.
-    pub(crate) fn new(engine: Engine, module: &Module, runtime: InstalledRuntime, limits: Limits, preload: &[String]) -> Result<Self, StartError> {
+    pub(crate) fn new(engine: Engine, module: &Module, runtime: InstalledRuntime, limits: Limits, options: StartOptions) -> Result<Self, StartError> {
         let boxed = |e: wasmtime::Error| StartError::Instantiate(e.into_boxed_dyn_error());
         let mut linker: Linker<GuestState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi).map_err(boxed)?;
@@ -157,8 +175,11 @@ impl InterpreterFactory {
             limits,
             bootstrap: bootstrap_chunk(limits.output_bytes),
             guest_code: std::sync::OnceLock::new(),
-            preload: (!preload.is_empty()).then(|| (preload.join(", "), preload_cell(preload))),
-            snapshot: None,
+            preload: (!options.preload.is_empty()).then(|| (options.preload.join(", "), preload_cell(&options.preload))),
+            snapshots: options.snapshots,
+            template_dir: options.template_dir,
+            snapshot: OnceLock::new(),
+            first_start: AtomicBool::new(true),
             snapshot_failed: AtomicBool::new(false),
         })
     }
@@ -173,47 +194,37 @@ impl InterpreterFactory {
         &self.limits
     }
 
-    /// Builds the template interpreter when new interpreters need one (snapshots on, or
-    /// modules to preload) in `dirs`, and takes its memory snapshot. A preload that fails is
-    /// an error; a snapshot that the module or the template cannot support is a warning, and
-    /// every interpreter then bootstraps.
-    pub(crate) fn prepare(&mut self, dirs: &SlotDirs, snapshots: bool) -> Result<(), StartError> {
-        if !snapshots && self.preload.is_none() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        // Booting the template also checks the preload list, snapshots or not.
-        let mut template = self.boot(dirs)?;
-        if !snapshots {
-            return Ok(());
-        }
-        match self.capture(&mut template, dirs) {
-            Ok(snapshot) => {
-                tracing::debug!(
-                    stack_probe = snapshot.stack_probe,
-                    memory_bytes = snapshot.memory.size(),
-                    changed_bytes = snapshot.memory.changed_bytes(),
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "took the memory snapshot new interpreters start from"
-                );
-                self.snapshot = Some(snapshot);
-            }
-            Err(refusal) => tracing::warn!(%refusal, "failed to take a memory snapshot; every interpreter will bootstrap (slower to start)"),
-        }
-        Ok(())
+    /// Whether new interpreters are restored from a snapshot (see
+    /// [`super::WasmBackend::restores_from_snapshot`]).
+    pub(crate) fn restores_from_snapshot(&self) -> bool {
+        self.snapshots && !self.snapshot_failed.load(Ordering::Relaxed) && self.snapshot.get().is_some_and(Option::is_some)
     }
 
-    fn capture(&self, template: &mut Interpreter, dirs: &SlotDirs) -> Result<Snapshot, SnapshotRefusal> {
-        check_snapshot_support(&self.runtime.snapshot)?;
-        let pristine = self.instantiate(dirs).map_err(SnapshotRefusal::Pristine)?;
-        snapshot::capture(template, &pristine, &self.limits)
+    /// The modules every interpreter starts with imported, comma-separated, if any.
+    pub(crate) fn preload_list(&self) -> Option<&str> {
+        self.preload.as_ref().map(|(modules, _)| modules.as_str())
+    }
+
+    /// Prepares, up front, what must be checked before any slot exists: with modules to
+    /// preload, the template interpreter is built (and its snapshot taken) now, so a preload
+    /// that fails (a missing module, the memory limit) fails here, snapshots or not. Without,
+    /// the snapshot waits for the second interpreter (see [`InterpreterFactory::start`]).
+    pub(crate) fn prepare(&self) -> Result<(), StartError> {
+        if self.preload.is_none() {
+            return Ok(());
+        }
+        let snapshot = self.build_template()?;
+        if self.snapshots {
+            let _ = self.snapshot.set(snapshot);
+        }
+        Ok(())
     }
 
     /// A fresh interpreter over `dirs`, with the guest module (and the preload modules)
     /// loaded and the working directory set to the workspace: restored from the snapshot when
     /// there is one, else bootstrapped.
     pub(crate) fn start(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
-        if let Some(snapshot) = self.snapshot.as_ref().filter(|_| !self.snapshot_failed.load(Ordering::Relaxed)) {
+        if let Some(snapshot) = self.snapshot_to_restore() {
             match self.restore(snapshot, dirs) {
                 Err(StartError::Restore(error @ RestoreError::StackMoved { .. })) => {
                     self.snapshot_failed.store(true, Ordering::Relaxed);
@@ -223,6 +234,59 @@ impl InterpreterFactory {
             }
         }
         self.boot(dirs)
+    }
+
+    /// The snapshot to restore, if any. Without a preload it is taken when the second
+    /// interpreter starts: the first bootstraps, so a backend that only ever starts one
+    /// (`rollbox exec`) never pays for a template. Concurrent starts wait for the one taking it.
+    fn snapshot_to_restore(&self) -> Option<&Snapshot> {
+        if !self.snapshots || self.snapshot_failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        if self.snapshot.get().is_none() && self.first_start.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let taken = self.snapshot.get_or_init(|| {
+            self.build_template().unwrap_or_else(|error| {
+                tracing::warn!(%error, "failed to build the template interpreter; every interpreter will bootstrap (slower to start)");
+                None
+            })
+        });
+        taken.as_ref()
+    }
+
+    /// Boots the template interpreter (with the preload) in [`Self::template_dir`] and, with
+    /// snapshots on, takes its snapshot. A snapshot the module or the template cannot support
+    /// is a warning and `None`: every interpreter then bootstraps.
+    fn build_template(&self) -> Result<Option<Snapshot>, StartError> {
+        let started = Instant::now();
+        let dirs = SlotDirs { workspace: self.template_dir.join("workspace"), tmp: self.template_dir.join("tmp") };
+        for dir in [&dirs.workspace, &dirs.tmp] {
+            std::fs::create_dir_all(dir).map_err(|e| StartError::Preopen(dir.clone(), Box::new(e)))?;
+        }
+        let built = self.boot(&dirs).map(|mut template| if self.snapshots { self.capture(&mut template, &dirs) } else { None });
+        let _ = std::fs::remove_dir_all(&self.template_dir);
+        if let Ok(Some(snapshot)) = &built {
+            tracing::debug!(
+                stack_probe = snapshot.stack_probe,
+                memory_bytes = snapshot.memory.size(),
+                changed_bytes = snapshot.memory.changed_bytes(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "took the memory snapshot new interpreters start from"
+            );
+        }
+        built
+    }
+
+    /// The template's snapshot, or `None` (with a warning) when it cannot be relied on.
+    fn capture(&self, template: &mut Interpreter, dirs: &SlotDirs) -> Option<Snapshot> {
+        let captured = check_snapshot_support(&self.runtime.snapshot)
+            .map_err(SnapshotRefusal::from)
+            .and_then(|()| self.instantiate(dirs).map_err(SnapshotRefusal::Pristine))
+            .and_then(|pristine| snapshot::capture(template, &pristine, &self.limits));
+        captured
+            .inspect_err(|refusal| tracing::warn!(%refusal, "failed to take a memory snapshot; every interpreter will bootstrap (slower to start)"))
+            .ok()
     }
 
     /// Restores the snapshot into a new instance and runs the fresh-slot turn, whose stack

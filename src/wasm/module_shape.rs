@@ -14,17 +14,14 @@
 //!   checked over its whole code section by this module's tests: scanning 74 MB of code takes
 //!   most of a second, too long for every backend start.
 //!
-//! Only the small sections are read; the code and data sections (90 of the runtime's 100 MB)
-//! are skipped with a seek.
+//! Only the small sections are read: the code and data sections and all of the `name` section
+//! but its global names (nearly all of the runtime's 100 MB) are skipped with seeks.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use wasmparser::{
-    BinaryReader, CustomSectionReader, ExportSectionReader, ExternalKind, GlobalSectionReader, ImportSectionReader, KnownCustom,
-    MemorySectionReader, Name, TypeRef, ValType,
-};
+use wasmparser::{BinaryReader, ExportSectionReader, ExternalKind, GlobalSectionReader, ImportSectionReader, MemorySectionReader, NameMap, TypeRef, ValType};
 
 /// The name LLVM gives the C stack pointer, the one global a snapshot may leave mutable.
 const STACK_POINTER: &str = "__stack_pointer";
@@ -35,8 +32,10 @@ const SECTION_IMPORT: u8 = 2;
 const SECTION_MEMORY: u8 = 5;
 const SECTION_GLOBAL: u8 = 6;
 const SECTION_EXPORT: u8 = 7;
-/// Custom sections other than `name` (producers, target features) are small and ignored.
+/// The custom section with the names of functions, globals, ...
 const NAME_SECTION: &str = "name";
+/// The `name` section's subsection of global names.
+const GLOBAL_NAMES: u8 = 7;
 
 /// Why a module cannot be restored from a memory snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +97,8 @@ struct ShapeSections {
     memories: Option<(usize, Vec<u8>)>,
     globals: Option<(usize, Vec<u8>)>,
     exports: Option<(usize, Vec<u8>)>,
-    customs: Vec<(usize, Vec<u8>)>,
+    /// The `name` section's global names subsection.
+    global_names: Option<(usize, Vec<u8>)>,
 }
 
 /// Checks that the module at `path` can be restored from a memory snapshot (see the module
@@ -127,7 +127,10 @@ fn check_sections(sections: &ShapeSections) -> Result<(), UnsnapshotableModule> 
     if let Some((offset, bytes)) = &sections.globals {
         let mutable = mutable_globals(BinaryReader::new(bytes, *offset))?;
         if !mutable.is_empty() {
-            let names = global_names(&sections.customs)?;
+            let names = match &sections.global_names {
+                Some((offset, bytes)) => global_names(BinaryReader::new(bytes, *offset))?,
+                None => Vec::new(),
+            };
             check_mutable_globals(&mutable, &names)?;
         }
     }
@@ -144,48 +147,87 @@ fn read_shape_sections(file: &mut BufReader<File>) -> std::io::Result<Option<Sha
     }
     let mut sections = ShapeSections::default();
     let mut offset = header.len();
-    while let Some((id, size, header_len)) = read_section_header(file)? {
+    while let Some((id, size, header_len)) = read_entry_header(file)? {
         let start = offset + header_len;
-        let slot = match id {
+        let wanted = match id {
             SECTION_IMPORT => Some(&mut sections.imports),
             SECTION_MEMORY => Some(&mut sections.memories),
             SECTION_GLOBAL => Some(&mut sections.globals),
             SECTION_EXPORT => Some(&mut sections.exports),
             _ => None,
         };
-        if slot.is_some() || id == SECTION_CUSTOM {
-            let mut bytes = vec![0u8; size];
-            file.read_exact(&mut bytes)?;
-            match slot {
-                Some(slot) => *slot = Some((start, bytes)),
-                None => sections.customs.push((start, bytes)),
+        match wanted {
+            Some(slot) => *slot = Some((start, read_bytes(file, size)?)),
+            None if id == SECTION_CUSTOM => {
+                if let Some(names) = read_global_names(file, start, size)? {
+                    sections.global_names = Some(names);
+                }
             }
-        } else {
-            file.seek_relative(size as i64)?;
+            None => file.seek_relative(size as i64)?,
         }
         offset = start + size;
     }
     Ok(Some(sections))
 }
 
-/// A section's id and payload size, and how many bytes the two took; `None` at the end.
-fn read_section_header(file: &mut impl Read) -> std::io::Result<Option<(u8, usize, usize)>> {
+/// Reads a custom section at `start` of `size` bytes (the reader just past its header) up to
+/// its end: the global names subsection if this is the `name` section, seeking past the rest.
+fn read_global_names(file: &mut BufReader<File>, start: usize, size: usize) -> std::io::Result<Option<(usize, Vec<u8>)>> {
+    let (name_len, leb_len) = read_leb(file)?;
+    let mut rest = size
+        .checked_sub(leb_len + name_len)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "a custom section's name is longer than the section"))?;
+    if read_bytes(file, name_len)? != NAME_SECTION.as_bytes() {
+        file.seek_relative(rest as i64)?;
+        return Ok(None);
+    }
+    let mut offset = start + leb_len + name_len;
+    let mut found = None;
+    while rest > 0 {
+        let Some((id, len, header_len)) = read_entry_header(file)? else { break };
+        offset += header_len;
+        if id == GLOBAL_NAMES {
+            found = Some((offset, read_bytes(file, len)?));
+        } else {
+            file.seek_relative(len as i64)?;
+        }
+        offset += len;
+        rest = rest.saturating_sub(header_len + len);
+    }
+    Ok(found)
+}
+
+fn read_bytes(file: &mut impl Read, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len];
+    file.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// A section's (or a `name` subsection's) id and payload size, and how many bytes the two
+/// took; `None` at the end of the file.
+fn read_entry_header(file: &mut impl Read) -> std::io::Result<Option<(u8, usize, usize)>> {
     let mut id = [0u8; 1];
     if file.read(&mut id)? == 0 {
         return Ok(None);
     }
-    let (mut size, mut shift, mut len) = (0usize, 0u32, 1usize);
+    let (size, len) = read_leb(file)?;
+    Ok(Some((id[0], size, len + 1)))
+}
+
+/// An unsigned LEB128 u32, and how many bytes it took.
+fn read_leb(file: &mut impl Read) -> std::io::Result<(usize, usize)> {
+    let (mut value, mut shift, mut len) = (0usize, 0u32, 0usize);
     loop {
         let mut byte = [0u8; 1];
         file.read_exact(&mut byte)?;
         len += 1;
-        size |= usize::from(byte[0] & 0x7f) << shift;
+        value |= usize::from(byte[0] & 0x7f) << shift;
         shift += 7;
         if byte[0] & 0x80 == 0 {
-            return Ok(Some((id[0], size, len)));
+            return Ok((value, len));
         }
         if shift > 28 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a section size is not a valid u32 LEB128"));
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a size in the module is not a valid u32 LEB128"));
         }
     }
 }
@@ -245,25 +287,13 @@ fn mutable_globals(reader: BinaryReader<'_>) -> Result<Vec<(u32, ValType)>, Unsn
     Ok(mutable)
 }
 
-/// The global names from the `name` custom section, by index.
-fn global_names(customs: &[(usize, Vec<u8>)]) -> Result<Vec<(u32, String)>, UnsnapshotableModule> {
+/// The global names from the `name` section's subsection, by index.
+fn global_names(reader: BinaryReader<'_>) -> Result<Vec<(u32, String)>, UnsnapshotableModule> {
     let error = parse_error("name");
     let mut names = Vec::new();
-    for (offset, bytes) in customs {
-        let custom = CustomSectionReader::new(BinaryReader::new(bytes, *offset)).map_err(parse_error("custom"))?;
-        if custom.name() != NAME_SECTION {
-            continue;
-        }
-        let KnownCustom::Name(reader) = custom.as_known() else { continue };
-        for subsection in reader {
-            // A malformed subsection the checks do not need (function or local names) is
-            // skipped rather than refused; only the global names matter here.
-            let Ok(Name::Global(map)) = subsection else { continue };
-            for naming in map {
-                let naming = naming.map_err(&error)?;
-                names.push((naming.index, naming.name.to_string()));
-            }
-        }
+    for naming in NameMap::new(reader).map_err(&error)? {
+        let naming = naming.map_err(&error)?;
+        names.push((naming.index, naming.name.to_string()));
     }
     Ok(names)
 }

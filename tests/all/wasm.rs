@@ -275,6 +275,7 @@ async fn restored_slots_never_see_each_others_changes() {
     let probe = "import os, sys\n('secret' in globals(), 'MARK' in os.environ, hasattr(sys.modules['json'], 'MARK'), os.path.exists('a.txt'), os.path.exists('/tmp/a.txt'))";
     let clean = "(False, False, False, False, False)";
     let b = backend.acquire("snapshot-b").await.unwrap();
+    assert!(backend.restores_from_snapshot(), "a second interpreter takes the snapshot");
     assert_eq!(value(&ok(backend.execute(&b, ToolCall::python(probe)).await)), clean, "a live slot's changes reach no other slot");
     backend.release(&a, true).await.unwrap();
     let c = backend.acquire("snapshot-c").await.unwrap();
@@ -289,6 +290,7 @@ async fn restored_slots_never_see_each_others_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preloaded_modules_are_imported_and_work_without_touching_the_namespace() {
     let backend = preloaded_wasm();
+    assert!(backend.restores_from_snapshot(), "with a preload the snapshot is taken at start");
     let slot = backend.acquire("preloaded").await.unwrap();
     let seen = ok(backend.execute(&slot, ToolCall::python("import sys\n(all(m in sys.modules for m in ['numpy', 'sympy', 'random']), 'sympy' in globals(), '_' in globals())")).await);
     assert_eq!(value(&seen), "(True, False, False)");
@@ -333,6 +335,7 @@ async fn the_conformance_suite_passes_with_preload_and_without_snapshots() {
     conformance::run_all(preloaded_wasm()).await;
     let bootstrapped = backend_with(WasmBackendConfig { snapshots: false, preload: vec!["json".into()], ..WasmBackendConfig::from_env() }).unwrap();
     conformance::run_all(&bootstrapped).await;
+    assert!(!bootstrapped.restores_from_snapshot());
     let slot = bootstrapped.acquire("no-snapshot").await.unwrap();
     let seen = ok(bootstrapped.execute(&slot, ToolCall::python("import sys\n('json' in sys.modules, 'json' in globals())")).await);
     assert_eq!(value(&seen), "(True, False)", "without snapshots every interpreter imports the preload itself");
