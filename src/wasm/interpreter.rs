@@ -42,6 +42,8 @@ const DOOR_FAULT: i32 = -2;
 /// The folders every store preopens, as descriptors 3 and up in this order: the stdlib,
 /// matplotlib's data, the workspace, `/tmp`.
 pub(crate) const PREOPENS: u32 = 4;
+/// The error name of a cell whose interpreter was stopped and replaced.
+const RESTART_ERROR: &str = "RollboxRestart";
 
 /// The host state of one interpreter's store.
 pub(crate) struct GuestState {
@@ -645,7 +647,7 @@ fn stopped(mut cell: CellOutput, limit: Option<LimitKind>, crash: String, limits
         Some(LimitKind::Memory) => format!("the cell needed more than its {} MiB memory limit and the interpreter failed", limits.memory_bytes >> 20),
         _ => crash,
     };
-    cell.error = Some(CellError { name: "RollboxRestart".into(), value: message.clone(), traceback: Vec::new() });
+    cell.error = Some(CellError { name: RESTART_ERROR.into(), value: message.clone(), traceback: Vec::new() });
     let mut result = crashed(message, Some(cell));
     if let Some(limit) = limit {
         result.metadata.limit_hit = Some(limit);
@@ -662,7 +664,7 @@ fn setup_failure(result: &ExecutionResult, limits: &Limits) -> String {
         Some(LimitKind::Memory) => format!("it needs more than the {} MiB memory limit", limits.memory_bytes >> 20),
         Some(LimitKind::Time) => format!("it ran past the {} s start-up time limit", limits.timeout.as_secs()),
         _ => match result.cell.as_ref().and_then(|c| c.error.as_ref()) {
-            Some(error) if error.name != "RollboxRestart" => format!("{}: {}", error.name, error.value),
+            Some(error) if error.name != RESTART_ERROR => format!("{}: {}", error.name, error.value),
             _ => result.error.as_ref().map_or_else(|| result.output.clone(), |e| e.message.clone()),
         },
     }

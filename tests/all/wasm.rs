@@ -50,10 +50,7 @@ async fn a_cell_reports_stdout_stderr_value_and_error_apart() {
 async fn numpy_sympy_and_matplotlib_work() {
     let backend = shared_wasm();
     let slot = backend.acquire("science").await.unwrap();
-    let np = ok(backend.execute(&slot, ToolCall::python("import numpy as np\nint(np.arange(10).sum())")).await);
-    assert_eq!(value(&np), "45");
-    let sp = ok(backend.execute(&slot, ToolCall::python("import sympy as sp\nx = sp.symbols('x')\nsp.integrate(x**2, (x, 0, 3))")).await);
-    assert_eq!(value(&sp), "9");
+    numpy_and_sympy_compute(backend, &slot).await;
     let plot = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\nplt.show()";
     let fig = ok(backend.execute(&slot, ToolCall::python(plot)).await);
     let display = &fig.cell.as_ref().unwrap().display;
@@ -294,11 +291,15 @@ async fn preloaded_modules_are_imported_and_work_without_touching_the_namespace(
     let slot = backend.acquire("preloaded").await.unwrap();
     let seen = ok(backend.execute(&slot, ToolCall::python("import sys\n(all(m in sys.modules for m in ['numpy', 'sympy', 'random']), 'sympy' in globals(), '_' in globals())")).await);
     assert_eq!(value(&seen), "(True, False, False)");
-    let sp = ok(backend.execute(&slot, ToolCall::python("import sympy as sp\nx = sp.symbols('x')\nsp.integrate(x**2, (x, 0, 3))")).await);
-    assert_eq!(value(&sp), "9");
-    let np = ok(backend.execute(&slot, ToolCall::python("import numpy as np\nint(np.arange(10).sum())")).await);
-    assert_eq!(value(&np), "45");
+    numpy_and_sympy_compute(backend, &slot).await;
     backend.release(&slot, true).await.unwrap();
+}
+
+async fn numpy_and_sympy_compute(backend: &WasmBackend, slot: &rollbox::Slot) {
+    let np = ok(backend.execute(slot, ToolCall::python("import numpy as np\nint(np.arange(10).sum())")).await);
+    assert_eq!(value(&np), "45");
+    let sp = ok(backend.execute(slot, ToolCall::python("import sympy as sp\nx = sp.symbols('x')\nsp.integrate(x**2, (x, 0, 3))")).await);
+    assert_eq!(value(&sp), "9");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
