@@ -35,8 +35,9 @@ pub struct WasmBackendConfig {
     /// With snapshots they are imported once, into the snapshot, and cost a slot nothing.
     pub preload: Vec<String>,
     /// Start slots from a memory snapshot of one idle, bootstrapped (and preloaded)
-    /// interpreter, taken when the backend starts; `false` bootstraps every interpreter
-    /// itself, which is slower (and pays the preload imports in every slot).
+    /// interpreter, taken when the backend starts if there is a preload, else when a second
+    /// interpreter starts; `false` bootstraps every interpreter itself, which is slower (and
+    /// pays the preload imports in every slot). See `docs/snapshots.md`.
     pub snapshots: bool,
 }
 
@@ -479,5 +480,35 @@ fn run_file_tool(workspace: &Workspace, request: ToolRequest, limits: &Limits) -
             result
         }
         Err(error) => ExecutionResult::failure(ErrorKind::Workspace, error.to_string(), Default::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preload_entries_must_be_dotted_module_names() {
+        for good in ["numpy", "sympy.physics.units", "_private", "mod2"] {
+            assert!(is_module_name(good), "{good}");
+        }
+        for bad in ["", "2fast", "a..b", "trailing.", "os; import socket", "numpy ", "é"] {
+            assert!(!is_module_name(bad), "{bad:?}");
+        }
+    }
+
+    /// Over the real runtime: a restored interpreter whose stack probe does not match the
+    /// template's is not used; the slot bootstraps and later slots do too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stack_probe_that_moved_turns_snapshots_off_and_slots_still_start() {
+        let config = WasmBackendConfig { preload: vec!["json".into()], ..WasmBackendConfig::from_env() };
+        let mut backend = WasmBackend::new(config, &crate::SilentReporter).expect("the backend starts");
+        assert!(backend.restores_from_snapshot());
+        Arc::get_mut(&mut backend.factory).expect("no slot shares the factory yet").shift_stack_probe(16);
+        let slot = backend.acquire("moved-probe").await.expect("the slot bootstraps instead");
+        assert!(!backend.restores_from_snapshot(), "snapshots are off after a failed probe");
+        let seen = backend.execute(&slot, ToolCall::python("'json' in __import__('sys').modules")).await;
+        assert_eq!(seen.output, "True", "the bootstrapped slot still has the preload: {seen:?}");
+        backend.release(&slot, true).await.expect("release");
     }
 }

@@ -202,6 +202,15 @@ impl InterpreterFactory {
         self.snapshots && !self.snapshot_failed.load(Ordering::Relaxed) && self.snapshot.get().is_some_and(Option::is_some)
     }
 
+    /// Moves the snapshot's recorded stack probe, as a stack pointer that does not return
+    /// to its initial value would: for the test of the fallback.
+    #[cfg(test)]
+    pub(crate) fn shift_stack_probe(&mut self, by: u32) {
+        if let Some(Some(snapshot)) = self.snapshot.get_mut() {
+            snapshot.stack_probe += by;
+        }
+    }
+
     /// The modules every interpreter starts with imported, comma-separated, if any.
     pub(crate) fn preload_list(&self) -> Option<&str> {
         self.preload.as_ref().map(|(modules, _)| modules.as_str())
