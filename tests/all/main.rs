@@ -3,6 +3,7 @@
 mod cli;
 mod conformance;
 mod rollout;
+mod process;
 mod runtime;
 mod support;
 mod truncation;
