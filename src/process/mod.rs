@@ -51,6 +51,8 @@ pub struct ProcessBackendConfig {
     pub shared_cache: Option<PathBuf>,
     /// The Python that runs `python` cells, inside the sandbox.
     pub python: PathBuf,
+    /// The `bwrap` to confine programs with; `None` looks for one on `PATH`.
+    pub bubblewrap: Option<PathBuf>,
     /// Run programs directly on the host when bubblewrap is missing, instead of refusing to
     /// start. Slots can then read and write whatever the backend's user can, and reach the
     /// network.
@@ -68,6 +70,7 @@ impl Default for ProcessBackendConfig {
             workspace_root: None,
             shared_cache: None,
             python: PathBuf::from(DEFAULT_PYTHON),
+            bubblewrap: None,
             unsafe_no_isolation: false,
             max_slots: 1_000,
         }
@@ -80,9 +83,9 @@ pub enum ProcessBackendError {
     /// The limits ask for fuel, which only the wasm backend can meter.
     #[error("the process backend cannot meter fuel (an instruction budget of wasm code); remove the fuel limit, or use the wasm backend")]
     FuelUnsupported,
-    /// Bubblewrap is not installed and isolation was not waived.
+    /// Bubblewrap is not installed (or not at the configured path) and isolation was not waived.
     #[error(
-        "bubblewrap (`bwrap`) is not on PATH, and the process backend will not run commands unconfined; \
+        "bubblewrap (`bwrap`) was not found, and the process backend will not run commands unconfined; \
          install bubblewrap (scripts/setup-host.sh, or the `bubblewrap` package), or pass --unsafe-no-isolation \
          to run them directly on this host"
     )]
@@ -157,7 +160,11 @@ impl ProcessBackend {
         if config.limits.fuel.is_some() {
             return Err(ProcessBackendError::FuelUnsupported);
         }
-        let isolation = match (find_bubblewrap(), config.unsafe_no_isolation) {
+        let bubblewrap = match &config.bubblewrap {
+            Some(path) => sandbox::is_executable(path).then(|| path.clone()),
+            None => find_bubblewrap(),
+        };
+        let isolation = match (bubblewrap, config.unsafe_no_isolation) {
             (_, true) => Isolation::None,
             (Some(bwrap), false) => Isolation::Bubblewrap(bwrap),
             (None, false) => return Err(ProcessBackendError::NoIsolation),
