@@ -17,6 +17,7 @@ pub mod rollout;
 pub mod runtime;
 pub mod server;
 pub mod slot;
+pub mod swe;
 pub mod tools;
 pub mod truncation;
 pub mod wasm;

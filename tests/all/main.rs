@@ -6,5 +6,6 @@ mod rollout;
 mod process;
 mod runtime;
 mod support;
+mod swe;
 mod truncation;
 mod wasm;
