@@ -108,7 +108,7 @@ impl Sandbox {
         command
     }
 
-    /// Bubblewrap's options: the host read-only, a private /dev, /proc and /tmp, no namespace
+    /// Bubblewrap's options: the host read-only, a private /dev, /proc, /run and /tmp, no namespace
     /// shared with the host (so no network), the other slots hidden, and this slot's folders and
     /// the shared cache writable at their real paths.
     fn bwrap_args(&self, dirs: &SlotDirs) -> Vec<OsString> {
@@ -116,6 +116,9 @@ impl Sandbox {
         let mut push = |parts: &[&OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
         push(&["--ro-bind".as_ref(), "/".as_ref(), "/".as_ref()]);
         push(&["--dev".as_ref(), "/dev".as_ref(), "--proc".as_ref(), "/proc".as_ref()]);
+        // A read-only mount does not stop connect() on a Unix socket, and /run holds the host's
+        // daemons' sockets (docker, dbus): hide it.
+        push(&["--tmpfs".as_ref(), "/run".as_ref()]);
         // /tmp first: the folders below may live under it, and their mount points are then made
         // inside the slot's own tmp.
         push(&["--bind".as_ref(), dirs.tmp.as_os_str(), SANDBOX_TMP.as_ref()]);

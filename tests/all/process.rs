@@ -64,6 +64,8 @@ async fn sandboxed_commands_see_the_host_read_only_and_no_other_slot() {
     let write = backend.execute(&a, bash(&format!("echo x > {}", target.display()))).await;
     assert!(!write.success && write.output.contains("Read-only file system"), "{}", pretty(&write));
     assert!(!target.exists());
+    let run = ok(backend.execute(&a, bash("ls -A /run")).await);
+    assert_eq!(run.output, "", "the host's daemon sockets in /run are hidden");
     let python = ok(backend.execute(&a, ToolCall::python(format!("try:\n    open({:?}, 'w')\n    got = 'written'\nexcept OSError as e:\n    got = e.errno\ngot", target.display().to_string()))).await);
     assert_eq!(value(&python), "30", "EROFS");
     ok(backend.execute(&a, bash("echo mine > a.txt")).await);
