@@ -342,12 +342,32 @@ fn run_call(shared: &Shared, live: &LiveSlot, call: &ToolCall) -> ExecutionResul
             Ok(timeout) => shell::run_bash(&shared.sandbox, &live.dirs, &args.command, timeout, limits),
             Err(message) => ExecutionResult::failure(ErrorKind::InvalidArguments, message, Default::default()),
         },
-        Ok(request) => live.workspace.run_file_tool(&request, limits.output_bytes),
+        Ok(mut request) => {
+            relative_to_workspace(&mut request, &live.dirs.workspace);
+            live.workspace.run_file_tool(&request, limits.output_bytes)
+        }
     };
     result.metadata.tool = call.name.clone();
     result.metadata.slot_id = Some(live.slot.id);
     result.metadata.duration_us = started.elapsed().as_micros() as u64;
     result
+}
+
+/// Commands and the interpreter see the workspace at its real path (`pwd`, tracebacks), so a
+/// model will name files by it: such a path becomes relative before the file tool confines it.
+fn relative_to_workspace(request: &mut ToolRequest, workspace: &Path) {
+    let path = match request {
+        ToolRequest::ReadFile(args) => &mut args.path,
+        ToolRequest::WriteFile(args) => &mut args.path,
+        ToolRequest::EditFile(args) => &mut args.path,
+        ToolRequest::ListDir(args) => &mut args.path,
+        ToolRequest::Search(args) => &mut args.path,
+        ToolRequest::Python(_) | ToolRequest::Bash(_) => return,
+    };
+    if let Ok(inside) = Path::new(path.as_str()).strip_prefix(workspace) {
+        let relative = inside.to_string_lossy();
+        *path = if relative.is_empty() { ".".to_string() } else { relative.into_owned() };
+    }
 }
 
 /// The `bash` tool's own `timeout` argument, when it is shorter than the call's limit.

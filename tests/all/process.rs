@@ -64,11 +64,14 @@ async fn sandboxed_commands_see_the_host_read_only_and_no_other_slot() {
     let write = backend.execute(&a, bash(&format!("echo x > {}", target.display()))).await;
     assert!(!write.success && write.output.contains("Read-only file system"), "{}", pretty(&write));
     assert!(!target.exists());
+    let real = a.workspace.join("a.txt").display().to_string();
+    ok(backend.execute(&a, ToolCall::new("write_file", json!({"path": real, "content": "by its real path"}))).await);
     let run = ok(backend.execute(&a, bash("ls -A /run")).await);
     assert_eq!(run.output, "", "the host's daemon sockets in /run are hidden");
     let python = ok(backend.execute(&a, ToolCall::python(format!("try:\n    open({:?}, 'w')\n    got = 'written'\nexcept OSError as e:\n    got = e.errno\ngot", target.display().to_string()))).await);
     assert_eq!(value(&python), "30", "EROFS");
-    ok(backend.execute(&a, bash("echo mine > a.txt")).await);
+    let mine = ok(backend.execute(&a, bash("cat a.txt")).await);
+    assert_eq!(mine.output, "by its real path", "file tools take the workspace's real path too");
     let peek = backend.execute(&b, bash(&format!("cat {}/a.txt", a.workspace.display()))).await;
     assert_eq!(peek.metadata.exit_code, Some(1), "another slot's workspace is visible: {}", pretty(&peek));
     ok(backend.execute(&a, bash("echo in-tmp > /tmp/t.txt")).await);
@@ -195,4 +198,15 @@ fn the_cli_prints_the_process_tool_schemas() {
     let schemas: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     let names: Vec<&str> = schemas.as_array().expect("a list").iter().filter_map(|s| s["function"]["name"].as_str()).collect();
     assert_eq!(names, ["python", "bash", "read_file", "write_file", "edit_file", "list_dir", "search"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_backend_refuses_new_slots_until_one_is_released() {
+    let (backend, _root) = process_backend_with(ProcessBackendConfig { max_slots: 1, ..Default::default() });
+    let first = backend.acquire("full-1").await.expect("acquire");
+    let refused = backend.acquire("full-2").await.expect_err("over capacity");
+    assert!(matches!(refused, rollbox::BackendError::Exhausted { capacity: 1 }), "{refused:?}");
+    backend.release(&first, true).await.expect("release");
+    let second = backend.acquire("full-3").await.expect("a released slot frees its place");
+    backend.release(&second, true).await.expect("release");
 }
