@@ -11,14 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 use super::capture::{Captured, StreamCapture};
 use super::sandbox::{GroupLeader, Sandbox, SlotDirs};
 use crate::limits::{LimitKind, Limits};
 use crate::output::truncation_marker;
-use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult, MimeBundle};
-use crate::wasm::render_for_model;
+use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult};
+use crate::wasm::{GuestReport, render_for_model};
 
 /// The guest code that runs cells, shared with the wasm backend.
 const GUEST_SOURCE: &str = include_str!("../../guest/rollbox_guest.py");
@@ -68,18 +66,6 @@ pub(crate) struct NativeInterpreter {
     reports: mpsc::Receiver<Vec<u8>>,
     /// What the process wrote to fd 1 and 2, one segment per cell.
     stray: Arc<StreamCapture>,
-}
-
-/// A cell's report, as rollbox_guest sends it.
-#[derive(Deserialize)]
-struct GuestReport {
-    stdout: String,
-    stderr: String,
-    stdout_dropped: usize,
-    stderr_dropped: usize,
-    result: Option<MimeBundle>,
-    display: Vec<MimeBundle>,
-    error: Option<CellError>,
 }
 
 impl NativeInterpreter {

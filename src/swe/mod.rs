@@ -139,7 +139,8 @@ impl SweError {
 
 /// Reads a JSONL file of [`SweTask`]s (blank lines skipped). A task with a `repo_source` gets its
 /// repository built under `repos_dir` (see [`build_repo`]) and its `repo` set to that path; the
-/// commit built must be the task's `base_commit`.
+/// commit built must be the task's `base_commit`. A `repo` that is a relative path to an existing
+/// folder next to the dataset becomes absolute, so [`prepare`] ships it.
 pub fn load_tasks(dataset: &Path, repos_dir: &Path) -> Result<Vec<SweTask>, SweError> {
     let text = std::fs::read_to_string(dataset).map_err(|e| SweError::io("read", dataset, e))?;
     let base = dataset.parent().unwrap_or(Path::new("."));
@@ -156,8 +157,19 @@ pub fn load_tasks(dataset: &Path, repos_dir: &Path) -> Result<Vec<SweTask>, SweE
                 return Err(SweError::CommitMismatch { source_dir, built, expected: task.base_commit });
             }
             task.repo = dest.to_string_lossy().into_owned();
+        } else if let Some(local) = existing_relative(base, &task.repo) {
+            task.repo = local.to_string_lossy().into_owned();
         }
         tasks.push(task);
     }
     Ok(tasks)
+}
+
+/// `repo` as an absolute path, when it is a relative path to a folder that exists under `base`.
+fn existing_relative(base: &Path, repo: &str) -> Option<PathBuf> {
+    let path = Path::new(repo);
+    if path.is_absolute() || repo.contains("://") {
+        return None;
+    }
+    std::fs::canonicalize(base.join(path)).ok().filter(|p| p.is_dir())
 }

@@ -8,5 +8,5 @@ mod poll;
 
 pub use backend::{TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError};
 pub use interpreter::StartError;
-/// How a cell's result reads for a model; the `process` backend renders its cells the same way.
-pub(crate) use interpreter::render_for_model;
+/// How a cell's report and result read; the `process` backend's cells share them.
+pub(crate) use interpreter::{GuestReport, render_for_model};

@@ -113,3 +113,23 @@ async fn a_slot_without_a_shared_cache_gets_a_clear_error() {
     assert!(error.to_string().contains("set up the workspace") && error.to_string().contains("bash"), "{error}");
     backend.release(&slot, true).await.expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relative_repository_next_to_the_dataset_is_shipped_into_the_slot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let commit = swe::build_repo(&examples().join("swe/calc"), &dir.path().join("calc.git"), "calc: the example's base commit").expect("build");
+    let row = json!({
+        "instance_id": "relative", "problem": "p", "repo": "calc.git", "base_commit": commit,
+        "test_command": "python3 -m pytest -q -p no:cacheprovider tests",
+    });
+    std::fs::write(dir.path().join("tasks.jsonl"), format!("{row}\n")).expect("write dataset");
+    let task = swe::load_tasks(&dir.path().join("tasks.jsonl"), dir.path()).expect("load").remove(0);
+    assert_eq!(Path::new(&task.repo), std::fs::canonicalize(dir.path().join("calc.git")).expect("canonical"));
+    let (backend, _root) = process_backend(Limits::default());
+    let slot = backend.acquire("swe-relative").await.expect("acquire");
+    swe::prepare(&backend, &slot, &task).await.expect("prepare");
+    let head = ok(backend.execute(&slot, bash("git rev-parse HEAD; ls")).await);
+    assert_eq!(head.output, format!("{commit}\ncalc\ntests\n"), "the staged bundle is gone and the worktree is at the commit");
+    swe::cleanup(&backend, &slot, &task).await.expect("cleanup");
+    backend.release(&slot, true).await.expect("release");
+}
