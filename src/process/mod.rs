@@ -218,6 +218,11 @@ impl ProcessBackend {
         &self.shared.shared_cache
     }
 
+    /// The most slots alive at once.
+    pub fn max_slots(&self) -> usize {
+        self.max_slots
+    }
+
     /// How many slots are alive.
     pub fn live_slots(&self) -> usize {
         self.read_slots().len()
