@@ -85,7 +85,7 @@ pub enum ProcessBackendError {
     FuelUnsupported,
     /// Bubblewrap is not installed (or not at the configured path) and isolation was not waived.
     #[error(
-        "bubblewrap (`bwrap`) was not found, and the process backend will not run commands unconfined; \
+        "failed to find bubblewrap (`bwrap`), and the process backend will not run commands unconfined; \
          install bubblewrap (scripts/setup-host.sh, or the `bubblewrap` package), or pass --unsafe-no-isolation \
          to run them directly on this host"
     )]

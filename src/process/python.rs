@@ -50,7 +50,7 @@ pub enum NativeStartError {
         source: std::io::Error,
     },
     /// It started but did not load the guest code; `output` is what it printed.
-    #[error("the interpreter did not start the guest code ({reason}); it printed: {output}")]
+    #[error("failed to load the guest code in the interpreter ({reason}); it printed: {output}")]
     Handshake {
         /// What went wrong.
         reason: String,
