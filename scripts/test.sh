@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# bubblewrap, git and pytest for the process backend's tests (does nothing when present).
+scripts/setup-host.sh
 scripts/fetch-tokenizer.sh
 # One build for everything: `cargo run` here would rebuild wasmtime, because the test build's
 # dev-dependencies unify features differently from a plain binary build.

@@ -21,3 +21,31 @@ pub const NO_COLOR: &str = "NO_COLOR";
 pub const XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
 /// Standard: the user's home.
 pub const HOME: &str = "HOME";
+/// Exported into every `process` slot: the folder shared by all slots of one backend, writable
+/// from inside the sandbox, where the SWE hooks keep their bare-repository cache.
+pub const SHARED_CACHE: &str = "ROLLBOX_SHARED_CACHE";
+/// Standard: where programs are looked up; the `process` backend searches it for `bwrap` and
+/// sets a fixed one inside its sandboxes.
+pub const PATH: &str = "PATH";
+/// Standard: the temporary folder; set inside `process` sandboxes.
+pub const TMPDIR: &str = "TMPDIR";
+/// Standard: the locale; set to `C.UTF-8` inside `process` sandboxes.
+pub const LANG: &str = "LANG";
+/// Standard (git): the author and committer of the example SWE repository, fixed so its commit
+/// id is the same on every machine.
+pub const GIT_AUTHOR_NAME: &str = "GIT_AUTHOR_NAME";
+/// Standard (git): see [`GIT_AUTHOR_NAME`].
+pub const GIT_AUTHOR_EMAIL: &str = "GIT_AUTHOR_EMAIL";
+/// Standard (git): see [`GIT_AUTHOR_NAME`].
+pub const GIT_AUTHOR_DATE: &str = "GIT_AUTHOR_DATE";
+/// Standard (git): see [`GIT_AUTHOR_NAME`].
+pub const GIT_COMMITTER_NAME: &str = "GIT_COMMITTER_NAME";
+/// Standard (git): see [`GIT_AUTHOR_NAME`].
+pub const GIT_COMMITTER_EMAIL: &str = "GIT_COMMITTER_EMAIL";
+/// Standard (git): see [`GIT_AUTHOR_NAME`].
+pub const GIT_COMMITTER_DATE: &str = "GIT_COMMITTER_DATE";
+/// Standard (git): points git at an empty global config, so a user's settings cannot change
+/// the example repository.
+pub const GIT_CONFIG_GLOBAL: &str = "GIT_CONFIG_GLOBAL";
+/// Standard (git): skips the system config, for the same reason.
+pub const GIT_CONFIG_NOSYSTEM: &str = "GIT_CONFIG_NOSYSTEM";

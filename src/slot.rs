@@ -83,7 +83,8 @@ pub struct ExecutionResult {
     /// Why the call did not succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ExecutionError>,
-    /// The structured outcome of a `python` cell.
+    /// The structured outcome of a `python` cell; for a `bash` command, its stdout and stderr
+    /// apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cell: Option<CellOutput>,
     /// How the call ran.
@@ -164,6 +165,10 @@ pub struct ExecutionMetadata {
     /// Whether the slot's interpreter state was lost (and replaced by a fresh one).
     #[serde(default)]
     pub state_lost: bool,
+    /// A command's exit status (`bash`), when it exited on its own; `None` when it was killed
+    /// or the tool runs no command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
 }
 
 /// The structured result of one `python` cell, in the shape Jupyter and E2B users know.

@@ -158,7 +158,8 @@ pub fn main() -> ExitCode {
 fn print_tool_schemas(backend: &str) -> anyhow::Result<ExitCode> {
     let tools = match backend {
         "wasm" => rollbox::wasm::TOOLS.to_vec(),
-        other => anyhow::bail!("unknown backend `{other}`; the backends are: wasm"),
+        "process" => rollbox::process::TOOLS.to_vec(),
+        other => anyhow::bail!("unknown backend `{other}`; the backends are: wasm, process"),
     };
     println!("{}", serde_json::to_string_pretty(&rollbox::tools::schemas(&tools))?);
     Ok(ExitCode::SUCCESS)

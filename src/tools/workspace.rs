@@ -6,8 +6,10 @@ use std::path::{Component, Path, PathBuf};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
-use super::{EditFileArgs, ListDirArgs, ReadFileArgs, SearchArgs, WriteFileArgs};
+use super::{EditFileArgs, ListDirArgs, ReadFileArgs, SearchArgs, ToolRequest, WriteFileArgs};
+use crate::limits::LimitKind;
 use crate::output::cap_text;
+use crate::slot::{ErrorKind, ExecutionResult};
 
 /// Where the workspace appears inside a sandbox. Tool paths may be relative to it or start
 /// with it.
@@ -82,6 +84,33 @@ impl Workspace {
     /// Opens the directory at `root`.
     pub fn open(root: &Path) -> std::io::Result<Workspace> {
         Ok(Workspace { dir: Dir::open_ambient_dir(root, ambient_authority())? })
+    }
+
+    /// Runs a file tool (`read_file`, `write_file`, `edit_file`, `list_dir`, `search`) and turns
+    /// its outcome into a result, text capped at `max_bytes`. Every backend's file tools are this
+    /// one function, so they behave the same everywhere. `python` and `bash` are not file tools
+    /// and get a [`ErrorKind::ToolUnavailable`] result.
+    pub fn run_file_tool(&self, request: &ToolRequest, max_bytes: usize) -> ExecutionResult {
+        let outcome: Result<(String, bool), WorkspaceError> = match request {
+            ToolRequest::ReadFile(args) => self.read_file(args, max_bytes),
+            ToolRequest::WriteFile(args) => self.write_file(args).map(|s| (s, false)),
+            ToolRequest::EditFile(args) => self.edit_file(args).map(|s| (s, false)),
+            ToolRequest::ListDir(args) => self.list_dir(args),
+            ToolRequest::Search(args) => self.search(args),
+            ToolRequest::Python(_) | ToolRequest::Bash(_) => {
+                let message = format!("`{}` is not a file tool; the backend runs it itself", request.tool());
+                return ExecutionResult::failure(ErrorKind::ToolUnavailable, message, Default::default());
+            }
+        };
+        match outcome {
+            Ok((text, truncated)) => {
+                let mut result = ExecutionResult::ok(text, Default::default());
+                result.metadata.truncated = truncated;
+                result.metadata.limit_hit = truncated.then_some(LimitKind::Output);
+                result
+            }
+            Err(error) => ExecutionResult::failure(ErrorKind::Workspace, error.to_string(), Default::default()),
+        }
     }
 
     /// `read_file`: the file's text, or the lines `offset..offset+limit`, capped at `max_bytes`.

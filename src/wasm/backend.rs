@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use super::engine::build_engine;
 use super::interpreter::{Interpreter, InterpreterFactory, SlotDirs, StartError, StartOptions};
-use crate::limits::{LimitKind, Limits};
+use crate::limits::Limits;
 use crate::reporter::Reporter;
 use crate::runtime::{RuntimeError, RuntimeOptions, compiled, install};
 use crate::slot::{Backend, BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
-use crate::tools::workspace::{Workspace, WorkspaceError};
+use crate::tools::workspace::Workspace;
 use crate::tools::{ToolCallError, ToolName, ToolRequest};
 
 /// The tools a wasm slot runs: everything but `bash`.
@@ -412,7 +412,7 @@ fn run_call(factory: &InterpreterFactory, live: &LiveSlot, call: &ToolCall) -> E
              backends. Use the `python` tool here (subprocess is unavailable too).",
             Default::default(),
         ),
-        Ok(request) => run_file_tool(&live.workspace, request, limits),
+        Ok(request) => live.workspace.run_file_tool(&request, limits.output_bytes),
     };
     result.metadata.tool = call.name.clone();
     result.metadata.slot_id = Some(live.slot.id);
@@ -460,26 +460,6 @@ fn lock_interpreter(live: &LiveSlot) -> MutexGuard<'_, Option<Interpreter>> {
             live.interpreter.clear_poison();
             guard
         }
-    }
-}
-
-fn run_file_tool(workspace: &Workspace, request: ToolRequest, limits: &Limits) -> ExecutionResult {
-    let outcome: Result<(String, bool), WorkspaceError> = match &request {
-        ToolRequest::ReadFile(args) => workspace.read_file(args, limits.output_bytes),
-        ToolRequest::WriteFile(args) => workspace.write_file(args).map(|s| (s, false)),
-        ToolRequest::EditFile(args) => workspace.edit_file(args).map(|s| (s, false)),
-        ToolRequest::ListDir(args) => workspace.list_dir(args),
-        ToolRequest::Search(args) => workspace.search(args),
-        ToolRequest::Python(_) | ToolRequest::Bash(_) => unreachable!("handled by run_call"),
-    };
-    match outcome {
-        Ok((text, truncated)) => {
-            let mut result = ExecutionResult::ok(text, Default::default());
-            result.metadata.truncated = truncated;
-            result.metadata.limit_hit = truncated.then_some(LimitKind::Output);
-            result
-        }
-        Err(error) => ExecutionResult::failure(ErrorKind::Workspace, error.to_string(), Default::default()),
     }
 }
 

@@ -523,16 +523,16 @@ pub(crate) struct Interpreter {
     stderr: CapturedStream,
 }
 
-/// A cell's report as the guest sends it.
+/// A cell's report as the guest sends it (the process backend's native driver sends the same).
 #[derive(Deserialize)]
-struct GuestReport {
-    stdout: String,
-    stderr: String,
-    stdout_dropped: usize,
-    stderr_dropped: usize,
-    result: Option<MimeBundle>,
-    display: Vec<MimeBundle>,
-    error: Option<CellError>,
+pub(crate) struct GuestReport {
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+    pub(crate) stdout_dropped: usize,
+    pub(crate) stderr_dropped: usize,
+    pub(crate) result: Option<MimeBundle>,
+    pub(crate) display: Vec<MimeBundle>,
+    pub(crate) error: Option<CellError>,
 }
 
 impl Interpreter {

@@ -123,3 +123,109 @@ pub async fn released_slots_are_gone(backend: &dyn Backend) {
     let r = backend.execute(&never, ToolCall::python("1")).await;
     assert_eq!(r.error.map(|e| e.kind), Some(ErrorKind::UnknownSlot));
 }
+
+/// The checks every backend that has `bash` must pass (`process`, and `remote` over it). The
+/// backend's `output_bytes` limit must be under 1 MiB, and its processes must run on this
+/// machine (the background-process check looks for them in this machine's `/proc`).
+pub async fn run_shell(backend: &dyn Backend) {
+    exit_codes_are_reported(backend).await;
+    timeouts_kill_background_children(backend).await;
+    shell_output_is_capped(backend).await;
+    shell_environment_is_clean(backend).await;
+    shell_and_python_share_the_workspace(backend).await;
+}
+
+fn bash(command: &str) -> ToolCall {
+    ToolCall::new("bash", json!({ "command": command }))
+}
+
+pub async fn exit_codes_are_reported(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-exit").await.expect("acquire");
+    let fine = ok(backend.execute(&slot, bash("echo out; echo err >&2")).await);
+    assert_eq!(fine.metadata.exit_code, Some(0), "{}", pretty(&fine));
+    let streams = fine.cell.as_ref().expect("a command's streams");
+    assert_eq!((streams.stdout.as_str(), streams.stderr.as_str()), ("out\n", "err\n"));
+    let failed = backend.execute(&slot, bash("echo partial; exit 7")).await;
+    assert!(!failed.success);
+    assert_eq!(failed.error.as_ref().map(|e| e.kind), Some(ErrorKind::NonZeroExit), "{}", pretty(&failed));
+    assert_eq!(failed.metadata.exit_code, Some(7));
+    assert!(failed.output.contains("partial") && failed.output.contains("code 7"), "{}", failed.output);
+    let bad = backend.execute(&slot, ToolCall::new("bash", json!({"command": "true", "timeout": -1}))).await;
+    assert_eq!(bad.error.as_ref().map(|e| e.kind), Some(ErrorKind::InvalidArguments), "{}", pretty(&bad));
+    backend.release(&slot, true).await.expect("release");
+}
+
+pub async fn timeouts_kill_background_children(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-timeout").await.expect("acquire");
+    let marker = format!("rollbox-orphan-{}-{}", std::process::id(), slot.id.0);
+    let command = format!("sh -c 'sleep 1000; : {marker}' & echo started; wait");
+    let call = ToolCall::new("bash", json!({ "command": command, "timeout": 1 }));
+    let timed_out = backend.execute(&slot, call).await;
+    assert_eq!(timed_out.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded), "{}", pretty(&timed_out));
+    assert_eq!(timed_out.metadata.limit_hit, Some(rollbox::LimitKind::Time));
+    assert_eq!(timed_out.metadata.exit_code, None);
+    assert!(timed_out.output.contains("started"), "output before the timeout is kept: {}", timed_out.output);
+    // Killed processes take a moment to leave /proc; the generous bound only stops a hang.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while processes_mentioning(&marker) > 0 {
+        assert!(std::time::Instant::now() < deadline, "a background child of a timed-out command survived");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let after = ok(backend.execute(&slot, bash("echo alive")).await);
+    assert_eq!(after.output, "alive\n");
+    backend.release(&slot, true).await.expect("release");
+}
+
+/// How many processes on this machine have `marker` in their command line.
+fn processes_mentioning(marker: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
+        .count()
+}
+
+pub async fn shell_output_is_capped(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-shell-cap").await.expect("acquire");
+    let flood = backend.execute(&slot, bash("head -c 3000000 /dev/zero | tr '\\0' x; head -c 3000000 /dev/zero | tr '\\0' y >&2")).await;
+    assert!(flood.success, "{}", flood.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""));
+    assert!(flood.metadata.truncated);
+    assert_eq!(flood.metadata.limit_hit, Some(rollbox::LimitKind::Output));
+    let streams = flood.cell.as_ref().expect("streams");
+    for (name, text, ch) in [("stdout", &streams.stdout, 'x'), ("stderr", &streams.stderr, 'y')] {
+        assert!(text.len() < 3_000_000 && text.starts_with(ch), "{name} was not capped");
+        assert!(text.contains("output truncated"), "{name} lacks the truncation marker");
+    }
+    backend.release(&slot, true).await.expect("release");
+}
+
+pub async fn shell_environment_is_clean(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-env").await.expect("acquire");
+    let listing = ok(backend.execute(&slot, bash("env")).await);
+    let names: Vec<&str> = listing.output.lines().filter_map(|line| line.split_once('=').map(|(name, _)| name)).collect();
+    const ALLOWED: [&str; 9] = ["PATH", "HOME", "TMPDIR", "LANG", "PWD", "OLDPWD", "SHLVL", "_", "ROLLBOX_SHARED_CACHE"];
+    for name in &names {
+        assert!(ALLOWED.contains(name), "`{name}` leaked into the command's environment:\n{}", listing.output);
+    }
+    // Cargo sets this in the test process; the command must not see it.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+    assert!(!names.contains(&"CARGO_MANIFEST_DIR"));
+    backend.release(&slot, true).await.expect("release");
+}
+
+pub async fn shell_and_python_share_the_workspace(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-shared-ws").await.expect("acquire");
+    ok(backend.execute(&slot, bash("mkdir -p d && echo from-bash > d/b.txt")).await);
+    let seen = ok(backend.execute(&slot, ToolCall::python("open('d/b.txt').read()")).await);
+    assert_eq!(value(&seen), "'from-bash\\n'");
+    ok(backend.execute(&slot, ToolCall::python("open('d/p.txt', 'w').write('from-python')")).await);
+    ok(backend.execute(&slot, ToolCall::new("write_file", json!({"path": "d/f.txt", "content": "from-tool"}))).await);
+    let both = ok(backend.execute(&slot, bash("cat d/p.txt; echo; cat d/f.txt")).await);
+    assert_eq!(both.output, "from-python\nfrom-tool");
+    let same_dir = ok(backend.execute(&slot, bash("pwd")).await);
+    let python_dir = ok(backend.execute(&slot, ToolCall::python("import os; os.getcwd()")).await);
+    assert_eq!(value(&python_dir), format!("'{}'", same_dir.output.trim_end()));
+    backend.release(&slot, true).await.expect("release");
+}

@@ -3,7 +3,9 @@
 mod cli;
 mod conformance;
 mod rollout;
+mod process;
 mod runtime;
 mod support;
+mod swe;
 mod truncation;
 mod wasm;

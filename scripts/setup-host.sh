@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the `process` backend and its tests need on a Debian-like host: bubblewrap (the
+# sandbox every command runs in), pytest for the system Python (SWE verification), and git.
+# Idempotent: does nothing when they are all there already.
+set -euo pipefail
+
+PYTHON=/usr/bin/python3
+
+have_all() {
+    command -v bwrap >/dev/null 2>&1 &&
+        command -v git >/dev/null 2>&1 &&
+        "$PYTHON" -m pytest --version >/dev/null 2>&1
+}
+
+if have_all; then
+    exit 0
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    as_root=()
+elif command -v sudo >/dev/null 2>&1; then
+    as_root=(sudo)
+else
+    echo "setup-host: bubblewrap, git or pytest is missing and this user cannot install packages (not root, no sudo)" >&2
+    echo "setup-host: install the Debian packages bubblewrap, python3-pytest and git, then run this again" >&2
+    exit 1
+fi
+
+echo "setup-host: installing bubblewrap, python3-pytest and git" >&2
+"${as_root[@]}" apt-get update
+DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y bubblewrap python3-pytest git
+
+if ! have_all; then
+    echo "setup-host: the packages installed, but bwrap, git or '$PYTHON -m pytest' still does not work" >&2
+    exit 1
+fi

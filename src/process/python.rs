@@ -1,0 +1,249 @@
+//! The `python` tool of a `process` slot: a persistent native CPython in the slot's sandbox,
+//! driven over private pipes by `guest/rollbox_native.py`, which runs each cell with the same
+//! guest code as the wasm backend (`guest/rollbox_guest.py`), so cells give the same
+//! Jupyter-shaped result everywhere.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{ChildStdin, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::capture::{Captured, StreamCapture};
+use super::sandbox::{GroupLeader, Sandbox, SlotDirs};
+use crate::limits::{LimitKind, Limits};
+use crate::output::truncation_marker;
+use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult};
+use crate::wasm::{GuestReport, render_for_model};
+
+/// The guest code that runs cells, shared with the wasm backend.
+const GUEST_SOURCE: &str = include_str!("../../guest/rollbox_guest.py");
+/// The driver that speaks the framed protocol (see its docstring).
+const DRIVER_SOURCE: &str = include_str!("../../guest/rollbox_native.py");
+/// `python -c` code that runs the driver (argv[1]) as the module `rollbox_native`, leaving
+/// `__main__`, the cells' namespace, untouched.
+const LOADER: &str = "import sys as _s, types as _t\n\
+     _m = _t.ModuleType('rollbox_native'); _m.__file__ = '/rollbox/rollbox_native.py'; _s.modules['rollbox_native'] = _m\n\
+     exec(compile(_s.argv.pop(1), _m.__file__, 'exec'), _m.__dict__)\n\
+     del _s, _t, _m\n\
+     __import__('rollbox_native').main()\n";
+/// Time allowed for a fresh interpreter to load the guest code and answer.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Budget for a cell's rich outputs (figures, HTML) in its report, beyond its text streams.
+const DISPLAY_BUDGET_BYTES: usize = 16 << 20;
+/// How long to wait, after a cell's report, for the end of what it wrote straight to fd 1/2.
+/// The driver writes the end marker before the report, so it is normally there already.
+const STRAY_OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Starting a native interpreter failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeStartError {
+    /// The interpreter (or bubblewrap) could not be started.
+    #[error("failed to start {python}")]
+    Spawn {
+        /// The interpreter.
+        python: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It started but did not load the guest code; `output` is what it printed.
+    #[error("failed to load the guest code in the interpreter ({reason}); it printed: {output}")]
+    Handshake {
+        /// What went wrong.
+        reason: String,
+        /// Its stderr.
+        output: String,
+    },
+}
+
+/// A live native interpreter. Dropping it kills its whole process group.
+pub(crate) struct NativeInterpreter {
+    leader: GroupLeader,
+    input: ChildStdin,
+    reports: mpsc::Receiver<Vec<u8>>,
+    /// What the process wrote to fd 1 and 2, one segment per cell.
+    stray: Arc<StreamCapture>,
+}
+
+impl NativeInterpreter {
+    /// Starts `python` in the slot's sandbox and waits until the guest code is loaded.
+    pub(crate) fn start(sandbox: &Sandbox, dirs: &SlotDirs, python: &Path, limits: &Limits) -> Result<NativeInterpreter, NativeStartError> {
+        let marker = end_marker();
+        let budget = report_budget(limits);
+        let (output_cap, budget_arg) = (limits.output_bytes.to_string(), budget.to_string());
+        let args = ["-c", LOADER, DRIVER_SOURCE, marker.as_str(), output_cap.as_str(), budget_arg.as_str()];
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        let mut command = sandbox.command(dirs, &python.to_string_lossy(), &args);
+        command.stdin(Stdio::piped());
+        let spawn_error = |source| NativeStartError::Spawn { python: python.display().to_string(), source };
+        let mut leader = sandbox.spawn(command).map_err(spawn_error)?;
+        let (Some(input), Some(output), Some(errors)) = leader.take_pipes() else {
+            return Err(spawn_error(std::io::Error::other("the interpreter's pipes are missing")));
+        };
+        let started = StreamCapture::start(errors, limits.output_bytes, marker.into_bytes())
+            .and_then(|stray| Ok((stray, read_reports(output, budget)?)));
+        let (stray, reports) = match started {
+            Ok(pair) => pair,
+            Err(source) => return Err(spawn_error(source)),
+        };
+        let mut interpreter = NativeInterpreter { leader, input, reports, stray };
+        interpreter.handshake()?;
+        Ok(interpreter)
+    }
+
+    fn handshake(&mut self) -> Result<(), NativeStartError> {
+        let failed = |this: &mut Self, reason: String| {
+            this.leader.kill_and_reap();
+            let output = this.stray.drain(Instant::now() + STRAY_OUTPUT_GRACE).into_text();
+            NativeStartError::Handshake { reason, output }
+        };
+        if let Err(error) = write_frame(&mut self.input, GUEST_SOURCE.as_bytes()) {
+            return Err(failed(self, format!("failed to send the guest code: {error}")));
+        }
+        match self.reports.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(frame) if frame == br#"{"ready": true}"# => {
+                // Whatever the interpreter printed while starting is nobody's cell output.
+                self.stray.next_segment(Instant::now() + STRAY_OUTPUT_GRACE);
+                Ok(())
+            }
+            Ok(frame) => Err(failed(self, format!("unexpected answer {:?}", String::from_utf8_lossy(&frame)))),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(failed(self, format!("no answer within {} s", STARTUP_TIMEOUT.as_secs()))),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(failed(self, "it exited".into())),
+        }
+    }
+
+    /// Runs `code` as one cell. A result with `metadata.state_lost` means this interpreter is
+    /// dead (timed out, crashed, exited) and must be dropped.
+    pub(crate) fn run_cell(&mut self, code: &str, limits: &Limits, timeout: Duration) -> ExecutionResult {
+        if let Err(error) = write_frame(&mut self.input, code.as_bytes()) {
+            return self.lost(None, format!("the interpreter stopped taking cells ({error})"));
+        }
+        match self.reports.recv_timeout(timeout) {
+            Ok(frame) => {
+                let stray = self.stray.next_segment(Instant::now() + STRAY_OUTPUT_GRACE).unwrap_or_default();
+                match serde_json::from_slice::<GuestReport>(&frame) {
+                    Ok(report) => cell_result(report, stray, limits),
+                    Err(error) => self.lost(None, format!("the interpreter sent an unreadable report ({error})")),
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let message = format!("the cell ran past its {:.3} s time limit and the interpreter was killed", timeout.as_secs_f64());
+                self.lost(Some(LimitKind::Time), message)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.leader.kill_and_reap();
+                let how = status.map_or("ended".to_string(), |s| s.to_string());
+                self.lost(None, format!("the interpreter exited during the cell ({how})"))
+            }
+        }
+    }
+
+    /// Kills the interpreter and describes why its state is gone.
+    fn lost(&mut self, limit: Option<LimitKind>, message: String) -> ExecutionResult {
+        self.leader.kill_and_reap();
+        let stray = self.stray.drain(Instant::now() + STRAY_OUTPUT_GRACE);
+        let message = format!("{message}; the next cell starts a fresh interpreter, so variables and imports from earlier cells are gone");
+        let truncated = stray.truncated();
+        let cell = CellOutput {
+            stderr: stray.into_text(),
+            error: Some(CellError { name: "RollboxRestart".into(), value: message.clone(), traceback: Vec::new() }),
+            ..Default::default()
+        };
+        let kind = if limit.is_some() { ErrorKind::LimitExceeded } else { ErrorKind::GuestCrashed };
+        ExecutionResult {
+            success: false,
+            output: render_for_model(&cell),
+            error: Some(ExecutionError { kind, message }),
+            cell: Some(cell),
+            metadata: ExecutionMetadata { limit_hit: limit, state_lost: true, truncated, ..Default::default() },
+        }
+    }
+}
+
+/// The largest report accepted: both text streams at their cap (as JSON, which may escape each
+/// byte into six) plus the display budget.
+fn report_budget(limits: &Limits) -> usize {
+    limits.output_bytes.saturating_mul(12).saturating_add(DISPLAY_BUDGET_BYTES)
+}
+
+/// A marker no cell writes by chance: unique per interpreter.
+fn end_marker() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("\u{1e}rollbox-cell-end-{}-{nanos}-{}\u{1e}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn write_frame(input: &mut ChildStdin, payload: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("the cell is larger than 4 GiB"))?;
+    input.write_all(&len.to_be_bytes())?;
+    input.write_all(payload)?;
+    input.flush()
+}
+
+/// Reads frames on a thread; the channel closes when the interpreter's stdout does, or when a
+/// frame is over `budget` (a broken driver: the cell then counts as crashed).
+fn read_reports(mut output: impl Read + Send + 'static, budget: usize) -> std::io::Result<mpsc::Receiver<Vec<u8>>> {
+    let (frames, reports) = mpsc::channel();
+    std::thread::Builder::new().name("rollbox-python-reports".into()).spawn(move || {
+        loop {
+            let mut header = [0u8; 4];
+            if output.read_exact(&mut header).is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes(header) as usize;
+            if len > budget {
+                return;
+            }
+            let mut frame = vec![0u8; len];
+            if output.read_exact(&mut frame).is_err() || frames.send(frame).is_err() {
+                return;
+            }
+        }
+    })?;
+    Ok(reports)
+}
+
+/// Builds a finished cell's result from its report and the stray output it wrote to fd 1/2.
+fn cell_result(report: GuestReport, stray: Captured, limits: &Limits) -> ExecutionResult {
+    let truncated = report.stdout_dropped + report.stderr_dropped > 0 || stray.truncated();
+    let mut stderr = with_marker(report.stderr, report.stderr_dropped);
+    stderr.push_str(&stray.into_text());
+    let cell = CellOutput {
+        stdout: with_marker(report.stdout, report.stdout_dropped),
+        stderr,
+        result: report.result,
+        display: report.display,
+        error: report.error,
+    };
+    // Under the address-space limit, a MemoryError means the cell reached it.
+    let out_of_memory = cell.error.as_ref().is_some_and(|e| e.name == "MemoryError");
+    let error = cell.error.as_ref().map(|e| match out_of_memory {
+        true => ExecutionError {
+            kind: ErrorKind::LimitExceeded,
+            message: format!("the cell needed more than its {} MiB memory limit (MemoryError); the interpreter state is kept", limits.memory_bytes >> 20),
+        },
+        false => ExecutionError { kind: ErrorKind::CellError, message: format!("{}: {}", e.name, e.value) },
+    });
+    let limit_hit = match (out_of_memory, truncated) {
+        (true, _) => Some(LimitKind::Memory),
+        (false, true) => Some(LimitKind::Output),
+        _ => None,
+    };
+    ExecutionResult {
+        success: cell.error.is_none(),
+        output: render_for_model(&cell),
+        error,
+        cell: Some(cell),
+        metadata: ExecutionMetadata { limit_hit, truncated, ..Default::default() },
+    }
+}
+
+fn with_marker(mut text: String, dropped: usize) -> String {
+    if dropped > 0 {
+        text.push_str(&truncation_marker(dropped));
+    }
+    text
+}

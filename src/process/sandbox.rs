@@ -1,0 +1,252 @@
+//! How a `process` slot's programs are started: inside bubblewrap when it is there, with a clean
+//! environment, an address-space limit, and their own process group, so a timeout can end a
+//! command and everything it started.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+
+use crate::env_vars;
+
+/// The `PATH` every sandboxed program gets, whatever the host's is.
+pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The locale every sandboxed program gets: UTF-8 without depending on installed locales.
+const SANDBOX_LANG: &str = "C.UTF-8";
+/// Where the slot's private temporary folder appears inside bubblewrap (also `HOME`).
+const SANDBOX_TMP: &str = "/tmp";
+
+/// Whether and how a slot's programs are confined.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// Inside bubblewrap at this path: no network, the host read-only, only the slot's folders
+    /// and the shared cache writable.
+    Bubblewrap(PathBuf),
+    /// Directly on the host, as the backend's user. Only with `unsafe_no_isolation`.
+    None,
+}
+
+/// The folders of one slot, all under its own root.
+#[derive(Clone, Debug)]
+pub(crate) struct SlotDirs {
+    /// The slot's root: holds `workspace/` and `tmp/`, and is bound read-write into the sandbox.
+    pub(crate) root: PathBuf,
+    /// The working directory of every command and of the interpreter.
+    pub(crate) workspace: PathBuf,
+    /// The slot's private temporary folder, `/tmp` and `HOME` inside the sandbox.
+    pub(crate) tmp: PathBuf,
+}
+
+impl SlotDirs {
+    /// The folders of the slot rooted at `root`.
+    pub(crate) fn under(root: PathBuf) -> SlotDirs {
+        SlotDirs { workspace: root.join("workspace"), tmp: root.join("tmp"), root }
+    }
+}
+
+/// Starts a slot's programs; shared by every slot of a backend.
+pub(crate) struct Sandbox {
+    isolation: Isolation,
+    memory_bytes: u64,
+    /// The folder every slot root lives in; hidden inside the sandbox but for the slot's own.
+    slots_root: PathBuf,
+    /// The shared cache, bound read-write into every slot at its real path.
+    shared_cache: PathBuf,
+    spawner: Spawner,
+}
+
+impl Sandbox {
+    /// A sandbox for the slots under `slots_root`.
+    pub(crate) fn new(isolation: Isolation, memory_bytes: u64, slots_root: PathBuf, shared_cache: PathBuf) -> std::io::Result<Sandbox> {
+        Ok(Sandbox { isolation, memory_bytes, slots_root, shared_cache, spawner: Spawner::start()? })
+    }
+
+    /// How programs are confined.
+    pub(crate) fn isolation(&self) -> &Isolation {
+        &self.isolation
+    }
+
+    /// `program args...` to run in `dirs.workspace`, confined, with a clean environment, its
+    /// own process group, the memory limit, stdin from /dev/null and stdout/stderr piped.
+    pub(crate) fn command(&self, dirs: &SlotDirs, program: &str, args: &[&OsStr]) -> Command {
+        let mut command = match &self.isolation {
+            Isolation::Bubblewrap(bwrap) => {
+                let mut command = Command::new(bwrap);
+                command.args(self.bwrap_args(dirs)).arg("--").arg(program).args(args);
+                command
+            }
+            Isolation::None => {
+                let mut command = Command::new(program);
+                command.args(args);
+                command
+            }
+        };
+        // Inside bubblewrap the slot's tmp is /tmp; on the host it is its real path.
+        let home: &Path = match self.isolation {
+            Isolation::Bubblewrap(_) => Path::new(SANDBOX_TMP),
+            Isolation::None => &dirs.tmp,
+        };
+        command
+            .env_clear()
+            .env(env_vars::PATH, SANDBOX_PATH)
+            .env(env_vars::HOME, home)
+            .env(env_vars::TMPDIR, home)
+            .env(env_vars::LANG, SANDBOX_LANG)
+            .env(env_vars::SHARED_CACHE, &self.shared_cache)
+            .current_dir(&dirs.workspace)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let memory_bytes = self.memory_bytes;
+        // SAFETY: the closure runs between fork and exec and only makes two syscalls, both
+        // async-signal-safe; it allocates nothing and takes no lock.
+        unsafe {
+            command.pre_exec(move || limit_child(memory_bytes));
+        }
+        command
+    }
+
+    /// Bubblewrap's options: the host read-only, a private /dev, /proc, /run and /tmp, no namespace
+    /// shared with the host (so no network), the other slots hidden, and this slot's folders and
+    /// the shared cache writable at their real paths.
+    fn bwrap_args(&self, dirs: &SlotDirs) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |parts: &[&OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
+        push(&["--ro-bind".as_ref(), "/".as_ref(), "/".as_ref()]);
+        push(&["--dev".as_ref(), "/dev".as_ref(), "--proc".as_ref(), "/proc".as_ref()]);
+        // A read-only mount does not stop connect() on a Unix socket, and /run holds the host's
+        // daemons' sockets (docker, dbus): hide it.
+        push(&["--tmpfs".as_ref(), "/run".as_ref()]);
+        // /tmp first: the folders below may live under it, and their mount points are then made
+        // inside the slot's own tmp.
+        push(&["--bind".as_ref(), dirs.tmp.as_os_str(), SANDBOX_TMP.as_ref()]);
+        push(&["--tmpfs".as_ref(), self.slots_root.as_os_str()]);
+        push(&["--bind".as_ref(), dirs.root.as_os_str(), dirs.root.as_os_str()]);
+        push(&["--bind".as_ref(), self.shared_cache.as_os_str(), self.shared_cache.as_os_str()]);
+        push(&["--chdir".as_ref(), dirs.workspace.as_os_str()]);
+        push(&["--unshare-all".as_ref(), "--die-with-parent".as_ref(), "--new-session".as_ref()]);
+        args
+    }
+
+    /// Starts `command` from the backend's spawner thread (see [`Spawner`]).
+    pub(crate) fn spawn(&self, command: Command) -> std::io::Result<GroupLeader> {
+        Ok(GroupLeader { child: self.spawner.spawn(command)?, reaped: None })
+    }
+}
+
+/// Applied in the child before exec: the address-space limit, and death with the spawner so a
+/// crashed rollbox leaves no interpreter behind.
+fn limit_child(memory_bytes: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit { rlim_cur: memory_bytes as libc::rlim_t, rlim_max: memory_bytes as libc::rlim_t };
+    // SAFETY: setrlimit and prctl take plain values and a pointer to a local.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A started program, leader of its own process group.
+pub(crate) struct GroupLeader {
+    child: Child,
+    /// Set once the leader is reaped; its id may then belong to another process, so the group
+    /// is never signalled again.
+    reaped: Option<Option<ExitStatus>>,
+}
+
+impl GroupLeader {
+    /// The leader's process id.
+    pub(crate) fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its stdin, stdout and stderr pipes, once.
+    pub(crate) fn take_pipes(&mut self) -> (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>) {
+        (self.child.stdin.take(), self.child.stdout.take(), self.child.stderr.take())
+    }
+
+    /// Kills every process in the group, then reaps the leader and returns how it ended.
+    /// Idempotent: after the first call the group is left alone.
+    pub(crate) fn kill_and_reap(&mut self) -> Option<ExitStatus> {
+        if let Some(status) = self.reaped {
+            return status;
+        }
+        if let Ok(pgid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: a plain syscall; the group is ours because its leader is still unreaped.
+            unsafe {
+                libc::killpg(pgid, libc::SIGKILL);
+            }
+        }
+        let status = self.child.wait().ok();
+        self.reaped = Some(status);
+        status
+    }
+}
+
+impl Drop for GroupLeader {
+    fn drop(&mut self) {
+        self.kill_and_reap();
+    }
+}
+
+/// Blocks until `pid` has exited, without reaping it, so its process group can still be
+/// killed safely afterwards.
+pub(crate) fn wait_exit_keeping_zombie(pid: u32) {
+    let pid: libc::id_t = pid;
+    loop {
+        // SAFETY: `info` is a local the kernel fills in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let status = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if status == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+/// Where `bwrap` is on the host's `PATH`, if anywhere.
+pub fn find_bubblewrap() -> Option<PathBuf> {
+    let path = std::env::var_os(env_vars::PATH)?;
+    std::env::split_paths(&path).map(|dir| dir.join("bwrap")).find(|candidate| is_executable(candidate))
+}
+
+pub(crate) fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// One long-lived thread that starts every child of a backend.
+///
+/// A child's parent-death signal (bubblewrap's `--die-with-parent`, and ours) fires when the
+/// *thread* that forked it ends, not the process. Tokio's blocking threads end after a few idle
+/// seconds, which would kill a slot's interpreter between two cells; this thread lives as long
+/// as the backend, so children die with the backend and not before.
+struct Spawner {
+    requests: mpsc::Sender<SpawnRequest>,
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+impl Spawner {
+    fn start() -> std::io::Result<Spawner> {
+        let (requests, inbox) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new().name("rollbox-spawner".into()).spawn(move || {
+            for (mut command, reply) in inbox {
+                let _ = reply.send(command.spawn());
+            }
+        })?;
+        Ok(Spawner { requests })
+    }
+
+    fn spawn(&self, command: Command) -> std::io::Result<Child> {
+        let (reply, answer) = mpsc::channel();
+        let gone = || std::io::Error::other("the spawner thread has stopped");
+        self.requests.send((command, reply)).map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+}
