@@ -4,6 +4,7 @@ mod cli;
 mod conformance;
 mod rollout;
 mod runtime;
+mod server;
 mod support;
 mod truncation;
 mod wasm;
