@@ -90,14 +90,16 @@ struct ListeningLine<'a> {
 pub(crate) async fn run(args: ServeArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let config = resolve_config(&args)?;
     // Before the slow backend start, so a refused setting fails fast.
-    config.check(args.listen.ip())?;
+    config.validate()?;
+    config.check_exposure(args.listen.ip())?;
     let backend = args.backend.start(&args, quiet).await?;
+    let backend_name = backend.name().to_owned();
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to listen on {}", args.listen))?;
     let address = listener.local_addr().context("failed to read the listening address")?;
     let state = ServerState::new(backend, config)?;
     print_listening_line(address)?;
     if !quiet {
-        eprintln!("rollbox serve: {} slots on http://{address} (Ctrl-C to stop)", args.backend.to_possible_value().map_or("?".into(), |v| v.get_name().to_owned()));
+        eprintln!("rollbox serve: {backend_name} slots on http://{address} (Ctrl-C to stop)");
     }
     let summary = rollbox::server::serve(listener, state, shutdown_signal(quiet)).await?;
     if !quiet {
