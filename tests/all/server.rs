@@ -411,6 +411,19 @@ async fn post_json(client: &reqwest::Client, url: String, body: Value) -> Value 
     response.json().await.expect("a JSON answer")
 }
 
+/// Waits until the server's first slot has a call running.
+async fn wait_until_busy(client: &reqwest::Client, url: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let listed: Value = client.get(format!("{url}/v1/slots")).send().await.expect("listing").json().await.expect("JSON");
+        if listed["slots"][0]["busy"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the slow cell never started: {listed:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_binary_serves_slots_and_drains_a_slow_cell_on_sigterm() {
     let mut server = ServeProcess::start(&[]);
@@ -428,15 +441,7 @@ async fn the_real_binary_serves_slots_and_drains_a_slow_cell_on_sigterm() {
         let (client, url) = (client.clone(), format!("{url}/v1/execute"));
         async move { post_json(&client, url, slow_call).await }
     });
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let listed: Value = client.get(format!("{url}/v1/slots")).send().await.expect("listing").json().await.expect("JSON");
-        if listed["slots"][0]["busy"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slow cell never started: {listed:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_busy(&client, &url).await;
     let killed = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill");
     assert!(killed.success());
     let finished = slow.await.expect("the request task");
@@ -444,6 +449,32 @@ async fn the_real_binary_serves_slots_and_drains_a_slow_cell_on_sigterm() {
     let status = tokio::task::block_in_place(|| server.wait());
     assert!(status.success(), "exit status {status}; stderr:\n{}", server.stderr());
     assert!(server.stderr().contains("released 1 slots"), "{}", server.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_forces_the_exit() {
+    let mut server = ServeProcess::start(&[]);
+    let client = http_client();
+    let url = server.url.clone();
+    let slot = post_json(&client, format!("{url}/v1/slots"), json!({"trajectory_id": "stuck"})).await["slot"]["id"].as_u64().expect("an id");
+    let stuck = tokio::spawn({
+        let (client, url) = (client.clone(), format!("{url}/v1/execute"));
+        async move { client.post(url).json(&json!({"calls": [python(slot, "import time\ntime.sleep(25)")]})).send().await }
+    });
+    wait_until_busy(&client, &url).await;
+    let pid = server.child.id().to_string();
+    let terminate = || assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    terminate();
+    let deadline = Instant::now() + PATIENCE;
+    while !server.stderr().contains("shutting down") {
+        assert!(Instant::now() < deadline, "the first SIGTERM was not seen: {}", server.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    terminate();
+    let status = tokio::task::block_in_place(|| server.wait());
+    assert_eq!(status.code(), Some(130), "the second signal exits at once, not after the 25 s cell; stderr:\n{}", server.stderr());
+    assert!(server.stderr().contains("forced exit"));
+    stuck.abort();
 }
 
 #[test]
