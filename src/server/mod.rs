@@ -5,7 +5,7 @@
 //! and releases every slot. The wire format is in [`api`]; `docs/API.md` is the reference.
 //!
 //! Every request passes the same stack, outermost first: a tracing span and the request
-//! metrics ([`middleware`]), the bearer token ([`auth`]), the per-request timeout, and, for the
+//! metrics (`middleware`), the bearer token ([`auth`]), the per-request timeout, and, for the
 //! routes that do work, the concurrency limit. Bodies are capped by [`ServerConfig::max_body_bytes`].
 
 pub mod api;
