@@ -3,8 +3,8 @@ interpreter and workspace, so the model's cells build on each other like a Jupyt
 
 verl calls ``create`` when a trajectory starts, ``execute`` for each of the model's tool
 calls, and ``release`` when the trajectory ends. Register it with
-``notebook_tool_config.yaml``. Written against verl's ``BaseTool`` as of verl 0.5 (older
-releases return only the instance id from ``create``).
+``notebook_tool_config.yaml``. Written against verl's recent ``BaseTool``, whose ``create``
+returns ``(instance_id, ToolResponse)`` (older releases return only the instance id).
 """
 
 import asyncio
