@@ -5,6 +5,7 @@ mod conformance;
 mod rollout;
 mod process;
 mod runtime;
+mod server;
 mod support;
 mod swe;
 mod truncation;
