@@ -11,6 +11,7 @@ pub mod chat;
 pub mod env_vars;
 pub mod limits;
 pub mod output;
+pub mod remote;
 pub mod reporter;
 pub mod rollout;
 pub mod runtime;
