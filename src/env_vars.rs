@@ -15,6 +15,11 @@ pub const LOG: &str = "ROLLBOX_LOG";
 pub const TEST_TOKENIZER: &str = "ROLLBOX_TEST_TOKENIZER";
 /// Bearer token for the OpenAI-compatible summariser endpoint of `rollbox compact`.
 pub const SUMMARIZER_API_KEY: &str = "ROLLBOX_SUMMARIZER_API_KEY";
+/// The bearer token of `rollbox serve` (instead of `--token-file`); also what the Python
+/// client sends when it is given no token.
+pub const SERVER_TOKEN: &str = "ROLLBOX_SERVER_TOKEN";
+/// The slot server's URL, for the Python client (`clients/python`) and its tests.
+pub const SERVER_URL: &str = "ROLLBOX_URL";
 /// Standard: disables colour in the CLI's output.
 pub const NO_COLOR: &str = "NO_COLOR";
 /// Standard: the per-user cache root.

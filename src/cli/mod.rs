@@ -9,6 +9,7 @@ mod progress;
 mod repl;
 mod rollout;
 mod runtime;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ enum Command {
     /// Install or inspect the Python runtime.
     #[command(subcommand)]
     Runtime(runtime::RuntimeCommand),
+    /// Serve a backend's slots over HTTP (the JSON API of docs/API.md, and /run_code).
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Flags shared by every command that runs cells.
@@ -114,7 +117,11 @@ impl RuntimeArgs {
 /// Starts a wasm backend, installing and compiling the runtime on first use with progress on
 /// stderr.
 pub(crate) async fn start_wasm_backend(limits: Limits, runtime: &RuntimeArgs, quiet: bool) -> anyhow::Result<WasmBackend> {
-    let config = WasmBackendConfig { limits, runtime: runtime.resolve(), ..WasmBackendConfig::from_env() };
+    start_wasm_backend_with(WasmBackendConfig { limits, runtime: runtime.resolve(), ..WasmBackendConfig::from_env() }, quiet).await
+}
+
+/// Starts a wasm backend with `config`, as [`start_wasm_backend`] does.
+pub(crate) async fn start_wasm_backend_with(config: WasmBackendConfig, quiet: bool) -> anyhow::Result<WasmBackend> {
     let reporter = CliReporter::new(quiet);
     Ok(tokio::task::spawn_blocking(move || WasmBackend::new(config, &reporter)).await??)
 }
@@ -139,6 +146,7 @@ pub fn main() -> ExitCode {
             Command::Tools { backend } => print_tool_schemas(&backend),
             Command::Rollout(args) => rollout::run(*args, quiet).await,
             Command::Runtime(command) => runtime::run(command, quiet).await,
+            Command::Serve(args) => serve::run(*args, quiet).await,
         }
     });
     match outcome {

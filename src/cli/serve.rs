@@ -1,0 +1,183 @@
+//! `rollbox serve`: a backend's slots over HTTP until Ctrl-C or SIGTERM.
+//!
+//! Once listening it prints exactly one line on stdout, for the programs that start it:
+//! `{"event":"listening","url":"http://IP:PORT","api_version":"v1"}`. Everything else goes to
+//! stderr.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use rollbox::Backend;
+use rollbox::env_vars;
+use rollbox::server::api::API_VERSION;
+use rollbox::server::{BearerToken, ServerConfig, ServerState};
+
+use rollbox::WasmBackendConfig;
+
+use super::{LimitArgs, RuntimeArgs, start_wasm_backend_with};
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// The address to listen on; port 0 picks a free port (the listening line says which).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The backend whose slots to serve.
+    #[arg(long, value_enum, default_value_t = BackendKind::Wasm)]
+    backend: BackendKind,
+    /// The most slots alive at once.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_slots)]
+    max_slots: usize,
+    /// Seconds a slot may sit idle before it is released with its workspace.
+    #[arg(long, value_name = "SECS", default_value_t = ServerConfig::default().idle_timeout.as_secs_f64())]
+    idle_timeout: f64,
+    /// The largest request body accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().max_body_bytes)]
+    max_body_bytes: usize,
+    /// The most requests running at once; more wait in line.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_concurrent_requests)]
+    max_concurrent_requests: usize,
+    /// The most requests waiting in line; more get 503 at once.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_queued_requests)]
+    max_queued_requests: usize,
+    /// Seconds a request may take, waiting in line included; longer ones get 504.
+    #[arg(long, value_name = "SECS", default_value_t = ServerConfig::default().request_timeout.as_secs_f64())]
+    request_timeout: f64,
+    /// A file holding the bearer token clients must send (instead of $ROLLBOX_SERVER_TOKEN).
+    /// Required to listen beyond loopback.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+/// The backends `rollbox serve` can serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BackendKind {
+    /// CPython notebook slots in wasm sandboxes.
+    Wasm,
+}
+
+impl BackendKind {
+    async fn start(self, args: &ServeArgs, quiet: bool) -> anyhow::Result<Arc<dyn Backend>> {
+        let limits = args.limits.resolve()?;
+        match self {
+            BackendKind::Wasm => {
+                let config = WasmBackendConfig { limits, runtime: args.runtime.resolve(), max_slots: args.max_slots, ..WasmBackendConfig::from_env() };
+                Ok(Arc::new(start_wasm_backend_with(config, quiet).await?))
+            }
+        }
+    }
+}
+
+/// The one line printed on stdout once the server listens.
+#[derive(Serialize)]
+struct ListeningLine<'a> {
+    event: &'a str,
+    url: String,
+    api_version: &'a str,
+}
+
+pub(crate) async fn run(args: ServeArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    let config = resolve_config(&args)?;
+    // Before the slow backend start, so a refused setting fails fast.
+    config.check(args.listen.ip())?;
+    let backend = args.backend.start(&args, quiet).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to listen on {}", args.listen))?;
+    let address = listener.local_addr().context("failed to read the listening address")?;
+    let state = ServerState::new(backend, config)?;
+    print_listening_line(address)?;
+    if !quiet {
+        eprintln!("rollbox serve: {} slots on http://{address} (Ctrl-C to stop)", args.backend.to_possible_value().map_or("?".into(), |v| v.get_name().to_owned()));
+    }
+    let summary = rollbox::server::serve(listener, state, shutdown_signal(quiet)).await?;
+    if !quiet {
+        eprintln!("rollbox serve: stopped; released {} slots", summary.released_slots);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resolve_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    Ok(ServerConfig {
+        max_slots: args.max_slots,
+        idle_timeout: positive_secs("--idle-timeout", args.idle_timeout)?,
+        max_body_bytes: args.max_body_bytes,
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_queued_requests: args.max_queued_requests,
+        request_timeout: positive_secs("--request-timeout", args.request_timeout)?,
+        token: resolve_token(args.token_file.as_deref())?,
+    })
+}
+
+fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("{flag} must be a positive number of seconds, not {secs}"))
+}
+
+/// The token from `--token-file`, else from `$ROLLBOX_SERVER_TOKEN`, else none. It is never a
+/// flag's value, which other users could read in the process list.
+fn resolve_token(file: Option<&Path>) -> anyhow::Result<Option<BearerToken>> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("failed to read the token file {}", path.display()))?,
+        None => match std::env::var(env_vars::SERVER_TOKEN) {
+            Ok(text) if !text.trim().is_empty() => text,
+            _ => return Ok(None),
+        },
+    };
+    Ok(Some(BearerToken::new(&text)?))
+}
+
+fn print_listening_line(address: SocketAddr) -> anyhow::Result<()> {
+    let line = ListeningLine { event: "listening", url: format!("http://{address}"), api_version: API_VERSION };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Completes on the first Ctrl-C or SIGTERM; from then on a second one exits at once.
+async fn shutdown_signal(quiet: bool) {
+    interrupted().await;
+    if !quiet {
+        eprintln!("rollbox serve: shutting down, finishing the requests in flight (Ctrl-C again to force)");
+    }
+    tokio::spawn(async {
+        interrupted().await;
+        eprintln!("rollbox serve: forced exit");
+        std::process::exit(130);
+    });
+}
+
+async fn interrupted() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,198 @@
+//! [`SlotTable`]: the slots this server handed out, when each was last used, and which are
+//! busy, so idle ones can expire and busy ones never do.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::api::SlotStatus;
+use crate::slot::{Slot, SlotId};
+
+/// The live slots, and the places reserved for slots being started.
+pub(crate) struct SlotTable {
+    state: Mutex<TableState>,
+    max_slots: usize,
+}
+
+#[derive(Default)]
+struct TableState {
+    live: HashMap<SlotId, Entry>,
+    /// Places held by acquires in progress and by `/run_code`'s private slots.
+    reserved: usize,
+}
+
+struct Entry {
+    slot: Slot,
+    acquired: Instant,
+    last_used: Instant,
+    /// Requests running calls in the slot now.
+    busy: usize,
+}
+
+/// The table is full.
+#[derive(Debug)]
+pub(crate) struct Full {
+    pub(crate) capacity: usize,
+}
+
+impl SlotTable {
+    pub(crate) fn new(max_slots: usize) -> Self {
+        SlotTable { state: Mutex::new(TableState::default()), max_slots }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TableState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many slots are live.
+    pub(crate) fn live(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    /// Holds a place for a slot about to start, so concurrent acquires cannot overshoot.
+    pub(crate) fn reserve(self: &Arc<Self>) -> Result<Reservation, Full> {
+        let mut state = self.lock();
+        if state.live.len() + state.reserved >= self.max_slots {
+            return Err(Full { capacity: self.max_slots });
+        }
+        state.reserved += 1;
+        Ok(Reservation { table: self.clone(), filled: false })
+    }
+
+    /// Every live slot, oldest first.
+    pub(crate) fn list(&self) -> Vec<SlotStatus> {
+        let state = self.lock();
+        let mut entries: Vec<&Entry> = state.live.values().collect();
+        entries.sort_by_key(|e| (e.acquired, e.slot.id));
+        let now = Instant::now();
+        entries
+            .into_iter()
+            .map(|e| SlotStatus { slot: e.slot.clone(), idle_secs: idle_for(e, now).as_secs_f64(), busy: e.busy > 0 })
+            .collect()
+    }
+
+    /// Marks the live slots among `ids` busy until the guard is dropped, and returns them.
+    pub(crate) fn check_out(self: &Arc<Self>, ids: impl IntoIterator<Item = SlotId>) -> (HashMap<SlotId, Slot>, Busy) {
+        let mut state = self.lock();
+        let mut found = HashMap::new();
+        for id in ids {
+            if found.contains_key(&id) {
+                continue;
+            }
+            if let Some(entry) = state.live.get_mut(&id) {
+                entry.busy += 1;
+                found.insert(id, entry.slot.clone());
+            }
+        }
+        let busy = Busy { table: self.clone(), ids: found.keys().copied().collect() };
+        (found, busy)
+    }
+
+    /// Takes `id` out of the table, busy or not.
+    pub(crate) fn remove(&self, id: SlotId) -> Option<Slot> {
+        self.lock().live.remove(&id).map(|e| e.slot)
+    }
+
+    /// Takes out every slot idle for at least `idle_timeout` with nothing running in it.
+    pub(crate) fn take_idle(&self, idle_timeout: Duration) -> Vec<Slot> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let expired: Vec<SlotId> = state.live.values().filter(|e| e.busy == 0 && idle_for(e, now) >= idle_timeout).map(|e| e.slot.id).collect();
+        expired.iter().filter_map(|id| state.live.remove(id)).map(|e| e.slot).collect()
+    }
+
+    /// Takes out every slot.
+    pub(crate) fn take_all(&self) -> Vec<Slot> {
+        self.lock().live.drain().map(|(_, e)| e.slot).collect()
+    }
+}
+
+fn idle_for(entry: &Entry, now: Instant) -> Duration {
+    if entry.busy > 0 { Duration::ZERO } else { now.saturating_duration_since(entry.last_used) }
+}
+
+/// A place in the table, given back on drop unless a live slot took it.
+pub(crate) struct Reservation {
+    table: Arc<SlotTable>,
+    filled: bool,
+}
+
+impl Reservation {
+    /// The slot started: it is live from now, and its place stays taken until it leaves.
+    pub(crate) fn fill(mut self, slot: Slot) {
+        let now = Instant::now();
+        let mut state = self.table.lock();
+        // One step under the lock: the place passes from the reservation to the entry.
+        state.reserved = state.reserved.saturating_sub(1);
+        state.live.insert(slot.id, Entry { slot, acquired: now, last_used: now, busy: 0 });
+        self.filled = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.filled {
+            let mut state = self.table.lock();
+            state.reserved = state.reserved.saturating_sub(1);
+        }
+    }
+}
+
+/// Slots with calls running; each becomes idle again, from now, when this is dropped.
+pub(crate) struct Busy {
+    table: Arc<SlotTable>,
+    ids: Vec<SlotId>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut state = self.table.lock();
+        for id in &self.ids {
+            if let Some(entry) = state.live.get_mut(id) {
+                entry.busy = entry.busy.saturating_sub(1);
+                entry.last_used = now;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn slot(id: u64) -> Slot {
+        Slot { id: SlotId(id), trajectory_id: format!("t{id}"), backend: "test".into(), workspace: PathBuf::from("/nowhere") }
+    }
+
+    #[test]
+    fn reservations_bound_the_table_and_come_back_when_dropped() {
+        let table = Arc::new(SlotTable::new(2));
+        let first = table.reserve().expect("room for one");
+        let second = table.reserve().expect("room for two");
+        assert!(table.reserve().is_err(), "a third place does not fit");
+        first.fill(slot(1));
+        drop(second);
+        assert_eq!(table.live(), 1);
+        table.reserve().expect("the dropped reservation's place is free again").fill(slot(2));
+        assert!(table.reserve().is_err());
+    }
+
+    #[test]
+    fn busy_slots_never_expire_and_idle_ones_do() {
+        let table = Arc::new(SlotTable::new(10));
+        table.reserve().expect("room").fill(slot(1));
+        table.reserve().expect("room").fill(slot(2));
+        let (found, busy) = table.check_out([SlotId(1), SlotId(1), SlotId(9)]);
+        assert_eq!(found.len(), 1, "a repeated id counts once and an unknown one is skipped");
+        let expired = table.take_idle(Duration::ZERO);
+        assert_eq!(expired.iter().map(|s| s.id).collect::<Vec<_>>(), vec![SlotId(2)]);
+        assert!(table.list()[0].busy);
+        drop(busy);
+        assert!(!table.list()[0].busy);
+        assert_eq!(table.take_idle(Duration::ZERO).len(), 1);
+        assert_eq!(table.live(), 0);
+    }
+}
