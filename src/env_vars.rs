@@ -26,6 +26,3 @@ pub const NO_COLOR: &str = "NO_COLOR";
 pub const XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
 /// Standard: the user's home.
 pub const HOME: &str = "HOME";
-/// The bearer token a `rollbox serve` server requires, and the default variable the remote
-/// backend reads its servers' token from (`--token-env`).
-pub const SERVER_TOKEN: &str = "ROLLBOX_SERVER_TOKEN";
