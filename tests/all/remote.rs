@@ -6,11 +6,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rollbox::remote::provision::{LocalProvisioner, LocalProvisionerConfig};
-use rollbox::remote::{PoolConfig, RemoteBackend};
-use rollbox::Backend;
+use futures_util::future::join_all;
+use rollbox::output::error_chain;
+use rollbox::remote::provision::{ListedProvisioner, LocalProvisioner, LocalProvisionerConfig, Provisioner};
+use rollbox::remote::{PoolConfig, RemoteBackend, SlotHealth};
+use rollbox::{Backend, ErrorKind, Slot, ToolCall};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::conformance;
+use crate::support::{ok, pretty, value};
 
 /// Generous: only there so a broken test fails instead of hanging.
 const NO_HANG: Duration = Duration::from_secs(300);
@@ -38,4 +43,196 @@ async fn remote_passes_the_conformance_suite() {
     assert!(backend.tools().iter().any(|t| t.as_str() == "python"), "the tools come from the servers: {:?}", backend.tools());
     tokio::time::timeout(NO_HANG, conformance::run_all(&backend)).await.expect("the suite finishes");
     backend.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_server_mid_batch_fails_only_its_calls() {
+    let (backend, provisioner) = local_backend(pool(1, 2, 3), &[]).await;
+    let backend = Arc::new(backend);
+    let doomed = backend.acquire("doomed").await.expect("acquire");
+    let survivor = backend.acquire("survivor").await.expect("acquire");
+    let doomed_server = server_of(&backend, &doomed);
+    assert_ne!(doomed_server, server_of(&backend, &survivor), "one slot per server");
+
+    let marker = doomed.workspace.join("started");
+    let batch = vec![
+        (doomed.clone(), ToolCall::python("open('started', 'w').write('x')\nimport time\ntime.sleep(25)")),
+        (survivor.clone(), ToolCall::python("y = 21")),
+        (doomed.clone(), ToolCall::python("'never runs'")),
+        (survivor.clone(), ToolCall::python("y * 2")),
+    ];
+    let running = tokio::spawn({
+        let backend = backend.clone();
+        async move { backend.execute_batch(batch).await }
+    });
+    wait_until("the doomed slot's cell has started", || marker.exists()).await;
+    kill(provisioner.pid(&doomed_server).expect("the doomed server runs"), libc::SIGKILL);
+    let results = tokio::time::timeout(NO_HANG, running).await.expect("the batch ends").expect("the batch task");
+
+    assert_eq!(results.len(), 4, "every call gets exactly one result");
+    for result in [&results[0], &results[2]] {
+        assert_eq!(result.error.as_ref().map(|e| e.kind), Some(ErrorKind::Remote), "{}", pretty(result));
+        assert!(result.output.contains(&doomed_server) && result.output.contains("acquire a new one"), "{}", result.output);
+        assert!(result.metadata.state_lost);
+        assert_eq!(result.metadata.slot_id, Some(doomed.id));
+    }
+    assert_eq!(value(&ok(results[3].clone())), "42", "the other server's calls are untouched");
+    assert!(matches!(backend.slot_health(doomed.id), Some(SlotHealth::Lost { .. })));
+    assert_eq!(backend.slot_health(survivor.id), Some(SlotHealth::Alive));
+    let down = backend.servers().into_iter().find(|s| s.id == doomed_server).expect("the dead server is still listed");
+    assert!(down.down.is_some(), "{down:?}");
+
+    let replacement = backend.acquire("replacement").await.expect("a new slot on a new server");
+    let replacement_server = server_of(&backend, &replacement);
+    assert_ne!(replacement_server, doomed_server);
+    assert_eq!(value(&ok(backend.execute(&replacement, ToolCall::python("6 * 7")).await)), "42");
+    let lost_again = backend.execute(&doomed, ToolCall::python("1")).await;
+    assert!(lost_again.output.contains("is lost"), "{}", pretty(&lost_again));
+
+    backend.release(&doomed, true).await.expect("a lost slot releases");
+    assert!(backend.servers().iter().all(|s| s.id != doomed_server), "a dead server is dropped with its last slot");
+    backend.release(&survivor, true).await.expect("release");
+    backend.release(&replacement, true).await.expect("release");
+    backend.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_slots_over_four_servers_lose_no_results() {
+    let (backend, _) = local_backend(pool(125, 4, 4), &[]).await;
+    let backend = Arc::new(backend);
+    let acquired = tokio::time::timeout(NO_HANG, join_all((0..500).map(|i| {
+        let backend = backend.clone();
+        async move { backend.acquire(&format!("crowd-{i}")).await }
+    }))).await.expect("acquires end");
+    let slots: Vec<Slot> = acquired.into_iter().map(|r| r.expect("acquire")).collect();
+    let servers = backend.servers();
+    assert_eq!(servers.iter().map(|s| s.slots).collect::<Vec<_>>(), [125; 4], "{servers:?}");
+
+    let runs = slots.iter().enumerate().map(|(i, slot)| {
+        let (backend, slot) = (backend.clone(), slot.clone());
+        tokio::spawn(async move {
+            let first = backend.execute(&slot, ToolCall::python(format!("x = {i}\nx"))).await;
+            let second = backend.execute(&slot, ToolCall::python(format!("assert x == {i}\nx * 2 + 1"))).await;
+            (i, first, second)
+        })
+    });
+    let finished = tokio::time::timeout(NO_HANG, join_all(runs)).await.expect("cells end");
+    let mut checked = 0;
+    for run in finished {
+        let (i, first, second) = run.expect("a slot's task");
+        assert_eq!(value(&ok(first)), i.to_string());
+        assert_eq!(value(&ok(second)), (2 * i + 1).to_string());
+        checked += 2;
+    }
+    assert_eq!(checked, 1000, "every one of the 1000 results is present and correct");
+    for released in join_all(slots.iter().map(|s| backend.release(s, true))).await {
+        released.expect("release");
+    }
+    backend.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_a_clear_error() {
+    let provisioner = local_provisioner(&[]);
+    let real = provisioner.provision(1).await.expect("a real server").remove(0);
+    for token in [Some("not-the-token".to_string()), None] {
+        let listed = Arc::new(ListedProvisioner::new(std::slice::from_ref(&real.url), token));
+        let error = match RemoteBackend::with_provisioner(pool(1, 1, 1), listed).await {
+            Ok(_) => panic!("a wrong or missing token must be refused"),
+            Err(error) => error,
+        };
+        let text = error_chain(&error);
+        assert!(text.contains("401") && text.contains(&real.url), "{text}");
+        assert!(error.hint().is_some_and(|h| h.contains("ROLLBOX_SERVER_TOKEN")), "{:?}", error.hint());
+    }
+    provisioner.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_size_limit_is_a_clear_error() {
+    let (backend, _) = local_backend(pool(1, 1, 1), &["--max-body-bytes", "65536"]).await;
+    let slot = backend.acquire("big").await.expect("acquire");
+    let big = ToolCall::new("write_file", json!({"path": "big.txt", "content": "x".repeat(100_000)}));
+    let refused = backend.execute(&slot, big).await;
+    assert_eq!(refused.error.as_ref().map(|e| e.kind), Some(ErrorKind::Remote), "{}", pretty(&refused));
+    assert!(refused.output.contains("413") && refused.output.contains("size limit"), "{}", refused.output);
+    assert!(!refused.metadata.state_lost, "a refused request loses nothing");
+    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("1 + 1")).await)), "2", "the slot still works");
+    backend.release(&slot, true).await.expect("release");
+    backend.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_comes_back_is_used_again() {
+    let token = "comeback-token-0123456789";
+    let (first, url) = spawn_server("127.0.0.1:0", token).await;
+    let listen = url.trim_start_matches("http://").to_string();
+    let listed = Arc::new(ListedProvisioner::new(std::slice::from_ref(&url), Some(token.into())));
+    let backend = RemoteBackend::with_provisioner(pool(4, 1, 1), listed).await.expect("start");
+    let forgotten = backend.acquire("forgotten").await.expect("acquire");
+    ok(backend.execute(&forgotten, ToolCall::python("x = 1")).await);
+
+    // Restarted behind the client's back: the new process does not know the slot.
+    stop(first).await;
+    let (second, _) = spawn_server(&listen, token).await;
+    let gone = backend.execute(&forgotten, ToolCall::python("x")).await;
+    assert_eq!(gone.error.as_ref().map(|e| e.kind), Some(ErrorKind::Remote), "{}", pretty(&gone));
+    assert!(gone.output.contains("no longer has it") && gone.metadata.state_lost, "{}", gone.output);
+    assert!(matches!(backend.slot_health(forgotten.id), Some(SlotHealth::Lost { .. })));
+
+    // Down while the client calls it, then back: the next acquire finds it again.
+    let cut_off = backend.acquire("cut-off").await.expect("acquire on the restarted server");
+    stop(second).await;
+    let unreachable = backend.execute(&cut_off, ToolCall::python("1")).await;
+    assert!(unreachable.output.contains("failed to reach server"), "{}", pretty(&unreachable));
+    assert!(backend.servers()[0].down.is_some());
+    let (third, _) = spawn_server(&listen, token).await;
+    let fresh = backend.acquire("fresh").await.expect("the server is used again once it answers");
+    assert_eq!(value(&ok(backend.execute(&fresh, ToolCall::python("2 + 2")).await)), "4");
+    assert!(backend.servers()[0].down.is_none());
+
+    for slot in [&forgotten, &cut_off, &fresh] {
+        backend.release(slot, true).await.expect("release");
+    }
+    backend.shutdown().await.expect("shutdown");
+    stop(third).await;
+}
+
+fn server_of(backend: &RemoteBackend, slot: &Slot) -> String {
+    backend.slot_info(slot.id).expect("the backend holds the slot").server_id
+}
+
+fn kill(pid: u32, signal: i32) {
+    let pid = i32::try_from(pid).expect("a pid");
+    // SAFETY: kill(2) on a child the provisioner spawned and still holds.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+}
+
+/// Polls `condition` until it holds; fails (never hangs) after [`NO_HANG`].
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + NO_HANG;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A real `rollbox serve` on `listen` with `token`, and its URL from the listening line.
+async fn spawn_server(listen: &str, token: &str) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["--quiet", "serve", "--listen", listen])
+        .env(rollbox::env_vars::SERVER_TOKEN, token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn rollbox serve");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = tokio::time::timeout(NO_HANG, lines.next_line()).await.expect("a listening line").expect("read").expect("a line");
+    let listening: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    (child, listening["url"].as_str().expect("a url").to_string())
+}
+
+/// Kills a server abruptly and waits until it is gone.
+async fn stop(mut child: tokio::process::Child) {
+    child.kill().await.expect("kill the server");
 }
