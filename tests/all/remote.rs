@@ -236,3 +236,88 @@ async fn spawn_server(listen: &str, token: &str) -> (tokio::process::Child, Stri
 async fn stop(mut child: tokio::process::Child) {
     child.kill().await.expect("kill the server");
 }
+
+/// A scripted stand-in for `rollbox serve`, because a real server cannot misbehave on cue. It
+/// answers health, acquire and release like the real one, and answers an execute request as
+/// its first cell's code says: `hang` never answers, `fail` is a 500 with an error body,
+/// `forget` says the slot is unknown (as after a restart), anything else succeeds.
+async fn scripted_server() -> String {
+    use axum::Json;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+    use rollbox::server::api::{AcquireRequest, AcquireResponse, ApiError, ApiErrorCode, ErrorBody, ExecuteRequest, ExecuteResponse, Health, ReleaseResponse};
+    use rollbox::{ExecutionMetadata, ExecutionResult, SlotId};
+
+    async fn health() -> Json<Health> {
+        Json(Health {
+            status: "ok".into(),
+            api_version: "v1".into(),
+            rollbox_version: "scripted".into(),
+            backend: "scripted".into(),
+            tools: vec!["python".into()],
+            live_slots: 0,
+            max_slots: 10,
+        })
+    }
+    async fn acquire(Json(request): Json<AcquireRequest>) -> Json<AcquireResponse> {
+        let slot = Slot { id: SlotId(7), trajectory_id: request.trajectory_id, backend: "scripted".into(), workspace: "/nowhere".into() };
+        Json(AcquireResponse { slot })
+    }
+    async fn execute(Json(request): Json<ExecuteRequest>) -> Response {
+        let code = request.calls.first().and_then(|c| c.call.arguments["code"].as_str()).unwrap_or_default().to_string();
+        let metadata = |c: &rollbox::server::api::SlotCall| ExecutionMetadata { slot_id: Some(c.slot_id), tool: c.call.name.clone(), ..Default::default() };
+        match code.as_str() {
+            "hang" => std::future::pending().await,
+            "fail" => {
+                let error = ApiError { code: ApiErrorCode::Internal, message: "scripted failure".into() };
+                (StatusCode::INTERNAL_SERVER_ERROR, Json(ErrorBody { error })).into_response()
+            }
+            "forget" => {
+                let results = request.calls.iter().map(|c| ExecutionResult::failure(ErrorKind::UnknownSlot, "unknown slot", metadata(c))).collect();
+                Json(ExecuteResponse { results }).into_response()
+            }
+            _ => Json(ExecuteResponse { results: request.calls.iter().map(|c| ExecutionResult::ok("fine", metadata(c))).collect() }).into_response(),
+        }
+    }
+    let app = axum::Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/slots", post(acquire))
+        .route("/v1/execute", post(execute))
+        .route("/v1/slots/{id}/release", post(|| async { Json(ReleaseResponse { slot_id: SlotId(7) }) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_failing_server_gets_clear_errors_and_never_hangs() {
+    // Scripted server (see `scripted_server`): a real one cannot hang or fail on cue.
+    let url = scripted_server().await;
+    let listed = Arc::new(ListedProvisioner::new(std::slice::from_ref(&url), None));
+    let config = PoolConfig { call_timeout: Duration::from_millis(200), request_margin: Duration::from_millis(300), ..pool(2, 1, 1) };
+    let backend = RemoteBackend::with_provisioner(config, listed).await.expect("start");
+    let slot = backend.acquire("scripted").await.expect("acquire");
+    assert_eq!(value_of_output(&backend, &slot, "fine").await, "fine");
+
+    let slow = tokio::time::timeout(NO_HANG, backend.execute(&slot, ToolCall::python("hang"))).await.expect("the client gives up by itself");
+    assert_eq!(slow.error.as_ref().map(|e| e.kind), Some(ErrorKind::Remote), "{}", pretty(&slow));
+    assert!(slow.output.contains("did not answer within 0.5 s") && slow.output.contains("may still be running"), "{}", slow.output);
+    assert_eq!(backend.slot_health(slot.id), Some(SlotHealth::Alive), "a slow server has not lost the slot");
+
+    let failed = backend.execute(&slot, ToolCall::python("fail")).await;
+    assert_eq!(failed.error.as_ref().map(|e| e.kind), Some(ErrorKind::Remote), "{}", pretty(&failed));
+    assert!(failed.output.contains("500") && failed.output.contains("scripted failure") && failed.output.contains("see its log"), "{}", failed.output);
+    assert_eq!(backend.slot_health(slot.id), Some(SlotHealth::Alive));
+
+    let forgotten = backend.execute(&slot, ToolCall::python("forget")).await;
+    assert!(forgotten.output.contains("no longer has it") && forgotten.metadata.state_lost, "{}", pretty(&forgotten));
+    assert!(matches!(backend.slot_health(slot.id), Some(SlotHealth::Lost { .. })));
+    backend.release(&slot, true).await.expect("a lost slot releases");
+    backend.shutdown().await.expect("shutdown");
+}
+
+async fn value_of_output(backend: &RemoteBackend, slot: &Slot, code: &str) -> String {
+    ok(backend.execute(slot, ToolCall::python(code)).await).output
+}
