@@ -70,14 +70,15 @@ pub struct ModalConfig {
     pub create_timeout: Duration,
 }
 
-impl ModalConfig {
-    /// Sandboxes of the `rollbox` app running `binary` with the `process` backend on port
-    /// 8000, in a Debian image with Python 3.11, git and pytest; 2 hours' lifetime each.
-    pub fn new(binary: impl Into<PathBuf>) -> ModalConfig {
+impl Default for ModalConfig {
+    /// Sandboxes of the `rollbox` app running the `process` backend on port 8000, in a Debian
+    /// image with Python 3.11, git and pytest; 2 hours' lifetime each. The binary is unset:
+    /// see [`ModalConfig::new`].
+    fn default() -> Self {
         ModalConfig {
             python: PathBuf::from("python3"),
             app_name: "rollbox".into(),
-            binary: binary.into(),
+            binary: PathBuf::new(),
             python_version: "3.11".into(),
             apt_packages: vec!["git".into(), "python3".into(), "python3-pytest".into()],
             port: 8000,
@@ -90,6 +91,13 @@ impl ModalConfig {
             ready_timeout: Duration::from_secs(180),
             create_timeout: Duration::from_secs(900),
         }
+    }
+}
+
+impl ModalConfig {
+    /// The defaults, with `binary` as the rollbox that goes into the image.
+    pub fn new(binary: impl Into<PathBuf>) -> ModalConfig {
+        ModalConfig { binary: binary.into(), ..ModalConfig::default() }
     }
 
     /// The server's command line inside the sandbox. It listens on every interface (the
