@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use rollbox::output::error_chain;
-use rollbox::remote::provision::{ListedProvisioner, LocalProvisioner, LocalProvisionerConfig, Provisioner};
-use rollbox::remote::{PoolConfig, RemoteBackend, SlotHealth};
+use rollbox::remote::provision::{ListedProvisioner, LocalProvisioner, LocalProvisionerConfig, ModalConfig, ModalProvisioner, Provisioner};
+use rollbox::remote::{PoolConfig, ProvisionConfig, RemoteBackend, RemoteBackendConfig, SlotHealth};
 use rollbox::{Backend, ErrorKind, Slot, ToolCall};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -320,4 +320,137 @@ async fn a_slow_or_failing_server_gets_clear_errors_and_never_hangs() {
 
 async fn value_of_output(backend: &RemoteBackend, slot: &Slot, code: &str) -> String {
     ok(backend.execute(slot, ToolCall::python(code)).await).output
+}
+
+/// Modal's SDK replaced by a stand-in package (tests/data/remote/modal_stand_in.py, which says
+/// what it does and does not exercise), because Modal cannot be reached from here; and a
+/// `python` wrapper that puts it first on PYTHONPATH, handed to rollbox as `--modal-python`.
+struct ModalStandIn {
+    dir: tempfile::TempDir,
+    python: std::path::PathBuf,
+}
+
+impl ModalStandIn {
+    fn new(package_source: &str, settings: serde_json::Value) -> ModalStandIn {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let sdk = dir.path().join("sdk");
+        std::fs::create_dir_all(sdk.join("modal")).expect("mkdir");
+        std::fs::write(sdk.join("modal").join("__init__.py"), package_source).expect("write the stand-in");
+        let mut settings = settings;
+        settings["binary"] = json!(env!("CARGO_BIN_EXE_rollbox"));
+        settings["record"] = json!(dir.path().join("calls.jsonl"));
+        std::fs::write(sdk.join("stand_in.json"), settings.to_string()).expect("write the settings");
+        let python = dir.path().join("python");
+        std::fs::write(&python, format!("#!/bin/sh\nPYTHONPATH='{}' exec python3 \"$@\"\n", sdk.display())).expect("write the wrapper");
+        std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        ModalStandIn { dir, python }
+    }
+
+    fn recording(settings: serde_json::Value) -> ModalStandIn {
+        ModalStandIn::new(include_str!("../data/remote/modal_stand_in.py"), settings)
+    }
+
+    fn config(&self) -> ModalConfig {
+        ModalConfig { python: self.python.clone(), ..ModalConfig::new(env!("CARGO_BIN_EXE_rollbox")) }
+    }
+
+    /// Every SDK call recorded so far, in order.
+    fn calls(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("calls.jsonl")).unwrap_or_default();
+        text.lines().map(|line| serde_json::from_str(line).expect("a JSON line")).collect()
+    }
+
+    fn calls_named(&self, name: &str) -> Vec<serde_json::Value> {
+        self.calls().into_iter().filter(|c| c["call"] == name).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modal_sandboxes_are_created_and_always_terminated() {
+    let stand_in = ModalStandIn::recording(json!({}));
+    let config = RemoteBackendConfig { pool: pool(1, 1, 2), provision: ProvisionConfig::Modal(stand_in.config()) };
+    let backend = RemoteBackend::start(config).await.unwrap_or_else(|e| panic!("start: {}", error_chain(&e)));
+    let warm = backend.acquire("warm").await.expect("acquire on the warm sandbox");
+    let extra = backend.acquire("extra").await.expect("acquire on a second sandbox");
+    assert_eq!(value(&ok(backend.execute_batch(vec![(warm.clone(), ToolCall::python("6 * 7"))]).await.remove(0))), "42");
+    assert_eq!(value(&ok(backend.execute(&extra, ToolCall::python("7 * 6")).await)), "42");
+    let (warm_id, extra_id) = (server_of(&backend, &warm), server_of(&backend, &extra));
+
+    backend.release(&extra, true).await.expect("release");
+    let terminated: Vec<_> = stand_in.calls_named("Sandbox.terminate").into_iter().map(|c| c["id"].clone()).collect();
+    assert_eq!(terminated, [json!(extra_id)], "the sandbox beyond the warm minimum ends with its last slot");
+    backend.release(&warm, true).await.expect("release");
+    assert_eq!(stand_in.calls_named("Sandbox.terminate").len(), 1, "the warm sandbox stays");
+    backend.shutdown().await.expect("shutdown");
+    let terminated: Vec<_> = stand_in.calls_named("Sandbox.terminate").into_iter().map(|c| c["id"].clone()).collect();
+    assert_eq!(terminated, [json!(extra_id), json!(warm_id)], "shutdown ends the rest");
+
+    let lookup = &stand_in.calls_named("App.lookup")[0];
+    assert_eq!((&lookup["name"], &lookup["create_if_missing"]), (&json!("rollbox"), &json!(true)));
+    let image: Vec<_> = stand_in.calls().into_iter().filter(|c| c["call"].as_str().is_some_and(|n| n.starts_with("Image."))).collect();
+    assert_eq!(image[0]["python_version"], "3.11");
+    assert_eq!(image[1]["packages"], json!(["git", "python3", "python3-pytest"]));
+    assert_eq!((&image[2]["local_path"], &image[2]["remote_path"], &image[2]["copy"]), (&json!(env!("CARGO_BIN_EXE_rollbox")), &json!("/usr/local/bin/rollbox"), &json!(true)));
+    let creates = stand_in.calls_named("Sandbox.create");
+    assert_eq!(creates.len(), 2);
+    for create in &creates {
+        let args: Vec<&str> = create["args"].as_array().expect("args").iter().filter_map(|a| a.as_str()).collect();
+        assert_eq!(args[..7], ["/usr/local/bin/rollbox", "serve", "--listen", "0.0.0.0:8000", "--backend", "process", "--unsafe-no-isolation"]);
+        assert_eq!(create["encrypted_ports"], json!([8000]));
+        assert_eq!(create["timeout"], json!(7200));
+    }
+    assert!(stand_in.calls_named("Secret.from_dict").iter().all(|s| s["names"] == json!(["ROLLBOX_SERVER_TOKEN"])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_modal_helper_terminates_its_sandboxes_when_rollbox_goes_away() {
+    let stand_in = ModalStandIn::recording(json!({}));
+    let provisioner = ModalProvisioner::start(stand_in.config()).await.unwrap_or_else(|e| panic!("start: {}", error_chain(&e)));
+    let made = provisioner.provision(2).await.unwrap_or_else(|e| panic!("provision: {}", error_chain(&e)));
+    assert_eq!(made.len(), 2);
+    // No shutdown: dropping closes the helper's stdin, as rollbox dying would.
+    drop(provisioner);
+    wait_until("the helper terminated both sandboxes", || stand_in.calls_named("Sandbox.terminate").len() == 2).await;
+    let ids: Vec<_> = stand_in.calls_named("Sandbox.terminate").into_iter().map(|c| c["id"].as_str().map(str::to_string)).collect();
+    for endpoint in &made {
+        assert!(ids.contains(&Some(endpoint.id.clone())), "{} was not terminated: {ids:?}", endpoint.id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_modal_create_leaves_no_sandbox_behind() {
+    let stand_in = ModalStandIn::recording(json!({ "fail_on_create_number": 2 }));
+    let provisioner = ModalProvisioner::start(stand_in.config()).await.unwrap_or_else(|e| panic!("start: {}", error_chain(&e)));
+    let error = match provisioner.provision(2).await {
+        Ok(_) => panic!("the second sandbox fails, so the request fails"),
+        Err(error) => error_chain(&error),
+    };
+    assert!(error.contains("1 of 2 sandboxes failed") && error.contains("the stand-in refuses"), "{error}");
+    let created: Vec<_> = stand_in.calls_named("Sandbox.create").into_iter().map(|c| c["id"].clone()).collect();
+    let terminated: Vec<_> = stand_in.calls_named("Sandbox.terminate").into_iter().map(|c| c["id"].clone()).collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!(created, terminated, "all or nothing: the one that started is terminated");
+    provisioner.shutdown().await.expect("shutdown");
+}
+
+#[test]
+fn modal_dry_run_prints_the_plan_without_importing_modal() {
+    // This stand-in fails on import: the dry run must never import modal.
+    let stand_in = ModalStandIn::new("raise ImportError('the dry run imported modal')\n", json!({}));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["exec", "--backend", "remote", "--provision", "modal", "--dry-run", "--slots-per-sandbox", "10", "--min-sandboxes", "2", "--modal-python"])
+        .arg(&stand_in.python)
+        .output()
+        .expect("run rollbox");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the plan is JSON");
+    assert_eq!((&plan["slots_per_sandbox"], &plan["min_sandboxes"], &plan["started_up_front"]), (&json!(10), &json!(2), &json!(2)));
+    let servers = &plan["servers"];
+    assert_eq!(servers["image"][0]["call"], "modal.Image.debian_slim");
+    assert_eq!(servers["sandbox"]["call"], "modal.Sandbox.create");
+    assert_eq!(servers["sandbox"]["kwargs"]["encrypted_ports"], json!([8000]));
+    assert_eq!(servers["sandbox"]["args"][5], "process");
+    assert!(servers["sandbox"]["args"].as_array().expect("args").contains(&json!("--max-slots")));
+    assert_eq!(servers["on_release_shutdown_or_exit"]["call"], "sandbox.terminate");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ROLLBOX_SERVER_TOKEN\": \"0"), "no real token is printed");
 }
