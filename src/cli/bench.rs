@@ -96,7 +96,7 @@ async fn run_remote(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let backend = CliBackend::Remote(Arc::new(start_remote_backend(remote.resolve(&limits, &args.runtime)?).await?));
     let options = RemoteBenchOptions { cells: args.cells, slots: args.slots, rounds: args.rounds };
     backend
-        .run(async {
+        .run(quiet, async {
             let report = run_remote_bench(&in_process, backend.shared(), &options).await?;
             print_remote_report(&report, args.json)?;
             Ok(ExitCode::SUCCESS)

@@ -48,7 +48,7 @@ pub(crate) async fn run(args: ExecArgs, quiet: bool) -> anyhow::Result<ExitCode>
     }
     anyhow::ensure!(!cells.is_empty(), "no cells to run: pass -c CODE (repeatable) or --file PATH");
     let backend = args.backend.start(limits, &args.runtime, quiet).await?;
-    backend.run(run_cells(backend.shared().as_ref(), cells, &args, quiet)).await
+    backend.run(quiet, run_cells(backend.shared().as_ref(), cells, &args, quiet)).await
 }
 
 /// Runs `cells` in order in one new slot, printing each result.

@@ -283,12 +283,14 @@ impl CliBackend {
 
     /// Runs `work`; on Ctrl-C first, stops every server (terminating Modal sandboxes) and
     /// exits with 130. Either way the servers are stopped before this returns.
-    pub(crate) async fn run(&self, work: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    pub(crate) async fn run(&self, quiet: bool, work: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
         let CliBackend::Remote(remote) = self else { return work.await };
         let outcome = tokio::select! {
             outcome = work => outcome,
             _ = interrupted() => {
-                eprintln!("rollbox: interrupted; stopping the servers");
+                if !quiet {
+                    eprintln!("rollbox: interrupted; stopping the servers");
+                }
                 Ok(ExitCode::from(130))
             }
         };

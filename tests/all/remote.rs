@@ -38,11 +38,16 @@ fn pool(slots_per_server: usize, min_servers: usize, max_servers: usize) -> Pool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_passes_the_conformance_suite() {
-    let (backend, _) = local_backend(pool(2, 1, 2), &[]).await;
+    let (backend, provisioner) = local_backend(pool(2, 1, 2), &[]).await;
     assert_eq!(backend.name(), "remote");
     assert!(backend.tools().iter().any(|t| t.as_str() == "python"), "the tools come from the servers: {:?}", backend.tools());
     tokio::time::timeout(NO_HANG, conformance::run_all(&backend)).await.expect("the suite finishes");
+    let pids: Vec<u32> = backend.servers().iter().filter_map(|s| provisioner.pid(&s.id)).collect();
+    assert!(!pids.is_empty());
     backend.shutdown().await.expect("shutdown");
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "server process {pid} outlived shutdown");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,4 +458,32 @@ fn modal_dry_run_prints_the_plan_without_importing_modal() {
     assert!(servers["sandbox"]["args"].as_array().expect("args").contains(&json!("--max-slots")));
     assert_eq!(servers["on_release_shutdown_or_exit"]["call"], "sandbox.terminate");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("ROLLBOX_SERVER_TOKEN\": \"0"), "no real token is printed");
+}
+
+#[test]
+fn ctrl_c_terminates_the_modal_sandboxes() {
+    let stand_in = ModalStandIn::recording(json!({}));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["--quiet", "exec", "--backend", "remote", "--provision", "modal", "-c", "import time\ntime.sleep(25)", "--modal-python"])
+        .arg(&stand_in.python)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run rollbox");
+    let deadline = std::time::Instant::now() + NO_HANG;
+    while stand_in.calls_named("Sandbox.tunnels").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no sandbox was created");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Give the cell a moment to start; if the signal lands earlier, the helper's own clean-up
+    // (its stdin closes when rollbox dies) must terminate the sandbox just the same.
+    std::thread::sleep(Duration::from_millis(500));
+    kill(child.id(), libc::SIGINT);
+    let status = child.wait().expect("rollbox exits");
+    assert!(!status.success(), "{status:?}");
+    while stand_in.calls_named("Sandbox.terminate").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the sandbox was never terminated");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let created = stand_in.calls_named("Sandbox.create")[0]["id"].clone();
+    assert_eq!(stand_in.calls_named("Sandbox.terminate")[0]["id"], created);
 }

@@ -96,5 +96,6 @@ class Sandbox:
 
     def terminate(self):
         record("Sandbox.terminate", id=self.object_id)
-        self._process.terminate()
+        # Modal ends the container outright; so does the stand-in.
+        self._process.kill()
         self._process.wait(timeout=60)
