@@ -337,17 +337,6 @@ impl RemoteBackend {
             }
         }
     }
-
-    /// The deadline of a request carrying `calls`: the longest total call time of any one slot
-    /// (a slot's calls run one after another) plus the margin.
-    fn request_timeout(&self, calls: &[SlotCall]) -> Duration {
-        let mut per_slot: HashMap<SlotId, Duration> = HashMap::new();
-        for call in calls {
-            let limit = call.call.timeout.map_or(self.config.call_timeout, |t| t.min(self.config.call_timeout));
-            *per_slot.entry(call.slot_id).or_default() += limit;
-        }
-        per_slot.into_values().max().unwrap_or_default() + self.config.request_margin
-    }
 }
 
 /// One server's share of a batch.
@@ -404,7 +393,7 @@ impl RemoteBackend {
                 let unreachable = error.server_unreachable();
                 let message = format!("{}; {}", error_chain(&error), error.advice());
                 if unreachable {
-                    self.lock_pool().mark_down(batch.key, &format!("{}", error_chain(&error)));
+                    self.lock_pool().mark_down(batch.key, &error_chain(&error));
                 }
                 for (index, slot_id, tool) in batch.items {
                     results[index] = Some(failed_call(ErrorKind::Remote, message.clone(), &tool, slot_id, unreachable));
@@ -465,7 +454,7 @@ impl Backend for RemoteBackend {
         let mut batches = self.group_by_server(calls, &mut results);
         let requests = batches.iter_mut().map(|batch| {
             let calls = std::mem::take(&mut batch.calls);
-            let timeout = self.request_timeout(&calls);
+            let timeout = request_timeout(&self.config, &calls);
             let client = batch.client.clone();
             async move { client.execute(calls, timeout).await }
         });
@@ -498,6 +487,17 @@ impl Backend for RemoteBackend {
             Err(error) => Err(remote_error(&format!("failed to release slot {} (it is forgotten here; the server expires it when idle)", slot.id), &error)),
         }
     }
+}
+
+/// The deadline of a request carrying `calls`: the longest total call time of any one slot
+/// (a slot's calls run one after another) plus the margin.
+fn request_timeout(config: &PoolConfig, calls: &[SlotCall]) -> Duration {
+    let mut per_slot: HashMap<SlotId, Duration> = HashMap::new();
+    for call in calls {
+        let limit = call.call.timeout.map_or(config.call_timeout, |t| t.min(config.call_timeout));
+        *per_slot.entry(call.slot_id).or_default() += limit;
+    }
+    per_slot.into_values().max().unwrap_or_default() + config.request_margin
 }
 
 /// Checks the settings and caps the server count at what the provisioner can supply.
@@ -546,4 +546,32 @@ fn failed_call(kind: ErrorKind, message: String, tool: &str, slot_id: SlotId, st
 fn remote_error(what: &str, error: &(dyn std::error::Error + 'static)) -> BackendError {
     let advice = error.downcast_ref::<ClientError>().map(|e| format!("; {}", e.advice())).unwrap_or_default();
     BackendError::Remote { message: format!("{what}: {}{advice}", error_chain(error)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_may_take_its_slowest_slots_calls_plus_the_margin() {
+        let config = PoolConfig { call_timeout: Duration::from_secs(30), request_margin: Duration::from_secs(10), ..PoolConfig::default() };
+        let call = |slot: u64, timeout: Option<u64>| SlotCall {
+            slot_id: SlotId(slot),
+            call: ToolCall { timeout: timeout.map(Duration::from_secs), ..ToolCall::python("1") },
+        };
+        // Slot 1 runs two calls in turn (30 s + 5 s); slot 2 runs one in parallel; a per-call
+        // limit above the servers' is capped at theirs.
+        let calls = [call(1, None), call(2, Some(100)), call(1, Some(5))];
+        assert_eq!(request_timeout(&config, &calls), Duration::from_secs(45));
+    }
+
+    #[test]
+    fn contradictory_settings_are_refused_with_the_flag_to_fix() {
+        let refused = |config: PoolConfig, limit| validated(config, limit).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused(PoolConfig { min_servers: 0, ..PoolConfig::default() }, None).contains("--min-sandboxes must be at least 1"));
+        assert!(refused(PoolConfig { min_servers: 5, max_servers: 2, ..PoolConfig::default() }, None).contains("--max-sandboxes (2)"));
+        assert!(refused(PoolConfig { min_servers: 3, ..PoolConfig::default() }, Some(2)).contains("only 2 servers are listed"));
+        let capped = validated(PoolConfig { max_servers: 8, ..PoolConfig::default() }, Some(3)).map(|c| c.max_servers).ok();
+        assert_eq!(capped, Some(3), "no more servers than the list holds");
+    }
 }

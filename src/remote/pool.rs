@@ -162,3 +162,57 @@ impl Pool {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::provision::ServerEndpoint;
+
+    fn client(name: &str) -> Arc<ServerClient> {
+        let endpoint = ServerEndpoint { id: name.into(), url: format!("http://{name}"), token: None };
+        Arc::new(ServerClient::new(endpoint, reqwest::Client::new()))
+    }
+
+    fn slot_on(server: ServerKey, client: &Arc<ServerClient>) -> SlotEntry {
+        SlotEntry { server, client: client.clone(), remote: SlotId(1), lost: None }
+    }
+
+    #[test]
+    fn places_go_to_the_least_loaded_server_with_room() {
+        let mut pool = Pool::default();
+        let a = pool.add_server(client("a"), 1);
+        let b = pool.add_server(client("b"), 0);
+        assert_eq!(pool.reserve(2).map(|(key, _)| key), Some(b));
+        assert_eq!(pool.reserve(2).map(|(key, _)| key), Some(a), "a tie goes to the oldest");
+        assert_eq!(pool.reserve(2).map(|(key, _)| key), Some(b));
+        assert!(pool.reserve(2).is_none(), "both are full");
+    }
+
+    #[test]
+    fn a_server_is_stopped_with_its_last_slot_only_beyond_the_minimum_or_when_down() {
+        let mut pool = Pool::default();
+        let a = pool.add_server(client("a"), 1);
+        let b = pool.add_server(client("b"), 1);
+        assert!(pool.give_back(a, 1).is_some(), "two up, one kept warm: a goes");
+        assert!(pool.give_back(b, 1).is_none(), "b is the warm minimum");
+        pool.reserve(1);
+        pool.mark_down(b, "gone");
+        assert!(pool.give_back(b, 1).is_some(), "a down server goes even when it was the minimum");
+        assert_eq!(pool.server_count(), 0);
+    }
+
+    #[test]
+    fn a_down_server_loses_its_slots_and_can_come_back() {
+        let mut pool = Pool::default();
+        let a_client = client("a");
+        let a = pool.add_server(a_client.clone(), 1);
+        pool.insert_slot(SlotId(10), slot_on(a, &a_client));
+        pool.mark_down(a, "connection refused");
+        assert_eq!(pool.slot_info(SlotId(10)).map(|i| i.health), Some(SlotHealth::Lost { reason: "connection refused".into() }));
+        assert!(pool.reserve(2).is_none(), "a down server takes no new slots");
+        assert_eq!(pool.down_with_room(2).len(), 1);
+        assert!(pool.revive(a, 2).is_some());
+        assert!(pool.server_infos()[0].down.is_none());
+        assert!(matches!(pool.slot_info(SlotId(10)).map(|i| i.health), Some(SlotHealth::Lost { .. })), "its old slots stay lost");
+    }
+}
