@@ -90,16 +90,19 @@ struct ListeningLine<'a> {
 pub(crate) async fn run(args: ServeArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let config = resolve_config(&args)?;
     // Before the slow backend start, so a refused setting fails fast.
-    config.check(args.listen.ip())?;
+    config.validate()?;
+    config.check_exposure(args.listen.ip())?;
     let backend = args.backend.start(&args, quiet).await?;
+    let backend_name = backend.name().to_owned();
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to listen on {}", args.listen))?;
     let address = listener.local_addr().context("failed to read the listening address")?;
     let state = ServerState::new(backend, config)?;
+    let interrupts = Interrupts::listen()?;
     print_listening_line(address)?;
     if !quiet {
-        eprintln!("rollbox serve: {} slots on http://{address} (Ctrl-C to stop)", args.backend.to_possible_value().map_or("?".into(), |v| v.get_name().to_owned()));
+        eprintln!("rollbox serve: {backend_name} slots on http://{address} (Ctrl-C to stop)");
     }
-    let summary = rollbox::server::serve(listener, state, shutdown_signal(quiet)).await?;
+    let summary = rollbox::server::serve(listener, state, shutdown_signal(interrupts, quiet)).await?;
     if !quiet {
         eprintln!("rollbox serve: stopped; released {} slots", summary.released_slots);
     }
@@ -147,37 +150,49 @@ fn print_listening_line(address: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// Completes on the first Ctrl-C or SIGTERM; from then on a second one exits at once.
-async fn shutdown_signal(quiet: bool) {
-    interrupted().await;
+async fn shutdown_signal(mut interrupts: Interrupts, quiet: bool) {
+    interrupts.next().await;
     if !quiet {
         eprintln!("rollbox serve: shutting down, finishing the requests in flight (Ctrl-C again to force)");
     }
-    tokio::spawn(async {
-        interrupted().await;
+    tokio::spawn(async move {
+        interrupts.next().await;
         eprintln!("rollbox serve: forced exit");
         std::process::exit(130);
     });
 }
 
-async fn interrupted() {
-    let ctrl_c = async {
+/// Ctrl-C and SIGTERM, listened for from the start: a signal that arrives while nothing
+/// waits is kept for the next wait, so a quick second Ctrl-C is never lost.
+struct Interrupts {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    fn listen() -> anyhow::Result<Interrupts> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let interrupt = signal(SignalKind::interrupt()).context("failed to listen for Ctrl-C")?;
+            let terminate = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
+            Ok(Interrupts { interrupt, terminate })
+        }
+        #[cfg(not(unix))]
+        Ok(Interrupts {})
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
     }
 }

@@ -62,7 +62,10 @@ pub(crate) async fn require_token(State(state): State<ServerState>, request: Req
     let presented = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(bearer_credential);
     match presented {
         Some(candidate) if token.matches(candidate) => next.run(request).await,
-        Some(_) => unauthorized("the bearer token is wrong; use the token the server was started with (ROLLBOX_SERVER_TOKEN or --token-file)"),
+        Some(_) => unauthorized(&format!(
+            "the bearer token is wrong; use the token the server was started with ({} or --token-file)",
+            crate::env_vars::SERVER_TOKEN
+        )),
         None => unauthorized("this server needs a bearer token: send the header `Authorization: Bearer <token>`"),
     }
 }

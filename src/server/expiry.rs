@@ -25,12 +25,13 @@ pub(super) async fn reap_idle_slots(shared: Weak<Shared>) {
         tokio::time::sleep(interval).await;
         let Some(shared) = shared.upgrade() else { return };
         let expired = shared.slots.take_idle(shared.config.idle_timeout);
+        // Counted as they leave the table, so the metric never lags the slot count.
+        shared.metrics.count_expired(expired.len());
         for slot in &expired {
             tracing::info!(slot = %slot.id, trajectory = %slot.trajectory_id, "released an idle slot");
             if let Err(error) = shared.backend.release(slot, true).await {
                 tracing::warn!(slot = %slot.id, %error, "failed to release an idle slot");
             }
         }
-        shared.metrics.count_expired(expired.len());
     }
 }

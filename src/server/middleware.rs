@@ -114,11 +114,12 @@ pub(crate) struct DetachedWork {
 impl DetachedWork {
     /// Runs `work` on its own task and waits for it; `None` if it panicked (logged).
     pub(crate) async fn run<T: Send + 'static>(state: &ServerState, work: impl Future<Output = T> + Send + 'static) -> Option<T> {
-        let shared = state.shared.clone();
-        shared.detached.running.fetch_add(1, Ordering::SeqCst);
+        state.shared.detached.running.fetch_add(1, Ordering::SeqCst);
+        // Made before the spawn and moved in: even a task dropped unpolled counts as done.
+        let done = Finished(state.shared.clone());
         let task = tokio::spawn(
             async move {
-                let _done = Finished(shared.clone());
+                let _done = done;
                 work.await
             }
             .in_current_span(),

@@ -5,7 +5,7 @@
 //! and releases every slot. The wire format is in [`api`]; `docs/API.md` is the reference.
 //!
 //! Every request passes the same stack, outermost first: a tracing span and the request
-//! metrics ([`middleware`]), the bearer token ([`auth`]), the per-request timeout, and, for the
+//! metrics (`middleware`), the bearer token ([`auth`]), the per-request timeout, and, for the
 //! routes that do work, the concurrency limit. Bodies are capped by [`ServerConfig::max_body_bytes`].
 
 pub mod api;
@@ -73,12 +73,8 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// Checks the settings, and that a server on `ip` would not be open to the network
-    /// without a token.
-    pub fn check(&self, ip: IpAddr) -> Result<(), ServerError> {
-        if self.token.is_none() && !ip.is_loopback() {
-            return Err(ServerError::TokenRequired { ip });
-        }
+    /// Checks that every setting is in range.
+    pub fn validate(&self) -> Result<(), ServerError> {
         let positive = [
             ("max_slots", self.max_slots),
             ("max_body_bytes", self.max_body_bytes),
@@ -92,6 +88,15 @@ impl ServerConfig {
         }
         Ok(())
     }
+
+    /// Checks that a server listening on `ip` would not be open to the network without a
+    /// token: only loopback may go without one.
+    pub fn check_exposure(&self, ip: IpAddr) -> Result<(), ServerError> {
+        if self.token.is_none() && !ip.is_loopback() {
+            return Err(ServerError::TokenRequired { ip });
+        }
+        Ok(())
+    }
 }
 
 /// The server could not start or run.
@@ -100,7 +105,8 @@ pub enum ServerError {
     /// Listening beyond loopback needs a token.
     #[error(
         "refusing to listen on {ip} without a bearer token: anyone who can reach it could run code; \
-         set ROLLBOX_SERVER_TOKEN or pass --token-file, or listen on 127.0.0.1"
+         set {env} or pass --token-file, or listen on 127.0.0.1",
+        env = crate::env_vars::SERVER_TOKEN
     )]
     TokenRequired {
         /// The address asked for.
@@ -142,6 +148,7 @@ impl ServerState {
     /// Serves `backend` under `config`, and starts the task that expires idle slots (it ends
     /// when the last clone of the state is dropped). Must run inside a tokio runtime.
     pub fn new(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<ServerState, ServerError> {
+        config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ServerError::NoRuntime)?;
         let shared = Arc::new(Shared {
             slots: Arc::new(SlotTable::new(config.max_slots)),
@@ -223,7 +230,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ShutdownSummary, ServerError> {
     let address: SocketAddr = listener.local_addr().map_err(ServerError::Address)?;
-    state.config().check(address.ip())?;
+    state.config().check_exposure(address.ip())?;
     tracing::info!(%address, backend = state.shared.backend.name(), "serving slots");
     axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)?;
     let released_slots = state.shut_down().await;

@@ -19,8 +19,9 @@ use crate::slot::{BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, S
 const MAX_TRAJECTORY_ID_BYTES: usize = 1024;
 
 /// A JSON body of type `T`. An empty body reads as `{}`, so a missing field is named in the
-/// error. Too large a body is a 413 and bad JSON a 400, both with an [`ErrorBody`]
-/// (`super::api::ErrorBody`) carrying serde's message; no `Content-Type` is required.
+/// error. Too large a body is a 413 and bad JSON a 400, both with an
+/// [`ErrorBody`](super::api::ErrorBody) (serde's message for bad JSON); no `Content-Type` is
+/// required.
 pub(crate) struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {

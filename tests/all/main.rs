@@ -5,6 +5,7 @@ mod conformance;
 mod remote;
 mod rollout;
 mod runtime;
+mod server;
 mod support;
 mod truncation;
 mod wasm;
