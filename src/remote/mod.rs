@@ -135,6 +135,10 @@ impl RemoteBackendError {
     /// What to do about it, when there is something specific to say.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
+            // There is no slot yet, so the advice about lost slots does not apply.
+            RemoteBackendError::Server(ClientError::Transport { .. } | ClientError::Timeout { .. }) => {
+                Some("check that the server is running and that its URL is right (--servers), or that the machine can reach it")
+            }
             RemoteBackendError::Server(error) => Some(error.advice()),
             _ => None,
         }

@@ -487,3 +487,28 @@ fn ctrl_c_terminates_the_modal_sandboxes() {
     let created = stand_in.calls_named("Sandbox.create")[0]["id"].clone();
     assert_eq!(stand_in.calls_named("Sandbox.terminate")[0]["id"], created);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_cells_on_remote_servers_and_explains_a_bad_setup() {
+    let rollbox = |args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"));
+        command.args(["exec", "--backend", "remote"]).args(args).env_remove(rollbox::env_vars::SERVER_TOKEN);
+        command
+    };
+    let out = rollbox(&["--quiet", "-c", "x = 20", "-c", "x * 2 + 2"]).output().expect("run rollbox");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+
+    let token = "exec-test-token-0123456789";
+    let (server, url) = spawn_server("127.0.0.1:0", token).await;
+    let listed = ["--provision", "static", "--servers", url.as_str(), "--token-env", "EXEC_TEST_TOKEN", "-c", "6 * 7"];
+    let out = rollbox(&listed).env("EXEC_TEST_TOKEN", token).output().expect("run rollbox");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = rollbox(&listed).env("EXEC_TEST_TOKEN", "wrong-token-0123456789").output().expect("run rollbox");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("401") && stderr.contains(&url) && stderr.contains("hint:") && stderr.contains("ROLLBOX_SERVER_TOKEN"), "{stderr}");
+    let out = rollbox(&["--provision", "static", "-c", "1"]).output().expect("run rollbox");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--servers http://HOST:PORT"), "{}", String::from_utf8_lossy(&out.stderr));
+    stop(server).await;
+}

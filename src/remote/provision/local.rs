@@ -171,14 +171,6 @@ impl Provisioner for LocalProvisioner {
         "local"
     }
 
-    fn limit(&self) -> Option<usize> {
-        None
-    }
-
-    fn owns_servers(&self) -> bool {
-        true
-    }
-
     async fn provision(&self, count: usize) -> Result<Vec<ServerEndpoint>, ProvisionError> {
         // Started together: each spends most of its start loading the runtime.
         let started = join_all((0..count).map(|_| self.start_one())).await;

@@ -115,12 +115,17 @@ pub trait Provisioner: Send + Sync {
     /// The provisioner's short name (`local`, `listed`, `modal`).
     fn name(&self) -> &str;
 
-    /// The most servers it can hand out at once, if it has a fixed supply.
-    fn limit(&self) -> Option<usize>;
+    /// The most servers it can hand out at once, if it has a fixed supply (default: none).
+    fn limit(&self) -> Option<usize> {
+        None
+    }
 
-    /// Whether [`Provisioner::terminate`] ends the server (and every slot on it). When it does
-    /// not (a listed server lives on), the backend releases its slots there itself on shutdown.
-    fn owns_servers(&self) -> bool;
+    /// Whether [`Provisioner::terminate`] ends the server (and every slot on it); the default.
+    /// When it does not (a listed server lives on), the backend releases its slots there
+    /// itself on shutdown.
+    fn owns_servers(&self) -> bool {
+        true
+    }
 
     /// Starts (or hands out) `count` servers, each ready to answer. All or nothing: on error,
     /// any server it had started for this call is stopped again.

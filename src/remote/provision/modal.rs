@@ -296,14 +296,6 @@ impl Provisioner for ModalProvisioner {
         "modal"
     }
 
-    fn limit(&self) -> Option<usize> {
-        None
-    }
-
-    fn owns_servers(&self) -> bool {
-        true
-    }
-
     async fn provision(&self, count: usize) -> Result<Vec<ServerEndpoint>, ProvisionError> {
         let tokens = (0..count).map(|_| random_token()).collect::<Result<Vec<_>, _>>()?;
         let answer = self.helper.lock().await.request("create sandboxes", &HelperRequest::Create { tokens: &tokens }, self.config.create_timeout).await?;
