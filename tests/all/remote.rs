@@ -73,6 +73,10 @@ async fn killing_a_server_mid_batch_fails_only_its_calls() {
     wait_until("the doomed slot's cell has started", || marker.exists()).await;
     kill(provisioner.pid(&doomed_server).expect("the doomed server runs"), libc::SIGKILL);
     let results = tokio::time::timeout(NO_HANG, running).await.expect("the batch ends").expect("the batch task");
+    // A killed server cannot remove its workspaces (<root>/<slot>/workspace): do it here.
+    if let Some(root) = doomed.workspace.parent().and_then(|slot_dir| slot_dir.parent()) {
+        std::fs::remove_dir_all(root).expect("remove the killed server's workspace root");
+    }
 
     assert_eq!(results.len(), 4, "every call gets exactly one result");
     for result in [&results[0], &results[2]] {
@@ -237,9 +241,12 @@ async fn spawn_server(listen: &str, token: &str) -> (tokio::process::Child, Stri
     (child, listening["url"].as_str().expect("a url").to_string())
 }
 
-/// Kills a server abruptly and waits until it is gone.
+/// Stops a server (SIGTERM: it releases its slots, removes its workspaces and exits) and waits
+/// until it is gone.
 async fn stop(mut child: tokio::process::Child) {
-    child.kill().await.expect("kill the server");
+    kill(child.id().expect("the server runs"), libc::SIGTERM);
+    let status = tokio::time::timeout(NO_HANG, child.wait()).await.expect("the server exits").expect("wait");
+    assert!(status.success(), "{status:?}");
 }
 
 /// A scripted stand-in for `rollbox serve`, because a real server cannot misbehave on cue. It

@@ -83,6 +83,9 @@ class Sandbox:
         env = dict(os.environ)
         for secret in secrets:
             env.update(secret.env)
+        # Its workspaces go in the test's own folder, removed with it: terminate() kills the
+        # server as Modal would, so it cannot remove them itself.
+        env["TMPDIR"] = os.path.join(HERE, "..", "..")
         process = subprocess.Popen(
             [SETTINGS["binary"], "--quiet", "serve", "--listen", "127.0.0.1:0"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
