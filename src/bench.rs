@@ -112,9 +112,9 @@ async fn time_cells(backend: &dyn Backend, cells: usize) -> Result<CellTimes, Ba
 pub struct RemoteBenchOptions {
     /// Cells of `x += 1` timed one by one, in each backend.
     pub cells: usize,
-    /// Concurrent callers, each with its own slot on the one server.
+    /// Slots on the one server for the throughput runs, and as many concurrent callers.
     pub slots: usize,
-    /// Cells each caller runs, one after another.
+    /// Rounds of one cell per slot: batches in the first run, cells per caller in the second.
     pub rounds: usize,
 }
 
@@ -149,8 +149,9 @@ pub struct RemoteBenchReport {
 }
 
 /// Times a trivial cell in `in_process` and in `remote` (the same kind of backend behind a
-/// server), then the cells per second `remote` sustains from many concurrent callers, each
-/// running its own slot's cells one after another as an agent loop does.
+/// server), then the cells per second `remote` sustains over many slots: batched (one request
+/// per round), and from one concurrent caller per slot running its cells one after another,
+/// as independent agent loops do.
 pub async fn run_remote_bench(in_process: &dyn Backend, remote: Arc<dyn Backend>, options: &RemoteBenchOptions) -> Result<RemoteBenchReport, BackendError> {
     let mut local = time_cells(in_process, options.cells).await?.caller_us;
     let mut through_server = time_cells(remote.as_ref(), options.cells).await?.caller_us;

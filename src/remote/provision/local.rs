@@ -44,6 +44,12 @@ impl LocalProvisionerConfig {
             stop_timeout: Duration::from_secs(10),
         }
     }
+
+    /// [`LocalProvisionerConfig::new`] with the running binary: the servers are this very
+    /// rollbox.
+    pub fn from_current_exe() -> std::io::Result<LocalProvisionerConfig> {
+        Ok(LocalProvisionerConfig::new(std::env::current_exe()?))
+    }
 }
 
 /// Spawns `rollbox serve --listen 127.0.0.1:0` children, each with its own random token passed
