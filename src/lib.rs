@@ -12,6 +12,7 @@ pub mod env_vars;
 pub mod limits;
 pub mod output;
 pub mod process;
+pub mod remote;
 pub mod reporter;
 pub mod rollout;
 pub mod runtime;

@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use clap::Args;
 
-use rollbox::bench::{EngineBenchOptions, percentile, run_engine_bench};
+use rollbox::bench::{EngineBenchOptions, RemoteBenchOptions, RemoteBenchReport, percentile, run_engine_bench, run_remote_bench};
 use rollbox::{Backend, Limits};
 
+use super::remote_args::{BackendArgs, BackendChoice, CliBackend, start_remote_backend};
 use super::{RuntimeArgs, start_wasm_backend};
 
 #[derive(Args)]
@@ -33,9 +34,17 @@ pub(crate) struct BenchArgs {
     json: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    /// With `--backend remote`: a trivial cell in this process and through one server (the
+    /// remote flags choose it; it gets room for every slot), and the cells per second that
+    /// server sustains over `--slots` slots, batched and from as many concurrent callers.
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 pub(crate) async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    if args.backend.backend == BackendChoice::Remote {
+        return run_remote(args, quiet).await;
+    }
     let backend: Arc<dyn Backend> = Arc::new(start_wasm_backend(Limits::default(), &args.runtime, quiet).await?);
     let options = EngineBenchOptions { cells: args.cells, acquires: args.acquires, slots: args.slots, rounds: args.rounds };
     let report = run_engine_bench(backend, &options).await?;
@@ -70,4 +79,43 @@ fn process_start_ms(runs: usize) -> anyhow::Result<f64> {
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(percentile(&mut samples, 0.5))
+}
+
+/// `rollbox bench --backend remote`: what a server adds to a cell, and one server's throughput.
+async fn run_remote(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    let limits = Limits::default();
+    if args.backend.dry_run(&limits, &args.runtime).await? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let in_process = start_wasm_backend(limits, &args.runtime, quiet).await?;
+    let mut remote = args.backend.remote.clone();
+    // One server, with a place for the latency run's slot and every caller's.
+    remote.slots_per_sandbox = remote.slots_per_sandbox.max(args.slots + 1);
+    remote.min_sandboxes = 1;
+    remote.max_sandboxes = 1;
+    let backend = CliBackend::Remote(Arc::new(start_remote_backend(remote.resolve(&limits, &args.runtime)?).await?));
+    let options = RemoteBenchOptions { cells: args.cells, slots: args.slots, rounds: args.rounds };
+    backend
+        .run(quiet, async {
+            let report = run_remote_bench(&in_process, backend.shared(), &options).await?;
+            print_remote_report(&report, args.json)?;
+            Ok(ExitCode::SUCCESS)
+        })
+        .await
+}
+
+fn print_remote_report(report: &RemoteBenchReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!("rollbox bench --backend remote ({} CPUs, one server)", report.cpus);
+    println!("  cell `x += 1`, in-process         median {:8.1} µs", report.in_process_cell_median_us);
+    println!(
+        "  cell `x += 1`, through the server median {:8.1} µs   p90 {:8.1} µs   (adds {:.1} µs at the median)",
+        report.remote_cell_median_us, report.remote_cell_p90_us, report.added_median_us
+    );
+    println!("  throughput, {} slots, batched       {:10.0} cells/s", report.throughput_slots, report.batched_cells_per_s);
+    println!("  throughput, {} concurrent callers   {:10.0} cells/s", report.throughput_slots, report.concurrent_cells_per_s);
+    Ok(())
 }

@@ -9,7 +9,8 @@ use clap::Args;
 
 use rollbox::{Backend, ExecutionResult, ToolCall};
 
-use super::{LimitArgs, RuntimeArgs, start_wasm_backend};
+use super::remote_args::BackendArgs;
+use super::{LimitArgs, RuntimeArgs};
 
 /// The marker that starts a new cell in a cells file (the Jupytext "percent" format).
 const CELL_MARKER: &str = "# %%";
@@ -32,16 +33,26 @@ pub(crate) struct ExecArgs {
     limits: LimitArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 pub(crate) async fn run(args: ExecArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    let limits = args.limits.resolve()?;
+    if args.backend.dry_run(&limits, &args.runtime).await? {
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut cells = args.code.clone();
     if let Some(path) = &args.file {
         cells.extend(read_cells(path)?);
     }
     anyhow::ensure!(!cells.is_empty(), "no cells to run: pass -c CODE (repeatable) or --file PATH");
-    let limits = args.limits.resolve()?;
-    let backend = start_wasm_backend(limits, &args.runtime, quiet).await?;
+    let backend = args.backend.start(limits, &args.runtime, quiet).await?;
+    backend.run(quiet, run_cells(backend.shared().as_ref(), cells, &args, quiet)).await
+}
+
+/// Runs `cells` in order in one new slot, printing each result.
+async fn run_cells(backend: &dyn Backend, cells: Vec<String>, args: &ExecArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let slot = backend.acquire("exec").await?;
     let mut failed = 0usize;
     let mut stdout = std::io::stdout().lock();

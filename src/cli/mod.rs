@@ -6,6 +6,7 @@ mod compact;
 mod demo;
 mod exec;
 mod progress;
+mod remote_args;
 mod repl;
 mod rollout;
 mod runtime;
@@ -209,6 +210,9 @@ fn hint_for(error: &anyhow::Error) -> Option<String> {
         }
         if let Some(WasmBackendError::Runtime(e)) = cause.downcast_ref::<WasmBackendError>() {
             return Some(e.hint());
+        }
+        if let Some(hint) = cause.downcast_ref::<rollbox::remote::RemoteBackendError>().and_then(|e| e.hint()) {
+            return Some(hint.to_string());
         }
     }
     None

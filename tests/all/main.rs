@@ -2,6 +2,7 @@
 
 mod cli;
 mod conformance;
+mod remote;
 mod rollout;
 mod process;
 mod runtime;

@@ -1,0 +1,307 @@
+//! `--backend wasm|remote` for the commands that run cells, and the remote backend's flags,
+//! resolved into a [`RemoteBackendConfig`].
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use rollbox::env_vars;
+use rollbox::remote::provision::{LocalProvisionerConfig, ModalConfig, ModalProvisioner};
+use rollbox::remote::{ListedConfig, PoolConfig, ProvisionConfig, RemoteBackend, RemoteBackendConfig};
+use rollbox::{Backend, Limits, WasmBackend};
+
+use super::{RuntimeArgs, start_wasm_backend};
+
+/// Where cells run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BackendChoice {
+    /// In this process: CPython in wasm sandboxes.
+    Wasm,
+    /// On `rollbox serve` servers (see the remote flags).
+    Remote,
+}
+
+/// Where the remote backend's servers come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ProvisionKind {
+    /// `rollbox serve` child processes on loopback.
+    Local,
+    /// Servers already running, listed with --servers.
+    Static,
+    /// Modal sandboxes (needs a Python with the `modal` package, logged in).
+    Modal,
+}
+
+/// The backends a provisioned server can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ServerBackendKind {
+    /// CPython notebook slots in wasm sandboxes.
+    Wasm,
+    /// bash, files and native Python in a workspace directory.
+    Process,
+}
+
+impl ServerBackendKind {
+    fn name(self) -> &'static str {
+        match self {
+            ServerBackendKind::Wasm => "wasm",
+            ServerBackendKind::Process => "process",
+        }
+    }
+}
+
+/// `--backend` and, for `--backend remote`, the remote flags.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct BackendArgs {
+    /// Where cells run: in this process, or on rollbox servers.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Wasm)]
+    pub(crate) backend: BackendChoice,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
+}
+
+/// The remote backend's flags.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Remote backend (--backend remote)")]
+pub(crate) struct RemoteArgs {
+    /// Where the servers come from.
+    #[arg(long, value_enum, default_value_t = ProvisionKind::Local)]
+    provision: ProvisionKind,
+    /// The servers' base URLs, for --provision static.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    servers: Vec<String>,
+    /// The environment variable holding the listed servers' bearer token.
+    #[arg(long, value_name = "VAR", default_value = env_vars::SERVER_TOKEN)]
+    token_env: String,
+    /// Slots per server (per sandbox).
+    #[arg(long, value_name = "N", default_value_t = PoolConfig::default().slots_per_server)]
+    pub(crate) slots_per_sandbox: usize,
+    /// Servers kept warm, started up front.
+    #[arg(long, value_name = "N", default_value_t = PoolConfig::default().min_servers)]
+    pub(crate) min_sandboxes: usize,
+    /// The most servers at once; more are started on demand up to this.
+    #[arg(long, value_name = "N", default_value_t = PoolConfig::default().max_servers)]
+    pub(crate) max_sandboxes: usize,
+    /// The backend the servers run [default: wasm for local, process for modal].
+    #[arg(long, value_enum)]
+    server_backend: Option<ServerBackendKind>,
+    /// The rollbox binary the local servers run, or that goes into the Modal image
+    /// [default: this one].
+    #[arg(long, value_name = "PATH")]
+    server_binary: Option<PathBuf>,
+    /// Print what would be started (for modal: every SDK call, image and command) and exit.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    modal: ModalArgs,
+}
+
+/// Flags for `--provision modal`.
+#[derive(Args, Clone, Debug)]
+struct ModalArgs {
+    /// A Python that can `import modal` and is logged in (`modal setup`).
+    #[arg(long, value_name = "PATH", default_value_os_t = ModalConfig::default().python)]
+    modal_python: PathBuf,
+    /// The Modal app the sandboxes belong to.
+    #[arg(long, value_name = "NAME", default_value_t = ModalConfig::default().app_name)]
+    modal_app: String,
+    /// The image's Python version.
+    #[arg(long, value_name = "VERSION", default_value_t = ModalConfig::default().python_version)]
+    modal_python_version: String,
+    /// Debian packages for the image.
+    #[arg(long, value_name = "PKG,...", value_delimiter = ',', default_values_t = ModalConfig::default().apt_packages)]
+    modal_apt: Vec<String>,
+    /// The server's port inside the sandbox (tunnelled with TLS).
+    #[arg(long, value_name = "PORT", default_value_t = ModalConfig::default().port)]
+    modal_port: u16,
+    /// Each sandbox's lifetime cap in seconds: Modal ends it then whatever happens.
+    #[arg(long, value_name = "SECS", default_value_t = ModalConfig::default().sandbox_timeout.as_secs())]
+    modal_lifetime: u64,
+    /// CPU cores per sandbox.
+    #[arg(long, value_name = "CORES")]
+    modal_cpu: Option<f64>,
+    /// Memory per sandbox, in MiB.
+    #[arg(long, value_name = "MIB")]
+    modal_memory: Option<u32>,
+}
+
+impl RemoteArgs {
+    /// The backend's settings: the pool from the flags, the servers' call limit from `limits`,
+    /// and the provisioner's settings.
+    pub(crate) fn resolve(&self, limits: &Limits, runtime: &RuntimeArgs) -> anyhow::Result<RemoteBackendConfig> {
+        let pool = PoolConfig {
+            slots_per_server: self.slots_per_sandbox,
+            min_servers: self.min_sandboxes,
+            max_servers: self.max_sandboxes,
+            call_timeout: limits.timeout,
+            ..PoolConfig::default()
+        };
+        let binary = match &self.server_binary {
+            Some(binary) => binary.clone(),
+            None => std::env::current_exe().context("failed to find this rollbox binary for the servers; pass --server-binary")?,
+        };
+        let server_args = serve_args(limits, self.slots_per_sandbox);
+        let provision = match self.provision {
+            ProvisionKind::Local => {
+                let mut local = LocalProvisionerConfig::new(binary);
+                local.server_backend = self.server_backend.unwrap_or(ServerBackendKind::Wasm).name().into();
+                local.server_args = server_args;
+                local.server_args.extend(runtime_args(runtime));
+                ProvisionConfig::Local(local)
+            }
+            ProvisionKind::Static => {
+                anyhow::ensure!(!self.servers.is_empty(), "--provision static needs the servers' URLs: --servers http://HOST:PORT,...");
+                anyhow::ensure!(self.server_backend.is_none(), "--server-backend does not apply to --provision static: a listed server runs the backend it was started with");
+                let token = std::env::var(&self.token_env).ok().filter(|t| !t.trim().is_empty());
+                ProvisionConfig::Listed(ListedConfig { urls: self.servers.clone(), token })
+            }
+            ProvisionKind::Modal => ProvisionConfig::Modal(self.modal_config(binary, server_args)),
+        };
+        Ok(RemoteBackendConfig { pool, provision })
+    }
+
+    fn modal_config(&self, binary: PathBuf, server_args: Vec<String>) -> ModalConfig {
+        let modal = &self.modal;
+        ModalConfig {
+            python: modal.modal_python.clone(),
+            app_name: modal.modal_app.clone(),
+            python_version: modal.modal_python_version.clone(),
+            apt_packages: modal.modal_apt.clone(),
+            port: modal.modal_port,
+            server_backend: self.server_backend.unwrap_or(ServerBackendKind::Process).name().into(),
+            server_args,
+            sandbox_timeout: Duration::from_secs(modal.modal_lifetime),
+            cpu: modal.modal_cpu,
+            memory_mib: modal.modal_memory,
+            ..ModalConfig::new(binary)
+        }
+    }
+
+    /// The plan `--dry-run` prints: the pool, and what the provisioner would start.
+    async fn plan(&self, limits: &Limits, runtime: &RuntimeArgs) -> anyhow::Result<serde_json::Value> {
+        let config = self.resolve(limits, runtime)?;
+        let pool = &config.pool;
+        let servers = match &config.provision {
+            ProvisionConfig::Local(local) => json!({
+                "command": [local.binary.display().to_string(), "serve", "--listen", "127.0.0.1:0", "--backend", local.server_backend],
+                "more_args": local.server_args,
+                "token": format!("a fresh random token per server, in ${}", env_vars::SERVER_TOKEN),
+            }),
+            ProvisionConfig::Listed(listed) => json!({ "urls": listed.urls, "token_from": self.token_env, "token_set": listed.token.is_some() }),
+            ProvisionConfig::Modal(modal) => ModalProvisioner::plan(modal).await.context("failed to plan the Modal sandboxes")?,
+        };
+        Ok(json!({
+            "provision": self.provision.to_possible_value().map(|v| v.get_name().to_string()),
+            "slots_per_sandbox": pool.slots_per_server,
+            "min_sandboxes": pool.min_servers,
+            "max_sandboxes": pool.max_servers,
+            "started_up_front": pool.min_servers,
+            "servers": servers,
+        }))
+    }
+}
+
+/// `rollbox serve` flags that give a server the same limits as this process, and exactly the
+/// slots the pool will place on it.
+fn serve_args(limits: &Limits, slots_per_server: usize) -> Vec<String> {
+    let mut args = vec![
+        "--timeout".to_string(),
+        limits.timeout.as_secs_f64().to_string(),
+        "--memory".into(),
+        (limits.memory_bytes >> 20).to_string(),
+        "--max-output".into(),
+        limits.output_bytes.to_string(),
+        "--max-slots".into(),
+        slots_per_server.to_string(),
+    ];
+    if let Some(fuel) = limits.fuel {
+        args.extend(["--fuel".to_string(), fuel.to_string()]);
+    }
+    args
+}
+
+/// The runtime flags this process was given, for local servers on the same machine.
+fn runtime_args(runtime: &RuntimeArgs) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(wheel) = &runtime.wheel {
+        args.extend(["--wheel".to_string(), wheel.display().to_string()]);
+    }
+    if let Some(dir) = &runtime.cache_dir {
+        args.extend(["--cache-dir".to_string(), dir.display().to_string()]);
+    }
+    args
+}
+
+/// The backend a command runs its cells on.
+pub(crate) enum CliBackend {
+    /// In this process.
+    Wasm(Arc<WasmBackend>),
+    /// On servers; shut down when the command ends or is interrupted.
+    Remote(Arc<RemoteBackend>),
+}
+
+impl BackendArgs {
+    /// With `--dry-run`, prints the remote plan as JSON on stdout and returns true: the
+    /// command should end there.
+    pub(crate) async fn dry_run(&self, limits: &Limits, runtime: &RuntimeArgs) -> anyhow::Result<bool> {
+        if !self.remote.dry_run {
+            return Ok(false);
+        }
+        anyhow::ensure!(self.backend == BackendChoice::Remote, "--dry-run applies to --backend remote");
+        println!("{}", serde_json::to_string_pretty(&self.remote.plan(limits, runtime).await?)?);
+        Ok(true)
+    }
+
+    /// Starts the chosen backend.
+    pub(crate) async fn start(&self, limits: Limits, runtime: &RuntimeArgs, quiet: bool) -> anyhow::Result<CliBackend> {
+        match self.backend {
+            BackendChoice::Wasm => Ok(CliBackend::Wasm(Arc::new(start_wasm_backend(limits, runtime, quiet).await?))),
+            BackendChoice::Remote => Ok(CliBackend::Remote(Arc::new(start_remote_backend(self.remote.resolve(&limits, runtime)?).await?))),
+        }
+    }
+}
+
+/// Starts a remote backend, its warm servers included.
+pub(crate) async fn start_remote_backend(config: RemoteBackendConfig) -> anyhow::Result<RemoteBackend> {
+    RemoteBackend::start(config).await.context("failed to start the remote backend")
+}
+
+impl CliBackend {
+    /// The backend, shared.
+    pub(crate) fn shared(&self) -> Arc<dyn Backend> {
+        match self {
+            CliBackend::Wasm(backend) => backend.clone(),
+            CliBackend::Remote(backend) => backend.clone(),
+        }
+    }
+
+    /// Runs `work`; on Ctrl-C first, stops every server (terminating Modal sandboxes) and
+    /// exits with 130. Either way the servers are stopped before this returns.
+    pub(crate) async fn run(&self, quiet: bool, work: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+        let CliBackend::Remote(remote) = self else { return work.await };
+        let outcome = tokio::select! {
+            outcome = work => outcome,
+            _ = interrupted() => {
+                if !quiet {
+                    eprintln!("rollbox: interrupted; stopping the servers");
+                }
+                Ok(ExitCode::from(130))
+            }
+        };
+        remote.shutdown().await.context("failed to stop the remote servers")?;
+        outcome
+    }
+}
+
+/// Completes on Ctrl-C; never, if the signal cannot be watched.
+async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
