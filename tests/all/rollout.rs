@@ -235,7 +235,15 @@ fn read_trajectories(dir: &Path) -> Vec<Trajectory> {
 }
 
 fn config(kind: AgentKind, out: &Path, group_size: usize, concurrency: usize) -> RolloutConfig {
-    RolloutConfig { agent: AgentConfig::new(kind), group_size, concurrency, out_dir: out.to_owned(), resume: false, custom_reward: None }
+    RolloutConfig {
+        agent: AgentConfig::new(kind),
+        group_size,
+        concurrency,
+        out_dir: out.to_owned(),
+        resume: false,
+        custom_reward: None,
+        score_in_fresh_slot: false,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
