@@ -21,6 +21,8 @@ _MAX_FACTORIAL = 450
 _MAX_COMB_N = 10_000
 _MAX_ROUND_DIGITS = 100
 
+_NO_ATTRIBUTES = "attribute access (`x.y`) is not allowed; call the functions by name, e.g. sqrt(2)"
+
 _CONSTANTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
 
 
@@ -133,7 +135,7 @@ def _eval(node, depth):
     if isinstance(node, ast.Call):
         return _call(node, depth)
     if isinstance(node, ast.Attribute):
-        raise ValueError("attribute access (`x.y`) is not allowed; call the functions by name, e.g. sqrt(2)")
+        raise ValueError(_NO_ATTRIBUTES)
     raise ValueError(f"`{type(node).__name__}` is not allowed in a calculator expression")
 
 
@@ -186,6 +188,8 @@ def _power(base, exponent):
 
 
 def _call(node, depth):
+    if isinstance(node.func, ast.Attribute):
+        raise ValueError(_NO_ATTRIBUTES)
     if not isinstance(node.func, ast.Name):
         raise ValueError("only the listed functions can be called, by name, e.g. sqrt(2)")
     function = _FUNCTIONS.get(node.func.id)
