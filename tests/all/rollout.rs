@@ -19,6 +19,7 @@ use rollbox::rollout::reward::{MathMethod, RewardBreakdown, code_reward, custom_
 use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, SilentRolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::pass_estimate;
 use rollbox::rollout::user_tools::{ToolsFile, UserTools, tool_result};
+use rollbox::truncation::{ChatTemplate, TokenCounter};
 use rollbox::{Backend, ErrorKind, Limits, WasmBackend};
 
 use crate::support::wasm_backend;
@@ -213,7 +214,7 @@ fn malformed_dataset_lines_are_reported_with_their_numbers() {
 
 #[test]
 fn the_shipped_examples_load_without_errors() {
-    for (file, count) in [("math.jsonl", 40), ("code.jsonl", 24)] {
+    for (file, count) in [("math.jsonl", 40), ("code.jsonl", 24), ("tools.jsonl", 5)] {
         let dataset = load_dataset(&examples_dir().join(file)).expect("readable");
         assert_eq!(dataset.errors, vec![], "{file}");
         assert_eq!(dataset.problems.len(), count, "{file}");
@@ -1032,4 +1033,196 @@ async fn the_oracle_reports_a_bad_tool_call_block_in_a_reference_solution() {
     let error = OraclePolicy.next_turn(request).await.expect_err("no arguments");
     assert_eq!(error.kind(), "oracle_bad_tool_call");
     assert_eq!(error.to_string(), "turn 1 of the reference solution of `p` has a bad <tool_call> block: its `arguments` is not an object");
+}
+
+// ---- the exact context budget --------------------------------------------------------------------
+
+/// The Qwen tokenizer the truncation tests use (see `scripts/fetch-tokenizer.sh`).
+fn test_tokenizer() -> Arc<TokenCounter> {
+    static COUNTER: OnceLock<Arc<TokenCounter>> = OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            let path = test_tokenizer_path();
+            let counter = TokenCounter::from_file(&path, ChatTemplate::qwen_chatml());
+            Arc::new(counter.unwrap_or_else(|e| panic!("the test tokenizer at {} does not load ({e}): run scripts/fetch-tokenizer.sh", path.display())))
+        })
+        .clone()
+}
+
+fn test_tokenizer_path() -> PathBuf {
+    std::env::var_os(rollbox::env_vars::TEST_TOKENIZER)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-data/qwen-tokenizer.json"))
+}
+
+/// The first math example, whose reference solution takes two turns.
+fn two_turn_problem() -> Dataset {
+    let mut dataset = load_dataset(&examples_dir().join("math.jsonl")).expect("math examples");
+    dataset.problems.retain(|p| p.reference_solution.as_ref().is_some_and(|r| r.len() == 2));
+    dataset.problems.truncate(1);
+    dataset
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exact_context_budget_stops_an_oracle_trajectory_before_the_turn_that_exceeds_it() {
+    let dataset = two_turn_problem();
+    let counter = test_tokenizer();
+    let mut agent = AgentConfig::new(AgentKind::Notebook);
+    let system = rollbox::rollout::agent::default_system_prompt(&agent);
+    let opening = [Message::system(system), Message::user(dataset.problems[0].problem.clone())];
+    let opening_tokens = counter.count_conversation(&opening).expect("count") as u64;
+
+    // A budget the opening fits exactly: the first turn runs, its output pushes the
+    // conversation over, and the second turn is never asked for.
+    agent.token_counter = Some(counter.clone());
+    agent.max_context_tokens = Some(opening_tokens);
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(AgentKind::Notebook, out.path(), 1, 1);
+    cfg.agent = agent.clone();
+    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.turns), (StopReason::ContextBudget, 1));
+    let counted = counter.count_conversation(&t.messages).expect("count") as u64;
+    assert_eq!(t.context_tokens, Some(counted));
+    assert!(counted > opening_tokens);
+    assert_eq!(run.summary.stop_reasons.get("context_budget"), Some(&1));
+
+    // Room for the whole conversation: the trajectory ends on its answer; the last count was
+    // the prompt of its last turn, the conversation the first run stopped on.
+    let out = tempfile::tempdir().expect("tempdir");
+    cfg.out_dir = out.path().to_owned();
+    cfg.agent.max_context_tokens = Some(100_000);
+    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.reward.score), (StopReason::FinalAnswer, 1.0));
+    assert_eq!(t.context_tokens, Some(counted));
+
+    // The tools agent's budget counts the tool schemas too: the same opening no longer fits.
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(AgentKind::Tools, out.path(), 1, 1);
+    cfg.agent.system_prompt = opening[0].text().into_owned().into();
+    cfg.agent.token_counter = Some(counter);
+    cfg.agent.max_context_tokens = Some(opening_tokens);
+    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.turns), (StopReason::ContextBudget, 0));
+    assert!(t.context_tokens.is_some_and(|n| n > opening_tokens + 100), "{:?}", t.context_tokens);
+}
+
+// ---- scoring in a fresh slot ---------------------------------------------------------------------
+
+/// Problems whose reference solutions are wrong but tamper with the scoring in their slot.
+fn gaming_problems() -> Dataset {
+    let math = Problem {
+        instance_id: "patches-sympy".to_owned(),
+        problem: "Simplify sqrt(180).".to_owned(),
+        ground_truth: Some("6\\sqrt{5}".to_owned()),
+        test_cases: vec![],
+        reference_solution: Some(vec!["<code>\nimport sympy\nsympy.simplify = lambda expression: 0\n</code>".to_owned(), "\\boxed{\\sqrt{7}}".to_owned()]),
+    };
+    let code = Problem {
+        instance_id: "patches-isclose".to_owned(),
+        problem: "Write area(r), the area of a circle of radius r.".to_owned(),
+        ground_truth: None,
+        test_cases: vec![
+            "import math\nassert math.isclose(area(2.0), 12.566, rel_tol=1e-3)".to_owned(),
+            "import math\nassert math.isclose(area(1.0), 3.1416, rel_tol=1e-3)".to_owned(),
+        ],
+        reference_solution: Some(vec![
+            "<code>\nimport math\nPI = 3\n\ndef area(r):\n    return PI * 0 * r\n\nmath.isclose = lambda *args, **kwargs: True\n</code>".to_owned(),
+            "\\boxed{done}".to_owned(),
+        ]),
+    };
+    Dataset { problems: vec![math, code], errors: vec![] }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_in_a_fresh_slot_defeats_a_policy_that_patches_its_scoring() {
+    let dataset = gaming_problems();
+    let score = |fresh: bool| {
+        let dataset = dataset.clone();
+        async move {
+            let out = tempfile::tempdir().expect("tempdir");
+            let mut cfg = config(AgentKind::Notebook, out.path(), 1, 2);
+            cfg.score_in_fresh_slot = fresh;
+            run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+            let mut trajectories = read_trajectories(out.path());
+            trajectories.sort_by(|a, b| a.trajectory_id.cmp(&b.trajectory_id));
+            trajectories.into_iter().map(|t| (t.trajectory_id, t.reward)).collect::<Vec<_>>()
+        }
+    };
+    // In its own slot, each patch wins full reward: the hole the fresh slot closes.
+    let own = score(false).await;
+    assert!(own.iter().all(|(_, r)| r.score == 1.0 && !r.fresh_slot), "{own:#?}");
+    let fresh = score(true).await;
+    assert!(fresh.iter().all(|(_, r)| r.score == 0.0 && r.fresh_slot), "{fresh:#?}");
+    let RewardBreakdown::Code { failures, .. } = &fresh[0].1.breakdown else { panic!("{fresh:#?}") };
+    assert_eq!(failures.iter().map(|f| f.error.as_str()).collect::<Vec<_>>(), ["AssertionError: ", "AssertionError: "], "{failures:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shipped_code_example_still_scores_full_reward_in_a_fresh_slot() {
+    let dataset = load_dataset(&examples_dir().join("code.jsonl")).expect("code examples");
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(AgentKind::Tools, out.path(), 1, 4);
+    cfg.score_in_fresh_slot = true;
+    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let trajectories = read_trajectories(out.path());
+    assert_eq!(trajectories.len(), dataset.problems.len());
+    let failing: Vec<String> = trajectories.iter().filter(|t| t.reward.score < 1.0 || !t.reward.fresh_slot).map(|t| format!("{}: {:?}", t.trajectory_id, t.reward)).collect();
+    assert!(failing.is_empty(), "{}", failing.join("\n"));
+}
+
+// ---- the new rollout flags, through the real binary ----------------------------------------------
+
+fn rollbox(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rollbox")).arg("--quiet").arg("rollout").args(args).output().expect("run rollbox")
+}
+
+fn summary_of(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary.json")).expect("json")
+}
+
+#[test]
+fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scoring() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tools_py = examples_dir().join("tools.py");
+    let tools_jsonl = examples_dir().join("tools.jsonl");
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+
+    // The tools examples, offline, scored in fresh slots.
+    let out = dir.path().join("tools");
+    let run = rollbox(&[os("--agent"), os("tools"), os("--tools-file"), tools_py.as_os_str(), os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str(), os("--score-in-fresh-slot")]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(summary_of(&out)["mean_reward"], 1.0);
+    assert!(read_trajectories(&out).iter().all(|t| t.reward.fresh_slot));
+
+    // An exact budget too small for any prompt stops every trajectory before its first turn.
+    let out = dir.path().join("budget");
+    let tokenizer = test_tokenizer_path();
+    let run = rollbox(&[os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str(), os("--tokenizer"), tokenizer.as_os_str(), os("--context-budget"), os("10")]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(summary_of(&out)["stop_reasons"], json!({"context_budget": 5}));
+
+    // Usage mistakes are refused before anything runs, saying what to do.
+    let bad = dir.path().join("bad_tools.py");
+    std::fs::write(&bad, "def calculator(expression: str) -> str:\n    \"\"\"Mine.\"\"\"\n    return expression\n\ndef area(shape):\n    \"\"\"Area.\"\"\"\n").expect("write");
+    let out = dir.path().join("refused");
+    let cases: [(Vec<&std::ffi::OsStr>, &str); 3] = [
+        (vec![os("--tools-file"), tools_py.as_os_str()], "--tools-file needs --agent tools"),
+        (vec![os("--agent"), os("tools"), os("--tools-file"), bad.as_os_str()], "failed to make a tool of `area`"),
+        (vec![os("--tokenizer"), tokenizer.as_os_str()], "--context-budget"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec![os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str()];
+        args.extend(extra);
+        let run = rollbox(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "expected {expected:?} in:\n{stderr}");
+    }
+    std::fs::write(&bad, "def calculator(expression: str) -> str:\n    \"\"\"Mine.\"\"\"\n    return expression\n").expect("write");
+    let run = rollbox(&[os("--agent"), os("tools"), os("--tools-file"), bad.as_os_str(), os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str()]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("rename yours or pass --no-calculator"));
+    assert!(!out.exists(), "nothing ran");
 }
