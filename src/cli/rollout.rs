@@ -15,7 +15,7 @@ use rollbox::rollout::dataset::load_dataset;
 use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy};
 use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
-use rollbox::rollout::user_tools::{ToolsFile, UserTools};
+use rollbox::rollout::user_tools::{ToolsFileError, ToolsFile, UserTools};
 use rollbox::truncation::{ChatTemplate, TokenCounter};
 
 use super::{LimitArgs, RuntimeArgs, start_wasm_backend};
@@ -156,27 +156,13 @@ impl RolloutArgs {
         })
     }
 
-    /// The tools agent's extra tools: the calculator (unless turned off), then every
-    /// --tools-file, parsed here on the host (never run).
+    /// The tools agent's extra tools (none for the notebook agent).
     fn user_tools(&self, kind: AgentKind) -> anyhow::Result<Arc<UserTools>> {
         if kind != AgentKind::Tools {
             anyhow::ensure!(self.tools_file.is_empty(), "--tools-file needs --agent tools: the notebook agent does not call functions");
             return Ok(Arc::default());
         }
-        let mut files = Vec::new();
-        if !self.no_calculator {
-            files.push(ToolsFile::calculator());
-        }
-        for path in &self.tools_file {
-            files.push(ToolsFile::read(path)?);
-        }
-        let tools = UserTools::new(files);
-        if let Err(rollbox::rollout::user_tools::ToolsFileError::Duplicate { name, .. }) = &tools
-            && name == "calculator"
-        {
-            anyhow::bail!("your tools file defines `calculator`, the name of the built-in calculator; rename yours or pass --no-calculator");
-        }
-        Ok(Arc::new(tools?))
+        Ok(Arc::new(user_tools(!self.no_calculator, &self.tools_file)?))
     }
 
     fn token_counter(&self) -> anyhow::Result<Option<Arc<TokenCounter>>> {
@@ -208,6 +194,24 @@ impl RolloutArgs {
             ..ChatClientConfig::new(url.clone(), self.model_name.clone())
         };
         Ok(Arc::new(ChatClient::new(config)?))
+    }
+}
+
+/// The calculator (when asked for), then the tools of every file, parsed here on the host
+/// (never run).
+pub(crate) fn user_tools(calculator: bool, tools_files: &[PathBuf]) -> anyhow::Result<UserTools> {
+    let mut files = Vec::new();
+    if calculator {
+        files.push(ToolsFile::calculator());
+    }
+    for path in tools_files {
+        files.push(ToolsFile::read(path)?);
+    }
+    match UserTools::new(files) {
+        Err(ToolsFileError::Duplicate { name, .. }) if calculator && name == "calculator" => {
+            anyhow::bail!("a tools file defines `calculator`, the name of the built-in calculator; rename yours, or leave the built-in out (rollout --no-calculator)")
+        }
+        tools => Ok(tools?),
     }
 }
 

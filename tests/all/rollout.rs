@@ -1223,6 +1223,14 @@ fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scori
     }
     std::fs::write(&bad, "def calculator(expression: str) -> str:\n    \"\"\"Mine.\"\"\"\n    return expression\n").expect("write");
     let run = rollbox(&[os("--agent"), os("tools"), os("--tools-file"), bad.as_os_str(), os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str()]);
-    assert!(String::from_utf8_lossy(&run.stderr).contains("rename yours or pass --no-calculator"));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("rename yours, or leave the built-in out (rollout --no-calculator)"));
     assert!(!out.exists(), "nothing ran");
+
+    // `rollbox tools` shows the schemas a tools file gives, without running it.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox")).args(["tools", "--calculator", "--tools-file"]).arg(&tools_py).output().expect("run rollbox");
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let schemas: Vec<Value> = serde_json::from_slice(&listed.stdout).expect("JSON");
+    let names: Vec<&str> = schemas.iter().filter_map(|s| s["function"]["name"].as_str()).collect();
+    assert_eq!(names[names.len() - 3..], ["calculator", "convert_length", "prime_factors"]);
+    assert_eq!(schemas.last().map(|s| s["function"]["parameters"]["properties"]["n"]["type"].clone()), Some(json!("integer")));
 }
