@@ -2,13 +2,13 @@
 //! the `tools` agent, and rollbox's own `calculator` is built the same way.
 //!
 //! Schemas come from the functions' signatures and docstrings, read by *parsing* the file on
-//! the host (see [`signature`] for the rules); the file never runs on the host. The functions
-//! run inside the trajectory's slot: before the first call in a slot, one cell loads every file
-//! into a private module of its own (registered in `sys.modules`, never in the notebook's
-//! globals); each call is then a cell that calls the function with the model's JSON arguments
-//! and prints its result (a string as it is, anything else as JSON, or its `repr`). An
-//! exception becomes a failed result whose output is `` `name` failed: Error: message ``; the
-//! full traceback stays in the result's `cell.error`.
+//! the host (the rules are in `signature.rs` and `examples/README.md`); the file never runs on
+//! the host. The functions run inside the trajectory's slot: before the first call in a slot,
+//! one cell loads every file into a private module of its own (registered in `sys.modules`,
+//! never in the notebook's globals); each call is then a cell that calls the function with the
+//! model's JSON arguments and prints its result (a string as it is, anything else as JSON, or
+//! its `repr`). An exception becomes a failed result whose output is
+//! `` `name` failed: Error: message ``; the full traceback stays in the result's `cell.error`.
 
 mod docstring;
 mod signature;
