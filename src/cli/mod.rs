@@ -50,6 +50,13 @@ enum Command {
         /// The backend whose tools to list.
         #[arg(long, default_value = "wasm")]
         backend: String,
+        /// List the built-in `calculator` of the `tools` agent after the backend's tools.
+        #[arg(long)]
+        calculator: bool,
+        /// List the tools a `rollout --tools-file` would add, with the schemas read from this
+        /// file (parsed, never run). Repeat for several files.
+        #[arg(long, value_name = "FILE.py")]
+        tools_file: Vec<PathBuf>,
     },
     /// Fit a conversation (OpenAI messages JSON on stdin) into a token budget.
     Compact(compact::CompactArgs),
@@ -157,7 +164,7 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args, quiet).await,
             Command::Bench(args) => bench::run(args, quiet).await,
             Command::Compact(args) => compact::run(args, quiet).await,
-            Command::Tools { backend } => print_tool_schemas(&backend),
+            Command::Tools { backend, calculator, tools_file } => print_tool_schemas(&backend, calculator, &tools_file),
             Command::Rollout(args) => rollout::run(*args, quiet).await,
             Command::Runtime(command) => runtime::run(command, quiet).await,
             Command::Serve(args) => serve::run(*args, quiet).await,
@@ -169,13 +176,15 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn print_tool_schemas(backend: &str) -> anyhow::Result<ExitCode> {
+fn print_tool_schemas(backend: &str, calculator: bool, tools_files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let tools = match backend {
         "wasm" => rollbox::wasm::TOOLS.to_vec(),
         "process" => rollbox::process::TOOLS.to_vec(),
         other => anyhow::bail!("unknown backend `{other}`; the backends are: wasm, process"),
     };
-    println!("{}", serde_json::to_string_pretty(&rollbox::tools::schemas(&tools))?);
+    let mut schemas = rollbox::tools::schemas(&tools);
+    schemas.extend(rollout::user_tools(calculator, tools_files)?.schemas());
+    println!("{}", serde_json::to_string_pretty(&schemas)?);
     Ok(ExitCode::SUCCESS)
 }
 

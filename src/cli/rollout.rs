@@ -15,8 +15,19 @@ use rollbox::rollout::dataset::load_dataset;
 use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy};
 use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
+use rollbox::rollout::user_tools::{ToolsFileError, ToolsFile, UserTools};
+use rollbox::truncation::{ChatTemplate, TokenCounter};
 
 use super::{LimitArgs, RuntimeArgs, start_wasm_backend};
+
+/// The chat templates whose per-message overhead the context budget counts.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TemplateFlag {
+    /// ChatML, as Qwen2.5 and Qwen3 use it.
+    Qwen,
+    /// No template: only the messages' text.
+    Bare,
+}
 
 /// The agent loops, as flags.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -77,9 +88,29 @@ pub(crate) struct RolloutArgs {
     /// trajectory's slot in place of the math and code rewards.
     #[arg(long, value_name = "PATH")]
     reward_file: Option<PathBuf>,
-    /// Stop a trajectory once the server reports at least this many tokens in the conversation.
-    #[arg(long, value_name = "TOKENS")]
-    max_context_tokens: Option<u64>,
+    /// The context budget: with --tokenizer, a trajectory stops (stop reason `context_budget`)
+    /// when the conversation's exact token count exceeds it before a model turn; without, once
+    /// the server reports at least this many tokens in the conversation.
+    #[arg(long, value_name = "TOKENS", alias = "max-context-tokens")]
+    context_budget: Option<u64>,
+    /// The model's tokenizer.json (Hugging Face format), to count the conversation exactly for
+    /// --context-budget before every turn (works under the oracle policy too).
+    #[arg(long, value_name = "PATH", requires = "context_budget")]
+    tokenizer: Option<PathBuf>,
+    /// The chat template counted around each message with --tokenizer.
+    #[arg(long, value_enum, default_value_t = TemplateFlag::Qwen, requires = "tokenizer")]
+    chat_template: TemplateFlag,
+    /// A Python file of typed, documented functions that become extra tools of the `tools`
+    /// agent, run inside each trajectory's slot. Repeat for several files.
+    #[arg(long, value_name = "FILE.py")]
+    tools_file: Vec<PathBuf>,
+    /// Do not offer the built-in `calculator` tool to the `tools` agent.
+    #[arg(long)]
+    no_calculator: bool,
+    /// Compute each reward in a new slot holding only the trajectory's definitions (imports,
+    /// functions, classes, plain assignments), so a policy cannot tamper with its scoring.
+    #[arg(long)]
+    score_in_fresh_slot: bool,
     /// Model requests in flight at once.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_in_flight: usize,
@@ -118,9 +149,29 @@ impl RolloutArgs {
             code_tags: CodeTags { open: self.code_open.clone(), close: self.code_close.clone() },
             output_tag: self.output_tag.clone(),
             system_prompt,
-            max_context_tokens: self.max_context_tokens,
+            max_context_tokens: self.context_budget,
+            token_counter: self.token_counter()?,
+            user_tools: self.user_tools(kind)?,
             ..AgentConfig::new(kind)
         })
+    }
+
+    /// The tools agent's extra tools (none for the notebook agent).
+    fn user_tools(&self, kind: AgentKind) -> anyhow::Result<Arc<UserTools>> {
+        if kind != AgentKind::Tools {
+            anyhow::ensure!(self.tools_file.is_empty(), "--tools-file needs --agent tools: the notebook agent does not call functions");
+            return Ok(Arc::default());
+        }
+        Ok(Arc::new(user_tools(!self.no_calculator, &self.tools_file)?))
+    }
+
+    fn token_counter(&self) -> anyhow::Result<Option<Arc<TokenCounter>>> {
+        let Some(path) = &self.tokenizer else { return Ok(None) };
+        let template = match self.chat_template {
+            TemplateFlag::Qwen => ChatTemplate::qwen_chatml(),
+            TemplateFlag::Bare => ChatTemplate::bare(),
+        };
+        Ok(Some(Arc::new(TokenCounter::from_file(path, template)?)))
     }
 
     fn policy(&self) -> anyhow::Result<Arc<dyn Policy>> {
@@ -143,6 +194,24 @@ impl RolloutArgs {
             ..ChatClientConfig::new(url.clone(), self.model_name.clone())
         };
         Ok(Arc::new(ChatClient::new(config)?))
+    }
+}
+
+/// The calculator (when asked for), then the tools of every file, parsed here on the host
+/// (never run).
+pub(crate) fn user_tools(calculator: bool, tools_files: &[PathBuf]) -> anyhow::Result<UserTools> {
+    let mut files = Vec::new();
+    if calculator {
+        files.push(ToolsFile::calculator());
+    }
+    for path in tools_files {
+        files.push(ToolsFile::read(path)?);
+    }
+    match UserTools::new(files) {
+        Err(ToolsFileError::Duplicate { name, .. }) if calculator && name == "calculator" => {
+            anyhow::bail!("a tools file defines `calculator`, the name of the built-in calculator; rename yours, or leave the built-in out (rollout --no-calculator)")
+        }
+        tools => Ok(tools?),
     }
 }
 
@@ -188,6 +257,7 @@ pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCo
         out_dir: args.out.clone(),
         resume: args.resume,
         custom_reward,
+        score_in_fresh_slot: args.score_in_fresh_slot,
     };
     let stop = StopSignal::new();
     let watcher = tokio::spawn(stop_on_ctrl_c(stop.clone(), quiet));

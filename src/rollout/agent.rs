@@ -2,6 +2,7 @@
 //! (OpenAI function calling, results as `role: tool` messages). Each runs one problem in one
 //! slot and returns an [`Episode`]; the runner adds the reward.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,9 @@ use crate::rollout::code_blocks::{CodeTags, extract_code_blocks};
 use crate::rollout::dataset::Problem;
 use crate::rollout::policy::{ModelReply, Policy, TurnRequest, Usage};
 use crate::rollout::reward::Reward;
+use crate::rollout::user_tools::{UserTools, tool_result};
 use crate::slot::{Backend, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, ToolCall};
+use crate::truncation::{TokenCounter, TruncationError};
 
 /// Which agent loop runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -52,15 +55,28 @@ pub struct AgentConfig {
     pub output_tag: String,
     /// The system message; `None` uses [`default_system_prompt`].
     pub system_prompt: Option<String>,
-    /// Stop once the server reports a conversation of at least this many tokens (prompt plus
-    /// completion of the last reply). Unknown usage (the oracle) never stops on it.
+    /// The context budget, in tokens. With a [`AgentConfig::token_counter`], the conversation
+    /// is counted exactly before each policy turn and the trajectory stops when the count
+    /// exceeds the budget (this works offline, under the oracle too). Without one, it stops
+    /// once the server reports a conversation of at least this many tokens (prompt plus
+    /// completion of the last reply); unknown usage (the oracle) never stops on it.
     pub max_context_tokens: Option<u64>,
+    /// The model's tokenizer and chat template, for the exact budget check.
+    pub token_counter: Option<Arc<TokenCounter>>,
+    /// Extra tools the `tools` agent offers besides the backend's, run as Python in the slot:
+    /// [`UserTools::calculator_only`] by default.
+    pub user_tools: Arc<UserTools>,
 }
 
 impl AgentConfig {
     /// Defaults for `kind`: 8 turns, `<code>`/`</code>`, output tag `output`, the default system
-    /// prompt, no context budget.
+    /// prompt, no context budget, and the built-in `calculator` as the only extra tool of the
+    /// `tools` agent.
     pub fn new(kind: AgentKind) -> Self {
+        let user_tools = match kind {
+            AgentKind::Tools => UserTools::calculator_only(),
+            AgentKind::Notebook => Arc::default(),
+        };
         AgentConfig {
             kind,
             max_turns: 8,
@@ -68,6 +84,8 @@ impl AgentConfig {
             output_tag: "output".to_owned(),
             system_prompt: None,
             max_context_tokens: None,
+            token_counter: None,
+            user_tools,
         }
     }
 }
@@ -83,8 +101,9 @@ pub fn default_system_prompt(config: &AgentConfig) -> String {
             close = config.code_tags.close,
             tag = config.output_tag,
         ),
-        AgentKind::Tools => "Solve the task. Use the python tool to run code in a persistent, sandboxed notebook. \
-                             When you are done, reply without tool calls and give the final answer as \\boxed{...}."
+        AgentKind::Tools => "Solve the task. Use the python tool to run code in a persistent, sandboxed notebook, and \
+                             the other tools when they help. When you are done, reply without tool calls and give the \
+                             final answer as \\boxed{...}."
             .to_owned(),
     }
 }
@@ -103,6 +122,9 @@ pub enum StopReason {
     ContextBudget,
     /// The policy gave no turn (the model endpoint failed, or the oracle ran out of turns).
     PolicyError,
+    /// The engine could not prepare the next turn (the tokenizer failed to count the
+    /// conversation for the context budget).
+    EngineError,
 }
 
 /// One code block or tool call of a step, with its result.
@@ -127,8 +149,9 @@ pub struct Step {
     /// Time running this turn's calls, wall clock, in milliseconds.
     pub tool_ms: f64,
     /// The engine's own time this turn, in milliseconds: from the reply's arrival to the next
-    /// request (code extraction, dispatch, messages), minus the time the calls ran in their
-    /// slots. The model's time is not in it.
+    /// request (code extraction, dispatch, messages, and counting the conversation for an
+    /// exact context budget before the request), minus the time the calls ran in their slots.
+    /// The model's time is not in it.
     #[serde(default)]
     pub overhead_ms: f64,
     /// Token usage of the reply, when known.
@@ -168,6 +191,8 @@ pub struct Episode {
     pub policy_error: Option<(String, String)>,
     /// The final answer of the last assistant message, if any.
     pub final_answer: Option<String>,
+    /// The conversation's exact token count at the last budget check, when a tokenizer is set.
+    pub context_tokens: Option<u64>,
 }
 
 /// A scored trajectory: one line of `trajectories.jsonl`.
@@ -200,6 +225,10 @@ pub struct Trajectory {
     /// Summed token usage, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokenCounts>,
+    /// The conversation's exact token count (model's tokenizer and chat template, tool schemas
+    /// included) at the last context-budget check, when a tokenizer was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_tokens: Option<u64>,
     /// Assistant turns taken.
     pub turns: usize,
     /// Total time waiting for the policy, in milliseconds.
@@ -247,16 +276,27 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
     let system = context.config.system_prompt.clone().unwrap_or_else(|| default_system_prompt(context.config));
     let mut messages = vec![Message::system(system), Message::user(problem.problem.clone())];
     let mut steps = Vec::new();
+    let offered: &[Value] = if context.config.kind == AgentKind::Tools { context.tools } else { &[] };
+    let mut tools_loaded = false;
+    let mut context_tokens = None;
+    let budget = match BudgetCheck::new(context.config, offered) {
+        Ok(budget) => budget,
+        Err(error) => return Some(Episode::engine_error(messages, steps, &error, None)),
+    };
     for turn in 0..context.config.max_turns {
+        let counting = Instant::now();
+        if let Some(budget) = &budget {
+            match budget.count(&messages) {
+                Ok(count) => context_tokens = Some(count),
+                Err(error) => return Some(Episode::engine_error(messages, steps, &error, context_tokens)),
+            }
+            if context_tokens.is_some_and(|count| count > budget.budget) {
+                return Some(Episode::ended(messages, steps, StopReason::ContextBudget, None, context_tokens));
+            }
+        }
+        let counting_ms = millis(counting.elapsed());
         let started = Instant::now();
-        let request = TurnRequest {
-            problem,
-            messages: &messages,
-            tools: if context.config.kind == AgentKind::Tools { context.tools } else { &[] },
-            turn,
-            agent: context.config.kind,
-            code_tags: &context.config.code_tags,
-        };
+        let request = TurnRequest { problem, messages: &messages, tools: offered, turn, agent: context.config.kind, code_tags: &context.config.code_tags };
         let reply = tokio::select! {
             reply = context.policy.next_turn(request) => reply,
             () = stopped(&mut context.stop) => return None,
@@ -265,9 +305,8 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
         let reply = match reply {
             Ok(reply) => reply,
             Err(error) => {
-                let message = error_chain(&error);
-                let policy_error = Some((error.kind().to_owned(), message));
-                return Some(Episode { messages, steps, stop_reason: StopReason::PolicyError, policy_error, final_answer: None });
+                let policy_error = Some((error.kind().to_owned(), error_chain(&error)));
+                return Some(Episode { messages, steps, stop_reason: StopReason::PolicyError, policy_error, final_answer: None, context_tokens });
             }
         };
         let turn_started = Instant::now();
@@ -279,31 +318,66 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
         let started = Instant::now();
         let (calls, replies) = match context.config.kind {
             AgentKind::Notebook => run_code_blocks(context, &text).await,
-            AgentKind::Tools => run_tool_calls(context, &tool_calls).await,
+            AgentKind::Tools => run_tool_calls(context, &tool_calls, &mut tools_loaded).await,
         };
         let tool_ms = if calls.is_empty() { 0.0 } else { millis(started.elapsed()) };
         let ran_something = !calls.is_empty();
         messages.extend(replies);
         let in_slots_ms = calls.iter().map(|c| c.result.metadata.duration_us as f64 / 1e3).sum::<f64>();
-        let overhead_ms = (millis(turn_started.elapsed()) - in_slots_ms).max(0.0);
+        let overhead_ms = counting_ms + (millis(turn_started.elapsed()) - in_slots_ms).max(0.0);
         steps.push(Step { turn, model_ms, tool_ms, overhead_ms, usage, logprobs, finish_reason, attempts, calls });
         let stop_reason = if final_answer.is_some() && !(context.config.kind == AgentKind::Tools && ran_something) {
             Some(StopReason::FinalAnswer)
         } else if !ran_something {
             Some(StopReason::NoAction)
-        } else if context.config.max_context_tokens.is_some_and(|budget| usage.is_some_and(|u| u.total_tokens >= budget)) {
+        } else if budget.is_none() && context.config.max_context_tokens.is_some_and(|limit| usage.is_some_and(|u| u.total_tokens >= limit)) {
             Some(StopReason::ContextBudget)
         } else {
             None
         };
         if let Some(stop_reason) = stop_reason {
-            return Some(Episode { messages, steps, stop_reason, policy_error: None, final_answer });
+            return Some(Episode { messages, steps, stop_reason, policy_error: None, final_answer, context_tokens });
         }
         if *context.stop.borrow() {
             return None;
         }
     }
-    Some(Episode { messages, steps, stop_reason: StopReason::MaxTurns, policy_error: None, final_answer: None })
+    Some(Episode::ended(messages, steps, StopReason::MaxTurns, None, context_tokens))
+}
+
+impl Episode {
+    fn ended(messages: Vec<Message>, steps: Vec<Step>, stop_reason: StopReason, final_answer: Option<String>, context_tokens: Option<u64>) -> Self {
+        Episode { messages, steps, stop_reason, policy_error: None, final_answer, context_tokens }
+    }
+
+    fn engine_error(messages: Vec<Message>, steps: Vec<Step>, error: &TruncationError, context_tokens: Option<u64>) -> Self {
+        let policy_error = Some(("token_count".to_owned(), error_chain(error)));
+        Episode { policy_error, ..Episode::ended(messages, steps, StopReason::EngineError, None, context_tokens) }
+    }
+}
+
+/// The exact context-budget check: the model's tokenizer and chat template over the
+/// conversation, plus the offered tool schemas (one JSON line each, as Qwen's template lists
+/// them; the template's fixed instructions around that list are not counted).
+struct BudgetCheck<'a> {
+    counter: &'a TokenCounter,
+    budget: u64,
+    tools_tokens: u64,
+}
+
+impl<'a> BudgetCheck<'a> {
+    /// `None` unless both a budget and a tokenizer are configured.
+    fn new(config: &'a AgentConfig, tools: &[Value]) -> Result<Option<Self>, TruncationError> {
+        let (Some(budget), Some(counter)) = (config.max_context_tokens, config.token_counter.as_deref()) else { return Ok(None) };
+        let listing = tools.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
+        let tools_tokens = counter.count_text(&listing)? as u64;
+        Ok(Some(BudgetCheck { counter, budget, tools_tokens }))
+    }
+
+    /// The prompt's tokens if `messages` were sent now.
+    fn count(&self, messages: &[Message]) -> Result<u64, TruncationError> {
+        Ok(self.counter.count_conversation(messages)? as u64 + self.tools_tokens)
+    }
 }
 
 /// Resolves once the stop flag is (or becomes) `true`; never if its sender is gone.
@@ -335,36 +409,88 @@ async fn run_code_blocks(context: &AgentContext<'_>, text: &str) -> (Vec<StepCal
 }
 
 /// Runs an assistant message's tool calls as one batch in the slot; each result comes back as
-/// a `role: tool` message answering its call id. Arguments that are not a JSON object get an
-/// error result without running.
-async fn run_tool_calls(context: &AgentContext<'_>, tool_calls: &[crate::chat::ToolCall]) -> (Vec<StepCall>, Vec<Message>) {
-    let mut parsed: Vec<(String, ToolCall, Option<ExecutionResult>)> = Vec::with_capacity(tool_calls.len());
-    for call in tool_calls {
-        let name = call.function.name.clone();
-        match serde_json::from_str::<Value>(&call.function.arguments) {
-            Ok(arguments @ Value::Object(_)) => parsed.push((call.id.clone(), ToolCall::new(name, arguments), None)),
-            Ok(_) | Err(_) => {
-                let metadata = ExecutionMetadata { tool: name.clone(), slot_id: Some(context.slot.id), ..Default::default() };
-                let failure = ExecutionResult::failure(
-                    ErrorKind::InvalidArguments,
-                    "the arguments are not a JSON object; call the tool again with valid JSON arguments",
-                    metadata,
-                );
-                let raw = Value::String(call.function.arguments.clone());
-                parsed.push((call.id.clone(), ToolCall::new(name, raw), Some(failure)));
-            }
+/// a `role: tool` message answering its call id. Arguments that are not a JSON object (or do
+/// not fit a user tool) get an error result without running.
+///
+/// A user tool runs as a `python` cell. When the batch calls one and the tools are not loaded
+/// in the slot yet, the cell that loads them goes first in the same batch; its time is added to
+/// the first user tool call's. `tools_loaded` is cleared when the slot's interpreter restarted.
+async fn run_tool_calls(context: &AgentContext<'_>, tool_calls: &[crate::chat::ToolCall], tools_loaded: &mut bool) -> (Vec<StepCall>, Vec<Message>) {
+    let user_tools = &context.config.user_tools;
+    let planned: Vec<(String, ToolCall, Dispatch)> = tool_calls.iter().map(|call| plan_call(context, call)).collect();
+    let calls_user_tool = planned.iter().any(|(_, _, d)| matches!(d, Dispatch::UserTool(_)));
+    let load_first = calls_user_tool && !*tools_loaded;
+    let mut batch: Vec<(Slot, ToolCall)> = Vec::with_capacity(planned.len() + 1);
+    if load_first {
+        batch.push((context.slot.clone(), user_tools.load_call()));
+    }
+    for (_, _, dispatch) in &planned {
+        if let Dispatch::Run(call) | Dispatch::UserTool(call) = dispatch {
+            batch.push((context.slot.clone(), call.clone()));
         }
     }
-    let batch = parsed.iter().filter(|(_, _, r)| r.is_none()).map(|(_, c, _)| (context.slot.clone(), c.clone())).collect::<Vec<_>>();
     let mut results = if batch.is_empty() { Vec::new() } else { context.backend.execute_batch(batch).await }.into_iter();
-    let mut calls = Vec::with_capacity(parsed.len());
-    let mut replies = Vec::with_capacity(parsed.len());
-    for (id, call, failure) in parsed {
-        let result = failure.or_else(|| results.next()).unwrap_or_else(|| {
-            ExecutionResult::failure(ErrorKind::Backend, "the backend returned no result for the call", ExecutionMetadata::default())
-        });
+    let load = if load_first { results.next() } else { None };
+    *tools_loaded = load.as_ref().map_or(*tools_loaded, |l| l.success);
+    let mut load_us = load.as_ref().map_or(0, |l| l.metadata.duration_us);
+    let mut calls = Vec::with_capacity(planned.len());
+    let mut replies = Vec::with_capacity(planned.len());
+    for (id, call, dispatch) in planned {
+        let missing = || ExecutionResult::failure(ErrorKind::Backend, "the backend returned no result for the call", ExecutionMetadata::default());
+        let result = match dispatch {
+            Dispatch::Failed(result) => result,
+            Dispatch::Run(_) => results.next().unwrap_or_else(missing),
+            Dispatch::UserTool(_) => {
+                let mut result = tool_result(&call.name, results.next().unwrap_or_else(missing));
+                result.metadata.duration_us += std::mem::take(&mut load_us);
+                if let Some(load) = load.as_ref().filter(|l| !l.success) {
+                    result.output = format!("failed to load the tools in the slot, so `{}` did not run: {}", call.name, load.output.trim());
+                }
+                result
+            }
+        };
+        if result.metadata.state_lost {
+            *tools_loaded = false;
+        }
         replies.push(Message::tool(id.clone(), result.output.clone()));
         calls.push(StepCall { tool_call_id: Some(id), call, result });
     }
     (calls, replies)
+}
+
+/// How one tool call of a message runs.
+enum Dispatch {
+    /// As itself, by the backend.
+    Run(ToolCall),
+    /// A user tool, as this `python` cell.
+    UserTool(ToolCall),
+    /// Not at all: its arguments are unusable, and this is its result.
+    Failed(ExecutionResult),
+}
+
+/// The call id, the call as the model made it (as recorded in the step), and how it runs.
+fn plan_call(context: &AgentContext<'_>, call: &crate::chat::ToolCall) -> (String, ToolCall, Dispatch) {
+    let name = call.function.name.clone();
+    let metadata = || ExecutionMetadata { tool: name.clone(), slot_id: Some(context.slot.id), ..Default::default() };
+    let arguments = match serde_json::from_str::<Value>(&call.function.arguments) {
+        Ok(arguments @ Value::Object(_)) => arguments,
+        Ok(_) | Err(_) => {
+            let failure = ExecutionResult::failure(
+                ErrorKind::InvalidArguments,
+                "the arguments are not a JSON object; call the tool again with valid JSON arguments",
+                metadata(),
+            );
+            let raw = Value::String(call.function.arguments.clone());
+            return (call.id.clone(), ToolCall::new(name, raw), Dispatch::Failed(failure));
+        }
+    };
+    let dispatch = match context.config.user_tools.call(&name, &arguments) {
+        None => Dispatch::Run(ToolCall::new(name.clone(), arguments.clone())),
+        Some(Ok(cell)) => Dispatch::UserTool(cell),
+        Some(Err(mut failure)) => {
+            failure.metadata = metadata();
+            Dispatch::Failed(failure)
+        }
+    };
+    (call.id.clone(), ToolCall::new(name, arguments), dispatch)
 }

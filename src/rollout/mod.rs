@@ -7,7 +7,10 @@
 //! - [`policy`] writes the assistant turns (the offline [`policy::OraclePolicy`] or an
 //!   OpenAI-compatible [`policy::ChatClient`]);
 //! - [`agent`] holds the `notebook` and `tools` loops that turn a problem into a [`Trajectory`];
-//! - [`reward`] computes math and code rewards in the trajectory's own slot;
+//! - [`user_tools`] turns Python files of typed functions (and the built-in `calculator`) into
+//!   extra tools that run in the trajectory's slot;
+//! - [`reward`] computes math and code rewards in the trajectory's own slot, or
+//!   [`fresh_slot`] in a new one;
 //! - [`runner`] handles groups, concurrency, `trajectories.jsonl`, resume and interruption;
 //! - [`summary`] adds it all up in `summary.json`.
 
@@ -15,13 +18,16 @@ pub mod agent;
 pub mod answer;
 pub mod code_blocks;
 pub mod dataset;
+pub mod fresh_slot;
 pub mod policy;
 pub mod reward;
 pub mod runner;
 pub mod summary;
+pub mod user_tools;
 
 pub use agent::{AgentConfig, AgentKind, StopReason, Trajectory};
 pub use dataset::{Dataset, Problem};
 pub use policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy};
 pub use runner::{RolloutConfig, RolloutError, RolloutReporter, RolloutRun, StopSignal, run_rollout};
 pub use summary::Summary;
+pub use user_tools::{ToolsFile, UserTools};

@@ -69,6 +69,16 @@ pub enum PolicyError {
         /// The problem.
         instance_id: String,
     },
+    /// A `<tool_call>` block of a reference solution is not `{"name": ..., "arguments": {...}}`.
+    #[error("turn {turn} of the reference solution of `{instance_id}` has a bad <tool_call> block: {message}")]
+    BadReferenceToolCall {
+        /// The problem.
+        instance_id: String,
+        /// The 1-based turn.
+        turn: usize,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The reference solution has fewer turns than the agent asked for.
     #[error("the reference solution has only {turns} turns; the agent asked for turn {asked}")]
     OutOfTurns {
@@ -110,6 +120,7 @@ impl PolicyError {
         match self {
             PolicyError::NoReferenceSolution { .. } => "oracle_no_reference",
             PolicyError::OutOfTurns { .. } => "oracle_out_of_turns",
+            PolicyError::BadReferenceToolCall { .. } => "oracle_bad_tool_call",
             PolicyError::Request { source, .. } if source.is_timeout() => "model_timeout",
             PolicyError::Request { .. } => "model_request",
             PolicyError::Status { status: 429, .. } => "model_rate_limited",
@@ -136,8 +147,12 @@ pub trait Policy: Send + Sync {
 
 /// Plays a problem's `reference_solution` as the assistant's turns, offline.
 ///
-/// For the `tools` agent, each turn's code blocks become `python` tool calls (ids
-/// `call_<turn>_<n>`), so the same reference solutions drive both agents.
+/// For the `tools` agent, each turn's code blocks become `python` tool calls, so the same
+/// reference solutions drive both agents; and each Hermes-style
+/// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block becomes a call of that tool
+/// (the calculator, a user tool, any tool), so a reference solution can use every tool. Calls
+/// keep the order they have in the text, with ids `call_<turn>_<n>`. The notebook agent ignores
+/// `<tool_call>` blocks.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OraclePolicy;
 
@@ -160,12 +175,42 @@ impl Policy for OraclePolicy {
         let text = turns.get(request.turn).ok_or(PolicyError::OutOfTurns { turns: turns.len(), asked: request.turn + 1 })?;
         let mut message = Message::assistant(text.clone());
         if request.agent == AgentKind::Tools {
-            for (n, block) in extract_code_blocks(text, request.code_tags).into_iter().enumerate() {
-                let arguments = json!({ "code": block.code }).to_string();
-                message = message.with_tool_call(format!("call_{}_{n}", request.turn), "python", arguments);
+            let calls = reference_tool_calls(text, request.code_tags).map_err(|message| PolicyError::BadReferenceToolCall {
+                instance_id: request.problem.instance_id.clone(),
+                turn: request.turn + 1,
+                message,
+            })?;
+            for (n, (name, arguments)) in calls.into_iter().enumerate() {
+                message = message.with_tool_call(format!("call_{}_{n}", request.turn), name, arguments);
             }
         }
         Ok(ModelReply { message, usage: None, logprobs: None, finish_reason: Some("stop".to_owned()), attempts: 0 })
+    }
+}
+
+const TOOL_CALL_OPEN: &str = "<tool_call>";
+const TOOL_CALL_CLOSE: &str = "</tool_call>";
+
+/// The tool calls a reference turn makes, in text order: `python` for each code block, and the
+/// tool each `<tool_call>` block names, as (name, JSON arguments).
+fn reference_tool_calls(text: &str, tags: &CodeTags) -> Result<Vec<(String, String)>, String> {
+    let mut calls = Vec::new();
+    let mut rest = text;
+    loop {
+        let (before, block) = match rest.split_once(TOOL_CALL_OPEN) {
+            Some((before, after)) => (before, Some(after)),
+            None => (rest, None),
+        };
+        for code in extract_code_blocks(before, tags) {
+            calls.push(("python".to_owned(), json!({ "code": code.code }).to_string()));
+        }
+        let Some(block) = block else { return Ok(calls) };
+        let (body, after) = block.split_once(TOOL_CALL_CLOSE).ok_or("it has no closing </tool_call>")?;
+        let call: Value = serde_json::from_str(body.trim()).map_err(|e| format!("it is not JSON ({e})"))?;
+        let name = call.get("name").and_then(Value::as_str).ok_or("it has no string `name`")?;
+        let arguments = call.get("arguments").filter(|a| a.is_object()).ok_or("its `arguments` is not an object")?;
+        calls.push((name.to_owned(), arguments.to_string()));
+        rest = after;
     }
 }
 

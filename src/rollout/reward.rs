@@ -6,7 +6,8 @@
 //! - custom: a user's Python `reward(problem, answer, messages) -> float`, run in the slot.
 //!
 //! A reward computed in the slot the model used sees the model's state: that is what lets test
-//! cases call the functions it defined, and also what a model could tamper with.
+//! cases call the functions it defined, and also what a model could tamper with (see
+//! [`crate::rollout::fresh_slot`] for scoring in a new slot instead).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,16 @@ pub struct Reward {
     pub score: f64,
     /// How it was computed.
     pub breakdown: RewardBreakdown,
+    /// Whether it was computed in a fresh slot rather than the trajectory's own
+    /// ([`crate::rollout::fresh_slot`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh_slot: bool,
+}
+
+impl Reward {
+    fn new(score: f64, breakdown: RewardBreakdown) -> Self {
+        Reward { score, breakdown, fresh_slot: false }
+    }
 }
 
 /// The details of a [`Reward`].
@@ -82,6 +93,15 @@ pub struct TestFailure {
     pub error: String,
 }
 
+/// Scores a trajectory in `slot`: with the user's reward function `custom` when there is one
+/// (see [`custom_reward`]), else with [`compute_reward`].
+pub async fn score(backend: &dyn Backend, slot: &Slot, problem: &Problem, answer: Option<&str>, messages: &[Message], custom: Option<&str>) -> Reward {
+    match custom {
+        Some(source) => custom_reward(backend, slot, source, problem, answer, messages).await,
+        None => compute_reward(backend, slot, problem, answer).await,
+    }
+}
+
 /// Scores a trajectory of `problem` whose final answer is `answer`, in `slot`: code when the
 /// problem has `test_cases`, else math.
 pub async fn compute_reward(backend: &dyn Backend, slot: &Slot, problem: &Problem, answer: Option<&str>) -> Reward {
@@ -124,7 +144,7 @@ finally:
         Some(_) => None,
         None => Some(result.output.trim().to_owned()),
     };
-    Reward { score: score.unwrap_or(0.0), breakdown: RewardBreakdown::Custom { answer: answer.map(str::to_owned), error } }
+    Reward::new(score.unwrap_or(0.0), RewardBreakdown::Custom { answer: answer.map(str::to_owned), error })
 }
 
 /// Compares `answer` with `ground_truth`: exactly when both are plain numbers, else with sympy
@@ -132,11 +152,11 @@ finally:
 pub async fn math_reward(backend: &dyn Backend, slot: &Slot, ground_truth: &str, answer: Option<&str>) -> Reward {
     let Some(answer) = answer else {
         let breakdown = RewardBreakdown::Math { ground_truth: ground_truth.to_owned(), answer: None, method: MathMethod::NoAnswer, note: None };
-        return Reward { score: 0.0, breakdown };
+        return Reward::new(0.0, breakdown);
     };
-    let math = |method, equal: bool, note| Reward {
-        score: if equal { 1.0 } else { 0.0 },
-        breakdown: RewardBreakdown::Math { ground_truth: ground_truth.to_owned(), answer: Some(answer.to_owned()), method, note },
+    let math = |method, equal: bool, note| {
+        let breakdown = RewardBreakdown::Math { ground_truth: ground_truth.to_owned(), answer: Some(answer.to_owned()), method, note };
+        Reward::new(if equal { 1.0 } else { 0.0 }, breakdown)
     };
     if let (Some(expected), Some(given)) = (parse_exact_number(ground_truth), parse_exact_number(answer)) {
         return math(MathMethod::Exact, expected == given, None);
@@ -198,5 +218,5 @@ pub async fn code_reward(backend: &dyn Backend, slot: &Slot, test_cases: &[Strin
     let total = test_cases.len();
     let passed = total - failures.len();
     let score = if total == 0 { 0.0 } else { passed as f64 / total as f64 };
-    Reward { score, breakdown: RewardBreakdown::Code { passed, total, failures } }
+    Reward::new(score, RewardBreakdown::Code { passed, total, failures })
 }

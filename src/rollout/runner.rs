@@ -15,10 +15,11 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::rollout::agent::{AgentConfig, AgentContext, Trajectory, TrajectoryError, run_agent};
+use crate::rollout::agent::{AgentConfig, AgentContext, Episode, TokenCounts, Trajectory, TrajectoryError, run_agent};
 use crate::rollout::dataset::{Dataset, Problem};
+use crate::rollout::fresh_slot::{Scored, reward_in_fresh_slot};
 use crate::rollout::policy::Policy;
-use crate::rollout::reward::{compute_reward, custom_reward};
+use crate::rollout::reward::{Reward, score};
 use crate::rollout::summary::{RunStats, Summary};
 use crate::slot::Backend;
 
@@ -43,6 +44,9 @@ pub struct RolloutConfig {
     /// A Python reward function's source (see [`crate::rollout::reward::custom_reward`]) that
     /// replaces the math and code rewards.
     pub custom_reward: Option<Arc<str>>,
+    /// Compute each reward in a new slot holding only the trajectory's definitions, rather
+    /// than in the trajectory's own slot; see [`crate::rollout::fresh_slot`].
+    pub score_in_fresh_slot: bool,
 }
 
 /// Told of a rollout's progress. Every method does nothing by default.
@@ -187,16 +191,22 @@ pub async fn run_rollout(
     reporter.on_start(jobs.len(), skipped);
     let mut writer = TrajectoryWriter::open(&trajectories_path, existing.needs_newline)?;
     let mut stats = RunStats { skipped, ..RunStats::default() };
-    let tools = Arc::new(crate::tools::schemas(&backend.tools()));
-    let agent = Arc::new(config.agent.clone());
+    let mut tools = crate::tools::schemas(&backend.tools());
+    tools.extend(config.agent.user_tools.schemas());
+    let shared = Arc::new(JobShared {
+        backend,
+        policy: policy.clone(),
+        agent: config.agent.clone(),
+        tools,
+        custom_reward: config.custom_reward.clone(),
+        score_in_fresh_slot: config.score_in_fresh_slot,
+    });
     let mut pending = jobs.into_iter();
     let mut running = JoinSet::new();
     loop {
         while running.len() < config.concurrency.max(1) && !stop.is_stopped() {
             let Some(job) = pending.next() else { break };
-            let reward = config.custom_reward.clone();
-            let task = run_job(backend.clone(), policy.clone(), agent.clone(), tools.clone(), reward, stop.subscribe(), job);
-            running.spawn(task);
+            running.spawn(run_job(shared.clone(), stop.subscribe(), job));
         }
         let Some(joined) = running.join_next().await else { break };
         match joined {
@@ -229,17 +239,21 @@ pub async fn run_rollout(
     Ok(RolloutRun { summary, trajectories_path, summary_path })
 }
 
-/// Runs one trajectory start to finish in its own slot.
-async fn run_job(
+/// What every trajectory of a rollout shares.
+struct JobShared {
     backend: Arc<dyn Backend>,
     policy: Arc<dyn Policy>,
-    config: Arc<AgentConfig>,
-    tools: Arc<Vec<Value>>,
-    reward_source: Option<Arc<str>>,
-    stop: watch::Receiver<bool>,
-    job: Job,
-) -> JobOutcome {
+    agent: AgentConfig,
+    /// The function schemas offered to the tools agent: the backend's, then the user tools.
+    tools: Vec<Value>,
+    custom_reward: Option<Arc<str>>,
+    score_in_fresh_slot: bool,
+}
+
+/// Runs one trajectory start to finish in its own slot.
+async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) -> JobOutcome {
     let started = Instant::now();
+    let backend = shared.backend.as_ref();
     let slot = match backend.acquire(&job.trajectory_id).await {
         Ok(slot) => slot,
         Err(error) => {
@@ -247,7 +261,7 @@ async fn run_job(
             return JobOutcome::Failed { trajectory_id: job.trajectory_id, kind: "slot_acquire".to_owned(), message };
         }
     };
-    let mut context = AgentContext { backend: backend.as_ref(), slot: &slot, policy: policy.as_ref(), config: &config, tools: &tools, stop };
+    let mut context = AgentContext { backend, slot: &slot, policy: shared.policy.as_ref(), config: &shared.agent, tools: &shared.tools, stop };
     let Some(episode) = run_agent(&mut context, &job.problem).await else {
         // Releasing is best effort: the trajectory is abandoned either way.
         let _ = backend.release(&slot, true).await;
@@ -255,25 +269,43 @@ async fn run_job(
     };
     let reward_started = Instant::now();
     let answer = episode.final_answer.as_deref();
-    let reward = match &reward_source {
-        Some(source) => custom_reward(backend.as_ref(), &slot, source, &job.problem, answer, &episode.messages).await,
-        None => compute_reward(backend.as_ref(), &slot, &job.problem, answer).await,
+    let custom = shared.custom_reward.as_deref();
+    let reward = if shared.score_in_fresh_slot {
+        // Released first, so scoring never needs two slots at once.
+        let _ = backend.release(&slot, true).await;
+        let scored = Scored { trajectory_id: &job.trajectory_id, problem: &job.problem, answer, messages: &episode.messages, steps: &episode.steps, custom };
+        match reward_in_fresh_slot(backend, scored).await {
+            Ok(reward) => reward,
+            Err(error) => {
+                let message = format!("failed to acquire a fresh slot for the reward: {error}");
+                return JobOutcome::Failed { trajectory_id: job.trajectory_id, kind: "reward_slot_acquire".to_owned(), message };
+            }
+        }
+    } else {
+        let reward = score(backend, &slot, &job.problem, answer, &episode.messages, custom).await;
+        // A slot that fails to release does not change the trajectory's outcome.
+        let _ = backend.release(&slot, true).await;
+        reward
     };
     let reward_ms = reward_started.elapsed().as_secs_f64() * 1e3;
-    // A slot that fails to release does not change the trajectory's outcome.
-    let _ = backend.release(&slot, true).await;
-    let tokens = episode.steps.iter().filter_map(|s| s.usage).fold(None, |sum: Option<crate::rollout::agent::TokenCounts>, u| {
+    let trajectory = trajectory(&shared, job, episode, reward, reward_ms, started.elapsed().as_secs_f64() * 1e3);
+    JobOutcome::Done(Box::new(trajectory))
+}
+
+/// The line of `trajectories.jsonl` for a scored episode.
+fn trajectory(shared: &JobShared, job: Job, episode: Episode, reward: Reward, reward_ms: f64, wall_ms: f64) -> Trajectory {
+    let tokens = episode.steps.iter().filter_map(|s| s.usage).fold(None, |sum: Option<TokenCounts>, u| {
         let mut sum = sum.unwrap_or_default();
         sum.prompt_tokens += u.prompt_tokens;
         sum.completion_tokens += u.completion_tokens;
         Some(sum)
     });
-    JobOutcome::Done(Box::new(Trajectory {
+    Trajectory {
         trajectory_id: job.trajectory_id,
         instance_id: job.problem.instance_id.clone(),
         sample: job.sample,
-        agent: config.kind,
-        policy: policy.name().to_owned(),
+        agent: shared.agent.kind,
+        policy: shared.policy.name().to_owned(),
         turns: episode.steps.len(),
         model_ms: episode.steps.iter().map(|s| s.model_ms).sum(),
         tool_ms: episode.steps.iter().map(|s| s.tool_ms).sum(),
@@ -284,9 +316,10 @@ async fn run_job(
         final_answer: episode.final_answer,
         reward,
         tokens,
+        context_tokens: episode.context_tokens,
         reward_ms,
-        wall_ms: started.elapsed().as_secs_f64() * 1e3,
-    }))
+        wall_ms,
+    }
 }
 
 /// The lines of an existing trajectories file.

@@ -18,7 +18,9 @@ use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Polic
 use rollbox::rollout::reward::{MathMethod, RewardBreakdown, code_reward, custom_reward, math_reward};
 use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, SilentRolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::pass_estimate;
-use rollbox::{Backend, Limits, WasmBackend};
+use rollbox::rollout::user_tools::{ToolsFile, UserTools, tool_result};
+use rollbox::truncation::{ChatTemplate, TokenCounter};
+use rollbox::{Backend, ErrorKind, Limits, WasmBackend};
 
 use crate::support::wasm_backend;
 
@@ -212,7 +214,7 @@ fn malformed_dataset_lines_are_reported_with_their_numbers() {
 
 #[test]
 fn the_shipped_examples_load_without_errors() {
-    for (file, count) in [("math.jsonl", 40), ("code.jsonl", 24)] {
+    for (file, count) in [("math.jsonl", 40), ("code.jsonl", 24), ("tools.jsonl", 5)] {
         let dataset = load_dataset(&examples_dir().join(file)).expect("readable");
         assert_eq!(dataset.errors, vec![], "{file}");
         assert_eq!(dataset.problems.len(), count, "{file}");
@@ -235,7 +237,15 @@ fn read_trajectories(dir: &Path) -> Vec<Trajectory> {
 }
 
 fn config(kind: AgentKind, out: &Path, group_size: usize, concurrency: usize) -> RolloutConfig {
-    RolloutConfig { agent: AgentConfig::new(kind), group_size, concurrency, out_dir: out.to_owned(), resume: false, custom_reward: None }
+    RolloutConfig {
+        agent: AgentConfig::new(kind),
+        group_size,
+        concurrency,
+        out_dir: out.to_owned(),
+        resume: false,
+        custom_reward: None,
+        score_in_fresh_slot: false,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -649,4 +659,578 @@ fn the_rollout_command_reports_bad_lines_and_writes_its_files() {
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
     assert_eq!((summary["run"]["skipped"].as_u64(), summary["run"]["written"].as_u64()), (Some(4), Some(0)));
+}
+
+// ---- user tools: schemas from a tools file -------------------------------------------------------
+
+const SAMPLE_TOOLS: &str = r#""""Sample tools: every supported annotation, a default of each kind, private helpers."""
+import typing
+from typing import Dict, List, Literal, Optional
+
+
+def search_books(query: str, limit: int = 5, *, genres: Optional[list[str]] = None, sort: Literal["title", "year"] = "title") -> list:
+    """Search the catalogue.
+
+    Matches titles and
+    authors.
+
+    Args:
+        query: Words to look for.
+        limit (int): Most results
+            to return.
+        genres: Only these genres.
+
+    Returns:
+        matches: The books found (not a parameter).
+    """
+    return []
+
+
+def summarise(values: List[float], weights: Dict[str, float], mode: int | str, extra: typing.Any, flag: bool = False, scale: float = -1.5) -> dict:
+    """Summarise numbers."""
+    return {}
+
+
+def _helper(x):
+    return x
+
+
+class Catalogue:
+    def method(self) -> None:
+        """Methods are not tools."""
+"#;
+
+#[test]
+fn schemas_come_from_the_signatures_and_docstrings_of_a_tools_file() {
+    let file = ToolsFile::parse("sample.py", SAMPLE_TOOLS).expect("sample.py parses");
+    let names: Vec<&str> = file.tools.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["search_books", "summarise"]);
+    let search = &file.tools[0];
+    assert_eq!(search.description, "Search the catalogue.\n\nMatches titles and authors.");
+    assert_eq!(
+        search.parameters,
+        json!({
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "description": "Words to look for."},
+                "limit": {"type": "integer", "default": 5, "description": "Most results to return."},
+                "genres": {"type": ["array", "null"], "items": {"type": "string"}, "default": null, "description": "Only these genres."},
+                "sort": {"type": "string", "enum": ["title", "year"], "default": "title"}
+            },
+            "required": ["query"],
+            "additionalProperties": false
+        })
+    );
+    assert_eq!(
+        file.tools[1].parameters["properties"],
+        json!({
+            "values": {"type": "array", "items": {"type": "number"}},
+            "weights": {"type": "object", "additionalProperties": {"type": "number"}},
+            "mode": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "extra": {},
+            "flag": {"type": "boolean", "default": false},
+            "scale": {"type": "number", "default": -1.5}
+        })
+    );
+    assert_eq!(file.tools[1].parameters["required"], json!(["values", "weights", "mode", "extra"]));
+    let schema = search.schema();
+    assert_eq!((schema["type"].as_str(), schema["function"]["name"].as_str()), (Some("function"), Some("search_books")));
+}
+
+#[test]
+fn tools_files_that_break_the_rules_get_errors_that_say_what_to_do() {
+    let doc = "    \"\"\"Doc.\"\"\"\n";
+    let cases = [
+        (format!("def f(x: tuple):\n{doc}"), "parameter `x`: the annotation `tuple` is not supported; use str, int"),
+        (format!("def f(x: MyClass):\n{doc}"), "the annotation `MyClass` is not supported"),
+        (format!("def f(x):\n{doc}"), "parameter `x` has no type annotation; annotate it"),
+        (format!("def f(*xs: int):\n{doc}"), "`*xs` cannot be described by a JSON schema; take a list parameter instead"),
+        (format!("def f(**kw: int):\n{doc}"), "`**kw` cannot be described by a JSON schema; take a dict parameter instead"),
+        (format!("def f(x: int, /):\n{doc}"), "positional-only parameters"),
+        ("def f(x: int):\n    return x\n".to_owned(), "it has no docstring; add one"),
+        (format!("async def f(x: int):\n{doc}"), "`async def` functions cannot be tools"),
+        (format!("def f(x: 'int'):\n{doc}"), "the quoted annotation `'int'` is not supported"),
+        (format!("def f(x: dict[int, str]):\n{doc}"), "JSON object keys are strings: use dict[str, T]"),
+        ("def f(x: int):\n    \"\"\"Doc.\n\n    Args:\n        y: Not a parameter.\n    \"\"\"\n".to_owned(), "describes `y`, which is not a parameter"),
+        (format!("import os\n\ndef f(x: int):\n{doc}def f(x: int):\n{doc}"), "failed to make a tool of `f` (sample.py, line 5): it is defined twice (also on line 3)"),
+        ("def _private(x):\n    return x\n".to_owned(), "the tools file sample.py defines no tools"),
+        ("def f(x: int:\n    pass\n".to_owned(), "failed to parse the tools file sample.py as Python (line 1)"),
+    ];
+    for (source, expected) in cases {
+        let error = ToolsFile::parse("sample.py", &source).expect_err(&source);
+        assert!(error.to_string().contains(expected), "{source}\ngave: {error}\nexpected: {expected}");
+    }
+    let error = ToolsFile::parse("sample.py", &format!("def f(x):\n{doc}")).expect_err("unannotated").to_string();
+    assert!(error.ends_with("or rename it to start with `_` to keep it out of the tools"), "{error}");
+
+    // Names are unique across files and never a built-in tool's.
+    let file = |label: &str, name: &str| ToolsFile::parse(label, &format!("def {name}(x: int) -> int:\n{doc}    return x\n")).expect("parses");
+    let error = UserTools::new(vec![file("a.py", "double"), file("b.py", "double")]).expect_err("duplicate");
+    assert_eq!(error.to_string(), "the tool `double` is defined in both a.py and b.py; rename one, tool names must be unique");
+    let error = UserTools::new(vec![ToolsFile::calculator(), file("mine.py", "calculator")]).expect_err("clashes with the calculator");
+    assert!(error.to_string().contains("both rollbox/calculator.py and mine.py"), "{error}");
+    let error = UserTools::new(vec![file("a.py", "read_file")]).expect_err("built-in");
+    assert!(error.to_string().contains("the tool `read_file` in a.py has the name of a built-in tool"), "{error}");
+    let missing = ToolsFile::read(Path::new("/nonexistent/tools.py")).expect_err("missing file");
+    assert!(missing.to_string().contains("failed to read the tools file /nonexistent/tools.py"));
+}
+
+// ---- user tools and the calculator, run in a slot ------------------------------------------------
+
+/// A tools file for the slot tests: counts its loads in `builtins` (which outlives its module)
+/// and returns values of several kinds.
+const EXTRA_TOOLS: &str = r#""""Tools that report on themselves."""
+import builtins
+
+builtins._rollbox_test_loads = getattr(builtins, "_rollbox_test_loads", 0) + 1
+
+
+def load_count() -> int:
+    """How many times this file was loaded in the slot."""
+    return builtins._rollbox_test_loads
+
+
+def describe(name: str, tags: list[str]) -> dict:
+    """A record, which comes back as JSON."""
+    print("describing", name)
+    return {"name": name, "tags": tags}
+
+
+def odd() -> object:
+    """A value JSON cannot hold, which comes back as its repr."""
+    return {3}
+
+
+def fail(reason: str) -> str:
+    """Always raises ValueError(reason)."""
+    raise ValueError(reason)
+"#;
+
+fn slot_tools() -> UserTools {
+    let examples = ToolsFile::read(&examples_dir().join("tools.py")).expect("examples/tools.py");
+    let extra = ToolsFile::parse("extra.py", EXTRA_TOOLS).expect("extra tools");
+    UserTools::new(vec![ToolsFile::calculator(), examples, extra]).expect("no clashes")
+}
+
+/// Runs user tool `name` in `slot` the way the tools agent does (the tools already loaded).
+async fn call_tool(backend: &dyn Backend, slot: &rollbox::Slot, tools: &UserTools, name: &str, arguments: Value) -> rollbox::ExecutionResult {
+    match tools.call(name, &arguments).expect("a user tool") {
+        Ok(cell) => tool_result(name, backend.execute(slot, cell).await),
+        Err(refused) => refused,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_tools_run_in_a_private_namespace_of_the_slot() {
+    let backend = backend();
+    let slot = backend.acquire("user-tools").await.expect("slot");
+    let tools = slot_tools();
+    let loaded = backend.execute(&slot, tools.load_call()).await;
+    assert!(loaded.success && loaded.output.is_empty(), "{loaded:?}");
+    // The notebook's own names cannot shadow the tools or their helpers.
+    assert!(backend.execute(&slot, rollbox::ToolCall::python("convert_length = _factor = calculator = None")).await.success);
+
+    let result = call_tool(backend.as_ref(), &slot, &tools, "convert_length", json!({"value": 26.2, "from_unit": "mi", "to_unit": "km"})).await;
+    assert_eq!((result.success, result.output.as_str(), result.metadata.tool.as_str()), (true, "42.1648128", "convert_length"));
+    let result = call_tool(backend.as_ref(), &slot, &tools, "prime_factors", json!({"n": 360})).await;
+    assert_eq!(result.output, "[2, 2, 2, 3, 3, 5]");
+    let result = call_tool(backend.as_ref(), &slot, &tools, "describe", json!({"name": "x", "tags": ["a"]})).await;
+    assert_eq!(result.output, "describing x\n{\"name\": \"x\", \"tags\": [\"a\"]}");
+    assert_eq!(call_tool(backend.as_ref(), &slot, &tools, "odd", json!({})).await.output, "{3}");
+
+    // The function's exception is a clear tool error; the traceback is kept in the cell.
+    let result = call_tool(backend.as_ref(), &slot, &tools, "fail", json!({"reason": "no luck"})).await;
+    assert!(!result.success);
+    assert_eq!(result.error.as_ref().map(|e| e.kind), Some(ErrorKind::CellError));
+    assert_eq!(result.output, "`fail` failed: ValueError: no luck");
+    let traceback = result.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.traceback.join("\n")).unwrap_or_default();
+    assert!(traceback.contains("extra.py") && traceback.contains("raise ValueError(reason)"), "{traceback}");
+    let result = call_tool(backend.as_ref(), &slot, &tools, "prime_factors", json!({"n": 1})).await;
+    assert_eq!(result.output, "`prime_factors` failed: ValueError: n must be an integer from 2 to 10**12");
+
+    // Arguments that do not fit the schema are refused on the host, without running.
+    let result = call_tool(backend.as_ref(), &slot, &tools, "convert_length", json!({"value": 1})).await;
+    assert_eq!(result.error.as_ref().map(|e| e.kind), Some(ErrorKind::InvalidArguments));
+    assert_eq!(result.output, "`convert_length` needs the argument(s) from_unit; call it again with them");
+    let result = call_tool(backend.as_ref(), &slot, &tools, "calculator", json!({"expression": "1", "precision": 3})).await;
+    assert_eq!(result.output, "`calculator` has no parameter `precision`; its parameters are: expression");
+
+    // Nothing of the tools is in the notebook's globals, and the file was loaded once.
+    let probe = "print(sorted(k for k in globals() if 'rollbox' in k or k in ('registry', 'payload', 'prime_factors', 'load_count')))";
+    let globals = backend.execute(&slot, rollbox::ToolCall::python(probe)).await;
+    assert_eq!(globals.output.trim(), "[]");
+    assert_eq!(call_tool(backend.as_ref(), &slot, &tools, "load_count", json!({})).await.output, "1");
+    backend.release(&slot, true).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_calculator_answers_arithmetic_and_refuses_everything_else() {
+    let backend = backend();
+    let slot = backend.acquire("calculator").await.expect("slot");
+    let tools = UserTools::calculator_only();
+    assert!(backend.execute(&slot, tools.load_call()).await.success);
+    let answers = [
+        ("2 * (3 + 4) ** 2", "98"),
+        ("7 / 2", "3.5"),
+        ("-7 // 2", "-4"),
+        ("17 % 5", "2"),
+        ("0.1 + 0.2", "0.3"),
+        ("sqrt(2) / 2", "0.707106781186548"),
+        ("2 ** 100", "1267650600228229401496703205376"),
+        ("round(hypot(12.5, 7.2), 3)", "14.425"),
+        ("log(8, 2) + factorial(5) - comb(5, 2)", "113"),
+        ("-(-3) + +2", "5"),
+        ("2 * pi", "6.28318530717959"),
+    ];
+    for (expression, expected) in answers {
+        let result = call_tool(backend.as_ref(), &slot, &tools, "calculator", json!({ "expression": expression })).await;
+        assert!(result.success, "{expression}: {result:?}");
+        assert_eq!(result.output, expected, "{expression}");
+    }
+    let long = "1".repeat(1001);
+    let refusals = [
+        ("__import__('os')", "unknown function `__import__`"),
+        ("__import__('os').system('ls')", "attribute access (`x.y`) is not allowed"),
+        ("(lambda: 0)()", "only the listed functions can be called"),
+        ("open('/etc/passwd')", "unknown function `open`"),
+        ("(1).__class__", "attribute access (`x.y`) is not allowed"),
+        ("math.sqrt(4)", "attribute access (`x.y`) is not allowed"),
+        ("9 ** 9 ** 9", "would have more than about 1000 digits"),
+        ("2 ** 10000", "would have more than about 1000 digits"),
+        ("10.0 ** 400", "the result is too large"),
+        ("factorial(100000)", "factorial needs an integer from 0 to 450"),
+        ("2 ^ 10", "write powers with **"),
+        ("1 / 0", "division by zero"),
+        ("sqrt(-1)", "sqrt(-1): "),
+        ("x", "unknown name `x`"),
+        ("'text'", "only numbers are allowed"),
+        ("[c for c in ()]", "`ListComp` is not allowed"),
+        ("lambda: 0", "`Lambda` is not allowed"),
+        ("y = 1", "not a valid expression"),
+        (long.as_str(), "the limit is 1000"),
+    ];
+    for (expression, expected) in refusals {
+        let result = call_tool(backend.as_ref(), &slot, &tools, "calculator", json!({ "expression": expression })).await;
+        assert!(!result.success, "{expression} was not refused: {result:?}");
+        assert!(result.output.starts_with("`calculator` failed: ValueError: "), "{expression}: {}", result.output);
+        assert!(result.output.contains(expected), "{expression}: {}", result.output);
+    }
+    // Nothing the refused expressions named ran: the slot has no `os` and no output leaked.
+    let check = backend.execute(&slot, rollbox::ToolCall::python("print('os' in globals())")).await;
+    assert_eq!(check.output.trim(), "False");
+    backend.release(&slot, true).await.expect("release");
+}
+
+// ---- user tools in rollouts ----------------------------------------------------------------------
+
+fn tools_config(out: &Path, group_size: usize) -> RolloutConfig {
+    let mut config = config(AgentKind::Tools, out, group_size, 4);
+    config.agent.user_tools = Arc::new(slot_tools());
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tools_oracle_rollout_calls_user_tools_and_the_calculator() {
+    let dataset = load_dataset(&examples_dir().join("tools.jsonl")).expect("tools examples");
+    assert_eq!(dataset.errors, vec![]);
+    let out = tempfile::tempdir().expect("tempdir");
+    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &tools_config(out.path(), 2), &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("rollout");
+    let trajectories = read_trajectories(out.path());
+    assert_eq!(trajectories.len(), dataset.problems.len() * 2);
+    let failing: Vec<String> = trajectories.iter().filter(|t| t.reward.score < 1.0).map(|t| format!("{}: {:#?}", t.trajectory_id, t.steps)).collect();
+    assert!(failing.is_empty(), "below full reward:\n{}", failing.join("\n"));
+    assert_eq!(run.summary.errors_by_kind, Default::default());
+    let by_id = |id: &str| trajectories.iter().find(|t| t.trajectory_id == id).unwrap_or_else(|| panic!("no {id}"));
+
+    // Two user tools in one message: both ran, each answered by its own tool message.
+    let parallel = by_id("tools-004/0");
+    let first: Vec<(&str, &str)> = parallel.steps[0].calls.iter().map(|c| (c.call.name.as_str(), c.result.output.as_str())).collect();
+    assert_eq!(first, [("convert_length", "3280.839895013123"), ("prime_factors", "[7, 11, 13]")]);
+    assert_eq!(parallel.steps[1].calls[0].result.output, "3311.8");
+    let answered: Vec<&str> = parallel.messages.iter().filter(|m| m.role == Role::Tool).filter_map(|m| m.tool_call_id.as_deref()).collect();
+    assert_eq!(answered, ["call_0_0", "call_0_1", "call_1_0"]);
+    // The calculator and a python block of one message keep their text order.
+    let mixed = by_id("tools-005/1");
+    let calls: Vec<(&str, &str)> = mixed.steps[0].calls.iter().map(|c| (c.call.name.as_str(), c.result.output.trim())).collect();
+    assert_eq!(calls, [("calculator", "18446744073709551615"), ("python", "20")]);
+}
+
+/// A real backend that records the size of every batch it is given (counted, not mocked).
+struct CountingBackend {
+    inner: Arc<dyn Backend>,
+    batches: Mutex<Vec<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl Backend for CountingBackend {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn tools(&self) -> Vec<rollbox::ToolName> {
+        self.inner.tools()
+    }
+    async fn acquire(&self, trajectory_id: &str) -> Result<rollbox::Slot, rollbox::BackendError> {
+        self.inner.acquire(trajectory_id).await
+    }
+    async fn execute_batch(&self, calls: Vec<(rollbox::Slot, rollbox::ToolCall)>) -> Vec<rollbox::ExecutionResult> {
+        let first_lines = calls.iter().map(|(_, c)| c.arguments["code"].as_str().unwrap_or(&c.name).chars().take(40).collect()).collect();
+        self.batches.lock().expect("lock").push(first_lines);
+        self.inner.execute_batch(calls).await
+    }
+    async fn release(&self, slot: &rollbox::Slot, reset_workspace: bool) -> Result<(), rollbox::BackendError> {
+        self.inner.release(slot, reset_workspace).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_parallel_tool_calls_run_as_one_batch_with_the_tools_loaded_once() {
+    let function = |id: &str, name: &str, arguments: Value| json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments.to_string()}});
+    let first = json!({"role": "assistant", "content": null, "tool_calls": [
+        function("a", "python", json!({"code": "x = 6"})),
+        function("b", "calculator", json!({"expression": "6 * 7"})),
+        function("c", "load_count", json!({})),
+        function("d", "convert_length", json!({"value": 1})),
+        function("e", "no_such_tool", json!({}))
+    ]});
+    let second = json!({"role": "assistant", "content": null, "tool_calls": [function("f", "load_count", json!({}))]});
+    let done = json!({"role": "assistant", "content": "\\boxed{42}"});
+    let (url, script) = scripted_server(vec![reply(completion(first)), reply(completion(second)), reply(completion(done))]).await;
+    let counting = Arc::new(CountingBackend { inner: backend(), batches: Mutex::new(Vec::new()) });
+    let out = tempfile::tempdir().expect("tempdir");
+    let dataset = Dataset { problems: vec![problem()], errors: vec![] };
+    run_rollout(counting.clone(), Arc::new(client(&url)), &dataset, &tools_config(out.path(), 1), &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("rollout");
+    let trajectory = read_trajectories(out.path()).pop().expect("one trajectory");
+    assert_eq!((trajectory.stop_reason, trajectory.reward.score), (StopReason::FinalAnswer, 1.0));
+    let outputs: Vec<&str> = trajectory.steps[0].calls.iter().map(|c| c.result.output.as_str()).collect();
+    assert_eq!(outputs[..4], ["", "42", "1", "`convert_length` needs the argument(s) from_unit; call it again with them"]);
+    assert!(outputs[4].contains("no tool named `no_such_tool`"), "{}", outputs[4]);
+    assert_eq!(trajectory.steps[1].calls[0].result.output, "1", "the tools were loaded again");
+    // One batch per message: the loader first, then every runnable call in order; the call with
+    // bad arguments never reached the backend. The second message needed no loading.
+    let batches = counting.batches.lock().expect("lock").clone();
+    assert_eq!(batches.len(), 2, "{batches:#?}");
+    assert_eq!(batches[0].len(), 5, "{batches:#?}");
+    assert!(batches[0][0].starts_with("exec(\"import json, sys, types"), "{batches:#?}");
+    assert_eq!(batches[0][1], "x = 6");
+    assert_eq!(batches[0][4], "no_such_tool");
+    assert_eq!(batches[1].len(), 1);
+    // The model was offered the backend's tools, the calculator and the user tools.
+    let requests = script.requests.lock().expect("lock");
+    let offered: Vec<&str> = requests[0]["tools"].as_array().expect("tools").iter().filter_map(|t| t["function"]["name"].as_str()).collect();
+    assert!(offered.starts_with(&["python"]) && offered.ends_with(&["calculator", "convert_length", "prime_factors", "load_count", "describe", "odd", "fail"]), "{offered:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oracle_reports_a_bad_tool_call_block_in_a_reference_solution() {
+    let bad = Problem { reference_solution: Some(vec!["<tool_call>{\"name\": \"calculator\"}</tool_call>".to_owned()]), ..problem() };
+    let messages = [Message::user("hi")];
+    let tags = CodeTags::default();
+    let request = TurnRequest { problem: &bad, messages: &messages, tools: &[], turn: 0, agent: AgentKind::Tools, code_tags: &tags };
+    let error = OraclePolicy.next_turn(request).await.expect_err("no arguments");
+    assert_eq!(error.kind(), "oracle_bad_tool_call");
+    assert_eq!(error.to_string(), "turn 1 of the reference solution of `p` has a bad <tool_call> block: its `arguments` is not an object");
+}
+
+// ---- the exact context budget --------------------------------------------------------------------
+
+/// The Qwen tokenizer the truncation tests use (see `scripts/fetch-tokenizer.sh`).
+fn test_tokenizer() -> Arc<TokenCounter> {
+    static COUNTER: OnceLock<Arc<TokenCounter>> = OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            let path = test_tokenizer_path();
+            let counter = TokenCounter::from_file(&path, ChatTemplate::qwen_chatml());
+            Arc::new(counter.unwrap_or_else(|e| panic!("the test tokenizer at {} does not load ({e}): run scripts/fetch-tokenizer.sh", path.display())))
+        })
+        .clone()
+}
+
+fn test_tokenizer_path() -> PathBuf {
+    std::env::var_os(rollbox::env_vars::TEST_TOKENIZER)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-data/qwen-tokenizer.json"))
+}
+
+/// The first math example, whose reference solution takes two turns.
+fn two_turn_problem() -> Dataset {
+    let mut dataset = load_dataset(&examples_dir().join("math.jsonl")).expect("math examples");
+    dataset.problems.retain(|p| p.reference_solution.as_ref().is_some_and(|r| r.len() == 2));
+    dataset.problems.truncate(1);
+    dataset
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exact_context_budget_stops_an_oracle_trajectory_before_the_turn_that_exceeds_it() {
+    let dataset = two_turn_problem();
+    let counter = test_tokenizer();
+    let mut agent = AgentConfig::new(AgentKind::Notebook);
+    let system = rollbox::rollout::agent::default_system_prompt(&agent);
+    let opening = [Message::system(system), Message::user(dataset.problems[0].problem.clone())];
+    let opening_tokens = counter.count_conversation(&opening).expect("count") as u64;
+
+    // A budget the opening fits exactly: the first turn runs, its output pushes the
+    // conversation over, and the second turn is never asked for.
+    agent.token_counter = Some(counter.clone());
+    agent.max_context_tokens = Some(opening_tokens);
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(AgentKind::Notebook, out.path(), 1, 1);
+    cfg.agent = agent.clone();
+    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.turns), (StopReason::ContextBudget, 1));
+    let counted = counter.count_conversation(&t.messages).expect("count") as u64;
+    assert_eq!(t.context_tokens, Some(counted));
+    assert!(counted > opening_tokens);
+    assert_eq!(run.summary.stop_reasons.get("context_budget"), Some(&1));
+
+    // Room for the whole conversation: the trajectory ends on its answer; the last count was
+    // the prompt of its last turn, the conversation the first run stopped on.
+    let out = tempfile::tempdir().expect("tempdir");
+    cfg.out_dir = out.path().to_owned();
+    cfg.agent.max_context_tokens = Some(100_000);
+    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.reward.score), (StopReason::FinalAnswer, 1.0));
+    assert_eq!(t.context_tokens, Some(counted));
+
+    // The tools agent's budget counts the tool schemas too: the same opening no longer fits.
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(AgentKind::Tools, out.path(), 1, 1);
+    cfg.agent.system_prompt = opening[0].text().into_owned().into();
+    cfg.agent.token_counter = Some(counter);
+    cfg.agent.max_context_tokens = Some(opening_tokens);
+    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let t = read_trajectories(out.path()).pop().expect("trajectory");
+    assert_eq!((t.stop_reason, t.turns), (StopReason::ContextBudget, 0));
+    assert!(t.context_tokens.is_some_and(|n| n > opening_tokens + 100), "{:?}", t.context_tokens);
+}
+
+// ---- scoring in a fresh slot ---------------------------------------------------------------------
+
+/// Problems whose reference solutions are wrong but tamper with the scoring in their slot.
+fn gaming_problems() -> Dataset {
+    let math = Problem {
+        instance_id: "patches-sympy".to_owned(),
+        problem: "Simplify sqrt(180).".to_owned(),
+        ground_truth: Some("6\\sqrt{5}".to_owned()),
+        test_cases: vec![],
+        reference_solution: Some(vec!["<code>\nimport sympy\nsympy.simplify = lambda expression: 0\n</code>".to_owned(), "\\boxed{\\sqrt{7}}".to_owned()]),
+    };
+    let code = Problem {
+        instance_id: "patches-isclose".to_owned(),
+        problem: "Write area(r), the area of a circle of radius r.".to_owned(),
+        ground_truth: None,
+        test_cases: vec![
+            "import math\nassert math.isclose(area(2.0), 12.566, rel_tol=1e-3)".to_owned(),
+            "import math\nassert math.isclose(area(1.0), 3.1416, rel_tol=1e-3)".to_owned(),
+        ],
+        reference_solution: Some(vec![
+            "<code>\nimport math\nPI = 3\n\ndef area(r):\n    return PI * 0 * r\n\nmath.isclose = lambda *args, **kwargs: True\n</code>".to_owned(),
+            "\\boxed{done}".to_owned(),
+        ]),
+    };
+    Dataset { problems: vec![math, code], errors: vec![] }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_in_a_fresh_slot_defeats_a_policy_that_patches_its_scoring() {
+    let dataset = gaming_problems();
+    let score = |fresh: bool| {
+        let dataset = dataset.clone();
+        async move {
+            let out = tempfile::tempdir().expect("tempdir");
+            let mut cfg = config(AgentKind::Notebook, out.path(), 1, 2);
+            cfg.score_in_fresh_slot = fresh;
+            run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+            let mut trajectories = read_trajectories(out.path());
+            trajectories.sort_by(|a, b| a.trajectory_id.cmp(&b.trajectory_id));
+            trajectories.into_iter().map(|t| (t.trajectory_id, t.reward)).collect::<Vec<_>>()
+        }
+    };
+    // In its own slot, each patch wins full reward: the hole the fresh slot closes.
+    let own = score(false).await;
+    assert!(own.iter().all(|(_, r)| r.score == 1.0 && !r.fresh_slot), "{own:#?}");
+    let fresh = score(true).await;
+    assert!(fresh.iter().all(|(_, r)| r.score == 0.0 && r.fresh_slot), "{fresh:#?}");
+    let RewardBreakdown::Code { failures, .. } = &fresh[0].1.breakdown else { panic!("{fresh:#?}") };
+    assert_eq!(failures.iter().map(|f| f.error.as_str()).collect::<Vec<_>>(), ["AssertionError: ", "AssertionError: "], "{failures:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shipped_code_example_still_scores_full_reward_in_a_fresh_slot() {
+    let dataset = load_dataset(&examples_dir().join("code.jsonl")).expect("code examples");
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(AgentKind::Tools, out.path(), 1, 4);
+    cfg.score_in_fresh_slot = true;
+    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let trajectories = read_trajectories(out.path());
+    assert_eq!(trajectories.len(), dataset.problems.len());
+    let failing: Vec<String> = trajectories.iter().filter(|t| t.reward.score < 1.0 || !t.reward.fresh_slot).map(|t| format!("{}: {:?}", t.trajectory_id, t.reward)).collect();
+    assert!(failing.is_empty(), "{}", failing.join("\n"));
+}
+
+// ---- the new rollout flags, through the real binary ----------------------------------------------
+
+fn rollbox(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rollbox")).arg("--quiet").arg("rollout").args(args).output().expect("run rollbox")
+}
+
+fn summary_of(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary.json")).expect("json")
+}
+
+#[test]
+fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scoring() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tools_py = examples_dir().join("tools.py");
+    let tools_jsonl = examples_dir().join("tools.jsonl");
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+
+    // The tools examples, offline, scored in fresh slots.
+    let out = dir.path().join("tools");
+    let run = rollbox(&[os("--agent"), os("tools"), os("--tools-file"), tools_py.as_os_str(), os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str(), os("--score-in-fresh-slot")]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(summary_of(&out)["mean_reward"], 1.0);
+    assert!(read_trajectories(&out).iter().all(|t| t.reward.fresh_slot));
+
+    // An exact budget too small for any prompt stops every trajectory before its first turn.
+    let out = dir.path().join("budget");
+    let tokenizer = test_tokenizer_path();
+    let run = rollbox(&[os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str(), os("--tokenizer"), tokenizer.as_os_str(), os("--context-budget"), os("10")]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(summary_of(&out)["stop_reasons"], json!({"context_budget": 5}));
+
+    // Usage mistakes are refused before anything runs, saying what to do.
+    let bad = dir.path().join("bad_tools.py");
+    std::fs::write(&bad, "def calculator(expression: str) -> str:\n    \"\"\"Mine.\"\"\"\n    return expression\n\ndef area(shape):\n    \"\"\"Area.\"\"\"\n").expect("write");
+    let out = dir.path().join("refused");
+    let cases: [(Vec<&std::ffi::OsStr>, &str); 3] = [
+        (vec![os("--tools-file"), tools_py.as_os_str()], "--tools-file needs --agent tools"),
+        (vec![os("--agent"), os("tools"), os("--tools-file"), bad.as_os_str()], "failed to make a tool of `area`"),
+        (vec![os("--tokenizer"), tokenizer.as_os_str()], "--context-budget"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec![os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str()];
+        args.extend(extra);
+        let run = rollbox(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "expected {expected:?} in:\n{stderr}");
+    }
+    std::fs::write(&bad, "def calculator(expression: str) -> str:\n    \"\"\"Mine.\"\"\"\n    return expression\n").expect("write");
+    let run = rollbox(&[os("--agent"), os("tools"), os("--tools-file"), bad.as_os_str(), os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str()]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("rename yours, or leave the built-in out (rollout --no-calculator)"));
+    assert!(!out.exists(), "nothing ran");
+
+    // `rollbox tools` shows the schemas a tools file gives, without running it.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox")).args(["tools", "--calculator", "--tools-file"]).arg(&tools_py).output().expect("run rollbox");
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let schemas: Vec<Value> = serde_json::from_slice(&listed.stdout).expect("JSON");
+    let names: Vec<&str> = schemas.iter().filter_map(|s| s["function"]["name"].as_str()).collect();
+    assert_eq!(names[names.len() - 3..], ["calculator", "convert_length", "prime_factors"]);
+    assert_eq!(schemas.last().map(|s| s["function"]["parameters"]["properties"]["n"]["type"].clone()), Some(json!("integer")));
 }
