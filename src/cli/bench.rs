@@ -7,9 +7,9 @@ use std::time::Instant;
 use clap::Args;
 
 use rollbox::bench::{EngineBenchOptions, RemoteBenchOptions, RemoteBenchReport, percentile, run_engine_bench, run_remote_bench};
-use rollbox::{Backend, Limits};
+use rollbox::Limits;
 
-use super::remote_args::{BackendArgs, BackendChoice, CliBackend, start_remote_backend};
+use super::backend_args::{BackendArgs, BackendChoice, CliBackend, start_remote_backend};
 use super::{RuntimeArgs, start_wasm_backend};
 
 #[derive(Args)]
@@ -45,36 +45,42 @@ pub(crate) async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode
     if args.backend.backend == BackendChoice::Remote {
         return run_remote(args, quiet).await;
     }
-    let backend: Arc<dyn Backend> = Arc::new(start_wasm_backend(Limits::default(), &args.runtime, quiet).await?);
+    let backend = args.backend.start(Limits::default(), &args.runtime, quiet).await?;
     let options = EngineBenchOptions { cells: args.cells, acquires: args.acquires, slots: args.slots, rounds: args.rounds };
-    let report = run_engine_bench(backend, &options).await?;
-    let start_ms = process_start_ms(args.starts)?;
+    let mut report = run_engine_bench(backend.shared(), &options).await?;
+    let backend_name = backend.shared().name().to_owned();
+    if let CliBackend::Process(_) = backend {
+        // Its slots are child processes, which this process's RSS does not include.
+        report.idle_slot_rss_mb = None;
+    }
+    let start_ms = process_start_ms(args.starts, &backend_name, &args.backend.process.server_args())?;
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["process_start_to_first_result_median_ms"] = serde_json::json!(start_ms);
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("rollbox bench ({} CPUs)", report.cpus);
+    println!("rollbox bench, {backend_name} backend ({} CPUs)", report.cpus);
     println!("  cell `x += 1`, caller's view      median {:8.1} µs   p90 {:8.1} µs", report.cell_median_us, report.cell_p90_us);
     println!("  cell `x += 1`, in-slot time       median {:8.1} µs", report.cell_in_slot_median_us);
     println!("  acquire to first cell ready       median {:8.2} ms   p90 {:8.2} ms", report.acquire_median_ms, report.acquire_p90_ms);
     println!("  throughput, {} live slots        {:10.0} cells/s", report.throughput_slots, report.throughput_cells_per_s);
     match report.idle_slot_rss_mb {
         Some(mb) => println!("  memory per idle slot (RSS)        {mb:8.2} MB"),
-        None => println!("  memory per idle slot (RSS)        not measured on this platform"),
+        None => println!("  memory per idle slot (RSS)        not measured (not on Linux, or slots are child processes)"),
     }
     println!("  process start to first result     median {start_ms:8.1} ms ({} runs)", args.starts);
     Ok(ExitCode::SUCCESS)
 }
 
-/// Median wall-clock time of `rollbox --quiet exec -c 1` as a new process, runtime cached.
-fn process_start_ms(runs: usize) -> anyhow::Result<f64> {
+/// Median wall-clock time of `rollbox --quiet exec --backend BACKEND [FLAGS] -c 1` as a new
+/// process, runtime cached.
+fn process_start_ms(runs: usize, backend: &str, flags: &[String]) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
-        let status = Command::new(&exe).args(["--quiet", "exec", "-c", "1"]).stdout(Stdio::null()).status()?;
+        let status = Command::new(&exe).args(["--quiet", "exec", "--backend", backend]).args(flags).args(["-c", "1"]).stdout(Stdio::null()).status()?;
         anyhow::ensure!(status.success(), "`rollbox exec -c 1` failed while timing process start");
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
     }
@@ -93,7 +99,7 @@ async fn run_remote(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     remote.slots_per_sandbox = remote.slots_per_sandbox.max(args.slots + 1);
     remote.min_sandboxes = 1;
     remote.max_sandboxes = 1;
-    let backend = CliBackend::Remote(Arc::new(start_remote_backend(remote.resolve(&limits, &args.runtime)?).await?));
+    let backend = CliBackend::Remote(Arc::new(start_remote_backend(remote.resolve(&limits, &args.runtime, &args.backend.process)?).await?));
     let options = RemoteBenchOptions { cells: args.cells, slots: args.slots, rounds: args.rounds };
     backend
         .run(quiet, async {

@@ -9,7 +9,7 @@ use clap::Args;
 
 use rollbox::{Backend, ExecutionResult, ToolCall};
 
-use super::remote_args::BackendArgs;
+use super::backend_args::BackendArgs;
 use super::{LimitArgs, RuntimeArgs};
 
 /// The marker that starts a new cell in a cells file (the Jupytext "percent" format).

@@ -6,7 +6,7 @@ mod compact;
 mod demo;
 mod exec;
 mod progress;
-mod remote_args;
+mod backend_args;
 mod repl;
 mod rollout;
 mod runtime;
@@ -47,9 +47,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print the OpenAI function-calling schemas of a backend's tools, as JSON.
     Tools {
-        /// The backend whose tools to list.
-        #[arg(long, default_value = "wasm")]
-        backend: String,
+        /// The backend whose tools to list (a remote backend offers its servers' backend's).
+        #[arg(long, value_enum, default_value_t = backend_args::ServedBackend::Wasm)]
+        backend: backend_args::ServedBackend,
         /// List the built-in `calculator` of the `tools` agent after the backend's tools.
         #[arg(long)]
         calculator: bool,
@@ -128,6 +128,39 @@ impl RuntimeArgs {
         options
     }
 
+    /// The flags that give a local server this process's runtime (any backend accepts them).
+    pub(crate) fn server_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(wheel) = &self.wheel {
+            args.extend(["--wheel".to_string(), wheel.display().to_string()]);
+        }
+        if let Some(dir) = &self.cache_dir {
+            args.extend(["--cache-dir".to_string(), dir.display().to_string()]);
+        }
+        args
+    }
+
+    /// The flags that give a local wasm server this process's snapshot settings.
+    pub(crate) fn wasm_server_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if !self.preload.is_empty() {
+            args.extend(["--preload".to_string(), self.preload.join(",")]);
+        }
+        if self.no_snapshot {
+            args.push("--no-snapshot".to_string());
+        }
+        args
+    }
+
+    /// Refuses the flags only the wasm backend uses, for another backend.
+    pub(crate) fn ensure_no_wasm_flags(&self, backend: &str) -> anyhow::Result<()> {
+        let given = if !self.preload.is_empty() { Some("--preload") } else if self.no_snapshot { Some("--no-snapshot") } else { None };
+        match given {
+            Some(flag) => anyhow::bail!("{flag} applies to the wasm backend only, not to --backend {backend}"),
+            None => Ok(()),
+        }
+    }
+
     /// The wasm backend's settings these flags choose, with `limits`.
     pub(crate) fn backend_config(&self, limits: Limits) -> WasmBackendConfig {
         let preload = self.preload.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
@@ -164,7 +197,7 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args, quiet).await,
             Command::Bench(args) => bench::run(args, quiet).await,
             Command::Compact(args) => compact::run(args, quiet).await,
-            Command::Tools { backend, calculator, tools_file } => print_tool_schemas(&backend, calculator, &tools_file),
+            Command::Tools { backend, calculator, tools_file } => print_tool_schemas(backend, calculator, &tools_file),
             Command::Rollout(args) => rollout::run(*args, quiet).await,
             Command::Runtime(command) => runtime::run(command, quiet).await,
             Command::Serve(args) => serve::run(*args, quiet).await,
@@ -176,11 +209,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn print_tool_schemas(backend: &str, calculator: bool, tools_files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+fn print_tool_schemas(backend: backend_args::ServedBackend, calculator: bool, tools_files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let tools = match backend {
-        "wasm" => rollbox::wasm::TOOLS.to_vec(),
-        "process" => rollbox::process::TOOLS.to_vec(),
-        other => anyhow::bail!("unknown backend `{other}`; the backends are: wasm, process"),
+        backend_args::ServedBackend::Wasm => rollbox::wasm::TOOLS.to_vec(),
+        backend_args::ServedBackend::Process => rollbox::process::TOOLS.to_vec(),
     };
     let mut schemas = rollbox::tools::schemas(&tools);
     schemas.extend(rollout::user_tools(calculator, tools_files)?.schemas());

@@ -7,7 +7,8 @@ use clap::Args;
 
 use rollbox::{Backend, ToolCall};
 
-use super::{LimitArgs, RuntimeArgs, start_wasm_backend};
+use super::backend_args::BackendArgs;
+use super::{LimitArgs, RuntimeArgs};
 
 #[derive(Args)]
 pub(crate) struct ReplArgs {
@@ -15,14 +16,25 @@ pub(crate) struct ReplArgs {
     limits: LimitArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 pub(crate) async fn run(args: ReplArgs, quiet: bool) -> anyhow::Result<ExitCode> {
-    let backend = start_wasm_backend(args.limits.resolve()?, &args.runtime, quiet).await?;
+    let limits = args.limits.resolve()?;
+    if args.backend.dry_run(&limits, &args.runtime).await? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = args.backend.start(limits, &args.runtime, quiet).await?;
+    started.run(quiet, repl(started.shared().as_ref(), quiet)).await
+}
+
+/// Reads cells from stdin and runs them in one slot until end of input.
+async fn repl(backend: &dyn Backend, quiet: bool) -> anyhow::Result<ExitCode> {
     let slot = backend.acquire("repl").await?;
     let interactive = std::io::stdin().is_terminal();
     if interactive && !quiet {
-        eprintln!("rollbox repl: Python 3.15 in a wasm sandbox; state persists. A block ends at an empty line; Ctrl-D quits.");
+        eprintln!("rollbox repl: Python in a {} slot; state persists. A block ends at an empty line; Ctrl-D quits.", backend.name());
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();

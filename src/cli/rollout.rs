@@ -18,7 +18,8 @@ use rollbox::rollout::summary::Summary;
 use rollbox::rollout::user_tools::{ToolsFileError, ToolsFile, UserTools};
 use rollbox::truncation::{ChatTemplate, TokenCounter};
 
-use super::{LimitArgs, RuntimeArgs, start_wasm_backend};
+use super::backend_args::BackendArgs;
+use super::{LimitArgs, RuntimeArgs};
 
 /// The chat templates whose per-message overhead the context budget counts.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -130,6 +131,8 @@ pub(crate) struct RolloutArgs {
     limits: LimitArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 impl RolloutArgs {
@@ -245,7 +248,10 @@ pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCo
     let dataset = load_datasets(&args.dataset)?;
     anyhow::ensure!(!dataset.problems.is_empty(), "the dataset has no readable problems");
     let limits = args.limits.resolve()?;
-    let backend = Arc::new(start_wasm_backend(limits, &args.runtime, quiet).await?);
+    if args.backend.dry_run(&limits, &args.runtime).await? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let backend = args.backend.start(limits, &args.runtime, quiet).await?;
     let custom_reward = match &args.reward_file {
         Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("failed to read the reward file {}", path.display()))?.into()),
         None => None,
@@ -262,9 +268,11 @@ pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCo
     let stop = StopSignal::new();
     let watcher = tokio::spawn(stop_on_ctrl_c(stop.clone(), quiet));
     let reporter = ProgressReporter::new(quiet);
-    let outcome = run_rollout(backend, policy, &dataset, &config, &reporter, &stop).await;
+    let outcome = run_rollout(backend.shared(), policy, &dataset, &config, &reporter, &stop).await;
     watcher.abort();
     reporter.finish();
+    // Remote servers (Modal sandboxes included) stop whatever the outcome.
+    backend.shutdown().await?;
     let run = outcome?;
     if !quiet {
         print_summary(&run.summary, &run.trajectories_path, &run.summary_path);

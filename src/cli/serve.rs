@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde::Serialize;
 
 use rollbox::Backend;
@@ -22,6 +22,7 @@ use rollbox::server::{BearerToken, ServerConfig, ServerState};
 
 use rollbox::WasmBackendConfig;
 
+use super::backend_args::{PROCESS_FLAGS_ONLY, ProcessArgs, ServedBackend, start_process_backend};
 use super::{LimitArgs, RuntimeArgs, start_wasm_backend_with};
 
 #[derive(Args)]
@@ -30,8 +31,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// The backend whose slots to serve.
-    #[arg(long, value_enum, default_value_t = BackendKind::Wasm)]
-    backend: BackendKind,
+    #[arg(long, value_enum, default_value_t = ServedBackend::Wasm)]
+    backend: ServedBackend,
     /// The most slots alive at once.
     #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_slots)]
     max_slots: usize,
@@ -58,23 +59,22 @@ pub(crate) struct ServeArgs {
     limits: LimitArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    #[command(flatten)]
+    process: ProcessArgs,
 }
 
-/// The backends `rollbox serve` can serve.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum BackendKind {
-    /// CPython notebook slots in wasm sandboxes.
-    Wasm,
-}
-
-impl BackendKind {
-    async fn start(self, args: &ServeArgs, quiet: bool) -> anyhow::Result<Arc<dyn Backend>> {
-        let limits = args.limits.resolve()?;
-        match self {
-            BackendKind::Wasm => {
-                let config = WasmBackendConfig { max_slots: args.max_slots, ..args.runtime.backend_config(limits) };
-                Ok(Arc::new(start_wasm_backend_with(config, quiet).await?))
-            }
+/// Starts the backend `args` choose, with room for the server's `--max-slots`.
+async fn start_backend(args: &ServeArgs, quiet: bool) -> anyhow::Result<Arc<dyn Backend>> {
+    let limits = args.limits.resolve()?;
+    match args.backend {
+        ServedBackend::Wasm => {
+            anyhow::ensure!(!args.process.given(), "{PROCESS_FLAGS_ONLY}");
+            let config = WasmBackendConfig { max_slots: args.max_slots, ..args.runtime.backend_config(limits) };
+            Ok(Arc::new(start_wasm_backend_with(config, quiet).await?))
+        }
+        ServedBackend::Process => {
+            args.runtime.ensure_no_wasm_flags("process")?;
+            Ok(Arc::new(start_process_backend(args.process.config(limits, args.max_slots)?).await?))
         }
     }
 }
@@ -92,7 +92,7 @@ pub(crate) async fn run(args: ServeArgs, quiet: bool) -> anyhow::Result<ExitCode
     // Before the slow backend start, so a refused setting fails fast.
     config.validate()?;
     config.check_exposure(args.listen.ip())?;
-    let backend = args.backend.start(&args, quiet).await?;
+    let backend = start_backend(&args, quiet).await?;
     let backend_name = backend.name().to_owned();
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to listen on {}", args.listen))?;
     let address = listener.local_addr().context("failed to read the listening address")?;

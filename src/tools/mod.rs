@@ -63,10 +63,9 @@ impl ToolName {
     pub fn schema(self) -> Value {
         let (description, parameters) = match self {
             ToolName::Python => (
-                "Run Python code in a persistent, sandboxed interpreter, like a Jupyter cell. \
-                 Variables, imports and functions persist across calls. The value of the final \
-                 expression is returned. numpy, scipy, sympy, pandas and matplotlib are available; \
-                 there is no network. Files live under /workspace.",
+                "Run Python code in a persistent interpreter, like a Jupyter cell. Variables, \
+                 imports and functions persist across calls. The value of the final expression is \
+                 returned. The working directory is the workspace the file tools use.",
                 object(&[("code", "string", "The Python code to run.")], &["code"]),
             ),
             ToolName::Bash => (

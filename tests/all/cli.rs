@@ -85,3 +85,65 @@ fn tools_prints_function_calling_schemas() {
     assert_eq!(schemas[0]["type"], "function");
     assert_eq!(schemas[0]["function"]["parameters"]["required"][0], "code");
 }
+
+#[test]
+fn exec_on_the_process_backend_keeps_native_python_state_and_runs_subprocesses() {
+    let out = rollbox()
+        .args(["exec", "--backend", "process", "-c", "import subprocess\nx = 20", "-c", "x += 1\nprint('x is', x)"])
+        .args(["-c", "subprocess.run(['bash', '-c', 'echo $((6 * 7))'], capture_output=True, text=True).stdout.strip()"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x is 21\n'42'\n");
+}
+
+#[test]
+fn flags_for_another_backend_are_refused_not_ignored() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--backend", "process", "--preload", "numpy"], "--preload applies to the wasm backend only"),
+        (&["--unsafe-no-isolation"], "apply to --backend process only"),
+        (&["--backend", "process", "--fuel", "1000"], "--fuel applies to the wasm backend only"),
+        (&["--servers", "http://127.0.0.1:9"], "--servers applies to --backend remote"),
+        (&["--backend", "remote", "--unsafe-no-isolation"], "only with --provision local --server-backend process"),
+    ];
+    for (flags, expected) in cases {
+        let out = rollbox().arg("exec").args(flags).args(["-c", "1"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
+}
+
+#[test]
+fn remote_slots_on_local_process_servers_run_bash() {
+    let out = rollbox()
+        .args(["exec", "--json", "--backend", "remote", "--server-backend", "process", "-c", "import subprocess"])
+        .args(["-c", "subprocess.run(['bash', '-c', 'echo remote $0'], capture_output=True, text=True).stdout"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["cell"]["result"]["text/plain"], "'remote bash\\n'", "{last:#}");
+}
+
+#[test]
+fn tools_lists_bash_only_for_the_process_backend() {
+    for (backend, has_bash) in [("wasm", false), ("process", true)] {
+        let out = rollbox().args(["tools", "--backend", backend]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let schemas: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let names: Vec<&str> = schemas.iter().map(|s| s["function"]["name"].as_str().unwrap()).collect();
+        assert_eq!(names.contains(&"bash"), has_bash, "{backend}: {names:?}");
+    }
+}
+
+#[test]
+fn an_oracle_rollout_runs_on_the_process_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/code.jsonl");
+    let out = rollbox().args(["rollout", "--backend", "process", "--dataset", dataset, "--out"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["mean_reward"], 1.0, "every reference solution passes its tests natively too: {summary:#}");
+    assert_eq!(summary["trajectories"], 24, "{summary:#}");
+}

@@ -508,3 +508,33 @@ fn the_python_client_passes_its_tests_against_the_real_server() {
         server.stderr()
     );
 }
+
+/// The command a Modal sandbox runs (taken from the dry-run plan, so the two cannot drift),
+/// started here on loopback: the process backend without bubblewrap, bash and Python over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_modal_sandbox_command_serves_bash_and_python() {
+    let plan = Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["exec", "--backend", "remote", "--provision", "modal", "--dry-run", "-c", "1"])
+        .output()
+        .expect("failed to run the dry run");
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    let plan: Value = serde_json::from_slice(&plan.stdout).expect("the plan is JSON");
+    let command: Vec<String> = serde_json::from_value(plan["servers"]["sandbox"]["args"].clone()).expect("the sandbox's command");
+    let listen = command.iter().position(|a| a == "--listen").expect("a --listen flag");
+    assert_eq!(&command[1..listen], ["serve"], "{command:?}");
+    let rest: Vec<&str> = command[listen + 2..].iter().map(String::as_str).collect();
+    assert!(rest.windows(2).any(|w| w == ["--backend", "process"]), "{rest:?}");
+
+    let server = ServeProcess::start(&rest);
+    let client = http_client();
+    let url = server.url.clone();
+    let health: Value = client.get(format!("{url}/v1/health")).send().await.expect("health").json().await.expect("JSON");
+    assert_eq!(health["backend"], "process", "{health:#}");
+    let slot = post_json(&client, format!("{url}/v1/slots"), json!({"trajectory_id": "modal-command"})).await["slot"]["id"].as_u64().expect("an id");
+    let bash = json!({"slot_id": slot, "call": {"name": "bash", "arguments": {"command": "echo $((6 * 7)) > answer.txt && git --version >/dev/null && cat answer.txt"}}});
+    let answer = post_json(&client, format!("{url}/v1/execute"), json!({"calls": [bash, python(slot, "n = int(open('answer.txt').read())"), python(slot, "n + 1")]})).await;
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results.len(), 3, "{answer:#}");
+    assert_eq!(results[0]["output"].as_str().map(str::trim), Some("42"), "{answer:#}");
+    assert_eq!(results[2]["cell"]["result"]["text/plain"], "43", "{answer:#}");
+}

@@ -1,5 +1,5 @@
-//! `--backend wasm|remote` for the commands that run cells, and the remote backend's flags,
-//! resolved into a [`RemoteBackendConfig`].
+//! `--backend wasm|process|remote` for every command that runs cells, with the process and
+//! remote backends' flags, and the one place that starts the chosen backend.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use rollbox::env_vars;
+use rollbox::process::{ProcessBackend, ProcessBackendConfig};
 use rollbox::remote::provision::{LocalProvisionerConfig, ModalConfig, ModalProvisioner};
 use rollbox::remote::{ListedConfig, PoolConfig, ProvisionConfig, RemoteBackend, RemoteBackendConfig};
 use rollbox::{Backend, Limits, WasmBackend};
@@ -23,6 +24,8 @@ use super::{RuntimeArgs, start_wasm_backend};
 pub(crate) enum BackendChoice {
     /// In this process: CPython in wasm sandboxes.
     Wasm,
+    /// In this process: bash, files and native Python in workspace folders, in bubblewrap.
+    Process,
     /// On `rollbox serve` servers (see the remote flags).
     Remote,
 }
@@ -38,20 +41,21 @@ pub(crate) enum ProvisionKind {
     Modal,
 }
 
-/// The backends a provisioned server can run.
+/// The backends a server (`rollbox serve`, or a provisioned one) can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum ServerBackendKind {
+pub(crate) enum ServedBackend {
     /// CPython notebook slots in wasm sandboxes.
     Wasm,
     /// bash, files and native Python in a workspace directory.
     Process,
 }
 
-impl ServerBackendKind {
-    fn name(self) -> &'static str {
+impl ServedBackend {
+    /// The name `--backend` takes for it.
+    pub(crate) fn name(self) -> &'static str {
         match self {
-            ServerBackendKind::Wasm => "wasm",
-            ServerBackendKind::Process => "process",
+            ServedBackend::Wasm => "wasm",
+            ServedBackend::Process => "process",
         }
     }
 }
@@ -59,11 +63,79 @@ impl ServerBackendKind {
 /// `--backend` and, for `--backend remote`, the remote flags.
 #[derive(Args, Clone, Debug)]
 pub(crate) struct BackendArgs {
-    /// Where cells run: in this process, or on rollbox servers.
+    /// Where cells run: wasm sandboxes or native processes in this process, or rollbox servers.
     #[arg(long, value_enum, default_value_t = BackendChoice::Wasm)]
     pub(crate) backend: BackendChoice,
     #[command(flatten)]
+    pub(crate) process: ProcessArgs,
+    #[command(flatten)]
     pub(crate) remote: RemoteArgs,
+}
+
+/// The process backend's flags (also `rollbox serve --backend process`'s).
+#[derive(Args, Clone, Debug, Default)]
+#[command(next_help_heading = "Process backend (--backend process)")]
+pub(crate) struct ProcessArgs {
+    /// Run commands directly on this host, without bubblewrap: slots can then read and write
+    /// whatever this user can, and reach the network. Only for hosts that are themselves a
+    /// disposable sandbox (a Modal sandbox, a throwaway VM).
+    #[arg(long)]
+    unsafe_no_isolation: bool,
+    /// The folder slot workspaces are made in [default: a private temporary folder, removed at exit].
+    #[arg(long, value_name = "DIR")]
+    workspace_root: Option<PathBuf>,
+    /// A folder every slot can write, e.g. the SWE repository cache [default: shared-cache/ in
+    /// the workspace root].
+    #[arg(long, value_name = "DIR")]
+    shared_cache: Option<PathBuf>,
+    /// The Python that runs `python` cells [default: /usr/bin/python3].
+    #[arg(long, value_name = "PATH")]
+    native_python: Option<PathBuf>,
+}
+
+/// The refusal for process flags given to another backend.
+pub(crate) const PROCESS_FLAGS_ONLY: &str =
+    "--unsafe-no-isolation, --workspace-root, --shared-cache and --native-python apply to --backend process only";
+
+impl ProcessArgs {
+    /// Whether any process flag was given.
+    pub(crate) fn given(&self) -> bool {
+        self.unsafe_no_isolation || self.workspace_root.is_some() || self.shared_cache.is_some() || self.native_python.is_some()
+    }
+
+    /// The process backend's settings, with `limits` and at most `max_slots` slots.
+    pub(crate) fn config(&self, limits: Limits, max_slots: usize) -> anyhow::Result<ProcessBackendConfig> {
+        anyhow::ensure!(limits.fuel.is_none(), "--fuel applies to the wasm backend only: native processes have no instruction budget; use --timeout");
+        let defaults = ProcessBackendConfig::default();
+        Ok(ProcessBackendConfig {
+            limits,
+            workspace_root: self.workspace_root.clone(),
+            shared_cache: self.shared_cache.clone(),
+            python: self.native_python.clone().unwrap_or(defaults.python),
+            unsafe_no_isolation: self.unsafe_no_isolation,
+            max_slots,
+            ..defaults
+        })
+    }
+
+    /// The flags that give a local server (or a child rollbox) this process's process-backend
+    /// settings.
+    pub(crate) fn server_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.unsafe_no_isolation {
+            args.push("--unsafe-no-isolation".to_string());
+        }
+        if let Some(python) = &self.native_python {
+            args.extend(["--native-python".to_string(), python.display().to_string()]);
+        }
+        args
+    }
+}
+
+/// Starts a process backend; bubblewrap is checked here, so a missing one fails before any
+/// work starts.
+pub(crate) async fn start_process_backend(config: ProcessBackendConfig) -> anyhow::Result<ProcessBackend> {
+    Ok(tokio::task::spawn_blocking(move || ProcessBackend::new(config)).await?.context("failed to start the process backend")?)
 }
 
 /// The remote backend's flags.
@@ -90,7 +162,7 @@ pub(crate) struct RemoteArgs {
     pub(crate) max_sandboxes: usize,
     /// The backend the servers run [default: wasm for local, process for modal].
     #[arg(long, value_enum)]
-    server_backend: Option<ServerBackendKind>,
+    server_backend: Option<ServedBackend>,
     /// The rollbox binary the local servers run, or that goes into the Modal image
     /// [default: this one].
     #[arg(long, value_name = "PATH")]
@@ -134,7 +206,7 @@ struct ModalArgs {
 impl RemoteArgs {
     /// The backend's settings: the pool from the flags, the servers' call limit from `limits`,
     /// and the provisioner's settings.
-    pub(crate) fn resolve(&self, limits: &Limits, runtime: &RuntimeArgs) -> anyhow::Result<RemoteBackendConfig> {
+    pub(crate) fn resolve(&self, limits: &Limits, runtime: &RuntimeArgs, process: &ProcessArgs) -> anyhow::Result<RemoteBackendConfig> {
         let pool = PoolConfig {
             slots_per_server: self.slots_per_sandbox,
             min_servers: self.min_sandboxes,
@@ -149,10 +221,15 @@ impl RemoteArgs {
         let server_args = serve_args(limits, self.slots_per_sandbox);
         let provision = match self.provision {
             ProvisionKind::Local => {
+                let server_backend = self.server_backend.unwrap_or(ServedBackend::Wasm);
                 let mut local = LocalProvisionerConfig::new(binary);
-                local.server_backend = self.server_backend.unwrap_or(ServerBackendKind::Wasm).name().into();
+                local.server_backend = server_backend.name().into();
                 local.server_args = server_args;
-                local.server_args.extend(runtime_args(runtime));
+                local.server_args.extend(runtime.server_args());
+                match server_backend {
+                    ServedBackend::Wasm => local.server_args.extend(runtime.wasm_server_args()),
+                    ServedBackend::Process => local.server_args.extend(process.server_args()),
+                }
                 ProvisionConfig::Local(local)
             }
             ProvisionKind::Static => {
@@ -174,7 +251,7 @@ impl RemoteArgs {
             python_version: modal.modal_python_version.clone(),
             apt_packages: modal.modal_apt.clone(),
             port: modal.modal_port,
-            server_backend: self.server_backend.unwrap_or(ServerBackendKind::Process).name().into(),
+            server_backend: self.server_backend.unwrap_or(ServedBackend::Process).name().into(),
             server_args,
             sandbox_timeout: Duration::from_secs(modal.modal_lifetime),
             cpu: modal.modal_cpu,
@@ -184,8 +261,8 @@ impl RemoteArgs {
     }
 
     /// The plan `--dry-run` prints: the pool, and what the provisioner would start.
-    async fn plan(&self, limits: &Limits, runtime: &RuntimeArgs) -> anyhow::Result<serde_json::Value> {
-        let config = self.resolve(limits, runtime)?;
+    async fn plan(&self, limits: &Limits, runtime: &RuntimeArgs, process: &ProcessArgs) -> anyhow::Result<serde_json::Value> {
+        let config = self.resolve(limits, runtime, process)?;
         let pool = &config.pool;
         let servers = match &config.provision {
             ProvisionConfig::Local(local) => json!({
@@ -226,22 +303,12 @@ fn serve_args(limits: &Limits, slots_per_server: usize) -> Vec<String> {
     args
 }
 
-/// The runtime flags this process was given, for local servers on the same machine.
-fn runtime_args(runtime: &RuntimeArgs) -> Vec<String> {
-    let mut args = Vec::new();
-    if let Some(wheel) = &runtime.wheel {
-        args.extend(["--wheel".to_string(), wheel.display().to_string()]);
-    }
-    if let Some(dir) = &runtime.cache_dir {
-        args.extend(["--cache-dir".to_string(), dir.display().to_string()]);
-    }
-    args
-}
-
 /// The backend a command runs its cells on.
 pub(crate) enum CliBackend {
-    /// In this process.
+    /// In this process, in wasm.
     Wasm(Arc<WasmBackend>),
+    /// In this process, as native processes.
+    Process(Arc<ProcessBackend>),
     /// On servers; shut down when the command ends or is interrupted.
     Remote(Arc<RemoteBackend>),
 }
@@ -254,15 +321,46 @@ impl BackendArgs {
             return Ok(false);
         }
         anyhow::ensure!(self.backend == BackendChoice::Remote, "--dry-run applies to --backend remote");
-        println!("{}", serde_json::to_string_pretty(&self.remote.plan(limits, runtime).await?)?);
+        println!("{}", serde_json::to_string_pretty(&self.remote.plan(limits, runtime, &self.process).await?)?);
         Ok(true)
+    }
+
+    /// Refuses flags that the chosen backend would ignore, so nothing is silently dropped.
+    pub(crate) fn check_flags_apply(&self, runtime: &RuntimeArgs) -> anyhow::Result<()> {
+        let backend = self.backend.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+        let process = &self.process;
+        match self.backend {
+            BackendChoice::Wasm => anyhow::ensure!(!process.given(), "{PROCESS_FLAGS_ONLY}"),
+            BackendChoice::Process => runtime.ensure_no_wasm_flags("process")?,
+            BackendChoice::Remote => {
+                anyhow::ensure!(
+                    process.workspace_root.is_none() && process.shared_cache.is_none(),
+                    "--workspace-root and --shared-cache apply to --backend process: each remote server keeps its own"
+                );
+                let local_process_servers = self.remote.provision == ProvisionKind::Local && self.remote.server_backend == Some(ServedBackend::Process);
+                anyhow::ensure!(
+                    local_process_servers || !process.given(),
+                    "--unsafe-no-isolation and --native-python reach remote servers only with --provision local --server-backend process"
+                );
+            }
+        }
+        anyhow::ensure!(
+            self.backend == BackendChoice::Remote || self.remote.servers.is_empty(),
+            "--servers applies to --backend remote --provision static, not to --backend {backend}"
+        );
+        Ok(())
     }
 
     /// Starts the chosen backend.
     pub(crate) async fn start(&self, limits: Limits, runtime: &RuntimeArgs, quiet: bool) -> anyhow::Result<CliBackend> {
+        self.check_flags_apply(runtime)?;
         match self.backend {
             BackendChoice::Wasm => Ok(CliBackend::Wasm(Arc::new(start_wasm_backend(limits, runtime, quiet).await?))),
-            BackendChoice::Remote => Ok(CliBackend::Remote(Arc::new(start_remote_backend(self.remote.resolve(&limits, runtime)?).await?))),
+            BackendChoice::Process => {
+                let config = self.process.config(limits, ProcessBackendConfig::default().max_slots)?;
+                Ok(CliBackend::Process(Arc::new(start_process_backend(config).await?)))
+            }
+            BackendChoice::Remote => Ok(CliBackend::Remote(Arc::new(start_remote_backend(self.remote.resolve(&limits, runtime, &self.process)?).await?))),
         }
     }
 }
@@ -277,14 +375,26 @@ impl CliBackend {
     pub(crate) fn shared(&self) -> Arc<dyn Backend> {
         match self {
             CliBackend::Wasm(backend) => backend.clone(),
+            CliBackend::Process(backend) => backend.clone(),
             CliBackend::Remote(backend) => backend.clone(),
         }
+    }
+
+    /// Stops the remote backend's servers (terminating Modal sandboxes); nothing for the
+    /// in-process backends, whose slots end with this process.
+    pub(crate) async fn shutdown(&self) -> anyhow::Result<()> {
+        if let CliBackend::Remote(remote) = self {
+            remote.shutdown().await.context("failed to stop the remote servers")?;
+        }
+        Ok(())
     }
 
     /// Runs `work`; on Ctrl-C first, stops every server (terminating Modal sandboxes) and
     /// exits with 130. Either way the servers are stopped before this returns.
     pub(crate) async fn run(&self, quiet: bool, work: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
-        let CliBackend::Remote(remote) = self else { return work.await };
+        if !matches!(self, CliBackend::Remote(_)) {
+            return work.await;
+        }
         let outcome = tokio::select! {
             outcome = work => outcome,
             _ = interrupted() => {
@@ -294,7 +404,7 @@ impl CliBackend {
                 Ok(ExitCode::from(130))
             }
         };
-        remote.shutdown().await.context("failed to stop the remote servers")?;
+        self.shutdown().await?;
         outcome
     }
 }
