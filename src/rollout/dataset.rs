@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::swe::{SweTask, resolve_repo};
+
+/// The fields that make a dataset row an SWE task.
+const SWE_FIELDS: [&str; 3] = ["repo", "base_commit", "test_command"];
+
 /// One problem of a dataset.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Problem {
@@ -26,6 +31,11 @@ pub struct Problem {
     /// The assistant turns the offline oracle policy plays, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_solution: Option<Vec<String>>,
+    /// For an SWE row (one with `repo`, `base_commit` and `test_command`): the task, read from
+    /// the same line. Its slot starts as a git worktree at the base commit and its reward is the
+    /// test command (see [`crate::swe`]).
+    #[serde(skip)]
+    pub swe: Option<SweTask>,
 }
 
 /// A dataset line that could not be read, with why.
@@ -63,17 +73,46 @@ pub struct DatasetError {
     pub source: std::io::Error,
 }
 
-/// Reads a JSONL dataset file; see [`parse_dataset`].
+/// Reads a JSONL dataset file with [`load_dataset_with`], building SWE example repositories in
+/// `swe-repos/` of rollbox's cache folder (`ROLLBOX_CACHE_DIR`).
 pub fn load_dataset(path: &Path) -> Result<Dataset, DatasetError> {
+    load_dataset_with(path, &crate::runtime::RuntimeOptions::from_env().cache_dir.join(SWE_REPOS_SUBDIR))
+}
+
+/// Where [`load_dataset`] builds SWE repositories, under rollbox's cache folder.
+pub const SWE_REPOS_SUBDIR: &str = "swe-repos";
+
+/// Reads a JSONL dataset file; see [`parse_dataset`]. An SWE row's repository is resolved
+/// against the file's folder: a `repo_source` folder is built into a bare repository under
+/// `swe_repos_dir` (see [`crate::swe::build_repo`]), a relative `repo` path made absolute. A row
+/// whose repository cannot be made becomes a [`LineError`].
+pub fn load_dataset_with(path: &Path, swe_repos_dir: &Path) -> Result<Dataset, DatasetError> {
     let text = std::fs::read_to_string(path).map_err(|source| DatasetError { path: path.to_owned(), source })?;
-    Ok(parse_dataset(&text))
+    let (numbered, mut errors) = parse_numbered(&text);
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut problems = Vec::new();
+    for (line, mut problem) in numbered {
+        match problem.swe.as_mut().map(|task| resolve_repo(task, base, swe_repos_dir)) {
+            Some(Err(error)) => errors.push(LineError { line, message: crate::output::error_chain(&error) }),
+            _ => problems.push(problem),
+        }
+    }
+    errors.sort_by_key(|e| e.line);
+    Ok(Dataset { problems, errors })
 }
 
 /// Parses JSONL text: one problem per non-blank line. `ground_truth` may be a JSON string or
 /// number. A problem needs a `ground_truth` (math) or `test_cases` (code) to be scored; one with
 /// neither, a duplicate `instance_id`, or bad JSON becomes a [`LineError`].
 pub fn parse_dataset(text: &str) -> Dataset {
-    let mut dataset = Dataset::default();
+    let (numbered, errors) = parse_numbered(text);
+    Dataset { problems: numbered.into_iter().map(|(_, problem)| problem).collect(), errors }
+}
+
+/// The problems with their line numbers, and the unreadable lines.
+fn parse_numbered(text: &str) -> (Vec<(usize, Problem)>, Vec<LineError>) {
+    let mut problems = Vec::new();
+    let mut errors = Vec::new();
     let mut seen = HashSet::new();
     for (index, line) in text.lines().enumerate() {
         let number = index + 1;
@@ -81,14 +120,14 @@ pub fn parse_dataset(text: &str) -> Dataset {
             continue;
         }
         match parse_line(line) {
-            Ok(problem) if !seen.insert(problem.instance_id.clone()) => dataset
-                .errors
-                .push(LineError { line: number, message: format!("duplicate instance_id `{}`", problem.instance_id) }),
-            Ok(problem) => dataset.problems.push(problem),
-            Err(message) => dataset.errors.push(LineError { line: number, message }),
+            Ok(problem) if !seen.insert(problem.instance_id.clone()) => {
+                errors.push(LineError { line: number, message: format!("duplicate instance_id `{}`", problem.instance_id) })
+            }
+            Ok(problem) => problems.push((number, problem)),
+            Err(message) => errors.push(LineError { line: number, message }),
         }
     }
-    dataset
+    (problems, errors)
 }
 
 fn parse_line(line: &str) -> Result<Problem, String> {
@@ -99,12 +138,22 @@ fn parse_line(line: &str) -> Result<Problem, String> {
         let text = number.to_string();
         object.insert("ground_truth".to_owned(), Value::String(text));
     }
-    let problem: Problem = serde_json::from_value(value).map_err(|e| format!("not a problem: {e}"))?;
+    let swe_fields: Vec<&str> = SWE_FIELDS.into_iter().filter(|f| object.contains_key(*f)).collect();
+    let swe = match swe_fields.len() {
+        0 => None,
+        n if n == SWE_FIELDS.len() => Some(serde_json::from_value::<SweTask>(value.clone()).map_err(|e| format!("not an SWE task: {e}"))?),
+        _ => {
+            let missing: Vec<&str> = SWE_FIELDS.into_iter().filter(|f| !swe_fields.contains(f)).collect();
+            return Err(format!("has {} but not {}: an SWE task needs all of {}", swe_fields.join(", "), missing.join(", "), SWE_FIELDS.join(", ")));
+        }
+    };
+    let mut problem: Problem = serde_json::from_value(value).map_err(|e| format!("not a problem: {e}"))?;
     if problem.instance_id.trim().is_empty() {
         return Err("`instance_id` is empty".to_owned());
     }
-    if problem.ground_truth.is_none() && problem.test_cases.is_empty() {
-        return Err("has neither `ground_truth` nor `test_cases`, so it cannot be scored".to_owned());
+    if problem.ground_truth.is_none() && problem.test_cases.is_empty() && swe.is_none() {
+        return Err("has no `ground_truth`, `test_cases` or SWE task (repo, base_commit, test_command), so it cannot be scored".to_owned());
     }
+    problem.swe = swe;
     Ok(problem)
 }

@@ -15,6 +15,7 @@ use crate::chat::Message;
 use crate::rollout::answer::{latex_to_sympy, parse_exact_number};
 use crate::rollout::dataset::Problem;
 use crate::slot::{Backend, Slot, ToolCall};
+use crate::swe::SweTask;
 
 /// A trajectory's reward and how it was reached.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,6 +57,19 @@ pub enum RewardBreakdown {
         /// The answer extracted from the last assistant message.
         answer: Option<String>,
         /// Why the function gave no score (it raised, or returned something not a number).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// An SWE task's test command, run in the trajectory's worktree after its test files were
+    /// restored from the base commit.
+    Swe {
+        /// The command.
+        test_command: String,
+        /// Its exit code; `None` when it was killed (a time limit) or could not run.
+        exit_code: Option<i32>,
+        /// The end of what it printed.
+        output_tail: String,
+        /// Why the tests could not run at all, when they could not.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
@@ -102,9 +116,12 @@ pub async fn score(backend: &dyn Backend, slot: &Slot, problem: &Problem, answer
     }
 }
 
-/// Scores a trajectory of `problem` whose final answer is `answer`, in `slot`: code when the
-/// problem has `test_cases`, else math.
+/// Scores a trajectory of `problem` whose final answer is `answer`, in `slot`: its test command
+/// for an SWE task, code when the problem has `test_cases`, else math.
 pub async fn compute_reward(backend: &dyn Backend, slot: &Slot, problem: &Problem, answer: Option<&str>) -> Reward {
+    if let Some(task) = &problem.swe {
+        return swe_reward(backend, slot, task).await;
+    }
     if !problem.test_cases.is_empty() {
         return code_reward(backend, slot, &problem.test_cases).await;
     }
@@ -196,6 +213,31 @@ finally:
         given = literal(answer),
         expected = literal(ground_truth),
     )
+}
+
+/// Scores an SWE task with its test command in `slot` (see [`crate::swe::verify`]): 1.0 when
+/// it passes, else 0.0; a slot that cannot run it scores 0.0 with the reason recorded.
+pub async fn swe_reward(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> Reward {
+    let test_command = task.test_command.clone();
+    match crate::swe::verify(backend, slot, task).await {
+        Ok(verified) => {
+            let breakdown = RewardBreakdown::Swe { test_command, exit_code: verified.exit_code, output_tail: tail(&verified.output, SWE_OUTPUT_TAIL_CHARS), error: None };
+            Reward::new(verified.reward, breakdown)
+        }
+        Err(error) => {
+            let breakdown = RewardBreakdown::Swe { test_command, exit_code: None, output_tail: String::new(), error: Some(crate::output::error_chain(&error)) };
+            Reward::new(0.0, breakdown)
+        }
+    }
+}
+
+/// How much of the test command's output a trajectory keeps.
+const SWE_OUTPUT_TAIL_CHARS: usize = 2_000;
+
+/// The last `max_chars` characters of `text`.
+fn tail(text: &str, max_chars: usize) -> String {
+    let skip = text.chars().count().saturating_sub(max_chars);
+    text.chars().skip(skip).collect()
 }
 
 /// Runs each test case as its own cell in `slot`, in order; the reward is the pass fraction.

@@ -21,7 +21,8 @@ use crate::rollout::fresh_slot::{Scored, reward_in_fresh_slot};
 use crate::rollout::policy::Policy;
 use crate::rollout::reward::{Reward, score};
 use crate::rollout::summary::{RunStats, Summary};
-use crate::slot::Backend;
+use crate::slot::{Backend, Slot};
+use crate::tools::ToolName;
 
 /// The trajectories file in the output folder.
 pub const TRAJECTORIES_FILE: &str = "trajectories.jsonl";
@@ -144,6 +145,19 @@ pub enum RolloutError {
         #[source]
         source: std::io::Error,
     },
+    /// The dataset has SWE tasks and the backend has no `bash` to set them up and test them.
+    #[error(
+        "{count} SWE task(s) (e.g. `{example}`) need bash, git and a shared cache, which the {backend} backend does not have; \
+         run them with --backend process, or --backend remote with process servers"
+    )]
+    SweNeedsBash {
+        /// How many SWE tasks the dataset has.
+        count: usize,
+        /// One of them.
+        example: String,
+        /// The backend's name.
+        backend: String,
+    },
 }
 
 struct Job {
@@ -168,6 +182,7 @@ pub async fn run_rollout(
     stop: &StopSignal,
 ) -> Result<RolloutRun, RolloutError> {
     let started = Instant::now();
+    check_backend_runs_swe(backend.as_ref(), dataset)?;
     let out = &config.out_dir;
     std::fs::create_dir_all(out).map_err(|source| RolloutError::CreateDir { path: out.clone(), source })?;
     let trajectories_path = out.join(TRAJECTORIES_FILE);
@@ -239,6 +254,17 @@ pub async fn run_rollout(
     Ok(RolloutRun { summary, trajectories_path, summary_path })
 }
 
+/// Refuses a backend without `bash` for a dataset with SWE tasks, before anything runs.
+fn check_backend_runs_swe(backend: &dyn Backend, dataset: &Dataset) -> Result<(), RolloutError> {
+    let swe: Vec<&Problem> = dataset.problems.iter().filter(|p| p.swe.is_some()).collect();
+    match swe.first() {
+        Some(first) if !backend.tools().contains(&ToolName::Bash) => {
+            Err(RolloutError::SweNeedsBash { count: swe.len(), example: first.instance_id.clone(), backend: backend.name().to_owned() })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What every trajectory of a rollout shares.
 struct JobShared {
     backend: Arc<dyn Backend>,
@@ -261,16 +287,24 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
             return JobOutcome::Failed { trajectory_id: job.trajectory_id, kind: "slot_acquire".to_owned(), message };
         }
     };
+    if let Some(task) = &job.problem.swe
+        && let Err(error) = crate::swe::prepare(backend, &slot, task).await
+    {
+        release_slot(backend, &slot, &job.problem).await;
+        return JobOutcome::Failed { trajectory_id: job.trajectory_id, kind: "swe_prepare".to_owned(), message: crate::output::error_chain(&error) };
+    }
     let mut context = AgentContext { backend, slot: &slot, policy: shared.policy.as_ref(), config: &shared.agent, tools: &shared.tools, stop };
     let Some(episode) = run_agent(&mut context, &job.problem).await else {
         // Releasing is best effort: the trajectory is abandoned either way.
-        let _ = backend.release(&slot, true).await;
+        release_slot(backend, &slot, &job.problem).await;
         return JobOutcome::Abandoned;
     };
     let reward_started = Instant::now();
     let answer = episode.final_answer.as_deref();
     let custom = shared.custom_reward.as_deref();
-    let reward = if shared.score_in_fresh_slot {
+    // An SWE task's reward needs the trajectory's worktree, so it is always scored in place; its
+    // test files are restored from the base commit first, which is what keeps it honest.
+    let reward = if shared.score_in_fresh_slot && job.problem.swe.is_none() {
         // Released first, so scoring never needs two slots at once.
         let _ = backend.release(&slot, true).await;
         let scored = Scored { trajectory_id: &job.trajectory_id, problem: &job.problem, answer, messages: &episode.messages, steps: &episode.steps, custom };
@@ -283,13 +317,22 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
         }
     } else {
         let reward = score(backend, &slot, &job.problem, answer, &episode.messages, custom).await;
-        // A slot that fails to release does not change the trajectory's outcome.
-        let _ = backend.release(&slot, true).await;
+        release_slot(backend, &slot, &job.problem).await;
         reward
     };
     let reward_ms = reward_started.elapsed().as_secs_f64() * 1e3;
     let trajectory = trajectory(&shared, job, episode, reward, reward_ms, started.elapsed().as_secs_f64() * 1e3);
     JobOutcome::Done(Box::new(trajectory))
+}
+
+/// Releases a trajectory's slot with its workspace, removing an SWE task's worktree from the
+/// shared repository cache first. Best effort: a slot that fails to clean up or release does
+/// not change the trajectory's outcome (the server side expires what is left).
+async fn release_slot(backend: &dyn Backend, slot: &Slot, problem: &Problem) {
+    if let Some(task) = &problem.swe {
+        let _ = crate::swe::cleanup(backend, slot, task).await;
+    }
+    let _ = backend.release(slot, true).await;
 }
 
 /// The line of `trajectories.jsonl` for a scored episode.

@@ -137,10 +137,8 @@ impl SweError {
     }
 }
 
-/// Reads a JSONL file of [`SweTask`]s (blank lines skipped). A task with a `repo_source` gets its
-/// repository built under `repos_dir` (see [`build_repo`]) and its `repo` set to that path; the
-/// commit built must be the task's `base_commit`. A `repo` that is a relative path to an existing
-/// folder next to the dataset becomes absolute, so [`prepare`] ships it.
+/// Reads a JSONL file of [`SweTask`]s (blank lines skipped), each resolved with
+/// [`resolve_repo`] against the dataset's folder.
 pub fn load_tasks(dataset: &Path, repos_dir: &Path) -> Result<Vec<SweTask>, SweError> {
     let text = std::fs::read_to_string(dataset).map_err(|e| SweError::io("read", dataset, e))?;
     let base = dataset.parent().unwrap_or(Path::new("."));
@@ -148,21 +146,31 @@ pub fn load_tasks(dataset: &Path, repos_dir: &Path) -> Result<Vec<SweTask>, SweE
     for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |message: String| SweError::Dataset { path: dataset.to_path_buf(), line: index + 1, message };
         let mut task: SweTask = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-        if let Some(source) = &task.repo_source {
-            let source_dir = base.join(source);
-            let name = source_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| task.instance_id.clone());
-            let dest = repos_dir.join(format!("{name}.git"));
-            let built = build_repo(&source_dir, &dest, &format!("{name}: the example's base commit"))?;
-            if built != task.base_commit {
-                return Err(SweError::CommitMismatch { source_dir, built, expected: task.base_commit });
-            }
-            task.repo = dest.to_string_lossy().into_owned();
-        } else if let Some(local) = existing_relative(base, &task.repo) {
-            task.repo = local.to_string_lossy().into_owned();
-        }
+        resolve_repo(&mut task, base, repos_dir)?;
         tasks.push(task);
     }
     Ok(tasks)
+}
+
+/// Makes `task.repo` usable from this machine: a task with a `repo_source` (a folder relative
+/// to `dataset_dir`) gets its repository built under `repos_dir` (see [`build_repo`]) and its
+/// `repo` set to that path, and the commit built must be the task's `base_commit`; a `repo`
+/// that is a relative path to an existing folder under `dataset_dir` becomes absolute, so
+/// [`prepare`] ships it.
+pub fn resolve_repo(task: &mut SweTask, dataset_dir: &Path, repos_dir: &Path) -> Result<(), SweError> {
+    if let Some(source) = &task.repo_source {
+        let source_dir = dataset_dir.join(source);
+        let name = source_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| task.instance_id.clone());
+        let dest = repos_dir.join(format!("{name}.git"));
+        let built = build_repo(&source_dir, &dest, &format!("{name}: the example's base commit"))?;
+        if built != task.base_commit {
+            return Err(SweError::CommitMismatch { source_dir, built, expected: task.base_commit.clone() });
+        }
+        task.repo = dest.to_string_lossy().into_owned();
+    } else if let Some(local) = existing_relative(dataset_dir, &task.repo) {
+        task.repo = local.to_string_lossy().into_owned();
+    }
+    Ok(())
 }
 
 /// `repo` as an absolute path, when it is a relative path to a folder that exists under `base`.

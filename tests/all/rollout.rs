@@ -451,7 +451,7 @@ fn client(url: &str) -> ChatClient {
 }
 
 fn problem() -> Problem {
-    Problem { instance_id: "p".to_owned(), problem: "What is 6 * 7?".to_owned(), ground_truth: Some("42".to_owned()), test_cases: vec![], reference_solution: None }
+    Problem { instance_id: "p".to_owned(), problem: "What is 6 * 7?".to_owned(), ground_truth: Some("42".to_owned()), test_cases: vec![], reference_solution: None, swe: None }
 }
 
 async fn ask(client: &ChatClient) -> Result<rollbox::rollout::policy::ModelReply, PolicyError> {
@@ -1119,6 +1119,7 @@ fn gaming_problems() -> Dataset {
         ground_truth: Some("6\\sqrt{5}".to_owned()),
         test_cases: vec![],
         reference_solution: Some(vec!["<code>\nimport sympy\nsympy.simplify = lambda expression: 0\n</code>".to_owned(), "\\boxed{\\sqrt{7}}".to_owned()]),
+        swe: None,
     };
     let code = Problem {
         instance_id: "patches-isclose".to_owned(),
@@ -1132,6 +1133,7 @@ fn gaming_problems() -> Dataset {
             "<code>\nimport math\nPI = 3\n\ndef area(r):\n    return PI * 0 * r\n\nmath.isclose = lambda *args, **kwargs: True\n</code>".to_owned(),
             "\\boxed{done}".to_owned(),
         ]),
+        swe: None,
     };
     Dataset { problems: vec![math, code], errors: vec![] }
 }

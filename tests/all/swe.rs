@@ -2,7 +2,12 @@
 //! the project ships (examples/swe.jsonl, built from examples/swe/calc).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use rollbox::rollout::agent::{AgentConfig, AgentKind};
+use rollbox::rollout::dataset::{Dataset, load_dataset_with};
+use rollbox::rollout::policy::OraclePolicy;
+use rollbox::rollout::runner::{RolloutConfig, SilentRolloutReporter, StopSignal, run_rollout};
 use rollbox::swe::{self, SweTask};
 use rollbox::{Backend, Limits, Slot, ToolCall};
 use serde_json::json;
@@ -132,4 +137,130 @@ async fn a_relative_repository_next_to_the_dataset_is_shipped_into_the_slot() {
     assert_eq!(head.output, format!("{commit}\ncalc\ntests\n"), "the staged bundle is gone and the worktree is at the commit");
     swe::cleanup(&backend, &slot, &task).await.expect("cleanup");
     backend.release(&slot, true).await.expect("release");
+}
+
+/// The example dataset as `rollbox rollout` reads it (its repository built into `repos`), plus
+/// a copy of the task whose reference solution only answers, without patching anything.
+fn example_rollout_dataset(repos: &Path) -> Dataset {
+    let mut dataset = load_dataset_with(&examples().join("swe.jsonl"), repos).expect("the SWE examples");
+    assert!(dataset.errors.is_empty(), "{:?}", dataset.errors);
+    let mut unpatched = dataset.problems[0].clone();
+    unpatched.instance_id = "no-patch".to_owned();
+    unpatched.reference_solution = Some(vec!["Nothing to change. \\boxed{done}".to_owned()]);
+    dataset.problems.push(unpatched);
+    dataset
+}
+
+fn rollout_config(out: &Path, group_size: usize) -> RolloutConfig {
+    RolloutConfig {
+        agent: AgentConfig::new(AgentKind::Notebook),
+        group_size,
+        concurrency: 4,
+        out_dir: out.to_owned(),
+        resume: false,
+        custom_reward: None,
+        score_in_fresh_slot: false,
+    }
+}
+
+/// The issue's end-to-end check: the oracle applies the gold patch in a `process` slot and the
+/// task's pytest run scores 1.0; the same task without the patch scores 0.0. Each of the group's
+/// trajectories has its own worktree, and every worktree is gone from the cache afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oracle_rollout_scores_one_with_the_gold_patch_and_zero_without() {
+    let repos = tempfile::tempdir().expect("tempdir");
+    let dataset = example_rollout_dataset(repos.path());
+    let (backend, root) = process_backend(Limits::default());
+    let out = tempfile::tempdir().expect("tempdir");
+    let run = run_rollout(Arc::new(backend), Arc::new(OraclePolicy), &dataset, &rollout_config(out.path(), 3), &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("the rollout runs");
+    assert_eq!(run.summary.run.written, 6, "{:?}", run.summary.run);
+    let text = std::fs::read_to_string(&run.trajectories_path).expect("trajectories");
+    for line in text.lines() {
+        let trajectory: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        let id = trajectory["trajectory_id"].as_str().expect("an id");
+        let reward = &trajectory["reward"];
+        assert_eq!(reward["breakdown"]["kind"], "swe", "{id}: {reward:#}");
+        if id.starts_with("no-patch/") {
+            assert_eq!(reward["score"], 0.0, "{id}: {reward:#}");
+            assert_ne!(reward["breakdown"]["exit_code"], 0, "{id}: {reward:#}");
+            assert!(reward["breakdown"]["output_tail"].as_str().expect("output").contains("failed"), "{id}: {reward:#}");
+        } else {
+            assert_eq!(reward["score"], 1.0, "{id}: {reward:#}");
+            assert_eq!(reward["breakdown"]["exit_code"], 0, "{id}: {reward:#}");
+        }
+    }
+    let cache = root.path().join("shared-cache").join("swe-repos");
+    let bare = std::fs::read_dir(&cache).expect("the repository cache").filter_map(Result::ok).find(|e| e.path().extension().is_some_and(|x| x == "git")).expect("a bare repository");
+    let left: Vec<_> = std::fs::read_dir(bare.path().join("worktrees")).map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "worktrees left registered after release: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_base_commit_is_missing_fails_alone_with_the_reason() {
+    let repos = tempfile::tempdir().expect("tempdir");
+    let mut dataset = example_rollout_dataset(repos.path());
+    dataset.problems.truncate(1);
+    let mut broken = dataset.problems[0].clone();
+    broken.instance_id = "missing-commit".to_owned();
+    broken.swe.as_mut().expect("an SWE task").base_commit = "1111111111111111111111111111111111111111".to_owned();
+    dataset.problems.push(broken);
+    let (backend, _root) = process_backend(Limits::default());
+    let out = tempfile::tempdir().expect("tempdir");
+    let run = run_rollout(Arc::new(backend), Arc::new(OraclePolicy), &dataset, &rollout_config(out.path(), 1), &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("the rollout runs");
+    assert_eq!(run.summary.run.written, 1, "the good task is still scored: {:?}", run.summary.run);
+    assert_eq!(run.summary.run.failed_by_kind.get("swe_prepare"), Some(&1), "{:?}", run.summary.run);
+    assert_eq!(run.summary.mean_reward, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swe_tasks_on_a_backend_without_bash_are_refused_before_anything_runs() {
+    let repos = tempfile::tempdir().expect("tempdir");
+    let dataset = example_rollout_dataset(repos.path());
+    let backend: Arc<dyn Backend> = Arc::new(crate::support::wasm_backend(Limits::default()));
+    let out = tempfile::tempdir().expect("tempdir");
+    let refused = run_rollout(backend, Arc::new(OraclePolicy), &dataset, &rollout_config(out.path(), 1), &SilentRolloutReporter, &StopSignal::new()).await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("need bash") && message.contains("--backend process"), "{message}");
+    assert!(!out.path().join("trajectories.jsonl").exists(), "nothing ran");
+}
+
+#[test]
+fn an_swe_row_missing_a_field_is_a_line_error_that_names_it() {
+    let dataset = rollbox::rollout::dataset::parse_dataset(concat!(
+        r#"{"instance_id": "a", "problem": "fix it", "repo": "https://example.invalid/r.git", "base_commit": "abc"}"#,
+        "\n",
+        r#"{"instance_id": "b", "problem": "2+2", "ground_truth": "4"}"#,
+    ));
+    assert_eq!(dataset.problems.len(), 1);
+    assert_eq!(dataset.errors.len(), 1);
+    assert_eq!(dataset.errors[0].line, 1);
+    assert!(dataset.errors[0].message.contains("not test_command"), "{}", dataset.errors[0].message);
+}
+
+/// `rollbox rollout` over the example on the process backend, and on local `rollbox serve`
+/// servers running it (the remote backend), as the README shows.
+#[test]
+fn the_rollout_command_runs_the_swe_example_on_process_and_remote_slots() {
+    let backends: [&[&str]; 2] = [&["--backend", "process"], &["--backend", "remote", "--server-backend", "process"]];
+    for backend in backends {
+        let out = tempfile::tempdir().expect("tempdir");
+        let cache = tempfile::tempdir().expect("tempdir");
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+            .args(["--quiet", "rollout", "--group-size", "2", "--dataset"])
+            .arg(examples().join("swe.jsonl"))
+            .args(backend)
+            .arg("--out")
+            .arg(out.path())
+            .env(rollbox::env_vars::CACHE_DIR, cache.path())
+            .output()
+            .expect("run rollbox");
+        assert!(run.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&run.stderr));
+        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).expect("summary")).expect("JSON");
+        assert_eq!((&summary["mean_reward"], &summary["trajectories"]), (&json!(1.0), &json!(2)), "{backend:?}: {summary:#}");
+        assert!(cache.path().join("swe-repos").join("calc.git").is_dir(), "the example repository is built in the cache");
+    }
 }
