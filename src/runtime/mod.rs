@@ -23,7 +23,7 @@ pub const GUEST_STDLIB_DIR: &str = "/usr/local/lib";
 pub const STDLIB_ZIP_NAME: &str = "python315.zip";
 /// matplotlib looks for its data folder inside the stdlib zip's package path.
 pub const GUEST_MPL_DATA_DIR: &str = "/usr/local/lib/python315.zip/matplotlib/mpl-data";
-/// The interpreter's argv[0], from which CPython derives its prefix.
+/// The interpreter's `argv[0]`, from which CPython derives its prefix.
 pub const GUEST_ARGV0: &str = "/usr/local/bin/python.wasm";
 
 /// The runtime manifest: which package, which version, which artifacts and their hashes.

@@ -181,7 +181,7 @@ impl Workspace {
         Ok((listing, truncated))
     }
 
-    /// `search`: `path:line: text` for each matching line, at most [`MAX_SEARCH_MATCHES`].
+    /// `search`: `path:line: text` for each matching line, at most 200 (`MAX_SEARCH_MATCHES`).
     pub fn search(&self, args: &SearchArgs) -> Result<(String, bool), WorkspaceError> {
         let pattern = regex::RegexBuilder::new(&args.pattern)
             .size_limit(MAX_REGEX_BYTES)
