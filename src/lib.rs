@@ -6,6 +6,7 @@
 //! interpreter in its own wasmtime instance, so state persists across cells like a Jupyter
 //! kernel, at microseconds per call.
 
+mod batch;
 pub mod bench;
 pub mod chat;
 pub mod env_vars;

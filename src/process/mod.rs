@@ -11,7 +11,7 @@ mod shell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use python::NativeStartError;
@@ -19,8 +19,9 @@ use python::NativeInterpreter;
 use sandbox::{Sandbox, SlotDirs};
 pub use sandbox::{Isolation, SANDBOX_PATH, find_bubblewrap};
 
+use crate::batch::{every_result, group_by_slot, lock_interpreter};
 use crate::limits::Limits;
-use crate::slot::{Backend, BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
+use crate::slot::{Backend, BackendError, ErrorKind, ExecutionResult, Slot, SlotId, ToolCall};
 use crate::tools::workspace::Workspace;
 use crate::tools::{ToolCallError, ToolName, ToolRequest};
 
@@ -285,22 +286,9 @@ impl Backend for ProcessBackend {
     }
 
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
-        let total = calls.len();
-        let mut results: Vec<Option<ExecutionResult>> = (0..total).map(|_| None).collect();
+        let mut results: Vec<Option<ExecutionResult>> = (0..calls.len()).map(|_| None).collect();
         // Each slot's calls run in order on one blocking thread; slots run in parallel.
-        let mut groups: Vec<(Arc<LiveSlot>, Vec<(usize, ToolCall)>)> = Vec::new();
-        let mut group_of: HashMap<SlotId, usize> = HashMap::new();
-        for (index, (slot, call)) in calls.into_iter().enumerate() {
-            if let Some(&g) = group_of.get(&slot.id) {
-                groups[g].1.push((index, call));
-            } else if let Some(live) = self.read_slots().get(&slot.id).cloned() {
-                group_of.insert(slot.id, groups.len());
-                groups.push((live, vec![(index, call)]));
-            } else {
-                let metadata = ExecutionMetadata { tool: call.name.clone(), slot_id: Some(slot.id), ..Default::default() };
-                results[index] = Some(ExecutionResult::failure(ErrorKind::UnknownSlot, BackendError::UnknownSlot(slot.id).to_string(), metadata));
-            }
-        }
+        let groups = group_by_slot(calls, &mut results, |id| self.read_slots().get(&id).cloned());
         let tasks: Vec<_> = groups
             .into_iter()
             .map(|(live, calls)| {
@@ -311,21 +299,18 @@ impl Backend for ProcessBackend {
         for task in tasks {
             match task.await {
                 Ok(done) => done.into_iter().for_each(|(index, result)| results[index] = Some(result)),
-                // A panic loses that slot's results; every missing one is filled in below.
+                // A panic loses that slot's results; every_result fills each missing one in.
                 Err(join) => tracing::error!(error = %join, "a process-backend worker panicked in the host"),
             }
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| ExecutionResult::failure(ErrorKind::Backend, "no result was produced for this call", ExecutionMetadata::default())))
-            .collect()
+        every_result(results)
     }
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
         let live = self.write_slots().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
         // Killing the interpreter and deleting folders block; keep them off the async threads.
         let _ = tokio::task::spawn_blocking(move || {
-            drop(lock_interpreter(&live).take());
+            drop(lock_interpreter(&live.interpreter).take());
             let doomed = if reset_workspace { &live.dirs.root } else { &live.dirs.tmp };
             let _ = std::fs::remove_dir_all(doomed);
         })
@@ -385,7 +370,7 @@ fn bash_timeout(requested: Option<f64>, limit: Duration) -> Result<Duration, Str
 }
 
 fn run_python(shared: &Shared, live: &LiveSlot, code: &str, timeout: Duration) -> ExecutionResult {
-    let mut guard = lock_interpreter(live);
+    let mut guard = lock_interpreter(&live.interpreter);
     if guard.is_none() {
         match NativeInterpreter::start(&shared.sandbox, &live.dirs, &shared.python, &shared.limits) {
             Ok(fresh) => *guard = Some(fresh),
@@ -403,16 +388,3 @@ fn run_python(shared: &Shared, live: &LiveSlot, code: &str, timeout: Duration) -
     result
 }
 
-/// The slot's interpreter lock. A panic while it was held leaves an interpreter that may be
-/// mid-cell, so it is thrown away rather than reused.
-fn lock_interpreter(live: &LiveSlot) -> MutexGuard<'_, Option<NativeInterpreter>> {
-    match live.interpreter.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => {
-            let mut guard = poisoned.into_inner();
-            *guard = None;
-            live.interpreter.clear_poison();
-            guard
-        }
-    }
-}

@@ -3,15 +3,16 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use super::engine::build_engine;
 use super::interpreter::{Interpreter, InterpreterFactory, SlotDirs, StartError, StartOptions};
+use crate::batch::{self, every_result, group_by_slot, lock_interpreter};
 use crate::limits::Limits;
 use crate::reporter::Reporter;
 use crate::runtime::{RuntimeError, RuntimeOptions, compiled, install};
-use crate::slot::{Backend, BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
+use crate::slot::{Backend, BackendError, ErrorKind, ExecutionResult, Slot, SlotId, ToolCall};
 use crate::tools::workspace::Workspace;
 use crate::tools::{ToolCallError, ToolName, ToolRequest};
 
@@ -285,36 +286,12 @@ impl Backend for WasmBackend {
     }
 
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
-        let total = calls.len();
-        // Group by slot, keeping each slot's calls in order; each group runs on its own thread.
-        let mut groups: Vec<(SlotId, Vec<(usize, ToolCall)>)> = Vec::new();
-        let mut group_of: HashMap<SlotId, usize> = HashMap::new();
-        for (index, (slot, call)) in calls.into_iter().enumerate() {
-            let g = *group_of.entry(slot.id).or_insert_with(|| {
-                groups.push((slot.id, Vec::new()));
-                groups.len() - 1
-            });
-            groups[g].1.push((index, call));
-        }
-        let mut results: Vec<Option<ExecutionResult>> = (0..total).map(|_| None).collect();
-        let mut runnable: Vec<SlotCalls> = Vec::with_capacity(groups.len());
-        for (slot_id, group) in groups {
-            match self.read_slots().get(&slot_id).cloned() {
-                Some(live) => runnable.push((live, group)),
-                None => {
-                    for (index, call) in group {
-                        results[index] = Some(unknown_slot(slot_id, &call));
-                    }
-                }
-            }
-        }
+        let mut results: Vec<Option<ExecutionResult>> = (0..calls.len()).map(|_| None).collect();
+        let runnable = group_by_slot(calls, &mut results, |id| self.read_slots().get(&id).cloned());
         for (index, result) in run_groups(&self.factory, runnable).await {
             results[index] = Some(result);
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| ExecutionResult::failure(ErrorKind::Backend, "no result was produced for this call", ExecutionMetadata::default())))
-            .collect()
+        every_result(results)
     }
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
@@ -338,7 +315,7 @@ impl Backend for WasmBackend {
 }
 
 /// One live slot's calls in a batch, each with its index in the batch.
-type SlotCalls = (Arc<LiveSlot>, Vec<(usize, ToolCall)>);
+type SlotCalls = batch::SlotCalls<LiveSlot>;
 
 /// The most threads one batch runs on, per CPU. Guest work is CPU-bound, so more threads
 /// than this only add switching; a few per CPU keep a sleeping cell from holding up the rest.
@@ -387,14 +364,6 @@ fn run_group(factory: &InterpreterFactory, live: &LiveSlot, calls: &[(usize, Too
     calls.iter().map(|(index, call)| (*index, run_call(factory, live, call))).collect()
 }
 
-fn unknown_slot(slot_id: SlotId, call: &ToolCall) -> ExecutionResult {
-    ExecutionResult::failure(
-        ErrorKind::UnknownSlot,
-        BackendError::UnknownSlot(slot_id).to_string(),
-        ExecutionMetadata { tool: call.name.clone(), slot_id: Some(slot_id), ..Default::default() },
-    )
-}
-
 /// Runs one call in its slot, on a blocking thread.
 fn run_call(factory: &InterpreterFactory, live: &LiveSlot, call: &ToolCall) -> ExecutionResult {
     let started = Instant::now();
@@ -421,7 +390,7 @@ fn run_call(factory: &InterpreterFactory, live: &LiveSlot, call: &ToolCall) -> E
 }
 
 fn run_python(factory: &InterpreterFactory, live: &LiveSlot, code: &str, timeout: std::time::Duration) -> ExecutionResult {
-    let mut guard = lock_interpreter(live);
+    let mut guard = lock_interpreter(&live.interpreter);
     if guard.is_none() {
         // An earlier restart failed; try again before giving up on this call.
         match factory.start(&live.dirs) {
@@ -447,20 +416,6 @@ fn run_python(factory: &InterpreterFactory, live: &LiveSlot, code: &str, timeout
         }
     }
     result
-}
-
-/// The slot's interpreter lock. A panic while it was held leaves an instance that may be
-/// mid-call, so it is thrown away rather than reused.
-fn lock_interpreter(live: &LiveSlot) -> MutexGuard<'_, Option<Interpreter>> {
-    match live.interpreter.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => {
-            let mut guard = poisoned.into_inner();
-            *guard = None;
-            live.interpreter.clear_poison();
-            guard
-        }
-    }
 }
 
 #[cfg(test)]

@@ -208,7 +208,7 @@ fn malformed_dataset_lines_are_reported_with_their_numbers() {
     assert_eq!(dataset.problems[0].ground_truth.as_deref(), Some("80"));
     let lines: Vec<usize> = dataset.errors.iter().map(|e| e.line).collect();
     assert_eq!(lines, vec![3, 4, 5, 6, 8]);
-    assert!(dataset.errors[1].message.contains("neither `ground_truth` nor `test_cases`"));
+    assert!(dataset.errors[1].message.contains("no `ground_truth`, `test_cases` or SWE task"), "{}", dataset.errors[1].message);
     assert!(dataset.errors[2].message.contains("duplicate instance_id `a`"));
 }
 
