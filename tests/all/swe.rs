@@ -264,3 +264,57 @@ fn the_rollout_command_runs_the_swe_example_on_process_and_remote_slots() {
         assert!(cache.path().join("swe-repos").join("calc.git").is_dir(), "the example repository is built in the cache");
     }
 }
+
+/// The example dataset for the tools agent, mixed with a math row: the example itself (its
+/// reference solution's code block becomes a `python` tool call), a copy whose reference
+/// solution applies the gold patch with a `bash` `<tool_call>` and prints the worktree's top
+/// folder, and a math problem that has nothing to do with git.
+fn mixed_tools_dataset(repos: &Path) -> Dataset {
+    let mut dataset = load_dataset_with(&examples().join("swe.jsonl"), repos).expect("the SWE examples");
+    let mut by_bash = dataset.problems[0].clone();
+    let patch = by_bash.swe.as_ref().and_then(|t| t.gold_patch.clone()).expect("the example has a gold patch");
+    let command = format!("git apply <<'ROLLBOX_PATCH'\n{patch}ROLLBOX_PATCH\ngit rev-parse --show-toplevel");
+    let call = json!({ "name": "bash", "arguments": { "command": command } });
+    by_bash.instance_id = "by-bash".to_owned();
+    by_bash.reference_solution = Some(vec![format!("I apply the fix.\n<tool_call>{call}</tool_call>"), "Fixed. \\boxed{done}".to_owned()]);
+    dataset.problems.push(by_bash);
+    let math = rollbox::rollout::dataset::parse_dataset(r#"{"instance_id": "add", "problem": "What is 2+2?", "ground_truth": "4", "reference_solution": ["\\boxed{4}"]}"#);
+    dataset.problems.extend(math.problems);
+    dataset
+}
+
+/// The oracle drives the tools agent too, on a process backend without bubblewrap
+/// (`unsafe_no_isolation`), with a math row in the same dataset: every trajectory scores 1.0,
+/// and the two samples of a task get two different worktrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_agent_oracle_patches_with_python_or_bash_in_a_mixed_dataset_without_isolation() {
+    let repos = tempfile::tempdir().expect("tempdir");
+    let dataset = mixed_tools_dataset(repos.path());
+    let config = rollbox::process::ProcessBackendConfig {
+        bubblewrap: Some(PathBuf::from("/nonexistent/bwrap")),
+        unsafe_no_isolation: true,
+        ..Default::default()
+    };
+    let (backend, _root) = crate::process::process_backend_with(config);
+    let out = tempfile::tempdir().expect("tempdir");
+    let rollout = RolloutConfig { agent: AgentConfig::new(AgentKind::Tools), ..rollout_config(out.path(), 2) };
+    let run = run_rollout(Arc::new(backend), Arc::new(OraclePolicy), &dataset, &rollout, &SilentRolloutReporter, &StopSignal::new())
+        .await
+        .expect("the rollout runs");
+    assert_eq!((run.summary.run.written, run.summary.mean_reward), (6, 1.0), "{:?}", run.summary.run);
+    assert!(run.summary.oracle_policy && run.summary.note.contains("oracle policy was used"), "{}", run.summary.note);
+    let text = std::fs::read_to_string(&run.trajectories_path).expect("trajectories");
+    let mut toplevels = Vec::new();
+    for line in text.lines() {
+        let trajectory: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        let id = trajectory["trajectory_id"].as_str().expect("an id").to_owned();
+        let kind = &trajectory["reward"]["breakdown"]["kind"];
+        assert_eq!(kind, if id.starts_with("add/") { "math" } else { "swe" }, "{id}: {trajectory:#}");
+        if id.starts_with("by-bash/") {
+            let tool = trajectory["messages"].as_array().expect("messages").iter().find(|m| m["role"] == "tool").expect("the bash result");
+            toplevels.push(tool["content"].as_str().expect("text").trim().to_owned());
+        }
+    }
+    assert_eq!(toplevels.len(), 2);
+    assert_ne!(toplevels[0], toplevels[1], "each sample works in its own worktree");
+}
