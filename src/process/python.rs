@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use super::capture::{Captured, StreamCapture};
 use super::sandbox::{GroupLeader, Sandbox, SlotDirs};
 use crate::limits::{LimitKind, Limits};
-use crate::output::truncation_marker;
 use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult};
-use crate::wasm::{GuestReport, render_for_model};
+use crate::wasm::{GuestReport, finished_cell, render_for_model};
 
 /// The guest code that runs cells, shared with the wasm backend.
 const GUEST_SOURCE: &str = include_str!("../../guest/rollbox_guest.py");
@@ -208,42 +207,9 @@ fn read_reports(mut output: impl Read + Send + 'static, budget: usize) -> std::i
 
 /// Builds a finished cell's result from its report and the stray output it wrote to fd 1/2.
 fn cell_result(report: GuestReport, stray: Captured, limits: &Limits) -> ExecutionResult {
-    let truncated = report.stdout_dropped + report.stderr_dropped > 0 || stray.truncated();
-    let mut stderr = with_marker(report.stderr, report.stderr_dropped);
-    stderr.push_str(&stray.into_text());
-    let cell = CellOutput {
-        stdout: with_marker(report.stdout, report.stdout_dropped),
-        stderr,
-        result: report.result,
-        display: report.display,
-        error: report.error,
-    };
+    let truncated = report.dropped_output() || stray.truncated();
+    let cell = report.into_cell("", &stray.into_text());
     // Under the address-space limit, a MemoryError means the cell reached it.
     let out_of_memory = cell.error.as_ref().is_some_and(|e| e.name == "MemoryError");
-    let error = cell.error.as_ref().map(|e| match out_of_memory {
-        true => ExecutionError {
-            kind: ErrorKind::LimitExceeded,
-            message: format!("the cell needed more than its {} MiB memory limit (MemoryError); the interpreter state is kept", limits.memory_bytes >> 20),
-        },
-        false => ExecutionError { kind: ErrorKind::CellError, message: format!("{}: {}", e.name, e.value) },
-    });
-    let limit_hit = match (out_of_memory, truncated) {
-        (true, _) => Some(LimitKind::Memory),
-        (false, true) => Some(LimitKind::Output),
-        _ => None,
-    };
-    ExecutionResult {
-        success: cell.error.is_none(),
-        output: render_for_model(&cell),
-        error,
-        cell: Some(cell),
-        metadata: ExecutionMetadata { limit_hit, truncated, ..Default::default() },
-    }
-}
-
-fn with_marker(mut text: String, dropped: usize) -> String {
-    if dropped > 0 {
-        text.push_str(&truncation_marker(dropped));
-    }
-    text
+    finished_cell(cell, truncated, out_of_memory, limits)
 }

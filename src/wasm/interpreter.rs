@@ -612,31 +612,46 @@ impl Interpreter {
 }
 
 /// Builds a finished cell's result from its report.
-fn cell_result(mut cell: CellOutput, report: GuestReport, host_truncated: bool, memory_refused: bool, limits: &Limits) -> ExecutionResult {
-    let guest_truncated = report.stdout_dropped + report.stderr_dropped > 0;
-    let fd_stdout = std::mem::take(&mut cell.stdout);
-    let fd_stderr = std::mem::take(&mut cell.stderr);
-    cell.stdout = with_marker(report.stdout, report.stdout_dropped) + &fd_stdout;
-    cell.stderr = with_marker(report.stderr, report.stderr_dropped) + &fd_stderr;
-    cell.result = report.result;
-    cell.display = report.display;
-    cell.error = report.error;
-    let truncated = host_truncated || guest_truncated;
+fn cell_result(cell: CellOutput, report: GuestReport, host_truncated: bool, memory_refused: bool, limits: &Limits) -> ExecutionResult {
+    let truncated = host_truncated || report.dropped_output();
+    let cell = report.into_cell(&cell.stdout, &cell.stderr);
     let out_of_memory = memory_refused && cell.error.as_ref().is_some_and(|e| e.name == "MemoryError");
-    let error = match &cell.error {
-        None => None,
-        Some(_) if out_of_memory => Some(ExecutionError {
+    finished_cell(cell, truncated, out_of_memory, limits)
+}
+
+impl GuestReport {
+    /// Whether the guest cut either stream at its byte cap.
+    pub(crate) fn dropped_output(&self) -> bool {
+        self.stdout_dropped + self.stderr_dropped > 0
+    }
+
+    /// The cell's output: each stream as the guest captured it (with the truncation marker if
+    /// it was cut), then what the cell wrote straight to file descriptors 1 and 2.
+    pub(crate) fn into_cell(self, fd_stdout: &str, fd_stderr: &str) -> CellOutput {
+        CellOutput {
+            stdout: with_marker(self.stdout, self.stdout_dropped) + fd_stdout,
+            stderr: with_marker(self.stderr, self.stderr_dropped) + fd_stderr,
+            result: self.result,
+            display: self.display,
+            error: self.error,
+        }
+    }
+}
+
+/// The result of a cell that ran to its end, in either backend. `out_of_memory` says its
+/// `MemoryError` came from the slot's memory limit, which makes it a limit, not a cell error.
+pub(crate) fn finished_cell(cell: CellOutput, truncated: bool, out_of_memory: bool, limits: &Limits) -> ExecutionResult {
+    let error = cell.error.as_ref().map(|e| match out_of_memory {
+        true => ExecutionError {
             kind: ErrorKind::LimitExceeded,
             message: format!("the cell needed more than its {} MiB memory limit (MemoryError); the interpreter state is kept", limits.memory_bytes >> 20),
-        }),
-        Some(e) => Some(ExecutionError { kind: ErrorKind::CellError, message: format!("{}: {}", e.name, e.value) }),
-    };
-    let limit_hit = if out_of_memory {
-        Some(LimitKind::Memory)
-    } else if truncated {
-        Some(LimitKind::Output)
-    } else {
-        None
+        },
+        false => ExecutionError { kind: ErrorKind::CellError, message: format!("{}: {}", e.name, e.value) },
+    });
+    let limit_hit = match (out_of_memory, truncated) {
+        (true, _) => Some(LimitKind::Memory),
+        (false, true) => Some(LimitKind::Output),
+        _ => None,
     };
     ExecutionResult {
         success: cell.error.is_none(),

@@ -12,4 +12,4 @@ pub use backend::{TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError};
 pub use interpreter::StartError;
 pub use snapshot::RestoreError;
 /// How a cell's report and result read; the `process` backend's cells share them.
-pub(crate) use interpreter::{GuestReport, render_for_model};
+pub(crate) use interpreter::{GuestReport, finished_cell, render_for_model};
