@@ -1,12 +1,38 @@
-//! What every in-process backend does the same way around a batch: group the calls by slot
-//! (each slot's calls in order), answer calls to unknown slots, make sure every call gets
-//! exactly one result, and lock a slot's interpreter so that a panic never leaves a
-//! half-run interpreter in use.
+//! What every in-process backend does the same way around a batch: keep its live slots by id,
+//! group the calls by slot (each slot's calls in order), answer calls to unknown slots, make
+//! sure every call gets exactly one result, and lock a slot's interpreter so that a panic never
+//! leaves a half-run interpreter in use.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::slot::{BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
+
+/// A backend's live slots by id. Every change is one insert or remove, so the map is whole
+/// even when a panic elsewhere poisoned the lock, and it stays usable.
+pub(crate) struct LiveSlots<L>(RwLock<HashMap<SlotId, Arc<L>>>);
+
+impl<L> LiveSlots<L> {
+    /// No slots.
+    pub(crate) fn new() -> Self {
+        LiveSlots(RwLock::new(HashMap::new()))
+    }
+
+    /// The map, for reading.
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, HashMap<SlotId, Arc<L>>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The map, for changing.
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, HashMap<SlotId, Arc<L>>> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot `id`, if it is live.
+    pub(crate) fn get(&self, id: SlotId) -> Option<Arc<L>> {
+        self.read().get(&id).cloned()
+    }
+}
 
 /// One slot's calls in a batch, each with its index in the batch, in order.
 pub(crate) type SlotCalls<L> = (Arc<L>, Vec<(usize, ToolCall)>);

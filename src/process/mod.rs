@@ -8,10 +8,9 @@ mod python;
 mod sandbox;
 mod shell;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use python::NativeStartError;
@@ -19,7 +18,7 @@ use python::NativeInterpreter;
 use sandbox::{Sandbox, SlotDirs};
 pub use sandbox::{Isolation, SANDBOX_PATH, find_bubblewrap};
 
-use crate::batch::{every_result, group_by_slot, lock_interpreter};
+use crate::batch::{LiveSlots, every_result, group_by_slot, lock_interpreter};
 use crate::limits::Limits;
 use crate::slot::{Backend, BackendError, ErrorKind, ExecutionResult, Slot, SlotId, ToolCall};
 use crate::tools::workspace::Workspace;
@@ -131,7 +130,7 @@ pub enum ProcessBackendError {
 /// `bash` never pay for one; after a timeout or crash the next call starts a fresh one.
 pub struct ProcessBackend {
     shared: Arc<Shared>,
-    slots: RwLock<HashMap<SlotId, Arc<LiveSlot>>>,
+    slots: LiveSlots<LiveSlot>,
     next_id: AtomicU64,
     root: PathBuf,
     owns_root: bool,
@@ -183,7 +182,7 @@ impl ProcessBackend {
         }
         let sandbox = Sandbox::new(isolation, config.limits.memory_bytes, root.clone(), shared_cache.clone()).map_err(ProcessBackendError::Spawner)?;
         let shared = Arc::new(Shared { sandbox, limits: config.limits, python: config.python, shared_cache });
-        let backend = ProcessBackend { shared, slots: RwLock::new(HashMap::new()), next_id: AtomicU64::new(1), root, owns_root, max_slots: config.max_slots };
+        let backend = ProcessBackend { shared, slots: LiveSlots::new(), next_id: AtomicU64::new(1), root, owns_root, max_slots: config.max_slots };
         backend.probe_sandbox()?;
         Ok(backend)
     }
@@ -226,22 +225,14 @@ impl ProcessBackend {
 
     /// How many slots are alive.
     pub fn live_slots(&self) -> usize {
-        self.read_slots().len()
-    }
-
-    fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SlotId, Arc<LiveSlot>>> {
-        self.slots.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<SlotId, Arc<LiveSlot>>> {
-        self.slots.write().unwrap_or_else(|p| p.into_inner())
+        self.slots.read().len()
     }
 }
 
 impl Drop for ProcessBackend {
     fn drop(&mut self) {
         // Interpreters die with their slots; then their folders can go.
-        self.write_slots().clear();
+        self.slots.write().clear();
         if self.owns_root {
             let _ = std::fs::remove_dir_all(&self.root);
         }
@@ -275,7 +266,7 @@ impl Backend for ProcessBackend {
         let workspace = Workspace::open(&dirs.workspace).map_err(|source| BackendError::Workspace { path: dirs.workspace.clone(), source })?;
         let slot = Slot { id, trajectory_id: trajectory_id.to_string(), backend: "process".into(), workspace: dirs.workspace.clone() };
         let live = Arc::new(LiveSlot { slot: slot.clone(), dirs, workspace, interpreter: Mutex::new(None) });
-        let mut slots = self.write_slots();
+        let mut slots = self.slots.write();
         if slots.len() >= self.max_slots {
             drop(slots);
             let _ = std::fs::remove_dir_all(&live.dirs.root);
@@ -288,7 +279,7 @@ impl Backend for ProcessBackend {
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
         let mut results: Vec<Option<ExecutionResult>> = (0..calls.len()).map(|_| None).collect();
         // Each slot's calls run in order on one blocking thread; slots run in parallel.
-        let groups = group_by_slot(calls, &mut results, |id| self.read_slots().get(&id).cloned());
+        let groups = group_by_slot(calls, &mut results, |id| self.slots.get(id));
         let tasks: Vec<_> = groups
             .into_iter()
             .map(|(live, calls)| {
@@ -307,7 +298,7 @@ impl Backend for ProcessBackend {
     }
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
-        let live = self.write_slots().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
+        let live = self.slots.write().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
         // Killing the interpreter and deleting folders block; keep them off the async threads.
         let _ = tokio::task::spawn_blocking(move || {
             drop(lock_interpreter(&live.interpreter).take());

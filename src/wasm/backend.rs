@@ -1,14 +1,13 @@
 //! [`WasmBackend`]: slots that are CPython interpreters in wasmtime instances.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::engine::build_engine;
 use super::interpreter::{Interpreter, InterpreterFactory, SlotDirs, StartError, StartOptions};
-use crate::batch::{self, every_result, group_by_slot, lock_interpreter};
+use crate::batch::{self, LiveSlots, every_result, group_by_slot, lock_interpreter};
 use crate::limits::Limits;
 use crate::reporter::Reporter;
 use crate::runtime::{RuntimeError, RuntimeOptions, compiled, install};
@@ -92,7 +91,7 @@ pub enum WasmBackendError {
 /// says so in the result.
 pub struct WasmBackend {
     factory: Arc<InterpreterFactory>,
-    slots: RwLock<HashMap<SlotId, Arc<LiveSlot>>>,
+    slots: LiveSlots<LiveSlot>,
     next_id: AtomicU64,
     /// Slots alive or starting; never more than `max_slots`.
     reserved: AtomicUsize,
@@ -136,7 +135,7 @@ impl WasmBackend {
         }
         Ok(WasmBackend {
             factory: Arc::new(factory),
-            slots: RwLock::new(HashMap::new()),
+            slots: LiveSlots::new(),
             next_id: AtomicU64::new(1),
             reserved: AtomicUsize::new(0),
             root,
@@ -152,7 +151,7 @@ impl WasmBackend {
 
     /// How many slots are alive.
     pub fn live_slots(&self) -> usize {
-        self.read_slots().len()
+        self.slots.read().len()
     }
 
     /// Whether new slots' interpreters are restored from a memory snapshot. False while
@@ -165,14 +164,6 @@ impl WasmBackend {
     /// The wasmtime engine the slots run on.
     pub fn engine(&self) -> &wasmtime::Engine {
         self.factory.engine()
-    }
-
-    fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SlotId, Arc<LiveSlot>>> {
-        self.slots.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<SlotId, Arc<LiveSlot>>> {
-        self.slots.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -280,14 +271,14 @@ impl Backend for WasmBackend {
         };
         let slot = Slot { id, trajectory_id: trajectory_id.to_string(), backend: "wasm".into(), workspace: dirs.workspace.clone() };
         let live = Arc::new(LiveSlot { slot: slot.clone(), dirs, workspace, interpreter: Mutex::new(Some(interpreter)) });
-        self.write_slots().insert(id, live);
+        self.slots.write().insert(id, live);
         reservation.keep();
         Ok(slot)
     }
 
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
         let mut results: Vec<Option<ExecutionResult>> = (0..calls.len()).map(|_| None).collect();
-        let runnable = group_by_slot(calls, &mut results, |id| self.read_slots().get(&id).cloned());
+        let runnable = group_by_slot(calls, &mut results, |id| self.slots.get(id));
         for (index, result) in run_groups(&self.factory, runnable).await {
             results[index] = Some(result);
         }
@@ -295,7 +286,7 @@ impl Backend for WasmBackend {
     }
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
-        let live = self.write_slots().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
+        let live = self.slots.write().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
         self.reserved.fetch_sub(1, Ordering::SeqCst);
         let slot_root = live.dirs.workspace.parent().map(Path::to_path_buf);
         // Dropping a store unmaps its memory; keep that off the async threads.

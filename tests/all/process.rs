@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rollbox::process::{Isolation, ProcessBackend, ProcessBackendConfig, ProcessBackendError};
-use rollbox::{Backend, ErrorKind, LimitKind, Limits, ToolCall};
+use rollbox::{Backend, ErrorKind, LimitKind, Limits, Slot, ToolCall};
 use serde_json::json;
 
 use crate::conformance;
@@ -93,10 +93,15 @@ async fn a_python_timeout_loses_the_state_and_the_next_cell_works() {
     assert_eq!(stuck.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded), "{}", pretty(&stuck));
     assert_eq!(stuck.metadata.limit_hit, Some(LimitKind::Time));
     assert!(stuck.metadata.state_lost);
-    let gone = backend.execute(&slot, ToolCall::python("x")).await;
+    assert_fresh_interpreter(&backend, &slot).await;
+}
+
+/// After a lost interpreter: `x` from before is gone, a new cell runs, and the slot releases.
+async fn assert_fresh_interpreter(backend: &ProcessBackend, slot: &Slot) {
+    let gone = backend.execute(slot, ToolCall::python("x")).await;
     assert_eq!(gone.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.name.as_str()), Some("NameError"), "{}", pretty(&gone));
-    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("2 + 2")).await)), "4");
-    backend.release(&slot, true).await.expect("release");
+    assert_eq!(value(&ok(backend.execute(slot, ToolCall::python("2 + 2")).await)), "4");
+    backend.release(slot, true).await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -108,10 +113,7 @@ async fn a_crashed_interpreter_is_replaced() {
     assert_eq!(crashed.error.as_ref().map(|e| e.kind), Some(ErrorKind::GuestCrashed), "{}", pretty(&crashed));
     assert!(crashed.metadata.state_lost);
     assert!(crashed.output.contains("last words"), "what it wrote before dying is kept: {}", crashed.output);
-    let gone = backend.execute(&slot, ToolCall::python("x")).await;
-    assert_eq!(gone.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.name.as_str()), Some("NameError"), "{}", pretty(&gone));
-    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("2 + 2")).await)), "4");
-    backend.release(&slot, true).await.expect("release");
+    assert_fresh_interpreter(&backend, &slot).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
