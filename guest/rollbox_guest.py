@@ -201,17 +201,74 @@ def _execute(source, cell):
     filename = f"<cell-{_Cell.count}>"
     # Registered so tracebacks and inspect show the cell's lines.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    tree = compile(source, filename, "exec", ast.PyCF_ONLY_AST | flags)
+    if _ends_in_plain_statement(source):
+        # Nothing to show: compile the source straight to code, once.
+        _run(compile(source, filename, "exec", _COMPILE_FLAGS))
+        return
+    tree = compile(source, filename, "exec", ast.PyCF_ONLY_AST | _COMPILE_FLAGS)
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
-    _run(compile(tree, filename, "exec", flags))
+    _run(compile(tree, filename, "exec", _COMPILE_FLAGS))
     if last is not None:
-        value = _run(compile(last, filename, "eval", flags))
+        value = _run(compile(last, filename, "eval", _COMPILE_FLAGS))
         if value is not None:
             _MAIN["_"] = value
             cell.result = _mime_bundle(value, cell.cap)
+
+
+_COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+
+# Words that start a statement and can never start an expression; a cell whose last top-level
+# line starts with one cannot have a value to show. (`else` and the like continue a compound
+# statement, which is not an expression either.)
+_STATEMENT_WORDS = frozenset(
+    "import from def class for while if elif else with try except finally return del pass "
+    "raise assert global nonlocal break continue async".split()
+)
+
+
+def _ends_in_plain_statement(source):
+    """Whether the cell's last top-level statement is certainly not an expression, decided from
+    the text alone so that such a cell is compiled once instead of parsed and then compiled.
+
+    It answers True only when that is sure: the last line at column 0 is taken as the start of
+    the last statement, which holds when the lines above it are outside any string, bracket or
+    line continuation. That is checked by requiring them to hold no quote, comment or backslash
+    and balanced brackets; from that line on there must be no `;`. The line must then start with a statement word or `@`, or be an
+    assignment: a `=` outside any bracket, string or comment, with no `lambda` before it. Any
+    doubt answers False, and the cell takes the parsing path, which is exact.
+    """
+    end = len(source)
+    while True:
+        start = source.rfind("\n", 0, end) + 1
+        line = source[start:end]
+        if line[:1] not in ("", " ", "\t", "#", "\r") and not line.isspace():
+            break
+        if start == 0:
+            return False
+        end = start - 1
+    head = source[:start]
+    for mark in ("'", '"', "#", "\\"):
+        if mark in head:
+            return False
+    if not _brackets_balance(head) or ";" in source[start:]:
+        return False  # a `;` may put an expression after the statement the line starts
+    if line[0] == "@" or line.split(None, 1)[0] in _STATEMENT_WORDS:
+        return True
+    equals = line.find("=")
+    if equals <= 0 or line[equals + 1 : equals + 2] == "=" or line[equals - 1] in "=!<>:":
+        return False
+    before = line[:equals]
+    for mark in ("'", '"', "#", "\\", "lambda"):
+        if mark in before:
+            return False
+    return _brackets_balance(before)
+
+
+def _brackets_balance(text):
+    return text.count("(") == text.count(")") and text.count("[") == text.count("]") and text.count("{") == text.count("}")
 
 
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: the cell awaits at top level
@@ -281,7 +338,8 @@ def _turn(source, name):
     finally:
         sys.stdout, sys.stderr = saved
         _Cell.current = None
-    report = {
+    silent = not (out._parts or err._parts or out.dropped or err.dropped or cell.result or cell.display or cell.error)
+    _send(None if silent else {
         "stdout": out.getvalue(),
         "stderr": err.getvalue(),
         "stdout_dropped": out.dropped,
@@ -289,8 +347,7 @@ def _turn(source, name):
         "result": cell.result,
         "display": cell.display,
         "error": cell.error,
-    }
-    _send(report)
+    })
 
 
 def start(cap):
@@ -361,11 +418,25 @@ def _forget_setup_cells():
     _MAIN.pop("_", None)
 
 
+# What a silent cell (an assignment, a def) reports; the same every time.
+_SILENT_REPORT = json.dumps(
+    {"stdout": "", "stderr": "", "stdout_dropped": 0, "stderr_dropped": 0, "result": None, "display": [], "error": None}
+).encode()
+# One encoder for every report: `json.dumps` with options builds a new one per call.
+_REPORT_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
 def _send(report):
+    """Sends a cell's report to the host; `None` is a silent cell's. Every report goes through
+    the one door call below, so where that call sits on the C stack does not depend on the
+    cell (the snapshot's stack probe, `src/wasm/snapshot.rs`, relies on it)."""
+    payload = _SILENT_REPORT if report is None else _REPORT_ENCODER.encode(report).encode("utf-8", "replace")
     try:
-        _door_call(json.dumps(report, ensure_ascii=False).encode("utf-8", "replace"))
+        _door_call(payload)
     except Exception as e:
+        if report is None:
+            raise
         # Too large for the host's cap: keep the text, drop the rich displays.
         report["display"] = []
         report["stderr"] += f"\nrollbox: rich outputs were dropped: {type(e).__name__}: {e}"
-        _door_call(json.dumps(report, ensure_ascii=False).encode("utf-8", "replace"))
+        _door_call(_REPORT_ENCODER.encode(report).encode("utf-8", "replace"))

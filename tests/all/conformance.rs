@@ -10,6 +10,7 @@ use crate::support::{ok, pretty, value};
 /// Every check in this module, in turn.
 pub async fn run_all(backend: &dyn Backend) {
     state_persists_across_calls(backend).await;
+    only_a_final_expression_is_shown(backend).await;
     results_come_back_in_call_order(backend).await;
     slots_are_isolated(backend).await;
     file_tools_round_trip(backend).await;
@@ -23,6 +24,43 @@ pub async fn state_persists_across_calls(backend: &dyn Backend) {
     ok(backend.execute(&slot, ToolCall::python("counter = 40\ndef bump(n):\n    return n + 1")).await);
     let result = ok(backend.execute(&slot, ToolCall::python("counter = bump(bump(counter))\ncounter")).await);
     assert_eq!(value(&result), "42");
+    backend.release(&slot, true).await.expect("release");
+}
+
+/// A cell shows the value of its last top-level statement when that is an expression, as
+/// Jupyter does, however the text is laid out; a cell that ends in any other statement shows
+/// nothing. The guest decides some of these from the text without parsing, so the cases
+/// include layouts that look like a statement on their last line but are not.
+pub async fn only_a_final_expression_is_shown(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-final-expression").await.expect("acquire");
+    ok(backend.execute(&slot, ToolCall::python("x = 5")).await);
+    let shown = [
+        ("x", "5"),
+        ("x = 1; x", "1"),
+        ("import os; os.sep", "'/'"),
+        ("y = (1,\n 2); y", "(1, 2)"),
+        ("[n\nfor n in range(3)]", "[0, 1, 2]"),
+        ("(\"\"\"\nimport this\"\"\")", "'\\nimport this'"),
+        ("d = {'a': 1}\nd['a'] == 1", "True"),
+        ("x = 2\nx # x = 3", "2"),
+        ("f = lambda a=1: a * 7\nf()", "7"),
+        ("x += 1\nx", "3"),
+    ];
+    for (code, expected) in shown {
+        let result = ok(backend.execute(&slot, ToolCall::python(code)).await);
+        assert_eq!(value(&result), expected, "cell {code:?}");
+    }
+    let silent = ["x += 1", "x = x", "for n in range(2):\n    n", "def g():\n    return 1", "import os", "x: int = 4", "if x:\n    x\nelse:\n    0"];
+    for code in silent {
+        let result = ok(backend.execute(&slot, ToolCall::python(code)).await);
+        assert!(result.cell.as_ref().is_some_and(|c| c.result.is_none()), "cell {code:?} showed a value: {}", pretty(&result));
+    }
+    let failed = backend.execute(&slot, ToolCall::python("a = 1\nb = 0\na / b")).await;
+    let error = failed.cell.as_ref().and_then(|c| c.error.as_ref()).expect("the division fails");
+    assert_eq!(error.name, "ZeroDivisionError");
+    assert!(error.traceback.iter().any(|line| line.contains("line 3")), "the traceback points at the cell's third line: {:?}", error.traceback);
+    let leftover = ok(backend.execute(&slot, ToolCall::python("sorted(n for n in globals() if 'rollbox' in n)")).await);
+    assert_eq!(value(&leftover), "[]", "no helper name stays in the cell namespace");
     backend.release(&slot, true).await.expect("release");
 }
 
