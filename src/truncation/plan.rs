@@ -304,8 +304,12 @@ impl<'a> Plan<'a> {
     ///
     /// The replacement is tokenised once for the turns that fit on their own, then again each
     /// time more turns have to go to make room for it. Each time, as many turns go as free the
-    /// tokens missing. That keeps the most turns when a longer span never has a shorter
-    /// replacement, which holds for the markers: their name list only grows.
+    /// tokens missing plus what the replacement is foreseen to grow by (its bytes growth at the
+    /// tokens per byte of the last one counted), so a long replacement, such as a marker listing
+    /// hundreds of names, is usually tokenised twice rather than once per step. A foresight that
+    /// went one turn too far is caught: when the turn given up would fit in what is left, it is
+    /// tried back. That keeps the most turns when a longer span never has a shorter replacement,
+    /// which holds for the markers: their name list only grows.
     pub fn replace_oldest_turns(
         &mut self,
         form: Form,
@@ -315,6 +319,9 @@ impl<'a> Plan<'a> {
         let room = self.room(budget).unwrap_or(0);
         let (mut kept, mut used) = self.newest_fitting_turns(form, room)?;
         let all = self.layout.turns.len();
+        // The most kept turns known to fit (with what that gives), and the fewest known not to.
+        let mut fitting: Option<(usize, Vec<Message>, DroppedSpan, usize)> = None;
+        let mut not_fitting = all + 1;
         loop {
             let (span, mut dropped) = self.oldest_span(all - kept);
             let marker = replacement(self, span.clone(), &dropped);
@@ -324,6 +331,21 @@ impl<'a> Plan<'a> {
                 dropped.replacement_tokens = marker_tokens;
                 let mut messages = self.assemble(form, self.layout.tail_start);
                 messages.splice(span, std::iter::once(marker));
+                // Counted unless it was never a candidate (then it cannot fit anyway).
+                let given_up = (kept < all).then(|| self.layout.turns[all - kept - 1].clone().map(|index| self.known(form, index)).sum::<Option<usize>>()).flatten();
+                match given_up {
+                    // The newest turn given up might fit back: try it.
+                    Some(tokens) if kept + 1 < not_fitting && total + tokens <= budget => {
+                        fitting = Some((kept, messages, dropped, total));
+                        kept += 1;
+                        used += tokens;
+                        continue;
+                    }
+                    _ => return Ok((messages, dropped, total)),
+                }
+            }
+            not_fitting = kept;
+            if let Some((_, messages, dropped, total)) = fitting {
                 return Ok((messages, dropped, total));
             }
             if kept == 0 {
@@ -331,15 +353,33 @@ impl<'a> Plan<'a> {
                 let required = if all == 0 { self.fixed } else { total };
                 return Err(TruncationError::BudgetTooSmall { budget, required });
             }
+            let tokens_per_byte = marker_tokens as f64 / size(&marker).max(1) as f64;
             let mut missing = total - budget;
-            while kept > 0 && missing > 0 {
-                let turn = self.layout.turns[all - kept].clone();
-                let tokens: usize = turn.map(|index| self.tokens(form, index)).sum();
-                used -= tokens;
-                missing = missing.saturating_sub(tokens);
-                kept -= 1;
+            loop {
+                while kept > 0 && missing > 0 {
+                    let tokens = self.turn_tokens(form, all - kept);
+                    used -= tokens;
+                    missing = missing.saturating_sub(tokens);
+                    kept -= 1;
+                }
+                if kept == 0 {
+                    break;
+                }
+                // What the replacement for this many turns is foreseen to add.
+                let (span, dropped) = self.oldest_span(all - kept);
+                let grown = size(&replacement(self, span, &dropped)).saturating_sub(size(&marker));
+                let foreseen = self.fixed + used + marker_tokens + (grown as f64 * tokens_per_byte) as usize;
+                if foreseen <= budget {
+                    break;
+                }
+                missing = foreseen - budget;
             }
         }
+    }
+
+    /// Tokens of middle turn `turn` in `form`; it must have been counted.
+    fn turn_tokens(&self, form: Form, turn: usize) -> usize {
+        self.layout.turns[turn].clone().map(|index| self.tokens(form, index)).sum()
     }
 
     /// The conversation with messages `..in_form_before` in `form` and the rest original.

@@ -6,7 +6,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::sync::Mutex;
 
-use tokenizers::Tokenizer;
+use tokenizers::parallelism::MaybeParallelIterator;
+use tokenizers::{Model, NormalizerWrapper, OffsetReferential, OffsetType, PreTokenizer, Tokenizer};
 
 use crate::chat::{Content, Message, Role};
 
@@ -110,6 +111,8 @@ pub struct TokenCounter {
     /// Start plus end overhead for each role seen at construction (all the standard ones).
     role_overhead: HashMap<Role, usize>,
     generation_prompt_tokens: usize,
+    /// The normalizer is absent or a Unicode normal form, which leaves ASCII text unchanged.
+    normal_form_only: bool,
 }
 
 impl std::fmt::Debug for TokenCounter {
@@ -132,7 +135,12 @@ impl TokenCounter {
 
     /// Pairs an already loaded tokenizer with `template`.
     pub fn new(tokenizer: Tokenizer, template: ChatTemplate) -> Result<Self, TruncationError> {
+        let normal_form_only = matches!(
+            tokenizer.get_normalizer(),
+            None | Some(NormalizerWrapper::NFC(_) | NormalizerWrapper::NFD(_) | NormalizerWrapper::NFKC(_) | NormalizerWrapper::NFKD(_))
+        );
         let mut counter = TokenCounter {
+            normal_form_only,
             tokenizer,
             template,
             cache: Mutex::new(HashMap::new()),
@@ -155,15 +163,33 @@ impl TokenCounter {
 
     /// Tokens in `text` alone, without special tokens added around it: the length of
     /// `tokenizer.encode(text, add_special_tokens=False)` in Hugging Face.
+    ///
+    /// Runs the tokenizer's own steps (added tokens, normalizer, pre-tokenizer, model) and only
+    /// counts: no `Encoding` (ids, offsets, word indices) is built. A Unicode normal form leaves
+    /// ASCII text as it is, so for ASCII text such a normalizer is skipped.
     pub fn count_text(&self, text: &str) -> Result<usize, TruncationError> {
         if text.is_empty() {
             return Ok(0);
         }
-        let encoding = self
-            .tokenizer
-            .encode_fast(text, false)
-            .map_err(|source| TruncationError::CountTokens { source })?;
-        Ok(encoding.len())
+        let counting = |error| TruncationError::CountTokens { source: error };
+        let normalizer = match self.normal_form_only && text.is_ascii() {
+            true => None,
+            false => self.tokenizer.get_normalizer(),
+        };
+        let mut pretokenized = self.tokenizer.get_added_vocabulary().extract_and_normalize(normalizer, text);
+        if let Some(pre_tokenizer) = self.tokenizer.get_pre_tokenizer() {
+            pre_tokenizer.pre_tokenize(&mut pretokenized).map_err(counting)?;
+        }
+        let model = self.tokenizer.get_model();
+        let mut count = 0;
+        for (piece, _, tokens) in pretokenized.get_splits(OffsetReferential::Normalized, OffsetType::None) {
+            count += match tokens {
+                // An added (special) token, already split out.
+                Some(tokens) => tokens.len(),
+                None => model.tokenize(piece).map_err(counting)?.len(),
+            };
+        }
+        Ok(count)
     }
 
     /// Tokens the template adds once to prompt the reply (counted once per conversation).
@@ -186,7 +212,7 @@ impl TokenCounter {
         Ok(total)
     }
 
-    /// [`TokenCounter::count_message`] for every message, tokenising all of them in one parallel
+    /// [`TokenCounter::count_message`] for every message, counting all of them in one parallel
     /// batch.
     pub fn count_messages(&self, messages: &[Message]) -> Result<Vec<usize>, TruncationError> {
         self.count_each(&messages.iter().collect::<Vec<_>>())
@@ -216,12 +242,10 @@ impl TokenCounter {
                 }
             }
         }
-        let encodings = self
-            .tokenizer
-            .encode_batch_fast(texts, false)
-            .map_err(|source| TruncationError::CountTokens { source })?;
-        for (owner, encoding) in owners.into_iter().zip(encodings) {
-            counts[owner] += encoding.len();
+        // On the tokenizer's own thread pool, as its batch encoding would be.
+        let text_counts: Vec<usize> = texts.into_maybe_par_iter().map(|text| self.count_text(&text)).collect::<Result<_, _>>()?;
+        for (owner, tokens) in owners.into_iter().zip(text_counts) {
+            counts[owner] += tokens;
         }
         let fresh: Vec<(u64, usize)> =
             (0..messages.len()).filter(|&index| cached[index].is_none()).map(|index| (keys[index], counts[index])).collect();

@@ -114,6 +114,31 @@ fn qwen_counts_match_hugging_face() {
     }
 }
 
+/// `count_text` runs the tokenizer's steps itself and skips the normal form for ASCII text; on
+/// every kind of text it must agree with the library's full `encode`.
+#[test]
+fn counting_agrees_with_full_encoding() {
+    let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path()).expect("tokenizer loads");
+    let mut samples: Vec<String> = [
+        "plain ascii words, punctuation; and 12345 digits",
+        "cafe\u{301} vs caf\u{e9}: decomposed and composed accents",
+        "\u{212b}ngstr\u{f6}m \u{fb01}ligature \u{2460} circled",
+        "<|im_start|>user\nhello<|im_end|>\n<|endoftext|>",
+        "mixed 中文 and emoji 🚀 and\r\nwindows lines\ttabs",
+        "",
+        "   ",
+        "def f(x):\n    return x  # comment\n\n\n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    samples.push(notebook().iter().map(|m| m.text()).collect::<Vec<_>>().join("\n"));
+    for text in &samples {
+        let expected = tokenizer.encode(text.as_str(), false).expect("encodes").len();
+        assert_eq!(counter().count_text(text).expect("counts"), expected, "for {text:?}");
+    }
+}
+
 /// The same Python check on the ChatML rendering `<|im_start|>{role}\n{content}<|im_end|>\n` of
 /// these four messages, plus `<|im_start|>assistant\n`, gives 78 tokens.
 #[test]
