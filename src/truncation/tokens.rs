@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use tokenizers::parallelism::MaybeParallelIterator;
-use tokenizers::{Model, NormalizerWrapper, OffsetReferential, OffsetType, PreTokenizer, Tokenizer};
+use tokenizers::utils::SysRegex;
+use tokenizers::{Model, ModelWrapper, NormalizerWrapper, OffsetReferential, OffsetType, PreTokenizer, Tokenizer};
 
 use crate::chat::{Content, Message, Role};
 
@@ -113,6 +114,8 @@ pub struct TokenCounter {
     generation_prompt_tokens: usize,
     /// The normalizer is absent or a Unicode normal form, which leaves ASCII text unchanged.
     normal_form_only: bool,
+    /// The pre-tokenizer, when it is a regex split followed by GPT-2's byte-level mapping.
+    byte_level_split: Option<ByteLevelSplit>,
 }
 
 impl std::fmt::Debug for TokenCounter {
@@ -140,6 +143,7 @@ impl TokenCounter {
             None | Some(NormalizerWrapper::NFC(_) | NormalizerWrapper::NFD(_) | NormalizerWrapper::NFKC(_) | NormalizerWrapper::NFKD(_))
         );
         let mut counter = TokenCounter {
+            byte_level_split: ByteLevelSplit::of(&tokenizer),
             normal_form_only,
             tokenizer,
             template,
@@ -172,15 +176,25 @@ impl TokenCounter {
             return Ok(0);
         }
         let counting = |error| TruncationError::CountTokens { source: error };
-        let normalizer = match self.normal_form_only && text.is_ascii() {
-            true => None,
-            false => self.tokenizer.get_normalizer(),
-        };
+        let skip_normalizer = self.normal_form_only && text.is_ascii();
+        let normalizer = if skip_normalizer { None } else { self.tokenizer.get_normalizer() };
         let mut pretokenized = self.tokenizer.get_added_vocabulary().extract_and_normalize(normalizer, text);
+        let model = self.tokenizer.get_model();
+        if skip_normalizer && let Some(split) = &self.byte_level_split {
+            // The same splits and byte mapping as the pre-tokenizer, without its bookkeeping.
+            let mut count = 0;
+            let mut mapped = String::new();
+            for (piece, _, tokens) in pretokenized.get_splits(OffsetReferential::Normalized, OffsetType::None) {
+                count += match tokens {
+                    Some(tokens) => tokens.len(),
+                    None => split.count(piece, model, &mut mapped).map_err(counting)?,
+                };
+            }
+            return Ok(count);
+        }
         if let Some(pre_tokenizer) = self.tokenizer.get_pre_tokenizer() {
             pre_tokenizer.pre_tokenize(&mut pretokenized).map_err(counting)?;
         }
-        let model = self.tokenizer.get_model();
         let mut count = 0;
         for (piece, _, tokens) in pretokenized.get_splits(OffsetReferential::Normalized, OffsetType::None) {
             count += match tokens {
@@ -334,4 +348,78 @@ impl TokenCounter {
         };
         Ok(self.count_text(&start)? + self.count_text(end)?)
     }
+}
+
+/// A pre-tokenizer of the shape Qwen's and the GPT-2/GPT-4-style tokenizers use: a regex whose
+/// matches, and the text between them, become the pieces (`Split`, `Isolated`), each then
+/// mapped byte by byte to GPT-2's printable characters (`ByteLevel` without a prefix space or a
+/// regex of its own). Counting through it gives the pre-tokenizer's pieces without building a
+/// `NormalizedString` (with its per-byte alignments) for each, which is most of the cost of a
+/// count.
+struct ByteLevelSplit {
+    regex: SysRegex,
+    byte_chars: [char; 256],
+}
+
+impl ByteLevelSplit {
+    /// `Some` only for exactly that shape, read from the pre-tokenizer's own serialised form.
+    fn of(tokenizer: &Tokenizer) -> Option<ByteLevelSplit> {
+        let config = serde_json::to_value(tokenizer.get_pre_tokenizer()?).ok()?;
+        let [split, byte_level] = config.get("pretokenizers")?.as_array()?.as_slice() else { return None };
+        let is = |value: &serde_json::Value, key: &str, expected: serde_json::Value| value.get(key) == Some(&expected);
+        let shape_matches = is(&config, "type", "Sequence".into())
+            && is(split, "type", "Split".into())
+            && is(split, "behavior", "Isolated".into())
+            && is(split, "invert", false.into())
+            && is(byte_level, "type", "ByteLevel".into())
+            && is(byte_level, "add_prefix_space", false.into())
+            && is(byte_level, "use_regex", false.into());
+        if !shape_matches {
+            return None;
+        }
+        let pattern = split.get("pattern")?.get("Regex")?.as_str()?;
+        let regex = SysRegex::new(pattern).ok()?;
+        Some(ByteLevelSplit { regex, byte_chars: gpt2_byte_chars() })
+    }
+
+    /// The model's tokens for `text` (which holds no added token), piece by piece; `mapped` is
+    /// scratch space.
+    fn count(&self, text: &str, model: &ModelWrapper, mapped: &mut String) -> tokenizers::Result<usize> {
+        let mut count = 0;
+        let mut piece = |range: std::ops::Range<usize>| -> tokenizers::Result<()> {
+            if range.is_empty() {
+                return Ok(());
+            }
+            mapped.clear();
+            mapped.extend(text.as_bytes()[range].iter().map(|&byte| self.byte_chars[byte as usize]));
+            count += model.tokenize(mapped)?.len();
+            Ok(())
+        };
+        let mut end_of_last = 0;
+        for (start, end) in self.regex.find_iter(text) {
+            piece(end_of_last..start)?;
+            piece(start..end)?;
+            end_of_last = end;
+        }
+        piece(end_of_last..text.len())?;
+        Ok(count)
+    }
+}
+
+/// GPT-2's byte-to-character table: printable bytes map to themselves, the other 68 to the
+/// characters from U+0100 on, in byte order.
+fn gpt2_byte_chars() -> [char; 256] {
+    let printable = |byte: u8| matches!(byte, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut table = ['\0'; 256];
+    let mut next_unprintable = 0x100u32;
+    for byte in 0..=255u8 {
+        table[byte as usize] = if printable(byte) {
+            char::from(byte)
+        } else {
+            let mapped = char::from_u32(next_unprintable).expect("U+0100 to U+0143 are characters");
+            next_unprintable += 1;
+            mapped
+        };
+    }
+    table
 }

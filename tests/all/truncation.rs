@@ -128,6 +128,10 @@ fn counting_agrees_with_full_encoding() {
         "",
         "   ",
         "def f(x):\n    return x  # comment\n\n\n",
+        "I'LL say don't, it's we've they'd   \t\r\n\r\n  trailing   ",
+        "1234567890 3.14159 x1y2z3 0xFF __init__ ...!!! ??? ->>= {}[]()",
+        "Names defined by code in the removed turns, still live in the notebook: pd, np, frame_1, x_, _y, Model12, evaluate_3",
+        "\u{7f}\u{1}\u{1b}[31mcontrol bytes\u{1b}[0m\u{0}",
     ]
     .iter()
     .map(|s| s.to_string())
