@@ -3,10 +3,12 @@
 The host loads this file once per interpreter as the module `rollbox_guest` and calls
 `start`, which installs `_turn` as the reactor's turn handler. From then on the host sends
 each cell's source as one `turn`, and `_turn` runs it: the cell executes in `__main__`'s
-namespace, so state persists across cells as in a Jupyter kernel. The cell is parsed and
-compiled once, here, and nowhere else. Its outcome (stdout, stderr, the value of the final
-expression, rich displays, the exception) goes back to the host as one JSON object through
-the door (the `_host` builtin), never through stdout, so nothing the cell prints can forge it.
+namespace, so state persists across cells as in a Jupyter kernel. The cell is compiled here
+and nowhere else: straight from source when it certainly ends in a statement, otherwise parsed
+to an AST so that a final expression's value can be kept. Its outcome (stdout, stderr, the
+value of the final expression, rich displays, the exception) goes back to the host as one JSON
+object through the door (the `_host` builtin), never through stdout, so nothing the cell
+prints can forge it.
 """
 
 import _ast as ast  # the C module: `ast.py` costs an import and is not needed
