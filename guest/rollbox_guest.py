@@ -238,15 +238,18 @@ def _ends_in_plain_statement(source):
     It answers True only when that is sure: the last line at column 0 is taken as the start of
     the last statement, which holds when the lines above it are outside any string, bracket or
     line continuation. That is checked by requiring them to hold no quote, comment or backslash
-    and balanced brackets; from that line on there must be no `;`. The line must then start with a statement word or `@`, or be an
-    assignment: a `=` outside any bracket, string or comment, with no `lambda` before it. Any
-    doubt answers False, and the cell takes the parsing path, which is exact.
+    and balanced brackets; from that line on there must be no `;`, and there must be no carriage
+    return anywhere (a lone one ends a line). The line must then start with a statement word or
+    `@`, or be an assignment: a `=` outside any bracket, string or comment, with no `lambda`
+    before it. Any doubt answers False, and the cell takes the parsing path, which is exact.
     """
+    if "\r" in source:
+        return False
     end = len(source)
     while True:
         start = source.rfind("\n", 0, end) + 1
         line = source[start:end]
-        if line[:1] not in ("", " ", "\t", "#", "\r") and not line.isspace():
+        if line[:1] not in ("", " ", "\t", "#") and not line.isspace():
             break
         if start == 0:
             return False

@@ -45,6 +45,8 @@ pub async fn only_a_final_expression_is_shown(backend: &dyn Backend) {
         ("x = 2\nx # x = 3", "2"),
         ("f = lambda a=1: a * 7\nf()", "7"),
         ("x += 1\nx", "3"),
+        ("x = 4\rx", "4"),
+        ("x = 5\r\nx\r\n", "5"),
     ];
     for (code, expected) in shown {
         let result = ok(backend.execute(&slot, ToolCall::python(code)).await);
