@@ -255,10 +255,7 @@ def _ends_in_plain_statement(source):
             return False
         end = start - 1
     head = source[:start]
-    for mark in ("'", '"', "#", "\\"):
-        if mark in head:
-            return False
-    if not _brackets_balance(head) or ";" in source[start:]:
+    if _holds_any(head, _NOT_PLAIN_MARKS) or not _brackets_balance(head) or ";" in source[start:]:
         return False  # a `;` may put an expression after the statement the line starts
     if line[0] == "@" or line.split(None, 1)[0] in _STATEMENT_WORDS:
         return True
@@ -266,10 +263,18 @@ def _ends_in_plain_statement(source):
     if equals <= 0 or line[equals + 1 : equals + 2] == "=" or line[equals - 1] in "=!<>:":
         return False
     before = line[:equals]
-    for mark in ("'", '"', "#", "\\", "lambda"):
-        if mark in before:
-            return False
-    return _brackets_balance(before)
+    return not _holds_any(before, _NOT_PLAIN_MARKS) and "lambda" not in before and _brackets_balance(before)
+
+
+# A quote, comment or backslash may hide or continue a line: text holding one is not judged.
+_NOT_PLAIN_MARKS = ("'", '"', "#", "\\")
+
+
+def _holds_any(text, marks):
+    for mark in marks:
+        if mark in text:
+            return True
+    return False
 
 
 def _brackets_balance(text):

@@ -42,22 +42,15 @@ fn next_code_cell(text: &str, mut from: usize) -> Option<CodeCell> {
             (Some(at), None) | (None, Some(at)) => at,
             (None, None) => return None,
         };
-        let cell = if tag == Some(start) {
-            let code_start = start + TAG_OPEN.len();
-            text[code_start..].find(TAG_CLOSE).map(|at| CodeCell {
-                open: start..code_start,
-                code: code_start..code_start + at,
-                close: code_start + at..code_start + at + TAG_CLOSE.len(),
-            })
-        } else {
-            fence_opening_end(text, start + FENCE.len()).and_then(|code_start| {
-                text[code_start..].find(FENCE).map(|at| CodeCell {
-                    open: start..code_start,
-                    code: code_start..code_start + at,
-                    close: code_start + at..code_start + at + FENCE.len(),
-                })
-            })
+        // Where the code starts, and what closes it.
+        let opening = match tag == Some(start) {
+            true => Some((start + TAG_OPEN.len(), TAG_CLOSE)),
+            false => fence_opening_end(text, start + FENCE.len()).map(|code_start| (code_start, FENCE)),
         };
+        let cell = opening.and_then(|(code_start, closing)| {
+            let code_end = code_start + text[code_start..].find(closing)?;
+            Some(CodeCell { open: start..code_start, code: code_start..code_end, close: code_end..code_end + closing.len() })
+        });
         match cell {
             Some(cell) => return Some(cell),
             None => from = start + 1,

@@ -319,8 +319,8 @@ impl<'a> Plan<'a> {
         let room = self.room(budget).unwrap_or(0);
         let (mut kept, mut used) = self.newest_fitting_turns(form, room)?;
         let all = self.layout.turns.len();
-        // The most kept turns known to fit (with what that gives), and the fewest known not to.
-        let mut fitting: Option<(usize, Vec<Message>, DroppedSpan, usize)> = None;
+        // What the most kept turns known to fit give, and the fewest kept turns known not to fit.
+        let mut fitting: Option<(Vec<Message>, DroppedSpan, usize)> = None;
         let mut not_fitting = all + 1;
         loop {
             let (span, mut dropped) = self.oldest_span(all - kept);
@@ -332,11 +332,11 @@ impl<'a> Plan<'a> {
                 let mut messages = self.assemble(form, self.layout.tail_start);
                 messages.splice(span, std::iter::once(marker));
                 // Counted unless it was never a candidate (then it cannot fit anyway).
-                let given_up = (kept < all).then(|| self.layout.turns[all - kept - 1].clone().map(|index| self.known(form, index)).sum::<Option<usize>>()).flatten();
+                let given_up = (kept < all).then(|| self.counted_turn_tokens(form, all - kept - 1)).flatten();
                 match given_up {
                     // The newest turn given up might fit back: try it.
                     Some(tokens) if kept + 1 < not_fitting && total + tokens <= budget => {
-                        fitting = Some((kept, messages, dropped, total));
+                        fitting = Some((messages, dropped, total));
                         kept += 1;
                         used += tokens;
                         continue;
@@ -345,7 +345,7 @@ impl<'a> Plan<'a> {
                 }
             }
             not_fitting = kept;
-            if let Some((_, messages, dropped, total)) = fitting {
+            if let Some((messages, dropped, total)) = fitting {
                 return Ok((messages, dropped, total));
             }
             if kept == 0 {
@@ -379,7 +379,12 @@ impl<'a> Plan<'a> {
 
     /// Tokens of middle turn `turn` in `form`; it must have been counted.
     fn turn_tokens(&self, form: Form, turn: usize) -> usize {
-        self.layout.turns[turn].clone().map(|index| self.tokens(form, index)).sum()
+        self.counted_turn_tokens(form, turn).expect("the plan counts a turn before reading its count")
+    }
+
+    /// Tokens of middle turn `turn` in `form`, if all its messages have been counted.
+    fn counted_turn_tokens(&self, form: Form, turn: usize) -> Option<usize> {
+        self.layout.turns[turn].clone().map(|index| self.known(form, index)).sum()
     }
 
     /// The conversation with messages `..in_form_before` in `form` and the rest original.

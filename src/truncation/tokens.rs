@@ -179,28 +179,22 @@ impl TokenCounter {
         let skip_normalizer = self.normal_form_only && text.is_ascii();
         let normalizer = if skip_normalizer { None } else { self.tokenizer.get_normalizer() };
         let mut pretokenized = self.tokenizer.get_added_vocabulary().extract_and_normalize(normalizer, text);
-        let model = self.tokenizer.get_model();
-        if skip_normalizer && let Some(split) = &self.byte_level_split {
-            // The same splits and byte mapping as the pre-tokenizer, without its bookkeeping.
-            let mut count = 0;
-            let mut mapped = String::new();
-            for (piece, _, tokens) in pretokenized.get_splits(OffsetReferential::Normalized, OffsetType::None) {
-                count += match tokens {
-                    Some(tokens) => tokens.len(),
-                    None => split.count(piece, model, &mut mapped).map_err(counting)?,
-                };
-            }
-            return Ok(count);
-        }
-        if let Some(pre_tokenizer) = self.tokenizer.get_pre_tokenizer() {
+        // The same splits and byte mapping as the pre-tokenizer, without its bookkeeping.
+        let byte_level_split = self.byte_level_split.as_ref().filter(|_| skip_normalizer);
+        if byte_level_split.is_none()
+            && let Some(pre_tokenizer) = self.tokenizer.get_pre_tokenizer()
+        {
             pre_tokenizer.pre_tokenize(&mut pretokenized).map_err(counting)?;
         }
+        let model = self.tokenizer.get_model();
+        let mut mapped = String::new();
         let mut count = 0;
         for (piece, _, tokens) in pretokenized.get_splits(OffsetReferential::Normalized, OffsetType::None) {
-            count += match tokens {
+            count += match (tokens, byte_level_split) {
                 // An added (special) token, already split out.
-                Some(tokens) => tokens.len(),
-                None => model.tokenize(piece).map_err(counting)?.len(),
+                (Some(tokens), _) => tokens.len(),
+                (None, Some(split)) => split.count(piece, model, &mut mapped).map_err(counting)?,
+                (None, None) => model.tokenize(piece).map_err(counting)?.len(),
             };
         }
         Ok(count)
