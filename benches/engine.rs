@@ -7,8 +7,14 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rollbox::{Backend, Limits, SilentReporter, ToolCall, WasmBackend, WasmBackendConfig};
 
 fn setup() -> (tokio::runtime::Runtime, WasmBackend) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
-    let config = WasmBackendConfig { limits: Limits::default(), ..WasmBackendConfig::from_env() };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let config = WasmBackendConfig {
+        limits: Limits::default(),
+        ..WasmBackendConfig::from_env()
+    };
     let backend = WasmBackend::new(config, &SilentReporter).expect("the wasm backend starts");
     (runtime, backend)
 }
@@ -17,7 +23,9 @@ fn cell(c: &mut Criterion) {
     let (runtime, backend) = setup();
     let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
     runtime.block_on(backend.execute(&slot, ToolCall::python("x = 0")));
-    c.bench_function("cell_x_plus_1", |b| b.iter(|| runtime.block_on(backend.execute(&slot, ToolCall::python("x += 1")))));
+    c.bench_function("cell_x_plus_1", |b| {
+        b.iter(|| runtime.block_on(backend.execute(&slot, ToolCall::python("x += 1"))))
+    });
 }
 
 fn acquire(c: &mut Criterion) {
@@ -34,12 +42,22 @@ fn acquire(c: &mut Criterion) {
 
 fn throughput(c: &mut Criterion) {
     let (runtime, backend) = setup();
-    let slots: Vec<_> = (0..200).map(|i| runtime.block_on(backend.acquire(&format!("crowd-{i}"))).expect("acquire")).collect();
+    let slots: Vec<_> = (0..200)
+        .map(|i| {
+            runtime
+                .block_on(backend.acquire(&format!("crowd-{i}")))
+                .expect("acquire")
+        })
+        .collect();
     runtime.block_on(backend.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y = 0"))).collect()));
     let mut group = c.benchmark_group("throughput");
     group.throughput(Throughput::Elements(slots.len() as u64));
     group.bench_function("batch_of_200_slots", |b| {
-        b.iter(|| runtime.block_on(backend.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y += 1"))).collect())))
+        b.iter(|| {
+            runtime.block_on(
+                backend.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y += 1"))).collect()),
+            )
+        })
     });
     group.finish();
 }

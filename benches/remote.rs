@@ -15,7 +15,10 @@ use rollbox::{Backend, Limits, SilentReporter, Slot, ToolCall, WasmBackend, Wasm
 const SLOTS: usize = 200;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }
 
 /// One local server serving wasm, with room for every slot of the benches.
@@ -24,22 +27,41 @@ fn remote_backend(runtime: &tokio::runtime::Runtime) -> RemoteBackend {
         server_args: vec!["--max-slots".into(), (SLOTS + 1).to_string()],
         ..LocalProvisionerConfig::new(env!("CARGO_BIN_EXE_rollbox"))
     }));
-    let pool = PoolConfig { slots_per_server: SLOTS + 1, min_servers: 1, max_servers: 1, ..PoolConfig::default() };
-    runtime.block_on(RemoteBackend::with_provisioner(pool, provisioner)).expect("the remote backend starts")
+    let pool = PoolConfig {
+        slots_per_server: SLOTS + 1,
+        min_servers: 1,
+        max_servers: 1,
+        ..PoolConfig::default()
+    };
+    runtime
+        .block_on(RemoteBackend::with_provisioner(pool, provisioner))
+        .expect("the remote backend starts")
 }
 
 fn in_process() -> WasmBackend {
-    WasmBackend::new(WasmBackendConfig { limits: Limits::default(), ..WasmBackendConfig::from_env() }, &SilentReporter).expect("the wasm backend starts")
+    WasmBackend::new(
+        WasmBackendConfig {
+            limits: Limits::default(),
+            ..WasmBackendConfig::from_env()
+        },
+        &SilentReporter,
+    )
+    .expect("the wasm backend starts")
 }
 
 fn cell(c: &mut Criterion) {
     let runtime = runtime();
     let (local, remote) = (in_process(), remote_backend(&runtime));
     let mut group = c.benchmark_group("cell_x_plus_1");
-    for (name, backend) in [("in_process", &local as &dyn Backend), ("remote", &remote as &dyn Backend)] {
+    for (name, backend) in [
+        ("in_process", &local as &dyn Backend),
+        ("remote", &remote as &dyn Backend),
+    ] {
         let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
         runtime.block_on(backend.execute(&slot, ToolCall::python("x = 0")));
-        group.bench_function(name, |b| b.iter(|| runtime.block_on(backend.execute(&slot, ToolCall::python("x += 1")))));
+        group.bench_function(name, |b| {
+            b.iter(|| runtime.block_on(backend.execute(&slot, ToolCall::python("x += 1"))))
+        });
     }
     group.finish();
     runtime.block_on(remote.shutdown()).expect("shutdown");
@@ -48,7 +70,13 @@ fn cell(c: &mut Criterion) {
 fn throughput(c: &mut Criterion) {
     let runtime = runtime();
     let remote = Arc::new(remote_backend(&runtime));
-    let slots: Vec<Slot> = (0..SLOTS).map(|i| runtime.block_on(remote.acquire(&format!("crowd-{i}"))).expect("acquire")).collect();
+    let slots: Vec<Slot> = (0..SLOTS)
+        .map(|i| {
+            runtime
+                .block_on(remote.acquire(&format!("crowd-{i}")))
+                .expect("acquire")
+        })
+        .collect();
     runtime.block_on(remote.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y = 0"))).collect()));
     let mut group = c.benchmark_group("one_server_200_slots");
     group.throughput(Throughput::Elements(SLOTS as u64));
@@ -66,7 +94,10 @@ fn throughput(c: &mut Criterion) {
     });
     // One request carries a cell for every slot.
     group.bench_function("one_batch", |b| {
-        b.iter(|| runtime.block_on(remote.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y += 1"))).collect())))
+        b.iter(|| {
+            runtime
+                .block_on(remote.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y += 1"))).collect()))
+        })
     });
     group.finish();
     runtime.block_on(remote.shutdown()).expect("shutdown");

@@ -24,7 +24,11 @@ fn counter() -> TokenCounter {
     let path = std::env::var_os(env_vars::TEST_TOKENIZER)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-data/qwen-tokenizer.json"));
-    assert!(path.is_file(), "missing {}: run scripts/fetch-tokenizer.sh first", path.display());
+    assert!(
+        path.is_file(),
+        "missing {}: run scripts/fetch-tokenizer.sh first",
+        path.display()
+    );
     TokenCounter::from_file(&path, ChatTemplate::qwen_chatml()).expect("tokenizer loads")
 }
 
@@ -88,7 +92,9 @@ fn cell_output(turn: usize) -> String {
 /// output as a user message (the notebook recipe's format), ending with a question.
 fn notebook_conversation() -> Vec<Message> {
     let mut messages = vec![
-        Message::system("You are a data-science agent in a stateful Jupyter notebook. Put code in <code>...</code> blocks; outputs come back as <output> messages."),
+        Message::system(
+            "You are a data-science agent in a stateful Jupyter notebook. Put code in <code>...</code> blocks; outputs come back as <output> messages.",
+        ),
         Message::user("Build a weekly sales forecast for every region partition and report the error of each."),
     ];
     for turn in 0..TURNS {
@@ -98,7 +104,9 @@ fn notebook_conversation() -> Vec<Message> {
         )));
         messages.push(Message::user(cell_output(turn)));
     }
-    messages.push(Message::assistant("All partitions are evaluated. Summarise the errors?"));
+    messages.push(Message::assistant(
+        "All partitions are evaluated. Summarise the errors?",
+    ));
     messages.push(Message::user("Yes, and plot the worst five."));
     messages
 }
@@ -109,7 +117,10 @@ fn bench_compaction(c: &mut Criterion) {
     let options = CompactionOptions::default();
     let tokens = counter.count_conversation(&messages).expect("counts");
     // Printed so a reader of the bench output sees the input size it was run on.
-    println!("input: {} messages ({TURNS} turns), {tokens} tokens; budget {BUDGET}", messages.len());
+    println!(
+        "input: {} messages ({TURNS} turns), {tokens} tokens; budget {BUDGET}",
+        messages.len()
+    );
     let once = truncation::ast_compaction(&messages, BUDGET, &counter, &options).expect("fits");
     println!(
         "ast_compaction: -> {} tokens, {} messages; {} kept compacted; dropped {:?}",
@@ -126,7 +137,11 @@ fn bench_compaction(c: &mut Criterion) {
     // tokenizer out of the timing. Warm: the counter has seen the conversation, as on every later
     // call of the rollout loop, where only the newest messages are new.
     group.bench_function("count_messages_cold", |b| {
-        b.iter_batched_ref(counter_fresh, |fresh| fresh.count_messages(black_box(&messages)), BatchSize::PerIteration)
+        b.iter_batched_ref(
+            counter_fresh,
+            |fresh| fresh.count_messages(black_box(&messages)),
+            BatchSize::PerIteration,
+        )
     });
     group.bench_function("ast_compaction_cold", |b| {
         b.iter_batched_ref(

@@ -58,7 +58,9 @@ pub(crate) fn group_by_slot<L>(
     for (slot_id, group) in groups {
         match find(slot_id) {
             Some(live) => runnable.push((live, group)),
-            None => group.into_iter().for_each(|(index, call)| results[index] = Some(unknown_slot(slot_id, &call))),
+            None => group
+                .into_iter()
+                .for_each(|(index, call)| results[index] = Some(unknown_slot(slot_id, &call))),
         }
     }
     runnable
@@ -69,7 +71,11 @@ pub(crate) fn unknown_slot(slot_id: SlotId, call: &ToolCall) -> ExecutionResult 
     ExecutionResult::failure(
         ErrorKind::UnknownSlot,
         BackendError::UnknownSlot(slot_id).to_string(),
-        ExecutionMetadata { tool: call.name.clone(), slot_id: Some(slot_id), ..Default::default() },
+        ExecutionMetadata {
+            tool: call.name.clone(),
+            slot_id: Some(slot_id),
+            ..Default::default()
+        },
     )
 }
 
@@ -78,7 +84,15 @@ pub(crate) fn unknown_slot(slot_id: SlotId, call: &ToolCall) -> ExecutionResult 
 pub(crate) fn every_result(results: Vec<Option<ExecutionResult>>) -> Vec<ExecutionResult> {
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| ExecutionResult::failure(ErrorKind::Backend, "no result was produced for this call", ExecutionMetadata::default())))
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                ExecutionResult::failure(
+                    ErrorKind::Backend,
+                    "no result was produced for this call",
+                    ExecutionMetadata::default(),
+                )
+            })
+        })
         .collect()
 }
 

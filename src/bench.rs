@@ -25,7 +25,12 @@ pub struct EngineBenchOptions {
 
 impl Default for EngineBenchOptions {
     fn default() -> Self {
-        EngineBenchOptions { cells: 2_000, acquires: 200, slots: 200, rounds: 25 }
+        EngineBenchOptions {
+            cells: 2_000,
+            acquires: 200,
+            slots: 200,
+            rounds: 25,
+        }
     }
 }
 
@@ -54,8 +59,14 @@ pub struct EngineBenchReport {
 }
 
 /// Runs the measurements on `backend`.
-pub async fn run_engine_bench(backend: Arc<dyn Backend>, options: &EngineBenchOptions) -> Result<EngineBenchReport, BackendError> {
-    let CellTimes { mut caller_us, mut in_slot_us } = time_cells(backend.as_ref(), options.cells).await?;
+pub async fn run_engine_bench(
+    backend: Arc<dyn Backend>,
+    options: &EngineBenchOptions,
+) -> Result<EngineBenchReport, BackendError> {
+    let CellTimes {
+        mut caller_us,
+        mut in_slot_us,
+    } = time_cells(backend.as_ref(), options.cells).await?;
 
     let mut acquire_ms = Vec::with_capacity(options.acquires);
     for i in 0..options.acquires {
@@ -96,7 +107,10 @@ struct CellTimes {
 async fn time_cells(backend: &dyn Backend, cells: usize) -> Result<CellTimes, BackendError> {
     let slot = backend.acquire("bench-cells").await?;
     backend.execute(&slot, ToolCall::python("x = 0")).await;
-    let mut times = CellTimes { caller_us: Vec::with_capacity(cells), in_slot_us: Vec::with_capacity(cells) };
+    let mut times = CellTimes {
+        caller_us: Vec::with_capacity(cells),
+        in_slot_us: Vec::with_capacity(cells),
+    };
     for _ in 0..cells {
         let started = Instant::now();
         let result = backend.execute(&slot, ToolCall::python("x += 1")).await;
@@ -120,7 +134,11 @@ pub struct RemoteBenchOptions {
 
 impl Default for RemoteBenchOptions {
     fn default() -> Self {
-        RemoteBenchOptions { cells: 2_000, slots: 200, rounds: 25 }
+        RemoteBenchOptions {
+            cells: 2_000,
+            slots: 200,
+            rounds: 25,
+        }
     }
 }
 
@@ -152,7 +170,11 @@ pub struct RemoteBenchReport {
 /// server), then the cells per second `remote` sustains over many slots: batched (one request
 /// per round), and from one concurrent caller per slot running its cells one after another,
 /// as independent agent loops do.
-pub async fn run_remote_bench(in_process: &dyn Backend, remote: Arc<dyn Backend>, options: &RemoteBenchOptions) -> Result<RemoteBenchReport, BackendError> {
+pub async fn run_remote_bench(
+    in_process: &dyn Backend,
+    remote: Arc<dyn Backend>,
+    options: &RemoteBenchOptions,
+) -> Result<RemoteBenchReport, BackendError> {
     let mut local = time_cells(in_process, options.cells).await?.caller_us;
     let mut through_server = time_cells(remote.as_ref(), options.cells).await?.caller_us;
     let (in_process_median, remote_median) = (percentile(&mut local, 0.5), percentile(&mut through_server, 0.5));
@@ -178,7 +200,9 @@ async fn acquire_crowd(backend: &dyn Backend, count: usize) -> Result<Vec<Slot>,
     for i in 0..count {
         slots.push(backend.acquire(&format!("bench-crowd-{i}")).await?);
     }
-    backend.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y = 0"))).collect()).await;
+    backend
+        .execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y = 0"))).collect())
+        .await;
     Ok(slots)
 }
 
@@ -193,7 +217,9 @@ async fn release_all(backend: &dyn Backend, slots: &[Slot]) -> Result<(), Backen
 async fn batched_throughput(backend: &dyn Backend, slots: &[Slot], rounds: usize) -> f64 {
     let started = Instant::now();
     for _ in 0..rounds {
-        backend.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y += 1"))).collect()).await;
+        backend
+            .execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y += 1"))).collect())
+            .await;
     }
     (slots.len() * rounds) as f64 / started.elapsed().as_secs_f64()
 }
@@ -221,7 +247,12 @@ async fn concurrent_throughput(backend: &Arc<dyn Backend>, slots: &[Slot], round
     }
     let elapsed = started.elapsed().as_secs_f64();
     if failures > 0 {
-        return Err(BackendError::Remote { message: format!("{failures} of {} cells failed during the throughput run", slots.len() * rounds) });
+        return Err(BackendError::Remote {
+            message: format!(
+                "{failures} of {} cells failed during the throughput run",
+                slots.len() * rounds
+            ),
+        });
     }
     Ok((slots.len() * rounds) as f64 / elapsed)
 }

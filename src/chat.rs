@@ -87,7 +87,11 @@ pub struct ContentPart {
 impl ContentPart {
     /// A `{"type": "text", "text": ...}` part.
     pub fn text(text: impl Into<String>) -> Self {
-        ContentPart { kind: "text".to_owned(), text: Some(text.into()), extra: Map::new() }
+        ContentPart {
+            kind: "text".to_owned(),
+            text: Some(text.into()),
+            extra: Map::new(),
+        }
     }
 }
 
@@ -178,7 +182,10 @@ impl Message {
 
     /// A tool result answering the call with id `tool_call_id`.
     pub fn tool(tool_call_id: impl Into<String>, text: impl Into<String>) -> Self {
-        Message { tool_call_id: Some(tool_call_id.into()), ..Message::new(Role::Tool, text) }
+        Message {
+            tool_call_id: Some(tool_call_id.into()),
+            ..Message::new(Role::Tool, text)
+        }
     }
 
     /// Adds a function call to this message (builder style).

@@ -26,6 +26,9 @@ pub mod wasm;
 
 pub use limits::{LimitKind, Limits};
 pub use reporter::{Reporter, SilentReporter};
-pub use slot::{Backend, BackendError, CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
+pub use slot::{
+    Backend, BackendError, CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult, Slot,
+    SlotId, ToolCall,
+};
 pub use tools::ToolName;
 pub use wasm::{WasmBackend, WasmBackendConfig};

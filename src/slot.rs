@@ -57,7 +57,11 @@ pub struct ToolCall {
 impl ToolCall {
     /// A call of `name` with `arguments`.
     pub fn new(name: impl Into<String>, arguments: serde_json::Value) -> Self {
-        ToolCall { name: name.into(), arguments, timeout: None }
+        ToolCall {
+            name: name.into(),
+            arguments,
+            timeout: None,
+        }
     }
 
     /// A `python` call that runs `code` as one notebook cell.
@@ -106,7 +110,13 @@ impl ExecutionResult {
 
     /// A successful result whose output is `output`.
     pub fn ok(output: impl Into<String>, metadata: ExecutionMetadata) -> Self {
-        ExecutionResult { success: true, output: output.into(), error: None, cell: None, metadata }
+        ExecutionResult {
+            success: true,
+            output: output.into(),
+            error: None,
+            cell: None,
+            metadata,
+        }
     }
 }
 
@@ -272,7 +282,10 @@ pub trait Backend: Send + Sync {
             ExecutionResult::failure(
                 ErrorKind::Backend,
                 "the backend returned no result for the call",
-                ExecutionMetadata { slot_id: Some(slot.id), ..Default::default() },
+                ExecutionMetadata {
+                    slot_id: Some(slot.id),
+                    ..Default::default()
+                },
             )
         })
     }

@@ -100,12 +100,18 @@ pub(crate) const PROCESS_FLAGS_ONLY: &str =
 impl ProcessArgs {
     /// Whether any process flag was given.
     pub(crate) fn given(&self) -> bool {
-        self.unsafe_no_isolation || self.workspace_root.is_some() || self.shared_cache.is_some() || self.native_python.is_some()
+        self.unsafe_no_isolation
+            || self.workspace_root.is_some()
+            || self.shared_cache.is_some()
+            || self.native_python.is_some()
     }
 
     /// The process backend's settings, with `limits` and at most `max_slots` slots.
     pub(crate) fn config(&self, limits: Limits, max_slots: usize) -> anyhow::Result<ProcessBackendConfig> {
-        anyhow::ensure!(limits.fuel.is_none(), "--fuel applies to the wasm backend only: native processes have no instruction budget; use --timeout");
+        anyhow::ensure!(
+            limits.fuel.is_none(),
+            "--fuel applies to the wasm backend only: native processes have no instruction budget; use --timeout"
+        );
         let defaults = ProcessBackendConfig::default();
         Ok(ProcessBackendConfig {
             limits,
@@ -135,7 +141,9 @@ impl ProcessArgs {
 /// Starts a process backend; bubblewrap is checked here, so a missing one fails before any
 /// work starts.
 pub(crate) async fn start_process_backend(config: ProcessBackendConfig) -> anyhow::Result<ProcessBackend> {
-    Ok(tokio::task::spawn_blocking(move || ProcessBackend::new(config)).await?.context("failed to start the process backend")?)
+    Ok(tokio::task::spawn_blocking(move || ProcessBackend::new(config))
+        .await?
+        .context("failed to start the process backend")?)
 }
 
 /// The remote backend's flags.
@@ -206,7 +214,12 @@ struct ModalArgs {
 impl RemoteArgs {
     /// The backend's settings: the pool from the flags, the servers' call limit from `limits`,
     /// and the provisioner's settings.
-    pub(crate) fn resolve(&self, limits: &Limits, runtime: &RuntimeArgs, process: &ProcessArgs) -> anyhow::Result<RemoteBackendConfig> {
+    pub(crate) fn resolve(
+        &self,
+        limits: &Limits,
+        runtime: &RuntimeArgs,
+        process: &ProcessArgs,
+    ) -> anyhow::Result<RemoteBackendConfig> {
         let pool = PoolConfig {
             slots_per_server: self.slots_per_sandbox,
             min_servers: self.min_sandboxes,
@@ -216,7 +229,8 @@ impl RemoteArgs {
         };
         let binary = match &self.server_binary {
             Some(binary) => binary.clone(),
-            None => std::env::current_exe().context("failed to find this rollbox binary for the servers; pass --server-binary")?,
+            None => std::env::current_exe()
+                .context("failed to find this rollbox binary for the servers; pass --server-binary")?,
         };
         let server_args = serve_args(limits, self.slots_per_sandbox);
         let provision = match self.provision {
@@ -233,10 +247,19 @@ impl RemoteArgs {
                 ProvisionConfig::Local(local)
             }
             ProvisionKind::Static => {
-                anyhow::ensure!(!self.servers.is_empty(), "--provision static needs the servers' URLs: --servers http://HOST:PORT,...");
-                anyhow::ensure!(self.server_backend.is_none(), "--server-backend does not apply to --provision static: a listed server runs the backend it was started with");
+                anyhow::ensure!(
+                    !self.servers.is_empty(),
+                    "--provision static needs the servers' URLs: --servers http://HOST:PORT,..."
+                );
+                anyhow::ensure!(
+                    self.server_backend.is_none(),
+                    "--server-backend does not apply to --provision static: a listed server runs the backend it was started with"
+                );
                 let token = std::env::var(&self.token_env).ok().filter(|t| !t.trim().is_empty());
-                ProvisionConfig::Listed(ListedConfig { urls: self.servers.clone(), token })
+                ProvisionConfig::Listed(ListedConfig {
+                    urls: self.servers.clone(),
+                    token,
+                })
             }
             ProvisionKind::Modal => ProvisionConfig::Modal(self.modal_config(binary, server_args)),
         };
@@ -261,7 +284,12 @@ impl RemoteArgs {
     }
 
     /// The plan `--dry-run` prints: the pool, and what the provisioner would start.
-    async fn plan(&self, limits: &Limits, runtime: &RuntimeArgs, process: &ProcessArgs) -> anyhow::Result<serde_json::Value> {
+    async fn plan(
+        &self,
+        limits: &Limits,
+        runtime: &RuntimeArgs,
+        process: &ProcessArgs,
+    ) -> anyhow::Result<serde_json::Value> {
         let config = self.resolve(limits, runtime, process)?;
         let pool = &config.pool;
         let servers = match &config.provision {
@@ -270,8 +298,12 @@ impl RemoteArgs {
                 "more_args": local.server_args,
                 "token": format!("a fresh random token per server, in ${}", env_vars::SERVER_TOKEN),
             }),
-            ProvisionConfig::Listed(listed) => json!({ "urls": listed.urls, "token_from": self.token_env, "token_set": listed.token.is_some() }),
-            ProvisionConfig::Modal(modal) => ModalProvisioner::plan(modal).await.context("failed to plan the Modal sandboxes")?,
+            ProvisionConfig::Listed(listed) => {
+                json!({ "urls": listed.urls, "token_from": self.token_env, "token_set": listed.token.is_some() })
+            }
+            ProvisionConfig::Modal(modal) => ModalProvisioner::plan(modal)
+                .await
+                .context("failed to plan the Modal sandboxes")?,
         };
         Ok(json!({
             "provision": self.provision.to_possible_value().map(|v| v.get_name().to_string()),
@@ -320,14 +352,24 @@ impl BackendArgs {
         if !self.remote.dry_run {
             return Ok(false);
         }
-        anyhow::ensure!(self.backend == BackendChoice::Remote, "--dry-run applies to --backend remote");
-        println!("{}", serde_json::to_string_pretty(&self.remote.plan(limits, runtime, &self.process).await?)?);
+        anyhow::ensure!(
+            self.backend == BackendChoice::Remote,
+            "--dry-run applies to --backend remote"
+        );
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&self.remote.plan(limits, runtime, &self.process).await?)?
+        );
         Ok(true)
     }
 
     /// Refuses flags that the chosen backend would ignore, so nothing is silently dropped.
     pub(crate) fn check_flags_apply(&self, runtime: &RuntimeArgs) -> anyhow::Result<()> {
-        let backend = self.backend.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+        let backend = self
+            .backend
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
         let process = &self.process;
         match self.backend {
             BackendChoice::Wasm => anyhow::ensure!(!process.given(), "{PROCESS_FLAGS_ONLY}"),
@@ -337,7 +379,8 @@ impl BackendArgs {
                     process.workspace_root.is_none() && process.shared_cache.is_none(),
                     "--workspace-root and --shared-cache apply to --backend process: each remote server keeps its own"
                 );
-                let local_process_servers = self.remote.provision == ProvisionKind::Local && self.remote.server_backend == Some(ServedBackend::Process);
+                let local_process_servers = self.remote.provision == ProvisionKind::Local
+                    && self.remote.server_backend == Some(ServedBackend::Process);
                 anyhow::ensure!(
                     local_process_servers || !process.given(),
                     "--unsafe-no-isolation and --native-python reach remote servers only with --provision local --server-backend process"
@@ -355,19 +398,25 @@ impl BackendArgs {
     pub(crate) async fn start(&self, limits: Limits, runtime: &RuntimeArgs, quiet: bool) -> anyhow::Result<CliBackend> {
         self.check_flags_apply(runtime)?;
         match self.backend {
-            BackendChoice::Wasm => Ok(CliBackend::Wasm(Arc::new(start_wasm_backend(limits, runtime, quiet).await?))),
+            BackendChoice::Wasm => Ok(CliBackend::Wasm(Arc::new(
+                start_wasm_backend(limits, runtime, quiet).await?,
+            ))),
             BackendChoice::Process => {
                 let config = self.process.config(limits, ProcessBackendConfig::default().max_slots)?;
                 Ok(CliBackend::Process(Arc::new(start_process_backend(config).await?)))
             }
-            BackendChoice::Remote => Ok(CliBackend::Remote(Arc::new(start_remote_backend(self.remote.resolve(&limits, runtime, &self.process)?).await?))),
+            BackendChoice::Remote => Ok(CliBackend::Remote(Arc::new(
+                start_remote_backend(self.remote.resolve(&limits, runtime, &self.process)?).await?,
+            ))),
         }
     }
 }
 
 /// Starts a remote backend, its warm servers included.
 pub(crate) async fn start_remote_backend(config: RemoteBackendConfig) -> anyhow::Result<RemoteBackend> {
-    RemoteBackend::start(config).await.context("failed to start the remote backend")
+    RemoteBackend::start(config)
+        .await
+        .context("failed to start the remote backend")
 }
 
 impl CliBackend {
@@ -391,7 +440,11 @@ impl CliBackend {
 
     /// Runs `work`; on Ctrl-C first, stops every server (terminating Modal sandboxes) and
     /// exits with 130. Either way the servers are stopped before this returns.
-    pub(crate) async fn run(&self, quiet: bool, work: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    pub(crate) async fn run(
+        &self,
+        quiet: bool,
+        work: impl Future<Output = anyhow::Result<ExitCode>>,
+    ) -> anyhow::Result<ExitCode> {
         if !matches!(self, CliBackend::Remote(_)) {
             return work.await;
         }

@@ -6,8 +6,10 @@ use std::time::Instant;
 
 use clap::Args;
 
-use rollbox::bench::{EngineBenchOptions, RemoteBenchOptions, RemoteBenchReport, percentile, run_engine_bench, run_remote_bench};
 use rollbox::Limits;
+use rollbox::bench::{
+    EngineBenchOptions, RemoteBenchOptions, RemoteBenchReport, percentile, run_engine_bench, run_remote_bench,
+};
 
 use super::backend_args::{BackendArgs, BackendChoice, CliBackend, start_remote_backend};
 use super::{RuntimeArgs, start_wasm_backend};
@@ -46,7 +48,12 @@ pub(crate) async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode
         return run_remote(args, quiet).await;
     }
     let backend = args.backend.start(Limits::default(), &args.runtime, quiet).await?;
-    let options = EngineBenchOptions { cells: args.cells, acquires: args.acquires, slots: args.slots, rounds: args.rounds };
+    let options = EngineBenchOptions {
+        cells: args.cells,
+        acquires: args.acquires,
+        slots: args.slots,
+        rounds: args.rounds,
+    };
     let mut report = run_engine_bench(backend.shared(), &options).await?;
     let backend_name = backend.shared().name().to_owned();
     if let CliBackend::Process(_) = backend {
@@ -61,15 +68,32 @@ pub(crate) async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode
         return Ok(ExitCode::SUCCESS);
     }
     println!("rollbox bench, {backend_name} backend ({} CPUs)", report.cpus);
-    println!("  cell `x += 1`, caller's view      median {:8.1} µs   p90 {:8.1} µs", report.cell_median_us, report.cell_p90_us);
-    println!("  cell `x += 1`, in-slot time       median {:8.1} µs", report.cell_in_slot_median_us);
-    println!("  acquire to first cell ready       median {:8.2} ms   p90 {:8.2} ms", report.acquire_median_ms, report.acquire_p90_ms);
-    println!("  throughput, {} live slots        {:10.0} cells/s", report.throughput_slots, report.throughput_cells_per_s);
+    println!(
+        "  cell `x += 1`, caller's view      median {:8.1} µs   p90 {:8.1} µs",
+        report.cell_median_us, report.cell_p90_us
+    );
+    println!(
+        "  cell `x += 1`, in-slot time       median {:8.1} µs",
+        report.cell_in_slot_median_us
+    );
+    println!(
+        "  acquire to first cell ready       median {:8.2} ms   p90 {:8.2} ms",
+        report.acquire_median_ms, report.acquire_p90_ms
+    );
+    println!(
+        "  throughput, {} live slots        {:10.0} cells/s",
+        report.throughput_slots, report.throughput_cells_per_s
+    );
     match report.idle_slot_rss_mb {
         Some(mb) => println!("  memory per idle slot (RSS)        {mb:8.2} MB"),
-        None => println!("  memory per idle slot (RSS)        not measured (not on Linux, or slots are child processes)"),
+        None => {
+            println!("  memory per idle slot (RSS)        not measured (not on Linux, or slots are child processes)")
+        }
     }
-    println!("  process start to first result     median {start_ms:8.1} ms ({} runs)", args.starts);
+    println!(
+        "  process start to first result     median {start_ms:8.1} ms ({} runs)",
+        args.starts
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -80,8 +104,16 @@ fn process_start_ms(runs: usize, backend: &str, flags: &[String]) -> anyhow::Res
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
-        let status = Command::new(&exe).args(["--quiet", "exec", "--backend", backend]).args(flags).args(["-c", "1"]).stdout(Stdio::null()).status()?;
-        anyhow::ensure!(status.success(), "`rollbox exec -c 1` failed while timing process start");
+        let status = Command::new(&exe)
+            .args(["--quiet", "exec", "--backend", backend])
+            .args(flags)
+            .args(["-c", "1"])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "`rollbox exec -c 1` failed while timing process start"
+        );
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(percentile(&mut samples, 0.5))
@@ -99,8 +131,14 @@ async fn run_remote(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     remote.slots_per_sandbox = remote.slots_per_sandbox.max(args.slots + 1);
     remote.min_sandboxes = 1;
     remote.max_sandboxes = 1;
-    let backend = CliBackend::Remote(Arc::new(start_remote_backend(remote.resolve(&limits, &args.runtime, &args.backend.process)?).await?));
-    let options = RemoteBenchOptions { cells: args.cells, slots: args.slots, rounds: args.rounds };
+    let backend = CliBackend::Remote(Arc::new(
+        start_remote_backend(remote.resolve(&limits, &args.runtime, &args.backend.process)?).await?,
+    ));
+    let options = RemoteBenchOptions {
+        cells: args.cells,
+        slots: args.slots,
+        rounds: args.rounds,
+    };
     backend
         .run(quiet, async {
             let report = run_remote_bench(&in_process, backend.shared(), &options).await?;
@@ -116,12 +154,21 @@ fn print_remote_report(report: &RemoteBenchReport, json: bool) -> anyhow::Result
         return Ok(());
     }
     println!("rollbox bench --backend remote ({} CPUs, one server)", report.cpus);
-    println!("  cell `x += 1`, in-process         median {:8.1} µs", report.in_process_cell_median_us);
+    println!(
+        "  cell `x += 1`, in-process         median {:8.1} µs",
+        report.in_process_cell_median_us
+    );
     println!(
         "  cell `x += 1`, through the server median {:8.1} µs   p90 {:8.1} µs   (adds {:.1} µs at the median)",
         report.remote_cell_median_us, report.remote_cell_p90_us, report.added_median_us
     );
-    println!("  throughput, {} slots, batched       {:10.0} cells/s", report.throughput_slots, report.batched_cells_per_s);
-    println!("  throughput, {} concurrent callers   {:10.0} cells/s", report.throughput_slots, report.concurrent_cells_per_s);
+    println!(
+        "  throughput, {} slots, batched       {:10.0} cells/s",
+        report.throughput_slots, report.batched_cells_per_s
+    );
+    println!(
+        "  throughput, {} concurrent callers   {:10.0} cells/s",
+        report.throughput_slots, report.concurrent_cells_per_s
+    );
     Ok(())
 }

@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use rollbox::chat::Message;
 use rollbox::truncation::{
-    self, ChatTemplate, CompactionKind, CompactionOptions, CompactionReport, OpenAiSummarizer, Strategy,
-    TokenCounter, TruncationError,
+    self, ChatTemplate, CompactionKind, CompactionOptions, CompactionReport, OpenAiSummarizer, Strategy, TokenCounter,
+    TruncationError,
 };
 
 /// Exit code when the kept parts alone do not fit the budget (a usage problem, not a crash).
@@ -55,9 +55,14 @@ pub async fn run(args: CompactArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     };
     let counter = TokenCounter::from_file(&args.tokenizer, template)?;
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).context("failed to read the conversation from stdin")?;
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("failed to read the conversation from stdin")?;
     let (mut document, messages) = parse_conversation(&input)?;
-    let options = CompactionOptions { keep_last: args.keep_last, ..CompactionOptions::default() };
+    let options = CompactionOptions {
+        keep_last: args.keep_last,
+        ..CompactionOptions::default()
+    };
 
     let outcome = match args.strategy {
         Strategy::FirstUserPriority => truncation::first_user_priority(&messages, args.max_tokens, &counter, &options),
@@ -131,7 +136,11 @@ fn render_report(report: &CompactionReport, tokens_before: usize) -> String {
         report.messages_after
     );
     if !report.compacted.is_empty() {
-        let cells = report.compacted.iter().filter(|c| c.kind == CompactionKind::CodeSkeleton).count();
+        let cells = report
+            .compacted
+            .iter()
+            .filter(|c| c.kind == CompactionKind::CodeSkeleton)
+            .count();
         let outputs = report.compacted.len() - cells;
         let before: usize = report.compacted.iter().map(|c| c.chars_before).sum();
         let after: usize = report.compacted.iter().map(|c| c.chars_after).sum();
@@ -146,7 +155,9 @@ fn render_report(report: &CompactionReport, tokens_before: usize) -> String {
         ));
     }
     if let Some(reason) = &report.summarizer_failure {
-        text.push_str(&format!("  summariser not used, fell back to AST compaction: {reason}\n"));
+        text.push_str(&format!(
+            "  summariser not used, fell back to AST compaction: {reason}\n"
+        ));
     }
     if let Some(dropped) = &report.dropped {
         text.push_str(&format!(

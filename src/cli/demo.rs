@@ -17,19 +17,37 @@ pub(crate) struct DemoArgs {
 
 pub(crate) async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let limits = Limits { memory_bytes: 512 << 20, output_bytes: 4096, ..Limits::default() };
+    let limits = Limits {
+        memory_bytes: 512 << 20,
+        output_bytes: 4096,
+        ..Limits::default()
+    };
     let backend = start_wasm_backend(limits, &args.runtime, quiet).await?;
-    println!("backend ready in {:.1} ms (runtime cached and compiled)", ms(started.elapsed()));
+    println!(
+        "backend ready in {:.1} ms (runtime cached and compiled)",
+        ms(started.elapsed())
+    );
     let acquired = Instant::now();
     let slot = backend.acquire("demo").await?;
-    println!("slot acquired in {:.2} ms: a fresh CPython 3.15 interpreter", ms(acquired.elapsed()));
+    println!(
+        "slot acquired in {:.2} ms: a fresh CPython 3.15 interpreter",
+        ms(acquired.elapsed())
+    );
 
     let steps: [(&str, &str, Option<Duration>); 8] = [
         ("state persists", "x = 41", None),
         ("state persists", "x += 1\nx", None),
-        ("numpy", "import numpy as np\nnp.linalg.eigvalsh(np.diag([3.0, 1.0, 2.0])).tolist()", None),
+        (
+            "numpy",
+            "import numpy as np\nnp.linalg.eigvalsh(np.diag([3.0, 1.0, 2.0])).tolist()",
+            None,
+        ),
         ("an exception is data", "1 / 0", None),
-        ("time limit (0.5 s)", "while True:\n    pass", Some(Duration::from_millis(500))),
+        (
+            "time limit (0.5 s)",
+            "while True:\n    pass",
+            Some(Duration::from_millis(500)),
+        ),
         ("fresh interpreter after the restart", "'x' in globals()", None),
         ("memory limit (512 MiB)", "block = bytearray(2_000_000_000)", None),
         ("output limit (4096 bytes)", "print('y' * 100_000)", None),
@@ -51,10 +69,17 @@ pub(crate) async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<ExitCode>
         durations.push(result.metadata.duration_us);
     }
     durations.sort_unstable();
-    println!("\n## timing\n200 cells of `x += 1`: median {} µs, p90 {} µs (in-slot time)", durations[100], durations[180]);
+    println!(
+        "\n## timing\n200 cells of `x += 1`: median {} µs, p90 {} µs (in-slot time)",
+        durations[100], durations[180]
+    );
     backend.release(&slot, true).await?;
     println!("total {:.0} ms", ms(started.elapsed()));
-    Ok(if failed_unexpectedly { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed_unexpectedly {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn summarise(result: &ExecutionResult) -> String {
@@ -68,9 +93,17 @@ fn summarise(result: &ExecutionResult) -> String {
         while !text.is_char_boundary(tail) {
             tail += 1;
         }
-        text = format!("{} … {} ({} bytes in all)", &text[..head], text[tail..].trim_start(), result.output.len());
+        text = format!(
+            "{} … {} ({} bytes in all)",
+            &text[..head],
+            text[tail..].trim_start(),
+            result.output.len()
+        );
     }
-    let mut facts = vec![format!("success={}", result.success), format!("{} µs", result.metadata.duration_us)];
+    let mut facts = vec![
+        format!("success={}", result.success),
+        format!("{} µs", result.metadata.duration_us),
+    ];
     if let Some(limit) = result.metadata.limit_hit {
         facts.push(format!("limit_hit={limit}"));
     }

@@ -46,13 +46,23 @@ pub(crate) async fn run(args: ExecArgs, quiet: bool) -> anyhow::Result<ExitCode>
     if let Some(path) = &args.file {
         cells.extend(read_cells(path)?);
     }
-    anyhow::ensure!(!cells.is_empty(), "no cells to run: pass -c CODE (repeatable) or --file PATH");
+    anyhow::ensure!(
+        !cells.is_empty(),
+        "no cells to run: pass -c CODE (repeatable) or --file PATH"
+    );
     let backend = args.backend.start(limits, &args.runtime, quiet).await?;
-    backend.run(quiet, run_cells(backend.shared().as_ref(), cells, &args, quiet)).await
+    backend
+        .run(quiet, run_cells(backend.shared().as_ref(), cells, &args, quiet))
+        .await
 }
 
 /// Runs `cells` in order in one new slot, printing each result.
-async fn run_cells(backend: &dyn Backend, cells: Vec<String>, args: &ExecArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+async fn run_cells(
+    backend: &dyn Backend,
+    cells: Vec<String>,
+    args: &ExecArgs,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
     let slot = backend.acquire("exec").await?;
     let mut failed = 0usize;
     let mut stdout = std::io::stdout().lock();
@@ -69,10 +79,20 @@ async fn run_cells(backend: &dyn Backend, cells: Vec<String>, args: &ExecArgs, q
     }
     stdout.flush()?;
     backend.release(&slot, true).await?;
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
-fn print_human(stdout: &mut impl Write, number: usize, result: &ExecutionResult, timings: bool, quiet: bool) -> anyhow::Result<()> {
+fn print_human(
+    stdout: &mut impl Write,
+    number: usize,
+    result: &ExecutionResult,
+    timings: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
     stdout.write_all(result.output.as_bytes())?;
     if !result.output.is_empty() && !result.output.ends_with('\n') {
         stdout.write_all(b"\n")?;
@@ -97,7 +117,9 @@ fn print_human(stdout: &mut impl Write, number: usize, result: &ExecutionResult,
 fn read_cells(path: &PathBuf) -> anyhow::Result<Vec<String>> {
     let mut bytes = Vec::new();
     if path.as_os_str() == "-" {
-        std::io::stdin().read_to_end(&mut bytes).context("failed to read cells from stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("failed to read cells from stdin")?;
     } else {
         bytes = std::fs::read(path).with_context(|| format!("failed to read cells from {}", path.display()))?;
     }

@@ -1,12 +1,12 @@
 //! The command line: clap structs, settings resolved from flags and environment, and one
 //! module per command. The only place that prints.
 
+mod backend_args;
 mod bench;
 mod compact;
 mod demo;
 mod exec;
 mod progress;
-mod backend_args;
 mod repl;
 mod rollout;
 mod runtime;
@@ -92,9 +92,17 @@ impl LimitArgs {
             .ok()
             .filter(|t| !t.is_zero())
             .ok_or_else(|| anyhow::anyhow!("--timeout must be a positive number of seconds, not {}", self.timeout))?;
-        anyhow::ensure!(self.memory >= 64, "--memory must be at least 64 MiB: the interpreter alone needs about 40 MiB");
+        anyhow::ensure!(
+            self.memory >= 64,
+            "--memory must be at least 64 MiB: the interpreter alone needs about 40 MiB"
+        );
         anyhow::ensure!(self.max_output > 0, "--max-output must be at least 1 byte");
-        Ok(Limits { timeout, memory_bytes: self.memory << 20, output_bytes: self.max_output, fuel: self.fuel })
+        Ok(Limits {
+            timeout,
+            memory_bytes: self.memory << 20,
+            output_bytes: self.max_output,
+            fuel: self.fuel,
+        })
     }
 }
 
@@ -154,7 +162,13 @@ impl RuntimeArgs {
 
     /// Refuses the flags only the wasm backend uses, for another backend.
     pub(crate) fn ensure_no_wasm_flags(&self, backend: &str) -> anyhow::Result<()> {
-        let given = if !self.preload.is_empty() { Some("--preload") } else if self.no_snapshot { Some("--no-snapshot") } else { None };
+        let given = if !self.preload.is_empty() {
+            Some("--preload")
+        } else if self.no_snapshot {
+            Some("--no-snapshot")
+        } else {
+            None
+        };
         match given {
             Some(flag) => anyhow::bail!("{flag} applies to the wasm backend only, not to --backend {backend}"),
             None => Ok(()),
@@ -163,14 +177,29 @@ impl RuntimeArgs {
 
     /// The wasm backend's settings these flags choose, with `limits`.
     pub(crate) fn backend_config(&self, limits: Limits) -> WasmBackendConfig {
-        let preload = self.preload.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
-        WasmBackendConfig { limits, runtime: self.resolve(), preload, snapshots: !self.no_snapshot, ..WasmBackendConfig::from_env() }
+        let preload = self
+            .preload
+            .iter()
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty())
+            .collect();
+        WasmBackendConfig {
+            limits,
+            runtime: self.resolve(),
+            preload,
+            snapshots: !self.no_snapshot,
+            ..WasmBackendConfig::from_env()
+        }
     }
 }
 
 /// Starts a wasm backend, installing and compiling the runtime on first use with progress on
 /// stderr.
-pub(crate) async fn start_wasm_backend(limits: Limits, runtime: &RuntimeArgs, quiet: bool) -> anyhow::Result<WasmBackend> {
+pub(crate) async fn start_wasm_backend(
+    limits: Limits,
+    runtime: &RuntimeArgs,
+    quiet: bool,
+) -> anyhow::Result<WasmBackend> {
     start_wasm_backend_with(runtime.backend_config(limits), quiet).await
 }
 
@@ -197,7 +226,11 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args, quiet).await,
             Command::Bench(args) => bench::run(args, quiet).await,
             Command::Compact(args) => compact::run(args, quiet).await,
-            Command::Tools { backend, calculator, tools_file } => print_tool_schemas(backend, calculator, &tools_file),
+            Command::Tools {
+                backend,
+                calculator,
+                tools_file,
+            } => print_tool_schemas(backend, calculator, &tools_file),
             Command::Rollout(args) => rollout::run(*args, quiet).await,
             Command::Runtime(command) => runtime::run(command, quiet).await,
             Command::Serve(args) => serve::run(*args, quiet).await,
@@ -209,7 +242,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn print_tool_schemas(backend: backend_args::ServedBackend, calculator: bool, tools_files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+fn print_tool_schemas(
+    backend: backend_args::ServedBackend,
+    calculator: bool,
+    tools_files: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
     let tools = match backend {
         backend_args::ServedBackend::Wasm => rollbox::wasm::TOOLS.to_vec(),
         backend_args::ServedBackend::Process => rollbox::process::TOOLS.to_vec(),
@@ -221,8 +258,13 @@ fn print_tool_schemas(backend: backend_args::ServedBackend, calculator: bool, to
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env(env_vars::LOG).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour_allowed()).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env(env_vars::LOG)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour_allowed())
+        .try_init();
 }
 
 /// Whether stderr may carry colour: a terminal, and `NO_COLOR` unset.
@@ -252,7 +294,10 @@ fn hint_for(error: &anyhow::Error) -> Option<String> {
         if let Some(WasmBackendError::Runtime(e)) = cause.downcast_ref::<WasmBackendError>() {
             return Some(e.hint());
         }
-        if let Some(hint) = cause.downcast_ref::<rollbox::remote::RemoteBackendError>().and_then(|e| e.hint()) {
+        if let Some(hint) = cause
+            .downcast_ref::<rollbox::remote::RemoteBackendError>()
+            .and_then(|e| e.hint())
+        {
             return Some(hint.to_string());
         }
     }

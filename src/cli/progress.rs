@@ -17,7 +17,10 @@ impl CliReporter {
     /// Hidden with `quiet` or when stderr is not a terminal.
     pub(crate) fn new(quiet: bool) -> Self {
         use std::io::IsTerminal;
-        CliReporter { visible: !quiet && std::io::stderr().is_terminal(), bar: Mutex::new(None) }
+        CliReporter {
+            visible: !quiet && std::io::stderr().is_terminal(),
+            bar: Mutex::new(None),
+        }
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<ProgressBar>> {

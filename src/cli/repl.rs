@@ -34,7 +34,10 @@ async fn repl(backend: &dyn Backend, quiet: bool) -> anyhow::Result<ExitCode> {
     let slot = backend.acquire("repl").await?;
     let interactive = std::io::stdin().is_terminal();
     if interactive && !quiet {
-        eprintln!("rollbox repl: Python in a {} slot; state persists. A block ends at an empty line; Ctrl-D quits.", backend.name());
+        eprintln!(
+            "rollbox repl: Python in a {} slot; state persists. A block ends at an empty line; Ctrl-D quits.",
+            backend.name()
+        );
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -59,9 +62,14 @@ async fn repl(backend: &dyn Backend, quiet: bool) -> anyhow::Result<ExitCode> {
 
 /// One cell: a line, or a block that opens with a line ending in `:` (or with unclosed
 /// brackets) and runs to the next empty line. `None` at end of input.
-fn read_cell(lines: &mut impl Iterator<Item = std::io::Result<String>>, interactive: bool) -> std::io::Result<Option<String>> {
+fn read_cell(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    interactive: bool,
+) -> std::io::Result<Option<String>> {
     prompt(">>> ", interactive)?;
-    let Some(first) = lines.next().transpose()? else { return Ok(None) };
+    let Some(first) = lines.next().transpose()? else {
+        return Ok(None);
+    };
     let mut cell = first.clone();
     let mut depth = bracket_depth(&first);
     if !(first.trim_end().ends_with(':') || depth > 0 || first.trim_end().ends_with('\\')) {
@@ -81,11 +89,13 @@ fn read_cell(lines: &mut impl Iterator<Item = std::io::Result<String>>, interact
 }
 
 fn bracket_depth(line: &str) -> i32 {
-    line.chars().map(|c| match c {
-        '(' | '[' | '{' => 1,
-        ')' | ']' | '}' => -1,
-        _ => 0,
-    }).sum()
+    line.chars()
+        .map(|c| match c {
+            '(' | '[' | '{' => 1,
+            ')' | ']' | '}' => -1,
+            _ => 0,
+        })
+        .sum()
 }
 
 fn prompt(text: &str, interactive: bool) -> std::io::Result<()> {

@@ -15,7 +15,7 @@ use rollbox::rollout::dataset::load_dataset;
 use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy};
 use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
-use rollbox::rollout::user_tools::{ToolsFileError, ToolsFile, UserTools};
+use rollbox::rollout::user_tools::{ToolsFile, ToolsFileError, UserTools};
 use rollbox::truncation::{ChatTemplate, TokenCounter};
 
 use super::backend_args::BackendArgs;
@@ -138,18 +138,27 @@ pub(crate) struct RolloutArgs {
 impl RolloutArgs {
     fn agent_config(&self) -> anyhow::Result<AgentConfig> {
         anyhow::ensure!(self.max_turns > 0, "--max-turns must be at least 1");
-        anyhow::ensure!(!self.code_open.is_empty() && !self.code_close.is_empty(), "--code-open and --code-close must not be empty");
+        anyhow::ensure!(
+            !self.code_open.is_empty() && !self.code_close.is_empty(),
+            "--code-open and --code-close must not be empty"
+        );
         let kind = match self.agent {
             AgentFlag::Notebook => AgentKind::Notebook,
             AgentFlag::Tools => AgentKind::Tools,
         };
         let system_prompt = match &self.system_prompt {
-            Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("failed to read the system prompt {}", path.display()))?),
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("failed to read the system prompt {}", path.display()))?,
+            ),
             None => None,
         };
         Ok(AgentConfig {
             max_turns: self.max_turns,
-            code_tags: CodeTags { open: self.code_open.clone(), close: self.code_close.clone() },
+            code_tags: CodeTags {
+                open: self.code_open.clone(),
+                close: self.code_close.clone(),
+            },
             output_tag: self.output_tag.clone(),
             system_prompt,
             max_context_tokens: self.context_budget,
@@ -162,7 +171,10 @@ impl RolloutArgs {
     /// The tools agent's extra tools (none for the notebook agent).
     fn user_tools(&self, kind: AgentKind) -> anyhow::Result<Arc<UserTools>> {
         if kind != AgentKind::Tools {
-            anyhow::ensure!(self.tools_file.is_empty(), "--tools-file needs --agent tools: the notebook agent does not call functions");
+            anyhow::ensure!(
+                self.tools_file.is_empty(),
+                "--tools-file needs --agent tools: the notebook agent does not call functions"
+            );
             return Ok(Arc::default());
         }
         Ok(Arc::new(user_tools(!self.no_calculator, &self.tools_file)?))
@@ -178,9 +190,13 @@ impl RolloutArgs {
     }
 
     fn policy(&self) -> anyhow::Result<Arc<dyn Policy>> {
-        let Some(url) = &self.model else { return Ok(Arc::new(OraclePolicy)) };
+        let Some(url) = &self.model else {
+            return Ok(Arc::new(OraclePolicy));
+        };
         let api_key = match &self.api_key_env {
-            Some(var) => Some(std::env::var(var).with_context(|| format!("--api-key-env names `{var}`, which is not set"))?),
+            Some(var) => {
+                Some(std::env::var(var).with_context(|| format!("--api-key-env names `{var}`, which is not set"))?)
+            }
             None => None,
         };
         let request_timeout = Duration::try_from_secs_f64(self.request_timeout)
@@ -212,7 +228,9 @@ pub(crate) fn user_tools(calculator: bool, tools_files: &[PathBuf]) -> anyhow::R
     }
     match UserTools::new(files) {
         Err(ToolsFileError::Duplicate { name, .. }) if calculator && name == "calculator" => {
-            anyhow::bail!("a tools file defines `calculator`, the name of the built-in calculator; rename yours, or leave the built-in out (rollout --no-calculator)")
+            anyhow::bail!(
+                "a tools file defines `calculator`, the name of the built-in calculator; rename yours, or leave the built-in out (rollout --no-calculator)"
+            )
         }
         tools => Ok(tools?),
     }
@@ -233,7 +251,11 @@ fn load_datasets(paths: &[PathBuf]) -> anyhow::Result<rollbox::rollout::dataset:
             if seen.insert(problem.instance_id.clone()) {
                 merged.problems.push(problem);
             } else {
-                eprintln!("warning: {}: skipped `{}`: its instance_id is already in an earlier dataset", path.display(), problem.instance_id);
+                eprintln!(
+                    "warning: {}: skipped `{}`: its instance_id is already in an earlier dataset",
+                    path.display(),
+                    problem.instance_id
+                );
             }
         }
     }
@@ -253,7 +275,11 @@ pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCo
     }
     let backend = args.backend.start(limits, &args.runtime, quiet).await?;
     let custom_reward = match &args.reward_file {
-        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("failed to read the reward file {}", path.display()))?.into()),
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read the reward file {}", path.display()))?
+                .into(),
+        ),
         None => None,
     };
     let config = RolloutConfig {
@@ -277,7 +303,11 @@ pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCo
     if !quiet {
         print_summary(&run.summary, &run.trajectories_path, &run.summary_path);
     }
-    Ok(if run.summary.run.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    Ok(if run.summary.run.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// The first Ctrl-C stops new trajectories and abandons running ones at their next turn; a
@@ -313,7 +343,10 @@ impl ProgressReporter {
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        ProgressReporter { bar, rewards: std::sync::Mutex::new((0.0, 0)) }
+        ProgressReporter {
+            bar,
+            rewards: std::sync::Mutex::new((0.0, 0)),
+        }
     }
 
     fn finish(&self) {
@@ -325,7 +358,8 @@ impl RolloutReporter for ProgressReporter {
     fn on_start(&self, to_run: usize, skipped: usize) {
         self.bar.set_length(to_run as u64);
         if skipped > 0 {
-            self.bar.println(format!("resuming: {skipped} trajectories already done"));
+            self.bar
+                .println(format!("resuming: {skipped} trajectories already done"));
         }
     }
 
@@ -333,38 +367,54 @@ impl RolloutReporter for ProgressReporter {
         let mut rewards = self.rewards.lock().unwrap_or_else(|p| p.into_inner());
         rewards.0 += trajectory.reward.score;
         rewards.1 += 1;
-        self.bar.set_message(format!("mean reward {:.3}", rewards.0 / rewards.1 as f64));
+        self.bar
+            .set_message(format!("mean reward {:.3}", rewards.0 / rewards.1 as f64));
         self.bar.inc(1);
     }
 
     fn on_trajectory_failed(&self, trajectory_id: &str, message: &str) {
-        self.bar.println(format!("warning: trajectory {trajectory_id} did not run: {message}"));
+        self.bar
+            .println(format!("warning: trajectory {trajectory_id} did not run: {message}"));
         self.bar.inc(1);
     }
 }
 
 fn print_summary(summary: &Summary, trajectories: &std::path::Path, summary_path: &std::path::Path) {
     if summary.oracle_policy {
-        eprintln!("policy: oracle (reference solutions, no model): these numbers check the environment and rewards, not a model");
+        eprintln!(
+            "policy: oracle (reference solutions, no model): these numbers check the environment and rewards, not a model"
+        );
     } else {
         eprintln!("policy: {}", summary.policy);
     }
-    eprintln!("agent: {}   problems: {}   group size: {}   trajectories: {}", summary.agent, summary.problems, summary.group_size, summary.trajectories);
+    eprintln!(
+        "agent: {}   problems: {}   group size: {}   trajectories: {}",
+        summary.agent, summary.problems, summary.group_size, summary.trajectories
+    );
     let passes: Vec<String> = summary.pass_at_k.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
     eprintln!("mean reward: {:.3}   {}", summary.mean_reward, passes.join("   "));
-    eprintln!("turns per trajectory: mean {:.2}, max {}", summary.mean_turns, summary.max_turns);
+    eprintln!(
+        "turns per trajectory: mean {:.2}, max {}",
+        summary.mean_turns, summary.max_turns
+    );
     eprintln!(
         "time: model {:.2} s, tools {:.2} s ({:.2} ms per turn), rewards {:.2} s",
         summary.model_seconds, summary.tool_seconds, summary.tool_ms_per_turn, summary.reward_seconds
     );
-    eprintln!("engine overhead per turn (excluding model and cells): median {:.3} ms", summary.median_overhead_ms_per_turn);
+    eprintln!(
+        "engine overhead per turn (excluding model and cells): median {:.3} ms",
+        summary.median_overhead_ms_per_turn
+    );
     let run = &summary.run;
     eprintln!(
         "this run: {} written, {} skipped (resume), {:.2} trajectories/s over {:.2} s",
         run.written, run.skipped, summary.trajectories_per_second, run.wall_seconds
     );
     if run.interrupted {
-        eprintln!("interrupted: {} abandoned, {} not started; rerun with --resume to finish", run.abandoned, run.not_started);
+        eprintln!(
+            "interrupted: {} abandoned, {} not started; rerun with --resume to finish",
+            run.abandoned, run.not_started
+        );
     }
     let reasons: Vec<String> = summary.stop_reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
     eprintln!("stop reasons: {}", reasons.join(", "));
@@ -373,7 +423,10 @@ fn print_summary(summary: &Summary, trajectories: &std::path::Path, summary_path
         eprintln!("errors: {}", errors.join(", "));
     }
     if !summary.dataset_errors.is_empty() {
-        eprintln!("dataset: {} lines skipped (see summary.json)", summary.dataset_errors.len());
+        eprintln!(
+            "dataset: {} lines skipped (see summary.json)",
+            summary.dataset_errors.len()
+        );
     }
     eprintln!("wrote {} and {}", trajectories.display(), summary_path.display());
 }

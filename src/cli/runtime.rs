@@ -43,11 +43,26 @@ fn run_blocking(command: RuntimeCommand, quiet: bool) -> anyhow::Result<ExitCode
             options.force = force;
             let installed = install::ensure_installed(&options, &reporter)?;
             // Compile now so the first cell does not wait for it.
-            let backend_config = rollbox::WasmBackendConfig { runtime: { let mut o = options.clone(); o.force = false; o }, ..rollbox::WasmBackendConfig::from_env() };
+            let backend_config = rollbox::WasmBackendConfig {
+                runtime: {
+                    let mut o = options.clone();
+                    o.force = false;
+                    o
+                },
+                ..rollbox::WasmBackendConfig::from_env()
+            };
             let backend = rollbox::WasmBackend::new(backend_config, &reporter)?;
             if !quiet {
-                eprintln!("installed {} {} at {}", installed.record.package, installed.record.version, installed.root.display());
-                eprintln!("compiled module: {}", compiled::compiled_path(&options, backend.engine()).display());
+                eprintln!(
+                    "installed {} {} at {}",
+                    installed.record.package,
+                    installed.record.version,
+                    installed.root.display()
+                );
+                eprintln!(
+                    "compiled module: {}",
+                    compiled::compiled_path(&options, backend.engine()).display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -61,10 +76,9 @@ fn run_blocking(command: RuntimeCommand, quiet: bool) -> anyhow::Result<ExitCode
                 Ok(None) => "not installed (any command installs it on first use)".to_string(),
                 Err(error) => format!("damaged: {error}"),
             };
-            if verify
-                && let Ok(Some(installed)) = &installed {
-                    install::verify(installed, &reporter)?;
-                }
+            if verify && let Ok(Some(installed)) = &installed {
+                install::verify(installed, &reporter)?;
+            }
             if json {
                 let info = serde_json::json!({
                     "pinned": pinned,
@@ -75,7 +89,10 @@ fn run_blocking(command: RuntimeCommand, quiet: bool) -> anyhow::Result<ExitCode
                 });
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                println!("runtime:   {} {} (CPython {}, {})", pinned.package, pinned.version, pinned.python, pinned.license);
+                println!(
+                    "runtime:   {} {} (CPython {}, {})",
+                    pinned.package, pinned.version, pinned.python, pinned.license
+                );
                 println!("wheel:     {} sha256 {}", pinned.wheel.filename, pinned.wheel.sha256);
                 println!("cache:     {}", options.cache_dir.display());
                 println!("install:   {}", root.display());
@@ -84,7 +101,11 @@ fn run_blocking(command: RuntimeCommand, quiet: bool) -> anyhow::Result<ExitCode
                     println!("verified:  every artifact matches its pinned sha256");
                 }
             }
-            Ok(if installed.is_err() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if installed.is_err() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

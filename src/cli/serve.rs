@@ -69,12 +69,17 @@ async fn start_backend(args: &ServeArgs, quiet: bool) -> anyhow::Result<Arc<dyn 
     match args.backend {
         ServedBackend::Wasm => {
             anyhow::ensure!(!args.process.given(), "{PROCESS_FLAGS_ONLY}");
-            let config = WasmBackendConfig { max_slots: args.max_slots, ..args.runtime.backend_config(limits) };
+            let config = WasmBackendConfig {
+                max_slots: args.max_slots,
+                ..args.runtime.backend_config(limits)
+            };
             Ok(Arc::new(start_wasm_backend_with(config, quiet).await?))
         }
         ServedBackend::Process => {
             args.runtime.ensure_no_wasm_flags("process")?;
-            Ok(Arc::new(start_process_backend(args.process.config(limits, args.max_slots)?).await?))
+            Ok(Arc::new(
+                start_process_backend(args.process.config(limits, args.max_slots)?).await?,
+            ))
         }
     }
 }
@@ -94,7 +99,9 @@ pub(crate) async fn run(args: ServeArgs, quiet: bool) -> anyhow::Result<ExitCode
     config.check_exposure(args.listen.ip())?;
     let backend = start_backend(&args, quiet).await?;
     let backend_name = backend.name().to_owned();
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("failed to listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
     let address = listener.local_addr().context("failed to read the listening address")?;
     let state = ServerState::new(backend, config)?;
     let interrupts = Interrupts::listen()?;
@@ -132,7 +139,8 @@ fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
 /// flag's value, which other users could read in the process list.
 fn resolve_token(file: Option<&Path>) -> anyhow::Result<Option<BearerToken>> {
     let text = match file {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("failed to read the token file {}", path.display()))?,
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read the token file {}", path.display()))?,
         None => match std::env::var(env_vars::SERVER_TOKEN) {
             Ok(text) if !text.trim().is_empty() => text,
             _ => return Ok(None),
@@ -142,7 +150,11 @@ fn resolve_token(file: Option<&Path>) -> anyhow::Result<Option<BearerToken>> {
 }
 
 fn print_listening_line(address: SocketAddr) -> anyhow::Result<()> {
-    let line = ListeningLine { event: "listening", url: format!("http://{address}"), api_version: API_VERSION };
+    let line = ListeningLine {
+        event: "listening",
+        url: format!("http://{address}"),
+        api_version: API_VERSION,
+    };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
     stdout.flush()?;

@@ -64,16 +64,27 @@ pub(crate) struct StreamCapture {
 impl StreamCapture {
     /// Starts reading `stream`, keeping at most `cap` bytes per segment; `marker` (may be empty)
     /// ends a segment.
-    pub(crate) fn start(stream: impl Read + Send + 'static, cap: usize, marker: Vec<u8>) -> std::io::Result<Arc<StreamCapture>> {
+    pub(crate) fn start(
+        stream: impl Read + Send + 'static,
+        cap: usize,
+        marker: Vec<u8>,
+    ) -> std::io::Result<Arc<StreamCapture>> {
         let capture = Arc::new(StreamCapture::new(cap, marker));
         let reader = capture.clone();
-        std::thread::Builder::new().name("rollbox-capture".into()).spawn(move || reader.read_all(stream))?;
+        std::thread::Builder::new()
+            .name("rollbox-capture".into())
+            .spawn(move || reader.read_all(stream))?;
         Ok(capture)
     }
 
     fn new(cap: usize, marker: Vec<u8>) -> StreamCapture {
         StreamCapture {
-            state: Mutex::new(State { current: Captured::default(), segments: VecDeque::new(), held: Vec::new(), eof: false }),
+            state: Mutex::new(State {
+                current: Captured::default(),
+                segments: VecDeque::new(),
+                held: Vec::new(),
+                eof: false,
+            }),
             changed: Condvar::new(),
             cap,
             marker,
@@ -128,7 +139,9 @@ impl StreamCapture {
             if let Some(segment) = state.segments.pop_front() {
                 return Some(segment);
             }
-            let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())?;
             if state.eof {
                 return None;
             }
@@ -140,11 +153,16 @@ impl StreamCapture {
     pub(crate) fn drain(&self, deadline: Instant) -> Captured {
         let mut state = self.lock();
         while !state.eof {
-            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
+            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                break;
+            };
             state = self.wait(state, left);
         }
         let mut all = Captured::default();
-        for segment in std::mem::take(&mut state.segments).into_iter().chain([std::mem::take(&mut state.current)]) {
+        for segment in std::mem::take(&mut state.segments)
+            .into_iter()
+            .chain([std::mem::take(&mut state.current)])
+        {
             all.push(&segment.kept, self.cap);
             all.dropped += segment.dropped;
         }
@@ -171,7 +189,10 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// How many bytes at the end of `data` could begin `marker`, and so must wait for more input.
 fn held_back(data: &[u8], marker: &[u8]) -> usize {
-    (1..marker.len().min(data.len() + 1)).rev().find(|&n| data.ends_with(&marker[..n])).unwrap_or(0)
+    (1..marker.len().min(data.len() + 1))
+        .rev()
+        .find(|&n| data.ends_with(&marker[..n]))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -186,9 +207,27 @@ mod tests {
         capture.take_in(b"il<");
         capture.finish();
         let far = Instant::now() + Duration::from_secs(30);
-        assert_eq!(capture.next_segment(far), Some(Captured { kept: b"abcd".to_vec(), dropped: 3 }));
-        assert_eq!(capture.next_segment(far), Some(Captured { kept: b"xy".to_vec(), dropped: 0 }));
-        assert_eq!(capture.drain(far), Captured { kept: b"tail".to_vec(), dropped: 1 });
+        assert_eq!(
+            capture.next_segment(far),
+            Some(Captured {
+                kept: b"abcd".to_vec(),
+                dropped: 3
+            })
+        );
+        assert_eq!(
+            capture.next_segment(far),
+            Some(Captured {
+                kept: b"xy".to_vec(),
+                dropped: 0
+            })
+        );
+        assert_eq!(
+            capture.drain(far),
+            Captured {
+                kept: b"tail".to_vec(),
+                dropped: 1
+            }
+        );
     }
 
     #[test]

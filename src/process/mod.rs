@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use python::NativeStartError;
 use python::NativeInterpreter;
-use sandbox::{Sandbox, SlotDirs};
+pub use python::NativeStartError;
 pub use sandbox::{Isolation, SANDBOX_PATH, find_bubblewrap};
+use sandbox::{Sandbox, SlotDirs};
 
 use crate::batch::{LiveSlots, every_result, group_by_slot, lock_interpreter};
 use crate::limits::Limits;
@@ -81,7 +81,9 @@ impl Default for ProcessBackendConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessBackendError {
     /// The limits ask for fuel, which only the wasm backend can meter.
-    #[error("the process backend cannot meter fuel (an instruction budget of wasm code); remove the fuel limit, or use the wasm backend")]
+    #[error(
+        "the process backend cannot meter fuel (an instruction budget of wasm code); remove the fuel limit, or use the wasm backend"
+    )]
     FuelUnsupported,
     /// Bubblewrap is not installed (or not at the configured path) and isolation was not waived.
     #[error(
@@ -176,13 +178,36 @@ impl ProcessBackend {
             Some(root) => (root, false),
             None => (private_root(), true),
         };
-        let shared_cache = config.shared_cache.unwrap_or_else(|| root.join(DEFAULT_SHARED_CACHE_DIR));
+        let shared_cache = config
+            .shared_cache
+            .unwrap_or_else(|| root.join(DEFAULT_SHARED_CACHE_DIR));
         for dir in [&root, &shared_cache] {
-            std::fs::create_dir_all(dir).map_err(|source| ProcessBackendError::Folder { path: dir.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| ProcessBackendError::Folder {
+                path: dir.clone(),
+                source,
+            })?;
         }
-        let sandbox = Sandbox::new(isolation, config.limits.memory_bytes, root.clone(), shared_cache.clone()).map_err(ProcessBackendError::Spawner)?;
-        let shared = Arc::new(Shared { sandbox, limits: config.limits, python: config.python, shared_cache });
-        let backend = ProcessBackend { shared, slots: LiveSlots::new(), next_id: AtomicU64::new(1), root, owns_root, max_slots: config.max_slots };
+        let sandbox = Sandbox::new(
+            isolation,
+            config.limits.memory_bytes,
+            root.clone(),
+            shared_cache.clone(),
+        )
+        .map_err(ProcessBackendError::Spawner)?;
+        let shared = Arc::new(Shared {
+            sandbox,
+            limits: config.limits,
+            python: config.python,
+            shared_cache,
+        });
+        let backend = ProcessBackend {
+            shared,
+            slots: LiveSlots::new(),
+            next_id: AtomicU64::new(1),
+            root,
+            owns_root,
+            max_slots: config.max_slots,
+        };
         backend.probe_sandbox()?;
         Ok(backend)
     }
@@ -190,16 +215,24 @@ impl ProcessBackend {
     /// Runs `true` in a throwaway slot, so a host where bubblewrap cannot work fails here, with
     /// bubblewrap's own words, rather than on every call.
     fn probe_sandbox(&self) -> Result<(), ProcessBackendError> {
-        let Isolation::Bubblewrap(bwrap) = self.shared.sandbox.isolation() else { return Ok(()) };
+        let Isolation::Bubblewrap(bwrap) = self.shared.sandbox.isolation() else {
+            return Ok(());
+        };
         let dirs = SlotDirs::under(self.root.join("probe"));
         for dir in [&dirs.workspace, &dirs.tmp] {
-            std::fs::create_dir_all(dir).map_err(|source| ProcessBackendError::Folder { path: dir.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| ProcessBackendError::Folder {
+                path: dir.clone(),
+                source,
+            })?;
         }
         let result = shell::run_bash(&self.shared.sandbox, &dirs, "true", PROBE_TIMEOUT, &self.shared.limits);
         let _ = std::fs::remove_dir_all(&dirs.root);
         match result.success {
             true => Ok(()),
-            false => Err(ProcessBackendError::BubblewrapFailed { bwrap: bwrap.clone(), output: result.output }),
+            false => Err(ProcessBackendError::BubblewrapFailed {
+                bwrap: bwrap.clone(),
+                output: result.output,
+            }),
         }
     }
 
@@ -242,8 +275,15 @@ impl Drop for ProcessBackend {
 /// A fresh folder for a backend that was given no workspace root.
 fn private_root() -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let name = format!("rollbox-process-{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let name = format!(
+        "rollbox-process-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
     std::env::temp_dir().join(name)
 }
 
@@ -261,16 +301,34 @@ impl Backend for ProcessBackend {
         let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let dirs = SlotDirs::under(self.root.join(id.to_string()));
         for dir in [&dirs.workspace, &dirs.tmp] {
-            std::fs::create_dir_all(dir).map_err(|source| BackendError::Workspace { path: dir.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| BackendError::Workspace {
+                path: dir.clone(),
+                source,
+            })?;
         }
-        let workspace = Workspace::open(&dirs.workspace).map_err(|source| BackendError::Workspace { path: dirs.workspace.clone(), source })?;
-        let slot = Slot { id, trajectory_id: trajectory_id.to_string(), backend: "process".into(), workspace: dirs.workspace.clone() };
-        let live = Arc::new(LiveSlot { slot: slot.clone(), dirs, workspace, interpreter: Mutex::new(None) });
+        let workspace = Workspace::open(&dirs.workspace).map_err(|source| BackendError::Workspace {
+            path: dirs.workspace.clone(),
+            source,
+        })?;
+        let slot = Slot {
+            id,
+            trajectory_id: trajectory_id.to_string(),
+            backend: "process".into(),
+            workspace: dirs.workspace.clone(),
+        };
+        let live = Arc::new(LiveSlot {
+            slot: slot.clone(),
+            dirs,
+            workspace,
+            interpreter: Mutex::new(None),
+        });
         let mut slots = self.slots.write();
         if slots.len() >= self.max_slots {
             drop(slots);
             let _ = std::fs::remove_dir_all(&live.dirs.root);
-            return Err(BackendError::Exhausted { capacity: self.max_slots });
+            return Err(BackendError::Exhausted {
+                capacity: self.max_slots,
+            });
         }
         slots.insert(id, live);
         Ok(slot)
@@ -284,12 +342,19 @@ impl Backend for ProcessBackend {
             .into_iter()
             .map(|(live, calls)| {
                 let shared = self.shared.clone();
-                tokio::task::spawn_blocking(move || calls.into_iter().map(|(index, call)| (index, run_call(&shared, &live, &call))).collect::<Vec<_>>())
+                tokio::task::spawn_blocking(move || {
+                    calls
+                        .into_iter()
+                        .map(|(index, call)| (index, run_call(&shared, &live, &call)))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         for task in tasks {
             match task.await {
-                Ok(done) => done.into_iter().for_each(|(index, result)| results[index] = Some(result)),
+                Ok(done) => done
+                    .into_iter()
+                    .for_each(|(index, result)| results[index] = Some(result)),
                 // A panic loses that slot's results; every_result fills each missing one in.
                 Err(join) => tracing::error!(error = %join, "a process-backend worker panicked in the host"),
             }
@@ -298,11 +363,19 @@ impl Backend for ProcessBackend {
     }
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
-        let live = self.slots.write().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
+        let live = self
+            .slots
+            .write()
+            .remove(&slot.id)
+            .ok_or(BackendError::UnknownSlot(slot.id))?;
         // Killing the interpreter and deleting folders block; keep them off the async threads.
         let _ = tokio::task::spawn_blocking(move || {
             drop(lock_interpreter(&live.interpreter).take());
-            let doomed = if reset_workspace { &live.dirs.root } else { &live.dirs.tmp };
+            let doomed = if reset_workspace {
+                &live.dirs.root
+            } else {
+                &live.dirs.tmp
+            };
             let _ = std::fs::remove_dir_all(doomed);
         })
         .await;
@@ -316,7 +389,9 @@ fn run_call(shared: &Shared, live: &LiveSlot, call: &ToolCall) -> ExecutionResul
     let limits = &shared.limits;
     let timeout = call.timeout.map_or(limits.timeout, |t| t.min(limits.timeout));
     let mut result = match ToolRequest::parse(&call.name, &call.arguments) {
-        Err(error @ ToolCallError::UnknownTool(_)) => ExecutionResult::failure(ErrorKind::UnknownTool, error.to_string(), Default::default()),
+        Err(error @ ToolCallError::UnknownTool(_)) => {
+            ExecutionResult::failure(ErrorKind::UnknownTool, error.to_string(), Default::default())
+        }
         Err(error) => ExecutionResult::failure(ErrorKind::InvalidArguments, error.to_string(), Default::default()),
         Ok(ToolRequest::Python(args)) => run_python(shared, live, &args.code, timeout),
         Ok(ToolRequest::Bash(args)) => match bash_timeout(args.timeout, timeout) {
@@ -347,7 +422,11 @@ fn relative_to_workspace(request: &mut ToolRequest, workspace: &Path) {
     };
     if let Ok(inside) = Path::new(path.as_str()).strip_prefix(workspace) {
         let relative = inside.to_string_lossy();
-        *path = if relative.is_empty() { ".".to_string() } else { relative.into_owned() };
+        *path = if relative.is_empty() {
+            ".".to_string()
+        } else {
+            relative.into_owned()
+        };
     }
 }
 
@@ -356,7 +435,9 @@ fn bash_timeout(requested: Option<f64>, limit: Duration) -> Result<Duration, Str
     let Some(seconds) = requested else { return Ok(limit) };
     match Duration::try_from_secs_f64(seconds) {
         Ok(asked) => Ok(asked.min(limit)),
-        Err(_) => Err(format!("invalid arguments for `bash`: `timeout` must be a number of seconds of at least 0, not {seconds}")),
+        Err(_) => Err(format!(
+            "invalid arguments for `bash`: `timeout` must be a number of seconds of at least 0, not {seconds}"
+        )),
     }
 }
 
@@ -367,15 +448,20 @@ fn run_python(shared: &Shared, live: &LiveSlot, code: &str, timeout: Duration) -
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
                 let message = crate::output::error_chain(&error);
-                return ExecutionResult::failure(ErrorKind::Backend, format!("failed to start the slot's Python: {message}"), Default::default());
+                return ExecutionResult::failure(
+                    ErrorKind::Backend,
+                    format!("failed to start the slot's Python: {message}"),
+                    Default::default(),
+                );
             }
         }
     }
-    let Some(interpreter) = guard.as_mut() else { unreachable!("an interpreter was just put in place") };
+    let Some(interpreter) = guard.as_mut() else {
+        unreachable!("an interpreter was just put in place")
+    };
     let result = interpreter.run_cell(code, &shared.limits, timeout);
     if result.metadata.state_lost {
         *guard = None;
     }
     result
 }
-

@@ -69,18 +69,35 @@ pub(crate) struct NativeInterpreter {
 
 impl NativeInterpreter {
     /// Starts `python` in the slot's sandbox and waits until the guest code is loaded.
-    pub(crate) fn start(sandbox: &Sandbox, dirs: &SlotDirs, python: &Path, limits: &Limits) -> Result<NativeInterpreter, NativeStartError> {
+    pub(crate) fn start(
+        sandbox: &Sandbox,
+        dirs: &SlotDirs,
+        python: &Path,
+        limits: &Limits,
+    ) -> Result<NativeInterpreter, NativeStartError> {
         let marker = end_marker();
         let budget = report_budget(limits);
         let (output_cap, budget_arg) = (limits.output_bytes.to_string(), budget.to_string());
-        let args = ["-c", LOADER, DRIVER_SOURCE, marker.as_str(), output_cap.as_str(), budget_arg.as_str()];
+        let args = [
+            "-c",
+            LOADER,
+            DRIVER_SOURCE,
+            marker.as_str(),
+            output_cap.as_str(),
+            budget_arg.as_str(),
+        ];
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
         let mut command = sandbox.command(dirs, &python.to_string_lossy(), &args);
         command.stdin(Stdio::piped());
-        let spawn_error = |source| NativeStartError::Spawn { python: python.display().to_string(), source };
+        let spawn_error = |source| NativeStartError::Spawn {
+            python: python.display().to_string(),
+            source,
+        };
         let mut leader = sandbox.spawn(command).map_err(spawn_error)?;
         let (Some(input), Some(output), Some(errors)) = leader.take_pipes() else {
-            return Err(spawn_error(std::io::Error::other("the interpreter's pipes are missing")));
+            return Err(spawn_error(std::io::Error::other(
+                "the interpreter's pipes are missing",
+            )));
         };
         let started = StreamCapture::start(errors, limits.output_bytes, marker.into_bytes())
             .and_then(|stray| Ok((stray, read_reports(output, budget)?)));
@@ -88,7 +105,12 @@ impl NativeInterpreter {
             Ok(pair) => pair,
             Err(source) => return Err(spawn_error(source)),
         };
-        let mut interpreter = NativeInterpreter { leader, input, reports, stray };
+        let mut interpreter = NativeInterpreter {
+            leader,
+            input,
+            reports,
+            stray,
+        };
         interpreter.handshake()?;
         Ok(interpreter)
     }
@@ -108,8 +130,14 @@ impl NativeInterpreter {
                 self.stray.next_segment(Instant::now() + STRAY_OUTPUT_GRACE);
                 Ok(())
             }
-            Ok(frame) => Err(failed(self, format!("unexpected answer {:?}", String::from_utf8_lossy(&frame)))),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(failed(self, format!("no answer within {} s", STARTUP_TIMEOUT.as_secs()))),
+            Ok(frame) => Err(failed(
+                self,
+                format!("unexpected answer {:?}", String::from_utf8_lossy(&frame)),
+            )),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(failed(
+                self,
+                format!("no answer within {} s", STARTUP_TIMEOUT.as_secs()),
+            )),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(failed(self, "it exited".into())),
         }
     }
@@ -122,14 +150,20 @@ impl NativeInterpreter {
         }
         match self.reports.recv_timeout(timeout) {
             Ok(frame) => {
-                let stray = self.stray.next_segment(Instant::now() + STRAY_OUTPUT_GRACE).unwrap_or_default();
+                let stray = self
+                    .stray
+                    .next_segment(Instant::now() + STRAY_OUTPUT_GRACE)
+                    .unwrap_or_default();
                 match serde_json::from_slice::<GuestReport>(&frame) {
                     Ok(report) => cell_result(report, stray, limits),
                     Err(error) => self.lost(None, format!("the interpreter sent an unreadable report ({error})")),
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let message = format!("the cell ran past its {:.3} s time limit and the interpreter was killed", timeout.as_secs_f64());
+                let message = format!(
+                    "the cell ran past its {:.3} s time limit and the interpreter was killed",
+                    timeout.as_secs_f64()
+                );
                 self.lost(Some(LimitKind::Time), message)
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -144,20 +178,35 @@ impl NativeInterpreter {
     fn lost(&mut self, limit: Option<LimitKind>, message: String) -> ExecutionResult {
         self.leader.kill_and_reap();
         let stray = self.stray.drain(Instant::now() + STRAY_OUTPUT_GRACE);
-        let message = format!("{message}; the next cell starts a fresh interpreter, so variables and imports from earlier cells are gone");
+        let message = format!(
+            "{message}; the next cell starts a fresh interpreter, so variables and imports from earlier cells are gone"
+        );
         let truncated = stray.truncated();
         let cell = CellOutput {
             stderr: stray.into_text(),
-            error: Some(CellError { name: "RollboxRestart".into(), value: message.clone(), traceback: Vec::new() }),
+            error: Some(CellError {
+                name: "RollboxRestart".into(),
+                value: message.clone(),
+                traceback: Vec::new(),
+            }),
             ..Default::default()
         };
-        let kind = if limit.is_some() { ErrorKind::LimitExceeded } else { ErrorKind::GuestCrashed };
+        let kind = if limit.is_some() {
+            ErrorKind::LimitExceeded
+        } else {
+            ErrorKind::GuestCrashed
+        };
         ExecutionResult {
             success: false,
             output: render_for_model(&cell),
             error: Some(ExecutionError { kind, message }),
             cell: Some(cell),
-            metadata: ExecutionMetadata { limit_hit: limit, state_lost: true, truncated, ..Default::default() },
+            metadata: ExecutionMetadata {
+                limit_hit: limit,
+                state_lost: true,
+                truncated,
+                ..Default::default()
+            },
         }
     }
 }
@@ -165,14 +214,24 @@ impl NativeInterpreter {
 /// The largest report accepted: both text streams at their cap (as JSON, which may escape each
 /// byte into six) plus the display budget.
 fn report_budget(limits: &Limits) -> usize {
-    limits.output_bytes.saturating_mul(12).saturating_add(DISPLAY_BUDGET_BYTES)
+    limits
+        .output_bytes
+        .saturating_mul(12)
+        .saturating_add(DISPLAY_BUDGET_BYTES)
 }
 
 /// A marker no cell writes by chance: unique per interpreter.
 fn end_marker() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("\u{1e}rollbox-cell-end-{}-{nanos}-{}\u{1e}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "\u{1e}rollbox-cell-end-{}-{nanos}-{}\u{1e}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn write_frame(input: &mut ChildStdin, payload: &[u8]) -> std::io::Result<()> {
@@ -186,22 +245,24 @@ fn write_frame(input: &mut ChildStdin, payload: &[u8]) -> std::io::Result<()> {
 /// frame is over `budget` (a broken driver: the cell then counts as crashed).
 fn read_reports(mut output: impl Read + Send + 'static, budget: usize) -> std::io::Result<mpsc::Receiver<Vec<u8>>> {
     let (frames, reports) = mpsc::channel();
-    std::thread::Builder::new().name("rollbox-python-reports".into()).spawn(move || {
-        loop {
-            let mut header = [0u8; 4];
-            if output.read_exact(&mut header).is_err() {
-                return;
+    std::thread::Builder::new()
+        .name("rollbox-python-reports".into())
+        .spawn(move || {
+            loop {
+                let mut header = [0u8; 4];
+                if output.read_exact(&mut header).is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes(header) as usize;
+                if len > budget {
+                    return;
+                }
+                let mut frame = vec![0u8; len];
+                if output.read_exact(&mut frame).is_err() || frames.send(frame).is_err() {
+                    return;
+                }
             }
-            let len = u32::from_be_bytes(header) as usize;
-            if len > budget {
-                return;
-            }
-            let mut frame = vec![0u8; len];
-            if output.read_exact(&mut frame).is_err() || frames.send(frame).is_err() {
-                return;
-            }
-        }
-    })?;
+        })?;
     Ok(reports)
 }
 

@@ -41,7 +41,11 @@ pub(crate) struct SlotDirs {
 impl SlotDirs {
     /// The folders of the slot rooted at `root`.
     pub(crate) fn under(root: PathBuf) -> SlotDirs {
-        SlotDirs { workspace: root.join("workspace"), tmp: root.join("tmp"), root }
+        SlotDirs {
+            workspace: root.join("workspace"),
+            tmp: root.join("tmp"),
+            root,
+        }
     }
 }
 
@@ -58,8 +62,19 @@ pub(crate) struct Sandbox {
 
 impl Sandbox {
     /// A sandbox for the slots under `slots_root`.
-    pub(crate) fn new(isolation: Isolation, memory_bytes: u64, slots_root: PathBuf, shared_cache: PathBuf) -> std::io::Result<Sandbox> {
-        Ok(Sandbox { isolation, memory_bytes, slots_root, shared_cache, spawner: Spawner::start()? })
+    pub(crate) fn new(
+        isolation: Isolation,
+        memory_bytes: u64,
+        slots_root: PathBuf,
+        shared_cache: PathBuf,
+    ) -> std::io::Result<Sandbox> {
+        Ok(Sandbox {
+            isolation,
+            memory_bytes,
+            slots_root,
+            shared_cache,
+            spawner: Spawner::start()?,
+        })
     }
 
     /// How programs are confined.
@@ -124,22 +139,36 @@ impl Sandbox {
         push(&["--bind".as_ref(), dirs.tmp.as_os_str(), SANDBOX_TMP.as_ref()]);
         push(&["--tmpfs".as_ref(), self.slots_root.as_os_str()]);
         push(&["--bind".as_ref(), dirs.root.as_os_str(), dirs.root.as_os_str()]);
-        push(&["--bind".as_ref(), self.shared_cache.as_os_str(), self.shared_cache.as_os_str()]);
+        push(&[
+            "--bind".as_ref(),
+            self.shared_cache.as_os_str(),
+            self.shared_cache.as_os_str(),
+        ]);
         push(&["--chdir".as_ref(), dirs.workspace.as_os_str()]);
-        push(&["--unshare-all".as_ref(), "--die-with-parent".as_ref(), "--new-session".as_ref()]);
+        push(&[
+            "--unshare-all".as_ref(),
+            "--die-with-parent".as_ref(),
+            "--new-session".as_ref(),
+        ]);
         args
     }
 
     /// Starts `command` from the backend's spawner thread (see [`Spawner`]).
     pub(crate) fn spawn(&self, command: Command) -> std::io::Result<GroupLeader> {
-        Ok(GroupLeader { child: self.spawner.spawn(command)?, reaped: None })
+        Ok(GroupLeader {
+            child: self.spawner.spawn(command)?,
+            reaped: None,
+        })
     }
 }
 
 /// Applied in the child before exec: the address-space limit, and death with the spawner so a
 /// crashed rollbox leaves no interpreter behind.
 fn limit_child(memory_bytes: u64) -> std::io::Result<()> {
-    let limit = libc::rlimit { rlim_cur: memory_bytes as libc::rlim_t, rlim_max: memory_bytes as libc::rlim_t };
+    let limit = libc::rlimit {
+        rlim_cur: memory_bytes as libc::rlim_t,
+        rlim_max: memory_bytes as libc::rlim_t,
+    };
     // SAFETY: setrlimit and prctl take plain values and a pointer to a local.
     unsafe {
         if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
@@ -168,7 +197,11 @@ impl GroupLeader {
 
     /// Its stdin, stdout and stderr pipes, once.
     pub(crate) fn take_pipes(&mut self) -> (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>) {
-        (self.child.stdin.take(), self.child.stdout.take(), self.child.stderr.take())
+        (
+            self.child.stdin.take(),
+            self.child.stdout.take(),
+            self.child.stderr.take(),
+        )
     }
 
     /// Kills every process in the group, then reaps the leader and returns how it ended.
@@ -212,7 +245,9 @@ pub(crate) fn wait_exit_keeping_zombie(pid: u32) {
 /// Where `bwrap` is on the host's `PATH`, if anywhere.
 pub fn find_bubblewrap() -> Option<PathBuf> {
     let path = std::env::var_os(env_vars::PATH)?;
-    std::env::split_paths(&path).map(|dir| dir.join("bwrap")).find(|candidate| is_executable(candidate))
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("bwrap"))
+        .find(|candidate| is_executable(candidate))
 }
 
 pub(crate) fn is_executable(path: &Path) -> bool {
@@ -235,11 +270,13 @@ type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 impl Spawner {
     fn start() -> std::io::Result<Spawner> {
         let (requests, inbox) = mpsc::channel::<SpawnRequest>();
-        std::thread::Builder::new().name("rollbox-spawner".into()).spawn(move || {
-            for (mut command, reply) in inbox {
-                let _ = reply.send(command.spawn());
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("rollbox-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in inbox {
+                    let _ = reply.send(command.spawn());
+                }
+            })?;
         Ok(Spawner { requests })
     }
 

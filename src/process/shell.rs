@@ -23,25 +23,51 @@ enum Ending {
 }
 
 /// Runs `command` with `bash -c` and returns its result; never fails as a whole.
-pub(crate) fn run_bash(sandbox: &Sandbox, dirs: &SlotDirs, command: &str, timeout: Duration, limits: &Limits) -> ExecutionResult {
+pub(crate) fn run_bash(
+    sandbox: &Sandbox,
+    dirs: &SlotDirs,
+    command: &str,
+    timeout: Duration,
+    limits: &Limits,
+) -> ExecutionResult {
     let mut leader = match sandbox.spawn(sandbox.command(dirs, "bash", &["-c".as_ref(), command.as_ref()])) {
         Ok(leader) => leader,
-        Err(error) => return ExecutionResult::failure(ErrorKind::Backend, format!("failed to start bash: {error}"), Default::default()),
+        Err(error) => {
+            return ExecutionResult::failure(
+                ErrorKind::Backend,
+                format!("failed to start bash: {error}"),
+                Default::default(),
+            );
+        }
     };
     let (_, Some(stdout), Some(stderr)) = leader.take_pipes() else {
-        return ExecutionResult::failure(ErrorKind::Backend, "failed to capture the command's output", Default::default());
+        return ExecutionResult::failure(
+            ErrorKind::Backend,
+            "failed to capture the command's output",
+            Default::default(),
+        );
     };
     let captures = StreamCapture::start(stdout, limits.output_bytes, Vec::new())
         .and_then(|out| Ok((out, StreamCapture::start(stderr, limits.output_bytes, Vec::new())?)));
     let (stdout, stderr) = match captures {
         Ok(pair) => pair,
         Err(error) => {
-            return ExecutionResult::failure(ErrorKind::Backend, format!("failed to read the command's output: {error}"), Default::default());
+            return ExecutionResult::failure(
+                ErrorKind::Backend,
+                format!("failed to read the command's output: {error}"),
+                Default::default(),
+            );
         }
     };
     let ending = match wait_with_timeout(&mut leader, timeout) {
         Ok(ending) => ending,
-        Err(error) => return ExecutionResult::failure(ErrorKind::Backend, format!("failed to wait for the command: {error}"), Default::default()),
+        Err(error) => {
+            return ExecutionResult::failure(
+                ErrorKind::Backend,
+                format!("failed to wait for the command: {error}"),
+                Default::default(),
+            );
+        }
     };
     let grace = Instant::now() + PIPE_GRACE;
     bash_result(ending, stdout.drain(grace), stderr.drain(grace), timeout)
@@ -52,10 +78,12 @@ pub(crate) fn run_bash(sandbox: &Sandbox, dirs: &SlotDirs, command: &str, timeou
 fn wait_with_timeout(leader: &mut GroupLeader, timeout: Duration) -> std::io::Result<Ending> {
     let (exited, exit) = mpsc::channel();
     let pid = leader.id();
-    let watcher = std::thread::Builder::new().name("rollbox-bash-wait".into()).spawn(move || {
-        wait_exit_keeping_zombie(pid);
-        let _ = exited.send(());
-    });
+    let watcher = std::thread::Builder::new()
+        .name("rollbox-bash-wait".into())
+        .spawn(move || {
+            wait_exit_keeping_zombie(pid);
+            let _ = exited.send(());
+        });
     watcher?;
     let timed_out = exit.recv_timeout(timeout).is_err();
     match (timed_out, leader.kill_and_reap()) {
@@ -66,8 +94,16 @@ fn wait_with_timeout(leader: &mut GroupLeader, timeout: Duration) -> std::io::Re
 
 fn bash_result(ending: Ending, stdout: Captured, stderr: Captured, timeout: Duration) -> ExecutionResult {
     let truncated = stdout.truncated() || stderr.truncated();
-    let cell = CellOutput { stdout: stdout.into_text(), stderr: stderr.into_text(), ..Default::default() };
-    let mut metadata = ExecutionMetadata { truncated, limit_hit: truncated.then_some(LimitKind::Output), ..Default::default() };
+    let cell = CellOutput {
+        stdout: stdout.into_text(),
+        stderr: stderr.into_text(),
+        ..Default::default()
+    };
+    let mut metadata = ExecutionMetadata {
+        truncated,
+        limit_hit: truncated.then_some(LimitKind::Output),
+        ..Default::default()
+    };
     let error = match ending {
         Ending::Exited(status) if status.success() => None,
         Ending::Exited(status) => {
@@ -77,7 +113,10 @@ fn bash_result(ending: Ending, stdout: Captured, stderr: Captured, timeout: Dura
                 (None, Some(signal)) => format!("the command was killed by signal {signal}"),
                 (None, None) => "the command failed without an exit code".to_string(),
             };
-            Some(ExecutionError { kind: ErrorKind::NonZeroExit, message })
+            Some(ExecutionError {
+                kind: ErrorKind::NonZeroExit,
+                message,
+            })
         }
         Ending::TimedOut => {
             metadata.limit_hit = Some(LimitKind::Time);
@@ -85,14 +124,23 @@ fn bash_result(ending: Ending, stdout: Captured, stderr: Captured, timeout: Dura
                 "the command ran past its {:.3} s time limit; it and every process it started were killed",
                 timeout.as_secs_f64()
             );
-            Some(ExecutionError { kind: ErrorKind::LimitExceeded, message })
+            Some(ExecutionError {
+                kind: ErrorKind::LimitExceeded,
+                message,
+            })
         }
     };
     if error.is_none() {
         metadata.exit_code = Some(0);
     }
     let output = render_command(&cell, error.as_ref());
-    ExecutionResult { success: error.is_none(), output, error, cell: Some(cell), metadata }
+    ExecutionResult {
+        success: error.is_none(),
+        output,
+        error,
+        cell: Some(cell),
+        metadata,
+    }
 }
 
 /// The text a model sees for a command: stdout, stderr, then why it failed.

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use super::provision::ServerEndpoint;
 use crate::server::api::{
-    API_PREFIX, API_VERSION, AcquireRequest, AcquireResponse, ApiErrorCode, ErrorBody, ExecuteRequest, ExecuteResponse, Health, ReleaseRequest,
-    ReleaseResponse, SlotCall,
+    API_PREFIX, API_VERSION, AcquireRequest, AcquireResponse, ApiErrorCode, ErrorBody, ExecuteRequest, ExecuteResponse,
+    Health, ReleaseRequest, ReleaseResponse, SlotCall,
 };
 use crate::slot::{ExecutionResult, Slot, SlotId};
 
@@ -91,7 +91,13 @@ impl ClientError {
     /// Whether the server says the slot is not live there (released, expired, or the server
     /// restarted).
     pub fn unknown_slot(&self) -> bool {
-        matches!(self, ClientError::Api { code: Some(ApiErrorCode::UnknownSlot), .. })
+        matches!(
+            self,
+            ClientError::Api {
+                code: Some(ApiErrorCode::UnknownSlot),
+                ..
+            }
+        )
     }
 
     /// What to do about it, as one sentence for people and models.
@@ -109,11 +115,19 @@ impl ClientError {
             ClientError::Api { status: 413, .. } => {
                 "the request body is over the server's size limit: send smaller arguments (write big files in parts) or raise the server's --max-body-bytes"
             }
-            ClientError::Api { status: 503, .. } => "the server is full, at its concurrency limit, or shutting down: retry later or add servers",
-            ClientError::Api { status: 504, .. } => "the server's own request timeout passed: send fewer calls per batch or raise its --request-timeout",
-            ClientError::Api { status: 404, .. } => "the slot is gone from the server (expired, or the server restarted): acquire a new slot",
+            ClientError::Api { status: 503, .. } => {
+                "the server is full, at its concurrency limit, or shutting down: retry later or add servers"
+            }
+            ClientError::Api { status: 504, .. } => {
+                "the server's own request timeout passed: send fewer calls per batch or raise its --request-timeout"
+            }
+            ClientError::Api { status: 404, .. } => {
+                "the slot is gone from the server (expired, or the server restarted): acquire a new slot"
+            }
             ClientError::Api { status: 500..=599, .. } => "the server failed: see its log, then retry",
-            ClientError::Api { .. } => "the request was refused: check the client's and the server's rollbox versions match",
+            ClientError::Api { .. } => {
+                "the request was refused: check the client's and the server's rollbox versions match"
+            }
             ClientError::Decode { .. } | ClientError::ResultCount { .. } | ClientError::Version { .. } => {
                 "the server is not a compatible rollbox server: run the same rollbox version on both sides"
             }
@@ -122,7 +136,10 @@ impl ClientError {
 }
 
 fn code_name(code: ApiErrorCode) -> String {
-    serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| format!("{code:?}"))
+    serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{code:?}"))
 }
 
 /// A client for one server. Cheap to clone: the HTTP connection pool is shared.
@@ -147,9 +164,14 @@ impl ServerClient {
 
     /// `GET /v1/health`, checking the server speaks this client's API version.
     pub async fn health(&self, timeout: Duration) -> Result<Health, ClientError> {
-        let health: Health = self.send(self.http.get(format!("{}/health", self.api)), timeout).await?;
+        let health: Health = self
+            .send(self.http.get(format!("{}/health", self.api)), timeout)
+            .await?;
         if health.api_version != API_VERSION {
-            return Err(ClientError::Version { server: self.endpoint.to_string(), found: health.api_version });
+            return Err(ClientError::Version {
+                server: self.endpoint.to_string(),
+                found: health.api_version,
+            });
         }
         Ok(health)
     }
@@ -171,7 +193,9 @@ impl ServerClient {
 
     /// `POST /v1/slots`: a new slot, as the server names it.
     pub async fn acquire(&self, trajectory_id: &str, timeout: Duration) -> Result<Slot, ClientError> {
-        let body = AcquireRequest { trajectory_id: trajectory_id.to_string() };
+        let body = AcquireRequest {
+            trajectory_id: trajectory_id.to_string(),
+        };
         let answer: AcquireResponse = self.post(format!("{}/slots", self.api), &body, timeout).await?;
         Ok(answer.slot)
     }
@@ -179,9 +203,15 @@ impl ServerClient {
     /// `POST /v1/execute`: one result per call, in order.
     pub async fn execute(&self, calls: Vec<SlotCall>, timeout: Duration) -> Result<Vec<ExecutionResult>, ClientError> {
         let sent = calls.len();
-        let answer: ExecuteResponse = self.post(format!("{}/execute", self.api), &ExecuteRequest { calls }, timeout).await?;
+        let answer: ExecuteResponse = self
+            .post(format!("{}/execute", self.api), &ExecuteRequest { calls }, timeout)
+            .await?;
         if answer.results.len() != sent {
-            return Err(ClientError::ResultCount { server: self.endpoint.to_string(), sent, got: answer.results.len() });
+            return Err(ClientError::ResultCount {
+                server: self.endpoint.to_string(),
+                sent,
+                got: answer.results.len(),
+            });
         }
         Ok(answer.results)
     }
@@ -193,11 +223,20 @@ impl ServerClient {
         Ok(())
     }
 
-    async fn post<T: DeserializeOwned>(&self, url: String, body: &impl Serialize, timeout: Duration) -> Result<T, ClientError> {
+    async fn post<T: DeserializeOwned>(
+        &self,
+        url: String,
+        body: &impl Serialize,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
         self.send(self.http.post(url).json(body), timeout).await
     }
 
-    async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder, timeout: Duration) -> Result<T, ClientError> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
         let mut request = request.timeout(timeout);
         if let Some(token) = &self.endpoint.token {
             request = request.bearer_auth(token);
@@ -208,22 +247,43 @@ impl ServerClient {
         if !status.is_success() {
             return Err(self.api_error(status.as_u16(), &body));
         }
-        serde_json::from_slice(&body).map_err(|source| ClientError::Decode { server: self.endpoint.to_string(), source })
+        serde_json::from_slice(&body).map_err(|source| ClientError::Decode {
+            server: self.endpoint.to_string(),
+            source,
+        })
     }
 
     fn transport_error(&self, source: reqwest::Error, timeout: Duration) -> ClientError {
         let server = self.endpoint.to_string();
-        if source.is_timeout() { ClientError::Timeout { server, timeout } } else { ClientError::Transport { server, source } }
+        if source.is_timeout() {
+            ClientError::Timeout { server, timeout }
+        } else {
+            ClientError::Transport { server, source }
+        }
     }
 
     fn api_error(&self, status: u16, body: &[u8]) -> ClientError {
         let server = self.endpoint.to_string();
         match serde_json::from_slice::<ErrorBody>(body) {
-            Ok(ErrorBody { error }) => ClientError::Api { server, status, code: Some(error.code), message: error.message },
+            Ok(ErrorBody { error }) => ClientError::Api {
+                server,
+                status,
+                code: Some(error.code),
+                message: error.message,
+            },
             Err(_) => {
                 let text = String::from_utf8_lossy(body);
                 let (quoted, _) = crate::output::cap_text(text.trim(), QUOTED_BODY_BYTES);
-                ClientError::Api { server, status, code: None, message: if quoted.is_empty() { "(empty body)".into() } else { quoted } }
+                ClientError::Api {
+                    server,
+                    status,
+                    code: None,
+                    message: if quoted.is_empty() {
+                        "(empty body)".into()
+                    } else {
+                        quoted
+                    },
+                }
             }
         }
     }

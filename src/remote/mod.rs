@@ -26,7 +26,10 @@ use serde::Serialize;
 
 use self::client::{ClientError, ServerClient};
 use self::pool::{Pool, ServerKey, SlotEntry};
-use self::provision::{ListedProvisioner, LocalProvisioner, LocalProvisionerConfig, ModalConfig, ModalProvisioner, ProvisionError, Provisioner};
+use self::provision::{
+    ListedProvisioner, LocalProvisioner, LocalProvisionerConfig, ModalConfig, ModalProvisioner, ProvisionError,
+    Provisioner,
+};
 use crate::output::error_chain;
 use crate::server::api::{Health, SlotCall};
 use crate::slot::{Backend, BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
@@ -87,7 +90,10 @@ pub struct ListedConfig {
 
 impl std::fmt::Debug for ListedConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ListedConfig").field("urls", &self.urls).field("token", &self.token.as_ref().map(|_| "<redacted>")).finish()
+        f.debug_struct("ListedConfig")
+            .field("urls", &self.urls)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 
@@ -136,9 +142,9 @@ impl RemoteBackendError {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             // There is no slot yet, so the advice about lost slots does not apply.
-            RemoteBackendError::Server(ClientError::Transport { .. } | ClientError::Timeout { .. }) => {
-                Some("check that the server is running and that its URL is right (--servers), or that the machine can reach it")
-            }
+            RemoteBackendError::Server(ClientError::Transport { .. } | ClientError::Timeout { .. }) => Some(
+                "check that the server is running and that its URL is right (--servers), or that the machine can reach it",
+            ),
             RemoteBackendError::Server(error) => Some(error.advice()),
             _ => None,
         }
@@ -212,11 +218,17 @@ impl RemoteBackend {
 
     /// Starts the warm servers from `provisioner` and checks each. On failure every server
     /// started here is stopped again.
-    pub async fn with_provisioner(config: PoolConfig, provisioner: Arc<dyn Provisioner>) -> Result<RemoteBackend, RemoteBackendError> {
+    pub async fn with_provisioner(
+        config: PoolConfig,
+        provisioner: Arc<dyn Provisioner>,
+    ) -> Result<RemoteBackend, RemoteBackendError> {
         let config = validated(config, provisioner.limit())?;
         let http = http_client(&config)?;
         let endpoints = provisioner.provision(config.min_servers).await?;
-        let clients: Vec<Arc<ServerClient>> = endpoints.into_iter().map(|e| Arc::new(ServerClient::new(e, http.clone()))).collect();
+        let clients: Vec<Arc<ServerClient>> = endpoints
+            .into_iter()
+            .map(|e| Arc::new(ServerClient::new(e, http.clone())))
+            .collect();
         let checks = join_all(clients.iter().map(|c| c.health(config.control_timeout))).await;
         let mut tools = Vec::new();
         for check in checks {
@@ -315,10 +327,19 @@ impl RemoteBackend {
         let idle_down = self.lock_pool().take_idle_down();
         self.stop_servers(idle_down).await;
         if self.lock_pool().server_count() >= self.config.max_servers {
-            return Err(BackendError::Exhausted { capacity: self.config.max_servers * self.config.slots_per_server });
+            return Err(BackendError::Exhausted {
+                capacity: self.config.max_servers * self.config.slots_per_server,
+            });
         }
-        let endpoint = self.provisioner.provision(1).await.map_err(|e| remote_error("failed to start another server", &e))?.pop();
-        let endpoint = endpoint.ok_or_else(|| BackendError::Remote { message: "the provisioner returned no server".into() })?;
+        let endpoint = self
+            .provisioner
+            .provision(1)
+            .await
+            .map_err(|e| remote_error("failed to start another server", &e))?
+            .pop();
+        let endpoint = endpoint.ok_or_else(|| BackendError::Remote {
+            message: "the provisioner returned no server".into(),
+        })?;
         let client = Arc::new(ServerClient::new(endpoint, self.http.clone()));
         if let Err(error) = client.health(self.config.control_timeout).await {
             let _ = self.provisioner.terminate(client.endpoint()).await;
@@ -355,12 +376,22 @@ struct ServerBatch {
 impl RemoteBackend {
     /// Splits a batch by server. Calls that cannot be sent (unknown or lost slots) get their
     /// result at once.
-    fn group_by_server(&self, calls: Vec<(Slot, ToolCall)>, results: &mut [Option<ExecutionResult>]) -> Vec<ServerBatch> {
+    fn group_by_server(
+        &self,
+        calls: Vec<(Slot, ToolCall)>,
+        results: &mut [Option<ExecutionResult>],
+    ) -> Vec<ServerBatch> {
         let mut batches: Vec<ServerBatch> = Vec::new();
         let pool = self.lock_pool();
         for (index, (slot, call)) in calls.into_iter().enumerate() {
             let Some(entry) = pool.slot(slot.id) else {
-                results[index] = Some(failed_call(ErrorKind::UnknownSlot, BackendError::UnknownSlot(slot.id).to_string(), &call.name, slot.id, false));
+                results[index] = Some(failed_call(
+                    ErrorKind::UnknownSlot,
+                    BackendError::UnknownSlot(slot.id).to_string(),
+                    &call.name,
+                    slot.id,
+                    false,
+                ));
                 continue;
             };
             if let Some(reason) = &entry.lost {
@@ -371,18 +402,31 @@ impl RemoteBackend {
             let batch = match batches.iter_mut().position(|b| b.key == entry.server) {
                 Some(position) => &mut batches[position],
                 None => {
-                    batches.push(ServerBatch { key: entry.server, client: entry.client.clone(), items: Vec::new(), calls: Vec::new() });
+                    batches.push(ServerBatch {
+                        key: entry.server,
+                        client: entry.client.clone(),
+                        items: Vec::new(),
+                        calls: Vec::new(),
+                    });
                     batches.last_mut().expect("just pushed")
                 }
             };
             batch.items.push((index, slot.id, call.name.clone()));
-            batch.calls.push(SlotCall { slot_id: entry.remote, call });
+            batch.calls.push(SlotCall {
+                slot_id: entry.remote,
+                call,
+            });
         }
         batches
     }
 
     /// Puts one server's answer (or failure) in place of its calls' results.
-    fn settle(&self, batch: ServerBatch, outcome: Result<Vec<ExecutionResult>, ClientError>, results: &mut [Option<ExecutionResult>]) {
+    fn settle(
+        &self,
+        batch: ServerBatch,
+        outcome: Result<Vec<ExecutionResult>, ClientError>,
+        results: &mut [Option<ExecutionResult>],
+    ) {
         match outcome {
             Ok(answers) => {
                 for ((index, slot_id, tool), mut result) in batch.items.into_iter().zip(answers) {
@@ -400,7 +444,13 @@ impl RemoteBackend {
                     self.lock_pool().mark_down(batch.key, &error_chain(&error));
                 }
                 for (index, slot_id, tool) in batch.items {
-                    results[index] = Some(failed_call(ErrorKind::Remote, message.clone(), &tool, slot_id, unreachable));
+                    results[index] = Some(failed_call(
+                        ErrorKind::Remote,
+                        message.clone(),
+                        &tool,
+                        slot_id,
+                        unreachable,
+                    ));
                 }
             }
         }
@@ -409,9 +459,18 @@ impl RemoteBackend {
     /// A server answered that it does not know a slot this backend holds: it restarted, or the
     /// slot expired. The slot is lost.
     fn forgotten_slot(&self, client: &ServerClient, slot_id: SlotId, tool: &str) -> ExecutionResult {
-        let reason = format!("server {} no longer has it (the server restarted, or the slot expired after being idle)", client.endpoint());
+        let reason = format!(
+            "server {} no longer has it (the server restarted, or the slot expired after being idle)",
+            client.endpoint()
+        );
         self.lock_pool().mark_lost(slot_id, &reason);
-        failed_call(ErrorKind::Remote, format!("slot {slot_id} is lost: {reason}; release it and acquire a new one"), tool, slot_id, true)
+        failed_call(
+            ErrorKind::Remote,
+            format!("slot {slot_id} is lost: {reason}; release it and acquire a new one"),
+            tool,
+            slot_id,
+            true,
+        )
     }
 }
 
@@ -429,15 +488,27 @@ impl Backend for RemoteBackend {
         let mut unreachable = Vec::new();
         for _ in 0..ACQUIRE_ATTEMPTS {
             if self.closed.load(Ordering::SeqCst) {
-                return Err(BackendError::Remote { message: "the remote backend is shut down; start a new one".into() });
+                return Err(BackendError::Remote {
+                    message: "the remote backend is shut down; start a new one".into(),
+                });
             }
             let (key, client) = self.reserve_place().await?;
             match client.acquire(trajectory_id, self.config.control_timeout).await {
                 Ok(remote) => {
                     let id = SlotId(self.next_slot.fetch_add(1, Ordering::Relaxed));
-                    let entry = SlotEntry { server: key, client, remote: remote.id, lost: None };
+                    let entry = SlotEntry {
+                        server: key,
+                        client,
+                        remote: remote.id,
+                        lost: None,
+                    };
                     self.lock_pool().insert_slot(id, entry);
-                    return Ok(Slot { id, trajectory_id: trajectory_id.to_string(), backend: "remote".into(), workspace: remote.workspace });
+                    return Ok(Slot {
+                        id,
+                        trajectory_id: trajectory_id.to_string(),
+                        backend: "remote".into(),
+                        workspace: remote.workspace,
+                    });
                 }
                 Err(error) if error.server_unreachable() => {
                     self.lock_pool().mark_down(key, &error_chain(&error));
@@ -446,11 +517,20 @@ impl Backend for RemoteBackend {
                 }
                 Err(error) => {
                     self.give_back(key).await;
-                    return Err(remote_error(&format!("failed to acquire a slot for trajectory `{trajectory_id}`"), &error));
+                    return Err(remote_error(
+                        &format!("failed to acquire a slot for trajectory `{trajectory_id}`"),
+                        &error,
+                    ));
                 }
             }
         }
-        Err(BackendError::Remote { message: format!("failed to acquire a slot: {} servers in a row were unreachable ({})", unreachable.len(), unreachable.join("; ")) })
+        Err(BackendError::Remote {
+            message: format!(
+                "failed to acquire a slot: {} servers in a row were unreachable ({})",
+                unreachable.len(),
+                unreachable.join("; ")
+            ),
+        })
     }
 
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
@@ -468,15 +548,31 @@ impl Backend for RemoteBackend {
         }
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| ExecutionResult::failure(ErrorKind::Backend, "no result was produced for this call", ExecutionMetadata::default())))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    ExecutionResult::failure(
+                        ErrorKind::Backend,
+                        "no result was produced for this call",
+                        ExecutionMetadata::default(),
+                    )
+                })
+            })
             .collect()
     }
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
-        let entry = self.lock_pool().remove_slot(slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
+        let entry = self
+            .lock_pool()
+            .remove_slot(slot.id)
+            .ok_or(BackendError::UnknownSlot(slot.id))?;
         let outcome = match entry.lost {
             Some(_) => Ok(()),
-            None => entry.client.release(entry.remote, reset_workspace, self.config.control_timeout).await,
+            None => {
+                entry
+                    .client
+                    .release(entry.remote, reset_workspace, self.config.control_timeout)
+                    .await
+            }
         };
         if let Err(error) = &outcome
             && error.server_unreachable()
@@ -488,7 +584,13 @@ impl Backend for RemoteBackend {
             Ok(()) => Ok(()),
             // The server already dropped it: released either way.
             Err(error) if error.unknown_slot() => Ok(()),
-            Err(error) => Err(remote_error(&format!("failed to release slot {} (it is forgotten here; the server expires it when idle)", slot.id), &error)),
+            Err(error) => Err(remote_error(
+                &format!(
+                    "failed to release slot {} (it is forgotten here; the server expires it when idle)",
+                    slot.id
+                ),
+                &error,
+            )),
         }
     }
 }
@@ -498,7 +600,10 @@ impl Backend for RemoteBackend {
 fn request_timeout(config: &PoolConfig, calls: &[SlotCall]) -> Duration {
     let mut per_slot: HashMap<SlotId, Duration> = HashMap::new();
     for call in calls {
-        let limit = call.call.timeout.map_or(config.call_timeout, |t| t.min(config.call_timeout));
+        let limit = call
+            .call
+            .timeout
+            .map_or(config.call_timeout, |t| t.min(config.call_timeout));
         *per_slot.entry(call.slot_id).or_default() += limit;
     }
     per_slot.into_values().max().unwrap_or_default() + config.request_margin
@@ -511,17 +616,26 @@ fn validated(mut config: PoolConfig, limit: Option<usize>) -> Result<PoolConfig,
         return invalid("--slots-per-sandbox must be at least 1".into());
     }
     if config.min_servers == 0 {
-        return invalid("--min-sandboxes must be at least 1: the backend checks the token and learns the tools on a warm server".into());
+        return invalid(
+            "--min-sandboxes must be at least 1: the backend checks the token and learns the tools on a warm server"
+                .into(),
+        );
     }
     if config.max_servers < config.min_servers {
-        return invalid(format!("--max-sandboxes ({}) must be at least --min-sandboxes ({})", config.max_servers, config.min_servers));
+        return invalid(format!(
+            "--max-sandboxes ({}) must be at least --min-sandboxes ({})",
+            config.max_servers, config.min_servers
+        ));
     }
     if config.call_timeout.is_zero() {
         return invalid("the call timeout must be positive".into());
     }
     if let Some(limit) = limit {
         if config.min_servers > limit {
-            return invalid(format!("--min-sandboxes is {} but only {limit} servers are listed; list more with --servers or lower it", config.min_servers));
+            return invalid(format!(
+                "--min-sandboxes is {} but only {limit} servers are listed; list more with --servers or lower it",
+                config.min_servers
+            ));
         }
         config.max_servers = config.max_servers.min(limit);
     }
@@ -539,17 +653,31 @@ fn http_client(config: &PoolConfig) -> Result<reqwest::Client, RemoteBackendErro
 }
 
 fn tools_of(health: &Health) -> Vec<ToolName> {
-    health.tools.iter().filter_map(|name| ToolName::from_name(name)).collect()
+    health
+        .tools
+        .iter()
+        .filter_map(|name| ToolName::from_name(name))
+        .collect()
 }
 
 fn failed_call(kind: ErrorKind, message: String, tool: &str, slot_id: SlotId, state_lost: bool) -> ExecutionResult {
-    let metadata = ExecutionMetadata { tool: tool.to_string(), slot_id: Some(slot_id), state_lost, ..Default::default() };
+    let metadata = ExecutionMetadata {
+        tool: tool.to_string(),
+        slot_id: Some(slot_id),
+        state_lost,
+        ..Default::default()
+    };
     ExecutionResult::failure(kind, message, metadata)
 }
 
 fn remote_error(what: &str, error: &(dyn std::error::Error + 'static)) -> BackendError {
-    let advice = error.downcast_ref::<ClientError>().map(|e| format!("; {}", e.advice())).unwrap_or_default();
-    BackendError::Remote { message: format!("{what}: {}{advice}", error_chain(error)) }
+    let advice = error
+        .downcast_ref::<ClientError>()
+        .map(|e| format!("; {}", e.advice()))
+        .unwrap_or_default();
+    BackendError::Remote {
+        message: format!("{what}: {}{advice}", error_chain(error)),
+    }
 }
 
 #[cfg(test)]
@@ -558,10 +686,17 @@ mod tests {
 
     #[test]
     fn a_request_may_take_its_slowest_slots_calls_plus_the_margin() {
-        let config = PoolConfig { call_timeout: Duration::from_secs(30), request_margin: Duration::from_secs(10), ..PoolConfig::default() };
+        let config = PoolConfig {
+            call_timeout: Duration::from_secs(30),
+            request_margin: Duration::from_secs(10),
+            ..PoolConfig::default()
+        };
         let call = |slot: u64, timeout: Option<u64>| SlotCall {
             slot_id: SlotId(slot),
-            call: ToolCall { timeout: timeout.map(Duration::from_secs), ..ToolCall::python("1") },
+            call: ToolCall {
+                timeout: timeout.map(Duration::from_secs),
+                ..ToolCall::python("1")
+            },
         };
         // Slot 1 runs two calls in turn (30 s + 5 s); slot 2 runs one in parallel; a per-call
         // limit above the servers' is capped at theirs.
@@ -571,11 +706,52 @@ mod tests {
 
     #[test]
     fn contradictory_settings_are_refused_with_the_flag_to_fix() {
-        let refused = |config: PoolConfig, limit| validated(config, limit).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(refused(PoolConfig { min_servers: 0, ..PoolConfig::default() }, None).contains("--min-sandboxes must be at least 1"));
-        assert!(refused(PoolConfig { min_servers: 5, max_servers: 2, ..PoolConfig::default() }, None).contains("--max-sandboxes (2)"));
-        assert!(refused(PoolConfig { min_servers: 3, ..PoolConfig::default() }, Some(2)).contains("only 2 servers are listed"));
-        let capped = validated(PoolConfig { max_servers: 8, ..PoolConfig::default() }, Some(3)).map(|c| c.max_servers).ok();
+        let refused = |config: PoolConfig, limit| {
+            validated(config, limit)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(
+            refused(
+                PoolConfig {
+                    min_servers: 0,
+                    ..PoolConfig::default()
+                },
+                None
+            )
+            .contains("--min-sandboxes must be at least 1")
+        );
+        assert!(
+            refused(
+                PoolConfig {
+                    min_servers: 5,
+                    max_servers: 2,
+                    ..PoolConfig::default()
+                },
+                None
+            )
+            .contains("--max-sandboxes (2)")
+        );
+        assert!(
+            refused(
+                PoolConfig {
+                    min_servers: 3,
+                    ..PoolConfig::default()
+                },
+                Some(2)
+            )
+            .contains("only 2 servers are listed")
+        );
+        let capped = validated(
+            PoolConfig {
+                max_servers: 8,
+                ..PoolConfig::default()
+            },
+            Some(3),
+        )
+        .map(|c| c.max_servers)
+        .ok();
         assert_eq!(capped, Some(3), "no more servers than the list holds");
     }
 }

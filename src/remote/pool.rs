@@ -46,7 +46,12 @@ impl Pool {
     pub(crate) fn add_server(&mut self, client: Arc<ServerClient>, places: usize) -> ServerKey {
         let key = self.next_key;
         self.next_key += 1;
-        self.servers.push(ServerEntry { key, client, down: None, places });
+        self.servers.push(ServerEntry {
+            key,
+            client,
+            down: None,
+            places,
+        });
         key
     }
 
@@ -58,14 +63,21 @@ impl Pool {
     /// Takes a place on the least-loaded server that is up and has room (the oldest on a tie),
     /// which spreads cells over the servers.
     pub(crate) fn reserve(&mut self, per_server: usize) -> Option<(ServerKey, Arc<ServerClient>)> {
-        let entry = self.servers.iter_mut().filter(|s| s.down.is_none() && s.places < per_server).min_by_key(|s| s.places)?;
+        let entry = self
+            .servers
+            .iter_mut()
+            .filter(|s| s.down.is_none() && s.places < per_server)
+            .min_by_key(|s| s.places)?;
         entry.places += 1;
         Some((entry.key, entry.client.clone()))
     }
 
     /// Takes a place on `key` after it came back up.
     pub(crate) fn revive(&mut self, key: ServerKey, per_server: usize) -> Option<Arc<ServerClient>> {
-        let entry = self.servers.iter_mut().find(|s| s.key == key && s.places < per_server)?;
+        let entry = self
+            .servers
+            .iter_mut()
+            .find(|s| s.key == key && s.places < per_server)?;
         entry.down = None;
         entry.places += 1;
         Some(entry.client.clone())
@@ -84,12 +96,18 @@ impl Pool {
 
     /// Servers that are down but have room, to try again when no server is up with room.
     pub(crate) fn down_with_room(&self, per_server: usize) -> Vec<(ServerKey, Arc<ServerClient>)> {
-        self.servers.iter().filter(|s| s.down.is_some() && s.places < per_server).map(|s| (s.key, s.client.clone())).collect()
+        self.servers
+            .iter()
+            .filter(|s| s.down.is_some() && s.places < per_server)
+            .map(|s| (s.key, s.client.clone()))
+            .collect()
     }
 
     /// Removes the servers that are down and hold nothing, to be stopped.
     pub(crate) fn take_idle_down(&mut self) -> Vec<Arc<ServerClient>> {
-        let (idle_down, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.servers).into_iter().partition(|s| s.down.is_some() && s.places == 0);
+        let (idle_down, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.servers)
+            .into_iter()
+            .partition(|s| s.down.is_some() && s.places == 0);
         self.servers = kept;
         idle_down.into_iter().map(|s| s.client).collect()
     }
@@ -169,12 +187,21 @@ mod tests {
     use crate::remote::provision::ServerEndpoint;
 
     fn client(name: &str) -> Arc<ServerClient> {
-        let endpoint = ServerEndpoint { id: name.into(), url: format!("http://{name}"), token: None };
+        let endpoint = ServerEndpoint {
+            id: name.into(),
+            url: format!("http://{name}"),
+            token: None,
+        };
         Arc::new(ServerClient::new(endpoint, reqwest::Client::new()))
     }
 
     fn slot_on(server: ServerKey, client: &Arc<ServerClient>) -> SlotEntry {
-        SlotEntry { server, client: client.clone(), remote: SlotId(1), lost: None }
+        SlotEntry {
+            server,
+            client: client.clone(),
+            remote: SlotId(1),
+            lost: None,
+        }
     }
 
     #[test]
@@ -197,7 +224,10 @@ mod tests {
         assert!(pool.give_back(b, 1).is_none(), "b is the warm minimum");
         pool.reserve(1);
         pool.mark_down(b, "gone");
-        assert!(pool.give_back(b, 1).is_some(), "a down server goes even when it was the minimum");
+        assert!(
+            pool.give_back(b, 1).is_some(),
+            "a down server goes even when it was the minimum"
+        );
         assert_eq!(pool.server_count(), 0);
     }
 
@@ -208,11 +238,22 @@ mod tests {
         let a = pool.add_server(a_client.clone(), 1);
         pool.insert_slot(SlotId(10), slot_on(a, &a_client));
         pool.mark_down(a, "connection refused");
-        assert_eq!(pool.slot_info(SlotId(10)).map(|i| i.health), Some(SlotHealth::Lost { reason: "connection refused".into() }));
+        assert_eq!(
+            pool.slot_info(SlotId(10)).map(|i| i.health),
+            Some(SlotHealth::Lost {
+                reason: "connection refused".into()
+            })
+        );
         assert!(pool.reserve(2).is_none(), "a down server takes no new slots");
         assert_eq!(pool.down_with_room(2).len(), 1);
         assert!(pool.revive(a, 2).is_some());
         assert!(pool.server_infos()[0].down.is_none());
-        assert!(matches!(pool.slot_info(SlotId(10)).map(|i| i.health), Some(SlotHealth::Lost { .. })), "its old slots stay lost");
+        assert!(
+            matches!(
+                pool.slot_info(SlotId(10)).map(|i| i.health),
+                Some(SlotHealth::Lost { .. })
+            ),
+            "its old slots stay lost"
+        );
     }
 }

@@ -273,10 +273,18 @@ pub struct AgentContext<'a> {
 /// task's answer often defines the function and says `\boxed{done}`), so its outputs are the
 /// last message. A tools reply with calls never ends the loop: the model sees their results.
 pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Option<Episode> {
-    let system = context.config.system_prompt.clone().unwrap_or_else(|| default_system_prompt(context.config));
+    let system = context
+        .config
+        .system_prompt
+        .clone()
+        .unwrap_or_else(|| default_system_prompt(context.config));
     let mut messages = vec![Message::system(system), Message::user(problem.problem.clone())];
     let mut steps = Vec::new();
-    let offered: &[Value] = if context.config.kind == AgentKind::Tools { context.tools } else { &[] };
+    let offered: &[Value] = if context.config.kind == AgentKind::Tools {
+        context.tools
+    } else {
+        &[]
+    };
     let mut tools_loaded = false;
     let mut context_tokens = None;
     let budget = match BudgetCheck::new(context.config, offered) {
@@ -291,12 +299,25 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
                 Err(error) => return Some(Episode::engine_error(messages, steps, &error, context_tokens)),
             }
             if context_tokens.is_some_and(|count| count > budget.budget) {
-                return Some(Episode::ended(messages, steps, StopReason::ContextBudget, None, context_tokens));
+                return Some(Episode::ended(
+                    messages,
+                    steps,
+                    StopReason::ContextBudget,
+                    None,
+                    context_tokens,
+                ));
             }
         }
         let counting_ms = millis(counting.elapsed());
         let started = Instant::now();
-        let request = TurnRequest { problem, messages: &messages, tools: offered, turn, agent: context.config.kind, code_tags: &context.config.code_tags };
+        let request = TurnRequest {
+            problem,
+            messages: &messages,
+            tools: offered,
+            turn,
+            agent: context.config.kind,
+            code_tags: &context.config.code_tags,
+        };
         let reply = tokio::select! {
             reply = context.policy.next_turn(request) => reply,
             () = stopped(&mut context.stop) => return None,
@@ -306,11 +327,24 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
             Ok(reply) => reply,
             Err(error) => {
                 let policy_error = Some((error.kind().to_owned(), error_chain(&error)));
-                return Some(Episode { messages, steps, stop_reason: StopReason::PolicyError, policy_error, final_answer: None, context_tokens });
+                return Some(Episode {
+                    messages,
+                    steps,
+                    stop_reason: StopReason::PolicyError,
+                    policy_error,
+                    final_answer: None,
+                    context_tokens,
+                });
             }
         };
         let turn_started = Instant::now();
-        let ModelReply { message, usage, logprobs, finish_reason, attempts } = reply;
+        let ModelReply {
+            message,
+            usage,
+            logprobs,
+            finish_reason,
+            attempts,
+        } = reply;
         let text = message.text().into_owned();
         let final_answer = extract_final_answer(&text);
         let tool_calls = message.tool_calls().to_vec();
@@ -320,39 +354,95 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
             AgentKind::Notebook => run_code_blocks(context, &text).await,
             AgentKind::Tools => run_tool_calls(context, &tool_calls, &mut tools_loaded).await,
         };
-        let tool_ms = if calls.is_empty() { 0.0 } else { millis(started.elapsed()) };
+        let tool_ms = if calls.is_empty() {
+            0.0
+        } else {
+            millis(started.elapsed())
+        };
         let ran_something = !calls.is_empty();
         messages.extend(replies);
-        let in_slots_ms = calls.iter().map(|c| c.result.metadata.duration_us as f64 / 1e3).sum::<f64>();
+        let in_slots_ms = calls
+            .iter()
+            .map(|c| c.result.metadata.duration_us as f64 / 1e3)
+            .sum::<f64>();
         let overhead_ms = counting_ms + (millis(turn_started.elapsed()) - in_slots_ms).max(0.0);
-        steps.push(Step { turn, model_ms, tool_ms, overhead_ms, usage, logprobs, finish_reason, attempts, calls });
+        steps.push(Step {
+            turn,
+            model_ms,
+            tool_ms,
+            overhead_ms,
+            usage,
+            logprobs,
+            finish_reason,
+            attempts,
+            calls,
+        });
         let stop_reason = if final_answer.is_some() && !(context.config.kind == AgentKind::Tools && ran_something) {
             Some(StopReason::FinalAnswer)
         } else if !ran_something {
             Some(StopReason::NoAction)
-        } else if budget.is_none() && context.config.max_context_tokens.is_some_and(|limit| usage.is_some_and(|u| u.total_tokens >= limit)) {
+        } else if budget.is_none()
+            && context
+                .config
+                .max_context_tokens
+                .is_some_and(|limit| usage.is_some_and(|u| u.total_tokens >= limit))
+        {
             Some(StopReason::ContextBudget)
         } else {
             None
         };
         if let Some(stop_reason) = stop_reason {
-            return Some(Episode { messages, steps, stop_reason, policy_error: None, final_answer, context_tokens });
+            return Some(Episode {
+                messages,
+                steps,
+                stop_reason,
+                policy_error: None,
+                final_answer,
+                context_tokens,
+            });
         }
         if *context.stop.borrow() {
             return None;
         }
     }
-    Some(Episode::ended(messages, steps, StopReason::MaxTurns, None, context_tokens))
+    Some(Episode::ended(
+        messages,
+        steps,
+        StopReason::MaxTurns,
+        None,
+        context_tokens,
+    ))
 }
 
 impl Episode {
-    fn ended(messages: Vec<Message>, steps: Vec<Step>, stop_reason: StopReason, final_answer: Option<String>, context_tokens: Option<u64>) -> Self {
-        Episode { messages, steps, stop_reason, policy_error: None, final_answer, context_tokens }
+    fn ended(
+        messages: Vec<Message>,
+        steps: Vec<Step>,
+        stop_reason: StopReason,
+        final_answer: Option<String>,
+        context_tokens: Option<u64>,
+    ) -> Self {
+        Episode {
+            messages,
+            steps,
+            stop_reason,
+            policy_error: None,
+            final_answer,
+            context_tokens,
+        }
     }
 
-    fn engine_error(messages: Vec<Message>, steps: Vec<Step>, error: &TruncationError, context_tokens: Option<u64>) -> Self {
+    fn engine_error(
+        messages: Vec<Message>,
+        steps: Vec<Step>,
+        error: &TruncationError,
+        context_tokens: Option<u64>,
+    ) -> Self {
         let policy_error = Some(("token_count".to_owned(), error_chain(error)));
-        Episode { policy_error, ..Episode::ended(messages, steps, StopReason::EngineError, None, context_tokens) }
+        Episode {
+            policy_error,
+            ..Episode::ended(messages, steps, StopReason::EngineError, None, context_tokens)
+        }
     }
 }
 
@@ -368,10 +458,16 @@ struct BudgetCheck<'a> {
 impl<'a> BudgetCheck<'a> {
     /// `None` unless both a budget and a tokenizer are configured.
     fn new(config: &'a AgentConfig, tools: &[Value]) -> Result<Option<Self>, TruncationError> {
-        let (Some(budget), Some(counter)) = (config.max_context_tokens, config.token_counter.as_deref()) else { return Ok(None) };
+        let (Some(budget), Some(counter)) = (config.max_context_tokens, config.token_counter.as_deref()) else {
+            return Ok(None);
+        };
         let listing = tools.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
         let tools_tokens = counter.count_text(&listing)? as u64;
-        Ok(Some(BudgetCheck { counter, budget, tools_tokens }))
+        Ok(Some(BudgetCheck {
+            counter,
+            budget,
+            tools_tokens,
+        }))
     }
 
     /// The prompt's tokens if `messages` were sent now.
@@ -391,7 +487,6 @@ fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
 
-
 /// Runs a notebook reply's code blocks in order as one batch in the slot; the outputs, each in
 /// the output tag, come back as one user message.
 async fn run_code_blocks(context: &AgentContext<'_>, text: &str) -> (Vec<StepCall>, Vec<Message>) {
@@ -403,8 +498,20 @@ async fn run_code_blocks(context: &AgentContext<'_>, text: &str) -> (Vec<StepCal
     let batch = calls.iter().map(|c| (context.slot.clone(), c.clone())).collect();
     let results = context.backend.execute_batch(batch).await;
     let tag = &context.config.output_tag;
-    let reply = results.iter().map(|r| format!("<{tag}>\n{}\n</{tag}>", r.output.trim_end())).collect::<Vec<_>>().join("\n");
-    let calls = calls.into_iter().zip(results).map(|(call, result)| StepCall { tool_call_id: None, call, result }).collect();
+    let reply = results
+        .iter()
+        .map(|r| format!("<{tag}>\n{}\n</{tag}>", r.output.trim_end()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let calls = calls
+        .into_iter()
+        .zip(results)
+        .map(|(call, result)| StepCall {
+            tool_call_id: None,
+            call,
+            result,
+        })
+        .collect();
     (calls, vec![Message::user(reply)])
 }
 
@@ -415,7 +522,11 @@ async fn run_code_blocks(context: &AgentContext<'_>, text: &str) -> (Vec<StepCal
 /// A user tool runs as a `python` cell. When the batch calls one and the tools are not loaded
 /// in the slot yet, the cell that loads them goes first in the same batch; its time is added to
 /// the first user tool call's. `tools_loaded` is cleared when the slot's interpreter restarted.
-async fn run_tool_calls(context: &AgentContext<'_>, tool_calls: &[crate::chat::ToolCall], tools_loaded: &mut bool) -> (Vec<StepCall>, Vec<Message>) {
+async fn run_tool_calls(
+    context: &AgentContext<'_>,
+    tool_calls: &[crate::chat::ToolCall],
+    tools_loaded: &mut bool,
+) -> (Vec<StepCall>, Vec<Message>) {
     let user_tools = &context.config.user_tools;
     let planned: Vec<(String, ToolCall, Dispatch)> = tool_calls.iter().map(|call| plan_call(context, call)).collect();
     let calls_user_tool = planned.iter().any(|(_, _, d)| matches!(d, Dispatch::UserTool(_)));
@@ -429,14 +540,25 @@ async fn run_tool_calls(context: &AgentContext<'_>, tool_calls: &[crate::chat::T
             batch.push((context.slot.clone(), call.clone()));
         }
     }
-    let mut results = if batch.is_empty() { Vec::new() } else { context.backend.execute_batch(batch).await }.into_iter();
+    let mut results = if batch.is_empty() {
+        Vec::new()
+    } else {
+        context.backend.execute_batch(batch).await
+    }
+    .into_iter();
     let load = if load_first { results.next() } else { None };
     *tools_loaded = load.as_ref().map_or(*tools_loaded, |l| l.success);
     let mut load_us = load.as_ref().map_or(0, |l| l.metadata.duration_us);
     let mut calls = Vec::with_capacity(planned.len());
     let mut replies = Vec::with_capacity(planned.len());
     for (id, call, dispatch) in planned {
-        let missing = || ExecutionResult::failure(ErrorKind::Backend, "the backend returned no result for the call", ExecutionMetadata::default());
+        let missing = || {
+            ExecutionResult::failure(
+                ErrorKind::Backend,
+                "the backend returned no result for the call",
+                ExecutionMetadata::default(),
+            )
+        };
         let result = match dispatch {
             Dispatch::Failed(result) => result,
             Dispatch::Run(_) => results.next().unwrap_or_else(missing),
@@ -444,7 +566,11 @@ async fn run_tool_calls(context: &AgentContext<'_>, tool_calls: &[crate::chat::T
                 let mut result = tool_result(&call.name, results.next().unwrap_or_else(missing));
                 result.metadata.duration_us += std::mem::take(&mut load_us);
                 if let Some(load) = load.as_ref().filter(|l| !l.success) {
-                    result.output = format!("failed to load the tools in the slot, so `{}` did not run: {}", call.name, load.output.trim());
+                    result.output = format!(
+                        "failed to load the tools in the slot, so `{}` did not run: {}",
+                        call.name,
+                        load.output.trim()
+                    );
                 }
                 result
             }
@@ -453,7 +579,11 @@ async fn run_tool_calls(context: &AgentContext<'_>, tool_calls: &[crate::chat::T
             *tools_loaded = false;
         }
         replies.push(Message::tool(id.clone(), result.output.clone()));
-        calls.push(StepCall { tool_call_id: Some(id), call, result });
+        calls.push(StepCall {
+            tool_call_id: Some(id),
+            call,
+            result,
+        });
     }
     (calls, replies)
 }
@@ -471,7 +601,11 @@ enum Dispatch {
 /// The call id, the call as the model made it (as recorded in the step), and how it runs.
 fn plan_call(context: &AgentContext<'_>, call: &crate::chat::ToolCall) -> (String, ToolCall, Dispatch) {
     let name = call.function.name.clone();
-    let metadata = || ExecutionMetadata { tool: name.clone(), slot_id: Some(context.slot.id), ..Default::default() };
+    let metadata = || ExecutionMetadata {
+        tool: name.clone(),
+        slot_id: Some(context.slot.id),
+        ..Default::default()
+    };
     let arguments = match serde_json::from_str::<Value>(&call.function.arguments) {
         Ok(arguments @ Value::Object(_)) => arguments,
         Ok(_) | Err(_) => {

@@ -13,7 +13,8 @@ pub fn extract_final_answer(text: &str) -> Option<String> {
         (Some(b), Some(t)) => Some(if t.0 > b.0 { t } else { b }),
         (b, t) => b.or(t),
     };
-    best.map(|(_, answer)| answer.trim().to_owned()).filter(|a| !a.is_empty())
+    best.map(|(_, answer)| answer.trim().to_owned())
+        .filter(|a| !a.is_empty())
 }
 
 /// Whether `text` holds a final answer.
@@ -74,7 +75,10 @@ impl Rational {
         }
         let divisor = gcd(numerator.unsigned_abs(), denominator.unsigned_abs()).max(1) as i128;
         let sign = if denominator < 0 { -1 } else { 1 };
-        Some(Rational { numerator: sign * numerator / divisor, denominator: sign * denominator / divisor })
+        Some(Rational {
+            numerator: sign * numerator / divisor,
+            denominator: sign * denominator / divisor,
+        })
     }
 
     fn divide(self, other: Rational) -> Option<Rational> {
@@ -110,13 +114,21 @@ pub fn parse_exact_number(answer: &str) -> Option<Rational> {
     } else {
         parse_decimal(body)?
     };
-    Rational::new(if negative { -value.numerator } else { value.numerator }, value.denominator)
+    Rational::new(
+        if negative { -value.numerator } else { value.numerator },
+        value.denominator,
+    )
 }
 
 /// Strips what does not change a number's value: `$`, spaces, LaTeX spacing, a trailing unit in
 /// `\text{}`/`\mathrm{}`, a trailing `%`, thousands separators, `\dfrac`/`\tfrac` spelling.
 fn normalize(answer: &str) -> String {
-    let mut text: String = answer.trim().trim_matches('$').replace("\\!", "").replace("\\,", "").replace("\\ ", "");
+    let mut text: String = answer
+        .trim()
+        .trim_matches('$')
+        .replace("\\!", "")
+        .replace("\\,", "")
+        .replace("\\ ", "");
     for command in ["\\text{", "\\mathrm{", "\\textrm{"] {
         if let Some(at) = text.find(command).filter(|&at| at > 0 && text.ends_with('}')) {
             text.truncate(at);
@@ -125,7 +137,11 @@ fn normalize(answer: &str) -> String {
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac");
     text.retain(|c| !c.is_whitespace());
     let text = text.trim_end_matches("\\%").trim_end_matches('%').to_owned();
-    if is_thousands_grouped(&text) { text.replace(',', "") } else { text }
+    if is_thousands_grouped(&text) {
+        text.replace(',', "")
+    } else {
+        text
+    }
 }
 
 fn is_thousands_grouped(text: &str) -> bool {
@@ -133,7 +149,9 @@ fn is_thousands_grouped(text: &str) -> bool {
     let groups: Vec<&str> = integer.split(',').collect();
     groups.len() > 1
         && (1..=3).contains(&groups[0].len())
-        && groups.iter().all(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
+        && groups
+            .iter()
+            .all(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
         && groups[1..].iter().all(|g| g.len() == 3)
 }
 
@@ -173,7 +191,11 @@ pub fn latex_to_sympy(latex: &str) -> String {
         } else if let Some(after) = rest.strip_prefix("\\sqrt[") {
             let end = after.find(']').unwrap_or(after.len());
             let (x, after2) = braced(after.get(end + 1..).unwrap_or(""));
-            out.push_str(&format!("(({})**(1/({})))", latex_to_sympy(x), latex_to_sympy(&after[..end])));
+            out.push_str(&format!(
+                "(({})**(1/({})))",
+                latex_to_sympy(x),
+                latex_to_sympy(&after[..end])
+            ));
             rest = after2;
         } else if let Some(after) = rest.strip_prefix("\\sqrt") {
             let (x, after) = braced(after);

@@ -21,7 +21,10 @@ pub struct CodeTags {
 
 impl Default for CodeTags {
     fn default() -> Self {
-        CodeTags { open: "<code>".to_owned(), close: "</code>".to_owned() }
+        CodeTags {
+            open: "<code>".to_owned(),
+            close: "</code>".to_owned(),
+        }
     }
 }
 
@@ -106,12 +109,23 @@ fn read_tagged<'a>(text: &'a str, tags: &CodeTags) -> (CodeBlock, &'a str) {
             (_, Some(c)) => {
                 depth -= 1;
                 if depth == 0 {
-                    let block = CodeBlock { code: tidy(&text[..c]), terminated: true };
+                    let block = CodeBlock {
+                        code: tidy(&text[..c]),
+                        terminated: true,
+                    };
                     return (block, &text[c + tags.close.len()..]);
                 }
                 at = c + tags.close.len();
             }
-            (_, None) => return (CodeBlock { code: tidy(text), terminated: false }, ""),
+            (_, None) => {
+                return (
+                    CodeBlock {
+                        code: tidy(text),
+                        terminated: false,
+                    },
+                    "",
+                );
+            }
         }
     }
 }
@@ -122,19 +136,31 @@ fn read_fenced(text: &str) -> (CodeBlock, &str) {
     let mut offset = 0;
     for line in body.split_inclusive('\n') {
         if line.trim_start().starts_with(FENCE) {
-            let block = CodeBlock { code: tidy(&body[..offset]), terminated: true };
+            let block = CodeBlock {
+                code: tidy(&body[..offset]),
+                terminated: true,
+            };
             return (block, &body[offset + line.len()..]);
         }
         offset += line.len();
     }
-    (CodeBlock { code: tidy(body), terminated: false }, "")
+    (
+        CodeBlock {
+            code: tidy(body),
+            terminated: false,
+        },
+        "",
+    )
 }
 
 /// Drops blank lines at either end and trailing whitespace, keeping indentation.
 fn tidy(code: &str) -> String {
     let lines: Vec<&str> = code.lines().collect();
     let first = lines.iter().position(|l| !l.trim().is_empty()).unwrap_or(lines.len());
-    let last = lines.iter().rposition(|l| !l.trim().is_empty()).map_or(first, |i| i + 1);
+    let last = lines
+        .iter()
+        .rposition(|l| !l.trim().is_empty())
+        .map_or(first, |i| i + 1);
     let mut out = lines[first..last.max(first)].join("\n").trim_end().to_owned();
     out.push('\n');
     out

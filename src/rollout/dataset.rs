@@ -76,7 +76,12 @@ pub struct DatasetError {
 /// Reads a JSONL dataset file with [`load_dataset_with`], building SWE example repositories in
 /// `swe-repos/` of rollbox's cache folder (`ROLLBOX_CACHE_DIR`).
 pub fn load_dataset(path: &Path) -> Result<Dataset, DatasetError> {
-    load_dataset_with(path, &crate::runtime::RuntimeOptions::from_env().cache_dir.join(SWE_REPOS_SUBDIR))
+    load_dataset_with(
+        path,
+        &crate::runtime::RuntimeOptions::from_env()
+            .cache_dir
+            .join(SWE_REPOS_SUBDIR),
+    )
 }
 
 /// Where [`load_dataset`] builds SWE repositories, under rollbox's cache folder.
@@ -87,13 +92,19 @@ pub const SWE_REPOS_SUBDIR: &str = "swe-repos";
 /// `swe_repos_dir` (see [`crate::swe::build_repo`]), a relative `repo` path made absolute. A row
 /// whose repository cannot be made becomes a [`LineError`].
 pub fn load_dataset_with(path: &Path, swe_repos_dir: &Path) -> Result<Dataset, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DatasetError { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| DatasetError {
+        path: path.to_owned(),
+        source,
+    })?;
     let (numbered, mut errors) = parse_numbered(&text);
     let base = path.parent().unwrap_or(Path::new("."));
     let mut problems = Vec::new();
     for (line, mut problem) in numbered {
         match problem.swe.as_mut().map(|task| resolve_repo(task, base, swe_repos_dir)) {
-            Some(Err(error)) => errors.push(LineError { line, message: crate::output::error_chain(&error) }),
+            Some(Err(error)) => errors.push(LineError {
+                line,
+                message: crate::output::error_chain(&error),
+            }),
             _ => problems.push(problem),
         }
     }
@@ -106,7 +117,10 @@ pub fn load_dataset_with(path: &Path, swe_repos_dir: &Path) -> Result<Dataset, D
 /// neither, a duplicate `instance_id`, or bad JSON becomes a [`LineError`].
 pub fn parse_dataset(text: &str) -> Dataset {
     let (numbered, errors) = parse_numbered(text);
-    Dataset { problems: numbered.into_iter().map(|(_, problem)| problem).collect(), errors }
+    Dataset {
+        problems: numbered.into_iter().map(|(_, problem)| problem).collect(),
+        errors,
+    }
 }
 
 /// The problems with their line numbers, and the unreadable lines.
@@ -120,9 +134,10 @@ fn parse_numbered(text: &str) -> (Vec<(usize, Problem)>, Vec<LineError>) {
             continue;
         }
         match parse_line(line) {
-            Ok(problem) if !seen.insert(problem.instance_id.clone()) => {
-                errors.push(LineError { line: number, message: format!("duplicate instance_id `{}`", problem.instance_id) })
-            }
+            Ok(problem) if !seen.insert(problem.instance_id.clone()) => errors.push(LineError {
+                line: number,
+                message: format!("duplicate instance_id `{}`", problem.instance_id),
+            }),
             Ok(problem) => problems.push((number, problem)),
             Err(message) => errors.push(LineError { line: number, message }),
         }
@@ -141,10 +156,17 @@ fn parse_line(line: &str) -> Result<Problem, String> {
     let swe_fields: Vec<&str> = SWE_FIELDS.into_iter().filter(|f| object.contains_key(*f)).collect();
     let swe = match swe_fields.len() {
         0 => None,
-        n if n == SWE_FIELDS.len() => Some(serde_json::from_value::<SweTask>(value.clone()).map_err(|e| format!("not an SWE task: {e}"))?),
+        n if n == SWE_FIELDS.len() => {
+            Some(serde_json::from_value::<SweTask>(value.clone()).map_err(|e| format!("not an SWE task: {e}"))?)
+        }
         _ => {
             let missing: Vec<&str> = SWE_FIELDS.into_iter().filter(|f| !swe_fields.contains(f)).collect();
-            return Err(format!("has {} but not {}: an SWE task needs all of {}", swe_fields.join(", "), missing.join(", "), SWE_FIELDS.join(", ")));
+            return Err(format!(
+                "has {} but not {}: an SWE task needs all of {}",
+                swe_fields.join(", "),
+                missing.join(", "),
+                SWE_FIELDS.join(", ")
+            ));
         }
     };
     let mut problem: Problem = serde_json::from_value(value).map_err(|e| format!("not a problem: {e}"))?;
@@ -152,7 +174,10 @@ fn parse_line(line: &str) -> Result<Problem, String> {
         return Err("`instance_id` is empty".to_owned());
     }
     if problem.ground_truth.is_none() && problem.test_cases.is_empty() && swe.is_none() {
-        return Err("has no `ground_truth`, `test_cases` or SWE task (repo, base_commit, test_command), so it cannot be scored".to_owned());
+        return Err(
+            "has no `ground_truth`, `test_cases` or SWE task (repo, base_commit, test_command), so it cannot be scored"
+                .to_owned(),
+        );
     }
     problem.swe = swe;
     Ok(problem)

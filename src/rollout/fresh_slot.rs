@@ -45,14 +45,36 @@ pub struct Scored<'a> {
 pub async fn reward_in_fresh_slot(backend: &dyn Backend, scored: Scored<'_>) -> Result<Reward, BackendError> {
     let slot = backend.acquire(&format!("{}/reward", scored.trajectory_id)).await?;
     if scored.custom.is_some() || !scored.problem.test_cases.is_empty() {
-        let cells: Vec<_> = scored.steps.iter().flat_map(|s| &s.calls).filter_map(|c| python_code(&c.call)).map(definitions).filter(|d| !d.is_empty()).collect();
+        let cells: Vec<_> = scored
+            .steps
+            .iter()
+            .flat_map(|s| &s.calls)
+            .filter_map(|c| python_code(&c.call))
+            .map(definitions)
+            .filter(|d| !d.is_empty())
+            .collect();
         if !cells.is_empty() {
             // A definition that fails (an import the fresh slot lacks) shows up as the tests'
             // NameError, which is the honest outcome.
-            backend.execute_batch(cells.into_iter().map(|code| (slot.clone(), ToolCall::python(code))).collect()).await;
+            backend
+                .execute_batch(
+                    cells
+                        .into_iter()
+                        .map(|code| (slot.clone(), ToolCall::python(code)))
+                        .collect(),
+                )
+                .await;
         }
     }
-    let mut reward = score(backend, &slot, scored.problem, scored.answer, scored.messages, scored.custom).await;
+    let mut reward = score(
+        backend,
+        &slot,
+        scored.problem,
+        scored.answer,
+        scored.messages,
+        scored.custom,
+    )
+    .await;
     reward.fresh_slot = true;
     // The reward is computed; a slot that fails to release does not change it.
     let _ = backend.release(&slot, true).await;
@@ -61,13 +83,17 @@ pub async fn reward_in_fresh_slot(backend: &dyn Backend, scored: Scored<'_>) -> 
 
 /// The code of a `python` call, as the notebook agent and the tools agent record it.
 fn python_code(call: &ToolCall) -> Option<&str> {
-    (call.name == "python").then(|| call.arguments.get("code").and_then(Value::as_str)).flatten()
+    (call.name == "python")
+        .then(|| call.arguments.get("code").and_then(Value::as_str))
+        .flatten()
 }
 
 /// The definitions of a Python cell (see the module docs), in order; empty when it has none or
 /// does not parse.
 pub fn definitions(code: &str) -> String {
-    let Ok(suite) = ast::Suite::parse(code, "<cell>") else { return String::new() };
+    let Ok(suite) = ast::Suite::parse(code, "<cell>") else {
+        return String::new();
+    };
     let mut kept: Vec<&str> = Vec::new();
     for stmt in &suite {
         let decorators = match stmt {

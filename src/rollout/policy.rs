@@ -171,20 +171,32 @@ impl Policy for OraclePolicy {
             .problem
             .reference_solution
             .as_ref()
-            .ok_or_else(|| PolicyError::NoReferenceSolution { instance_id: request.problem.instance_id.clone() })?;
-        let text = turns.get(request.turn).ok_or(PolicyError::OutOfTurns { turns: turns.len(), asked: request.turn + 1 })?;
+            .ok_or_else(|| PolicyError::NoReferenceSolution {
+                instance_id: request.problem.instance_id.clone(),
+            })?;
+        let text = turns.get(request.turn).ok_or(PolicyError::OutOfTurns {
+            turns: turns.len(),
+            asked: request.turn + 1,
+        })?;
         let mut message = Message::assistant(text.clone());
         if request.agent == AgentKind::Tools {
-            let calls = reference_tool_calls(text, request.code_tags).map_err(|message| PolicyError::BadReferenceToolCall {
-                instance_id: request.problem.instance_id.clone(),
-                turn: request.turn + 1,
-                message,
-            })?;
+            let calls =
+                reference_tool_calls(text, request.code_tags).map_err(|message| PolicyError::BadReferenceToolCall {
+                    instance_id: request.problem.instance_id.clone(),
+                    turn: request.turn + 1,
+                    message,
+                })?;
             for (n, (name, arguments)) in calls.into_iter().enumerate() {
                 message = message.with_tool_call(format!("call_{}_{n}", request.turn), name, arguments);
             }
         }
-        Ok(ModelReply { message, usage: None, logprobs: None, finish_reason: Some("stop".to_owned()), attempts: 0 })
+        Ok(ModelReply {
+            message,
+            usage: None,
+            logprobs: None,
+            finish_reason: Some("stop".to_owned()),
+            attempts: 0,
+        })
     }
 }
 
@@ -205,10 +217,18 @@ fn reference_tool_calls(text: &str, tags: &CodeTags) -> Result<Vec<(String, Stri
             calls.push(("python".to_owned(), json!({ "code": code.code }).to_string()));
         }
         let Some(block) = block else { return Ok(calls) };
-        let (body, after) = block.split_once(TOOL_CALL_CLOSE).ok_or("it has no closing </tool_call>")?;
+        let (body, after) = block
+            .split_once(TOOL_CALL_CLOSE)
+            .ok_or("it has no closing </tool_call>")?;
         let call: Value = serde_json::from_str(body.trim()).map_err(|e| format!("it is not JSON ({e})"))?;
-        let name = call.get("name").and_then(Value::as_str).ok_or("it has no string `name`")?;
-        let arguments = call.get("arguments").filter(|a| a.is_object()).ok_or("its `arguments` is not an object")?;
+        let name = call
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or("it has no string `name`")?;
+        let arguments = call
+            .get("arguments")
+            .filter(|a| a.is_object())
+            .ok_or("its `arguments` is not an object")?;
         calls.push((name.to_owned(), arguments.to_string()));
         rest = after;
     }
@@ -284,11 +304,23 @@ const ERROR_BODY_CHARS: usize = 500;
 impl ChatClient {
     /// A client for `config`'s endpoint.
     pub fn new(config: ChatClientConfig) -> Result<Self, ChatClientError> {
-        let http = reqwest::Client::builder().timeout(config.request_timeout).build().map_err(ChatClientError)?;
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .build()
+            .map_err(ChatClientError)?;
         let base = config.url.trim_end_matches('/');
-        let endpoint = if base.ends_with("/chat/completions") { base.to_owned() } else { format!("{base}/chat/completions") };
+        let endpoint = if base.ends_with("/chat/completions") {
+            base.to_owned()
+        } else {
+            format!("{base}/chat/completions")
+        };
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-        Ok(ChatClient { http, endpoint, config, in_flight })
+        Ok(ChatClient {
+            http,
+            endpoint,
+            config,
+            in_flight,
+        })
     }
 
     /// The URL requests go to.
@@ -318,7 +350,11 @@ impl ChatClient {
     /// lockstep; never shorter than the server's `Retry-After`, never longer than `max_backoff`.
     fn backoff(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
         use std::hash::BuildHasher;
-        let doubled = self.config.initial_backoff.saturating_mul(2u32.saturating_pow(retry)).min(self.config.max_backoff);
+        let doubled = self
+            .config
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(retry))
+            .min(self.config.max_backoff);
         // `RandomState` is seeded randomly per instance: std's randomness, without a new crate.
         let unit = (std::collections::hash_map::RandomState::new().hash_one(retry) % 1024) as f64 / 1024.0;
         let jittered = doubled.mul_f64(0.5 + 0.5 * unit);
@@ -355,11 +391,19 @@ impl Policy for ChatClient {
                     tokio::time::sleep(self.backoff(attempt - 1, None)).await;
                     continue;
                 }
-                Err(source) => return Err(PolicyError::Request { attempts: attempt, source }),
+                Err(source) => {
+                    return Err(PolicyError::Request {
+                        attempts: attempt,
+                        source,
+                    });
+                }
             };
             let status = response.status();
             if status.is_success() {
-                let value: Value = response.json().await.map_err(|source| PolicyError::Request { attempts: attempt, source })?;
+                let value: Value = response.json().await.map_err(|source| PolicyError::Request {
+                    attempts: attempt,
+                    source,
+                })?;
                 return parse_completion(value, attempt);
             }
             let retryable = status.as_u16() == 429 || status.is_server_error();
@@ -375,25 +419,46 @@ impl Policy for ChatClient {
             }
             let text = response.text().await.unwrap_or_default();
             let body: String = text.chars().take(ERROR_BODY_CHARS).collect();
-            return Err(PolicyError::Status { status: status.as_u16(), attempts: attempt, body });
+            return Err(PolicyError::Status {
+                status: status.as_u16(),
+                attempts: attempt,
+                body,
+            });
         }
     }
 }
 
 /// Reads `choices[0]` and `usage` of a chat completion.
 fn parse_completion(mut value: Value, attempts: u32) -> Result<ModelReply, PolicyError> {
-    let usage = value.get("usage").cloned().and_then(|u| serde_json::from_value::<Usage>(u).ok());
+    let usage = value
+        .get("usage")
+        .cloned()
+        .and_then(|u| serde_json::from_value::<Usage>(u).ok());
     let choice = value
         .get_mut("choices")
         .and_then(|c| c.get_mut(0))
         .map(Value::take)
-        .ok_or_else(|| PolicyError::Decode { message: "no choices[0]".to_owned() })?;
+        .ok_or_else(|| PolicyError::Decode {
+            message: "no choices[0]".to_owned(),
+        })?;
     let message = choice
         .get("message")
         .cloned()
-        .ok_or_else(|| PolicyError::Decode { message: "no choices[0].message".to_owned() })
-        .and_then(|m| serde_json::from_value::<Message>(m).map_err(|e| PolicyError::Decode { message: format!("choices[0].message: {e}") }))?;
+        .ok_or_else(|| PolicyError::Decode {
+            message: "no choices[0].message".to_owned(),
+        })
+        .and_then(|m| {
+            serde_json::from_value::<Message>(m).map_err(|e| PolicyError::Decode {
+                message: format!("choices[0].message: {e}"),
+            })
+        })?;
     let logprobs = choice.get("logprobs").filter(|l| !l.is_null()).cloned();
     let finish_reason = choice.get("finish_reason").and_then(Value::as_str).map(str::to_owned);
-    Ok(ModelReply { message, usage, logprobs, finish_reason, attempts })
+    Ok(ModelReply {
+        message,
+        usage,
+        logprobs,
+        finish_reason,
+        attempts,
+    })
 }

@@ -32,7 +32,11 @@ pub struct Reward {
 
 impl Reward {
     fn new(score: f64, breakdown: RewardBreakdown) -> Self {
-        Reward { score, breakdown, fresh_slot: false }
+        Reward {
+            score,
+            breakdown,
+            fresh_slot: false,
+        }
     }
 }
 
@@ -109,7 +113,14 @@ pub struct TestFailure {
 
 /// Scores a trajectory in `slot`: with the user's reward function `custom` when there is one
 /// (see [`custom_reward`]), else with [`compute_reward`].
-pub async fn score(backend: &dyn Backend, slot: &Slot, problem: &Problem, answer: Option<&str>, messages: &[Message], custom: Option<&str>) -> Reward {
+pub async fn score(
+    backend: &dyn Backend,
+    slot: &Slot,
+    problem: &Problem,
+    answer: Option<&str>,
+    messages: &[Message],
+    custom: Option<&str>,
+) -> Reward {
     match custom {
         Some(source) => custom_reward(backend, slot, source, problem, answer, messages).await,
         None => compute_reward(backend, slot, problem, answer).await,
@@ -133,7 +144,14 @@ pub async fn compute_reward(backend: &dyn Backend, slot: &Slot, problem: &Proble
 /// `reward(problem: dict, answer: str | None, messages: list[dict]) -> float`; it runs in its own
 /// namespace (the notebook's is reachable with `import __main__`). A function that raises or
 /// returns something that is not a finite number scores 0 with the error recorded.
-pub async fn custom_reward(backend: &dyn Backend, slot: &Slot, source: &str, problem: &Problem, answer: Option<&str>, messages: &[Message]) -> Reward {
+pub async fn custom_reward(
+    backend: &dyn Backend,
+    slot: &Slot,
+    source: &str,
+    problem: &Problem,
+    answer: Option<&str>,
+    messages: &[Message],
+) -> Reward {
     let literal = |v: String| serde_json::to_string(&v).unwrap_or_else(|_| "'null'".to_owned());
     let json = |v: serde_json::Result<String>| literal(v.unwrap_or_else(|_| "null".to_owned()));
     let cell = format!(
@@ -156,34 +174,63 @@ finally:
         messages = json(serde_json::to_string(messages)),
     );
     let result = backend.execute(slot, ToolCall::python(cell)).await;
-    let score = result.success.then(|| result.cell.as_ref().and_then(|c| c.stdout.trim().parse::<f64>().ok())).flatten();
+    let score = result
+        .success
+        .then(|| result.cell.as_ref().and_then(|c| c.stdout.trim().parse::<f64>().ok()))
+        .flatten();
     let error = match score {
         Some(_) => None,
         None => Some(result.output.trim().to_owned()),
     };
-    Reward::new(score.unwrap_or(0.0), RewardBreakdown::Custom { answer: answer.map(str::to_owned), error })
+    Reward::new(
+        score.unwrap_or(0.0),
+        RewardBreakdown::Custom {
+            answer: answer.map(str::to_owned),
+            error,
+        },
+    )
 }
 
 /// Compares `answer` with `ground_truth`: exactly when both are plain numbers, else with sympy
 /// in `slot`.
 pub async fn math_reward(backend: &dyn Backend, slot: &Slot, ground_truth: &str, answer: Option<&str>) -> Reward {
     let Some(answer) = answer else {
-        let breakdown = RewardBreakdown::Math { ground_truth: ground_truth.to_owned(), answer: None, method: MathMethod::NoAnswer, note: None };
+        let breakdown = RewardBreakdown::Math {
+            ground_truth: ground_truth.to_owned(),
+            answer: None,
+            method: MathMethod::NoAnswer,
+            note: None,
+        };
         return Reward::new(0.0, breakdown);
     };
     let math = |method, equal: bool, note| {
-        let breakdown = RewardBreakdown::Math { ground_truth: ground_truth.to_owned(), answer: Some(answer.to_owned()), method, note };
+        let breakdown = RewardBreakdown::Math {
+            ground_truth: ground_truth.to_owned(),
+            answer: Some(answer.to_owned()),
+            method,
+            note,
+        };
         Reward::new(if equal { 1.0 } else { 0.0 }, breakdown)
     };
     if let (Some(expected), Some(given)) = (parse_exact_number(ground_truth), parse_exact_number(answer)) {
         return math(MathMethod::Exact, expected == given, None);
     }
-    let result = backend.execute(slot, ToolCall::python(sympy_check(answer, ground_truth))).await;
-    let verdict = result.cell.as_ref().map(|c| c.stdout.trim().to_owned()).unwrap_or_default();
+    let result = backend
+        .execute(slot, ToolCall::python(sympy_check(answer, ground_truth)))
+        .await;
+    let verdict = result
+        .cell
+        .as_ref()
+        .map(|c| c.stdout.trim().to_owned())
+        .unwrap_or_default();
     match verdict.as_str() {
         "True" => math(MathMethod::Sympy, true, None),
         "False" => math(MathMethod::Sympy, false, None),
-        _ => math(MathMethod::Sympy, false, Some(format!("sympy could not compare them: {}", result.output.trim()))),
+        _ => math(
+            MathMethod::Sympy,
+            false,
+            Some(format!("sympy could not compare them: {}", result.output.trim())),
+        ),
     }
 }
 
@@ -221,11 +268,21 @@ pub async fn swe_reward(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> R
     let test_command = task.test_command.clone();
     match crate::swe::verify(backend, slot, task).await {
         Ok(verified) => {
-            let breakdown = RewardBreakdown::Swe { test_command, exit_code: verified.exit_code, output_tail: tail(&verified.output, SWE_OUTPUT_TAIL_CHARS), error: None };
+            let breakdown = RewardBreakdown::Swe {
+                test_command,
+                exit_code: verified.exit_code,
+                output_tail: tail(&verified.output, SWE_OUTPUT_TAIL_CHARS),
+                error: None,
+            };
             Reward::new(verified.reward, breakdown)
         }
         Err(error) => {
-            let breakdown = RewardBreakdown::Swe { test_command, exit_code: None, output_tail: String::new(), error: Some(crate::output::error_chain(&error)) };
+            let breakdown = RewardBreakdown::Swe {
+                test_command,
+                exit_code: None,
+                output_tail: String::new(),
+                error: Some(crate::output::error_chain(&error)),
+            };
             Reward::new(0.0, breakdown)
         }
     }
@@ -242,23 +299,40 @@ fn tail(text: &str, max_chars: usize) -> String {
 
 /// Runs each test case as its own cell in `slot`, in order; the reward is the pass fraction.
 pub async fn code_reward(backend: &dyn Backend, slot: &Slot, test_cases: &[String]) -> Reward {
-    let batch = test_cases.iter().map(|t| (slot.clone(), ToolCall::python(t.clone()))).collect();
+    let batch = test_cases
+        .iter()
+        .map(|t| (slot.clone(), ToolCall::python(t.clone())))
+        .collect();
     let results = backend.execute_batch(batch).await;
     let mut failures = Vec::new();
     for (index, test) in test_cases.iter().enumerate() {
         let error = match results.get(index) {
             Some(result) if result.success => continue,
-            Some(result) => match (result.metadata.limit_hit, result.cell.as_ref().and_then(|c| c.error.as_ref())) {
+            Some(result) => match (
+                result.metadata.limit_hit,
+                result.cell.as_ref().and_then(|c| c.error.as_ref()),
+            ) {
                 (Some(limit), _) => format!("{limit} limit reached"),
                 (None, Some(e)) => format!("{}: {}", e.name, e.value),
                 (None, None) => result.output.trim().to_owned(),
             },
             None => "the backend returned no result for this test".to_owned(),
         };
-        failures.push(TestFailure { index, test: test.clone(), error });
+        failures.push(TestFailure {
+            index,
+            test: test.clone(),
+            error,
+        });
     }
     let total = test_cases.len();
     let passed = total - failures.len();
     let score = if total == 0 { 0.0 } else { passed as f64 / total as f64 };
-    Reward::new(score, RewardBreakdown::Code { passed, total, failures })
+    Reward::new(
+        score,
+        RewardBreakdown::Code {
+            passed,
+            total,
+            failures,
+        },
+    )
 }

@@ -80,7 +80,9 @@ pub struct StopSignal {
 
 impl Default for StopSignal {
     fn default() -> Self {
-        StopSignal { sender: Arc::new(watch::channel(false).0) }
+        StopSignal {
+            sender: Arc::new(watch::channel(false).0),
+        }
     }
 }
 
@@ -169,7 +171,11 @@ struct Job {
 enum JobOutcome {
     Done(Box<Trajectory>),
     Abandoned,
-    Failed { trajectory_id: String, kind: String, message: String },
+    Failed {
+        trajectory_id: String,
+        kind: String,
+        message: String,
+    },
 }
 
 /// Runs the rollout of `dataset` and writes its files; see the module docs.
@@ -184,13 +190,22 @@ pub async fn run_rollout(
     let started = Instant::now();
     check_backend_runs_swe(backend.as_ref(), dataset)?;
     let out = &config.out_dir;
-    std::fs::create_dir_all(out).map_err(|source| RolloutError::CreateDir { path: out.clone(), source })?;
+    std::fs::create_dir_all(out).map_err(|source| RolloutError::CreateDir {
+        path: out.clone(),
+        source,
+    })?;
     let trajectories_path = out.join(TRAJECTORIES_FILE);
     let existing = read_existing(&trajectories_path)?;
     if !existing.lines.is_empty() && !config.resume {
-        return Err(RolloutError::AlreadyStarted { path: trajectories_path });
+        return Err(RolloutError::AlreadyStarted {
+            path: trajectories_path,
+        });
     }
-    let done: HashSet<&str> = existing.lines.iter().filter_map(|v| v.get("trajectory_id")?.as_str()).collect();
+    let done: HashSet<&str> = existing
+        .lines
+        .iter()
+        .filter_map(|v| v.get("trajectory_id")?.as_str())
+        .collect();
     let mut jobs = Vec::new();
     let mut skipped = 0;
     for problem in &dataset.problems {
@@ -199,13 +214,20 @@ pub async fn run_rollout(
             if done.contains(trajectory_id.as_str()) {
                 skipped += 1;
             } else {
-                jobs.push(Job { trajectory_id, sample, problem: problem.clone() });
+                jobs.push(Job {
+                    trajectory_id,
+                    sample,
+                    problem: problem.clone(),
+                });
             }
         }
     }
     reporter.on_start(jobs.len(), skipped);
     let mut writer = TrajectoryWriter::open(&trajectories_path, existing.needs_newline)?;
-    let mut stats = RunStats { skipped, ..RunStats::default() };
+    let mut stats = RunStats {
+        skipped,
+        ..RunStats::default()
+    };
     let mut tools = crate::tools::schemas(&backend.tools());
     tools.extend(config.agent.user_tools.schemas());
     let shared = Arc::new(JobShared {
@@ -231,7 +253,11 @@ pub async fn run_rollout(
                 reporter.on_trajectory(&trajectory);
             }
             Ok(JobOutcome::Abandoned) => stats.abandoned += 1,
-            Ok(JobOutcome::Failed { trajectory_id, kind, message }) => {
+            Ok(JobOutcome::Failed {
+                trajectory_id,
+                kind,
+                message,
+            }) => {
                 reporter.on_trajectory_failed(&trajectory_id, &message);
                 *stats.failed_by_kind.entry(kind).or_default() += 1;
             }
@@ -245,22 +271,36 @@ pub async fn run_rollout(
     stats.interrupted = stop.is_stopped();
     stats.wall_seconds = started.elapsed().as_secs_f64();
     let all = read_existing(&trajectories_path)?;
-    let trajectories: Vec<Trajectory> = all.lines.into_iter().filter_map(|v| serde_json::from_value(v).ok()).collect();
+    let trajectories: Vec<Trajectory> = all
+        .lines
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
     stats.unreadable_lines = all.unreadable;
     let summary = Summary::new(&trajectories, policy.as_ref(), config, dataset, stats);
     let summary_path = out.join(SUMMARY_FILE);
     let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
-    std::fs::write(&summary_path, json + "\n").map_err(|source| RolloutError::Io { action: "write", path: summary_path.clone(), source })?;
-    Ok(RolloutRun { summary, trajectories_path, summary_path })
+    std::fs::write(&summary_path, json + "\n").map_err(|source| RolloutError::Io {
+        action: "write",
+        path: summary_path.clone(),
+        source,
+    })?;
+    Ok(RolloutRun {
+        summary,
+        trajectories_path,
+        summary_path,
+    })
 }
 
 /// Refuses a backend without `bash` for a dataset with SWE tasks, before anything runs.
 fn check_backend_runs_swe(backend: &dyn Backend, dataset: &Dataset) -> Result<(), RolloutError> {
     let swe: Vec<&Problem> = dataset.problems.iter().filter(|p| p.swe.is_some()).collect();
     match swe.first() {
-        Some(first) if !backend.tools().contains(&ToolName::Bash) => {
-            Err(RolloutError::SweNeedsBash { count: swe.len(), example: first.instance_id.clone(), backend: backend.name().to_owned() })
-        }
+        Some(first) if !backend.tools().contains(&ToolName::Bash) => Err(RolloutError::SweNeedsBash {
+            count: swe.len(),
+            example: first.instance_id.clone(),
+            backend: backend.name().to_owned(),
+        }),
         _ => Ok(()),
     }
 }
@@ -284,16 +324,31 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
         Ok(slot) => slot,
         Err(error) => {
             let message = format!("failed to acquire a slot: {error}");
-            return JobOutcome::Failed { trajectory_id: job.trajectory_id, kind: "slot_acquire".to_owned(), message };
+            return JobOutcome::Failed {
+                trajectory_id: job.trajectory_id,
+                kind: "slot_acquire".to_owned(),
+                message,
+            };
         }
     };
     if let Some(task) = &job.problem.swe
         && let Err(error) = crate::swe::prepare(backend, &slot, task).await
     {
         release_slot(backend, &slot, &job.problem).await;
-        return JobOutcome::Failed { trajectory_id: job.trajectory_id, kind: "swe_prepare".to_owned(), message: crate::output::error_chain(&error) };
+        return JobOutcome::Failed {
+            trajectory_id: job.trajectory_id,
+            kind: "swe_prepare".to_owned(),
+            message: crate::output::error_chain(&error),
+        };
     }
-    let mut context = AgentContext { backend, slot: &slot, policy: shared.policy.as_ref(), config: &shared.agent, tools: &shared.tools, stop };
+    let mut context = AgentContext {
+        backend,
+        slot: &slot,
+        policy: shared.policy.as_ref(),
+        config: &shared.agent,
+        tools: &shared.tools,
+        stop,
+    };
     let Some(episode) = run_agent(&mut context, &job.problem).await else {
         // Releasing is best effort: the trajectory is abandoned either way.
         release_slot(backend, &slot, &job.problem).await;
@@ -307,12 +362,23 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
     let reward = if shared.score_in_fresh_slot && job.problem.swe.is_none() {
         // Released first, so scoring never needs two slots at once.
         let _ = backend.release(&slot, true).await;
-        let scored = Scored { trajectory_id: &job.trajectory_id, problem: &job.problem, answer, messages: &episode.messages, steps: &episode.steps, custom };
+        let scored = Scored {
+            trajectory_id: &job.trajectory_id,
+            problem: &job.problem,
+            answer,
+            messages: &episode.messages,
+            steps: &episode.steps,
+            custom,
+        };
         match reward_in_fresh_slot(backend, scored).await {
             Ok(reward) => reward,
             Err(error) => {
                 let message = format!("failed to acquire a fresh slot for the reward: {error}");
-                return JobOutcome::Failed { trajectory_id: job.trajectory_id, kind: "reward_slot_acquire".to_owned(), message };
+                return JobOutcome::Failed {
+                    trajectory_id: job.trajectory_id,
+                    kind: "reward_slot_acquire".to_owned(),
+                    message,
+                };
             }
         }
     } else {
@@ -321,7 +387,14 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
         reward
     };
     let reward_ms = reward_started.elapsed().as_secs_f64() * 1e3;
-    let trajectory = trajectory(&shared, job, episode, reward, reward_ms, started.elapsed().as_secs_f64() * 1e3);
+    let trajectory = trajectory(
+        &shared,
+        job,
+        episode,
+        reward,
+        reward_ms,
+        started.elapsed().as_secs_f64() * 1e3,
+    );
     JobOutcome::Done(Box::new(trajectory))
 }
 
@@ -336,13 +409,24 @@ async fn release_slot(backend: &dyn Backend, slot: &Slot, problem: &Problem) {
 }
 
 /// The line of `trajectories.jsonl` for a scored episode.
-fn trajectory(shared: &JobShared, job: Job, episode: Episode, reward: Reward, reward_ms: f64, wall_ms: f64) -> Trajectory {
-    let tokens = episode.steps.iter().filter_map(|s| s.usage).fold(None, |sum: Option<TokenCounts>, u| {
-        let mut sum = sum.unwrap_or_default();
-        sum.prompt_tokens += u.prompt_tokens;
-        sum.completion_tokens += u.completion_tokens;
-        Some(sum)
-    });
+fn trajectory(
+    shared: &JobShared,
+    job: Job,
+    episode: Episode,
+    reward: Reward,
+    reward_ms: f64,
+    wall_ms: f64,
+) -> Trajectory {
+    let tokens = episode
+        .steps
+        .iter()
+        .filter_map(|s| s.usage)
+        .fold(None, |sum: Option<TokenCounts>, u| {
+            let mut sum = sum.unwrap_or_default();
+            sum.prompt_tokens += u.prompt_tokens;
+            sum.completion_tokens += u.completion_tokens;
+            Some(sum)
+        });
     Trajectory {
         trajectory_id: job.trajectory_id,
         instance_id: job.problem.instance_id.clone(),
@@ -355,7 +439,9 @@ fn trajectory(shared: &JobShared, job: Job, episode: Episode, reward: Reward, re
         messages: episode.messages,
         steps: episode.steps,
         stop_reason: episode.stop_reason,
-        error: episode.policy_error.map(|(kind, message)| TrajectoryError { kind, message }),
+        error: episode
+            .policy_error
+            .map(|(kind, message)| TrajectoryError { kind, message }),
         final_answer: episode.final_answer,
         reward,
         tokens,
@@ -378,9 +464,19 @@ fn read_existing(path: &Path) -> Result<Existing, RolloutError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => return Err(RolloutError::Io { action: "read", path: path.to_owned(), source }),
+        Err(source) => {
+            return Err(RolloutError::Io {
+                action: "read",
+                path: path.to_owned(),
+                source,
+            });
+        }
     };
-    let mut existing = Existing { lines: Vec::new(), unreadable: 0, needs_newline: !text.is_empty() && !text.ends_with('\n') };
+    let mut existing = Existing {
+        lines: Vec::new(),
+        unreadable: 0,
+        needs_newline: !text.is_empty() && !text.ends_with('\n'),
+    };
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         match serde_json::from_str::<Value>(line) {
             Ok(value @ Value::Object(_)) => existing.lines.push(value),
@@ -399,16 +495,31 @@ struct TrajectoryWriter {
 
 impl TrajectoryWriter {
     fn open(path: &Path, needs_newline: bool) -> Result<Self, RolloutError> {
-        let io = |source| RolloutError::Io { action: "append to", path: path.to_owned(), source };
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        let io = |source| RolloutError::Io {
+            action: "append to",
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
         if needs_newline {
             file.write_all(b"\n").map_err(io)?;
         }
-        Ok(TrajectoryWriter { file, path: path.to_owned() })
+        Ok(TrajectoryWriter {
+            file,
+            path: path.to_owned(),
+        })
     }
 
     fn append(&mut self, trajectory: &Trajectory) -> Result<(), RolloutError> {
-        let io = |source| RolloutError::Io { action: "append to", path: self.path.clone(), source };
+        let io = |source| RolloutError::Io {
+            action: "append to",
+            path: self.path.clone(),
+            source,
+        };
         let mut line = serde_json::to_vec(trajectory).map_err(|e| io(std::io::Error::other(e)))?;
         line.push(b'\n');
         // One write per line: a crash mid-way leaves at most one cut-off line, which resume

@@ -89,7 +89,13 @@ pub struct Summary {
 
 impl Summary {
     /// Summarises `trajectories` (the whole file) and this run's `stats`.
-    pub fn new(trajectories: &[Trajectory], policy: &dyn Policy, config: &RolloutConfig, dataset: &Dataset, stats: RunStats) -> Summary {
+    pub fn new(
+        trajectories: &[Trajectory],
+        policy: &dyn Policy,
+        config: &RolloutConfig,
+        dataset: &Dataset,
+        stats: RunStats,
+    ) -> Summary {
         let count = trajectories.len();
         let mean = |sum: f64| if count == 0 { 0.0 } else { sum / count as f64 };
         let oracle = policy.is_oracle();
@@ -100,19 +106,29 @@ impl Summary {
         } else {
             format!("Model `{}` wrote the assistant's turns.", policy.name())
         };
-        let turns_with_calls: usize = trajectories.iter().flat_map(|t| &t.steps).filter(|s| !s.calls.is_empty()).count();
+        let turns_with_calls: usize = trajectories
+            .iter()
+            .flat_map(|t| &t.steps)
+            .filter(|s| !s.calls.is_empty())
+            .count();
         let tool_ms: f64 = trajectories.iter().map(|t| t.tool_ms).sum();
         let mut stop_reasons = BTreeMap::new();
         let mut errors_by_kind = BTreeMap::new();
         for trajectory in trajectories {
-            let reason = serde_json::to_value(trajectory.stop_reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let reason = serde_json::to_value(trajectory.stop_reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
             *stop_reasons.entry(reason).or_insert(0) += 1;
             if let Some(error) = &trajectory.error {
                 *errors_by_kind.entry(error.kind.clone()).or_insert(0) += 1;
             }
             for call in trajectory.steps.iter().flat_map(|s| &s.calls) {
                 if let Some(error) = &call.result.error {
-                    let kind = serde_json::to_value(error.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                    let kind = serde_json::to_value(error.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
                     *errors_by_kind.entry(format!("call_{kind}")).or_insert(0) += 1;
                 }
                 if let Some(limit) = call.result.metadata.limit_hit {
@@ -123,12 +139,16 @@ impl Summary {
         for (kind, n) in &stats.failed_by_kind {
             *errors_by_kind.entry(kind.clone()).or_insert(0) += n;
         }
-        let tokens = trajectories.iter().filter_map(|t| t.tokens).fold(None, |sum: Option<BTreeMap<String, u64>>, t| {
-            let mut sum = sum.unwrap_or_default();
-            *sum.entry("prompt_tokens".to_owned()).or_default() += t.prompt_tokens;
-            *sum.entry("completion_tokens".to_owned()).or_default() += t.completion_tokens;
-            Some(sum)
-        });
+        let tokens =
+            trajectories
+                .iter()
+                .filter_map(|t| t.tokens)
+                .fold(None, |sum: Option<BTreeMap<String, u64>>, t| {
+                    let mut sum = sum.unwrap_or_default();
+                    *sum.entry("prompt_tokens".to_owned()).or_default() += t.prompt_tokens;
+                    *sum.entry("completion_tokens".to_owned()).or_default() += t.completion_tokens;
+                    Some(sum)
+                });
         Summary {
             policy: policy.name().to_owned(),
             oracle_policy: oracle,
@@ -145,12 +165,26 @@ impl Summary {
             model_seconds: trajectories.iter().map(|t| t.model_ms).sum::<f64>() / 1e3,
             tool_seconds: tool_ms / 1e3,
             reward_seconds: trajectories.iter().map(|t| t.reward_ms).sum::<f64>() / 1e3,
-            tool_ms_per_turn: if turns_with_calls == 0 { 0.0 } else { tool_ms / turns_with_calls as f64 },
-            median_overhead_ms_per_turn: median(trajectories.iter().flat_map(|t| &t.steps).map(|s| s.overhead_ms).collect()),
+            tool_ms_per_turn: if turns_with_calls == 0 {
+                0.0
+            } else {
+                tool_ms / turns_with_calls as f64
+            },
+            median_overhead_ms_per_turn: median(
+                trajectories
+                    .iter()
+                    .flat_map(|t| &t.steps)
+                    .map(|s| s.overhead_ms)
+                    .collect(),
+            ),
             tokens,
             stop_reasons,
             errors_by_kind,
-            trajectories_per_second: if stats.wall_seconds > 0.0 { stats.written as f64 / stats.wall_seconds } else { 0.0 },
+            trajectories_per_second: if stats.wall_seconds > 0.0 {
+                stats.written as f64 / stats.wall_seconds
+            } else {
+                0.0
+            },
             run: stats,
         }
     }
@@ -162,7 +196,11 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) { (values[mid - 1] + values[mid]) / 2.0 } else { values[mid] }
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
 }
 
 /// pass@1 and pass@G, averaged over problems, with the unbiased estimator
@@ -180,9 +218,16 @@ fn pass_at_k(trajectories: &[Trajectory], group_size: usize) -> BTreeMap<String,
     }
     let mut out = BTreeMap::new();
     for k in ks {
-        let estimates: Vec<f64> = by_problem.values().filter(|(n, _)| *n >= k).map(|&(n, c)| pass_estimate(n, c, k)).collect();
+        let estimates: Vec<f64> = by_problem
+            .values()
+            .filter(|(n, _)| *n >= k)
+            .map(|&(n, c)| pass_estimate(n, c, k))
+            .collect();
         if !estimates.is_empty() {
-            out.insert(format!("pass@{k}"), estimates.iter().sum::<f64>() / estimates.len() as f64);
+            out.insert(
+                format!("pass@{k}"),
+                estimates.iter().sum::<f64>() / estimates.len() as f64,
+            );
         }
     }
     out

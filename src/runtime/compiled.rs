@@ -22,7 +22,10 @@ pub fn compiled_path(options: &RuntimeOptions, engine: &Engine) -> PathBuf {
     pinned().artifacts.snapshot.sha256.hash(&mut key);
     engine.precompile_compatibility_hash().hash(&mut key);
     let digest = hex(&key.0.finalize());
-    options.cache_dir.join("compiled").join(format!("python-snapshot-{}.cwasm", &digest[..32]))
+    options
+        .cache_dir
+        .join("compiled")
+        .join(format!("python-snapshot-{}.cwasm", &digest[..32]))
 }
 
 /// The runtime's module for `engine`: loaded from the cache, or compiled and cached first.
@@ -47,9 +50,10 @@ pub fn load_or_compile(
     }
     let wasm = fs::read(&runtime.snapshot).map_err(io_err("read", &runtime.snapshot))?;
     reporter.on_step_start("compiling the Python runtime (once; about a minute)", None);
-    let compiled = engine
-        .precompile_module(&wasm)
-        .map_err(|e| RuntimeError::Compile { path: runtime.snapshot.clone(), source: e.into_boxed_dyn_error() })?;
+    let compiled = engine.precompile_module(&wasm).map_err(|e| RuntimeError::Compile {
+        path: runtime.snapshot.clone(),
+        source: e.into_boxed_dyn_error(),
+    })?;
     reporter.on_step_end();
     let staging = path.with_extension(format!("tmp-{}", std::process::id()));
     fs::write(&staging, &compiled).map_err(io_err("write", &staging))?;

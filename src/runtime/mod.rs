@@ -110,7 +110,10 @@ impl RuntimeOptions {
         RuntimeOptions {
             cache_dir,
             wheel: var(env_vars::RUNTIME_WHEEL).map(PathBuf::from),
-            python: std::env::var(env_vars::PYTHON).ok().filter(|p| !p.is_empty()).unwrap_or_else(|| "python3".into()),
+            python: std::env::var(env_vars::PYTHON)
+                .ok()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "python3".into()),
             force: false,
         }
     }
@@ -247,14 +250,19 @@ impl RuntimeError {
                 "the wheel is damaged: download it again, or run `rollbox runtime install --force`".to_string()
             }
             RuntimeError::Compile { .. } => {
-                "run `rollbox runtime install --force`; if it persists, report it with `rollbox runtime info`".to_string()
+                "run `rollbox runtime install --force`; if it persists, report it with `rollbox runtime info`"
+                    .to_string()
             }
         }
     }
 }
 
 pub(crate) fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'p {
-    move |source| RuntimeError::Io { op, path: path.to_path_buf(), source }
+    move |source| RuntimeError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[cfg(test)]

@@ -26,12 +26,18 @@ impl BearerToken {
     pub fn new(token: &str) -> Result<BearerToken, ServerError> {
         let token = token.trim();
         if token.chars().count() < MIN_TOKEN_CHARS {
-            return Err(ServerError::InvalidToken("it must be at least 16 characters long; generate one with `openssl rand -hex 32`"));
+            return Err(ServerError::InvalidToken(
+                "it must be at least 16 characters long; generate one with `openssl rand -hex 32`",
+            ));
         }
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ServerError::InvalidToken("it may hold only visible ASCII characters (no spaces)"));
+            return Err(ServerError::InvalidToken(
+                "it may hold only visible ASCII characters (no spaces)",
+            ));
         }
-        Ok(BearerToken { digest: Sha256::digest(token.as_bytes()).into() })
+        Ok(BearerToken {
+            digest: Sha256::digest(token.as_bytes()).into(),
+        })
     }
 
     /// Whether `candidate` is the token, in constant time.
@@ -50,7 +56,10 @@ impl std::fmt::Debug for BearerToken {
 /// Compares every byte whatever the first difference; `black_box` keeps the optimiser from
 /// turning the fold back into an early exit.
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
+    let difference = a
+        .iter()
+        .zip(b)
+        .fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
     std::hint::black_box(difference) == 0
 }
 
@@ -59,7 +68,11 @@ pub(crate) async fn require_token(State(state): State<ServerState>, request: Req
     let Some(token) = &state.config().token else {
         return next.run(request).await;
     };
-    let presented = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(bearer_credential);
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_credential);
     match presented {
         Some(candidate) if token.matches(candidate) => next.run(request).await,
         Some(_) => unauthorized(&format!(

@@ -19,7 +19,10 @@ pub struct ApiFailure {
 impl ApiFailure {
     /// A failure with `code` and `message`.
     pub fn new(code: ApiErrorCode, message: impl Into<String>) -> Self {
-        ApiFailure { code, message: message.into() }
+        ApiFailure {
+            code,
+            message: message.into(),
+        }
     }
 
     /// 400: the request is malformed.
@@ -36,7 +39,10 @@ impl ApiFailure {
     /// gets `what` only, so no host path or internal error leaks.
     pub fn internal(what: &str, error: &(dyn std::error::Error + 'static)) -> Self {
         tracing::error!(error = %crate::output::error_chain(error), "{what}");
-        ApiFailure::new(ApiErrorCode::Internal, format!("{what}; the details are in the server's log"))
+        ApiFailure::new(
+            ApiErrorCode::Internal,
+            format!("{what}; the details are in the server's log"),
+        )
     }
 }
 
@@ -44,7 +50,16 @@ impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let code = self.code;
-        let mut response = (status, Json(ErrorBody { error: ApiError { code, message: self.message } })).into_response();
+        let mut response = (
+            status,
+            Json(ErrorBody {
+                error: ApiError {
+                    code,
+                    message: self.message,
+                },
+            }),
+        )
+            .into_response();
         let headers = response.headers_mut();
         match code {
             ApiErrorCode::Unauthorized => {

@@ -56,21 +56,57 @@ impl Metrics {
     fn render(&self, live_slots: usize) -> String {
         let mut text = String::new();
         let requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        family(&mut text, "rollbox_http_requests_total", "counter", "HTTP requests answered, by route and status.");
+        family(
+            &mut text,
+            "rollbox_http_requests_total",
+            "counter",
+            "HTTP requests answered, by route and status.",
+        );
         for ((route, status), n) in &requests {
-            let _ = writeln!(text, "rollbox_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}", escape(route));
+            let _ = writeln!(
+                text,
+                "rollbox_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
         }
         let calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        family(&mut text, "rollbox_tool_calls_total", "counter", "Tool calls run, by tool and outcome (ok or the error kind).");
+        family(
+            &mut text,
+            "rollbox_tool_calls_total",
+            "counter",
+            "Tool calls run, by tool and outcome (ok or the error kind).",
+        );
         for ((tool, outcome), n) in &calls {
-            let _ = writeln!(text, "rollbox_tool_calls_total{{tool=\"{tool}\",outcome=\"{}\"}} {n}", escape(outcome));
+            let _ = writeln!(
+                text,
+                "rollbox_tool_calls_total{{tool=\"{tool}\",outcome=\"{}\"}} {n}",
+                escape(outcome)
+            );
         }
         family(&mut text, "rollbox_live_slots", "gauge", "Slots alive now.");
         let _ = writeln!(text, "rollbox_live_slots {live_slots}");
-        family(&mut text, "rollbox_expired_slots_total", "counter", "Slots released because they were idle too long.");
-        let _ = writeln!(text, "rollbox_expired_slots_total {}", self.expired_slots.load(Ordering::Relaxed));
-        family(&mut text, "rollbox_http_requests_in_flight", "gauge", "HTTP requests being handled now.");
-        let _ = writeln!(text, "rollbox_http_requests_in_flight {}", self.in_flight.load(Ordering::Relaxed));
+        family(
+            &mut text,
+            "rollbox_expired_slots_total",
+            "counter",
+            "Slots released because they were idle too long.",
+        );
+        let _ = writeln!(
+            text,
+            "rollbox_expired_slots_total {}",
+            self.expired_slots.load(Ordering::Relaxed)
+        );
+        family(
+            &mut text,
+            "rollbox_http_requests_in_flight",
+            "gauge",
+            "HTTP requests being handled now.",
+        );
+        let _ = writeln!(
+            text,
+            "rollbox_http_requests_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
         text
     }
 }
@@ -90,7 +126,10 @@ fn outcome(result: &ExecutionResult) -> String {
         None if result.success => "ok".to_owned(),
         None => "failed".to_owned(),
         // The wire name, without a match that every new kind would have to extend.
-        Some(error) => serde_json::to_value(error.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| "unknown".to_owned()),
+        Some(error) => serde_json::to_value(error.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".to_owned()),
     }
 }
 
@@ -107,5 +146,8 @@ fn escape(value: &str) -> String {
 /// `GET /metrics`.
 pub(crate) async fn render(State(state): State<ServerState>) -> impl IntoResponse {
     let body = state.shared.metrics.render(state.live_slots());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
 }

@@ -21,7 +21,11 @@ const UNMATCHED_ROUTE: &str = "unmatched";
 /// Middleware: one span per request (method, path, then status and latency) and the request
 /// counters. Outermost, so it sees every answer, 401s and 413s included.
 pub(crate) async fn observe(State(state): State<ServerState>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map_or(UNMATCHED_ROUTE, MatchedPath::as_str).to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str)
+        .to_owned();
     let span = tracing::info_span!(
         "request",
         method = %request.method(),
@@ -113,7 +117,10 @@ pub(crate) struct DetachedWork {
 
 impl DetachedWork {
     /// Runs `work` on its own task and waits for it; `None` if it panicked (logged).
-    pub(crate) async fn run<T: Send + 'static>(state: &ServerState, work: impl Future<Output = T> + Send + 'static) -> Option<T> {
+    pub(crate) async fn run<T: Send + 'static>(
+        state: &ServerState,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
         state.shared.detached.running.fetch_add(1, Ordering::SeqCst);
         // Made before the spawn and moved in: even a task dropped unpolled counts as done.
         let done = Finished(state.shared.clone());

@@ -84,7 +84,9 @@ impl ServerConfig {
             return Err(ServerError::InvalidConfig(format!("{name} must be at least 1")));
         }
         if self.idle_timeout.is_zero() || self.request_timeout.is_zero() {
-            return Err(ServerError::InvalidConfig("the idle and request timeouts must be longer than zero".into()));
+            return Err(ServerError::InvalidConfig(
+                "the idle and request timeouts must be longer than zero".into(),
+            ));
         }
         Ok(())
     }
@@ -232,7 +234,10 @@ pub async fn serve(
     let address: SocketAddr = listener.local_addr().map_err(ServerError::Address)?;
     state.config().check_exposure(address.ip())?;
     tracing::info!(%address, backend = state.shared.backend.name(), "serving slots");
-    axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)?;
+    axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServerError::Serve)?;
     let released_slots = state.shut_down().await;
     tracing::info!(released_slots, "server stopped");
     Ok(ShutdownSummary { released_slots })

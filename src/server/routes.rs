@@ -9,7 +9,8 @@ use axum::http::{Method, Uri};
 use serde::de::DeserializeOwned;
 
 use super::api::{
-    API_VERSION, AcquireRequest, AcquireResponse, ApiErrorCode, ExecuteRequest, ExecuteResponse, Health, ReleaseRequest, ReleaseResponse, SlotList,
+    API_VERSION, AcquireRequest, AcquireResponse, ApiErrorCode, ExecuteRequest, ExecuteResponse, Health,
+    ReleaseRequest, ReleaseResponse, SlotList,
 };
 use super::middleware::DetachedWork;
 use super::{ApiFailure, ServerState};
@@ -29,10 +30,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiFailure> {
         let bytes = Bytes::from_request(request, state).await.map_err(body_failure)?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-        serde_json::from_slice(text)
-            .map(JsonBody)
-            .map_err(|e| ApiFailure::bad_request(format!("the request body is not valid JSON of this route's shape: {e}; see docs/API.md")))
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(text).map(JsonBody).map_err(|e| {
+            ApiFailure::bad_request(format!(
+                "the request body is not valid JSON of this route's shape: {e}; see docs/API.md"
+            ))
+        })
     }
 }
 
@@ -67,9 +74,15 @@ pub(crate) async fn tools(State(state): State<ServerState>) -> Json<Vec<serde_js
 }
 
 /// `POST /v1/slots`.
-pub(crate) async fn acquire(State(state): State<ServerState>, JsonBody(request): JsonBody<AcquireRequest>) -> Result<Json<AcquireResponse>, ApiFailure> {
+pub(crate) async fn acquire(
+    State(state): State<ServerState>,
+    JsonBody(request): JsonBody<AcquireRequest>,
+) -> Result<Json<AcquireResponse>, ApiFailure> {
     if request.trajectory_id.len() > MAX_TRAJECTORY_ID_BYTES {
-        return Err(ApiFailure::bad_request(format!("trajectory_id is {} bytes long; the limit is {MAX_TRAJECTORY_ID_BYTES}", request.trajectory_id.len())));
+        return Err(ApiFailure::bad_request(format!(
+            "trajectory_id is {} bytes long; the limit is {MAX_TRAJECTORY_ID_BYTES}",
+            request.trajectory_id.len()
+        )));
     }
     let reservation = state.shared.slots.reserve().map_err(|full| slots_full(full.capacity))?;
     let shared = state.shared.clone();
@@ -85,22 +98,32 @@ pub(crate) async fn acquire(State(state): State<ServerState>, JsonBody(request):
         Some(Ok(slot)) => Ok(Json(AcquireResponse { slot })),
         Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(capacity)),
         Some(Err(error)) => Err(ApiFailure::internal("failed to start a slot", &error)),
-        None => Err(ApiFailure::new(ApiErrorCode::Internal, "failed to start a slot: the backend panicked; the details are in the server's log")),
+        None => Err(ApiFailure::new(
+            ApiErrorCode::Internal,
+            "failed to start a slot: the backend panicked; the details are in the server's log",
+        )),
     }
 }
 
 pub(super) fn slots_full(capacity: usize) -> ApiFailure {
-    ApiFailure::unavailable(format!("all {capacity} slots are in use; release slots you no longer need, or retry shortly"))
+    ApiFailure::unavailable(format!(
+        "all {capacity} slots are in use; release slots you no longer need, or retry shortly"
+    ))
 }
 
 /// `GET /v1/slots`.
 pub(crate) async fn list_slots(State(state): State<ServerState>) -> Json<SlotList> {
-    Json(SlotList { slots: state.shared.slots.list() })
+    Json(SlotList {
+        slots: state.shared.slots.list(),
+    })
 }
 
 /// `POST /v1/execute`: one result per call, in order. A call for a slot the server does not
 /// hold gets an `unknown_slot` result in its place; the rest run as one backend batch.
-pub(crate) async fn execute(State(state): State<ServerState>, JsonBody(request): JsonBody<ExecuteRequest>) -> Result<Json<ExecuteResponse>, ApiFailure> {
+pub(crate) async fn execute(
+    State(state): State<ServerState>,
+    JsonBody(request): JsonBody<ExecuteRequest>,
+) -> Result<Json<ExecuteResponse>, ApiFailure> {
     let (live, busy) = state.shared.slots.check_out(request.calls.iter().map(|c| c.slot_id));
     let mut results: Vec<Option<ExecutionResult>> = Vec::with_capacity(request.calls.len());
     let mut batch = Vec::with_capacity(request.calls.len());
@@ -140,7 +163,11 @@ fn unknown_slot(slot_id: SlotId, call: &ToolCall, state: &ServerState) -> Execut
              acquire a new slot",
             state.config().idle_timeout.as_secs_f64()
         ),
-        ExecutionMetadata { tool: call.name.clone(), slot_id: Some(slot_id), ..Default::default() },
+        ExecutionMetadata {
+            tool: call.name.clone(),
+            slot_id: Some(slot_id),
+            ..Default::default()
+        },
     )
 }
 
@@ -167,22 +194,29 @@ pub(crate) async fn release(
         ));
     };
     let shared = state.shared.clone();
-    let released = DetachedWork::run(&state, async move { shared.backend.release(&slot, request.reset_workspace).await }).await;
+    let released = DetachedWork::run(&state, async move {
+        shared.backend.release(&slot, request.reset_workspace).await
+    })
+    .await;
     match released {
         Some(Ok(())) => Ok(Json(ReleaseResponse { slot_id })),
         // The table no longer holds it, so for the client it is gone either way.
         Some(Err(BackendError::UnknownSlot(_))) => Ok(Json(ReleaseResponse { slot_id })),
         Some(Err(error)) => Err(ApiFailure::internal("failed to release the slot", &error)),
-        None => Err(ApiFailure::new(ApiErrorCode::Internal, "failed to release the slot: the backend panicked")),
+        None => Err(ApiFailure::new(
+            ApiErrorCode::Internal,
+            "failed to release the slot: the backend panicked",
+        )),
     }
 }
 
 fn parse_slot_id(text: &str) -> Result<SlotId, ApiFailure> {
     let digits = text.strip_prefix("slot-").unwrap_or(text);
-    digits
-        .parse::<u64>()
-        .map(SlotId)
-        .map_err(|_| ApiFailure::bad_request(format!("`{text}` is not a slot id; use the number in the slot's `id` field")))
+    digits.parse::<u64>().map(SlotId).map_err(|_| {
+        ApiFailure::bad_request(format!(
+            "`{text}` is not a slot id; use the number in the slot's `id` field"
+        ))
+    })
 }
 
 /// Any path no route has.
@@ -199,5 +233,8 @@ pub(crate) async fn no_route(method: Method, uri: Uri) -> ApiFailure {
 
 /// A known path with the wrong method.
 pub(crate) async fn wrong_method(method: Method, uri: Uri) -> ApiFailure {
-    ApiFailure::bad_request(format!("{} does not take {method}; see docs/API.md for each route's method", uri.path()))
+    ApiFailure::bad_request(format!(
+        "{} does not take {method}; see docs/API.md for each route's method",
+        uri.path()
+    ))
 }

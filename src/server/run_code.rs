@@ -104,7 +104,12 @@ impl RunCodeResponse {
     }
 
     fn of_run(status: RunStatus, run: CommandRunResult) -> Self {
-        RunCodeResponse { status, run_result: Some(run), message: String::new(), ..RunCodeResponse::sandbox_error("") }
+        RunCodeResponse {
+            status,
+            run_result: Some(run),
+            message: String::new(),
+            ..RunCodeResponse::sandbox_error("")
+        }
     }
 }
 
@@ -147,7 +152,10 @@ pub enum CommandRunStatus {
 
 /// `POST /run_code`. Request problems past JSON parsing (an unsupported language, a bad path)
 /// are `SandboxError` answers, as SandboxFusion gives; only a full server is a 503.
-pub(crate) async fn run_code(State(state): State<ServerState>, JsonBody(request): JsonBody<RunCodeRequest>) -> Result<Json<RunCodeResponse>, ApiFailure> {
+pub(crate) async fn run_code(
+    State(state): State<ServerState>,
+    JsonBody(request): JsonBody<RunCodeRequest>,
+) -> Result<Json<RunCodeResponse>, ApiFailure> {
     let plan = match RunPlan::new(request, &state.shared.backend.tools()) {
         Ok(plan) => plan,
         Err(message) => return Ok(Json(RunCodeResponse::sandbox_error(message))),
@@ -164,8 +172,13 @@ pub(crate) async fn run_code(State(state): State<ServerState>, JsonBody(request)
     match outcome {
         Some(Ok(response)) => Ok(Json(response)),
         Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(capacity)),
-        Some(Err(error)) => Ok(Json(RunCodeResponse::sandbox_error(format!("failed to start a slot: {}", crate::output::error_chain(&error))))),
-        None => Ok(Json(RunCodeResponse::sandbox_error("the backend panicked; the details are in the server's log"))),
+        Some(Err(error)) => Ok(Json(RunCodeResponse::sandbox_error(format!(
+            "failed to start a slot: {}",
+            crate::output::error_chain(&error)
+        )))),
+        None => Ok(Json(RunCodeResponse::sandbox_error(
+            "the backend panicked; the details are in the server's log",
+        ))),
     }
 }
 
@@ -181,28 +194,54 @@ struct RunPlan {
 impl RunPlan {
     fn new(request: RunCodeRequest, tools: &[ToolName]) -> Result<RunPlan, String> {
         if request.language != PYTHON || !tools.contains(&ToolName::Python) {
-            let supported = if tools.contains(&ToolName::Python) { PYTHON } else { "nothing: this backend has no python tool" };
-            return Err(format!("language `{}` is not supported by this rollbox server; it runs: {supported}", request.language));
+            let supported = if tools.contains(&ToolName::Python) {
+                PYTHON
+            } else {
+                "nothing: this backend has no python tool"
+            };
+            return Err(format!(
+                "language `{}` is not supported by this rollbox server; it runs: {supported}",
+                request.language
+            ));
         }
         let timeout = Duration::try_from_secs_f64(request.run_timeout)
             .ok()
             .filter(|t| !t.is_zero())
-            .ok_or_else(|| format!("run_timeout must be a positive number of seconds, not {}", request.run_timeout))?;
+            .ok_or_else(|| {
+                format!(
+                    "run_timeout must be a positive number of seconds, not {}",
+                    request.run_timeout
+                )
+            })?;
         for path in request.files.keys().chain(&request.fetch_files) {
             check_relative(path)?;
         }
-        let files: BTreeMap<&String, &String> = request.files.iter().filter_map(|(path, data)| Some((path, data.as_ref()?))).collect();
-        let setup = (request.stdin.is_some() || !files.is_empty()).then(|| setup_cell(request.stdin.as_deref(), &files));
-        Ok(RunPlan { code: request.code, timeout, setup, fetch_files: request.fetch_files })
+        let files: BTreeMap<&String, &String> = request
+            .files
+            .iter()
+            .filter_map(|(path, data)| Some((path, data.as_ref()?)))
+            .collect();
+        let setup =
+            (request.stdin.is_some() || !files.is_empty()).then(|| setup_cell(request.stdin.as_deref(), &files));
+        Ok(RunPlan {
+            code: request.code,
+            timeout,
+            setup,
+            fetch_files: request.fetch_files,
+        })
     }
 }
 
 /// Paths stay inside the slot's workspace: relative, without `..`.
 fn check_relative(path: &str) -> Result<(), String> {
     let p = std::path::Path::new(path);
-    let escapes = p.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    let escapes = p
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
     if path.is_empty() || escapes {
-        return Err(format!("the file path `{path}` must be relative to the working directory and must not contain `..`"));
+        return Err(format!(
+            "the file path `{path}` must be relative to the working directory and must not contain `..`"
+        ));
     }
     Ok(())
 }
@@ -222,10 +261,15 @@ async fn run_plan(shared: &Shared, slot: &Slot, plan: RunPlan) -> RunCodeRespons
     if let Some(setup) = plan.setup {
         let prepared = backend.execute(slot, ToolCall::python(setup)).await;
         if !prepared.success {
-            return RunCodeResponse::sandbox_error(format!("failed to put stdin and files in place: {}", prepared.output));
+            return RunCodeResponse::sandbox_error(format!(
+                "failed to put stdin and files in place: {}",
+                prepared.output
+            ));
         }
     }
-    let result = backend.execute(slot, ToolCall::python(plan.code).with_timeout(plan.timeout)).await;
+    let result = backend
+        .execute(slot, ToolCall::python(plan.code).with_timeout(plan.timeout))
+        .await;
     shared.metrics.count_calls(std::slice::from_ref(&result));
     let mut response = response_for(&result);
     if !plan.fetch_files.is_empty() && response.status != RunStatus::SandboxError {
@@ -240,15 +284,32 @@ async fn run_plan(shared: &Shared, slot: &Slot, plan: RunPlan) -> RunCodeRespons
 /// The SandboxFusion answer for a cell's result.
 fn response_for(result: &ExecutionResult) -> RunCodeResponse {
     let execution_time = Some(result.metadata.duration_us as f64 / 1e6);
-    let (stdout, mut stderr) = result.cell.as_ref().map(|c| (c.stdout.clone(), c.stderr.clone())).unwrap_or_default();
-    let run = |status, return_code, stdout, stderr| CommandRunResult { status, execution_time, return_code, stdout: Some(stdout), stderr: Some(stderr) };
+    let (stdout, mut stderr) = result
+        .cell
+        .as_ref()
+        .map(|c| (c.stdout.clone(), c.stderr.clone()))
+        .unwrap_or_default();
+    let run = |status, return_code, stdout, stderr| CommandRunResult {
+        status,
+        execution_time,
+        return_code,
+        stdout: Some(stdout),
+        stderr: Some(stderr),
+    };
     if matches!(result.metadata.limit_hit, Some(LimitKind::Time | LimitKind::Fuel)) {
-        return RunCodeResponse::of_run(RunStatus::Failed, run(CommandRunStatus::TimeLimitExceeded, None, stdout, stderr));
+        return RunCodeResponse::of_run(
+            RunStatus::Failed,
+            run(CommandRunStatus::TimeLimitExceeded, None, stdout, stderr),
+        );
     }
     let return_code = match result.error.as_ref().map(|e| e.kind) {
         None => 0,
         Some(ErrorKind::CellError) => {
-            let (code, printed) = result.cell.as_ref().and_then(|c| c.error.as_ref()).map_or((1, String::new()), exit_of);
+            let (code, printed) = result
+                .cell
+                .as_ref()
+                .and_then(|c| c.error.as_ref())
+                .map_or((1, String::new()), exit_of);
             stderr.push_str(&printed);
             code
         }
@@ -258,19 +319,33 @@ fn response_for(result: &ExecutionResult) -> RunCodeResponse {
             1
         }
         Some(_) => {
-            let mut response = RunCodeResponse::of_run(RunStatus::SandboxError, run(CommandRunStatus::Error, None, stdout, stderr));
+            let mut response = RunCodeResponse::of_run(
+                RunStatus::SandboxError,
+                run(CommandRunStatus::Error, None, stdout, stderr),
+            );
             response.message = result.output.clone();
             return response;
         }
     };
-    let status = if return_code == 0 { RunStatus::Success } else { RunStatus::Failed };
-    RunCodeResponse::of_run(status, run(CommandRunStatus::Finished, Some(return_code), stdout, stderr))
+    let status = if return_code == 0 {
+        RunStatus::Success
+    } else {
+        RunStatus::Failed
+    };
+    RunCodeResponse::of_run(
+        status,
+        run(CommandRunStatus::Finished, Some(return_code), stdout, stderr),
+    )
 }
 
 /// The return code a script ending with `error` would have, and what Python would print.
 fn exit_of(error: &CellError) -> (i32, String) {
     if error.name != "SystemExit" {
-        let text = if error.traceback.is_empty() { format!("{}: {}", error.name, error.value) } else { error.traceback.join("\n") };
+        let text = if error.traceback.is_empty() {
+            format!("{}: {}", error.name, error.value)
+        } else {
+            error.traceback.join("\n")
+        };
         return (1, text + "\n");
     }
     // `sys.exit(arg)`: no argument or None is 0, an integer is the status (mod 256 as the OS
@@ -329,10 +404,12 @@ async fn fetch_files(backend: &dyn Backend, slot: &Slot, paths: &[String]) -> Re
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut text, b| {
-        let _ = write!(text, "{b:02x}");
-        text
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut text, b| {
+            let _ = write!(text, "{b:02x}");
+            text
+        })
 }
 
 #[cfg(test)]
@@ -340,7 +417,11 @@ mod tests {
     use super::*;
 
     fn error(name: &str, value: &str) -> CellError {
-        CellError { name: name.into(), value: value.into(), traceback: vec!["Traceback (most recent call last):".into(), format!("{name}: {value}")] }
+        CellError {
+            name: name.into(),
+            value: value.into(),
+            traceback: vec!["Traceback (most recent call last):".into(), format!("{name}: {value}")],
+        }
     }
 
     #[test]
@@ -351,7 +432,10 @@ mod tests {
         assert_eq!(exit_of(&error("SystemExit", "bye")), (1, "bye\n".into()));
         let (code, printed) = exit_of(&error("ValueError", "bad"));
         assert_eq!(code, 1);
-        assert!(printed.starts_with("Traceback") && printed.ends_with("ValueError: bad\n"), "{printed}");
+        assert!(
+            printed.starts_with("Traceback") && printed.ends_with("ValueError: bad\n"),
+            "{printed}"
+        );
     }
 
     #[test]
@@ -364,8 +448,11 @@ mod tests {
 
     #[test]
     fn unsupported_languages_name_what_is_supported() {
-        let request: RunCodeRequest = serde_json::from_value(serde_json::json!({"code": "int main(){}", "language": "cpp"})).expect("parses");
-        let message = RunPlan::new(request, &[ToolName::Python]).err().expect("cpp is refused");
+        let request: RunCodeRequest =
+            serde_json::from_value(serde_json::json!({"code": "int main(){}", "language": "cpp"})).expect("parses");
+        let message = RunPlan::new(request, &[ToolName::Python])
+            .err()
+            .expect("cpp is refused");
         assert!(message.contains("`cpp`") && message.contains("python"), "{message}");
     }
 }

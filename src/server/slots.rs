@@ -37,7 +37,10 @@ pub(crate) struct Full {
 
 impl SlotTable {
     pub(crate) fn new(max_slots: usize) -> Self {
-        SlotTable { state: Mutex::new(TableState::default()), max_slots }
+        SlotTable {
+            state: Mutex::new(TableState::default()),
+            max_slots,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, TableState> {
@@ -53,10 +56,15 @@ impl SlotTable {
     pub(crate) fn reserve(self: &Arc<Self>) -> Result<Reservation, Full> {
         let mut state = self.lock();
         if state.live.len() + state.reserved >= self.max_slots {
-            return Err(Full { capacity: self.max_slots });
+            return Err(Full {
+                capacity: self.max_slots,
+            });
         }
         state.reserved += 1;
-        Ok(Reservation { table: self.clone(), filled: false })
+        Ok(Reservation {
+            table: self.clone(),
+            filled: false,
+        })
     }
 
     /// Every live slot, oldest first.
@@ -67,7 +75,11 @@ impl SlotTable {
         let now = Instant::now();
         entries
             .into_iter()
-            .map(|e| SlotStatus { slot: e.slot.clone(), idle_secs: idle_for(e, now).as_secs_f64(), busy: e.busy > 0 })
+            .map(|e| SlotStatus {
+                slot: e.slot.clone(),
+                idle_secs: idle_for(e, now).as_secs_f64(),
+                busy: e.busy > 0,
+            })
             .collect()
     }
 
@@ -84,7 +96,10 @@ impl SlotTable {
                 found.insert(id, entry.slot.clone());
             }
         }
-        let busy = Busy { table: self.clone(), ids: found.keys().copied().collect() };
+        let busy = Busy {
+            table: self.clone(),
+            ids: found.keys().copied().collect(),
+        };
         (found, busy)
     }
 
@@ -97,8 +112,17 @@ impl SlotTable {
     pub(crate) fn take_idle(&self, idle_timeout: Duration) -> Vec<Slot> {
         let mut state = self.lock();
         let now = Instant::now();
-        let expired: Vec<SlotId> = state.live.values().filter(|e| e.busy == 0 && idle_for(e, now) >= idle_timeout).map(|e| e.slot.id).collect();
-        expired.iter().filter_map(|id| state.live.remove(id)).map(|e| e.slot).collect()
+        let expired: Vec<SlotId> = state
+            .live
+            .values()
+            .filter(|e| e.busy == 0 && idle_for(e, now) >= idle_timeout)
+            .map(|e| e.slot.id)
+            .collect();
+        expired
+            .iter()
+            .filter_map(|id| state.live.remove(id))
+            .map(|e| e.slot)
+            .collect()
     }
 
     /// Takes out every slot.
@@ -108,7 +132,11 @@ impl SlotTable {
 }
 
 fn idle_for(entry: &Entry, now: Instant) -> Duration {
-    if entry.busy > 0 { Duration::ZERO } else { now.saturating_duration_since(entry.last_used) }
+    if entry.busy > 0 {
+        Duration::ZERO
+    } else {
+        now.saturating_duration_since(entry.last_used)
+    }
 }
 
 /// A place in the table, given back on drop unless a live slot took it.
@@ -124,7 +152,15 @@ impl Reservation {
         let mut state = self.table.lock();
         // One step under the lock: the place passes from the reservation to the entry.
         state.reserved = state.reserved.saturating_sub(1);
-        state.live.insert(slot.id, Entry { slot, acquired: now, last_used: now, busy: 0 });
+        state.live.insert(
+            slot.id,
+            Entry {
+                slot,
+                acquired: now,
+                last_used: now,
+                busy: 0,
+            },
+        );
         self.filled = true;
     }
 }
@@ -164,7 +200,12 @@ mod tests {
     use super::*;
 
     fn slot(id: u64) -> Slot {
-        Slot { id: SlotId(id), trajectory_id: format!("t{id}"), backend: "test".into(), workspace: PathBuf::from("/nowhere") }
+        Slot {
+            id: SlotId(id),
+            trajectory_id: format!("t{id}"),
+            backend: "test".into(),
+            workspace: PathBuf::from("/nowhere"),
+        }
     }
 
     #[test]
@@ -176,7 +217,10 @@ mod tests {
         first.fill(slot(1));
         drop(second);
         assert_eq!(table.live(), 1);
-        table.reserve().expect("the dropped reservation's place is free again").fill(slot(2));
+        table
+            .reserve()
+            .expect("the dropped reservation's place is free again")
+            .fill(slot(2));
         assert!(table.reserve().is_err());
     }
 
@@ -186,7 +230,11 @@ mod tests {
         table.reserve().expect("room").fill(slot(1));
         table.reserve().expect("room").fill(slot(2));
         let (found, busy) = table.check_out([SlotId(1), SlotId(1), SlotId(9)]);
-        assert_eq!(found.len(), 1, "a repeated id counts once and an unknown one is skipped");
+        assert_eq!(
+            found.len(),
+            1,
+            "a repeated id counts once and an unknown one is skipped"
+        );
         let expired = table.take_idle(Duration::ZERO);
         assert_eq!(expired.iter().map(|s| s.id).collect::<Vec<_>>(), vec![SlotId(2)]);
         assert!(table.list()[0].busy);

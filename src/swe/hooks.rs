@@ -28,7 +28,11 @@ pub async fn prepare(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> Resu
     let source = match local_repository(&task.repo) {
         Some(path) => {
             let staged = serde_json::json!({ "path": STAGED_BUNDLE, "content": bundle_base64(path)? });
-            expect_success(backend.execute(slot, ToolCall::new("write_file", staged)).await, "ship the repository", task)?;
+            expect_success(
+                backend.execute(slot, ToolCall::new("write_file", staged)).await,
+                "ship the repository",
+                task,
+            )?;
             RepoSource::Bundle
         }
         None => RepoSource::Url(task.repo.clone()),
@@ -44,8 +48,16 @@ pub async fn prepare(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> Resu
 pub async fn verify(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> Result<SweScore, SweError> {
     if !task.test_files.is_empty() {
         let files: Vec<String> = task.test_files.iter().map(|f| quote(f)).collect();
-        let restore = format!("git checkout --quiet {} -- {}", quote(&task.base_commit), files.join(" "));
-        expect_success(backend.execute(slot, bash(restore)).await, "restore the test files", task)?;
+        let restore = format!(
+            "git checkout --quiet {} -- {}",
+            quote(&task.base_commit),
+            files.join(" ")
+        );
+        expect_success(
+            backend.execute(slot, bash(restore)).await,
+            "restore the test files",
+            task,
+        )?;
     }
     let result = backend.execute(slot, bash(task.test_command.clone())).await;
     let scored = match result.error.as_ref().map(|e| e.kind) {
@@ -56,7 +68,11 @@ pub async fn verify(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> Resul
         return Err(hook_error("run the tests", task, &result));
     }
     let reward = if result.success { 1.0 } else { 0.0 };
-    Ok(SweScore { reward, exit_code: result.metadata.exit_code, output: result.output })
+    Ok(SweScore {
+        reward,
+        exit_code: result.metadata.exit_code,
+        output: result.output,
+    })
 }
 
 /// Removes the slot's worktree from the cached repository and empties the workspace. Call it
@@ -90,14 +106,22 @@ fn expect_success(result: ExecutionResult, step: &'static str, task: &SweTask) -
 }
 
 fn hook_error(step: &'static str, task: &SweTask, result: &ExecutionResult) -> SweError {
-    SweError::Hook { step, instance_id: task.instance_id.clone(), message: result.output.trim_end().to_string() }
+    SweError::Hook {
+        step,
+        instance_id: task.instance_id.clone(),
+        message: result.output.trim_end().to_string(),
+    }
 }
 
 /// The repository's folder name in the cache: readable, and unique per `repo` string.
 fn cache_key(repo: &str) -> String {
     let tail = repo.trim_end_matches('/').rsplit(['/', ':']).next().unwrap_or("repo");
     let tail = tail.strip_suffix(".git").unwrap_or(tail);
-    let readable: String = tail.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(40).collect();
+    let readable: String = tail
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(40)
+        .collect();
     let digest = Sha256::digest(repo.as_bytes());
     let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
     format!("{readable}-{short}")
@@ -112,9 +136,17 @@ fn local_repository(repo: &str) -> Option<&Path> {
 fn bundle_base64(repo_path: &Path) -> Result<String, SweError> {
     let file = tempfile_path("rollbox-swe-bundle");
     let bundled = repo::bundle(repo_path, &file).and_then(|()| {
-        let bytes = std::fs::read(&file).map_err(|e| SweError::Io { op: "read", path: file.clone(), source: e })?;
+        let bytes = std::fs::read(&file).map_err(|e| SweError::Io {
+            op: "read",
+            path: file.clone(),
+            source: e,
+        })?;
         if bytes.len() as u64 > MAX_BUNDLE_BYTES {
-            return Err(SweError::TooLarge { path: repo_path.to_path_buf(), bytes: bytes.len() as u64, limit: MAX_BUNDLE_BYTES });
+            return Err(SweError::TooLarge {
+                path: repo_path.to_path_buf(),
+                bytes: bytes.len() as u64,
+                limit: MAX_BUNDLE_BYTES,
+            });
         }
         Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
     });
@@ -125,7 +157,11 @@ fn bundle_base64(repo_path: &Path) -> Result<String, SweError> {
 fn tempfile_path(prefix: &str) -> std::path::PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    std::env::temp_dir().join(format!("{prefix}-{}-{}.bundle", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)))
+    std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}.bundle",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 /// The shell's single-quoted form of `text`.
@@ -204,7 +240,11 @@ mod tests {
         assert!(a.starts_with("calc-") && b.starts_with("calc-"), "{a} {b}");
         assert_ne!(a, b);
         assert_eq!(a, cache_key("https://example.invalid/owner/calc.git"));
-        assert!(cache_key("git@host:o/$(rm -rf)'x").chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
+        assert!(
+            cache_key("git@host:o/$(rm -rf)'x")
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        );
     }
 
     #[test]

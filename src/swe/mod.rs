@@ -110,7 +110,9 @@ pub enum SweError {
         expected: String,
     },
     /// A local repository is too large to ship through the bash tool.
-    #[error("the repository {path} bundles to {bytes} bytes, over the {limit}-byte limit for shipping it into a slot; serve it by URL instead")]
+    #[error(
+        "the repository {path} bundles to {bytes} bytes, over the {limit}-byte limit for shipping it into a slot; serve it by URL instead"
+    )]
     TooLarge {
         /// The repository.
         path: PathBuf,
@@ -133,7 +135,11 @@ pub enum SweError {
 
 impl SweError {
     fn io(op: &'static str, path: &Path, source: std::io::Error) -> SweError {
-        SweError::Io { op, path: path.to_path_buf(), source }
+        SweError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -144,7 +150,11 @@ pub fn load_tasks(dataset: &Path, repos_dir: &Path) -> Result<Vec<SweTask>, SweE
     let base = dataset.parent().unwrap_or(Path::new("."));
     let mut tasks = Vec::new();
     for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |message: String| SweError::Dataset { path: dataset.to_path_buf(), line: index + 1, message };
+        let bad = |message: String| SweError::Dataset {
+            path: dataset.to_path_buf(),
+            line: index + 1,
+            message,
+        };
         let mut task: SweTask = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
         resolve_repo(&mut task, base, repos_dir)?;
         tasks.push(task);
@@ -160,11 +170,18 @@ pub fn load_tasks(dataset: &Path, repos_dir: &Path) -> Result<Vec<SweTask>, SweE
 pub fn resolve_repo(task: &mut SweTask, dataset_dir: &Path, repos_dir: &Path) -> Result<(), SweError> {
     if let Some(source) = &task.repo_source {
         let source_dir = dataset_dir.join(source);
-        let name = source_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| task.instance_id.clone());
+        let name = source_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| task.instance_id.clone());
         let dest = repos_dir.join(format!("{name}.git"));
         let built = build_repo(&source_dir, &dest, &format!("{name}: the example's base commit"))?;
         if built != task.base_commit {
-            return Err(SweError::CommitMismatch { source_dir, built, expected: task.base_commit.clone() });
+            return Err(SweError::CommitMismatch {
+                source_dir,
+                built,
+                expected: task.base_commit.clone(),
+            });
         }
         task.repo = dest.to_string_lossy().into_owned();
     } else if let Some(local) = existing_relative(dataset_dir, &task.repo) {

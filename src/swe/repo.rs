@@ -49,7 +49,13 @@ pub fn build_repo(source: &Path, dest: &Path, message: &str) -> Result<String, S
 
 fn commit_files(source: &Path, git_dir: &Path, files: &[PathBuf], message: &str) -> Result<String, SweError> {
     git(None, &["init", "--quiet", "--bare"], Some(git_dir))?;
-    let mut add = vec!["--work-tree".as_ref(), source.as_os_str(), "add".as_ref(), "--chmod=-x".as_ref(), "--".as_ref()];
+    let mut add = vec![
+        "--work-tree".as_ref(),
+        source.as_os_str(),
+        "add".as_ref(),
+        "--chmod=-x".as_ref(),
+        "--".as_ref(),
+    ];
     add.extend(files.iter().map(|f| f.as_os_str()));
     git(Some(git_dir), &add, None)?;
     let tree = git(Some(git_dir), &["write-tree"], None)?;
@@ -62,7 +68,10 @@ fn commit_files(source: &Path, git_dir: &Path, files: &[PathBuf], message: &str)
 
 /// The commit `main` points at in the bare repository at `git_dir`, if it is one.
 fn head_of(git_dir: &Path) -> Option<String> {
-    git_dir.exists().then(|| git(Some(git_dir), &["rev-parse", "--verify", "--quiet", BRANCH], None).ok()).flatten()
+    git_dir
+        .exists()
+        .then(|| git(Some(git_dir), &["rev-parse", "--verify", "--quiet", BRANCH], None).ok())
+        .flatten()
 }
 
 /// The files under `source`, relative to it, sorted.
@@ -80,7 +89,10 @@ fn source_files(source: &Path) -> Result<Vec<PathBuf>, SweError> {
                 continue;
             }
             let path = relative.join(&name);
-            match entry.file_type().map_err(|e| SweError::io("inspect", &entry.path(), e))? {
+            match entry
+                .file_type()
+                .map_err(|e| SweError::io("inspect", &entry.path(), e))?
+            {
                 t if t.is_dir() => pending.push(path),
                 t if t.is_file() => files.push(path),
                 _ => {}
@@ -89,19 +101,39 @@ fn source_files(source: &Path) -> Result<Vec<PathBuf>, SweError> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(SweError::io("find files in", source, std::io::Error::from(std::io::ErrorKind::NotFound)));
+        return Err(SweError::io(
+            "find files in",
+            source,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
     }
     Ok(files)
 }
 
 /// Writes a bundle of every ref of the repository at `repo` (bare or not) to `dest`.
 pub(crate) fn bundle(repo: &Path, dest: &Path) -> Result<(), SweError> {
-    git(None, &["-C".as_ref(), repo.as_os_str(), "bundle".as_ref(), "create".as_ref(), dest.as_os_str(), "--all".as_ref()], None).map(drop)
+    git(
+        None,
+        &[
+            "-C".as_ref(),
+            repo.as_os_str(),
+            "bundle".as_ref(),
+            "create".as_ref(),
+            dest.as_os_str(),
+            "--all".as_ref(),
+        ],
+        None,
+    )
+    .map(drop)
 }
 
 /// Runs host-side git, isolated from the user's and the system's git config, with the fixed
 /// identity and date; returns its trimmed stdout. `target` is appended as a last argument.
-fn git<S: AsRef<std::ffi::OsStr>>(git_dir: Option<&Path>, args: &[S], target: Option<&Path>) -> Result<String, SweError> {
+fn git<S: AsRef<std::ffi::OsStr>>(
+    git_dir: Option<&Path>,
+    args: &[S],
+    target: Option<&Path>,
+) -> Result<String, SweError> {
     let mut command = Command::new("git");
     if let Some(git_dir) = git_dir {
         command.arg("--git-dir").arg(git_dir);
@@ -120,9 +152,15 @@ fn git<S: AsRef<std::ffi::OsStr>>(git_dir: Option<&Path>, args: &[S], target: Op
         .env(env_vars::GIT_COMMITTER_EMAIL, AUTHOR_EMAIL)
         .env(env_vars::GIT_COMMITTER_DATE, COMMIT_DATE);
     let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
-    let output = command.output().map_err(|source| SweError::Git { args: shown.join(" "), output: source.to_string() })?;
+    let output = command.output().map_err(|source| SweError::Git {
+        args: shown.join(" "),
+        output: source.to_string(),
+    })?;
     if !output.status.success() {
-        return Err(SweError::Git { args: shown.join(" "), output: String::from_utf8_lossy(&output.stderr).trim().to_string() });
+        return Err(SweError::Git {
+            args: shown.join(" "),
+            output: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }

@@ -83,7 +83,11 @@ impl ToolName {
                 object(
                     &[
                         ("path", "string", "The file's path, relative to the workspace."),
-                        ("offset", "integer", "The first line to return, counting from 1 (optional)."),
+                        (
+                            "offset",
+                            "integer",
+                            "The first line to return, counting from 1 (optional).",
+                        ),
                         ("limit", "integer", "The most lines to return (optional)."),
                     ],
                     &["path"],
@@ -115,7 +119,11 @@ impl ToolName {
             ToolName::ListDir => (
                 "List the entries of a workspace directory (directories end with /).",
                 object(
-                    &[("path", "string", "The directory, relative to the workspace (default: the workspace).")],
+                    &[(
+                        "path",
+                        "string",
+                        "The directory, relative to the workspace (default: the workspace).",
+                    )],
                     &[],
                 ),
             ),
@@ -124,7 +132,11 @@ impl ToolName {
                 object(
                     &[
                         ("pattern", "string", "A regular expression (Rust regex syntax)."),
-                        ("path", "string", "A directory or file to search under (default: the workspace)."),
+                        (
+                            "path",
+                            "string",
+                            "A directory or file to search under (default: the workspace).",
+                        ),
                     ],
                     &["pattern"],
                 ),
@@ -258,7 +270,9 @@ fn workspace_root() -> String {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ToolCallError {
     /// No tool has this name.
-    #[error("there is no tool named `{0}`; the tools are: python, bash, read_file, write_file, edit_file, list_dir, search")]
+    #[error(
+        "there is no tool named `{0}`; the tools are: python, bash, read_file, write_file, edit_file, list_dir, search"
+    )]
     UnknownTool(String),
     /// The arguments do not fit the schema.
     #[error("invalid arguments for `{tool}`: {reason}; see the tool's JSON schema")]
@@ -288,7 +302,10 @@ impl ToolRequest {
             other => other,
         };
         fn typed<T: serde::de::DeserializeOwned>(tool: ToolName, v: &Value) -> Result<T, ToolCallError> {
-            T::deserialize(v).map_err(|e| ToolCallError::InvalidArguments { tool, reason: e.to_string() })
+            T::deserialize(v).map_err(|e| ToolCallError::InvalidArguments {
+                tool,
+                reason: e.to_string(),
+            })
         }
         Ok(match tool {
             ToolName::Python => ToolRequest::Python(typed(tool, arguments)?),

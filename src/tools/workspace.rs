@@ -52,7 +52,9 @@ pub enum WorkspaceError {
     #[error("`{0}` is not a UTF-8 text file")]
     NotText(String),
     /// The file is larger than the tools load.
-    #[error("`{path}` is {size} bytes, over the {MAX_FILE_BYTES}-byte limit of the file tools; use python or bash to process it")]
+    #[error(
+        "`{path}` is {size} bytes, over the {MAX_FILE_BYTES}-byte limit of the file tools; use python or bash to process it"
+    )]
     TooLarge {
         /// The file.
         path: String,
@@ -83,7 +85,9 @@ pub struct Workspace {
 impl Workspace {
     /// Opens the directory at `root`.
     pub fn open(root: &Path) -> std::io::Result<Workspace> {
-        Ok(Workspace { dir: Dir::open_ambient_dir(root, ambient_authority())? })
+        Ok(Workspace {
+            dir: Dir::open_ambient_dir(root, ambient_authority())?,
+        })
     }
 
     /// Runs a file tool (`read_file`, `write_file`, `edit_file`, `list_dir`, `search`) and turns
@@ -134,9 +138,13 @@ impl Workspace {
     pub fn write_file(&self, args: &WriteFileArgs) -> Result<String, WorkspaceError> {
         let path = confine(&args.path)?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            self.dir.create_dir_all(parent).map_err(|e| io_error("create the directories for", &args.path, e))?;
+            self.dir
+                .create_dir_all(parent)
+                .map_err(|e| io_error("create the directories for", &args.path, e))?;
         }
-        self.dir.write(&path, args.content.as_bytes()).map_err(|e| io_error("write", &args.path, e))?;
+        self.dir
+            .write(&path, args.content.as_bytes())
+            .map_err(|e| io_error("write", &args.path, e))?;
         Ok(format!("wrote {} bytes to {}", args.content.len(), args.path))
     }
 
@@ -149,11 +157,18 @@ impl Workspace {
         match text.matches(&args.old_string).count() {
             0 => return Err(WorkspaceError::TextMissing(args.path.clone())),
             1 => {}
-            count => return Err(WorkspaceError::TextNotUnique { path: args.path.clone(), count }),
+            count => {
+                return Err(WorkspaceError::TextNotUnique {
+                    path: args.path.clone(),
+                    count,
+                });
+            }
         }
         let edited = text.replacen(&args.old_string, &args.new_string, 1);
         let path = confine(&args.path)?;
-        self.dir.write(&path, edited.as_bytes()).map_err(|e| io_error("write", &args.path, e))?;
+        self.dir
+            .write(&path, edited.as_bytes())
+            .map_err(|e| io_error("write", &args.path, e))?;
         Ok(format!("edited {}: replaced 1 occurrence", args.path))
     }
 
@@ -176,7 +191,10 @@ impl Workspace {
         names.truncate(MAX_DIR_ENTRIES);
         let mut listing = names.join("\n");
         if truncated {
-            listing.push_str(&format!("\n[rollbox: {} more entries not shown]", total - MAX_DIR_ENTRIES));
+            listing.push_str(&format!(
+                "\n[rollbox: {} more entries not shown]",
+                total - MAX_DIR_ENTRIES
+            ));
         }
         Ok((listing, truncated))
     }
@@ -188,7 +206,10 @@ impl Workspace {
             .build()
             .map_err(|e| WorkspaceError::BadPattern(e.to_string()))?;
         let start = confine(&args.path)?;
-        let meta = self.dir.metadata(&start).map_err(|e| io_error("search", &args.path, e))?;
+        let meta = self
+            .dir
+            .metadata(&start)
+            .map_err(|e| io_error("search", &args.path, e))?;
         let mut files = Vec::new();
         if meta.is_dir() {
             self.collect_files(start, &mut files)?;
@@ -211,9 +232,16 @@ impl Workspace {
             }
         }
         let truncated = total > matches.len();
-        let mut report = if matches.is_empty() { "no matches".to_string() } else { matches.join("\n") };
+        let mut report = if matches.is_empty() {
+            "no matches".to_string()
+        } else {
+            matches.join("\n")
+        };
         if truncated {
-            report.push_str(&format!("\n[rollbox: {} more matches not shown]", total - matches.len()));
+            report.push_str(&format!(
+                "\n[rollbox: {} more matches not shown]",
+                total - matches.len()
+            ));
         }
         Ok((report, truncated))
     }
@@ -230,13 +258,22 @@ impl Workspace {
                 if name == ".git" {
                     continue;
                 }
-                let path = if dir == Path::new(".") { PathBuf::from(&name) } else { dir.join(&name) };
+                let path = if dir == Path::new(".") {
+                    PathBuf::from(&name)
+                } else {
+                    dir.join(&name)
+                };
                 match entry.file_type() {
                     Ok(t) if t.is_dir() => pending.push(path),
-                    Ok(t) if t.is_file()
-                        && entry.metadata().map(|m| m.len() <= MAX_SEARCH_FILE_BYTES).unwrap_or(false) => {
-                            files.push(path);
-                        }
+                    Ok(t)
+                        if t.is_file()
+                            && entry
+                                .metadata()
+                                .map(|m| m.len() <= MAX_SEARCH_FILE_BYTES)
+                                .unwrap_or(false) =>
+                    {
+                        files.push(path);
+                    }
                     _ => {}
                 }
             }
@@ -246,9 +283,15 @@ impl Workspace {
 
     fn read_text(&self, path_as_given: &str) -> Result<String, WorkspaceError> {
         let path = confine(path_as_given)?;
-        let meta = self.dir.metadata(&path).map_err(|e| io_error("read", path_as_given, e))?;
+        let meta = self
+            .dir
+            .metadata(&path)
+            .map_err(|e| io_error("read", path_as_given, e))?;
         if meta.len() > MAX_FILE_BYTES {
-            return Err(WorkspaceError::TooLarge { path: path_as_given.to_string(), size: meta.len() });
+            return Err(WorkspaceError::TooLarge {
+                path: path_as_given.to_string(),
+                size: meta.len(),
+            });
         }
         let bytes = self.dir.read(&path).map_err(|e| io_error("read", path_as_given, e))?;
         String::from_utf8(bytes).map_err(|_| WorkspaceError::NotText(path_as_given.to_string()))
@@ -290,7 +333,11 @@ fn io_error(op: &'static str, path: &str, source: std::io::Error) -> WorkspaceEr
         std::io::ErrorKind::PermissionDenied if source.to_string().contains("outside") => {
             WorkspaceError::OutsideWorkspace(path.to_string())
         }
-        _ => WorkspaceError::Io { op, path: path.to_string(), source },
+        _ => WorkspaceError::Io {
+            op,
+            path: path.to_string(),
+            source,
+        },
     }
 }
 
@@ -303,8 +350,14 @@ mod tests {
         assert_eq!(confine("a/b.txt").unwrap(), PathBuf::from("a/b.txt"));
         assert_eq!(confine("/workspace/a/../b").unwrap(), PathBuf::from("b"));
         assert_eq!(confine("/workspace").unwrap(), PathBuf::from("."));
-        assert!(matches!(confine("../etc/passwd"), Err(WorkspaceError::OutsideWorkspace(_))));
-        assert!(matches!(confine("/etc/passwd"), Err(WorkspaceError::OutsideWorkspace(_))));
+        assert!(matches!(
+            confine("../etc/passwd"),
+            Err(WorkspaceError::OutsideWorkspace(_))
+        ));
+        assert!(matches!(
+            confine("/etc/passwd"),
+            Err(WorkspaceError::OutsideWorkspace(_))
+        ));
         assert!(matches!(confine("a/../../x"), Err(WorkspaceError::OutsideWorkspace(_))));
     }
 }

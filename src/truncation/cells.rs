@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::chat::{Content, Message, Role};
 
-use super::{CompactionKind, CompactionOptions};
 use super::skeleton::SkeletonCache;
+use super::{CompactionKind, CompactionOptions};
 
 /// One code cell in a text: its opening (`<code>`, or a fence with its language and newline),
 /// its code and its closing, as byte ranges.
@@ -49,7 +49,11 @@ fn next_code_cell(text: &str, mut from: usize) -> Option<CodeCell> {
         };
         let cell = opening.and_then(|(code_start, closing)| {
             let code_end = code_start + text[code_start..].find(closing)?;
-            Some(CodeCell { open: start..code_start, code: code_start..code_end, close: code_end..code_end + closing.len() })
+            Some(CodeCell {
+                open: start..code_start,
+                code: code_start..code_end,
+                close: code_end..code_end + closing.len(),
+            })
         });
         match cell {
             Some(cell) => return Some(cell),
@@ -66,7 +70,9 @@ fn fence_opening_end(text: &str, after_ticks: usize) -> Option<usize> {
     FENCE_LANGUAGES.iter().find_map(|language| {
         let after_language = rest.strip_prefix(language)?;
         let blanks = after_language.len() - after_language.trim_start_matches([' ', '\t']).len();
-        after_language[blanks..].starts_with('\n').then(|| after_ticks + language.len() + blanks + 1)
+        after_language[blanks..]
+            .starts_with('\n')
+            .then(|| after_ticks + language.len() + blanks + 1)
     })
 }
 
@@ -119,7 +125,11 @@ pub(crate) fn compact_message(
 }
 
 fn output_compaction(message: Option<Message>) -> Option<Compaction> {
-    message.map(|message| Compaction { message, kind: CompactionKind::OutputTrimmed, names: Vec::new() })
+    message.map(|message| Compaction {
+        message,
+        kind: CompactionKind::OutputTrimmed,
+        names: Vec::new(),
+    })
 }
 
 fn compact_assistant(message: &Message, options: &CompactionOptions, skeletons: &SkeletonCache) -> Option<Compaction> {
@@ -164,7 +174,11 @@ fn compact_assistant(message: &Message, options: &CompactionOptions, skeletons: 
         }
         changed = Some(compacted);
     }
-    changed.map(|message| Compaction { message, kind: CompactionKind::CodeSkeleton, names })
+    changed.map(|message| Compaction {
+        message,
+        kind: CompactionKind::CodeSkeleton,
+        names,
+    })
 }
 
 /// Applies `edit` to each text of `message`; `None` when no text changed.
@@ -172,7 +186,10 @@ fn map_text(message: &Message, edit: impl Fn(&str) -> Option<String>) -> Option<
     match &message.content {
         Some(Content::Text(text)) => {
             let edited = edit(text)?;
-            Some(Message { content: Some(Content::Text(edited)), ..message.clone() })
+            Some(Message {
+                content: Some(Content::Text(edited)),
+                ..message.clone()
+            })
         }
         Some(Content::Parts(parts)) => {
             let mut any = false;
@@ -183,7 +200,10 @@ fn map_text(message: &Message, edit: impl Fn(&str) -> Option<String>) -> Option<
                     any = true;
                 }
             }
-            any.then(|| Message { content: Some(Content::Parts(parts)), ..message.clone() })
+            any.then(|| Message {
+                content: Some(Content::Parts(parts)),
+                ..message.clone()
+            })
         }
         None => None,
     }
@@ -210,7 +230,11 @@ fn trim_lines(lines: &[&str], options: &CompactionOptions) -> Vec<String> {
 fn trim_traceback(lines: &[&str], start: usize, options: &CompactionOptions) -> Vec<String> {
     let mut kept = head_and_tail(&lines[..start], options);
     let is_error = |line: &&str| !line.trim().is_empty() && !line.starts_with(char::is_whitespace);
-    match lines[start + 1..].iter().position(is_error).map(|offset| start + 1 + offset) {
+    match lines[start + 1..]
+        .iter()
+        .position(is_error)
+        .map(|offset| start + 1 + offset)
+    {
         Some(error) => {
             kept.push(format!("[... {} traceback lines omitted ...]", error - start));
             kept.push(cut_line(lines[error], options));
@@ -253,7 +277,9 @@ mod tests {
     /// The scan finds the same cells as the regex it replaced.
     #[test]
     fn code_cells_are_found_as_the_regex_found_them() {
-        let regex = regex::Regex::new(r"(?s)(<code>)(.*?)(</code>)|(```(?:python|py|ipython|python3)[ \t]*\n)(.*?)(```)").expect("valid");
+        let regex =
+            regex::Regex::new(r"(?s)(<code>)(.*?)(</code>)|(```(?:python|py|ipython|python3)[ \t]*\n)(.*?)(```)")
+                .expect("valid");
         let texts = [
             "no cells here",
             "<code>a = 1</code> and <code>\nb = 2\n</code>",
@@ -271,7 +297,11 @@ mod tests {
                 .captures_iter(text)
                 .map(|c| match c.get(2) {
                     Some(code) => (c.get(1).unwrap().range(), code.range(), c.get(3).unwrap().range()),
-                    None => (c.get(4).unwrap().range(), c.get(5).unwrap().range(), c.get(6).unwrap().range()),
+                    None => (
+                        c.get(4).unwrap().range(),
+                        c.get(5).unwrap().range(),
+                        c.get(6).unwrap().range(),
+                    ),
                 })
                 .collect();
             let mut found = Vec::new();

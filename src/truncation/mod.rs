@@ -103,9 +103,7 @@ impl fmt::Display for Strategy {
 
 /// A strategy name that is not one of [`Strategy`]'s.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "unknown truncation strategy `{0}` (expected first_user_priority, ast_compaction or llm_compaction)"
-)]
+#[error("unknown truncation strategy `{0}` (expected first_user_priority, ast_compaction or llm_compaction)")]
 pub struct UnknownStrategy(pub String);
 
 impl FromStr for Strategy {

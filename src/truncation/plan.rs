@@ -32,7 +32,10 @@ impl Layout {
         let count = messages.len();
         let mut head_end = match messages.iter().position(|m| m.role == Role::User) {
             Some(first_user) => first_user + 1,
-            None => messages.iter().take_while(|m| matches!(m.role, Role::System | Role::Developer)).count(),
+            None => messages
+                .iter()
+                .take_while(|m| matches!(m.role, Role::System | Role::Developer))
+                .count(),
         };
         while head_end < count && messages[head_end].role == Role::Tool {
             head_end += 1;
@@ -49,7 +52,11 @@ impl Layout {
                 _ => turns.push(index..index + 1),
             }
         }
-        Layout { head_end, tail_start, turns }
+        Layout {
+            head_end,
+            tail_start,
+            turns,
+        }
     }
 
     /// The middle's message indices, oldest first.
@@ -107,7 +114,11 @@ pub(crate) struct Plan<'a> {
 
 impl<'a> Plan<'a> {
     /// Lays out `messages` and counts the parts that are always kept.
-    pub fn new(messages: &'a [Message], counter: &'a TokenCounter, options: &'a CompactionOptions) -> Result<Self, TruncationError> {
+    pub fn new(
+        messages: &'a [Message],
+        counter: &'a TokenCounter,
+        options: &'a CompactionOptions,
+    ) -> Result<Self, TruncationError> {
         let layout = Layout::of(messages, options);
         let mut plan = Plan {
             messages,
@@ -119,9 +130,14 @@ impl<'a> Plan<'a> {
             reduced: std::iter::repeat_with(|| None).take(messages.len()).collect(),
             layout,
         };
-        let pinned: Vec<usize> = (0..plan.layout.head_end).chain(plan.layout.tail_start..messages.len()).collect();
+        let pinned: Vec<usize> = (0..plan.layout.head_end)
+            .chain(plan.layout.tail_start..messages.len())
+            .collect();
         plan.count(Form::Original, &pinned)?;
-        plan.fixed += pinned.iter().map(|&index| plan.tokens(Form::Original, index)).sum::<usize>();
+        plan.fixed += pinned
+            .iter()
+            .map(|&index| plan.tokens(Form::Original, index))
+            .sum::<usize>();
         Ok(plan)
     }
 
@@ -195,7 +211,12 @@ impl<'a> Plan<'a> {
     /// Tokenising is done in parallel batches. Each batch holds no more bytes than the room left
     /// (a token covers at least one byte, so such a batch all but always fits), which means
     /// nothing older than the first unit that does not fit is tokenised.
-    fn newest_fitting(&mut self, units: &[Range<usize>], cost: Cost, room: usize) -> Result<(usize, usize), TruncationError> {
+    fn newest_fitting(
+        &mut self,
+        units: &[Range<usize>],
+        cost: Cost,
+        room: usize,
+    ) -> Result<(usize, usize), TruncationError> {
         let form = match cost {
             Cost::Tokens(form) => form,
             Cost::Expansion => Form::Original,
@@ -228,18 +249,26 @@ impl<'a> Plan<'a> {
             Cost::Tokens(form) => self.tokens(form, index),
             // Saturating: a compaction shorter in bytes is, very rarely, longer in tokens; then
             // keeping the original costs nothing extra.
-            Cost::Expansion => self.tokens(Form::Original, index).saturating_sub(self.tokens(Form::Compacted, index)),
+            Cost::Expansion => self
+                .tokens(Form::Original, index)
+                .saturating_sub(self.tokens(Form::Compacted, index)),
         }
     }
 
     /// Upper bound of a unit's tokens in `form`: its bytes plus the template's overhead.
     fn bytes(&self, form: Form, unit: &Range<usize>) -> usize {
-        unit.clone().map(|index| size(self.version(form, index)) + self.counter.overhead_tokens(&self.messages[index].role)).sum()
+        unit.clone()
+            .map(|index| size(self.version(form, index)) + self.counter.overhead_tokens(&self.messages[index].role))
+            .sum()
     }
 
     /// Tokenises, in one batch, whichever of `indices` has no count yet in `form`.
     fn count(&mut self, form: Form, indices: &[usize]) -> Result<(), TruncationError> {
-        let missing: Vec<usize> = indices.iter().copied().filter(|&index| self.known(form, index).is_none()).collect();
+        let missing: Vec<usize> = indices
+            .iter()
+            .copied()
+            .filter(|&index| self.known(form, index).is_none())
+            .collect();
         let versions: Vec<&Message> = missing.iter().map(|&index| self.version(form, index)).collect();
         let counts = self.counter.count_each(&versions)?;
         for (index, tokens) in missing.into_iter().zip(counts) {
@@ -260,7 +289,8 @@ impl<'a> Plan<'a> {
 
     /// Tokens of message `index` in `form`; it must have been counted.
     pub fn tokens(&self, form: Form, index: usize) -> usize {
-        self.known(form, index).expect("the plan counts a message before reading its count")
+        self.known(form, index)
+            .expect("the plan counts a message before reading its count")
     }
 
     /// Message `index` in `form`.
@@ -332,7 +362,9 @@ impl<'a> Plan<'a> {
                 let mut messages = self.assemble(form, self.layout.tail_start);
                 messages.splice(span, std::iter::once(marker));
                 // Counted unless it was never a candidate (then it cannot fit anyway).
-                let given_up = (kept < all).then(|| self.counted_turn_tokens(form, all - kept - 1)).flatten();
+                let given_up = (kept < all)
+                    .then(|| self.counted_turn_tokens(form, all - kept - 1))
+                    .flatten();
                 match given_up {
                     // The newest turn given up might fit back: try it.
                     Some(tokens) if kept + 1 < not_fitting && total + tokens <= budget => {
@@ -379,12 +411,16 @@ impl<'a> Plan<'a> {
 
     /// Tokens of middle turn `turn` in `form`; it must have been counted.
     fn turn_tokens(&self, form: Form, turn: usize) -> usize {
-        self.counted_turn_tokens(form, turn).expect("the plan counts a turn before reading its count")
+        self.counted_turn_tokens(form, turn)
+            .expect("the plan counts a turn before reading its count")
     }
 
     /// Tokens of middle turn `turn` in `form`, if all its messages have been counted.
     fn counted_turn_tokens(&self, form: Form, turn: usize) -> Option<usize> {
-        self.layout.turns[turn].clone().map(|index| self.known(form, index)).sum()
+        self.layout.turns[turn]
+            .clone()
+            .map(|index| self.known(form, index))
+            .sum()
     }
 
     /// The conversation with messages `..in_form_before` in `form` and the rest original.
@@ -407,14 +443,26 @@ fn size(message: &Message) -> usize {
     let text = match &message.content {
         None => 0,
         Some(Content::Text(text)) => text.len(),
-        Some(Content::Parts(parts)) => parts.iter().filter_map(|part| part.text.as_ref()).map(String::len).sum(),
+        Some(Content::Parts(parts)) => parts
+            .iter()
+            .filter_map(|part| part.text.as_ref())
+            .map(String::len)
+            .sum(),
     };
-    text + message.tool_calls().iter().map(|call| call.function.name.len() + call.function.arguments.len()).sum::<usize>()
+    text + message
+        .tool_calls()
+        .iter()
+        .map(|call| call.function.name.len() + call.function.arguments.len())
+        .sum::<usize>()
 }
 
 /// A message's characters, as the marker reports what was removed: its text and tool calls.
 pub(crate) fn chars(message: &Message) -> usize {
-    let calls: usize = message.tool_calls().iter().map(|call| call.function.arguments.chars().count()).sum();
+    let calls: usize = message
+        .tool_calls()
+        .iter()
+        .map(|call| call.function.arguments.chars().count())
+        .sum();
     message.text().chars().count() + calls
 }
 
@@ -432,7 +480,9 @@ pub(crate) fn removal_marker(dropped: &DroppedSpan, names: &[String]) -> Message
 /// turns' code defined, which the notebook still holds.
 pub(crate) fn with_live_names(mut text: String, what: &str, names: &[String]) -> Message {
     if !names.is_empty() {
-        text.push_str(&format!("\nNames defined by code in the {what} turns, still live in the notebook: "));
+        text.push_str(&format!(
+            "\nNames defined by code in the {what} turns, still live in the notebook: "
+        ));
         text.push_str(&names.join(", "));
     }
     Message::user(text)

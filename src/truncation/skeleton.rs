@@ -41,9 +41,17 @@ pub fn python_skeleton(code: &str) -> Skeleton {
     let total_lines = code.lines().filter(|line| !line.trim().is_empty()).count();
     let mut skeleton = match ast::Suite::parse(&parsable, "<cell>") {
         Ok(suite) => {
-            let mut builder = SkeletonBuilder { source: &parsable, lines: magics, names: Vec::new() };
+            let mut builder = SkeletonBuilder {
+                source: &parsable,
+                lines: magics,
+                names: Vec::new(),
+            };
             builder.suite(&suite, 0, true);
-            Skeleton { text: builder.lines.join("\n"), names: builder.names, parsed: true }
+            Skeleton {
+                text: builder.lines.join("\n"),
+                names: builder.names,
+                parsed: true,
+            }
         }
         Err(_) => line_based_skeleton(code),
     };
@@ -52,7 +60,11 @@ pub fn python_skeleton(code: &str) -> Skeleton {
     if !skeleton.text.is_empty() {
         skeleton.text.push('\n');
     }
-    let how = if skeleton.parsed { "" } else { "; the cell did not parse, so this skeleton is line-based" };
+    let how = if skeleton.parsed {
+        ""
+    } else {
+        "; the cell did not parse, so this skeleton is line-based"
+    };
     skeleton.text.push_str(&format!(
         "# [rollbox: cell compacted to its skeleton, {omitted} of {total_lines} lines omitted{how}]"
     ));
@@ -131,7 +143,9 @@ struct SkeletonBuilder<'a> {
 impl SkeletonBuilder<'_> {
     fn text(&self, node: &impl Ranged) -> &str {
         let range = node.range();
-        self.source.get(usize::from(range.start())..usize::from(range.end())).unwrap_or("")
+        self.source
+            .get(usize::from(range.start())..usize::from(range.end()))
+            .unwrap_or("")
     }
 
     fn push(&mut self, depth: usize, line: &str) {
@@ -211,8 +225,12 @@ impl SkeletonBuilder<'_> {
             }
             // Module-level control flow still defines module-level names (`try: import x`,
             // `if DEBUG: def f(): ...`), so its body is flattened into the skeleton.
-            Stmt::For(for_loop) => self.loop_or_with_target(&for_loop.target, &for_loop.body, &for_loop.orelse, depth, top),
-            Stmt::AsyncFor(for_loop) => self.loop_or_with_target(&for_loop.target, &for_loop.body, &for_loop.orelse, depth, top),
+            Stmt::For(for_loop) => {
+                self.loop_or_with_target(&for_loop.target, &for_loop.body, &for_loop.orelse, depth, top)
+            }
+            Stmt::AsyncFor(for_loop) => {
+                self.loop_or_with_target(&for_loop.target, &for_loop.body, &for_loop.orelse, depth, top)
+            }
             Stmt::With(with) => self.with_items(&with.items, &with.body, depth, top),
             Stmt::AsyncWith(with) => self.with_items(&with.items, &with.body, depth, top),
             Stmt::If(branch) => {
@@ -223,8 +241,22 @@ impl SkeletonBuilder<'_> {
                 self.suite(&repeat.body, depth, top);
                 self.suite(&repeat.orelse, depth, top);
             }
-            Stmt::Try(attempt) => self.try_blocks(&attempt.body, &attempt.handlers, &attempt.orelse, &attempt.finalbody, depth, top),
-            Stmt::TryStar(attempt) => self.try_blocks(&attempt.body, &attempt.handlers, &attempt.orelse, &attempt.finalbody, depth, top),
+            Stmt::Try(attempt) => self.try_blocks(
+                &attempt.body,
+                &attempt.handlers,
+                &attempt.orelse,
+                &attempt.finalbody,
+                depth,
+                top,
+            ),
+            Stmt::TryStar(attempt) => self.try_blocks(
+                &attempt.body,
+                &attempt.handlers,
+                &attempt.orelse,
+                &attempt.finalbody,
+                depth,
+                top,
+            ),
             // Expressions (`df.head()`, `print(x)`), control statements and the rest change no
             // names the model must remember; they are what the omitted-lines count accounts for.
             _ => {}
@@ -272,7 +304,15 @@ impl SkeletonBuilder<'_> {
         self.suite(body, depth, top);
     }
 
-    fn try_blocks(&mut self, body: &[Stmt], handlers: &[ast::ExceptHandler], orelse: &[Stmt], finalbody: &[Stmt], depth: usize, top: bool) {
+    fn try_blocks(
+        &mut self,
+        body: &[Stmt],
+        handlers: &[ast::ExceptHandler],
+        orelse: &[Stmt],
+        finalbody: &[Stmt],
+        depth: usize,
+        top: bool,
+    ) {
         self.suite(body, depth, top);
         for ast::ExceptHandler::ExceptHandler(handler) in handlers {
             self.suite(&handler.body, depth, top);
@@ -309,7 +349,9 @@ impl SkeletonBuilder<'_> {
     /// any decorators) to its colon, with a trailing comment removed.
     fn header(&self, stmt: &Stmt, body: &[Stmt]) -> String {
         let start = usize::from(stmt.range().start());
-        let end = body.first().map_or(usize::from(stmt.range().end()), |first| usize::from(first.range().start()));
+        let end = body.first().map_or(usize::from(stmt.range().end()), |first| {
+            usize::from(first.range().start())
+        });
         let text = self.source.get(start..end).unwrap_or("").trim_end();
         // Scan colons from the right: the header's colon is the last one followed only by
         // whitespace or a comment (a colon inside that comment is followed by more text).
@@ -330,7 +372,10 @@ fn is_docstring(stmt: &Stmt) -> bool {
 fn docstring_of(stmt: &Stmt) -> Option<&str> {
     match stmt {
         Stmt::Expr(expr) => match expr.value.as_ref() {
-            Expr::Constant(ast::ExprConstant { value: Constant::Str(text), .. }) => Some(text),
+            Expr::Constant(ast::ExprConstant {
+                value: Constant::Str(text),
+                ..
+            }) => Some(text),
             _ => None,
         },
         _ => None,
@@ -350,9 +395,8 @@ static TOP_LEVEL_ASSIGNMENT: LazyLock<Regex> = LazyLock::new(|| {
 });
 static DEFINITION: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(?:async\s+)?(?:def|class)\s+([A-Za-z_]\w*)").expect("static regex is valid"));
-static IMPORT: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(?:import\s+(.+)|from\s+\S+\s+import\s+(.+))$").expect("static regex is valid")
-});
+static IMPORT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(?:import\s+(.+)|from\s+\S+\s+import\s+(.+))$").expect("static regex is valid"));
 
 /// The skeleton of code that does not parse: the lines that look like imports, definitions,
 /// decorators, magics or top-level assignments, found line by line.
@@ -382,7 +426,11 @@ fn line_based_skeleton(code: &str) -> Skeleton {
             names.extend(targets.split(',').map(|name| name.trim().to_owned()));
         }
     }
-    Skeleton { text: lines.join("\n"), names, parsed: false }
+    Skeleton {
+        text: lines.join("\n"),
+        names,
+        parsed: false,
+    }
 }
 
 /// Names bound by the part of an import line after `import`: `a as b, c.d` binds `b` and `c`

@@ -139,7 +139,10 @@ fn compact_in_place(plan: &mut Plan<'_>, budget: usize) -> Result<Option<InPlace
     if plan.middle_bytes() <= room.saturating_mul(LIKELY_OVER_BYTES_PER_TOKEN)
         && let Some(total) = fits_unchanged(plan, budget)?
     {
-        return Ok(Some(InPlace { in_form_before: middle.start, total }));
+        return Ok(Some(InPlace {
+            in_form_before: middle.start,
+            total,
+        }));
     }
     plan.reduce_middle();
     let (fitting, compacted) = plan.newest_fitting_turns(Form::Compacted, room)?;
@@ -148,7 +151,18 @@ fn compact_in_place(plan: &mut Plan<'_>, budget: usize) -> Result<Option<InPlace
     }
     let in_form_before = middle.end - plan.newest_left_original(room - compacted)?;
     let total = plan.fixed
-        + middle.map(|index| plan.tokens(if index < in_form_before { Form::Compacted } else { Form::Original }, index)).sum::<usize>();
+        + middle
+            .map(|index| {
+                plan.tokens(
+                    if index < in_form_before {
+                        Form::Compacted
+                    } else {
+                        Form::Original
+                    },
+                    index,
+                )
+            })
+            .sum::<usize>();
     Ok(Some(InPlace { in_form_before, total }))
 }
 
@@ -163,7 +177,11 @@ fn finish_in_place(plan: &Plan<'_>, in_place: InPlace, mut report: CompactionRep
 
 /// All of the middle compacted, and the oldest turns replaced by a marker that lists the names
 /// their code defined.
-fn remove_compacted_turns(plan: &mut Plan<'_>, budget: usize, mut report: CompactionReport) -> Result<Compacted, TruncationError> {
+fn remove_compacted_turns(
+    plan: &mut Plan<'_>,
+    budget: usize,
+    mut report: CompactionReport,
+) -> Result<Compacted, TruncationError> {
     let (messages, dropped, total) = plan.replace_oldest_turns(Form::Compacted, budget, |plan, span, dropped| {
         removal_marker(dropped, &plan.names_in(span))
     })?;
@@ -196,10 +214,15 @@ async fn summarize_older_turns(
     options: &CompactionOptions,
     summarizer: &dyn Summarizer,
 ) -> Result<(Vec<Message>, DroppedSpan, usize), String> {
-    let room = plan.room(budget).filter(|room| *room > 0).ok_or("no room left for a summary")?;
+    let room = plan
+        .room(budget)
+        .filter(|room| *room > 0)
+        .ok_or("no room left for a summary")?;
     let reserve = options.summary_max_tokens.min(room);
     // Keep the most recent turns that fit beside the reserved summary; summarise the rest.
-    let (kept, kept_tokens) = plan.newest_fitting_turns(Form::Compacted, room - reserve).map_err(|e| error_chain(&e))?;
+    let (kept, kept_tokens) = plan
+        .newest_fitting_turns(Form::Compacted, room - reserve)
+        .map_err(|e| error_chain(&e))?;
     let all = plan.layout.turns.len();
     if kept == all {
         return Err("nothing to summarise".to_owned());
@@ -207,10 +230,21 @@ async fn summarize_older_turns(
     let (span, mut dropped) = plan.oldest_span(all - kept);
     let span_names = plan.names_in(span.clone());
     let counter = plan.counter();
-    let wrapper_tokens = counter.count_message(&summary_message(&dropped, "", &span_names)).map_err(|e| error_chain(&e))?;
-    let max_tokens = reserve.checked_sub(wrapper_tokens).filter(|n| *n > 0).ok_or("no room left for a summary")?;
-    let compacted: Vec<Message> = span.clone().map(|index| plan.version(Form::Compacted, index).clone()).collect();
-    let request = SummaryRequest { messages: compacted, max_tokens };
+    let wrapper_tokens = counter
+        .count_message(&summary_message(&dropped, "", &span_names))
+        .map_err(|e| error_chain(&e))?;
+    let max_tokens = reserve
+        .checked_sub(wrapper_tokens)
+        .filter(|n| *n > 0)
+        .ok_or("no room left for a summary")?;
+    let compacted: Vec<Message> = span
+        .clone()
+        .map(|index| plan.version(Form::Compacted, index).clone())
+        .collect();
+    let request = SummaryRequest {
+        messages: compacted,
+        max_tokens,
+    };
     let summary = summarizer.summarize(request).await.map_err(|e| error_chain(&e))?;
     let summary = summary.trim();
     if summary.is_empty() {
@@ -220,7 +254,10 @@ async fn summarize_older_turns(
     let tokens = counter.count_message(&message).map_err(|e| error_chain(&e))?;
     let total = plan.fixed + tokens + kept_tokens;
     if total > budget {
-        return Err(format!("the summary took {tokens} tokens, more than the {} left for it", room - kept_tokens));
+        return Err(format!(
+            "the summary took {tokens} tokens, more than the {} left for it",
+            room - kept_tokens
+        ));
     }
     dropped.replacement_tokens = tokens;
     let mut messages = plan.assemble(Form::Compacted, plan.layout.tail_start);
@@ -235,4 +272,3 @@ fn summary_message(span: &DroppedSpan, summary: &str, names: &[String]) -> Messa
     );
     with_live_names(text, "summarised", names)
 }
-

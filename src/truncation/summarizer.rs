@@ -117,7 +117,9 @@ impl Summarizer for OpenAiSummarizer {
         let response = call.send().await.map_err(SummarizerError::Request)?;
         let status = response.status();
         if !status.is_success() {
-            return Err(SummarizerError::Status { status: status.as_u16() });
+            return Err(SummarizerError::Status {
+                status: status.as_u16(),
+            });
         }
         let answer: Value = response.json().await.map_err(SummarizerError::Request)?;
         answer
@@ -161,6 +163,8 @@ where
     E: Into<Box<dyn StdError + Send + Sync>>,
 {
     async fn summarize(&self, request: SummaryRequest) -> Result<String, SummarizerError> {
-        (self.0)(request).await.map_err(|error| SummarizerError::Callback(error.into()))
+        (self.0)(request)
+            .await
+            .map_err(|error| SummarizerError::Callback(error.into()))
     }
 }

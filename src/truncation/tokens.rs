@@ -60,8 +60,7 @@ impl ChatTemplate {
             message_end: "<|im_end|>\n".to_owned(),
             tool_result_start: "<|im_start|>user\n<tool_response>\n".to_owned(),
             tool_result_end: "\n</tool_response><|im_end|>\n".to_owned(),
-            tool_call: "\n<tool_call>\n{\"name\": \"{name}\", \"arguments\": {arguments}}\n</tool_call>"
-                .to_owned(),
+            tool_call: "\n<tool_call>\n{\"name\": \"{name}\", \"arguments\": {arguments}}\n</tool_call>".to_owned(),
             generation_prompt: "<|im_start|>assistant\n".to_owned(),
         }
     }
@@ -131,8 +130,10 @@ impl TokenCounter {
     /// Loads `tokenizer.json` from `path` and pairs it with `template`.
     pub fn from_file(path: impl AsRef<Path>, template: ChatTemplate) -> Result<Self, TruncationError> {
         let path = path.as_ref();
-        let tokenizer = Tokenizer::from_file(path)
-            .map_err(|source| TruncationError::LoadTokenizer { path: path.to_owned(), source })?;
+        let tokenizer = Tokenizer::from_file(path).map_err(|source| TruncationError::LoadTokenizer {
+            path: path.to_owned(),
+            source,
+        })?;
         TokenCounter::new(tokenizer, template)
     }
 
@@ -140,7 +141,12 @@ impl TokenCounter {
     pub fn new(tokenizer: Tokenizer, template: ChatTemplate) -> Result<Self, TruncationError> {
         let normal_form_only = matches!(
             tokenizer.get_normalizer(),
-            None | Some(NormalizerWrapper::NFC(_) | NormalizerWrapper::NFD(_) | NormalizerWrapper::NFKC(_) | NormalizerWrapper::NFKD(_))
+            None | Some(
+                NormalizerWrapper::NFC(_)
+                    | NormalizerWrapper::NFD(_)
+                    | NormalizerWrapper::NFKC(_)
+                    | NormalizerWrapper::NFKD(_)
+            )
         );
         let mut counter = TokenCounter {
             byte_level_split: ByteLevelSplit::of(&tokenizer),
@@ -177,8 +183,15 @@ impl TokenCounter {
         }
         let counting = |error| TruncationError::CountTokens { source: error };
         let skip_normalizer = self.normal_form_only && text.is_ascii();
-        let normalizer = if skip_normalizer { None } else { self.tokenizer.get_normalizer() };
-        let mut pretokenized = self.tokenizer.get_added_vocabulary().extract_and_normalize(normalizer, text);
+        let normalizer = if skip_normalizer {
+            None
+        } else {
+            self.tokenizer.get_normalizer()
+        };
+        let mut pretokenized = self
+            .tokenizer
+            .get_added_vocabulary()
+            .extract_and_normalize(normalizer, text);
         // The same splits and byte mapping as the pre-tokenizer, without its bookkeeping.
         let byte_level_split = self.byte_level_split.as_ref().filter(|_| skip_normalizer);
         if byte_level_split.is_none()
@@ -251,12 +264,17 @@ impl TokenCounter {
             }
         }
         // On the tokenizer's own thread pool, as its batch encoding would be.
-        let text_counts: Vec<usize> = texts.into_maybe_par_iter().map(|text| self.count_text(&text)).collect::<Result<_, _>>()?;
+        let text_counts: Vec<usize> = texts
+            .into_maybe_par_iter()
+            .map(|text| self.count_text(&text))
+            .collect::<Result<_, _>>()?;
         for (owner, tokens) in owners.into_iter().zip(text_counts) {
             counts[owner] += tokens;
         }
-        let fresh: Vec<(u64, usize)> =
-            (0..messages.len()).filter(|&index| cached[index].is_none()).map(|index| (keys[index], counts[index])).collect();
+        let fresh: Vec<(u64, usize)> = (0..messages.len())
+            .filter(|&index| cached[index].is_none())
+            .map(|index| (keys[index], counts[index]))
+            .collect();
         self.remember(&fresh);
         Ok(counts)
     }
@@ -281,7 +299,10 @@ impl TokenCounter {
             }
         }
         for call in message.tool_calls() {
-            pieces.push(self.template.render_tool_call(&call.function.name, &call.function.arguments));
+            pieces.push(
+                self.template
+                    .render_tool_call(&call.function.name, &call.function.arguments),
+            );
         }
         pieces
     }
@@ -338,7 +359,10 @@ impl TokenCounter {
         let (start, end) = if *role == Role::Tool {
             (self.template.tool_result_start.clone(), &self.template.tool_result_end)
         } else {
-            (self.template.message_start.replace("{role}", role.as_str()), &self.template.message_end)
+            (
+                self.template.message_start.replace("{role}", role.as_str()),
+                &self.template.message_end,
+            )
         };
         Ok(self.count_text(&start)? + self.count_text(end)?)
     }
@@ -359,7 +383,9 @@ impl ByteLevelSplit {
     /// `Some` only for exactly that shape, read from the pre-tokenizer's own serialised form.
     fn of(tokenizer: &Tokenizer) -> Option<ByteLevelSplit> {
         let config = serde_json::to_value(tokenizer.get_pre_tokenizer()?).ok()?;
-        let [split, byte_level] = config.get("pretokenizers")?.as_array()?.as_slice() else { return None };
+        let [split, byte_level] = config.get("pretokenizers")?.as_array()?.as_slice() else {
+            return None;
+        };
         let is = |value: &serde_json::Value, key: &str, expected: serde_json::Value| value.get(key) == Some(&expected);
         let shape_matches = is(&config, "type", "Sequence".into())
             && is(split, "type", "Split".into())
@@ -373,7 +399,10 @@ impl ByteLevelSplit {
         }
         let pattern = split.get("pattern")?.get("Regex")?.as_str()?;
         let regex = SysRegex::new(pattern).ok()?;
-        Some(ByteLevelSplit { regex, byte_chars: gpt2_byte_chars() })
+        Some(ByteLevelSplit {
+            regex,
+            byte_chars: gpt2_byte_chars(),
+        })
     }
 
     /// The model's tokens for `text` (which holds no added token), piece by piece; `mapped` is
@@ -385,7 +414,11 @@ impl ByteLevelSplit {
                 return Ok(());
             }
             mapped.clear();
-            mapped.extend(text.as_bytes()[range].iter().map(|&byte| self.byte_chars[byte as usize]));
+            mapped.extend(
+                text.as_bytes()[range]
+                    .iter()
+                    .map(|&byte| self.byte_chars[byte as usize]),
+            );
             count += model.tokenize(mapped)?.len();
             Ok(())
         };

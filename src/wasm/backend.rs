@@ -16,7 +16,14 @@ use crate::tools::workspace::Workspace;
 use crate::tools::{ToolCallError, ToolName, ToolRequest};
 
 /// The tools a wasm slot runs: everything but `bash`.
-pub const TOOLS: [ToolName; 6] = [ToolName::Python, ToolName::ReadFile, ToolName::WriteFile, ToolName::EditFile, ToolName::ListDir, ToolName::Search];
+pub const TOOLS: [ToolName; 6] = [
+    ToolName::Python,
+    ToolName::ReadFile,
+    ToolName::WriteFile,
+    ToolName::EditFile,
+    ToolName::ListDir,
+    ToolName::Search,
+];
 
 /// How a [`WasmBackend`] is set up.
 #[derive(Clone, Debug)]
@@ -118,15 +125,23 @@ impl WasmBackend {
             return Err(WasmBackendError::InvalidPreload(bad.clone()));
         }
         let runtime = install::ensure_installed(&config.runtime, reporter)?;
-        let engine = build_engine(config.limits.fuel.is_some()).map_err(|e| WasmBackendError::Engine(e.into_boxed_dyn_error()))?;
+        let engine = build_engine(config.limits.fuel.is_some())
+            .map_err(|e| WasmBackendError::Engine(e.into_boxed_dyn_error()))?;
         let module = compiled::load_or_compile(&engine, &runtime, &config.runtime, reporter)?;
         let (root, owns_root) = match config.workspace_root {
             Some(root) => (root, false),
             None => (private_temp_dir(), true),
         };
-        let options = StartOptions { preload: config.preload, snapshots: config.snapshots, template_dir: root.join("template") };
+        let options = StartOptions {
+            preload: config.preload,
+            snapshots: config.snapshots,
+            template_dir: root.join("template"),
+        };
         let factory = InterpreterFactory::new(engine, &module, runtime, config.limits, options)?;
-        std::fs::create_dir_all(&root).map_err(|source| WasmBackendError::WorkspaceRoot { path: root.clone(), source })?;
+        std::fs::create_dir_all(&root).map_err(|source| WasmBackendError::WorkspaceRoot {
+            path: root.clone(),
+            source,
+        })?;
         if let Err(error) = prepare_template(&factory, reporter) {
             if owns_root {
                 let _ = std::fs::remove_dir_all(&root);
@@ -213,7 +228,12 @@ fn prepare_template(factory: &InterpreterFactory, reporter: &dyn Reporter) -> Re
     // The template runs guest code, whose WASI calls block on a Tokio runtime of wasmtime-wasi's
     // own; that panics on a thread already inside a runtime, and `new` may be called from async
     // code. A scoped thread of its own has no runtime.
-    let prepared = std::thread::scope(|scope| scope.spawn(|| factory.prepare()).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+    let prepared = std::thread::scope(|scope| {
+        scope
+            .spawn(|| factory.prepare())
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
     if preloading.is_some() {
         reporter.on_step_end();
     }
@@ -224,15 +244,23 @@ fn prepare_template(factory: &InterpreterFactory, reporter: &dyn Reporter) -> Re
 fn is_module_name(name: &str) -> bool {
     let identifier = |part: &str| {
         let mut chars = part.chars();
-        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
     };
     name.split('.').all(identifier)
 }
 
 fn private_temp_dir() -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    std::env::temp_dir().join(format!("rollbox-{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!(
+        "rollbox-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 #[async_trait::async_trait]
@@ -250,11 +278,20 @@ impl Backend for WasmBackend {
         let reservation = SlotReservation::take(&self.reserved, self.max_slots)?;
         let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let slot_root = self.root.join(id.to_string());
-        let dirs = SlotDirs { workspace: slot_root.join("workspace"), tmp: slot_root.join("tmp") };
+        let dirs = SlotDirs {
+            workspace: slot_root.join("workspace"),
+            tmp: slot_root.join("tmp"),
+        };
         for dir in [&dirs.workspace, &dirs.tmp] {
-            std::fs::create_dir_all(dir).map_err(|source| BackendError::Workspace { path: dir.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| BackendError::Workspace {
+                path: dir.clone(),
+                source,
+            })?;
         }
-        let workspace = Workspace::open(&dirs.workspace).map_err(|source| BackendError::Workspace { path: dirs.workspace.clone(), source })?;
+        let workspace = Workspace::open(&dirs.workspace).map_err(|source| BackendError::Workspace {
+            path: dirs.workspace.clone(),
+            source,
+        })?;
         let factory = self.factory.clone();
         let start_dirs = dirs.clone();
         let started = tokio::task::spawn_blocking(move || factory.start(&start_dirs)).await;
@@ -262,15 +299,31 @@ impl Backend for WasmBackend {
             Ok(Ok(interpreter)) => interpreter,
             Ok(Err(error)) => {
                 let _ = std::fs::remove_dir_all(&slot_root);
-                return Err(BackendError::StartInterpreter { trajectory_id: trajectory_id.into(), source: Box::new(error) });
+                return Err(BackendError::StartInterpreter {
+                    trajectory_id: trajectory_id.into(),
+                    source: Box::new(error),
+                });
             }
             Err(join) => {
                 let _ = std::fs::remove_dir_all(&slot_root);
-                return Err(BackendError::StartInterpreter { trajectory_id: trajectory_id.into(), source: Box::new(join) });
+                return Err(BackendError::StartInterpreter {
+                    trajectory_id: trajectory_id.into(),
+                    source: Box::new(join),
+                });
             }
         };
-        let slot = Slot { id, trajectory_id: trajectory_id.to_string(), backend: "wasm".into(), workspace: dirs.workspace.clone() };
-        let live = Arc::new(LiveSlot { slot: slot.clone(), dirs, workspace, interpreter: Mutex::new(Some(interpreter)) });
+        let slot = Slot {
+            id,
+            trajectory_id: trajectory_id.to_string(),
+            backend: "wasm".into(),
+            workspace: dirs.workspace.clone(),
+        };
+        let live = Arc::new(LiveSlot {
+            slot: slot.clone(),
+            dirs,
+            workspace,
+            interpreter: Mutex::new(Some(interpreter)),
+        });
         self.slots.write().insert(id, live);
         reservation.keep();
         Ok(slot)
@@ -286,7 +339,11 @@ impl Backend for WasmBackend {
     }
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {
-        let live = self.slots.write().remove(&slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
+        let live = self
+            .slots
+            .write()
+            .remove(&slot.id)
+            .ok_or(BackendError::UnknownSlot(slot.id))?;
         self.reserved.fetch_sub(1, Ordering::SeqCst);
         let slot_root = live.dirs.workspace.parent().map(Path::to_path_buf);
         // Dropping a store unmaps its memory; keep that off the async threads.
@@ -320,9 +377,15 @@ const BATCH_THREADS_PER_CPU: usize = 8;
 /// out to a bounded set of blocking workers that each take the next slot's calls until none
 /// are left, so a batch over hundreds of slots wakes a handful of threads, not hundreds.
 async fn run_groups(factory: &Arc<InterpreterFactory>, groups: Vec<SlotCalls>) -> Vec<(usize, ExecutionResult)> {
-    let inline = groups.len() == 1 && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+    let inline = groups.len() == 1
+        && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
     if inline {
-        return tokio::task::block_in_place(|| groups.iter().flat_map(|(live, calls)| run_group(factory, live, calls)).collect());
+        return tokio::task::block_in_place(|| {
+            groups
+                .iter()
+                .flat_map(|(live, calls)| run_group(factory, live, calls))
+                .collect()
+        });
     }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let workers = groups.len().min(cpus * BATCH_THREADS_PER_CPU).max(1);
@@ -351,8 +414,15 @@ async fn run_groups(factory: &Arc<InterpreterFactory>, groups: Vec<SlotCalls>) -
     results
 }
 
-fn run_group(factory: &InterpreterFactory, live: &LiveSlot, calls: &[(usize, ToolCall)]) -> Vec<(usize, ExecutionResult)> {
-    calls.iter().map(|(index, call)| (*index, run_call(factory, live, call))).collect()
+fn run_group(
+    factory: &InterpreterFactory,
+    live: &LiveSlot,
+    calls: &[(usize, ToolCall)],
+) -> Vec<(usize, ExecutionResult)> {
+    calls
+        .iter()
+        .map(|(index, call)| (*index, run_call(factory, live, call)))
+        .collect()
 }
 
 /// Runs one call in its slot, on a blocking thread.
@@ -360,7 +430,9 @@ fn run_call(factory: &InterpreterFactory, live: &LiveSlot, call: &ToolCall) -> E
     let started = Instant::now();
     let limits = factory.limits();
     let mut result = match ToolRequest::parse(&call.name, &call.arguments) {
-        Err(error @ ToolCallError::UnknownTool(_)) => ExecutionResult::failure(ErrorKind::UnknownTool, error.to_string(), Default::default()),
+        Err(error @ ToolCallError::UnknownTool(_)) => {
+            ExecutionResult::failure(ErrorKind::UnknownTool, error.to_string(), Default::default())
+        }
         Err(error) => ExecutionResult::failure(ErrorKind::InvalidArguments, error.to_string(), Default::default()),
         Ok(ToolRequest::Python(args)) => {
             let timeout = call.timeout.map_or(limits.timeout, |t| t.min(limits.timeout));
@@ -380,20 +452,31 @@ fn run_call(factory: &InterpreterFactory, live: &LiveSlot, call: &ToolCall) -> E
     result
 }
 
-fn run_python(factory: &InterpreterFactory, live: &LiveSlot, code: &str, timeout: std::time::Duration) -> ExecutionResult {
+fn run_python(
+    factory: &InterpreterFactory,
+    live: &LiveSlot,
+    code: &str,
+    timeout: std::time::Duration,
+) -> ExecutionResult {
     let mut guard = lock_interpreter(&live.interpreter);
     if guard.is_none() {
         // An earlier restart failed; try again before giving up on this call.
         match factory.start(&live.dirs) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
-                let mut result = ExecutionResult::failure(ErrorKind::GuestCrashed, format!("the slot has no interpreter and a restart failed: {error}"), Default::default());
+                let mut result = ExecutionResult::failure(
+                    ErrorKind::GuestCrashed,
+                    format!("the slot has no interpreter and a restart failed: {error}"),
+                    Default::default(),
+                );
                 result.metadata.state_lost = true;
                 return result;
             }
         }
     }
-    let Some(interpreter) = guard.as_mut() else { unreachable!("an interpreter was just put in place") };
+    let Some(interpreter) = guard.as_mut() else {
+        unreachable!("an interpreter was just put in place")
+    };
     let mut result = interpreter.run_cell(code, factory.limits(), timeout);
     if result.metadata.state_lost {
         // A trapped instance may be corrupt: never reuse it.
@@ -402,7 +485,9 @@ fn run_python(factory: &InterpreterFactory, live: &LiveSlot, code: &str, timeout
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
                 tracing::warn!(slot = %live.slot.id, %error, "failed to restart an interpreter");
-                result.output.push_str(&format!("\n[rollbox: the restart failed ({error}); the next call will try again]"));
+                result.output.push_str(&format!(
+                    "\n[rollbox: the restart failed ({error}); the next call will try again]"
+                ));
             }
         }
     }
@@ -427,14 +512,30 @@ mod tests {
     /// template's is not used; the slot bootstraps and later slots do too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stack_probe_that_moved_turns_snapshots_off_and_slots_still_start() {
-        let config = WasmBackendConfig { preload: vec!["json".into()], ..WasmBackendConfig::from_env() };
+        let config = WasmBackendConfig {
+            preload: vec!["json".into()],
+            ..WasmBackendConfig::from_env()
+        };
         let mut backend = WasmBackend::new(config, &crate::SilentReporter).expect("the backend starts");
         assert!(backend.restores_from_snapshot());
-        Arc::get_mut(&mut backend.factory).expect("no slot shares the factory yet").shift_stack_probe(16);
-        let slot = backend.acquire("moved-probe").await.expect("the slot bootstraps instead");
-        assert!(!backend.restores_from_snapshot(), "snapshots are off after a failed probe");
-        let seen = backend.execute(&slot, ToolCall::python("'json' in __import__('sys').modules")).await;
-        assert_eq!(seen.output, "True", "the bootstrapped slot still has the preload: {seen:?}");
+        Arc::get_mut(&mut backend.factory)
+            .expect("no slot shares the factory yet")
+            .shift_stack_probe(16);
+        let slot = backend
+            .acquire("moved-probe")
+            .await
+            .expect("the slot bootstraps instead");
+        assert!(
+            !backend.restores_from_snapshot(),
+            "snapshots are off after a failed probe"
+        );
+        let seen = backend
+            .execute(&slot, ToolCall::python("'json' in __import__('sys').modules"))
+            .await;
+        assert_eq!(
+            seen.output, "True",
+            "the bootstrapped slot still has the preload: {seen:?}"
+        );
         backend.release(&slot, true).await.expect("release");
     }
 }

@@ -28,7 +28,13 @@ struct Captured {
 impl CapturedStream {
     /// An empty stream that keeps at most `cap` bytes.
     pub(crate) fn new(cap: usize) -> Self {
-        CapturedStream { inner: Arc::new(Mutex::new(Captured { bytes: Vec::new(), cap, dropped: 0 })) }
+        CapturedStream {
+            inner: Arc::new(Mutex::new(Captured {
+                bytes: Vec::new(),
+                cap,
+                dropped: 0,
+            })),
+        }
     }
 
     /// Takes what was written since the last take, and how many bytes were dropped; sets the

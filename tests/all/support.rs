@@ -7,8 +7,14 @@ use rollbox::{ExecutionResult, Limits, SilentReporter, WasmBackend, WasmBackendC
 
 /// A backend with `limits`, over the runtime in the user's cache (installed on first use).
 pub fn wasm_backend(limits: Limits) -> WasmBackend {
-    WasmBackend::new(WasmBackendConfig { limits, ..WasmBackendConfig::from_env() }, &SilentReporter)
-        .unwrap_or_else(|e| panic!("failed to start the wasm backend: {e:?}"))
+    WasmBackend::new(
+        WasmBackendConfig {
+            limits,
+            ..WasmBackendConfig::from_env()
+        },
+        &SilentReporter,
+    )
+    .unwrap_or_else(|e| panic!("failed to start the wasm backend: {e:?}"))
 }
 
 /// One default-limits backend shared by the tests that need nothing special.

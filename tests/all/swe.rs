@@ -33,7 +33,12 @@ fn bash(command: &str) -> ToolCall {
 /// Applies the task's gold patch with `git apply`, through the bash tool.
 async fn apply_gold_patch(backend: &dyn Backend, slot: &Slot, task: &SweTask) {
     let patch = task.gold_patch.as_deref().expect("the example has a gold patch");
-    ok(backend.execute(slot, bash(&format!("git apply <<'ROLLBOX_PATCH'\n{patch}ROLLBOX_PATCH"))).await);
+    ok(backend
+        .execute(
+            slot,
+            bash(&format!("git apply <<'ROLLBOX_PATCH'\n{patch}ROLLBOX_PATCH")),
+        )
+        .await);
 }
 
 #[test]
@@ -41,11 +46,24 @@ fn the_example_repository_builds_to_the_dataset_commit() {
     let first = tempfile::tempdir().expect("tempdir");
     let second = tempfile::tempdir().expect("tempdir");
     let task = example_task(first.path());
-    let again = swe::build_repo(&examples().join("swe/calc"), &second.path().join("again.git"), "calc: the example's base commit").expect("build");
+    let again = swe::build_repo(
+        &examples().join("swe/calc"),
+        &second.path().join("again.git"),
+        "calc: the example's base commit",
+    )
+    .expect("build");
     assert_eq!(again, task.base_commit, "the same files build the same commit");
-    assert_eq!(example_task(first.path()).repo, task.repo, "a second load reuses the built repository");
+    assert_eq!(
+        example_task(first.path()).repo,
+        task.repo,
+        "a second load reuses the built repository"
+    );
     let patch_file = std::fs::read_to_string(examples().join("swe/calc-median.patch")).expect("patch file");
-    assert_eq!(task.gold_patch.as_deref(), Some(patch_file.as_str()), "the dataset's gold patch is the shipped patch file");
+    assert_eq!(
+        task.gold_patch.as_deref(),
+        Some(patch_file.as_str()),
+        "the dataset's gold patch is the shipped patch file"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,11 +73,20 @@ async fn the_gold_patch_scores_one_and_no_patch_scores_zero() {
     let (backend, _root) = process_backend(Limits::default());
     let fixed = backend.acquire("swe-fixed").await.expect("acquire");
     let untouched = backend.acquire("swe-untouched").await.expect("acquire");
-    let (a, b) = tokio::join!(swe::prepare(&backend, &fixed, &task), swe::prepare(&backend, &untouched, &task));
+    let (a, b) = tokio::join!(
+        swe::prepare(&backend, &fixed, &task),
+        swe::prepare(&backend, &untouched, &task)
+    );
     a.expect("prepare");
     b.expect("prepare");
-    let head = ok(backend.execute(&untouched, bash("git rev-parse HEAD; git status --porcelain")).await);
-    assert_eq!(head.output, format!("{}\n", task.base_commit), "a clean worktree at the base commit");
+    let head = ok(backend
+        .execute(&untouched, bash("git rev-parse HEAD; git status --porcelain"))
+        .await);
+    assert_eq!(
+        head.output,
+        format!("{}\n", task.base_commit),
+        "a clean worktree at the base commit"
+    );
 
     apply_gold_patch(&backend, &fixed, &task).await;
     let pass = swe::verify(&backend, &fixed, &task).await.expect("verify");
@@ -71,16 +98,33 @@ async fn the_gold_patch_scores_one_and_no_patch_scores_zero() {
 
     // One bare repository in the shared cache, two worktrees of it.
     let cache = backend.shared_cache().join("swe-repos");
-    let bares: Vec<_> = std::fs::read_dir(&cache).expect("cache").flatten().filter(|e| e.path().extension().is_some_and(|x| x == "git")).collect();
-    assert_eq!(bares.len(), 1, "{:?}", bares.iter().map(|e| e.path()).collect::<Vec<_>>());
+    let bares: Vec<_> = std::fs::read_dir(&cache)
+        .expect("cache")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "git"))
+        .collect();
+    assert_eq!(
+        bares.len(),
+        1,
+        "{:?}",
+        bares.iter().map(|e| e.path()).collect::<Vec<_>>()
+    );
     let registrations = bares[0].path().join("worktrees");
     assert_eq!(std::fs::read_dir(&registrations).expect("worktrees").count(), 2);
 
     for slot in [&fixed, &untouched] {
         swe::cleanup(&backend, slot, &task).await.expect("cleanup");
-        assert_eq!(std::fs::read_dir(&slot.workspace).expect("workspace").count(), 0, "cleanup empties the workspace");
+        assert_eq!(
+            std::fs::read_dir(&slot.workspace).expect("workspace").count(),
+            0,
+            "cleanup empties the workspace"
+        );
     }
-    assert_eq!(std::fs::read_dir(&registrations).map(|d| d.count()).unwrap_or(0), 0, "cleanup unregisters the worktrees");
+    assert_eq!(
+        std::fs::read_dir(&registrations).map(|d| d.count()).unwrap_or(0),
+        0,
+        "cleanup unregisters the worktrees"
+    );
     backend.release(&fixed, true).await.expect("release");
     backend.release(&untouched, true).await.expect("release");
 }
@@ -92,14 +136,25 @@ async fn editing_the_tests_does_not_pass_and_the_oracle_solution_does() {
     let (backend, _root) = process_backend(Limits::default());
     let slot = backend.acquire("swe-cheat").await.expect("acquire");
     swe::prepare(&backend, &slot, &task).await.expect("prepare");
-    let cheat = ToolCall::new("write_file", json!({"path": "tests/test_stats.py", "content": "def test_nothing():\n    pass\n"}));
+    let cheat = ToolCall::new(
+        "write_file",
+        json!({"path": "tests/test_stats.py", "content": "def test_nothing():\n    pass\n"}),
+    );
     ok(backend.execute(&slot, cheat).await);
     let score = swe::verify(&backend, &slot, &task).await.expect("verify");
-    assert_eq!(score.reward, 0.0, "the test files are restored before the tests run: {}", score.output);
+    assert_eq!(
+        score.reward, 0.0,
+        "the test files are restored before the tests run: {}",
+        score.output
+    );
 
     // The oracle's turn applies the patch from a python cell (git through subprocess).
     let turn = &task.reference_solution.as_ref().expect("reference solution")[0];
-    let code = turn.split("<code>").nth(1).and_then(|rest| rest.split("</code>").next()).expect("a code block");
+    let code = turn
+        .split("<code>")
+        .nth(1)
+        .and_then(|rest| rest.split("</code>").next())
+        .expect("a code block");
     let applied = ok(backend.execute(&slot, ToolCall::python(code)).await);
     assert!(applied.output.contains("calc/stats.py"), "{}", pretty(&applied));
     let score = swe::verify(&backend, &slot, &task).await.expect("verify");
@@ -115,26 +170,43 @@ async fn a_slot_without_a_shared_cache_gets_a_clear_error() {
     let backend = crate::support::shared_wasm();
     let slot = backend.acquire("swe-wasm").await.expect("acquire");
     let error = swe::prepare(backend, &slot, &task).await.expect_err("wasm has no bash");
-    assert!(error.to_string().contains("set up the workspace") && error.to_string().contains("bash"), "{error}");
+    assert!(
+        error.to_string().contains("set up the workspace") && error.to_string().contains("bash"),
+        "{error}"
+    );
     backend.release(&slot, true).await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relative_repository_next_to_the_dataset_is_shipped_into_the_slot() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let commit = swe::build_repo(&examples().join("swe/calc"), &dir.path().join("calc.git"), "calc: the example's base commit").expect("build");
+    let commit = swe::build_repo(
+        &examples().join("swe/calc"),
+        &dir.path().join("calc.git"),
+        "calc: the example's base commit",
+    )
+    .expect("build");
     let row = json!({
         "instance_id": "relative", "problem": "p", "repo": "calc.git", "base_commit": commit,
         "test_command": "python3 -m pytest -q -p no:cacheprovider tests",
     });
     std::fs::write(dir.path().join("tasks.jsonl"), format!("{row}\n")).expect("write dataset");
-    let task = swe::load_tasks(&dir.path().join("tasks.jsonl"), dir.path()).expect("load").remove(0);
-    assert_eq!(Path::new(&task.repo), std::fs::canonicalize(dir.path().join("calc.git")).expect("canonical"));
+    let task = swe::load_tasks(&dir.path().join("tasks.jsonl"), dir.path())
+        .expect("load")
+        .remove(0);
+    assert_eq!(
+        Path::new(&task.repo),
+        std::fs::canonicalize(dir.path().join("calc.git")).expect("canonical")
+    );
     let (backend, _root) = process_backend(Limits::default());
     let slot = backend.acquire("swe-relative").await.expect("acquire");
     swe::prepare(&backend, &slot, &task).await.expect("prepare");
     let head = ok(backend.execute(&slot, bash("git rev-parse HEAD; ls")).await);
-    assert_eq!(head.output, format!("{commit}\ncalc\ntests\n"), "the staged bundle is gone and the worktree is at the commit");
+    assert_eq!(
+        head.output,
+        format!("{commit}\ncalc\ntests\n"),
+        "the staged bundle is gone and the worktree is at the commit"
+    );
     swe::cleanup(&backend, &slot, &task).await.expect("cleanup");
     backend.release(&slot, true).await.expect("release");
 }
@@ -172,9 +244,16 @@ async fn an_oracle_rollout_scores_one_with_the_gold_patch_and_zero_without() {
     let dataset = example_rollout_dataset(repos.path());
     let (backend, root) = process_backend(Limits::default());
     let out = tempfile::tempdir().expect("tempdir");
-    let run = run_rollout(Arc::new(backend), Arc::new(OraclePolicy), &dataset, &rollout_config(out.path(), 3), &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("the rollout runs");
+    let run = run_rollout(
+        Arc::new(backend),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &rollout_config(out.path(), 3),
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("the rollout runs");
     assert_eq!(run.summary.run.written, 6, "{:?}", run.summary.run);
     let text = std::fs::read_to_string(&run.trajectories_path).expect("trajectories");
     for line in text.lines() {
@@ -185,15 +264,27 @@ async fn an_oracle_rollout_scores_one_with_the_gold_patch_and_zero_without() {
         if id.starts_with("no-patch/") {
             assert_eq!(reward["score"], 0.0, "{id}: {reward:#}");
             assert_ne!(reward["breakdown"]["exit_code"], 0, "{id}: {reward:#}");
-            assert!(reward["breakdown"]["output_tail"].as_str().expect("output").contains("failed"), "{id}: {reward:#}");
+            assert!(
+                reward["breakdown"]["output_tail"]
+                    .as_str()
+                    .expect("output")
+                    .contains("failed"),
+                "{id}: {reward:#}"
+            );
         } else {
             assert_eq!(reward["score"], 1.0, "{id}: {reward:#}");
             assert_eq!(reward["breakdown"]["exit_code"], 0, "{id}: {reward:#}");
         }
     }
     let cache = root.path().join("shared-cache").join("swe-repos");
-    let bare = std::fs::read_dir(&cache).expect("the repository cache").filter_map(Result::ok).find(|e| e.path().extension().is_some_and(|x| x == "git")).expect("a bare repository");
-    let left: Vec<_> = std::fs::read_dir(bare.path().join("worktrees")).map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect()).unwrap_or_default();
+    let bare = std::fs::read_dir(&cache)
+        .expect("the repository cache")
+        .filter_map(Result::ok)
+        .find(|e| e.path().extension().is_some_and(|x| x == "git"))
+        .expect("a bare repository");
+    let left: Vec<_> = std::fs::read_dir(bare.path().join("worktrees"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "worktrees left registered after release: {left:?}");
 }
 
@@ -208,11 +299,27 @@ async fn a_task_whose_base_commit_is_missing_fails_alone_with_the_reason() {
     dataset.problems.push(broken);
     let (backend, _root) = process_backend(Limits::default());
     let out = tempfile::tempdir().expect("tempdir");
-    let run = run_rollout(Arc::new(backend), Arc::new(OraclePolicy), &dataset, &rollout_config(out.path(), 1), &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("the rollout runs");
-    assert_eq!(run.summary.run.written, 1, "the good task is still scored: {:?}", run.summary.run);
-    assert_eq!(run.summary.run.failed_by_kind.get("swe_prepare"), Some(&1), "{:?}", run.summary.run);
+    let run = run_rollout(
+        Arc::new(backend),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &rollout_config(out.path(), 1),
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("the rollout runs");
+    assert_eq!(
+        run.summary.run.written, 1,
+        "the good task is still scored: {:?}",
+        run.summary.run
+    );
+    assert_eq!(
+        run.summary.run.failed_by_kind.get("swe_prepare"),
+        Some(&1),
+        "{:?}",
+        run.summary.run
+    );
     assert_eq!(run.summary.mean_reward, 1.0);
 }
 
@@ -222,9 +329,20 @@ async fn swe_tasks_on_a_backend_without_bash_are_refused_before_anything_runs() 
     let dataset = example_rollout_dataset(repos.path());
     let backend: Arc<dyn Backend> = Arc::new(crate::support::wasm_backend(Limits::default()));
     let out = tempfile::tempdir().expect("tempdir");
-    let refused = run_rollout(backend, Arc::new(OraclePolicy), &dataset, &rollout_config(out.path(), 1), &SilentRolloutReporter, &StopSignal::new()).await;
+    let refused = run_rollout(
+        backend,
+        Arc::new(OraclePolicy),
+        &dataset,
+        &rollout_config(out.path(), 1),
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await;
     let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(message.contains("need bash") && message.contains("--backend process"), "{message}");
+    assert!(
+        message.contains("need bash") && message.contains("--backend process"),
+        "{message}"
+    );
     assert!(!out.path().join("trajectories.jsonl").exists(), "nothing ran");
 }
 
@@ -238,14 +356,21 @@ fn an_swe_row_missing_a_field_is_a_line_error_that_names_it() {
     assert_eq!(dataset.problems.len(), 1);
     assert_eq!(dataset.errors.len(), 1);
     assert_eq!(dataset.errors[0].line, 1);
-    assert!(dataset.errors[0].message.contains("not test_command"), "{}", dataset.errors[0].message);
+    assert!(
+        dataset.errors[0].message.contains("not test_command"),
+        "{}",
+        dataset.errors[0].message
+    );
 }
 
 /// `rollbox rollout` over the example on the process backend, and on local `rollbox serve`
 /// servers running it (the remote backend), as the README shows.
 #[test]
 fn the_rollout_command_runs_the_swe_example_on_process_and_remote_slots() {
-    let backends: [&[&str]; 2] = [&["--backend", "process"], &["--backend", "remote", "--server-backend", "process"]];
+    let backends: [&[&str]; 2] = [
+        &["--backend", "process"],
+        &["--backend", "remote", "--server-backend", "process"],
+    ];
     for backend in backends {
         let out = tempfile::tempdir().expect("tempdir");
         let cache = tempfile::tempdir().expect("tempdir");
@@ -258,10 +383,23 @@ fn the_rollout_command_runs_the_swe_example_on_process_and_remote_slots() {
             .env(rollbox::env_vars::CACHE_DIR, cache.path())
             .output()
             .expect("run rollbox");
-        assert!(run.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&run.stderr));
-        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).expect("summary")).expect("JSON");
-        assert_eq!((&summary["mean_reward"], &summary["trajectories"]), (&json!(1.0), &json!(2)), "{backend:?}: {summary:#}");
-        assert!(cache.path().join("swe-repos").join("calc.git").is_dir(), "the example repository is built in the cache");
+        assert!(
+            run.status.success(),
+            "{backend:?}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).expect("summary"))
+                .expect("JSON");
+        assert_eq!(
+            (&summary["mean_reward"], &summary["trajectories"]),
+            (&json!(1.0), &json!(2)),
+            "{backend:?}: {summary:#}"
+        );
+        assert!(
+            cache.path().join("swe-repos").join("calc.git").is_dir(),
+            "the example repository is built in the cache"
+        );
     }
 }
 
@@ -272,13 +410,22 @@ fn the_rollout_command_runs_the_swe_example_on_process_and_remote_slots() {
 fn mixed_tools_dataset(repos: &Path) -> Dataset {
     let mut dataset = load_dataset_with(&examples().join("swe.jsonl"), repos).expect("the SWE examples");
     let mut by_bash = dataset.problems[0].clone();
-    let patch = by_bash.swe.as_ref().and_then(|t| t.gold_patch.clone()).expect("the example has a gold patch");
+    let patch = by_bash
+        .swe
+        .as_ref()
+        .and_then(|t| t.gold_patch.clone())
+        .expect("the example has a gold patch");
     let command = format!("git apply <<'ROLLBOX_PATCH'\n{patch}ROLLBOX_PATCH\ngit rev-parse --show-toplevel");
     let call = json!({ "name": "bash", "arguments": { "command": command } });
     by_bash.instance_id = "by-bash".to_owned();
-    by_bash.reference_solution = Some(vec![format!("I apply the fix.\n<tool_call>{call}</tool_call>"), "Fixed. \\boxed{done}".to_owned()]);
+    by_bash.reference_solution = Some(vec![
+        format!("I apply the fix.\n<tool_call>{call}</tool_call>"),
+        "Fixed. \\boxed{done}".to_owned(),
+    ]);
     dataset.problems.push(by_bash);
-    let math = rollbox::rollout::dataset::parse_dataset(r#"{"instance_id": "add", "problem": "What is 2+2?", "ground_truth": "4", "reference_solution": ["\\boxed{4}"]}"#);
+    let math = rollbox::rollout::dataset::parse_dataset(
+        r#"{"instance_id": "add", "problem": "What is 2+2?", "ground_truth": "4", "reference_solution": ["\\boxed{4}"]}"#,
+    );
     dataset.problems.extend(math.problems);
     dataset
 }
@@ -297,21 +444,49 @@ async fn the_tools_agent_oracle_patches_with_python_or_bash_in_a_mixed_dataset_w
     };
     let (backend, _root) = crate::process::process_backend_with(config);
     let out = tempfile::tempdir().expect("tempdir");
-    let rollout = RolloutConfig { agent: AgentConfig::new(AgentKind::Tools), ..rollout_config(out.path(), 2) };
-    let run = run_rollout(Arc::new(backend), Arc::new(OraclePolicy), &dataset, &rollout, &SilentRolloutReporter, &StopSignal::new())
-        .await
-        .expect("the rollout runs");
-    assert_eq!((run.summary.run.written, run.summary.mean_reward), (6, 1.0), "{:?}", run.summary.run);
-    assert!(run.summary.oracle_policy && run.summary.note.contains("oracle policy was used"), "{}", run.summary.note);
+    let rollout = RolloutConfig {
+        agent: AgentConfig::new(AgentKind::Tools),
+        ..rollout_config(out.path(), 2)
+    };
+    let run = run_rollout(
+        Arc::new(backend),
+        Arc::new(OraclePolicy),
+        &dataset,
+        &rollout,
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await
+    .expect("the rollout runs");
+    assert_eq!(
+        (run.summary.run.written, run.summary.mean_reward),
+        (6, 1.0),
+        "{:?}",
+        run.summary.run
+    );
+    assert!(
+        run.summary.oracle_policy && run.summary.note.contains("oracle policy was used"),
+        "{}",
+        run.summary.note
+    );
     let text = std::fs::read_to_string(&run.trajectories_path).expect("trajectories");
     let mut toplevels = Vec::new();
     for line in text.lines() {
         let trajectory: serde_json::Value = serde_json::from_str(line).expect("JSON");
         let id = trajectory["trajectory_id"].as_str().expect("an id").to_owned();
         let kind = &trajectory["reward"]["breakdown"]["kind"];
-        assert_eq!(kind, if id.starts_with("add/") { "math" } else { "swe" }, "{id}: {trajectory:#}");
+        assert_eq!(
+            kind,
+            if id.starts_with("add/") { "math" } else { "swe" },
+            "{id}: {trajectory:#}"
+        );
         if id.starts_with("by-bash/") {
-            let tool = trajectory["messages"].as_array().expect("messages").iter().find(|m| m["role"] == "tool").expect("the bash result");
+            let tool = trajectory["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .find(|m| m["role"] == "tool")
+                .expect("the bash result");
             toplevels.push(tool["content"].as_str().expect("text").trim().to_owned());
         }
     }

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use rollbox::chat::{Content, Message, Role};
 use rollbox::truncation::skeleton::{defined_names, python_skeleton};
 use rollbox::truncation::{
-    self, ChatTemplate, CompactionKind, CompactionOptions, Compacted, FnSummarizer, OpenAiSummarizer,
-    SummaryRequest, TokenCounter, TruncationError,
+    self, ChatTemplate, Compacted, CompactionKind, CompactionOptions, FnSummarizer, OpenAiSummarizer, SummaryRequest,
+    TokenCounter, TruncationError,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -34,7 +34,9 @@ fn counter() -> &'static TokenCounter {
 }
 
 fn fixture(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/truncation").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/truncation")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("failed to read {}: {e}", path.display()))
 }
 
@@ -52,14 +54,21 @@ fn total(messages: &[Message]) -> usize {
 }
 
 fn options() -> CompactionOptions {
-    CompactionOptions { keep_last: 2, ..CompactionOptions::default() }
+    CompactionOptions {
+        keep_last: 2,
+        ..CompactionOptions::default()
+    }
 }
 
 /// Checks the guarantees every successful compaction gives.
 fn assert_guarantees(input: &[Message], result: &Compacted, budget: usize, keep_last: usize) {
     let output = &result.messages;
     assert!(total(output) <= budget, "over budget: {} > {budget}", total(output));
-    assert_eq!(result.report.tokens_after, total(output), "the report's count is the real count");
+    assert_eq!(
+        result.report.tokens_after,
+        total(output),
+        "the report's count is the real count"
+    );
     // The system prompt and first user message, word for word.
     let first_user = input.iter().position(|m| m.role == Role::User).map_or(0, |i| i + 1);
     assert_eq!(&output[..first_user], &input[..first_user]);
@@ -74,8 +83,15 @@ fn assert_tool_pairs_intact(messages: &[Message]) {
     for (index, message) in messages.iter().enumerate() {
         if message.role == Role::Tool {
             let id = message.tool_call_id.as_deref().expect("tool results carry an id");
-            let call = messages[..index].iter().rev().find(|m| m.role != Role::Tool).expect("a call precedes");
-            assert!(call.tool_calls().iter().any(|c| c.id == id), "tool result {id} lost its call");
+            let call = messages[..index]
+                .iter()
+                .rev()
+                .find(|m| m.role != Role::Tool)
+                .expect("a call precedes");
+            assert!(
+                call.tool_calls().iter().any(|c| c.id == id),
+                "tool result {id} lost its call"
+            );
         }
         for call in message.tool_calls() {
             let answered = messages[index + 1..]
@@ -154,8 +170,15 @@ fn chatml_overhead_matches_the_rendered_prompt() {
         Message::user("<output>\n   a  b\n0  1  2\n</output>"),
     ];
     assert_eq!(total(&messages), 78);
-    let one_by_one: usize = messages.iter().map(|m| counter().count_message(m).expect("counts")).sum();
-    assert_eq!(one_by_one + counter().generation_prompt_tokens(), 78, "single and batch counts agree");
+    let one_by_one: usize = messages
+        .iter()
+        .map(|m| counter().count_message(m).expect("counts"))
+        .sum();
+    assert_eq!(
+        one_by_one + counter().generation_prompt_tokens(),
+        78,
+        "single and batch counts agree"
+    );
 }
 
 /// Python reference: the Qwen rendering of an assistant tool call and its tool response is 39
@@ -176,7 +199,11 @@ fn tool_calls_are_counted_never_under() {
 fn missing_tokenizer_is_a_typed_error() {
     let error = TokenCounter::from_file("/nonexistent/tokenizer.json", ChatTemplate::qwen_chatml()).unwrap_err();
     assert!(matches!(error, TruncationError::LoadTokenizer { .. }));
-    assert!(error.to_string().starts_with("failed to load tokenizer from /nonexistent/tokenizer.json"));
+    assert!(
+        error
+            .to_string()
+            .starts_with("failed to load tokenizer from /nonexistent/tokenizer.json")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,7 +233,10 @@ fn chat_messages_round_trip_without_loss() {
 fn skeleton_keeps_imports_assignments_and_fstring_cells_parse() {
     let skeleton = python_skeleton(&cell("imports_and_frame"));
     assert!(skeleton.parsed);
-    assert_eq!(skeleton.names, ["pd", "np", "P", "PurePath", "os", "DATA", "df", "rows", "cols"]);
+    assert_eq!(
+        skeleton.names,
+        ["pd", "np", "P", "PurePath", "os", "DATA", "df", "rows", "cols"]
+    );
     let expected = "import pandas as pd\nimport numpy as np\nfrom pathlib import Path as P, PurePath\nimport os.path\n\
                     DATA = ...\ndf = ...\ndf[\"total\"] = ...\nrows, cols = ...\n\
                     # [rollbox: cell compacted to its skeleton, 2 of 10 lines omitted]";
@@ -227,17 +257,40 @@ fn skeleton_of_classes_decorators_and_nested_functions() {
                     def fit(frame, horizon=7):\n    ...\n\
                     model = ...\n";
     assert!(skeleton.text.starts_with(expected), "got:\n{}", skeleton.text);
-    assert!(!skeleton.text.contains("smooth"), "nested functions are body, not skeleton");
+    assert!(
+        !skeleton.text.contains("smooth"),
+        "nested functions are body, not skeleton"
+    );
 }
 
 #[test]
 fn skeleton_of_async_code_and_module_level_blocks() {
     let skeleton = python_skeleton(&cell("async_code"));
     assert!(skeleton.parsed);
-    assert_eq!(skeleton.names, ["asyncio", "fetch", "crawl", "attempt", "status", "log_file", "first_line", "pl"]);
-    assert!(skeleton.text.contains("async def fetch(session, url: str) -> bytes:\n    \"\"\"Fetch one URL.\"\"\"\n    ...\n"));
+    assert_eq!(
+        skeleton.names,
+        [
+            "asyncio",
+            "fetch",
+            "crawl",
+            "attempt",
+            "status",
+            "log_file",
+            "first_line",
+            "pl"
+        ]
+    );
+    assert!(
+        skeleton
+            .text
+            .contains("async def fetch(session, url: str) -> bytes:\n    \"\"\"Fetch one URL.\"\"\"\n    ...\n")
+    );
     assert!(skeleton.text.contains("async def crawl(urls):\n    ...\n"));
-    assert!(skeleton.text.contains("for attempt in ...: ...\nstatus = ...\nwith ... as log_file: ...\nfirst_line = ...\n"));
+    assert!(
+        skeleton
+            .text
+            .contains("for attempt in ...: ...\nstatus = ...\nwith ... as log_file: ...\nfirst_line = ...\n")
+    );
     assert!(skeleton.text.contains("import polars as pl\npl = ...\n"));
 }
 
@@ -266,7 +319,10 @@ fn ipython_magics_are_kept_and_the_rest_still_parses() {
 #[test]
 fn cells_without_definitions_are_never_dropped_silently() {
     let skeleton = python_skeleton("print(1)\nprint(2)\n");
-    assert_eq!(skeleton.text, "# [rollbox: cell compacted to its skeleton, 2 of 2 lines omitted]");
+    assert_eq!(
+        skeleton.text,
+        "# [rollbox: cell compacted to its skeleton, 2 of 2 lines omitted]"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,23 +382,39 @@ fn ast_compaction_skeletons_every_cell_kind_and_trims_outputs() {
     let budget = 900;
     let result = truncation::ast_compaction(&input, budget, counter(), &options()).expect("fits");
     assert_guarantees(&input, &result, budget, 2);
-    assert!(result.report.dropped.is_none(), "compaction alone suffices: {:?}", result.report);
+    assert!(
+        result.report.dropped.is_none(),
+        "compaction alone suffices: {:?}",
+        result.report
+    );
     let kinds: Vec<(usize, CompactionKind)> = result.report.compacted.iter().map(|c| (c.index, c.kind)).collect();
     assert!(kinds.contains(&(3, CompactionKind::OutputTrimmed)));
     assert!(kinds.contains(&(5, CompactionKind::OutputTrimmed)));
     for code in [2, 4, 6] {
-        assert!(kinds.contains(&(code, CompactionKind::CodeSkeleton)), "cell {code} compacted: {kinds:?}");
+        assert!(
+            kinds.contains(&(code, CompactionKind::CodeSkeleton)),
+            "cell {code} compacted: {kinds:?}"
+        );
     }
     // The broken cell and the magics cell are so short their skeleton would be no smaller.
     assert_eq!(result.messages[8..11], input[8..11]);
     let output = result.messages[3].text();
     // Head and tail count the `<output>` wrapper lines too.
-    assert!(output.contains("row 3: value=9\n[... 192 lines omitted ...]\nrow 196: value=38416"), "{output}");
+    assert!(
+        output.contains("row 3: value=9\n[... 192 lines omitted ...]\nrow 196: value=38416"),
+        "{output}"
+    );
     // A traceback keeps only the error's last line.
     let traceback = result.messages[5].text();
-    assert!(traceback.contains("[... 5 traceback lines omitted ...]\nTypeError: unsupported operand type(s) for +: 'int' and 'str'"));
+    assert!(traceback.contains(
+        "[... 5 traceback lines omitted ...]\nTypeError: unsupported operand type(s) for +: 'int' and 'str'"
+    ));
     // Prose of older assistant turns stays.
-    assert!(result.messages[4].text().starts_with("Now a small forecasting class.\n```python\nfrom dataclasses import dataclass\n"));
+    assert!(
+        result.messages[4]
+            .text()
+            .starts_with("Now a small forecasting class.\n```python\nfrom dataclasses import dataclass\n")
+    );
     assert!(result.messages[4].text().ends_with("```\nLet me run it."));
 }
 
@@ -352,7 +424,11 @@ fn python_tool_call_code_is_compacted_too() {
     let input = vec![
         Message::system("sys"),
         Message::user("task"),
-        Message { content: None, ..Message::assistant("") }.with_tool_call("c1", "python", arguments),
+        Message {
+            content: None,
+            ..Message::assistant("")
+        }
+        .with_tool_call("c1", "python", arguments),
         Message::tool("c1", "ok"),
         Message::assistant("done"),
         Message::user("thanks"),
@@ -362,17 +438,28 @@ fn python_tool_call_code_is_compacted_too() {
     assert_guarantees(&input, &result, budget, 2);
     let call = &result.messages[2].tool_calls()[0];
     let arguments: serde_json::Value = serde_json::from_str(&call.function.arguments).expect("still JSON");
-    assert!(arguments["code"].as_str().expect("code").contains("class Forecast:\n    \"\"\"A fitted forecast.\"\"\""));
+    assert!(
+        arguments["code"]
+            .as_str()
+            .expect("code")
+            .contains("class Forecast:\n    \"\"\"A fitted forecast.\"\"\"")
+    );
     assert_eq!(arguments["timeout"], 30, "other arguments are kept");
 }
 
 #[test]
 fn every_name_defined_in_compacted_or_dropped_cells_still_appears() {
     let input = notebook();
-    let all_names: Vec<String> = ["imports_and_frame", "class_nested", "async_code", "syntax_error", "magics"]
-        .iter()
-        .flat_map(|name| defined_names(&cell(name)))
-        .collect();
+    let all_names: Vec<String> = [
+        "imports_and_frame",
+        "class_nested",
+        "async_code",
+        "syntax_error",
+        "magics",
+    ]
+    .iter()
+    .flat_map(|name| defined_names(&cell(name)))
+    .collect();
     let full = total(&input);
     for budget in [full - 2200, 900, 600, 300] {
         let result = truncation::ast_compaction(&input, budget, counter(), &options()).expect("fits");
@@ -384,7 +471,10 @@ fn every_name_defined_in_compacted_or_dropped_cells_still_appears() {
                 let code: String = m
                     .tool_calls()
                     .iter()
-                    .map(|c| serde_json::from_str::<serde_json::Value>(&c.function.arguments).expect("JSON")["code"].to_string())
+                    .map(|c| {
+                        serde_json::from_str::<serde_json::Value>(&c.function.arguments).expect("JSON")["code"]
+                            .to_string()
+                    })
                     .collect();
                 format!("{}\n{}", m.text(), code.replace("\\n", "\n"))
             })
@@ -402,7 +492,10 @@ fn dropped_code_names_are_listed_in_the_marker() {
     let result = truncation::ast_compaction(&input, 600, counter(), &options()).expect("fits");
     assert!(result.report.dropped.is_some());
     let marker = result.messages[2].text();
-    assert!(marker.contains("Names defined by code in the removed turns, still live in the notebook: pd, np,"), "{marker}");
+    assert!(
+        marker.contains("Names defined by code in the removed turns, still live in the notebook: pd, np,"),
+        "{marker}"
+    );
 }
 
 #[test]
@@ -440,7 +533,13 @@ fn removal_reports_characters_and_counts_the_input_only_when_it_fits() {
     let removed = &input[2..2 + dropped.messages];
     let chars: usize = removed
         .iter()
-        .map(|m| m.text().chars().count() + m.tool_calls().iter().map(|c| c.function.arguments.chars().count()).sum::<usize>())
+        .map(|m| {
+            m.text().chars().count()
+                + m.tool_calls()
+                    .iter()
+                    .map(|c| c.function.arguments.chars().count())
+                    .sum::<usize>()
+        })
         .sum();
     assert_eq!(dropped.chars, chars);
 }
@@ -454,7 +553,10 @@ fn a_tool_call_is_never_separated_from_its_result() {
         input.push(Message::tool(&id, "1\n".repeat(turn)));
     }
     // keep_last = 1 would start the tail at a tool result; the tail takes its call along.
-    let opts = CompactionOptions { keep_last: 1, ..CompactionOptions::default() };
+    let opts = CompactionOptions {
+        keep_last: 1,
+        ..CompactionOptions::default()
+    };
     for budget in (200..total(&input)).step_by(37) {
         for result in [
             truncation::first_user_priority(&input, budget, counter(), &opts),
@@ -469,7 +571,9 @@ fn a_tool_call_is_never_separated_from_its_result() {
 fn too_small_a_budget_says_what_the_kept_parts_need() {
     let input = notebook();
     let error = truncation::ast_compaction(&input, 100, counter(), &options()).unwrap_err();
-    let TruncationError::BudgetTooSmall { budget, required } = error else { panic!("wrong error: {error}") };
+    let TruncationError::BudgetTooSmall { budget, required } = error else {
+        panic!("wrong error: {error}")
+    };
     assert_eq!(budget, 100);
     assert!(error.to_string().contains(&format!("need {required} tokens")));
     // `required` is exact: that budget works, one less does not.
@@ -481,7 +585,11 @@ fn too_small_a_budget_says_what_the_kept_parts_need() {
 // llm_compaction and the summarisers
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
 }
 
 #[test]
@@ -498,29 +606,63 @@ fn llm_compaction_summarises_the_older_middle() {
             Ok::<_, std::io::Error>("Loaded sales data into df; Forecast class failed on str input.".to_owned())
         }
     });
-    let result = block_on(truncation::llm_compaction(&input, budget, counter(), &options(), &summarizer)).expect("fits");
+    let result = block_on(truncation::llm_compaction(
+        &input,
+        budget,
+        counter(),
+        &options(),
+        &summarizer,
+    ))
+    .expect("fits");
     assert_guarantees(&input, &result, budget, 2);
     let span = result.report.summarized.expect("summarised");
     assert_eq!(seen.lock().expect("not poisoned").map(|(n, _)| n), Some(span.messages));
     let summary = result.messages[2].text();
     assert!(summary.contains("Loaded sales data into df"));
-    assert!(summary.contains("still live in the notebook: pd, np, P, PurePath, os, DATA, df"), "{summary}");
+    assert!(
+        summary.contains("still live in the notebook: pd, np, P, PurePath, os, DATA, df"),
+        "{summary}"
+    );
 }
 
 #[test]
 fn llm_compaction_falls_back_to_ast_when_the_model_fails() {
     let input = notebook();
     let budget = 600;
-    let failing = FnSummarizer(|_: SummaryRequest| async { Err::<String, _>(std::io::Error::other("model overloaded")) });
-    let result = block_on(truncation::llm_compaction(&input, budget, counter(), &options(), &failing)).expect("never an error");
+    let failing =
+        FnSummarizer(|_: SummaryRequest| async { Err::<String, _>(std::io::Error::other("model overloaded")) });
+    let result = block_on(truncation::llm_compaction(
+        &input,
+        budget,
+        counter(),
+        &options(),
+        &failing,
+    ))
+    .expect("never an error");
     let ast = truncation::ast_compaction(&input, budget, counter(), &options()).expect("fits");
     assert_eq!(result.messages, ast.messages);
-    assert_eq!(result.report.summarizer_failure.as_deref(), Some("summariser callback failed: model overloaded"));
+    assert_eq!(
+        result.report.summarizer_failure.as_deref(),
+        Some("summariser callback failed: model overloaded")
+    );
     // A summary longer than the room it was given is not used either.
     let verbose = FnSummarizer(|_: SummaryRequest| async { Ok::<_, std::io::Error>("word ".repeat(5000)) });
-    let result = block_on(truncation::llm_compaction(&input, budget, counter(), &options(), &verbose)).expect("never an error");
+    let result = block_on(truncation::llm_compaction(
+        &input,
+        budget,
+        counter(),
+        &options(),
+        &verbose,
+    ))
+    .expect("never an error");
     assert_eq!(result.messages, ast.messages);
-    assert!(result.report.summarizer_failure.expect("fell back").contains("more than the"));
+    assert!(
+        result
+            .report
+            .summarizer_failure
+            .expect("fell back")
+            .contains("more than the")
+    );
 }
 
 /// A scripted OpenAI-compatible server on 127.0.0.1: it answers with canned responses (no model
@@ -550,22 +692,37 @@ async fn scripted_server(status: u16, body: serde_json::Value) -> (String, Arc<M
 fn openai_summarizer_against_a_scripted_server() {
     block_on(async {
         let input = notebook();
-        let answer = serde_json::json!({"choices": [{"message": {"role": "assistant", "content": "Scripted summary."}}]});
+        let answer =
+            serde_json::json!({"choices": [{"message": {"role": "assistant", "content": "Scripted summary."}}]});
         let (base, received) = scripted_server(200, answer).await;
-        let summarizer = OpenAiSummarizer::new(&base, "qwen-summary").expect("client").with_api_key("test-key");
-        let result = truncation::llm_compaction(&input, 600, counter(), &options(), &summarizer).await.expect("fits");
+        let summarizer = OpenAiSummarizer::new(&base, "qwen-summary")
+            .expect("client")
+            .with_api_key("test-key");
+        let result = truncation::llm_compaction(&input, 600, counter(), &options(), &summarizer)
+            .await
+            .expect("fits");
         assert!(result.messages[2].text().contains("Scripted summary."));
         let requests = received.lock().expect("not poisoned").clone();
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0]["model"], "qwen-summary");
         assert_eq!(requests[0]["temperature"], 0);
         assert!(requests[0]["max_tokens"].as_u64().expect("max_tokens") > 0);
-        assert!(requests[0]["messages"][1]["content"].as_str().expect("transcript").contains("[assistant]"));
+        assert!(
+            requests[0]["messages"][1]["content"]
+                .as_str()
+                .expect("transcript")
+                .contains("[assistant]")
+        );
 
         let (base, _) = scripted_server(500, serde_json::json!({"error": "boom"})).await;
         let summarizer = OpenAiSummarizer::new(&base, "m").expect("client");
-        let result = truncation::llm_compaction(&input, 600, counter(), &options(), &summarizer).await.expect("falls back");
-        assert_eq!(result.report.summarizer_failure.as_deref(), Some("summariser endpoint answered HTTP 500"));
+        let result = truncation::llm_compaction(&input, 600, counter(), &options(), &summarizer)
+            .await
+            .expect("falls back");
+        assert_eq!(
+            result.report.summarizer_failure.as_deref(),
+            Some("summariser endpoint answered HTTP 500")
+        );
         assert!(result.report.dropped.is_some());
     });
 }
@@ -574,17 +731,31 @@ fn openai_summarizer_against_a_scripted_server() {
 // Property tests
 
 fn arbitrary_message() -> impl Strategy<Value = Vec<Message>> {
-    let code = prop::sample::select(vec!["imports_and_frame", "class_nested", "async_code", "syntax_error", "magics"]);
+    let code = prop::sample::select(vec![
+        "imports_and_frame",
+        "class_nested",
+        "async_code",
+        "syntax_error",
+        "magics",
+    ]);
     prop_oneof![
-        (code.clone(), "[a-z ]{0,40}").prop_map(|(name, prose)| vec![Message::assistant(format!("{prose}\n<code>\n{}</code>", cell(name)))]),
-        (1usize..80).prop_map(|lines| vec![Message::user(format!("<output>\n{}</output>", "line of output 123\n".repeat(lines)))]),
+        (code.clone(), "[a-z ]{0,40}")
+            .prop_map(|(name, prose)| vec![Message::assistant(format!("{prose}\n<code>\n{}</code>", cell(name)))]),
+        (1usize..80).prop_map(|lines| vec![Message::user(format!(
+            "<output>\n{}</output>",
+            "line of output 123\n".repeat(lines)
+        ))]),
         ("[a-z ]{1,200}").prop_map(|text| vec![Message::assistant(text)]),
         ("[a-z ]{1,60}").prop_map(|text| vec![Message::user(text)]),
         (code, 0usize..40, any::<u16>()).prop_map(|(name, lines, id)| {
             let id = format!("call_{id}");
             let arguments = serde_json::json!({ "code": cell(name) }).to_string();
             vec![
-                Message { content: None, ..Message::assistant("") }.with_tool_call(&id, "python", arguments),
+                Message {
+                    content: None,
+                    ..Message::assistant("")
+                }
+                .with_tool_call(&id, "python", arguments),
                 Message::tool(&id, "out\n".repeat(lines)),
             ]
         }),
@@ -593,7 +764,10 @@ fn arbitrary_message() -> impl Strategy<Value = Vec<Message>> {
 
 fn arbitrary_conversation() -> impl Strategy<Value = Vec<Message>> {
     prop::collection::vec(arbitrary_message(), 0..30).prop_map(|turns| {
-        let mut messages = vec![Message::system("You are a notebook agent."), Message::user("Analyse the data.")];
+        let mut messages = vec![
+            Message::system("You are a notebook agent."),
+            Message::user("Analyse the data."),
+        ];
         messages.extend(turns.into_iter().flatten());
         messages
     })
@@ -645,21 +819,39 @@ fn run_compact(stdin: &str, extra: &[&str]) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("rollbox runs");
-    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("writes stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("writes stdin");
     child.wait_with_output().expect("rollbox finishes")
 }
 
 #[test]
 fn cli_compacts_stdin_to_stdout_with_a_report() {
     let input = fixture("notebook.json");
-    let output = run_compact(&input, &["--max-tokens", "600", "--strategy", "ast_compaction", "--keep-last", "2"]);
+    let output = run_compact(
+        &input,
+        &[
+            "--max-tokens",
+            "600",
+            "--strategy",
+            "ast_compaction",
+            "--keep-last",
+            "2",
+        ],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "stderr: {stderr}");
     let messages: Vec<Message> = serde_json::from_slice(&output.stdout).expect("stdout is a message array");
     assert!(total(&messages) <= 600);
     let library = truncation::ast_compaction(&notebook(), 600, counter(), &options()).expect("fits");
     assert_eq!(messages, library.messages, "the CLI and the library agree");
-    assert!(stderr.starts_with("rollbox compact: ast_compaction to 600 tokens\n  tokens:   "), "{stderr}");
+    assert!(
+        stderr.starts_with("rollbox compact: ast_compaction to 600 tokens\n  tokens:   "),
+        "{stderr}"
+    );
     assert!(stderr.contains("compacted:") && stderr.contains("removed:"), "{stderr}");
 }
 
@@ -667,7 +859,11 @@ fn cli_compacts_stdin_to_stdout_with_a_report() {
 fn cli_keeps_an_object_document_and_its_other_fields() {
     let document = format!(r#"{{"id": "rollout-7", "messages": {}}}"#, fixture("notebook.json"));
     let output = run_compact(&document, &["--max-tokens", "900", "--strategy", "first-user-priority"]);
-    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let value: serde_json::Value = serde_json::from_slice(&output.stdout).expect("stdout is JSON");
     assert_eq!(value["id"], "rollout-7");
     assert!(value["messages"].as_array().expect("messages").len() < notebook().len());
@@ -678,7 +874,10 @@ fn cli_reports_a_budget_too_small_with_a_hint() {
     let output = run_compact(&fixture("notebook.json"), &["--max-tokens", "50"]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("error: failed to fit the conversation into 50 tokens"), "{stderr}");
+    assert!(
+        stderr.contains("error: failed to fit the conversation into 50 tokens"),
+        "{stderr}"
+    );
     assert!(stderr.contains("hint: pass --max-tokens "), "{stderr}");
     assert!(output.stdout.is_empty());
 }

@@ -19,28 +19,54 @@ async fn wasm_backend_passes_the_conformance_suite() {
 async fn a_cell_reports_stdout_stderr_value_and_error_apart() {
     let backend = shared_wasm();
     let slot = backend.acquire("shape").await.unwrap();
-    let r = ok(backend.execute(&slot, ToolCall::python("import sys\nprint('out')\nprint('err', file=sys.stderr)\n[1, 2][0] + 1")).await);
+    let r = ok(backend
+        .execute(
+            &slot,
+            ToolCall::python("import sys\nprint('out')\nprint('err', file=sys.stderr)\n[1, 2][0] + 1"),
+        )
+        .await);
     let cell = r.cell.as_ref().unwrap();
     assert_eq!(cell.stdout, "out\n");
     assert_eq!(cell.stderr, "err\n");
     assert_eq!(value(&r), "2");
     assert_eq!(r.output, "out\nerr\n2");
 
-    let failed = backend.execute(&slot, ToolCall::python("def f():\n    return {}['missing']\nf()")).await;
+    let failed = backend
+        .execute(&slot, ToolCall::python("def f():\n    return {}['missing']\nf()"))
+        .await;
     assert!(!failed.success);
     assert_eq!(failed.error.as_ref().map(|e| e.kind), Some(ErrorKind::CellError));
     let error = failed.cell.as_ref().and_then(|c| c.error.clone()).expect("an error");
     assert_eq!((error.name.as_str(), error.value.as_str()), ("KeyError", "'missing'"));
     let traceback = error.traceback.join("\n");
-    assert!(traceback.contains("<cell-") && traceback.contains("in f"), "{traceback}");
-    assert!(!traceback.contains("rollbox_guest"), "the guest's own frames are hidden: {traceback}");
+    assert!(
+        traceback.contains("<cell-") && traceback.contains("in f"),
+        "{traceback}"
+    );
+    assert!(
+        !traceback.contains("rollbox_guest"),
+        "the guest's own frames are hidden: {traceback}"
+    );
     assert!(!failed.metadata.state_lost);
 
     let none = ok(backend.execute(&slot, ToolCall::python("x = 5")).await);
-    assert!(none.cell.as_ref().unwrap().result.is_none(), "an assignment has no value");
+    assert!(
+        none.cell.as_ref().unwrap().result.is_none(),
+        "an assignment has no value"
+    );
     let exit = backend.execute(&slot, ToolCall::python("raise SystemExit(3)")).await;
-    assert_eq!(exit.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.name.as_str()), Some("SystemExit"));
-    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("x")).await)), "5", "SystemExit does not end the kernel");
+    assert_eq!(
+        exit.cell
+            .as_ref()
+            .and_then(|c| c.error.as_ref())
+            .map(|e| e.name.as_str()),
+        Some("SystemExit")
+    );
+    assert_eq!(
+        value(&ok(backend.execute(&slot, ToolCall::python("x")).await)),
+        "5",
+        "SystemExit does not end the kernel"
+    );
     let awaited = ok(backend.execute(&slot, ToolCall::python("import asyncio\nawait asyncio.sleep(0.01)\nawait asyncio.gather(asyncio.sleep(0), asyncio.sleep(0.01))\n7")).await);
     assert_eq!(value(&awaited), "7");
     backend.release(&slot, true).await.unwrap();
@@ -57,7 +83,11 @@ async fn numpy_sympy_and_matplotlib_work() {
     assert_eq!(display.len(), 1, "{}", pretty(&fig));
     let png = display[0].get("image/png").expect("a PNG");
     assert!(png.starts_with("iVBORw0KGgo"), "base64 of a PNG header");
-    assert!(fig.cell.as_ref().unwrap().stderr.is_empty(), "no warning about a non-interactive backend: {}", pretty(&fig));
+    assert!(
+        fig.cell.as_ref().unwrap().stderr.is_empty(),
+        "no warning about a non-interactive backend: {}",
+        pretty(&fig)
+    );
     backend.release(&slot, true).await.unwrap();
 }
 
@@ -67,14 +97,24 @@ async fn the_time_limit_stops_busy_and_sleeping_cells_and_the_slot_recovers() {
     let slot = backend.acquire("time").await.unwrap();
     ok(backend.execute(&slot, ToolCall::python("kept = 1")).await);
     for code in ["while True:\n    pass", "import time\ntime.sleep(3600)"] {
-        let r = backend.execute(&slot, ToolCall::python(code).with_timeout(Duration::from_millis(300))).await;
+        let r = backend
+            .execute(&slot, ToolCall::python(code).with_timeout(Duration::from_millis(300)))
+            .await;
         assert!(!r.success);
         assert_eq!(r.metadata.limit_hit, Some(LimitKind::Time), "{}", pretty(&r));
         assert_eq!(r.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded));
         assert!(r.metadata.state_lost);
-        assert!(r.output.contains("time limit") && r.output.contains("restarted"), "{}", r.output);
+        assert!(
+            r.output.contains("time limit") && r.output.contains("restarted"),
+            "{}",
+            r.output
+        );
         let after = ok(backend.execute(&slot, ToolCall::python("'kept' in globals()")).await);
-        assert_eq!(value(&after), "False", "a fresh interpreter replaced the interrupted one");
+        assert_eq!(
+            value(&after),
+            "False",
+            "a fresh interpreter replaced the interrupted one"
+        );
         ok(backend.execute(&slot, ToolCall::python("kept = 1")).await);
     }
     backend.release(&slot, true).await.unwrap();
@@ -82,10 +122,15 @@ async fn the_time_limit_stops_busy_and_sleeping_cells_and_the_slot_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_limit_is_a_memory_error_and_state_survives() {
-    let backend = wasm_backend(Limits { memory_bytes: 256 << 20, ..Limits::default() });
+    let backend = wasm_backend(Limits {
+        memory_bytes: 256 << 20,
+        ..Limits::default()
+    });
     let slot = backend.acquire("memory").await.unwrap();
     ok(backend.execute(&slot, ToolCall::python("kept = 'yes'")).await);
-    let r = backend.execute(&slot, ToolCall::python("hog = bytearray(1 << 30)")).await;
+    let r = backend
+        .execute(&slot, ToolCall::python("hog = bytearray(1 << 30)"))
+        .await;
     assert!(!r.success);
     assert_eq!(r.metadata.limit_hit, Some(LimitKind::Memory), "{}", pretty(&r));
     assert_eq!(r.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded));
@@ -96,26 +141,47 @@ async fn the_memory_limit_is_a_memory_error_and_state_survives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_output_limit_cuts_with_a_visible_marker() {
-    let backend = wasm_backend(Limits { output_bytes: 1000, ..Limits::default() });
+    let backend = wasm_backend(Limits {
+        output_bytes: 1000,
+        ..Limits::default()
+    });
     let slot = backend.acquire("output").await.unwrap();
-    let r = ok(backend.execute(&slot, ToolCall::python("print('y' * 5000)\nimport os\nos.write(1, b'z' * 5000)\nNone")).await);
+    let r = ok(backend
+        .execute(
+            &slot,
+            ToolCall::python("print('y' * 5000)\nimport os\nos.write(1, b'z' * 5000)\nNone"),
+        )
+        .await);
     assert_eq!(r.metadata.limit_hit, Some(LimitKind::Output));
     assert!(r.metadata.truncated);
     let stdout = &r.cell.as_ref().unwrap().stdout;
-    assert!(stdout.contains("[rollbox: output truncated, 4001 more bytes not shown]"), "{stdout}");
-    assert!(stdout.contains("[rollbox: output truncated, 4000 more bytes not shown]"), "raw fd writes are capped too: {stdout}");
+    assert!(
+        stdout.contains("[rollbox: output truncated, 4001 more bytes not shown]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[rollbox: output truncated, 4000 more bytes not shown]"),
+        "raw fd writes are capped too: {stdout}"
+    );
     assert!(stdout.len() < 2400, "{}", stdout.len());
-    let r = ok(backend.execute(&slot, ToolCall::python("'next call is not truncated'")).await);
+    let r = ok(backend
+        .execute(&slot, ToolCall::python("'next call is not truncated'"))
+        .await);
     assert_eq!(r.metadata.limit_hit, None);
     backend.release(&slot, true).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fuel_limit_stops_a_cell_and_the_slot_recovers() {
-    let backend = wasm_backend(Limits { fuel: Some(50_000_000), ..Limits::default() });
+    let backend = wasm_backend(Limits {
+        fuel: Some(50_000_000),
+        ..Limits::default()
+    });
     let slot = backend.acquire("fuel").await.unwrap();
     ok(backend.execute(&slot, ToolCall::python("1 + 1")).await);
-    let r = backend.execute(&slot, ToolCall::python("n = 0\nwhile True:\n    n += 1")).await;
+    let r = backend
+        .execute(&slot, ToolCall::python("n = 0\nwhile True:\n    n += 1"))
+        .await;
     assert_eq!(r.metadata.limit_hit, Some(LimitKind::Fuel), "{}", pretty(&r));
     assert!(r.metadata.state_lost);
     assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("2 + 2")).await)), "4");
@@ -149,10 +215,22 @@ seen
     let seen = value(&r);
     assert!(!seen.contains("READ") && !seen.contains("CONNECTED"), "{seen}");
     assert!(seen.contains("'cwd': '/workspace'"), "{seen}");
-    assert!(seen.contains("'lib': ['python315.zip']"), "only the stdlib is visible there: {seen}");
-    assert!(seen.contains("'env': ['HOME', 'MPLBACKEND', 'MPLCONFIGDIR', 'PYTHONIOENCODING', 'TMPDIR']"), "no host variable reaches the guest: {seen}");
-    let write_stdlib = backend.execute(&slot, ToolCall::python("open('/usr/local/lib/evil.py', 'w')")).await;
-    assert!(!write_stdlib.success, "the stdlib is read-only: {}", pretty(&write_stdlib));
+    assert!(
+        seen.contains("'lib': ['python315.zip']"),
+        "only the stdlib is visible there: {seen}"
+    );
+    assert!(
+        seen.contains("'env': ['HOME', 'MPLBACKEND', 'MPLCONFIGDIR', 'PYTHONIOENCODING', 'TMPDIR']"),
+        "no host variable reaches the guest: {seen}"
+    );
+    let write_stdlib = backend
+        .execute(&slot, ToolCall::python("open('/usr/local/lib/evil.py', 'w')"))
+        .await;
+    assert!(
+        !write_stdlib.success,
+        "the stdlib is read-only: {}",
+        pretty(&write_stdlib)
+    );
     backend.release(&slot, true).await.unwrap();
 }
 
@@ -163,15 +241,29 @@ async fn bad_cells_get_clear_results_and_hurt_no_one() {
     let bystander = backend.acquire("bystander").await.unwrap();
     ok(backend.execute(&bystander, ToolCall::python("alive = True")).await);
     let huge = format!("s = '{}'\nlen(s)", "é".repeat(5_000_000));
-    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python(huge)).await)), "5000000");
+    assert_eq!(
+        value(&ok(backend.execute(&slot, ToolCall::python(huge)).await)),
+        "5000000"
+    );
     let weird = ok(backend.execute(&slot, ToolCall::python("'\\udc80 ünïcode ✓'")).await);
     assert!(value(&weird).contains("ünïcode ✓"));
-    let bash = backend.execute(&slot, ToolCall::new("bash", json!({"command": "ls"}))).await;
+    let bash = backend
+        .execute(&slot, ToolCall::new("bash", json!({"command": "ls"})))
+        .await;
     assert_eq!(bash.error.as_ref().map(|e| e.kind), Some(ErrorKind::ToolUnavailable));
-    assert!(bash.output.contains("process") && bash.output.contains("remote"), "{}", bash.output);
-    let deep = backend.execute(&slot, ToolCall::python("def f(n):\n    return f(n + 1)\nf(0)")).await;
+    assert!(
+        bash.output.contains("process") && bash.output.contains("remote"),
+        "{}",
+        bash.output
+    );
+    let deep = backend
+        .execute(&slot, ToolCall::python("def f(n):\n    return f(n + 1)\nf(0)"))
+        .await;
     assert!(!deep.success, "{}", pretty(&deep));
-    assert_eq!(value(&ok(backend.execute(&bystander, ToolCall::python("alive")).await)), "True");
+    assert_eq!(
+        value(&ok(backend.execute(&bystander, ToolCall::python("alive")).await)),
+        "True"
+    );
     backend.release(&slot, true).await.unwrap();
     backend.release(&bystander, true).await.unwrap();
 }
@@ -188,7 +280,11 @@ async fn a_hundred_slots_run_concurrently_without_cross_talk() {
             .iter()
             .enumerate()
             .map(|(i, slot)| {
-                let code = if round == 0 { format!("me = {i}\nhistory = [me]") } else { format!("history.append(me * 10 + {round})\nhistory") };
+                let code = if round == 0 {
+                    format!("me = {i}\nhistory = [me]")
+                } else {
+                    format!("history.append(me * 10 + {round})\nhistory")
+                };
                 (slot.clone(), ToolCall::python(code))
             })
             .collect();
@@ -208,12 +304,18 @@ async fn a_hundred_slots_run_concurrently_without_cross_talk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_backend_refuses_new_slots_with_a_clear_error() {
-    let config = rollbox::WasmBackendConfig { max_slots: 2, ..rollbox::WasmBackendConfig::from_env() };
+    let config = rollbox::WasmBackendConfig {
+        max_slots: 2,
+        ..rollbox::WasmBackendConfig::from_env()
+    };
     let backend = rollbox::WasmBackend::new(config, &rollbox::SilentReporter).unwrap();
     let a = backend.acquire("a").await.unwrap();
     let _b = backend.acquire("b").await.unwrap();
     let error = backend.acquire("c").await.unwrap_err();
-    assert!(matches!(error, rollbox::BackendError::Exhausted { capacity: 2 }), "{error}");
+    assert!(
+        matches!(error, rollbox::BackendError::Exhausted { capacity: 2 }),
+        "{error}"
+    );
     assert!(error.to_string().contains("release one"), "{error}");
     backend.release(&a, true).await.unwrap();
     backend.acquire("c").await.expect("a released slot frees capacity");
@@ -221,7 +323,10 @@ async fn a_full_backend_refuses_new_slots_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_acquires_never_exceed_the_capacity() {
-    let config = rollbox::WasmBackendConfig { max_slots: 2, ..rollbox::WasmBackendConfig::from_env() };
+    let config = rollbox::WasmBackendConfig {
+        max_slots: 2,
+        ..rollbox::WasmBackendConfig::from_env()
+    };
     let backend = Arc::new(rollbox::WasmBackend::new(config, &rollbox::SilentReporter).unwrap());
     let attempts: Vec<_> = (0..6)
         .map(|i| {
@@ -233,7 +338,10 @@ async fn concurrent_acquires_never_exceed_the_capacity() {
     for attempt in attempts {
         match attempt.await.unwrap() {
             Ok(_) => acquired += 1,
-            Err(error) => assert!(matches!(error, rollbox::BackendError::Exhausted { capacity: 2 }), "{error}"),
+            Err(error) => assert!(
+                matches!(error, rollbox::BackendError::Exhausted { capacity: 2 }),
+                "{error}"
+            ),
         }
     }
     assert_eq!(acquired, 2);
@@ -246,7 +354,11 @@ fn preloaded_wasm() -> &'static WasmBackend {
     static BACKEND: OnceLock<WasmBackend> = OnceLock::new();
     BACKEND.get_or_init(|| {
         let preload = ["numpy", "sympy", "random"].map(String::from).to_vec();
-        backend_with(WasmBackendConfig { preload, ..WasmBackendConfig::from_env() }).unwrap_or_else(|e| panic!("{e}"))
+        backend_with(WasmBackendConfig {
+            preload,
+            ..WasmBackendConfig::from_env()
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
     })
 }
 
@@ -272,14 +384,33 @@ async fn restored_slots_never_see_each_others_changes() {
     let probe = "import os, sys\n('secret' in globals(), 'MARK' in os.environ, hasattr(sys.modules['json'], 'MARK'), os.path.exists('a.txt'), os.path.exists('/tmp/a.txt'))";
     let clean = "(False, False, False, False, False)";
     let b = backend.acquire("snapshot-b").await.unwrap();
-    assert!(backend.restores_from_snapshot(), "a second interpreter takes the snapshot");
-    assert_eq!(value(&ok(backend.execute(&b, ToolCall::python(probe)).await)), clean, "a live slot's changes reach no other slot");
+    assert!(
+        backend.restores_from_snapshot(),
+        "a second interpreter takes the snapshot"
+    );
+    assert_eq!(
+        value(&ok(backend.execute(&b, ToolCall::python(probe)).await)),
+        clean,
+        "a live slot's changes reach no other slot"
+    );
     backend.release(&a, true).await.unwrap();
     let c = backend.acquire("snapshot-c").await.unwrap();
-    assert_eq!(value(&ok(backend.execute(&c, ToolCall::python(probe)).await)), clean, "a released slot's changes reach no new slot");
+    assert_eq!(
+        value(&ok(backend.execute(&c, ToolCall::python(probe)).await)),
+        clean,
+        "a released slot's changes reach no new slot"
+    );
     let first = backend.execute(&c, ToolCall::python("1/0")).await;
-    let traceback = first.cell.as_ref().and_then(|c| c.error.as_ref()).map(|e| e.traceback.join("\n")).unwrap_or_default();
-    assert!(traceback.contains("<cell-2>"), "cells are numbered from the slot's first, not the template's: {traceback}");
+    let traceback = first
+        .cell
+        .as_ref()
+        .and_then(|c| c.error.as_ref())
+        .map(|e| e.traceback.join("\n"))
+        .unwrap_or_default();
+    assert!(
+        traceback.contains("<cell-2>"),
+        "cells are numbered from the slot's first, not the template's: {traceback}"
+    );
     backend.release(&b, true).await.unwrap();
     backend.release(&c, true).await.unwrap();
 }
@@ -287,7 +418,10 @@ async fn restored_slots_never_see_each_others_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preloaded_modules_are_imported_and_work_without_touching_the_namespace() {
     let backend = preloaded_wasm();
-    assert!(backend.restores_from_snapshot(), "with a preload the snapshot is taken at start");
+    assert!(
+        backend.restores_from_snapshot(),
+        "with a preload the snapshot is taken at start"
+    );
     let slot = backend.acquire("preloaded").await.unwrap();
     let seen = ok(backend.execute(&slot, ToolCall::python("import sys\n(all(m in sys.modules for m in ['numpy', 'sympy', 'random']), 'sympy' in globals(), '_' in globals())")).await);
     assert_eq!(value(&seen), "(True, False, False)");
@@ -296,24 +430,38 @@ async fn preloaded_modules_are_imported_and_work_without_touching_the_namespace(
 }
 
 async fn numpy_and_sympy_compute(backend: &WasmBackend, slot: &rollbox::Slot) {
-    let np = ok(backend.execute(slot, ToolCall::python("import numpy as np\nint(np.arange(10).sum())")).await);
+    let np = ok(backend
+        .execute(slot, ToolCall::python("import numpy as np\nint(np.arange(10).sum())"))
+        .await);
     assert_eq!(value(&np), "45");
-    let sp = ok(backend.execute(slot, ToolCall::python("import sympy as sp\nx = sp.symbols('x')\nsp.integrate(x**2, (x, 0, 3))")).await);
+    let sp = ok(backend
+        .execute(
+            slot,
+            ToolCall::python("import sympy as sp\nx = sp.symbols('x')\nsp.integrate(x**2, (x, 0, 3))"),
+        )
+        .await);
     assert_eq!(value(&sp), "9");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_slots_do_not_share_random_streams() {
     let backend = preloaded_wasm();
-    let draw = "import random, numpy, sympy.core.random as sr\n(random.random(), float(numpy.random.rand()), sr.rng.random())";
+    let draw =
+        "import random, numpy, sympy.core.random as sr\n(random.random(), float(numpy.random.rand()), sr.rng.random())";
     let mut draws = Vec::new();
     for name in ["random-a", "random-b"] {
         let slot = backend.acquire(name).await.unwrap();
         draws.push(value(&ok(backend.execute(&slot, ToolCall::python(draw)).await)));
         backend.release(&slot, true).await.unwrap();
     }
-    let parts: Vec<Vec<&str>> = draws.iter().map(|d| d.trim_matches(|c| c == '(' || c == ')').split(", ").collect()).collect();
-    for (generator, (a, b)) in ["random", "numpy.random", "sympy.core.random"].iter().zip(parts[0].iter().zip(&parts[1])) {
+    let parts: Vec<Vec<&str>> = draws
+        .iter()
+        .map(|d| d.trim_matches(|c| c == '(' || c == ')').split(", ").collect())
+        .collect();
+    for (generator, (a, b)) in ["random", "numpy.random", "sympy.core.random"]
+        .iter()
+        .zip(parts[0].iter().zip(&parts[1]))
+    {
         assert_ne!(a, b, "{generator} gave two restored slots the same stream: {draws:?}");
     }
 }
@@ -323,37 +471,100 @@ async fn a_crash_in_a_restored_slot_restarts_from_the_snapshot() {
     let backend = preloaded_wasm();
     let slot = backend.acquire("snapshot-crash").await.unwrap();
     ok(backend.execute(&slot, ToolCall::python("kept = 1")).await);
-    let r = backend.execute(&slot, ToolCall::python("while True:\n    pass").with_timeout(Duration::from_millis(300))).await;
+    let r = backend
+        .execute(
+            &slot,
+            ToolCall::python("while True:\n    pass").with_timeout(Duration::from_millis(300)),
+        )
+        .await;
     assert_eq!(r.metadata.limit_hit, Some(LimitKind::Time), "{}", pretty(&r));
     assert!(r.metadata.state_lost);
-    let after = ok(backend.execute(&slot, ToolCall::python("import sys\n('kept' in globals(), 'sympy' in sys.modules)")).await);
-    assert_eq!(value(&after), "(False, True)", "the new interpreter is the snapshot's: fresh state, modules preloaded");
+    let after = ok(backend
+        .execute(
+            &slot,
+            ToolCall::python("import sys\n('kept' in globals(), 'sympy' in sys.modules)"),
+        )
+        .await);
+    assert_eq!(
+        value(&after),
+        "(False, True)",
+        "the new interpreter is the snapshot's: fresh state, modules preloaded"
+    );
     backend.release(&slot, true).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_conformance_suite_passes_with_preload_and_without_snapshots() {
     conformance::run_all(preloaded_wasm()).await;
-    let bootstrapped = backend_with(WasmBackendConfig { snapshots: false, preload: vec!["json".into()], ..WasmBackendConfig::from_env() }).unwrap();
+    let bootstrapped = backend_with(WasmBackendConfig {
+        snapshots: false,
+        preload: vec!["json".into()],
+        ..WasmBackendConfig::from_env()
+    })
+    .unwrap();
     conformance::run_all(&bootstrapped).await;
     assert!(!bootstrapped.restores_from_snapshot());
     let slot = bootstrapped.acquire("no-snapshot").await.unwrap();
-    let seen = ok(bootstrapped.execute(&slot, ToolCall::python("import sys\n('json' in sys.modules, 'json' in globals())")).await);
-    assert_eq!(value(&seen), "(True, False)", "without snapshots every interpreter imports the preload itself");
-    let r = bootstrapped.execute(&slot, ToolCall::python("while True:\n    pass").with_timeout(Duration::from_millis(300))).await;
+    let seen = ok(bootstrapped
+        .execute(
+            &slot,
+            ToolCall::python("import sys\n('json' in sys.modules, 'json' in globals())"),
+        )
+        .await);
+    assert_eq!(
+        value(&seen),
+        "(True, False)",
+        "without snapshots every interpreter imports the preload itself"
+    );
+    let r = bootstrapped
+        .execute(
+            &slot,
+            ToolCall::python("while True:\n    pass").with_timeout(Duration::from_millis(300)),
+        )
+        .await;
     assert!(r.metadata.state_lost, "{}", pretty(&r));
-    assert_eq!(value(&ok(bootstrapped.execute(&slot, ToolCall::python("'json' in __import__('sys').modules")).await)), "True");
+    assert_eq!(
+        value(&ok(bootstrapped
+            .execute(&slot, ToolCall::python("'json' in __import__('sys').modules"))
+            .await)),
+        "True"
+    );
     bootstrapped.release(&slot, true).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_preload_fails_at_backend_start_with_a_clear_error() {
-    let small = Limits { memory_bytes: 48 << 20, ..Limits::default() };
-    let error = backend_with(WasmBackendConfig { limits: small, preload: vec!["sympy".into()], ..WasmBackendConfig::from_env() }).err().expect("sympy needs more than 48 MiB");
-    assert!(error.contains("failed to preload the modules sympy") && error.contains("48 MiB memory limit"), "{error}");
-    let missing = backend_with(WasmBackendConfig { preload: vec!["no_such_module".into()], ..WasmBackendConfig::from_env() }).err().expect("no such module");
-    assert!(missing.contains("ModuleNotFoundError") && missing.contains("no_such_module"), "{missing}");
-    let invalid = backend_with(WasmBackendConfig { preload: vec!["os; import socket".into()], ..WasmBackendConfig::from_env() }).err().expect("not a module name");
+    let small = Limits {
+        memory_bytes: 48 << 20,
+        ..Limits::default()
+    };
+    let error = backend_with(WasmBackendConfig {
+        limits: small,
+        preload: vec!["sympy".into()],
+        ..WasmBackendConfig::from_env()
+    })
+    .err()
+    .expect("sympy needs more than 48 MiB");
+    assert!(
+        error.contains("failed to preload the modules sympy") && error.contains("48 MiB memory limit"),
+        "{error}"
+    );
+    let missing = backend_with(WasmBackendConfig {
+        preload: vec!["no_such_module".into()],
+        ..WasmBackendConfig::from_env()
+    })
+    .err()
+    .expect("no such module");
+    assert!(
+        missing.contains("ModuleNotFoundError") && missing.contains("no_such_module"),
+        "{missing}"
+    );
+    let invalid = backend_with(WasmBackendConfig {
+        preload: vec!["os; import socket".into()],
+        ..WasmBackendConfig::from_env()
+    })
+    .err()
+    .expect("not a module name");
     assert!(invalid.contains("not a module name"), "{invalid}");
 }
 
@@ -361,9 +572,21 @@ async fn a_bad_preload_fails_at_backend_start_with_a_clear_error() {
 async fn a_cell_that_ends_without_a_report_keeps_its_output_and_message_apart() {
     let backend = shared_wasm();
     let slot = backend.acquire("no-report").await.unwrap();
-    let r = backend.execute(&slot, ToolCall::python("import os, rollbox_guest\nrollbox_guest._send = lambda report: None\nos.write(1, b'partial')")).await;
+    let r = backend
+        .execute(
+            &slot,
+            ToolCall::python(
+                "import os, rollbox_guest\nrollbox_guest._send = lambda report: None\nos.write(1, b'partial')",
+            ),
+        )
+        .await;
     assert!(r.metadata.state_lost, "{}", pretty(&r));
-    assert!(r.output.starts_with("partial\nthe guest ended the cell without a report"), "{}", r.output);
+    assert!(
+        r.output
+            .starts_with("partial\nthe guest ended the cell without a report"),
+        "{}",
+        r.output
+    );
     ok(backend.execute(&slot, ToolCall::python("1 + 1")).await);
     backend.release(&slot, true).await.unwrap();
 }

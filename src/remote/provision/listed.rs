@@ -19,7 +19,11 @@ impl ListedProvisioner {
         let servers: Vec<ServerEndpoint> = urls
             .iter()
             .enumerate()
-            .map(|(i, url)| ServerEndpoint { id: format!("listed-{i}"), url: url.trim_end_matches('/').to_string(), token: token.clone() })
+            .map(|(i, url)| ServerEndpoint {
+                id: format!("listed-{i}"),
+                url: url.trim_end_matches('/').to_string(),
+                token: token.clone(),
+            })
             .collect();
         let in_use = Mutex::new(vec![false; servers.len()]);
         ListedProvisioner { servers, in_use }
@@ -48,7 +52,9 @@ impl Provisioner for ListedProvisioner {
         let mut in_use = self.in_use();
         let free: Vec<usize> = (0..self.servers.len()).filter(|&i| !in_use[i]).take(count).collect();
         if free.len() < count {
-            return Err(ProvisionError::NoMoreServers { listed: self.servers.len() });
+            return Err(ProvisionError::NoMoreServers {
+                listed: self.servers.len(),
+            });
         }
         Ok(free
             .into_iter()
@@ -81,7 +87,10 @@ mod tests {
     async fn hands_each_server_out_once_until_it_comes_back() {
         let listed = ListedProvisioner::new(&["http://a:1/".into(), "http://b:2".into()], Some("t".into()));
         let first = listed.provision(2).await.unwrap();
-        assert_eq!(first.iter().map(|s| s.url.as_str()).collect::<Vec<_>>(), ["http://a:1", "http://b:2"]);
+        assert_eq!(
+            first.iter().map(|s| s.url.as_str()).collect::<Vec<_>>(),
+            ["http://a:1", "http://b:2"]
+        );
         let error = listed.provision(1).await.unwrap_err();
         assert!(error.to_string().contains("all 2 listed servers are in use"), "{error}");
         listed.terminate(&first[1]).await.unwrap();

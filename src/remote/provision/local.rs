@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
 use futures_util::future::join_all;
+use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -80,7 +80,11 @@ struct ListeningLine {
 impl LocalProvisioner {
     /// A provisioner that starts servers as `config` says.
     pub fn new(config: LocalProvisionerConfig) -> LocalProvisioner {
-        LocalProvisioner { config, servers: Mutex::new(HashMap::new()), next: AtomicU64::new(1) }
+        LocalProvisioner {
+            config,
+            servers: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
     }
 
     /// The process id of a running server, for operators (and tests that kill one abruptly).
@@ -97,20 +101,35 @@ impl LocalProvisioner {
         let token = random_token()?;
         let mut command = Command::new(&self.config.binary);
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--backend", &self.config.server_backend])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                &self.config.server_backend,
+            ])
             .args(&self.config.server_args)
             .env(env_vars::SERVER_TOKEN, &token)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|source| ProvisionError::Spawn { command: self.config.binary.display().to_string(), source })?;
+        let mut child = command.spawn().map_err(|source| ProvisionError::Spawn {
+            command: self.config.binary.display().to_string(),
+            source,
+        })?;
         let stderr = match child.stderr.take() {
             Some(stream) => StderrTail::follow(stream, id.clone()),
             None => StderrTail::default(),
         };
         let listening = match child.stdout.take() {
-            Some(stdout) => tokio::time::timeout(self.config.startup_timeout, read_listening_url(BufReader::new(stdout).lines())).await,
+            Some(stdout) => {
+                tokio::time::timeout(
+                    self.config.startup_timeout,
+                    read_listening_url(BufReader::new(stdout).lines()),
+                )
+                .await
+            }
             None => Ok(Err("its stdout was not captured".to_string())),
         };
         let url = match listening {
@@ -122,13 +141,26 @@ impl LocalProvisioner {
             }
         };
         self.lock().insert(id.clone(), LocalServer { child, stderr });
-        Ok(ServerEndpoint { id, url, token: Some(token) })
+        Ok(ServerEndpoint {
+            id,
+            url,
+            token: Some(token),
+        })
     }
 
     async fn failed_start(&self, id: String, mut child: Child, stderr: StderrTail, reason: String) -> ProvisionError {
         let _ = child.kill().await;
-        let status = child.try_wait().ok().flatten().map(|s| format!(" (exit status: {s})")).unwrap_or_default();
-        ProvisionError::NotListening { server: id, reason: format!("{reason}{status}"), stderr: stderr.text_after_exit().await }
+        let status = child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| format!(" (exit status: {s})"))
+            .unwrap_or_default();
+        ProvisionError::NotListening {
+            server: id,
+            reason: format!("{reason}{status}"),
+            stderr: stderr.text_after_exit().await,
+        }
     }
 
     /// SIGTERM, a grace period to drain, then SIGKILL.
@@ -139,7 +171,10 @@ impl LocalProvisioner {
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
         if let Ok(waited) = tokio::time::timeout(self.config.stop_timeout, server.child.wait()).await {
-            let status = waited.map_err(|source| ProvisionError::Stop { server: id.to_string(), source })?;
+            let status = waited.map_err(|source| ProvisionError::Stop {
+                server: id.to_string(),
+                source,
+            })?;
             if !status.success() {
                 // Killed or crashed earlier (it did not drain on SIGTERM): say so in the log.
                 let stderr = server.stderr.text_after_exit().await;
@@ -148,7 +183,10 @@ impl LocalProvisioner {
             return Ok(());
         }
         tracing::warn!(server = id, "the server did not exit after SIGTERM; killing it");
-        server.child.kill().await.map_err(|source| ProvisionError::Stop { server: id.to_string(), source })
+        server.child.kill().await.map_err(|source| ProvisionError::Stop {
+            server: id.to_string(),
+            source,
+        })
     }
 }
 
@@ -192,7 +230,9 @@ impl Provisioner for LocalProvisioner {
     }
 
     async fn terminate(&self, server: &ServerEndpoint) -> Result<(), ProvisionError> {
-        let Some(running) = self.lock().remove(&server.id) else { return Ok(()) };
+        let Some(running) = self.lock().remove(&server.id) else {
+            return Ok(());
+        };
         self.stop(&server.id, running).await
     }
 

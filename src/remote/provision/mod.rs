@@ -68,7 +68,9 @@ pub enum ProvisionError {
         stderr: String,
     },
     /// Every server the provisioner can hand out is in use.
-    #[error("no more servers: all {listed} listed servers are in use; list more with --servers or raise --slots-per-sandbox")]
+    #[error(
+        "no more servers: all {listed} listed servers are in use; list more with --servers or raise --slots-per-sandbox"
+    )]
     NoMoreServers {
         /// How many servers are listed.
         listed: usize,
@@ -141,7 +143,9 @@ pub trait Provisioner: Send + Sync {
 /// A fresh bearer token: 24 random bytes from the operating system, as hex.
 pub(crate) fn random_token() -> Result<String, ProvisionError> {
     let mut bytes = [0u8; 24];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(ProvisionError::Random)?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(ProvisionError::Random)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -172,7 +176,10 @@ impl StderrTail {
                 kept.push_back(line);
             }
         });
-        StderrTail { lines, reader: Mutex::new(Some(reader)) }
+        StderrTail {
+            lines,
+            reader: Mutex::new(Some(reader)),
+        }
     }
 
     /// The kept lines once the child has exited: waits briefly for the reader to reach the
@@ -183,7 +190,11 @@ impl StderrTail {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), reader).await;
         }
         let kept = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.is_empty() { "(nothing)".to_string() } else { kept.iter().cloned().collect::<Vec<_>>().join("\n") }
+        if kept.is_empty() {
+            "(nothing)".to_string()
+        } else {
+            kept.iter().cloned().collect::<Vec<_>>().join("\n")
+        }
     }
 }
 
@@ -201,7 +212,11 @@ mod tests {
 
     #[test]
     fn endpoints_never_show_their_token() {
-        let endpoint = ServerEndpoint { id: "s".into(), url: "http://x".into(), token: Some("secret".into()) };
+        let endpoint = ServerEndpoint {
+            id: "s".into(),
+            url: "http://x".into(),
+            token: Some("secret".into()),
+        };
         assert!(!format!("{endpoint:?} {endpoint}").contains("secret"));
     }
 }

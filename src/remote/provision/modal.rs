@@ -97,7 +97,10 @@ impl Default for ModalConfig {
 impl ModalConfig {
     /// The defaults, with `binary` as the rollbox that goes into the image.
     pub fn new(binary: impl Into<PathBuf>) -> ModalConfig {
-        ModalConfig { binary: binary.into(), ..ModalConfig::default() }
+        ModalConfig {
+            binary: binary.into(),
+            ..ModalConfig::default()
+        }
     }
 
     /// The server's command line inside the sandbox. It listens on every interface (the
@@ -105,7 +108,14 @@ impl ModalConfig {
     /// `process` backend it runs without bubblewrap: inside Modal the isolation is Modal's
     /// sandbox itself.
     pub fn command(&self) -> Vec<String> {
-        let mut command: Vec<String> = vec![REMOTE_BINARY.into(), "serve".into(), "--listen".into(), format!("0.0.0.0:{}", self.port), "--backend".into(), self.server_backend.clone()];
+        let mut command: Vec<String> = vec![
+            REMOTE_BINARY.into(),
+            "serve".into(),
+            "--listen".into(),
+            format!("0.0.0.0:{}", self.port),
+            "--backend".into(),
+            self.server_backend.clone(),
+        ];
         if self.server_backend == "process" {
             command.push("--unsafe-no-isolation".into());
         }
@@ -199,37 +209,89 @@ impl Helper {
         }
         // Its own process group: a terminal's Ctrl-C goes to rollbox, which shuts down in
         // order; the helper must live long enough to terminate what it made.
-        command.process_group(0).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(false);
-        let mut child = command.spawn().map_err(|source| ProvisionError::Spawn { command: python.display().to_string(), source })?;
-        let broken = |what: &str| ProvisionError::Helper { action: "start".into(), message: format!("its {what} was not captured") };
+        command
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        let mut child = command.spawn().map_err(|source| ProvisionError::Spawn {
+            command: python.display().to_string(),
+            source,
+        })?;
+        let broken = |what: &str| ProvisionError::Helper {
+            action: "start".into(),
+            message: format!("its {what} was not captured"),
+        };
         let stdin = child.stdin.take().ok_or_else(|| broken("stdin"))?;
         let stdout = child.stdout.take().ok_or_else(|| broken("stdout"))?;
-        let stderr = child.stderr.take().map(|s| StderrTail::follow(s, "modal-helper".into())).unwrap_or_default();
-        Ok(Helper { child, stdin: Some(stdin), stdout: BufReader::new(stdout).lines(), stderr })
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| StderrTail::follow(s, "modal-helper".into()))
+            .unwrap_or_default();
+        Ok(Helper {
+            child,
+            stdin: Some(stdin),
+            stdout: BufReader::new(stdout).lines(),
+            stderr,
+        })
     }
 
     /// Sends one request and reads its answer.
-    async fn request(&mut self, action: &str, request: &HelperRequest<'_>, timeout: Duration) -> Result<HelperAnswer, ProvisionError> {
-        let failed = |message: String| ProvisionError::Helper { action: action.to_string(), message };
+    async fn request(
+        &mut self,
+        action: &str,
+        request: &HelperRequest<'_>,
+        timeout: Duration,
+    ) -> Result<HelperAnswer, ProvisionError> {
+        let failed = |message: String| ProvisionError::Helper {
+            action: action.to_string(),
+            message,
+        };
         let mut line = serde_json::to_string(request).map_err(|e| failed(e.to_string()))?;
         line.push('\n');
-        let stdin = self.stdin.as_mut().ok_or_else(|| failed("the helper was already closed".into()))?;
-        if let Err(error) = async { stdin.write_all(line.as_bytes()).await?; stdin.flush().await }.await {
-            return Err(failed(format!("it stopped reading ({error}); its stderr:\n{}", self.stderr.text_after_exit().await)));
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| failed("the helper was already closed".into()))?;
+        if let Err(error) = async {
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.flush().await
+        }
+        .await
+        {
+            return Err(failed(format!(
+                "it stopped reading ({error}); its stderr:\n{}",
+                self.stderr.text_after_exit().await
+            )));
         }
         let answer = match tokio::time::timeout(timeout, self.stdout.next_line()).await {
             Ok(Ok(Some(answer))) => answer,
-            Ok(Ok(None)) => return Err(failed(format!("it exited; its stderr:\n{}", self.stderr.text_after_exit().await))),
+            Ok(Ok(None)) => {
+                return Err(failed(format!(
+                    "it exited; its stderr:\n{}",
+                    self.stderr.text_after_exit().await
+                )));
+            }
             Ok(Err(error)) => return Err(failed(format!("its answer could not be read ({error})"))),
             Err(_) => {
                 // Its state is unknown: close its stdin so it terminates everything once free.
                 self.stdin = None;
-                return Err(failed(format!("no answer within {} s; the helper was told to terminate everything and exit", timeout.as_secs())));
+                return Err(failed(format!(
+                    "no answer within {} s; the helper was told to terminate everything and exit",
+                    timeout.as_secs()
+                )));
             }
         };
-        let answer: HelperAnswer = serde_json::from_str(&answer).map_err(|e| failed(format!("its answer is not the protocol's JSON ({e}): {answer}")))?;
+        let answer: HelperAnswer = serde_json::from_str(&answer)
+            .map_err(|e| failed(format!("its answer is not the protocol's JSON ({e}): {answer}")))?;
         if !answer.ok {
-            return Err(failed(answer.error.unwrap_or_else(|| "it answered ok: false without an error".into())));
+            return Err(failed(
+                answer
+                    .error
+                    .unwrap_or_else(|| "it answered ok: false without an error".into()),
+            ));
         }
         Ok(answer)
     }
@@ -237,7 +299,10 @@ impl Helper {
     /// Closes stdin (the helper terminates what is left and exits) and waits for it.
     async fn close(&mut self) {
         self.stdin = None;
-        if tokio::time::timeout(HELPER_EXIT_TIMEOUT, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(HELPER_EXIT_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("the Modal helper did not exit after its stdin closed");
         }
     }
@@ -258,12 +323,27 @@ impl ModalProvisioner {
     pub async fn start(config: ModalConfig) -> Result<ModalProvisioner, ProvisionError> {
         let mut helper = Helper::spawn(&config.python, false)?;
         let helper_config = config.helper_config();
-        if let Err(error) = helper.request("configure", &HelperRequest::Configure { config: &helper_config }, config.create_timeout).await {
+        if let Err(error) = helper
+            .request(
+                "configure",
+                &HelperRequest::Configure { config: &helper_config },
+                config.create_timeout,
+            )
+            .await
+        {
             helper.close().await;
             return Err(error);
         }
-        let http = reqwest::Client::builder().build().map_err(|e| ProvisionError::Helper { action: "start".into(), message: format!("failed to build an HTTP client: {e}") })?;
-        Ok(ModalProvisioner { config, helper: tokio::sync::Mutex::new(helper), live: Mutex::new(HashSet::new()), http })
+        let http = reqwest::Client::builder().build().map_err(|e| ProvisionError::Helper {
+            action: "start".into(),
+            message: format!("failed to build an HTTP client: {e}"),
+        })?;
+        Ok(ModalProvisioner {
+            config,
+            helper: tokio::sync::Mutex::new(helper),
+            live: Mutex::new(HashSet::new()),
+            http,
+        })
     }
 
     /// The plan: every SDK call the helper would make, as JSON, from a dry-run helper that
@@ -271,9 +351,18 @@ impl ModalProvisioner {
     pub async fn plan(config: &ModalConfig) -> Result<Value, ProvisionError> {
         let mut helper = Helper::spawn(&config.python, true)?;
         let helper_config = config.helper_config();
-        let answer = helper.request("plan", &HelperRequest::Configure { config: &helper_config }, TERMINATE_TIMEOUT).await;
+        let answer = helper
+            .request(
+                "plan",
+                &HelperRequest::Configure { config: &helper_config },
+                TERMINATE_TIMEOUT,
+            )
+            .await;
         helper.close().await;
-        answer?.plan.ok_or_else(|| ProvisionError::Helper { action: "plan".into(), message: "it answered without a plan".into() })
+        answer?.plan.ok_or_else(|| ProvisionError::Helper {
+            action: "plan".into(),
+            message: "it answered without a plan".into(),
+        })
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -281,7 +370,16 @@ impl ModalProvisioner {
     }
 
     async fn terminate_ids(&self, ids: Vec<String>) -> Result<(), ProvisionError> {
-        let result = self.helper.lock().await.request("terminate sandboxes", &HelperRequest::Terminate { ids: ids.clone() }, TERMINATE_TIMEOUT).await;
+        let result = self
+            .helper
+            .lock()
+            .await
+            .request(
+                "terminate sandboxes",
+                &HelperRequest::Terminate { ids: ids.clone() },
+                TERMINATE_TIMEOUT,
+            )
+            .await;
         let mut live = self.live();
         for id in &ids {
             live.remove(id);
@@ -298,16 +396,43 @@ impl Provisioner for ModalProvisioner {
 
     async fn provision(&self, count: usize) -> Result<Vec<ServerEndpoint>, ProvisionError> {
         let tokens = (0..count).map(|_| random_token()).collect::<Result<Vec<_>, _>>()?;
-        let answer = self.helper.lock().await.request("create sandboxes", &HelperRequest::Create { tokens: &tokens }, self.config.create_timeout).await?;
-        let endpoints: Vec<ServerEndpoint> =
-            answer.sandboxes.into_iter().zip(tokens).map(|(sandbox, token)| ServerEndpoint { id: sandbox.id, url: sandbox.url, token: Some(token) }).collect();
+        let answer = self
+            .helper
+            .lock()
+            .await
+            .request(
+                "create sandboxes",
+                &HelperRequest::Create { tokens: &tokens },
+                self.config.create_timeout,
+            )
+            .await?;
+        let endpoints: Vec<ServerEndpoint> = answer
+            .sandboxes
+            .into_iter()
+            .zip(tokens)
+            .map(|(sandbox, token)| ServerEndpoint {
+                id: sandbox.id,
+                url: sandbox.url,
+                token: Some(token),
+            })
+            .collect();
         self.live().extend(endpoints.iter().map(|e| e.id.clone()));
         let request_timeout = self.config.tunnel_timeout;
-        let clients: Vec<ServerClient> = endpoints.iter().map(|e| ServerClient::new(e.clone(), self.http.clone())).collect();
-        let checks = join_all(clients.iter().map(|c| c.wait_ready(self.config.ready_timeout, request_timeout))).await;
+        let clients: Vec<ServerClient> = endpoints
+            .iter()
+            .map(|e| ServerClient::new(e.clone(), self.http.clone()))
+            .collect();
+        let checks = join_all(
+            clients
+                .iter()
+                .map(|c| c.wait_ready(self.config.ready_timeout, request_timeout)),
+        )
+        .await;
         if let Some((endpoint, Err(source))) = endpoints.iter().zip(checks).find(|(_, check)| check.is_err()) {
             let server = endpoint.to_string();
-            let _ = self.terminate_ids(endpoints.iter().map(|e| e.id.clone()).collect()).await;
+            let _ = self
+                .terminate_ids(endpoints.iter().map(|e| e.id.clone()).collect())
+                .await;
             return Err(ProvisionError::NotReady { server, source });
         }
         Ok(endpoints)
@@ -323,7 +448,14 @@ impl Provisioner for ModalProvisioner {
     async fn shutdown(&self) -> Result<(), ProvisionError> {
         let mut helper = self.helper.lock().await;
         let result = match helper.stdin {
-            Some(_) => helper.request("terminate every sandbox", &HelperRequest::TerminateAll, TERMINATE_TIMEOUT).await.map(drop),
+            Some(_) => helper
+                .request(
+                    "terminate every sandbox",
+                    &HelperRequest::TerminateAll,
+                    TERMINATE_TIMEOUT,
+                )
+                .await
+                .map(drop),
             None => Ok(()),
         };
         self.live().clear();

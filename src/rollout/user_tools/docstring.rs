@@ -29,10 +29,18 @@ static SECTION: LazyLock<Regex> = LazyLock::new(|| {
     .expect("a valid regex")
 });
 
-static ENTRY: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^\*{0,2}([A-Za-z_][A-Za-z0-9_]*)\s*(?:\([^)]*\))?\s*:\s*(.*)$").expect("a valid regex"));
+static ENTRY: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^\*{0,2}([A-Za-z_][A-Za-z0-9_]*)\s*(?:\([^)]*\))?\s*:\s*(.*)$").expect("a valid regex")
+});
 
-const ARGS_SECTIONS: [&str; 6] = ["Args", "Arguments", "Parameters", "Params", "Keyword Args", "Keyword Arguments"];
+const ARGS_SECTIONS: [&str; 6] = [
+    "Args",
+    "Arguments",
+    "Parameters",
+    "Params",
+    "Keyword Args",
+    "Keyword Arguments",
+];
 
 /// Reads a docstring's description and parameter descriptions.
 pub(super) fn parse_docstring(raw: &str) -> Docstring {
@@ -66,11 +74,23 @@ fn read_section(section: Option<&str>, body: &[&str], docstring: &mut Docstring)
 /// common indentation, blank lines at either end removed.
 fn cleandoc(raw: &str) -> Vec<String> {
     let lines: Vec<String> = raw.replace('\t', "        ").lines().map(str::to_owned).collect();
-    let margin = lines.iter().skip(1).filter(|l| !l.trim().is_empty()).map(|l| indent(l)).min().unwrap_or(0);
+    let margin = lines
+        .iter()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| indent(l))
+        .min()
+        .unwrap_or(0);
     let mut cleaned: Vec<String> = lines
         .iter()
         .enumerate()
-        .map(|(i, l)| if i == 0 { l.trim().to_owned() } else { l.get(margin..).unwrap_or("").trim_end().to_owned() })
+        .map(|(i, l)| {
+            if i == 0 {
+                l.trim().to_owned()
+            } else {
+                l.get(margin..).unwrap_or("").trim_end().to_owned()
+            }
+        })
         .collect();
     while cleaned.last().is_some_and(|l| l.is_empty()) {
         cleaned.pop();
@@ -103,11 +123,17 @@ fn paragraphs(lines: &[&str]) -> String {
 
 /// The entries of an `Args:` section.
 fn entries(lines: &[&str]) -> Vec<(String, String)> {
-    let Some(entry_indent) = lines.iter().find(|l| !l.trim().is_empty()).map(|l| indent(l)) else { return Vec::new() };
+    let Some(entry_indent) = lines.iter().find(|l| !l.trim().is_empty()).map(|l| indent(l)) else {
+        return Vec::new();
+    };
     let mut found: Vec<(String, String)> = Vec::new();
     for line in lines.iter().filter(|l| !l.trim().is_empty()) {
         let text = line.trim();
-        let new_entry = if indent(line) <= entry_indent { ENTRY.captures(text) } else { None };
+        let new_entry = if indent(line) <= entry_indent {
+            ENTRY.captures(text)
+        } else {
+            None
+        };
         match (new_entry, found.last_mut()) {
             (Some(entry), _) => found.push((entry[1].to_owned(), entry[2].trim().to_owned())),
             (None, Some((_, description))) => {
@@ -132,13 +158,28 @@ mod tests {
         let doc = parse_docstring(
             "Convert a temperature.\n\n    Works for the three\n    usual scales.\n\n    Args:\n        value (float): The\n            temperature.\n        unit: One of `C`, `F`, `K`.\n\n    Returns:\n        x: not a parameter.\n    ",
         );
-        assert_eq!(doc.description, "Convert a temperature.\n\nWorks for the three usual scales.");
-        assert_eq!(doc.params, vec![("value".to_owned(), "The temperature.".to_owned()), ("unit".to_owned(), "One of `C`, `F`, `K`.".to_owned())]);
+        assert_eq!(
+            doc.description,
+            "Convert a temperature.\n\nWorks for the three usual scales."
+        );
+        assert_eq!(
+            doc.params,
+            vec![
+                ("value".to_owned(), "The temperature.".to_owned()),
+                ("unit".to_owned(), "One of `C`, `F`, `K`.".to_owned())
+            ]
+        );
     }
 
     #[test]
     fn one_line_and_numpy_docstrings_are_all_description() {
-        assert_eq!(parse_docstring("  Add two numbers.  "), Docstring { description: "Add two numbers.".to_owned(), params: vec![] });
+        assert_eq!(
+            parse_docstring("  Add two numbers.  "),
+            Docstring {
+                description: "Add two numbers.".to_owned(),
+                params: vec![]
+            }
+        );
         let numpy = parse_docstring("Scale.\n\nParameters\n----------\nx : float\n");
         assert_eq!(numpy.description, "Scale.\n\nParameters ---------- x : float");
         assert!(numpy.params.is_empty());

@@ -76,13 +76,30 @@ impl UserTool {
         let properties = self.parameters["properties"].as_object();
         let known = |name: &str| properties.is_some_and(|p| p.contains_key(name));
         if let Some(unknown) = arguments.keys().find(|k| !known(k)) {
-            let names: Vec<&str> = properties.map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
-            return Err(format!("`{}` has no parameter `{unknown}`; its parameters are: {}", self.name, names.join(", ")));
+            let names: Vec<&str> = properties
+                .map(|p| p.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            return Err(format!(
+                "`{}` has no parameter `{unknown}`; its parameters are: {}",
+                self.name,
+                names.join(", ")
+            ));
         }
-        let required = self.parameters["required"].as_array().map(Vec::as_slice).unwrap_or_default();
-        let missing: Vec<&str> = required.iter().filter_map(Value::as_str).filter(|r| !arguments.contains_key(*r)).collect();
+        let required = self.parameters["required"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let missing: Vec<&str> = required
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|r| !arguments.contains_key(*r))
+            .collect();
         if !missing.is_empty() {
-            return Err(format!("`{}` needs the argument(s) {}; call it again with them", self.name, missing.join(", ")));
+            return Err(format!(
+                "`{}` needs the argument(s) {}; call it again with them",
+                self.name,
+                missing.join(", ")
+            ));
         }
         Ok(())
     }
@@ -106,12 +123,19 @@ impl ToolsFile {
         if tools.is_empty() {
             return Err(ToolsFileError::NoTools { file: label.to_owned() });
         }
-        Ok(ToolsFile { label: label.to_owned(), source: source.to_owned(), tools })
+        Ok(ToolsFile {
+            label: label.to_owned(),
+            source: source.to_owned(),
+            tools,
+        })
     }
 
     /// Reads and parses the file at `path`.
     pub fn read(path: &Path) -> Result<ToolsFile, ToolsFileError> {
-        let source = std::fs::read_to_string(path).map_err(|source| ToolsFileError::Read { path: path.to_owned(), source })?;
+        let source = std::fs::read_to_string(path).map_err(|source| ToolsFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         ToolsFile::parse(&path.display().to_string(), &source)
     }
 
@@ -149,7 +173,9 @@ pub enum ToolsFileError {
         source: rustpython_parser::ParseError,
     },
     /// A public function does not follow the schema rules.
-    #[error("failed to make a tool of `{function}` ({file}, line {line}): {problem}; or rename it to start with `_` to keep it out of the tools")]
+    #[error(
+        "failed to make a tool of `{function}` ({file}, line {line}): {problem}; or rename it to start with `_` to keep it out of the tools"
+    )]
     Function {
         /// The file's label.
         file: String,
@@ -161,7 +187,9 @@ pub enum ToolsFileError {
         problem: String,
     },
     /// The file has no public top-level function.
-    #[error("the tools file {file} defines no tools: each top-level `def` whose name does not start with `_` becomes one")]
+    #[error(
+        "the tools file {file} defines no tools: each top-level `def` whose name does not start with `_` becomes one"
+    )]
     NoTools {
         /// The file's label.
         file: String,
@@ -177,7 +205,9 @@ pub enum ToolsFileError {
         second: String,
     },
     /// A tool has the name of one of rollbox's built-in tools.
-    #[error("the tool `{name}` in {file} has the name of a built-in tool; rename it (the built-in tools are python, bash, read_file, write_file, edit_file, list_dir and search)")]
+    #[error(
+        "the tool `{name}` in {file} has the name of a built-in tool; rename it (the built-in tools are python, bash, read_file, write_file, edit_file, list_dir and search)"
+    )]
     Builtin {
         /// The tool.
         name: String,
@@ -202,11 +232,18 @@ impl UserTools {
         for (file_index, file) in files.iter().enumerate() {
             for (tool_index, tool) in file.tools.iter().enumerate() {
                 if ToolName::from_name(&tool.name).is_some() {
-                    return Err(ToolsFileError::Builtin { name: tool.name.clone(), file: file.label.clone() });
+                    return Err(ToolsFileError::Builtin {
+                        name: tool.name.clone(),
+                        file: file.label.clone(),
+                    });
                 }
                 if let Some((first, _)) = by_name.insert(tool.name.clone(), (file_index, tool_index)) {
                     let first = files[first].label.clone();
-                    return Err(ToolsFileError::Duplicate { name: tool.name.clone(), first, second: file.label.clone() });
+                    return Err(ToolsFileError::Duplicate {
+                        name: tool.name.clone(),
+                        first,
+                        second: file.label.clone(),
+                    });
                 }
             }
         }
@@ -215,8 +252,9 @@ impl UserTools {
 
     /// Only the built-in `calculator`: what the `tools` agent offers by default.
     pub fn calculator_only() -> Arc<UserTools> {
-        static ONLY: LazyLock<Arc<UserTools>> =
-            LazyLock::new(|| Arc::new(UserTools::new(vec![ToolsFile::calculator()]).expect("one file alone has no clashing names")));
+        static ONLY: LazyLock<Arc<UserTools>> = LazyLock::new(|| {
+            Arc::new(UserTools::new(vec![ToolsFile::calculator()]).expect("one file alone has no clashing names"))
+        });
         ONLY.clone()
     }
 
@@ -247,10 +285,21 @@ impl UserTools {
             .files
             .iter()
             .enumerate()
-            .map(|(i, f)| json!([f.label, format!("_rollbox_tools_{i}"), f.source, f.tools.iter().map(|t| &t.name).collect::<Vec<_>>()]))
+            .map(|(i, f)| {
+                json!([
+                    f.label,
+                    format!("_rollbox_tools_{i}"),
+                    f.source,
+                    f.tools.iter().map(|t| &t.name).collect::<Vec<_>>()
+                ])
+            })
             .collect();
         let payload = json!({ "registry": REGISTRY_PY, "files": files }).to_string();
-        ToolCall::python(format!("exec({}, {{\"payload\": {}}})\n", py_string(LOAD_PROGRAM), py_string(&payload)))
+        ToolCall::python(format!(
+            "exec({}, {{\"payload\": {}}})\n",
+            py_string(LOAD_PROGRAM),
+            py_string(&payload)
+        ))
     }
 
     /// The `python` call that runs tool `name` with `arguments` in a slot the tools are loaded
@@ -265,10 +314,17 @@ impl UserTools {
         Some(match checked {
             Ok(()) => {
                 let arguments = py_string(&arguments.to_string());
-                Ok(ToolCall::python(format!("exec({}, {{\"name\": {}, \"arguments\": {arguments}}})\n", py_string(CALL_PROGRAM), py_string(name))))
+                Ok(ToolCall::python(format!(
+                    "exec({}, {{\"name\": {}, \"arguments\": {arguments}}})\n",
+                    py_string(CALL_PROGRAM),
+                    py_string(name)
+                )))
             }
             Err(message) => {
-                let metadata = ExecutionMetadata { tool: name.to_owned(), ..Default::default() };
+                let metadata = ExecutionMetadata {
+                    tool: name.to_owned(),
+                    ..Default::default()
+                };
                 Err(ExecutionResult::failure(ErrorKind::InvalidArguments, message, metadata))
             }
         })
@@ -284,7 +340,10 @@ pub fn tool_result(name: &str, mut result: ExecutionResult) -> ExecutionResult {
         && result.metadata.limit_hit.is_none()
         && !result.metadata.state_lost
     {
-        let printed = [cell.stdout.trim_end(), cell.stderr.trim_end()].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>();
+        let printed = [cell.stdout.trim_end(), cell.stderr.trim_end()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>();
         let mut output = printed.join("\n");
         if !output.is_empty() {
             output.push('\n');
@@ -307,11 +366,21 @@ mod tests {
     #[test]
     fn the_shipped_calculator_parses_into_one_documented_tool() {
         let calculator = ToolsFile::parse(CALCULATOR_LABEL, CALCULATOR_PY).expect("calculator.py parses");
-        let [tool] = calculator.tools.as_slice() else { panic!("one tool: {:?}", calculator.tools) };
+        let [tool] = calculator.tools.as_slice() else {
+            panic!("one tool: {:?}", calculator.tools)
+        };
         assert_eq!(tool.name, "calculator");
-        assert!(tool.description.starts_with("Evaluate an arithmetic expression"), "{}", tool.description);
+        assert!(
+            tool.description.starts_with("Evaluate an arithmetic expression"),
+            "{}",
+            tool.description
+        );
         assert_eq!(tool.parameters["required"], json!(["expression"]));
         assert_eq!(tool.parameters["properties"]["expression"]["type"], "string");
-        assert!(tool.parameters["properties"]["expression"]["description"].as_str().is_some_and(|d| d.contains("2 * (3 + 4)")));
+        assert!(
+            tool.parameters["properties"]["expression"]["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("2 * (3 + 4)"))
+        );
     }
 }

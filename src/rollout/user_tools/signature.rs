@@ -38,15 +38,26 @@ pub(super) fn tools_in(label: &str, source: &str) -> Result<Vec<UserTool>, Tools
         if name.starts_with('_') {
             continue;
         }
-        let problem = |problem: String| ToolsFileError::Function { file: label.to_owned(), line, function: name.to_owned(), problem };
+        let problem = |problem: String| ToolsFileError::Function {
+            file: label.to_owned(),
+            line,
+            function: name.to_owned(),
+            problem,
+        };
         let Stmt::FunctionDef(def) = stmt else {
-            return Err(problem("`async def` functions cannot be tools; make it a plain `def`".to_owned()));
+            return Err(problem(
+                "`async def` functions cannot be tools; make it a plain `def`".to_owned(),
+            ));
         };
         if let Some((_, first)) = tools.iter().find(|(t, _)| t.name == name) {
-            return Err(problem(format!("it is defined twice (also on line {first}); keep one definition")));
+            return Err(problem(format!(
+                "it is defined twice (also on line {first}); keep one definition"
+            )));
         }
         if !valid_tool_name(name) {
-            return Err(problem("tool names may only use ASCII letters, digits, `_` and `-` (at most 64)".to_owned()));
+            return Err(problem(
+                "tool names may only use ASCII letters, digits, `_` and `-` (at most 64)".to_owned(),
+            ));
         }
         tools.push((tool_from_def(def, source).map_err(problem)?, line));
     }
@@ -55,12 +66,20 @@ pub(super) fn tools_in(label: &str, source: &str) -> Result<Vec<UserTool>, Tools
 
 /// OpenAI's rule for function names.
 fn valid_tool_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The 1-based line of byte `offset` in `source`.
 fn line_of(source: &str, offset: usize) -> usize {
-    source.as_bytes()[..offset.min(source.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    source.as_bytes()[..offset.min(source.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 fn tool_from_def(def: &ast::StmtFunctionDef, source: &str) -> Result<UserTool, String> {
@@ -73,17 +92,25 @@ fn tool_from_def(def: &ast::StmtFunctionDef, source: &str) -> Result<UserTool, S
         return Err("positional-only parameters (before `/`) cannot be passed by name; remove the `/`".to_owned());
     }
     if let Some(vararg) = &args.vararg {
-        return Err(format!("`*{}` cannot be described by a JSON schema; take a list parameter instead", vararg.arg.as_str()));
+        return Err(format!(
+            "`*{}` cannot be described by a JSON schema; take a list parameter instead",
+            vararg.arg.as_str()
+        ));
     }
     if let Some(kwarg) = &args.kwarg {
-        return Err(format!("`**{}` cannot be described by a JSON schema; take a dict parameter instead", kwarg.arg.as_str()));
+        return Err(format!(
+            "`**{}` cannot be described by a JSON schema; take a dict parameter instead",
+            kwarg.arg.as_str()
+        ));
     }
     let mut properties = Map::new();
     let mut required = Vec::new();
     for param in args.args.iter().chain(&args.kwonlyargs) {
         let name = param.def.arg.as_str().to_owned();
         let Some(annotation) = &param.def.annotation else {
-            return Err(format!("parameter `{name}` has no type annotation; annotate it ({SUPPORTED})"));
+            return Err(format!(
+                "parameter `{name}` has no type annotation; annotate it ({SUPPORTED})"
+            ));
         };
         let mut schema = annotation_schema(annotation, source).map_err(|why| format!("parameter `{name}`: {why}"))?;
         match &param.default {
@@ -100,26 +127,44 @@ fn tool_from_def(def: &ast::StmtFunctionDef, source: &str) -> Result<UserTool, S
         properties.insert(name, schema);
     }
     if let Some((unknown, _)) = doc.params.iter().find(|(p, _)| !properties.contains_key(p)) {
-        return Err(format!("its docstring's `Args:` describes `{unknown}`, which is not a parameter; fix the name or remove the entry"));
+        return Err(format!(
+            "its docstring's `Args:` describes `{unknown}`, which is not a parameter; fix the name or remove the entry"
+        ));
     }
-    let parameters = json!({ "type": "object", "properties": properties, "required": required, "additionalProperties": false });
-    Ok(UserTool { name: def.name.as_str().to_owned(), description: doc.description, parameters })
+    let parameters =
+        json!({ "type": "object", "properties": properties, "required": required, "additionalProperties": false });
+    Ok(UserTool {
+        name: def.name.as_str().to_owned(),
+        description: doc.description,
+        parameters,
+    })
 }
 
 /// The annotations the schema rules accept, for error messages.
-const SUPPORTED: &str = "str, int, float, bool, list[T], dict[str, T], Optional[T], T | None, Union[...], Literal[...] or Any";
+const SUPPORTED: &str =
+    "str, int, float, bool, list[T], dict[str, T], Optional[T], T | None, Union[...], Literal[...] or Any";
 
 fn docstring_of(def: &ast::StmtFunctionDef) -> Option<&str> {
-    let Some(Stmt::Expr(first)) = def.body.first() else { return None };
+    let Some(Stmt::Expr(first)) = def.body.first() else {
+        return None;
+    };
     match first.value.as_ref() {
-        Expr::Constant(ast::ExprConstant { value: Constant::Str(text), .. }) => Some(text),
+        Expr::Constant(ast::ExprConstant {
+            value: Constant::Str(text),
+            ..
+        }) => Some(text),
         _ => None,
     }
 }
 
 /// The JSON Schema of a parameter annotation; an error says what is unsupported.
 fn annotation_schema(annotation: &Expr, source: &str) -> Result<Value, String> {
-    let text = || source.get(usize::from(annotation.start())..usize::from(annotation.end())).unwrap_or("?").to_owned();
+    let text = || {
+        source
+            .get(usize::from(annotation.start())..usize::from(annotation.end()))
+            .unwrap_or("?")
+            .to_owned()
+    };
     let unsupported = || Err(format!("the annotation `{}` is not supported; use {SUPPORTED}", text()));
     match annotation {
         Expr::Name(_) | Expr::Attribute(_) => match type_name(annotation).as_deref() {
@@ -132,11 +177,18 @@ fn annotation_schema(annotation: &Expr, source: &str) -> Result<Value, String> {
             Some("Any") => Ok(json!({})),
             _ => unsupported(),
         },
-        Expr::BinOp(ast::ExprBinOp { op: ast::Operator::BitOr, .. }) => union(&union_members(annotation), source),
+        Expr::BinOp(ast::ExprBinOp {
+            op: ast::Operator::BitOr,
+            ..
+        }) => union(&union_members(annotation), source),
         Expr::Subscript(subscript) => generic_schema(subscript, source).unwrap_or_else(unsupported),
-        Expr::Constant(ast::ExprConstant { value: Constant::Str(_), .. }) => {
-            Err(format!("the quoted annotation `{}` is not supported; write the type without quotes", text()))
-        }
+        Expr::Constant(ast::ExprConstant {
+            value: Constant::Str(_),
+            ..
+        }) => Err(format!(
+            "the quoted annotation `{}` is not supported; write the type without quotes",
+            text()
+        )),
         _ => unsupported(),
     }
 }
@@ -161,7 +213,9 @@ fn generic_schema(subscript: &ast::ExprSubscript, source: &str) -> Option<Result
         single => vec![single],
     };
     let schema = match (type_name(&subscript.value)?.as_str(), arguments.as_slice()) {
-        ("list" | "List", [item]) => annotation_schema(item, source).map(|items| json!({ "type": "array", "items": items })),
+        ("list" | "List", [item]) => {
+            annotation_schema(item, source).map(|items| json!({ "type": "array", "items": items }))
+        }
         ("dict" | "Dict", [key, value]) => {
             if type_name(key).as_deref() != Some("str") {
                 return Some(Err("JSON object keys are strings: use dict[str, T]".to_owned()));
@@ -179,7 +233,12 @@ fn generic_schema(subscript: &ast::ExprSubscript, source: &str) -> Option<Result
 /// The members of `A | B | C`, left to right.
 fn union_members(expr: &Expr) -> Vec<&Expr> {
     match expr {
-        Expr::BinOp(ast::ExprBinOp { left, op: ast::Operator::BitOr, right, .. }) => {
+        Expr::BinOp(ast::ExprBinOp {
+            left,
+            op: ast::Operator::BitOr,
+            right,
+            ..
+        }) => {
             let mut members = union_members(left);
             members.extend(union_members(right));
             members
@@ -190,9 +249,21 @@ fn union_members(expr: &Expr) -> Vec<&Expr> {
 
 /// A union: `anyOf` its members, with `None` as `{"type": "null"}`; see [`nullable`].
 fn union(members: &[&Expr], source: &str) -> Result<Value, String> {
-    let is_none = |e: &&&Expr| matches!(e, Expr::Constant(ast::ExprConstant { value: Constant::None, .. }));
+    let is_none = |e: &&&Expr| {
+        matches!(
+            e,
+            Expr::Constant(ast::ExprConstant {
+                value: Constant::None,
+                ..
+            })
+        )
+    };
     let has_none = members.iter().any(|e| is_none(&e));
-    let mut schemas = members.iter().filter(|e| !is_none(e)).map(|e| annotation_schema(e, source)).collect::<Result<Vec<_>, _>>()?;
+    let mut schemas = members
+        .iter()
+        .filter(|e| !is_none(e))
+        .map(|e| annotation_schema(e, source))
+        .collect::<Result<Vec<_>, _>>()?;
     match (schemas.len(), has_none) {
         (0, _) => Err("a union needs at least one type besides None".to_owned()),
         (1, false) => Ok(schemas.remove(0)),
@@ -221,7 +292,9 @@ fn nullable(mut schema: Value) -> Value {
 fn literal_schema(values: &[&Expr]) -> Result<Value, String> {
     let values = values
         .iter()
-        .map(|v| literal_json(v).ok_or_else(|| "Literal[...] takes constants (strings, numbers, booleans, None)".to_owned()))
+        .map(|v| {
+            literal_json(v).ok_or_else(|| "Literal[...] takes constants (strings, numbers, booleans, None)".to_owned())
+        })
         .collect::<Result<Vec<Value>, String>>()?;
     let type_of = |v: &Value| match v {
         Value::String(_) => "string",
@@ -250,7 +323,11 @@ fn literal_json(expr: &Expr) -> Option<Value> {
             Constant::Float(float) => serde_json::Number::from_f64(*float).map(Value::Number),
             _ => None,
         },
-        Expr::UnaryOp(ast::ExprUnaryOp { op: ast::UnaryOp::USub, operand, .. }) => match literal_json(operand)? {
+        Expr::UnaryOp(ast::ExprUnaryOp {
+            op: ast::UnaryOp::USub,
+            operand,
+            ..
+        }) => match literal_json(operand)? {
             Value::Number(n) => n.as_i64().map(|i| json!(-i)).or_else(|| n.as_f64().map(|f| json!(-f))),
             _ => None,
         },
