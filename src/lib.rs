@@ -5,30 +5,35 @@
 //! The default backend, [`wasm::WasmBackend`], gives each slot a live CPython 3.15
 //! interpreter in its own wasmtime instance, so state persists across cells like a Jupyter
 //! kernel, at microseconds per call.
+//!
+//! The modules, in the order a reader meets them (docs/ARCHITECTURE.md has the long form):
+//! - [`slot`]: the slot API every backend implements, its [`Limits`], its tools and the cell
+//!   report every Python-running backend shares;
+//! - the backends: [`wasm`] (the default), [`process`] (bubblewrap on a real host) and
+//!   [`remote`] (HTTP to `rollbox serve`);
+//! - the applications: [`server`] (`rollbox serve`), [`rollout`] (agents over datasets, scored)
+//!   and [`truncation`] (conversations cut to a token budget);
+//! - shared vocabulary: [`chat`], [`env_vars`], [`error_text`] and [`reporter`].
+#![warn(missing_docs)]
 
-mod batch;
-pub mod bench;
-pub mod chat;
-pub mod env_vars;
-pub mod limits;
-pub mod output;
+pub mod slot;
+
 pub mod process;
 pub mod remote;
-pub mod reporter;
-pub mod rollout;
-pub mod runtime;
-pub mod server;
-pub mod slot;
-pub mod swe;
-pub mod tools;
-pub mod truncation;
 pub mod wasm;
 
-pub use limits::{LimitKind, Limits};
+pub mod rollout;
+pub mod server;
+pub mod truncation;
+
+pub mod chat;
+pub mod env_vars;
+pub mod error_text;
+pub mod reporter;
+
 pub use reporter::{Reporter, SilentReporter};
 pub use slot::{
-    Backend, BackendError, CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult, Slot,
-    SlotId, ToolCall,
+    Backend, BackendError, CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult,
+    LimitKind, Limits, Slot, SlotId, ToolCall, ToolName,
 };
-pub use tools::ToolName;
 pub use wasm::{WasmBackend, WasmBackendConfig};

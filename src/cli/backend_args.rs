@@ -1,9 +1,7 @@
 //! `--backend wasm|process|remote` for every command that runs cells, with the process and
 //! remote backends' flags, and the one place that starts the chosen backend.
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +13,9 @@ use rollbox::env_vars;
 use rollbox::process::{ProcessBackend, ProcessBackendConfig};
 use rollbox::remote::provision::{LocalProvisionerConfig, ModalConfig, ModalProvisioner};
 use rollbox::remote::{ListedConfig, PoolConfig, ProvisionConfig, RemoteBackend, RemoteBackendConfig};
-use rollbox::{Backend, Limits, WasmBackend};
+use rollbox::{Backend, Limits};
 
-use super::{RuntimeArgs, start_wasm_backend};
+use super::{Printer, RuntimeArgs, start_wasm_backend};
 
 /// Where cells run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -141,9 +139,9 @@ impl ProcessArgs {
 /// Starts a process backend; bubblewrap is checked here, so a missing one fails before any
 /// work starts.
 pub(crate) async fn start_process_backend(config: ProcessBackendConfig) -> anyhow::Result<ProcessBackend> {
-    Ok(tokio::task::spawn_blocking(move || ProcessBackend::new(config))
+    tokio::task::spawn_blocking(move || ProcessBackend::new(config))
         .await?
-        .context("failed to start the process backend")?)
+        .context("failed to start the process backend")
 }
 
 /// The remote backend's flags.
@@ -232,7 +230,7 @@ impl RemoteArgs {
             None => std::env::current_exe()
                 .context("failed to find this rollbox binary for the servers; pass --server-binary")?,
         };
-        let server_args = serve_args(limits, self.slots_per_sandbox);
+        let server_args = serve_args(limits, self.slots_per_sandbox)?;
         let provision = match self.provision {
             ProvisionKind::Local => {
                 let server_backend = self.server_backend.unwrap_or(ServedBackend::Wasm);
@@ -318,31 +316,13 @@ impl RemoteArgs {
 
 /// `rollbox serve` flags that give a server the same limits as this process, and exactly the
 /// slots the pool will place on it.
-fn serve_args(limits: &Limits, slots_per_server: usize) -> Vec<String> {
-    let mut args = vec![
-        "--timeout".to_string(),
-        limits.timeout.as_secs_f64().to_string(),
-        "--memory".into(),
-        (limits.memory_bytes >> 20).to_string(),
-        "--max-output".into(),
-        limits.output_bytes.to_string(),
+fn serve_args(limits: &Limits, slots_per_server: usize) -> anyhow::Result<Vec<String>> {
+    Ok(vec![
+        "--limits-json".to_string(),
+        serde_json::to_string(limits).context("failed to write the limits for the servers")?,
         "--max-slots".into(),
         slots_per_server.to_string(),
-    ];
-    if let Some(fuel) = limits.fuel {
-        args.extend(["--fuel".to_string(), fuel.to_string()]);
-    }
-    args
-}
-
-/// The backend a command runs its cells on.
-pub(crate) enum CliBackend {
-    /// In this process, in wasm.
-    Wasm(Arc<WasmBackend>),
-    /// In this process, as native processes.
-    Process(Arc<ProcessBackend>),
-    /// On servers; shut down when the command ends or is interrupted.
-    Remote(Arc<RemoteBackend>),
+    ])
 }
 
 impl BackendArgs {
@@ -394,21 +374,25 @@ impl BackendArgs {
         Ok(())
     }
 
-    /// Starts the chosen backend.
-    pub(crate) async fn start(&self, limits: Limits, runtime: &RuntimeArgs, quiet: bool) -> anyhow::Result<CliBackend> {
+    /// Starts the chosen backend. Call [`Backend::shutdown`] before the command ends: a remote
+    /// backend's servers live outside this process.
+    pub(crate) async fn start(
+        &self,
+        limits: Limits,
+        runtime: &RuntimeArgs,
+        printer: Printer,
+    ) -> anyhow::Result<Arc<dyn Backend>> {
         self.check_flags_apply(runtime)?;
-        match self.backend {
-            BackendChoice::Wasm => Ok(CliBackend::Wasm(Arc::new(
-                start_wasm_backend(limits, runtime, quiet).await?,
-            ))),
+        Ok(match self.backend {
+            BackendChoice::Wasm => Arc::new(start_wasm_backend(limits, runtime, printer).await?),
             BackendChoice::Process => {
                 let config = self.process.config(limits, ProcessBackendConfig::default().max_slots)?;
-                Ok(CliBackend::Process(Arc::new(start_process_backend(config).await?)))
+                Arc::new(start_process_backend(config).await?)
             }
-            BackendChoice::Remote => Ok(CliBackend::Remote(Arc::new(
-                start_remote_backend(self.remote.resolve(&limits, runtime, &self.process)?).await?,
-            ))),
-        }
+            BackendChoice::Remote => {
+                Arc::new(start_remote_backend(self.remote.resolve(&limits, runtime, &self.process)?).await?)
+            }
+        })
     }
 }
 
@@ -417,54 +401,4 @@ pub(crate) async fn start_remote_backend(config: RemoteBackendConfig) -> anyhow:
     RemoteBackend::start(config)
         .await
         .context("failed to start the remote backend")
-}
-
-impl CliBackend {
-    /// The backend, shared.
-    pub(crate) fn shared(&self) -> Arc<dyn Backend> {
-        match self {
-            CliBackend::Wasm(backend) => backend.clone(),
-            CliBackend::Process(backend) => backend.clone(),
-            CliBackend::Remote(backend) => backend.clone(),
-        }
-    }
-
-    /// Stops the remote backend's servers (terminating Modal sandboxes); nothing for the
-    /// in-process backends, whose slots end with this process.
-    pub(crate) async fn shutdown(&self) -> anyhow::Result<()> {
-        if let CliBackend::Remote(remote) = self {
-            remote.shutdown().await.context("failed to stop the remote servers")?;
-        }
-        Ok(())
-    }
-
-    /// Runs `work`; on Ctrl-C first, stops every server (terminating Modal sandboxes) and
-    /// exits with 130. Either way the servers are stopped before this returns.
-    pub(crate) async fn run(
-        &self,
-        quiet: bool,
-        work: impl Future<Output = anyhow::Result<ExitCode>>,
-    ) -> anyhow::Result<ExitCode> {
-        if !matches!(self, CliBackend::Remote(_)) {
-            return work.await;
-        }
-        let outcome = tokio::select! {
-            outcome = work => outcome,
-            _ = interrupted() => {
-                if !quiet {
-                    eprintln!("rollbox: interrupted; stopping the servers");
-                }
-                Ok(ExitCode::from(130))
-            }
-        };
-        self.shutdown().await?;
-        outcome
-    }
-}
-
-/// Completes on Ctrl-C; never, if the signal cannot be watched.
-async fn interrupted() {
-    if tokio::signal::ctrl_c().await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }

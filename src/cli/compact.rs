@@ -17,6 +17,8 @@ use rollbox::truncation::{
     TruncationError,
 };
 
+use super::Printer;
+
 /// Exit code when the kept parts alone do not fit the budget (a usage problem, not a crash).
 const EXIT_BUDGET_TOO_SMALL: u8 = 2;
 
@@ -47,8 +49,8 @@ pub struct CompactArgs {
     pub summarizer_model: String,
 }
 
-/// Runs `rollbox compact`; `quiet` (the global `--quiet`) leaves out the report.
-pub async fn run(args: CompactArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+/// Runs `rollbox compact`; with `--quiet` the report is left out.
+pub async fn run(args: CompactArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     let template = match args.template.as_str() {
         "bare" => ChatTemplate::bare(),
         _ => ChatTemplate::qwen_chatml(),
@@ -98,7 +100,7 @@ pub async fn run(args: CompactArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer(&mut stdout, &document).context("failed to write the conversation to stdout")?;
     writeln!(stdout).context("failed to write the conversation to stdout")?;
-    if !quiet {
+    if !printer.is_quiet() {
         // The strategies do not tokenise text they remove; the report counts the input for people.
         let tokens_before = match compacted.report.tokens_before {
             Some(tokens) => tokens,

@@ -7,7 +7,7 @@ use clap::Args;
 
 use rollbox::{Backend, ExecutionResult, Limits, ToolCall};
 
-use super::{RuntimeArgs, start_wasm_backend};
+use super::{Printer, RuntimeArgs, start_wasm_backend};
 
 #[derive(Args)]
 pub(crate) struct DemoArgs {
@@ -15,14 +15,14 @@ pub(crate) struct DemoArgs {
     runtime: RuntimeArgs,
 }
 
-pub(crate) async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: DemoArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let limits = Limits {
         memory_bytes: 512 << 20,
         output_bytes: 4096,
         ..Limits::default()
     };
-    let backend = start_wasm_backend(limits, &args.runtime, quiet).await?;
+    let backend = start_wasm_backend(limits, &args.runtime, printer).await?;
     println!(
         "backend ready in {:.1} ms (runtime cached and compiled)",
         ms(started.elapsed())

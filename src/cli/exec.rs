@@ -10,7 +10,8 @@ use clap::Args;
 use rollbox::{Backend, ExecutionResult, ToolCall};
 
 use super::backend_args::BackendArgs;
-use super::{LimitArgs, RuntimeArgs};
+use super::interrupts::run_until_interrupted;
+use super::{LimitArgs, Printer, RuntimeArgs};
 
 /// The marker that starts a new cell in a cells file (the Jupytext "percent" format).
 const CELL_MARKER: &str = "# %%";
@@ -37,7 +38,7 @@ pub(crate) struct ExecArgs {
     backend: BackendArgs,
 }
 
-pub(crate) async fn run(args: ExecArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: ExecArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     let limits = args.limits.resolve()?;
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
@@ -50,10 +51,13 @@ pub(crate) async fn run(args: ExecArgs, quiet: bool) -> anyhow::Result<ExitCode>
         !cells.is_empty(),
         "no cells to run: pass -c CODE (repeatable) or --file PATH"
     );
-    let backend = args.backend.start(limits, &args.runtime, quiet).await?;
-    backend
-        .run(quiet, run_cells(backend.shared().as_ref(), cells, &args, quiet))
-        .await
+    let backend = args.backend.start(limits, &args.runtime, printer).await?;
+    run_until_interrupted(
+        backend.as_ref(),
+        printer,
+        run_cells(backend.as_ref(), cells, &args, printer),
+    )
+    .await
 }
 
 /// Runs `cells` in order in one new slot, printing each result.
@@ -61,7 +65,7 @@ async fn run_cells(
     backend: &dyn Backend,
     cells: Vec<String>,
     args: &ExecArgs,
-    quiet: bool,
+    printer: Printer,
 ) -> anyhow::Result<ExitCode> {
     let slot = backend.acquire("exec").await?;
     let mut failed = 0usize;
@@ -74,7 +78,7 @@ async fn run_cells(
         if args.json {
             writeln!(stdout, "{}", serde_json::to_string(&result)?)?;
         } else {
-            print_human(&mut stdout, number + 1, &result, args.timings, quiet)?;
+            print_human(&mut stdout, number + 1, &result, args.timings, printer)?;
         }
     }
     stdout.flush()?;
@@ -91,24 +95,23 @@ fn print_human(
     number: usize,
     result: &ExecutionResult,
     timings: bool,
-    quiet: bool,
+    printer: Printer,
 ) -> anyhow::Result<()> {
     stdout.write_all(result.output.as_bytes())?;
     if !result.output.is_empty() && !result.output.ends_with('\n') {
         stdout.write_all(b"\n")?;
     }
     stdout.flush()?;
-    if quiet {
-        return Ok(());
-    }
     if let Some(limit) = result.metadata.limit_hit {
-        eprintln!("[cell {number}: {limit} limit reached]");
+        printer.line(format_args!("[cell {number}: {limit} limit reached]"));
     }
     if result.metadata.state_lost {
-        eprintln!("[cell {number}: the interpreter was restarted; earlier state is gone]");
+        printer.line(format_args!(
+            "[cell {number}: the interpreter was restarted; earlier state is gone]"
+        ));
     }
     if timings {
-        eprintln!("[cell {number}: {} µs]", result.metadata.duration_us);
+        printer.line(format_args!("[cell {number}: {} µs]", result.metadata.duration_us));
     }
     Ok(())
 }

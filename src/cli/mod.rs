@@ -6,6 +6,8 @@ mod bench;
 mod compact;
 mod demo;
 mod exec;
+mod interrupts;
+mod printer;
 mod progress;
 mod repl;
 mod rollout;
@@ -16,12 +18,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use rollbox::env_vars;
-use rollbox::runtime::RuntimeOptions;
+use rollbox::wasm::runtime::RuntimeOptions;
 use rollbox::{Limits, WasmBackend, WasmBackendConfig};
 
+pub(crate) use printer::Printer;
 pub(crate) use progress::CliReporter;
 
 /// rollbox: an execution engine for LLM-agent rollouts.
@@ -84,10 +88,22 @@ pub(crate) struct LimitArgs {
     /// An instruction budget per call (slower: compiles a metered runtime once).
     #[arg(long, value_name = "N")]
     fuel: Option<u64>,
+    /// Every limit at once, as the JSON of `rollbox::Limits`: how a parent rollbox hands its
+    /// exact limits to the servers it starts, with no rounding through the flags above.
+    #[arg(long, value_name = "JSON", hide = true, conflicts_with_all = ["timeout", "memory", "max_output", "fuel"])]
+    limits_json: Option<String>,
 }
 
 impl LimitArgs {
     fn resolve(&self) -> anyhow::Result<Limits> {
+        if let Some(json) = &self.limits_json {
+            let limits: Limits = serde_json::from_str(json).context("failed to read --limits-json")?;
+            anyhow::ensure!(
+                !limits.timeout.is_zero() && limits.output_bytes > 0,
+                "--limits-json needs a positive timeout and output cap"
+            );
+            return Ok(limits);
+        }
         let timeout = Duration::try_from_secs_f64(self.timeout)
             .ok()
             .filter(|t| !t.is_zero())
@@ -198,14 +214,17 @@ impl RuntimeArgs {
 pub(crate) async fn start_wasm_backend(
     limits: Limits,
     runtime: &RuntimeArgs,
-    quiet: bool,
+    printer: Printer,
 ) -> anyhow::Result<WasmBackend> {
-    start_wasm_backend_with(runtime.backend_config(limits), quiet).await
+    start_wasm_backend_with(runtime.backend_config(limits), printer).await
 }
 
 /// Starts a wasm backend with `config`, as [`start_wasm_backend`] does.
-pub(crate) async fn start_wasm_backend_with(config: WasmBackendConfig, quiet: bool) -> anyhow::Result<WasmBackend> {
-    let reporter = CliReporter::new(quiet);
+pub(crate) async fn start_wasm_backend_with(
+    config: WasmBackendConfig,
+    printer: Printer,
+) -> anyhow::Result<WasmBackend> {
+    let reporter = printer.reporter();
     Ok(tokio::task::spawn_blocking(move || WasmBackend::new(config, &reporter)).await??)
 }
 
@@ -218,24 +237,26 @@ pub fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return report_error(anyhow::Error::new(error).context("failed to start the async runtime")),
     };
-    let quiet = cli.quiet;
+    let printer = Printer::new(cli.quiet);
     let outcome = runtime.block_on(async move {
         match cli.command {
-            Command::Exec(args) => exec::run(args, quiet).await,
-            Command::Repl(args) => repl::run(args, quiet).await,
-            Command::Demo(args) => demo::run(args, quiet).await,
-            Command::Bench(args) => bench::run(args, quiet).await,
-            Command::Compact(args) => compact::run(args, quiet).await,
+            Command::Exec(args) => exec::run(args, printer).await,
+            Command::Repl(args) => repl::run(args, printer).await,
+            Command::Demo(args) => demo::run(args, printer).await,
+            Command::Bench(args) => bench::run(args, printer).await,
+            Command::Compact(args) => compact::run(args, printer).await,
             Command::Tools {
                 backend,
                 calculator,
                 tools_file,
             } => print_tool_schemas(backend, calculator, &tools_file),
-            Command::Rollout(args) => rollout::run(*args, quiet).await,
-            Command::Runtime(command) => runtime::run(command, quiet).await,
-            Command::Serve(args) => serve::run(*args, quiet).await,
+            Command::Rollout(args) => rollout::run(*args, printer).await,
+            Command::Runtime(command) => runtime::run(command, printer).await,
+            Command::Serve(args) => serve::run(*args, printer).await,
         }
     });
+    // A cell may still run on a blocking thread after an interrupt: exit without waiting for it.
+    runtime.shutdown_background();
     match outcome {
         Ok(code) => code,
         Err(error) => report_error(error),
@@ -251,7 +272,7 @@ fn print_tool_schemas(
         backend_args::ServedBackend::Wasm => rollbox::wasm::TOOLS.to_vec(),
         backend_args::ServedBackend::Process => rollbox::process::TOOLS.to_vec(),
     };
-    let mut schemas = rollbox::tools::schemas(&tools);
+    let mut schemas = rollbox::slot::tools::schemas(&tools);
     schemas.extend(rollout::user_tools(calculator, tools_files)?.schemas());
     println!("{}", serde_json::to_string_pretty(&schemas)?);
     Ok(ExitCode::SUCCESS)
@@ -285,8 +306,8 @@ fn report_error(error: anyhow::Error) -> ExitCode {
 }
 
 fn hint_for(error: &anyhow::Error) -> Option<String> {
-    use rollbox::runtime::RuntimeError;
     use rollbox::wasm::WasmBackendError;
+    use rollbox::wasm::runtime::RuntimeError;
     for cause in error.chain() {
         if let Some(e) = cause.downcast_ref::<RuntimeError>() {
             return Some(e.hint());

@@ -14,11 +14,10 @@ pub(crate) struct CliReporter {
 }
 
 impl CliReporter {
-    /// Hidden with `quiet` or when stderr is not a terminal.
-    pub(crate) fn new(quiet: bool) -> Self {
-        use std::io::IsTerminal;
+    /// Draws only when `visible` (see [`super::printer::Printer::draws_progress`]).
+    pub(crate) fn new(visible: bool) -> Self {
         CliReporter {
-            visible: !quiet && std::io::stderr().is_terminal(),
+            visible,
             bar: Mutex::new(None),
         }
     }

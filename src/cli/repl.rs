@@ -8,7 +8,8 @@ use clap::Args;
 use rollbox::{Backend, ToolCall};
 
 use super::backend_args::BackendArgs;
-use super::{LimitArgs, RuntimeArgs};
+use super::interrupts::run_until_interrupted;
+use super::{LimitArgs, Printer, RuntimeArgs};
 
 #[derive(Args)]
 pub(crate) struct ReplArgs {
@@ -20,20 +21,20 @@ pub(crate) struct ReplArgs {
     backend: BackendArgs,
 }
 
-pub(crate) async fn run(args: ReplArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: ReplArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     let limits = args.limits.resolve()?;
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
     }
-    let started = args.backend.start(limits, &args.runtime, quiet).await?;
-    started.run(quiet, repl(started.shared().as_ref(), quiet)).await
+    let started = args.backend.start(limits, &args.runtime, printer).await?;
+    run_until_interrupted(started.as_ref(), printer, repl(started.as_ref(), printer)).await
 }
 
 /// Reads cells from stdin and runs them in one slot until end of input.
-async fn repl(backend: &dyn Backend, quiet: bool) -> anyhow::Result<ExitCode> {
+async fn repl(backend: &dyn Backend, printer: Printer) -> anyhow::Result<ExitCode> {
     let slot = backend.acquire("repl").await?;
     let interactive = std::io::stdin().is_terminal();
-    if interactive && !quiet {
+    if interactive && !printer.is_quiet() {
         eprintln!(
             "rollbox repl: Python in a {} slot; state persists. A block ends at an empty line; Ctrl-D quits.",
             backend.name()
@@ -52,7 +53,7 @@ async fn repl(backend: &dyn Backend, quiet: bool) -> anyhow::Result<ExitCode> {
             stdout.write_all(b"\n")?;
         }
         stdout.flush()?;
-        if result.metadata.state_lost && !quiet {
+        if result.metadata.state_lost && !printer.is_quiet() {
             eprintln!("[the interpreter was restarted; earlier state is gone]");
         }
     }

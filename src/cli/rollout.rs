@@ -9,17 +9,19 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use rollbox::rollout::agent::{AgentConfig, AgentKind, Trajectory};
+use rollbox::rollout::agent::Trajectory;
 use rollbox::rollout::code_blocks::CodeTags;
+use rollbox::rollout::config::{AgentConfig, AgentKind, RolloutConfig};
 use rollbox::rollout::dataset::load_dataset;
 use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy};
-use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, StopSignal, run_rollout};
+use rollbox::rollout::runner::{RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
 use rollbox::rollout::user_tools::{ToolsFile, ToolsFileError, UserTools};
 use rollbox::truncation::{ChatTemplate, TokenCounter};
 
 use super::backend_args::BackendArgs;
-use super::{LimitArgs, RuntimeArgs};
+use super::interrupts::Interrupts;
+use super::{LimitArgs, Printer, RuntimeArgs};
 
 /// The chat templates whose per-message overhead the context budget counts.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -238,42 +240,42 @@ pub(crate) fn user_tools(calculator: bool, tools_files: &[PathBuf]) -> anyhow::R
 
 /// Every file's problems in order, one batch. Unreadable lines are reported with their file
 /// and line; an `instance_id` already seen in an earlier file is reported and skipped.
-fn load_datasets(paths: &[PathBuf]) -> anyhow::Result<rollbox::rollout::dataset::Dataset> {
+fn load_datasets(paths: &[PathBuf], printer: Printer) -> anyhow::Result<rollbox::rollout::dataset::Dataset> {
     let mut merged = rollbox::rollout::dataset::Dataset::default();
     let mut seen = std::collections::HashSet::new();
     for path in paths {
         let dataset = load_dataset(path)?;
         for error in &dataset.errors {
-            eprintln!("warning: {}: skipped {error}", path.display());
+            printer.warn(format_args!("{}: skipped {error}", path.display()));
         }
         merged.errors.extend(dataset.errors);
         for problem in dataset.problems {
             if seen.insert(problem.instance_id.clone()) {
                 merged.problems.push(problem);
             } else {
-                eprintln!(
-                    "warning: {}: skipped `{}`: its instance_id is already in an earlier dataset",
+                printer.warn(format_args!(
+                    "{}: skipped `{}`: its instance_id is already in an earlier dataset",
                     path.display(),
                     problem.instance_id
-                );
+                ));
             }
         }
     }
     Ok(merged)
 }
 
-pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.group_size > 0, "--group-size must be at least 1");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     let agent = args.agent_config()?;
     let policy = args.policy()?;
-    let dataset = load_datasets(&args.dataset)?;
+    let dataset = load_datasets(&args.dataset, printer)?;
     anyhow::ensure!(!dataset.problems.is_empty(), "the dataset has no readable problems");
     let limits = args.limits.resolve()?;
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
     }
-    let backend = args.backend.start(limits, &args.runtime, quiet).await?;
+    let backend = args.backend.start(limits, &args.runtime, printer).await?;
     let custom_reward = match &args.reward_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -292,15 +294,15 @@ pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCo
         score_in_fresh_slot: args.score_in_fresh_slot,
     };
     let stop = StopSignal::new();
-    let watcher = tokio::spawn(stop_on_ctrl_c(stop.clone(), quiet));
-    let reporter = ProgressReporter::new(quiet);
-    let outcome = run_rollout(backend.shared(), policy, &dataset, &config, &reporter, &stop).await;
+    let watcher = tokio::spawn(stop_on_interrupt(Interrupts::listen()?, stop.clone(), printer));
+    let reporter = ProgressReporter::new(printer);
+    let outcome = run_rollout(backend.clone(), policy, &dataset, &config, &reporter, &stop).await;
     watcher.abort();
     reporter.finish();
     // Remote servers (Modal sandboxes included) stop whatever the outcome.
     backend.shutdown().await?;
     let run = outcome?;
-    if !quiet {
+    if !printer.is_quiet() {
         print_summary(&run.summary, &run.trajectories_path, &run.summary_path);
     }
     Ok(if run.summary.run.interrupted {
@@ -310,19 +312,16 @@ pub(crate) async fn run(args: RolloutArgs, quiet: bool) -> anyhow::Result<ExitCo
     })
 }
 
-/// The first Ctrl-C stops new trajectories and abandons running ones at their next turn; a
-/// second one exits at once (everything finished is already on disk).
-async fn stop_on_ctrl_c(stop: StopSignal, quiet: bool) {
-    if tokio::signal::ctrl_c().await.is_err() {
-        return;
-    }
+/// The first Ctrl-C (or SIGTERM) stops new trajectories and abandons running ones at their next
+/// turn; a second one exits at once (everything finished is already on disk).
+async fn stop_on_interrupt(interrupts: Interrupts, stop: StopSignal, printer: Printer) {
+    interrupts
+        .first(
+            printer,
+            "\ninterrupted: starting no new trajectories; finished ones are saved (Ctrl-C again to exit now)",
+        )
+        .await;
     stop.stop();
-    if !quiet {
-        eprintln!("\ninterrupted: starting no new trajectories; finished ones are saved (Ctrl-C again to exit now)");
-    }
-    if tokio::signal::ctrl_c().await.is_ok() {
-        std::process::exit(130);
-    }
 }
 
 /// A progress bar of trajectories with the running mean reward.
@@ -332,10 +331,9 @@ struct ProgressReporter {
 }
 
 impl ProgressReporter {
-    fn new(quiet: bool) -> Self {
-        use std::io::IsTerminal;
+    fn new(printer: Printer) -> Self {
         let bar = ProgressBar::hidden();
-        if !quiet && std::io::stderr().is_terminal() {
+        if printer.draws_progress() {
             bar.set_draw_target(ProgressDrawTarget::stderr());
         }
         bar.set_style(

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use rollbox::runtime::{self, compiled, install};
+use rollbox::wasm::runtime::{self, compiled, install};
 
-use super::{CliReporter, RuntimeArgs};
+use super::{Printer, RuntimeArgs};
 
 #[derive(Subcommand)]
 pub(crate) enum RuntimeCommand {
@@ -31,12 +31,12 @@ pub(crate) enum RuntimeCommand {
     },
 }
 
-pub(crate) async fn run(command: RuntimeCommand, quiet: bool) -> anyhow::Result<ExitCode> {
-    tokio::task::spawn_blocking(move || run_blocking(command, quiet)).await?
+pub(crate) async fn run(command: RuntimeCommand, printer: Printer) -> anyhow::Result<ExitCode> {
+    tokio::task::spawn_blocking(move || run_blocking(command, printer)).await?
 }
 
-fn run_blocking(command: RuntimeCommand, quiet: bool) -> anyhow::Result<ExitCode> {
-    let reporter = CliReporter::new(quiet);
+fn run_blocking(command: RuntimeCommand, printer: Printer) -> anyhow::Result<ExitCode> {
+    let reporter = printer.reporter();
     match command {
         RuntimeCommand::Install { force, runtime } => {
             let mut options = runtime.resolve();
@@ -52,7 +52,7 @@ fn run_blocking(command: RuntimeCommand, quiet: bool) -> anyhow::Result<ExitCode
                 ..rollbox::WasmBackendConfig::from_env()
             };
             let backend = rollbox::WasmBackend::new(backend_config, &reporter)?;
-            if !quiet {
+            if !printer.is_quiet() {
                 eprintln!(
                     "installed {} {} at {}",
                     installed.record.package,

@@ -23,7 +23,8 @@ use rollbox::server::{BearerToken, ServerConfig, ServerState};
 use rollbox::WasmBackendConfig;
 
 use super::backend_args::{PROCESS_FLAGS_ONLY, ProcessArgs, ServedBackend, start_process_backend};
-use super::{LimitArgs, RuntimeArgs, start_wasm_backend_with};
+use super::interrupts::Interrupts;
+use super::{LimitArgs, Printer, RuntimeArgs, start_wasm_backend_with};
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -64,7 +65,7 @@ pub(crate) struct ServeArgs {
 }
 
 /// Starts the backend `args` choose, with room for the server's `--max-slots`.
-async fn start_backend(args: &ServeArgs, quiet: bool) -> anyhow::Result<Arc<dyn Backend>> {
+async fn start_backend(args: &ServeArgs, printer: Printer) -> anyhow::Result<Arc<dyn Backend>> {
     let limits = args.limits.resolve()?;
     match args.backend {
         ServedBackend::Wasm => {
@@ -73,7 +74,7 @@ async fn start_backend(args: &ServeArgs, quiet: bool) -> anyhow::Result<Arc<dyn 
                 max_slots: args.max_slots,
                 ..args.runtime.backend_config(limits)
             };
-            Ok(Arc::new(start_wasm_backend_with(config, quiet).await?))
+            Ok(Arc::new(start_wasm_backend_with(config, printer).await?))
         }
         ServedBackend::Process => {
             args.runtime.ensure_no_wasm_flags("process")?;
@@ -92,12 +93,12 @@ struct ListeningLine<'a> {
     api_version: &'a str,
 }
 
-pub(crate) async fn run(args: ServeArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: ServeArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     let config = resolve_config(&args)?;
     // Before the slow backend start, so a refused setting fails fast.
     config.validate()?;
     config.check_exposure(args.listen.ip())?;
-    let backend = start_backend(&args, quiet).await?;
+    let backend = start_backend(&args, printer).await?;
     let backend_name = backend.name().to_owned();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -106,13 +107,18 @@ pub(crate) async fn run(args: ServeArgs, quiet: bool) -> anyhow::Result<ExitCode
     let state = ServerState::new(backend, config)?;
     let interrupts = Interrupts::listen()?;
     print_listening_line(address)?;
-    if !quiet {
-        eprintln!("rollbox serve: {backend_name} slots on http://{address} (Ctrl-C to stop)");
-    }
-    let summary = rollbox::server::serve(listener, state, shutdown_signal(interrupts, quiet)).await?;
-    if !quiet {
-        eprintln!("rollbox serve: stopped; released {} slots", summary.released_slots);
-    }
+    printer.line(format_args!(
+        "rollbox serve: {backend_name} slots on http://{address} (Ctrl-C to stop)"
+    ));
+    let draining = interrupts.first(
+        printer,
+        "rollbox serve: shutting down, finishing the requests in flight (Ctrl-C again to force)",
+    );
+    let summary = rollbox::server::serve(listener, state, draining).await?;
+    printer.line(format_args!(
+        "rollbox serve: stopped; released {} slots",
+        summary.released_slots
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -159,52 +165,4 @@ fn print_listening_line(address: SocketAddr) -> anyhow::Result<()> {
     writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
     stdout.flush()?;
     Ok(())
-}
-
-/// Completes on the first Ctrl-C or SIGTERM; from then on a second one exits at once.
-async fn shutdown_signal(mut interrupts: Interrupts, quiet: bool) {
-    interrupts.next().await;
-    if !quiet {
-        eprintln!("rollbox serve: shutting down, finishing the requests in flight (Ctrl-C again to force)");
-    }
-    tokio::spawn(async move {
-        interrupts.next().await;
-        eprintln!("rollbox serve: forced exit");
-        std::process::exit(130);
-    });
-}
-
-/// Ctrl-C and SIGTERM, listened for from the start: a signal that arrives while nothing
-/// waits is kept for the next wait, so a quick second Ctrl-C is never lost.
-struct Interrupts {
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Interrupts {
-    fn listen() -> anyhow::Result<Interrupts> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let interrupt = signal(SignalKind::interrupt()).context("failed to listen for Ctrl-C")?;
-            let terminate = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
-            Ok(Interrupts { interrupt, terminate })
-        }
-        #[cfg(not(unix))]
-        Ok(Interrupts {})
-    }
-
-    async fn next(&mut self) {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-        }
-        #[cfg(not(unix))]
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::output::truncation_marker;
+use crate::slot::cell::output_cut_marker;
 
 /// The bytes read at once from a pipe.
 const READ_CHUNK: usize = 64 * 1024;
@@ -26,7 +26,7 @@ impl Captured {
     pub(crate) fn into_text(self) -> String {
         let mut text = String::from_utf8_lossy(&self.kept).into_owned();
         if self.dropped > 0 {
-            text.push_str(&truncation_marker(self.dropped));
+            text.push_str(&output_cut_marker(self.dropped));
         }
         text
     }

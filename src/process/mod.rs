@@ -18,11 +18,11 @@ pub use python::NativeStartError;
 pub use sandbox::{Isolation, SANDBOX_PATH, find_bubblewrap};
 use sandbox::{Sandbox, SlotDirs};
 
-use crate::batch::{LiveSlots, every_result, group_by_slot, lock_interpreter};
-use crate::limits::Limits;
+use crate::slot::Limits;
+use crate::slot::batch::{LiveSlots, every_result, group_by_slot, lock_interpreter};
+use crate::slot::tools::{ToolCallError, ToolName, ToolRequest};
+use crate::slot::workspace::Workspace;
 use crate::slot::{Backend, BackendError, ErrorKind, ExecutionResult, Slot, SlotId, ToolCall};
-use crate::tools::workspace::Workspace;
-use crate::tools::{ToolCallError, ToolName, ToolRequest};
 
 /// The tools a `process` slot runs: all of them.
 pub const TOOLS: [ToolName; 7] = ToolName::ALL;
@@ -447,7 +447,7 @@ fn run_python(shared: &Shared, live: &LiveSlot, code: &str, timeout: Duration) -
         match NativeInterpreter::start(&shared.sandbox, &live.dirs, &shared.python, &shared.limits) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
-                let message = crate::output::error_chain(&error);
+                let message = crate::error_text::error_chain(&error);
                 return ExecutionResult::failure(
                     ErrorKind::Backend,
                     format!("failed to start the slot's Python: {message}"),

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use super::capture::{Captured, StreamCapture};
 use super::sandbox::{GroupLeader, Sandbox, SlotDirs};
-use crate::limits::{LimitKind, Limits};
+use crate::slot::cell::{
+    GUEST_SOURCE, GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, finished_cell, render_for_model, report_budget,
+};
 use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult};
-use crate::wasm::{GuestReport, finished_cell, render_for_model};
+use crate::slot::{LimitKind, Limits};
 
-/// The guest code that runs cells, shared with the wasm backend.
-const GUEST_SOURCE: &str = include_str!("../../guest/rollbox_guest.py");
 /// The driver that speaks the framed protocol (see its docstring).
 const DRIVER_SOURCE: &str = include_str!("../../guest/rollbox_native.py");
 /// `python -c` code that runs the driver (argv[1]) as the module `rollbox_native`, leaving
@@ -28,10 +28,6 @@ const LOADER: &str = "import sys as _s, types as _t\n\
      exec(compile(_s.argv.pop(1), _m.__file__, 'exec'), _m.__dict__)\n\
      del _s, _t, _m\n\
      __import__('rollbox_native').main()\n";
-/// Time allowed for a fresh interpreter to load the guest code and answer.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-/// Budget for a cell's rich outputs (figures, HTML) in its report, beyond its text streams.
-const DISPLAY_BUDGET_BYTES: usize = 16 << 20;
 /// How long to wait, after a cell's report, for the end of what it wrote straight to fd 1/2.
 /// The driver writes the end marker before the report, so it is normally there already.
 const STRAY_OUTPUT_GRACE: Duration = Duration::from_secs(2);
@@ -185,7 +181,7 @@ impl NativeInterpreter {
         let cell = CellOutput {
             stderr: stray.into_text(),
             error: Some(CellError {
-                name: "RollboxRestart".into(),
+                name: RESTART_ERROR.into(),
                 value: message.clone(),
                 traceback: Vec::new(),
             }),
@@ -209,15 +205,6 @@ impl NativeInterpreter {
             },
         }
     }
-}
-
-/// The largest report accepted: both text streams at their cap (as JSON, which may escape each
-/// byte into six) plus the display budget.
-fn report_budget(limits: &Limits) -> usize {
-    limits
-        .output_bytes
-        .saturating_mul(12)
-        .saturating_add(DISPLAY_BUDGET_BYTES)
 }
 
 /// A marker no cell writes by chance: unique per interpreter.

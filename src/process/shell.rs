@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::capture::{Captured, StreamCapture};
 use super::sandbox::{GroupLeader, Sandbox, SlotDirs, wait_exit_keeping_zombie};
-use crate::limits::{LimitKind, Limits};
 use crate::slot::{CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult};
+use crate::slot::{LimitKind, Limits};
 
 /// How long to wait for a command's pipes to close after its process group was killed. Only a
 /// process that left the group (`setsid`, possible without bubblewrap) keeps them open this

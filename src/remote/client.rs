@@ -7,12 +7,40 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::provision::ServerEndpoint;
 use crate::server::api::{
     API_PREFIX, API_VERSION, AcquireRequest, AcquireResponse, ApiErrorCode, ErrorBody, ExecuteRequest, ExecuteResponse,
     Health, ReleaseRequest, ReleaseResponse, SlotCall,
 };
 use crate::slot::{ExecutionResult, Slot, SlotId};
+
+/// One `rollbox serve` server a provisioner handed out: where it is and how to authenticate.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerEndpoint {
+    /// A short name for people and logs (`local-3`, `listed-0`, `modal-sb-…`), unique within
+    /// its provisioner.
+    pub id: String,
+    /// The base URL, without the API prefix (`http://127.0.0.1:40123`).
+    pub url: String,
+    /// The bearer token the server expects, if it expects one.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ServerEndpoint {
+    // Never print the token: endpoints end up in logs and error messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerEndpoint")
+            .field("id", &self.id)
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl std::fmt::Display for ServerEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.id, self.url)
+    }
+}
 
 /// How often [`ServerClient::wait_ready`] asks a starting server for its health.
 const READY_POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -273,7 +301,7 @@ impl ServerClient {
             },
             Err(_) => {
                 let text = String::from_utf8_lossy(body);
-                let (quoted, _) = crate::output::cap_text(text.trim(), QUOTED_BODY_BYTES);
+                let (quoted, _) = crate::slot::cell::cap_text(text.trim(), QUOTED_BODY_BYTES);
                 ClientError::Api {
                     server,
                     status,

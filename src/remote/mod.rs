@@ -30,10 +30,10 @@ use self::provision::{
     ListedProvisioner, LocalProvisioner, LocalProvisionerConfig, ModalConfig, ModalProvisioner, ProvisionError,
     Provisioner,
 };
-use crate::output::error_chain;
+use crate::error_text::error_chain;
 use crate::server::api::{Health, SlotCall};
+use crate::slot::tools::ToolName;
 use crate::slot::{Backend, BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
-use crate::tools::ToolName;
 
 /// How many servers a new slot may be tried on before acquire gives up, when servers turn
 /// out to be unreachable one after another.
@@ -335,15 +335,16 @@ impl RemoteBackend {
             .provisioner
             .provision(1)
             .await
-            .map_err(|e| remote_error("failed to start another server", &e))?
+            .map_err(|e| remote_error("failed to start another server", e))?
             .pop();
         let endpoint = endpoint.ok_or_else(|| BackendError::Remote {
-            message: "the provisioner returned no server".into(),
+            what: "failed to start another server: the provisioner returned none".into(),
+            source: None,
         })?;
         let client = Arc::new(ServerClient::new(endpoint, self.http.clone()));
         if let Err(error) = client.health(self.config.control_timeout).await {
             let _ = self.provisioner.terminate(client.endpoint()).await;
-            return Err(remote_error("failed to check the new server", &error));
+            return Err(remote_error("failed to check the new server", error));
         }
         let key = self.lock_pool().add_server(client.clone(), 1);
         Ok((key, client))
@@ -480,6 +481,13 @@ impl Backend for RemoteBackend {
         "remote"
     }
 
+    async fn shutdown(&self) -> Result<(), BackendError> {
+        // The inherent method, which keeps the provisioner's typed error.
+        RemoteBackend::shutdown(self)
+            .await
+            .map_err(|e| remote_error("failed to stop the remote servers", e))
+    }
+
     fn tools(&self) -> Vec<ToolName> {
         self.tools.clone()
     }
@@ -489,7 +497,8 @@ impl Backend for RemoteBackend {
         for _ in 0..ACQUIRE_ATTEMPTS {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(BackendError::Remote {
-                    message: "the remote backend is shut down; start a new one".into(),
+                    what: "failed to acquire a slot: the remote backend is shut down; start a new one".into(),
+                    source: None,
                 });
             }
             let (key, client) = self.reserve_place().await?;
@@ -519,17 +528,18 @@ impl Backend for RemoteBackend {
                     self.give_back(key).await;
                     return Err(remote_error(
                         &format!("failed to acquire a slot for trajectory `{trajectory_id}`"),
-                        &error,
+                        error,
                     ));
                 }
             }
         }
         Err(BackendError::Remote {
-            message: format!(
+            what: format!(
                 "failed to acquire a slot: {} servers in a row were unreachable ({})",
                 unreachable.len(),
                 unreachable.join("; ")
             ),
+            source: None,
         })
     }
 
@@ -589,7 +599,7 @@ impl Backend for RemoteBackend {
                     "failed to release slot {} (it is forgotten here; the server expires it when idle)",
                     slot.id
                 ),
-                &error,
+                error,
             )),
         }
     }
@@ -670,13 +680,17 @@ fn failed_call(kind: ErrorKind, message: String, tool: &str, slot_id: SlotId, st
     ExecutionResult::failure(kind, message, metadata)
 }
 
-fn remote_error(what: &str, error: &(dyn std::error::Error + 'static)) -> BackendError {
+/// A [`BackendError::Remote`] that says `what` failed, with the client's advice where `error`
+/// is a client error, and `error` kept whole as its source.
+fn remote_error(what: &str, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BackendError {
+    let error = error.into();
     let advice = error
         .downcast_ref::<ClientError>()
-        .map(|e| format!("; {}", e.advice()))
+        .map(|e| format!(" ({})", e.advice()))
         .unwrap_or_default();
     BackendError::Remote {
-        message: format!("{what}: {}{advice}", error_chain(error)),
+        what: format!("{what}{advice}"),
+        source: Some(error),
     }
 }
 

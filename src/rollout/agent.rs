@@ -2,7 +2,6 @@
 //! (OpenAI function calling, results as `role: tool` messages). Each runs one problem in one
 //! slot and returns an [`Episode`]; the runner adds the reward.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -10,103 +9,16 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::chat::Message;
-use crate::output::error_chain;
+use crate::error_text::error_chain;
 use crate::rollout::answer::extract_final_answer;
-use crate::rollout::code_blocks::{CodeTags, extract_code_blocks};
+use crate::rollout::code_blocks::extract_code_blocks;
+use crate::rollout::config::{AgentConfig, AgentKind, default_system_prompt};
 use crate::rollout::dataset::Problem;
 use crate::rollout::policy::{ModelReply, Policy, TurnRequest, Usage};
 use crate::rollout::reward::Reward;
-use crate::rollout::user_tools::{UserTools, tool_result};
+use crate::rollout::user_tools::tool_result;
 use crate::slot::{Backend, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, ToolCall};
 use crate::truncation::{TokenCounter, TruncationError};
-
-/// Which agent loop runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AgentKind {
-    /// Code in `<code>` blocks (or fenced python), run in order; outputs come back as the next
-    /// user message in an output tag.
-    Notebook,
-    /// OpenAI function calling with the backend's tool schemas; results as `role: tool`.
-    Tools,
-}
-
-impl AgentKind {
-    /// The agent's name, as on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentKind::Notebook => "notebook",
-            AgentKind::Tools => "tools",
-        }
-    }
-}
-
-/// How an agent loop runs.
-#[derive(Clone, Debug)]
-pub struct AgentConfig {
-    /// The loop.
-    pub kind: AgentKind,
-    /// Most assistant turns per trajectory.
-    pub max_turns: usize,
-    /// The notebook agent's code tags.
-    pub code_tags: CodeTags,
-    /// The tag the notebook agent wraps each block's output in (`output` gives
-    /// `<output>...</output>`).
-    pub output_tag: String,
-    /// The system message; `None` uses [`default_system_prompt`].
-    pub system_prompt: Option<String>,
-    /// The context budget, in tokens. With a [`AgentConfig::token_counter`], the conversation
-    /// is counted exactly before each policy turn and the trajectory stops when the count
-    /// exceeds the budget (this works offline, under the oracle too). Without one, it stops
-    /// once the server reports a conversation of at least this many tokens (prompt plus
-    /// completion of the last reply); unknown usage (the oracle) never stops on it.
-    pub max_context_tokens: Option<u64>,
-    /// The model's tokenizer and chat template, for the exact budget check.
-    pub token_counter: Option<Arc<TokenCounter>>,
-    /// Extra tools the `tools` agent offers besides the backend's, run as Python in the slot:
-    /// [`UserTools::calculator_only`] by default.
-    pub user_tools: Arc<UserTools>,
-}
-
-impl AgentConfig {
-    /// Defaults for `kind`: 8 turns, `<code>`/`</code>`, output tag `output`, the default system
-    /// prompt, no context budget, and the built-in `calculator` as the only extra tool of the
-    /// `tools` agent.
-    pub fn new(kind: AgentKind) -> Self {
-        let user_tools = match kind {
-            AgentKind::Tools => UserTools::calculator_only(),
-            AgentKind::Notebook => Arc::default(),
-        };
-        AgentConfig {
-            kind,
-            max_turns: 8,
-            code_tags: CodeTags::default(),
-            output_tag: "output".to_owned(),
-            system_prompt: None,
-            max_context_tokens: None,
-            token_counter: None,
-            user_tools,
-        }
-    }
-}
-
-/// The system prompt an agent uses when none is configured.
-pub fn default_system_prompt(config: &AgentConfig) -> String {
-    match config.kind {
-        AgentKind::Notebook => format!(
-            "Solve the task. To run Python, write it between {open} and {close}; blocks run in order in a \
-             persistent notebook (numpy and sympy are available, there is no network) and you will see each \
-             block's output between <{tag}> and </{tag}>. When you are done, give the final answer as \\boxed{{...}}.",
-            open = config.code_tags.open,
-            close = config.code_tags.close,
-            tag = config.output_tag,
-        ),
-        AgentKind::Tools => "Solve the task. Use the python tool to run code in a persistent, sandboxed notebook, and \
-                             the other tools when they help. When you are done, reply without tool calls and give the \
-                             final answer as \\boxed{...}."
-            .to_owned(),
-    }
-}
 
 /// Why a trajectory ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -589,6 +501,10 @@ async fn run_tool_calls(
 }
 
 /// How one tool call of a message runs.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one short-lived value per tool call; boxing the result would only add an allocation"
+)]
 enum Dispatch {
     /// As itself, by the backend.
     Run(ToolCall),

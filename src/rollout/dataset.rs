@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::swe::{SweTask, resolve_repo};
+use crate::rollout::swe::{SweTask, resolve_repo};
 
 /// The fields that make a dataset row an SWE task.
 const SWE_FIELDS: [&str; 3] = ["repo", "base_commit", "test_command"];
@@ -78,7 +78,7 @@ pub struct DatasetError {
 pub fn load_dataset(path: &Path) -> Result<Dataset, DatasetError> {
     load_dataset_with(
         path,
-        &crate::runtime::RuntimeOptions::from_env()
+        &crate::wasm::runtime::RuntimeOptions::from_env()
             .cache_dir
             .join(SWE_REPOS_SUBDIR),
     )
@@ -89,7 +89,7 @@ pub const SWE_REPOS_SUBDIR: &str = "swe-repos";
 
 /// Reads a JSONL dataset file; see [`parse_dataset`]. An SWE row's repository is resolved
 /// against the file's folder: a `repo_source` folder is built into a bare repository under
-/// `swe_repos_dir` (see [`crate::swe::build_repo`]), a relative `repo` path made absolute. A row
+/// `swe_repos_dir` (see [`crate::rollout::swe::build_repo`]), a relative `repo` path made absolute. A row
 /// whose repository cannot be made becomes a [`LineError`].
 pub fn load_dataset_with(path: &Path, swe_repos_dir: &Path) -> Result<Dataset, DatasetError> {
     let text = std::fs::read_to_string(path).map_err(|source| DatasetError {
@@ -103,7 +103,7 @@ pub fn load_dataset_with(path: &Path, swe_repos_dir: &Path) -> Result<Dataset, D
         match problem.swe.as_mut().map(|task| resolve_repo(task, base, swe_repos_dir)) {
             Some(Err(error)) => errors.push(LineError {
                 line,
-                message: crate::output::error_chain(&error),
+                message: crate::error_text::error_chain(&error),
             }),
             _ => problems.push(problem),
         }

@@ -1,6 +1,7 @@
 //! Rollouts: agent trajectories over a dataset, each in its own slot, scored and written out.
 //!
 //! The pieces, one module per concern:
+//! - [`config`] holds the settings: the agent loop and the rollout around it;
 //! - [`dataset`] reads problems from JSONL, with per-line errors;
 //! - [`code_blocks`] finds the code a notebook agent's message asks to run;
 //! - [`answer`] extracts final answers and compares plain numbers on the host;
@@ -12,22 +13,26 @@
 //! - [`reward`] computes math and code rewards in the trajectory's own slot, or
 //!   [`fresh_slot`] in a new one;
 //! - [`runner`] handles groups, concurrency, `trajectories.jsonl`, resume and interruption;
-//! - [`summary`] adds it all up in `summary.json`.
+//! - [`summary`] adds it all up in `summary.json`;
+//! - [`swe`] prepares and scores SWE tasks (a repository at a commit, its tests as the reward).
 
 pub mod agent;
 pub mod answer;
 pub mod code_blocks;
+pub mod config;
 pub mod dataset;
 pub mod fresh_slot;
 pub mod policy;
 pub mod reward;
 pub mod runner;
 pub mod summary;
+pub mod swe;
 pub mod user_tools;
 
-pub use agent::{AgentConfig, AgentKind, StopReason, Trajectory};
+pub use agent::{StopReason, Trajectory};
+pub use config::{AgentConfig, AgentKind, RolloutConfig};
 pub use dataset::{Dataset, Problem};
 pub use policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy};
-pub use runner::{RolloutConfig, RolloutError, RolloutReporter, RolloutRun, StopSignal, run_rollout};
+pub use runner::{RolloutError, RolloutReporter, RolloutRun, StopSignal, run_rollout};
 pub use summary::Summary;
 pub use user_tools::{ToolsFile, UserTools};

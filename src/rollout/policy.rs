@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::chat::Message;
-use crate::rollout::agent::AgentKind;
 use crate::rollout::code_blocks::{CodeTags, extract_code_blocks};
+use crate::rollout::config::AgentKind;
 use crate::rollout::dataset::Problem;
 
 /// What a policy is asked for: the next assistant message of a conversation.

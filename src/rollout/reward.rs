@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::chat::Message;
 use crate::rollout::answer::{latex_to_sympy, parse_exact_number};
 use crate::rollout::dataset::Problem;
+use crate::rollout::swe::SweTask;
 use crate::slot::{Backend, Slot, ToolCall};
-use crate::swe::SweTask;
 
 /// A trajectory's reward and how it was reached.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -262,11 +262,11 @@ finally:
     )
 }
 
-/// Scores an SWE task with its test command in `slot` (see [`crate::swe::verify`]): 1.0 when
+/// Scores an SWE task with its test command in `slot` (see [`crate::rollout::swe::verify`]): 1.0 when
 /// it passes, else 0.0; a slot that cannot run it scores 0.0 with the reason recorded.
 pub async fn swe_reward(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> Reward {
     let test_command = task.test_command.clone();
-    match crate::swe::verify(backend, slot, task).await {
+    match crate::rollout::swe::verify(backend, slot, task).await {
         Ok(verified) => {
             let breakdown = RewardBreakdown::Swe {
                 test_command,
@@ -281,7 +281,7 @@ pub async fn swe_reward(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> R
                 test_command,
                 exit_code: None,
                 output_tail: String::new(),
-                error: Some(crate::output::error_chain(&error)),
+                error: Some(crate::error_text::error_chain(&error)),
             };
             Reward::new(0.0, breakdown)
         }

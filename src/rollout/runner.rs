@@ -15,40 +15,20 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::rollout::agent::{AgentConfig, AgentContext, Episode, TokenCounts, Trajectory, TrajectoryError, run_agent};
+use crate::rollout::agent::{AgentContext, Episode, TokenCounts, Trajectory, TrajectoryError, run_agent};
+use crate::rollout::config::{AgentConfig, RolloutConfig};
 use crate::rollout::dataset::{Dataset, Problem};
 use crate::rollout::fresh_slot::{Scored, reward_in_fresh_slot};
 use crate::rollout::policy::Policy;
 use crate::rollout::reward::{Reward, score};
 use crate::rollout::summary::{RunStats, Summary};
+use crate::slot::tools::ToolName;
 use crate::slot::{Backend, Slot};
-use crate::tools::ToolName;
 
 /// The trajectories file in the output folder.
 pub const TRAJECTORIES_FILE: &str = "trajectories.jsonl";
 /// The summary file in the output folder.
 pub const SUMMARY_FILE: &str = "summary.json";
-
-/// How a rollout runs.
-#[derive(Clone, Debug)]
-pub struct RolloutConfig {
-    /// The agent loop and its settings.
-    pub agent: AgentConfig,
-    /// Trajectories per problem (G in GRPO).
-    pub group_size: usize,
-    /// Most trajectories running at once (each holds one slot).
-    pub concurrency: usize,
-    /// The output folder.
-    pub out_dir: PathBuf,
-    /// Skip trajectories already in `trajectories.jsonl` instead of refusing to run.
-    pub resume: bool,
-    /// A Python reward function's source (see [`crate::rollout::reward::custom_reward`]) that
-    /// replaces the math and code rewards.
-    pub custom_reward: Option<Arc<str>>,
-    /// Compute each reward in a new slot holding only the trajectory's definitions, rather
-    /// than in the trajectory's own slot; see [`crate::rollout::fresh_slot`].
-    pub score_in_fresh_slot: bool,
-}
 
 /// Told of a rollout's progress. Every method does nothing by default.
 pub trait RolloutReporter: Send + Sync {
@@ -228,7 +208,7 @@ pub async fn run_rollout(
         skipped,
         ..RunStats::default()
     };
-    let mut tools = crate::tools::schemas(&backend.tools());
+    let mut tools = crate::slot::tools::schemas(&backend.tools());
     tools.extend(config.agent.user_tools.schemas());
     let shared = Arc::new(JobShared {
         backend,
@@ -332,13 +312,13 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
         }
     };
     if let Some(task) = &job.problem.swe
-        && let Err(error) = crate::swe::prepare(backend, &slot, task).await
+        && let Err(error) = crate::rollout::swe::prepare(backend, &slot, task).await
     {
         release_slot(backend, &slot, &job.problem).await;
         return JobOutcome::Failed {
             trajectory_id: job.trajectory_id,
             kind: "swe_prepare".to_owned(),
-            message: crate::output::error_chain(&error),
+            message: crate::error_text::error_chain(&error),
         };
     }
     let mut context = AgentContext {
@@ -403,7 +383,7 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
 /// not change the trajectory's outcome (the server side expires what is left).
 async fn release_slot(backend: &dyn Backend, slot: &Slot, problem: &Problem) {
     if let Some(task) = &problem.swe {
-        let _ = crate::swe::cleanup(backend, slot, task).await;
+        let _ = crate::rollout::swe::cleanup(backend, slot, task).await;
     }
     let _ = backend.release(slot, true).await;
 }

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::rollout::agent::Trajectory;
+use crate::rollout::config::RolloutConfig;
 use crate::rollout::dataset::Dataset;
 use crate::rollout::policy::Policy;
-use crate::rollout::runner::RolloutConfig;
 
 /// The score at or above which a trajectory counts as solved for pass@k.
 pub const PASS_THRESHOLD: f64 = 1.0;

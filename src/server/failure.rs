@@ -38,7 +38,7 @@ impl ApiFailure {
     /// 500: the server failed. The details go to the log, in the request's span; the client
     /// gets `what` only, so no host path or internal error leaks.
     pub fn internal(what: &str, error: &(dyn std::error::Error + 'static)) -> Self {
-        tracing::error!(error = %crate::output::error_chain(error), "{what}");
+        tracing::error!(error = %crate::error_text::error_chain(error), "{what}");
         ApiFailure::new(
             ApiErrorCode::Internal,
             format!("{what}; the details are in the server's log"),

@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 
 use super::ServerState;
 use crate::slot::ExecutionResult;
-use crate::tools::ToolName;
+use crate::slot::tools::ToolName;
 
 /// The label of calls to tools rollbox does not know, so a client's typos cannot grow the
 /// label set without bound.

@@ -70,7 +70,7 @@ pub(crate) async fn health(State(state): State<ServerState>) -> Json<Health> {
 
 /// `GET /v1/tools`: the backend's tools as OpenAI function-calling schemas.
 pub(crate) async fn tools(State(state): State<ServerState>) -> Json<Vec<serde_json::Value>> {
-    Json(crate::tools::schemas(&state.shared.backend.tools()))
+    Json(crate::slot::tools::schemas(&state.shared.backend.tools()))
 }
 
 /// `POST /v1/slots`.

@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use super::middleware::DetachedWork;
 use super::routes::{JsonBody, slots_full};
 use super::{ApiFailure, ServerState, Shared};
-use crate::limits::LimitKind;
+use crate::slot::LimitKind;
+use crate::slot::tools::ToolName;
 use crate::slot::{Backend, BackendError, CellError, ErrorKind, ExecutionResult, Slot, ToolCall};
-use crate::tools::ToolName;
 
 /// The language every backend runs (as a notebook cell).
 const PYTHON: &str = "python";
@@ -174,7 +174,7 @@ pub(crate) async fn run_code(
         Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(capacity)),
         Some(Err(error)) => Ok(Json(RunCodeResponse::sandbox_error(format!(
             "failed to start a slot: {}",
-            crate::output::error_chain(&error)
+            crate::error_text::error_chain(&error)
         )))),
         None => Ok(Json(RunCodeResponse::sandbox_error(
             "the backend panicked; the details are in the server's log",

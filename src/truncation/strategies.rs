@@ -3,7 +3,7 @@
 use std::ops::Range;
 
 use crate::chat::Message;
-use crate::output::error_chain;
+use crate::error_text::error_chain;
 
 use super::plan::{Form, Plan, chars, removal_marker, with_live_names};
 use super::summarizer::{Summarizer, SummaryRequest};

@@ -6,14 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::engine::build_engine;
-use super::interpreter::{Interpreter, InterpreterFactory, SlotDirs, StartError, StartOptions};
-use crate::batch::{self, LiveSlots, every_result, group_by_slot, lock_interpreter};
-use crate::limits::Limits;
+use super::factory::{InterpreterFactory, SlotDirs, StartOptions};
+use super::interpreter::{Interpreter, StartError};
+use crate::error_text::error_chain;
 use crate::reporter::Reporter;
-use crate::runtime::{RuntimeError, RuntimeOptions, compiled, install};
+use crate::slot::Limits;
+use crate::slot::batch::{self, LiveSlots, every_result, group_by_slot, lock_interpreter};
+use crate::slot::tools::{ToolCallError, ToolName, ToolRequest};
+use crate::slot::workspace::Workspace;
 use crate::slot::{Backend, BackendError, ErrorKind, ExecutionResult, Slot, SlotId, ToolCall};
-use crate::tools::workspace::Workspace;
-use crate::tools::{ToolCallError, ToolName, ToolRequest};
+use crate::wasm::runtime::{RuntimeError, RuntimeOptions, compiled, install};
 
 /// The tools a wasm slot runs: everything but `bash`.
 pub const TOOLS: [ToolName; 6] = [
@@ -466,7 +468,10 @@ fn run_python(
             Err(error) => {
                 let mut result = ExecutionResult::failure(
                     ErrorKind::GuestCrashed,
-                    format!("the slot has no interpreter and a restart failed: {error}"),
+                    format!(
+                        "the slot has no interpreter and a restart failed: {}",
+                        error_chain(&error)
+                    ),
                     Default::default(),
                 );
                 result.metadata.state_lost = true;
@@ -484,6 +489,7 @@ fn run_python(
         match factory.start(&live.dirs) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
+                let error = error_chain(&error);
                 tracing::warn!(slot = %live.slot.id, %error, "failed to restart an interpreter");
                 result.output.push_str(&format!(
                     "\n[rollbox: the restart failed ({error}); the next call will try again]"

@@ -24,26 +24,28 @@ pub(crate) fn build_engine(fuel: bool) -> wasmtime::Result<Engine> {
     // is used: the pooling allocator would reserve every slot's maximum up front, and its
     // tuning is left open (see BENCHMARKS.md).
     let engine = Engine::new(&config)?;
-    start_epoch_ticker(&engine);
+    // Without the ticker no deadline ever passes: a backend whose time limits cannot work must
+    // not start.
+    start_epoch_ticker(&engine).map_err(|e| wasmtime::Error::new(e).context("failed to start the epoch ticker"))?;
     Ok(engine)
 }
 
 /// Advances `engine`'s epoch every [`EPOCH_TICK`] on a thread that holds only a weak
 /// reference, so it ends when the engine does.
-fn start_epoch_ticker(engine: &Engine) {
+fn start_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
     let weak = engine.weak();
-    let spawned = std::thread::Builder::new().name("rollbox-epoch".into()).spawn(move || {
-        loop {
-            std::thread::sleep(EPOCH_TICK);
-            match weak.upgrade() {
-                Some(engine) => engine.increment_epoch(),
-                None => return,
+    std::thread::Builder::new()
+        .name("rollbox-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
             }
-        }
-    });
-    if let Err(error) = spawned {
-        tracing::error!(%error, "failed to start the epoch ticker; time limits will not be enforced");
-    }
+        })?;
+    Ok(())
 }
 
 /// The epoch ticks that cover `timeout`, plus one for the tick already under way.

@@ -1,15 +1,26 @@
 //! The wasm backend: notebook slots that are CPython interpreters in wasmtime instances.
+//!
+//! - [`backend`](WasmBackend): the [`crate::Backend`] implementation, its config and slot table;
+//! - `engine`: the one wasmtime configuration, and the epoch ticker that enforces time limits;
+//! - `factory`: what every interpreter shares, and how a new one starts (restored or booted);
+//! - `interpreter`: one live interpreter, running a cell and shaping its result;
+//! - `host`: the store's host state, the memory limiter and the door;
+//! - `bootstrap`: the Python the host sends a new interpreter, and the guest's environment;
+//! - `snapshot`, `module_shape`: memory snapshots new interpreters restore, and their checks;
+//! - `poll`, `capture`: the deadline-aware `poll_oneoff` and the captured stdout/stderr;
+//! - [`runtime`]: the pinned CPython runtime, installed and compiled once.
 
 mod backend;
+mod bootstrap;
 mod capture;
 mod engine;
+mod factory;
+mod host;
 mod interpreter;
 mod module_shape;
 mod poll;
+pub mod runtime;
 mod snapshot;
 
 pub use backend::{TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError};
-pub use interpreter::StartError;
-/// How a cell's report and result read; the `process` backend's cells share them.
-pub(crate) use interpreter::{GuestReport, finished_cell, render_for_model};
-pub use snapshot::RestoreError;
+pub use interpreter::{RestoreError, StartError};

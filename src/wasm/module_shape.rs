@@ -443,9 +443,9 @@ mod tests {
     /// "tables are unchanged" that is too slow to check at every backend start.
     #[test]
     fn the_pinned_runtime_supports_snapshots_and_never_writes_a_table() {
-        let options = crate::runtime::RuntimeOptions::from_env();
-        let runtime =
-            crate::runtime::install::ensure_installed(&options, &crate::SilentReporter).expect("the runtime installs");
+        let options = crate::wasm::runtime::RuntimeOptions::from_env();
+        let runtime = crate::wasm::runtime::install::ensure_installed(&options, &crate::SilentReporter)
+            .expect("the runtime installs");
         check_snapshot_support(&runtime.snapshot).expect("the pinned runtime supports snapshots");
         let wasm = std::fs::read(&runtime.snapshot).expect("read the runtime");
         assert_eq!(table_writes(&wasm).expect("the code section parses"), 0);

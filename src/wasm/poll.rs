@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Memory};
 
-use super::interpreter::{GuestState, fits_in_memory};
+use super::host::{GuestState, fits_in_memory};
 
 /// The trap a sleeping guest gets at its call's deadline.
 #[derive(Debug)]

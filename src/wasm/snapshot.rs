@@ -26,9 +26,10 @@
 
 use wasmtime::{AsContextMut, Memory};
 
-use super::interpreter::{Interpreter, PREOPENS, StartError};
+use super::bootstrap::PREOPENS;
+use super::interpreter::{Interpreter, RestoreError, StartError};
 use super::module_shape::UnsnapshotableModule;
-use crate::limits::Limits;
+use crate::slot::Limits;
 
 /// The diff's granularity: a host page, so a restored slot writes (and holds resident) only
 /// the pages its template changed.
@@ -132,30 +133,6 @@ pub(crate) struct Snapshot {
     pub(crate) memory: MemorySnapshot,
     /// The guest stack address the fresh-slot turn's door call used in the template.
     pub(crate) stack_probe: u32,
-}
-
-/// Restoring a snapshot into a new instance failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// The instance's memory could not grow to the snapshot's size (the memory limit).
-    #[error("failed to grow the new interpreter's memory to the snapshot's size")]
-    Grow(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The instance starts with more memory than the snapshot holds: not the same module.
-    #[error("the new interpreter has {current} bytes of memory, more than the snapshot's {snapshot}")]
-    Larger {
-        /// The instance's memory size.
-        current: usize,
-        /// The snapshot's.
-        snapshot: usize,
-    },
-    /// The stack probe moved: the restored stack pointer is not the template's.
-    #[error("the restored interpreter's stack probe is at {restored:#x}, the template's at {template:#x}")]
-    StackMoved {
-        /// The template's probe address.
-        template: u32,
-        /// The restored instance's.
-        restored: u32,
-    },
 }
 
 /// Why a backend bootstraps every slot instead of restoring a snapshot. Each is logged once as

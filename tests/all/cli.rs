@@ -9,6 +9,14 @@ fn rollbox() -> Command {
     command
 }
 
+/// Each line of the command's stdout, as JSON (`exec --json` prints one result per line).
+fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
 #[test]
 fn exec_runs_cells_in_one_interpreter() {
     let out = rollbox()
@@ -26,10 +34,7 @@ fn exec_json_prints_one_result_per_line_and_fails_on_a_failed_cell() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "a failed cell makes the exit status 1");
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["cell"]["result"]["text/plain"], "2");
     assert_eq!(lines[1]["success"], false);
@@ -51,10 +56,7 @@ fn exec_reads_cells_from_a_file_and_applies_limit_flags() {
         .arg(&file)
         .output()
         .unwrap();
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     assert_eq!(lines.len(), 3, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(lines[1]["metadata"]["limit_hit"], "time");
     assert_eq!(lines[2]["cell"]["result"]["text/plain"], "False");
@@ -235,4 +237,72 @@ fn an_oracle_rollout_runs_on_the_process_backend() {
         "every reference solution passes its tests natively too: {summary:#}"
     );
     assert_eq!(summary["trajectories"], 24, "{summary:#}");
+}
+
+#[test]
+fn quiet_means_no_warnings_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let math = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/math.jsonl")).unwrap();
+    let dataset = dir.path().join("one-bad-line.jsonl");
+    std::fs::write(&dataset, format!("{}\nnot json\n", math.lines().next().unwrap())).unwrap();
+    let run = |quiet: bool, out: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rollbox"));
+        if quiet {
+            command.arg("--quiet");
+        }
+        command
+            .args(["rollout", "--dataset"])
+            .arg(&dataset)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let loud = run(false, "loud");
+    assert!(loud.status.success(), "{}", String::from_utf8_lossy(&loud.stderr));
+    assert!(
+        String::from_utf8_lossy(&loud.stderr).contains("warning:"),
+        "the bad line is reported without --quiet: {}",
+        String::from_utf8_lossy(&loud.stderr)
+    );
+    let quiet = run(true, "quiet");
+    assert!(quiet.status.success(), "{}", String::from_utf8_lossy(&quiet.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&quiet.stderr),
+        "",
+        "--quiet prints nothing but errors"
+    );
+}
+
+#[test]
+fn local_servers_get_this_processs_exact_limits() {
+    // A fractional timeout and an output cap that is no round number reach the child servers
+    // as they are.
+    let out = rollbox()
+        .args([
+            "exec",
+            "--json",
+            "--backend",
+            "remote",
+            "--timeout",
+            "0.75",
+            "--max-output",
+            "1234",
+        ])
+        .args(["-c", "print('x' * 5000)", "-c", "import time\ntime.sleep(5)"])
+        .output()
+        .unwrap();
+    let results = json_lines(&out);
+    assert_eq!(results.len(), 2, "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = results[0]["cell"]["stdout"].as_str().unwrap();
+    assert!(
+        printed.starts_with(&"x".repeat(1234)) && !printed.starts_with(&"x".repeat(1235)),
+        "{printed}"
+    );
+    assert_eq!(results[1]["metadata"]["limit_hit"], "time", "{:#}", results[1]);
+    assert!(
+        results[1]["output"].as_str().unwrap().contains("0.750 s"),
+        "{:#}",
+        results[1]
+    );
 }

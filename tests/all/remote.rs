@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use rollbox::output::error_chain;
+use rollbox::error_text::error_chain;
 use rollbox::remote::provision::{
     ListedProvisioner, LocalProvisioner, LocalProvisionerConfig, ModalConfig, ModalProvisioner, Provisioner,
 };

@@ -10,13 +10,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use rollbox::chat::{Message, Role};
-use rollbox::rollout::agent::{AgentConfig, AgentKind, StopReason, Trajectory};
+use rollbox::rollout::agent::{StopReason, Trajectory};
 use rollbox::rollout::answer::{Rational, extract_final_answer, latex_to_sympy, parse_exact_number};
 use rollbox::rollout::code_blocks::{CodeBlock, CodeTags, extract_code_blocks};
+use rollbox::rollout::config::{AgentConfig, AgentKind, RolloutConfig};
 use rollbox::rollout::dataset::{Dataset, Problem, load_dataset, parse_dataset};
 use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy, PolicyError, TurnRequest};
 use rollbox::rollout::reward::{MathMethod, RewardBreakdown, code_reward, custom_reward, math_reward};
-use rollbox::rollout::runner::{RolloutConfig, RolloutReporter, SilentRolloutReporter, StopSignal, run_rollout};
+use rollbox::rollout::runner::{RolloutReporter, SilentRolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::pass_estimate;
 use rollbox::rollout::user_tools::{ToolsFile, UserTools, tool_result};
 use rollbox::truncation::{ChatTemplate, TokenCounter};
@@ -1646,7 +1647,7 @@ async fn the_exact_context_budget_stops_an_oracle_trajectory_before_the_turn_tha
     let dataset = two_turn_problem();
     let counter = test_tokenizer();
     let mut agent = AgentConfig::new(AgentKind::Notebook);
-    let system = rollbox::rollout::agent::default_system_prompt(&agent);
+    let system = rollbox::rollout::config::default_system_prompt(&agent);
     let opening = [
         Message::system(system),
         Message::user(dataset.problems[0].problem.clone()),

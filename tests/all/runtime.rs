@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use rollbox::SilentReporter;
-use rollbox::runtime::{RuntimeError, RuntimeOptions, install, pinned};
+use rollbox::wasm::runtime::{RuntimeError, RuntimeOptions, install, pinned};
 
 fn options_in(cache: &std::path::Path) -> RuntimeOptions {
     RuntimeOptions {

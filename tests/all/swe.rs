@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rollbox::rollout::agent::{AgentConfig, AgentKind};
+use rollbox::rollout::config::{AgentConfig, AgentKind, RolloutConfig};
 use rollbox::rollout::dataset::{Dataset, load_dataset_with};
 use rollbox::rollout::policy::OraclePolicy;
-use rollbox::rollout::runner::{RolloutConfig, SilentRolloutReporter, StopSignal, run_rollout};
-use rollbox::swe::{self, SweTask};
+use rollbox::rollout::runner::{SilentRolloutReporter, StopSignal, run_rollout};
+use rollbox::rollout::swe::{self, SweTask};
 use rollbox::{Backend, Limits, Slot, ToolCall};
 use serde_json::json;
 

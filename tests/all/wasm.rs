@@ -269,6 +269,20 @@ async fn bad_cells_get_clear_results_and_hurt_no_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_cannot_upload_guest_code_through_the_door() {
+    // The door takes the guest module's compiled code only during the bootstrap: a cell that
+    // sends an upload would otherwise park up to the report cap of host memory outside its
+    // memory limit.
+    let backend = shared_wasm();
+    let slot = backend.acquire("door-upload").await.unwrap();
+    let attempt = "import _host\ntry:\n    _host.call(b'M' + b'x' * 4096)\n    print('accepted')\nexcept Exception as error:\n    print('refused', type(error).__name__)";
+    let result = ok(backend.execute(&slot, ToolCall::python(attempt)).await);
+    assert!(result.output.starts_with("refused"), "{}", pretty(&result));
+    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("1 + 1")).await)), "2");
+    backend.release(&slot, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_slots_run_concurrently_without_cross_talk() {
     let backend: Arc<dyn Backend> = Arc::new(wasm_backend(Limits::default()));
     let mut slots = Vec::new();

@@ -16,34 +16,7 @@ pub use listed::ListedProvisioner;
 pub use local::{LocalProvisioner, LocalProvisionerConfig};
 pub use modal::{ModalConfig, ModalProvisioner};
 
-/// One `rollbox serve` server a provisioner handed out: where it is and how to authenticate.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ServerEndpoint {
-    /// A short name for people and logs (`local-3`, `listed-0`, `modal-sb-…`), unique within
-    /// its provisioner.
-    pub id: String,
-    /// The base URL, without the API prefix (`http://127.0.0.1:40123`).
-    pub url: String,
-    /// The bearer token the server expects, if it expects one.
-    pub token: Option<String>,
-}
-
-impl std::fmt::Debug for ServerEndpoint {
-    // Never print the token: endpoints end up in logs and error messages.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerEndpoint")
-            .field("id", &self.id)
-            .field("url", &self.url)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
-
-impl std::fmt::Display for ServerEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.id, self.url)
-    }
-}
+pub use super::client::ServerEndpoint;
 
 /// A provisioner could not start, list or stop servers.
 #[derive(Debug, thiserror::Error)]

