@@ -17,6 +17,7 @@ import io
 import json
 import linecache
 import sys
+from os import write as _os_write  # os is loaded before the guest: no cost
 
 import _warnings
 
@@ -43,11 +44,15 @@ _warnings.filters.insert(0, ("ignore", _EndsWith("is non-interactive, and thus c
 
 
 class _CappedWriter(io.TextIOBase):
-    """A text stream that keeps the first `cap` bytes written to it and counts the rest."""
+    """A text stream that keeps the first `cap` bytes written to it and counts the rest; or,
+    with `_Config.streams_to_fd`, passes every byte straight to its file descriptor, where the
+    host captures, caps and counts it itself (the wasm backend: the report's streams are then
+    not the guest's word, see docs/security.md)."""
 
-    def __init__(self, name):
+    def __init__(self, name, fd):
         super().__init__()
         self.name = name
+        self.fd = fd
         self.reset(0)
 
     def reset(self, cap):
@@ -55,6 +60,7 @@ class _CappedWriter(io.TextIOBase):
         self._parts = []
         self._room = cap
         self.dropped = 0
+        self.wrote = False
 
     @property
     def encoding(self):
@@ -70,6 +76,11 @@ class _CappedWriter(io.TextIOBase):
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         data = text.encode("utf-8", "replace")
+        if data:
+            self.wrote = True
+        if _Config.streams_to_fd:
+            _write_fd(self.fd, data)
+            return len(text)
         if len(data) <= self._room:
             self._parts.append(text)
             self._room -= len(data)
@@ -85,7 +96,13 @@ class _CappedWriter(io.TextIOBase):
         return "".join(self._parts)
 
 
-_STDOUT, _STDERR = _CappedWriter("<stdout>"), _CappedWriter("<stderr>")
+def _write_fd(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[_os_write(fd, view) :]
+
+
+_STDOUT, _STDERR = _CappedWriter("<stdout>", 1), _CappedWriter("<stderr>", 2)
 
 
 class _Cell:
@@ -151,8 +168,17 @@ def _mime_bundle(value, cap):
             data = base64.b64encode(data).decode("ascii")
         elif not isinstance(data, str):
             data = json.dumps(data, default=str)
+        if len(data) > _RICH_CAP:
+            # Larger than the host takes for all of a cell's rich outputs: say so, keep the rest.
+            bundle["text/plain"] += f" [rollbox: its {mime} form, {len(data)} characters, was dropped]"
+            continue
         bundle[mime] = data
     return bundle
+
+
+# The most characters one rich output (HTML, an image) may have: the host's budget for all of a
+# cell's rich outputs is 16 MiB (`DISPLAY_BUDGET_BYTES`), so a larger one could only be refused.
+_RICH_CAP = 8 << 20
 
 
 def _is_figure(value):
@@ -317,9 +343,11 @@ _LOOP = None
 
 
 class _Config:
-    """Set once by `start`: the byte cap of each output stream."""
+    """Set once by `start`: the byte cap of each output stream, and whether the streams go
+    straight to file descriptors 1 and 2 for the host to capture."""
 
     cap = 1 << 18
+    streams_to_fd = False
 
 
 def _turn(source, name):
@@ -336,11 +364,7 @@ def _turn(source, name):
         try:
             _execute(source, cell)
         except BaseException as e:  # SystemExit and KeyboardInterrupt too: the kernel lives on
-            cell.error = {
-                "name": type(e).__name__,
-                "value": str(e),
-                "traceback": [line.rstrip("\n") for line in _user_traceback(e)],
-            }
+            cell.error = _error_report(e, cell.cap)
         try:
             _collect_figures(cell)
         except Exception as e:
@@ -348,7 +372,7 @@ def _turn(source, name):
     finally:
         sys.stdout, sys.stderr = saved
         _Cell.current = None
-    silent = not (out._parts or err._parts or out.dropped or err.dropped or cell.result or cell.display or cell.error)
+    silent = not (out.wrote or err.wrote or cell.result or cell.display or cell.error)
     _send(None if silent else {
         "stdout": out.getvalue(),
         "stderr": err.getvalue(),
@@ -360,11 +384,30 @@ def _turn(source, name):
     })
 
 
-def start(cap):
+def _error_report(error, cap):
+    """The exception as the report carries it. Its value and each traceback line are cut at the
+    stream cap here already: the host caps them again, but a report too large for the door
+    would lose the cell's whole outcome."""
+    try:
+        value = str(error)
+    except BaseException as e:  # a broken __str__ must not lose the error
+        value = f"<str() raised {type(e).__name__}>"
+    lines = [_cut(line.rstrip("\n"), cap) for line in _user_traceback(error)]
+    return {"name": type(error).__name__, "value": _cut(value, cap), "traceback": lines}
+
+
+def _cut(text, cap):
+    if len(text) <= cap:
+        return text
+    return text[:cap] + f"... [{len(text) - cap} more characters]"
+
+
+def start(cap, streams_to_fd=False):
     """Installs `_turn` as the reactor's turn handler (found on the stack: the reactor's
     `turn` looks `_run_turn` up in its globals on every call) and answers the host's
     readiness check, saying whether the handler was installed."""
     _Config.cap = cap
+    _Config.streams_to_fd = streams_to_fd
     frame = sys._getframe()
     while frame is not None and not (frame.f_code.co_name == "turn" and "_run_turn" in frame.f_globals):
         frame = frame.f_back
@@ -446,7 +489,34 @@ def _send(report):
     except Exception as e:
         if report is None:
             raise
-        # Too large for the host's cap: keep the text, drop the rich displays.
-        report["display"] = []
-        report["stderr"] += f"\nrollbox: rich outputs were dropped: {type(e).__name__}: {e}"
+        _send_smaller(report, f"{type(e).__name__}: {e}")
+
+
+def _send_smaller(report, why):
+    """The report was too large for the host's cap: send it again without the rich outputs
+    (displays, and the final value's rich forms), then, if that is still too large, with only
+    the error's name and a note, so the cell's outcome is never lost."""
+    _note(f"\nrollbox: rich outputs were dropped: {why}\n", report)
+    report["display"] = []
+    if report["result"] is not None:
+        report["result"] = {"text/plain": _cut(report["result"].get("text/plain", ""), _Config.cap)}
+    try:
         _door_call(_REPORT_ENCODER.encode(report).encode("utf-8", "replace"))
+        return
+    except Exception:
+        pass
+    _note("\nrollbox: the cell's report was still too large; only the exception's name is kept\n", report)
+    error = report["error"] and {"name": report["error"]["name"], "value": "", "traceback": []}
+    smallest = {"stdout": "", "stderr": "", "stdout_dropped": 0, "stderr_dropped": 0}
+    if not _Config.streams_to_fd:
+        smallest["stderr"] = report["stderr"][-4096:]
+    smallest.update(result=None, display=[], error=error)
+    _door_call(_REPORT_ENCODER.encode(smallest).encode("utf-8", "replace"))
+
+
+def _note(text, report):
+    """Tells the reader on stderr: straight to fd 2 when the host captures the streams."""
+    if _Config.streams_to_fd:
+        _write_fd(2, text.encode("utf-8", "replace"))
+    else:
+        report["stderr"] += text

@@ -111,9 +111,14 @@ pub(crate) struct RolloutArgs {
     #[arg(long)]
     no_calculator: bool,
     /// Compute each reward in a new slot holding only the trajectory's definitions (imports,
-    /// functions, classes, plain assignments), so a policy cannot tamper with its scoring.
-    #[arg(long)]
+    /// functions, classes, plain assignments), so a policy cannot tamper with its scoring. This
+    /// is the default; the flag is kept so that existing command lines keep working.
+    #[arg(long, conflicts_with = "unsafe_score_in_own_slot")]
     score_in_fresh_slot: bool,
+    /// Compute each reward in the trajectory's own slot, after the model's code (faster, and
+    /// FORGEABLE: the model's code can change what its scoring cells report; docs/security.md).
+    #[arg(long)]
+    unsafe_score_in_own_slot: bool,
     /// Model requests in flight at once.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_in_flight: usize,
@@ -291,7 +296,7 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
         out_dir: args.out.clone(),
         resume: args.resume,
         custom_reward,
-        score_in_fresh_slot: args.score_in_fresh_slot,
+        score_in_fresh_slot: args.score_in_fresh_slot || !args.unsafe_score_in_own_slot,
     };
     let stop = StopSignal::new();
     let watcher = tokio::spawn(stop_on_interrupt(Interrupts::listen()?, stop.clone(), printer));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::capture::{Captured, StreamCapture};
 use super::sandbox::{GroupLeader, Sandbox, SlotDirs};
 use crate::slot::cell::{
-    GUEST_SOURCE, GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, finished_cell, render_for_model, report_budget,
+    GUEST_SOURCE, GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model, report_budget,
 };
 use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult};
 use crate::slot::{LimitKind, Limits};
@@ -255,8 +255,13 @@ fn read_reports(mut output: impl Read + Send + 'static, budget: usize) -> std::i
 
 /// Builds a finished cell's result from its report and the stray output it wrote to fd 1/2.
 fn cell_result(report: GuestReport, stray: Captured, limits: &Limits) -> ExecutionResult {
-    let truncated = report.dropped_output() || stray.truncated();
-    let cell = report.into_cell("", &stray.into_text());
+    let stray_cut = stray.truncated();
+    let streams = Streams::Reported {
+        fd_stdout: String::new(),
+        fd_stderr: stray.into_text(),
+    };
+    let (cell, cut) = report.into_cell(streams, limits);
+    let truncated = cut || stray_cut;
     // Under the address-space limit, a MemoryError means the cell reached it.
     let out_of_memory = cell.error.as_ref().is_some_and(|e| e.name == "MemoryError");
     finished_cell(cell, truncated, out_of_memory, limits)

@@ -40,23 +40,114 @@ pub(crate) struct GuestReport {
     pub(crate) error: Option<CellError>,
 }
 
-impl GuestReport {
-    /// Whether the guest cut either stream at its byte cap.
-    pub(crate) fn dropped_output(&self) -> bool {
-        self.stdout_dropped + self.stderr_dropped > 0
-    }
+/// Where a cell's stdout and stderr come from.
+pub(crate) enum Streams {
+    /// The host captured both itself, under its own caps (the wasm backend, whose guest writes
+    /// its streams to file descriptors 1 and 2): whatever streams the report claims are ignored.
+    HostCaptured {
+        /// Everything the cell wrote to fd 1, capped and marked by the host.
+        stdout: String,
+        /// Everything it wrote to fd 2.
+        stderr: String,
+    },
+    /// The report carries the streams (the process backend's native driver), followed by what
+    /// the cell wrote straight to file descriptors 1 and 2, as the host captured it.
+    Reported {
+        /// The host's capture of fd 1 after the report's stdout.
+        fd_stdout: String,
+        /// The host's capture of fd 2 after the report's stderr.
+        fd_stderr: String,
+    },
+}
 
-    /// The cell's output: each stream as the guest captured it (with the truncation marker if
-    /// it was cut), then what the cell wrote straight to file descriptors 1 and 2.
-    pub(crate) fn into_cell(self, fd_stdout: &str, fd_stderr: &str) -> CellOutput {
-        CellOutput {
-            stdout: with_marker(self.stdout, self.stdout_dropped) + fd_stdout,
-            stderr: with_marker(self.stderr, self.stderr_dropped) + fd_stderr,
-            result: self.result,
-            display: self.display,
-            error: self.error,
-        }
+impl GuestReport {
+    /// The cell's output, every text in it under the host's caps whatever the guest claimed
+    /// or cut itself, and whether anything was cut: each stream, the exception's value and
+    /// traceback, and each `text/plain` at [`Limits::output_bytes`].
+    pub(crate) fn into_cell(self, streams: Streams, limits: &Limits) -> (CellOutput, bool) {
+        let cap = limits.output_bytes;
+        let mut cut = false;
+        let (stdout, stderr) = match streams {
+            Streams::HostCaptured { stdout, stderr } => (stdout, stderr),
+            Streams::Reported { fd_stdout, fd_stderr } => {
+                cut |= self.stdout_dropped + self.stderr_dropped > 0;
+                let mut reported = |text: String, dropped: usize| match capped(text, cap) {
+                    (text, true) => {
+                        cut = true;
+                        text
+                    }
+                    (text, false) => with_marker(text, dropped),
+                };
+                (
+                    reported(self.stdout, self.stdout_dropped) + &fd_stdout,
+                    reported(self.stderr, self.stderr_dropped) + &fd_stderr,
+                )
+            }
+        };
+        let mut plain = |bundle: &mut MimeBundle| {
+            if let Some(text) = bundle.get_mut("text/plain") {
+                let (kept, was_cut) = capped(std::mem::take(text), cap);
+                *text = kept;
+                cut |= was_cut;
+            }
+        };
+        let mut result = self.result;
+        let mut display = self.display;
+        result.iter_mut().chain(display.iter_mut()).for_each(&mut plain);
+        let error = self.error.map(|error| {
+            let (value, value_cut) = capped(error.value, cap);
+            let (traceback, traceback_cut) = capped_lines(error.traceback, cap);
+            cut |= value_cut || traceback_cut;
+            CellError {
+                name: capped(error.name, cap).0,
+                value,
+                traceback,
+            }
+        });
+        let cell = CellOutput {
+            stdout,
+            stderr,
+            result,
+            display,
+            error,
+        };
+        (cell, cut)
     }
+}
+
+/// `text` cut to `max_bytes` with the visible marker, without a copy when it fits.
+fn capped(text: String, max_bytes: usize) -> (String, bool) {
+    if text.len() <= max_bytes {
+        return (text, false);
+    }
+    cap_text(&text, max_bytes)
+}
+
+/// The lines of a traceback, at most `max_bytes` of them in all: the first lines, a marker
+/// line, and the last line (the exception itself, capped), so the reader still sees what was
+/// raised.
+fn capped_lines(lines: Vec<String>, max_bytes: usize) -> (Vec<String>, bool) {
+    let total: usize = lines.iter().map(|line| line.len() + 1).sum();
+    if total <= max_bytes {
+        return (lines, false);
+    }
+    let last = lines
+        .last()
+        .map(|line| capped(line.clone(), max_bytes / 2).0)
+        .unwrap_or_default();
+    let mut room = max_bytes.saturating_sub(last.len());
+    let mut kept = Vec::new();
+    for line in &lines[..lines.len().saturating_sub(1)] {
+        if line.len() + 1 > room {
+            break;
+        }
+        room -= line.len() + 1;
+        kept.push(line.clone());
+    }
+    let dropped = total - kept.iter().map(|line| line.len() + 1).sum::<usize>() - last.len() - 1;
+    kept.push(output_cut_marker(dropped).trim().to_owned());
+    kept.push(last);
+    (kept, true)
 }
 
 /// The result of a cell that ran to its end, in either backend. `out_of_memory` says its

@@ -61,6 +61,9 @@ pub enum WorkspaceError {
         /// Its size.
         size: u64,
     },
+    /// The path is a FIFO, a socket or a device: reading it could block forever or never end.
+    #[error("`{0}` is not a regular file (a FIFO, socket or device); the file tools read regular files only")]
+    NotRegular(String),
     /// The pattern is not a valid regular expression.
     #[error("invalid search pattern: {0}")]
     BadPattern(String),
@@ -142,9 +145,7 @@ impl Workspace {
                 .create_dir_all(parent)
                 .map_err(|e| io_error("create the directories for", &args.path, e))?;
         }
-        self.dir
-            .write(&path, args.content.as_bytes())
-            .map_err(|e| io_error("write", &args.path, e))?;
+        self.write_regular(&path, &args.path, args.content.as_bytes())?;
         Ok(format!("wrote {} bytes to {}", args.content.len(), args.path))
     }
 
@@ -166,9 +167,7 @@ impl Workspace {
         }
         let edited = text.replacen(&args.old_string, &args.new_string, 1);
         let path = confine(&args.path)?;
-        self.dir
-            .write(&path, edited.as_bytes())
-            .map_err(|e| io_error("write", &args.path, e))?;
+        self.write_regular(&path, &args.path, edited.as_bytes())?;
         Ok(format!("edited {}: replaced 1 occurrence", args.path))
     }
 
@@ -220,7 +219,12 @@ impl Workspace {
         let mut matches = Vec::new();
         let mut total = 0usize;
         for file in &files {
-            let Ok(bytes) = self.dir.read(file) else { continue };
+            // A FIFO or device named directly is refused; one met while walking is skipped.
+            let bytes = match self.read_regular(file, &file.to_string_lossy()) {
+                Ok(bytes) => bytes,
+                Err(error @ WorkspaceError::NotRegular(_)) if files.len() == 1 => return Err(error),
+                Err(_) => continue,
+            };
             let Ok(text) = String::from_utf8(bytes) else { continue };
             for (number, line) in text.lines().enumerate() {
                 if pattern.is_match(line) {
@@ -283,18 +287,71 @@ impl Workspace {
 
     fn read_text(&self, path_as_given: &str) -> Result<String, WorkspaceError> {
         let path = confine(path_as_given)?;
-        let meta = self
+        let bytes = self.read_regular(&path, path_as_given)?;
+        String::from_utf8(bytes).map_err(|_| WorkspaceError::NotText(path_as_given.to_string()))
+    }
+
+    /// Writes `bytes` to the regular file at `path`, creating or truncating it. Opened without
+    /// blocking, as [`Self::read_regular`] is: a FIFO with no reader fails at once instead of
+    /// waiting, and anything but a regular file is refused before a byte is written.
+    fn write_regular(&self, path: &Path, path_as_given: &str, bytes: &[u8]) -> Result<(), WorkspaceError> {
+        use std::io::Write;
+
+        use cap_std::fs::OpenOptionsExt;
+
+        let mut options = cap_std::fs::OpenOptions::new();
+        options.write(true).create(true).custom_flags(libc::O_NONBLOCK);
+        let mut file = self
             .dir
-            .metadata(&path)
+            .open_with(path, &options)
+            .map_err(|e| io_error("write", path_as_given, e))?;
+        let meta = file.metadata().map_err(|e| io_error("write", path_as_given, e))?;
+        if !meta.is_file() {
+            return Err(WorkspaceError::NotRegular(path_as_given.to_string()));
+        }
+        file.set_len(0).map_err(|e| io_error("write", path_as_given, e))?;
+        file.write_all(bytes).map_err(|e| io_error("write", path_as_given, e))
+    }
+
+    /// The bytes of the regular file at `path`, at most [`MAX_FILE_BYTES`]. The file is opened
+    /// without blocking and checked on the open descriptor, so a FIFO (whose open or read
+    /// would wait for a writer forever) or a device is refused, even one swapped in after a
+    /// check by path; the read stops past the limit, even for a file that grows meanwhile.
+    fn read_regular(&self, path: &Path, path_as_given: &str) -> Result<Vec<u8>, WorkspaceError> {
+        use std::io::Read;
+
+        use cap_std::fs::OpenOptionsExt;
+
+        let file = self
+            .dir
+            .open_with(
+                path,
+                cap_std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK),
+            )
             .map_err(|e| io_error("read", path_as_given, e))?;
+        let meta = file.metadata().map_err(|e| io_error("read", path_as_given, e))?;
+        if !meta.is_file() {
+            return Err(WorkspaceError::NotRegular(path_as_given.to_string()));
+        }
         if meta.len() > MAX_FILE_BYTES {
             return Err(WorkspaceError::TooLarge {
                 path: path_as_given.to_string(),
                 size: meta.len(),
             });
         }
-        let bytes = self.dir.read(&path).map_err(|e| io_error("read", path_as_given, e))?;
-        String::from_utf8(bytes).map_err(|_| WorkspaceError::NotText(path_as_given.to_string()))
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io_error("read", path_as_given, e))?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(WorkspaceError::TooLarge {
+                path: path_as_given.to_string(),
+                size: bytes.len() as u64,
+            });
+        }
+        Ok(bytes)
     }
 }
 

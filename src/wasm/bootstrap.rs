@@ -42,7 +42,7 @@ pub(crate) fn bootstrap_chunk(output_bytes: usize) -> String {
          exec(_rb_c, _rb_m.__dict__)\n\
          _rb_os.chdir('{GUEST_WORKSPACE}')\n\
          del _rb_sys, _rb_types, _rb_os, _rb_host, _rb_marshal, _rb_m, _rb_d, _rb_c\n\
-         __import__('rollbox_guest').start({output_bytes})\n"
+         __import__('rollbox_guest').start({output_bytes}, True)\n"
     )
 }
 

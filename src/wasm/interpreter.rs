@@ -10,7 +10,9 @@ use super::capture::CapturedStream;
 use super::engine::ticks_for;
 use super::host::GuestState;
 use super::poll::DeadlineExceeded;
-use crate::slot::cell::{GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, finished_cell, render_for_model, with_marker};
+use crate::slot::cell::{
+    GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model, with_marker,
+};
 use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionMetadata, ExecutionResult, LimitKind, Limits};
 
 /// Starting an interpreter failed.
@@ -114,7 +116,7 @@ impl Interpreter {
             Err(error) => stopped(
                 cell,
                 trap_limit(&error, memory_refused),
-                format!("the interpreter crashed: {}", first_line(&error)),
+                format!("the interpreter crashed: {}", trap_reason(&error)),
                 limits,
                 timeout,
             ),
@@ -176,8 +178,12 @@ fn cell_result(
     memory_refused: bool,
     limits: &Limits,
 ) -> ExecutionResult {
-    let truncated = host_truncated || report.dropped_output();
-    let cell = report.into_cell(&cell.stdout, &cell.stderr);
+    let streams = Streams::HostCaptured {
+        stdout: cell.stdout,
+        stderr: cell.stderr,
+    };
+    let (cell, cut) = report.into_cell(streams, limits);
+    let truncated = host_truncated || cut;
     let out_of_memory = memory_refused && cell.error.as_ref().is_some_and(|e| e.name == "MemoryError");
     finished_cell(cell, truncated, out_of_memory, limits)
 }
@@ -274,6 +280,17 @@ fn trap_limit(error: &wasmtime::Error, memory_refused: bool) -> Option<LimitKind
     }
 }
 
-fn first_line(error: &wasmtime::Error) -> String {
-    error.to_string().lines().next().unwrap_or("unknown trap").to_string()
+/// Why the interpreter stopped, in one line: the trap's own reason (`wasm trap: call stack
+/// exhausted`), not the context wasmtime wraps it in, whose first line is only
+/// "error while executing at wasm backtrace:".
+fn trap_reason(error: &wasmtime::Error) -> String {
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return trap.to_string();
+    }
+    let reason = error.root_cause().to_string();
+    let reason = reason
+        .lines()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("unknown trap");
+    reason.trim().to_string()
 }

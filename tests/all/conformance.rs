@@ -17,6 +17,7 @@ pub async fn run_all(backend: &dyn Backend) {
     paths_cannot_leave_the_workspace(backend).await;
     bad_calls_get_clear_errors(backend).await;
     released_slots_are_gone(backend).await;
+    file_tools_refuse_fifos(backend).await;
 }
 
 pub async fn state_persists_across_calls(backend: &dyn Backend) {
@@ -471,5 +472,48 @@ pub async fn shell_and_python_share_the_workspace(backend: &dyn Backend) {
     let same_dir = ok(backend.execute(&slot, bash("pwd")).await);
     let python_dir = ok(backend.execute(&slot, ToolCall::python("import os; os.getcwd()")).await);
     assert_eq!(value(&python_dir), format!("'{}'", same_dir.output.trim_end()));
+    backend.release(&slot, true).await.expect("release");
+}
+
+/// A FIFO in the workspace (made by a cell's `mkfifo`, here from the host) never blocks a file
+/// tool: opening one to read or write waits for the other end forever. Each tool answers at
+/// once with a clear error, and the slot goes on working.
+pub async fn file_tools_refuse_fifos(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-fifo").await.expect("acquire");
+    let made = std::process::Command::new("mkfifo")
+        .arg(slot.workspace.join("pipe"))
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed in {}", slot.workspace.display());
+    let calls = [
+        ToolCall::new("read_file", json!({"path": "pipe"})),
+        ToolCall::new("search", json!({"pattern": "x", "path": "pipe"})),
+        ToolCall::new(
+            "edit_file",
+            json!({"path": "pipe", "old_string": "a", "new_string": "b"}),
+        ),
+        ToolCall::new("write_file", json!({"path": "pipe", "content": "x"})),
+    ];
+    for call in calls {
+        let name = call.name.clone();
+        let result = tokio::time::timeout(crate::support::NO_HANG, backend.execute(&slot, call))
+            .await
+            .unwrap_or_else(|_| panic!("{name} on a FIFO hung"));
+        assert!(!result.success, "{name} on a FIFO: {}", pretty(&result));
+        assert_eq!(
+            result.error.as_ref().map(|e| e.kind),
+            Some(ErrorKind::Workspace),
+            "{}",
+            pretty(&result)
+        );
+    }
+    let listed = ok(backend
+        .execute(&slot, ToolCall::new("search", json!({"pattern": "x", "path": "."})))
+        .await);
+    assert!(
+        listed.output.contains("no matches"),
+        "a walk skips the FIFO: {}",
+        pretty(&listed)
+    );
     backend.release(&slot, true).await.expect("release");
 }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod conformance;
+mod hostile_cells;
 mod process;
 mod remote;
 mod rollout;

@@ -20,7 +20,7 @@ use crate::conformance;
 use crate::support::{ok, pretty, value};
 
 /// Generous: only there so a broken test fails instead of hanging.
-const NO_HANG: Duration = Duration::from_secs(300);
+use crate::support::NO_HANG;
 
 fn local_provisioner(server_args: &[&str]) -> Arc<LocalProvisioner> {
     let mut config = LocalProvisionerConfig::new(env!("CARGO_BIN_EXE_rollbox"));

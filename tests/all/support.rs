@@ -5,6 +5,10 @@ use std::sync::OnceLock;
 
 use rollbox::{ExecutionResult, Limits, SilentReporter, WasmBackend, WasmBackendConfig};
 
+/// How long a test waits for something that must finish before it calls it a hang. A guard
+/// against a stuck suite, never a speed check.
+pub const NO_HANG: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A backend with `limits`, over the runtime in the user's cache (installed on first use).
 pub fn wasm_backend(limits: Limits) -> WasmBackend {
     WasmBackend::new(

@@ -155,15 +155,14 @@ async fn the_output_limit_cuts_with_a_visible_marker() {
     assert_eq!(r.metadata.limit_hit, Some(LimitKind::Output));
     assert!(r.metadata.truncated);
     let stdout = &r.cell.as_ref().unwrap().stdout;
+    // `print` and raw writes to fd 1 are one stream, as natively, counted and cut by the host
+    // at the one cap: 1,000 of the 10,001 bytes are kept.
+    assert!(stdout.starts_with(&"y".repeat(1000)), "{stdout}");
     assert!(
-        stdout.contains("[rollbox: output truncated, 4001 more bytes not shown]"),
+        stdout.contains("[rollbox: output truncated, 9001 more bytes not shown]"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("[rollbox: output truncated, 4000 more bytes not shown]"),
-        "raw fd writes are capped too: {stdout}"
-    );
-    assert!(stdout.len() < 2400, "{}", stdout.len());
+    assert!(stdout.len() < 1100, "{}", stdout.len());
     let r = ok(backend
         .execute(&slot, ToolCall::python("'next call is not truncated'"))
         .await);

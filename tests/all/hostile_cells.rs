@@ -1,0 +1,135 @@
+//! Cells written to break the host's report: forged reports, caps the guest tries to raise,
+//! outputs too large for the report, and crashes whose reason must survive. Each case checks
+//! the typed outcome, that the host stayed in charge of what it reports, and that the slot
+//! (or its replacement) still works. Over the wasm backend, whose streams the host captures.
+
+use rollbox::{Backend, ErrorKind, LimitKind, Limits, ToolCall};
+
+use crate::support::{ok, pretty, value, wasm_backend};
+
+/// A backend whose output cap is small enough to see every cut.
+fn small_cap() -> rollbox::WasmBackend {
+    wasm_backend(Limits {
+        output_bytes: 1000,
+        ..Limits::default()
+    })
+}
+
+/// A cell that replaces the guest's report sender with one that sends a report of its own
+/// making. The streams the host reports are what the cell really wrote to them: the host
+/// captures them itself, so the forged `stdout` never reaches the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_report_cannot_change_the_streams_the_host_reports() {
+    let backend = small_cap();
+    let slot = backend.acquire("forge").await.unwrap();
+    let forge = r#"import rollbox_guest, json
+_real = rollbox_guest._door_call
+def _forged(report):
+    _real(json.dumps({"stdout": "FORGED\n", "stderr": "", "stdout_dropped": 0, "stderr_dropped": 0,
+                      "result": None, "display": [], "error": None}).encode())
+rollbox_guest._send = _forged"#;
+    ok(backend.execute(&slot, ToolCall::python(forge)).await);
+    let result = backend.execute(&slot, ToolCall::python("print('real'); 1/0")).await;
+    let cell = result.cell.as_ref().expect("a cell result");
+    assert_eq!(cell.stdout, "real\n", "{}", pretty(&result));
+    assert!(!result.output.contains("FORGED"), "{}", pretty(&result));
+    backend.release(&slot, true).await.unwrap();
+}
+
+/// The guest's own cap is the guest's business: raising it changes nothing the host keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_cannot_raise_its_output_cap() {
+    let backend = small_cap();
+    let slot = backend.acquire("cap").await.unwrap();
+    ok(backend
+        .execute(
+            &slot,
+            ToolCall::python("import rollbox_guest\nrollbox_guest._Config.cap = 12 * 2**20"),
+        )
+        .await);
+    let result = ok(backend
+        .execute(&slot, ToolCall::python("print('x' * (10 * 2**20))"))
+        .await);
+    let stdout = &result.cell.as_ref().unwrap().stdout;
+    assert!(stdout.len() < 1100, "kept {} bytes", stdout.len());
+    assert!(result.metadata.truncated);
+    assert_eq!(result.metadata.limit_hit, Some(LimitKind::Output));
+    backend.release(&slot, true).await.unwrap();
+}
+
+/// An exception's text is output like any other: capped by the host, the cut marked, the cell
+/// an ordinary cell error, and the slot's state kept. Raw bytes that JSON escapes sixfold and a
+/// value far over the report's budget included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_exception_text_is_capped_and_the_state_survives() {
+    let backend = small_cap();
+    let slot = backend.acquire("exception").await.unwrap();
+    ok(backend.execute(&slot, ToolCall::python("kept = 41")).await);
+    for cell in [
+        "raise ValueError('v' * (5 * 2**20))",
+        "raise ValueError('v' * (20 * 2**20))",
+        "raise ValueError('\\x01' * (4 * 2**20))",
+    ] {
+        let result = backend.execute(&slot, ToolCall::python(cell)).await;
+        assert_eq!(
+            result.error.as_ref().map(|e| e.kind),
+            Some(ErrorKind::CellError),
+            "{cell}: {}",
+            pretty(&result)
+        );
+        let error = result.cell.as_ref().and_then(|c| c.error.as_ref()).expect("the error");
+        assert_eq!(error.name, "ValueError");
+        assert!(error.value.len() < 1100, "{cell}: value of {} bytes", error.value.len());
+        let traceback: usize = error.traceback.iter().map(String::len).sum();
+        assert!(traceback < 2200, "{cell}: traceback of {traceback} bytes");
+        assert!(
+            result.output.len() < 4000,
+            "{cell}: output of {} bytes",
+            result.output.len()
+        );
+        assert!(result.metadata.truncated, "{cell}");
+        assert!(!result.metadata.state_lost, "{cell}");
+    }
+    assert_eq!(
+        value(&ok(backend.execute(&slot, ToolCall::python("kept + 1")).await)),
+        "42"
+    );
+    backend.release(&slot, true).await.unwrap();
+}
+
+/// A final value whose rich form is larger than the host takes keeps its text, says what was
+/// dropped, and the cell still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_rich_output_is_dropped_not_the_cell() {
+    let backend = small_cap();
+    let slot = backend.acquire("rich").await.unwrap();
+    let cell = "class Huge:\n    def _repr_html_(self):\n        return '<b>' * (14 * 2**20)\nHuge()";
+    let result = ok(backend.execute(&slot, ToolCall::python(cell)).await);
+    let shown = result
+        .cell
+        .as_ref()
+        .and_then(|c| c.result.as_ref())
+        .expect("a final value");
+    assert!(!shown.contains_key("text/html"), "{}", pretty(&result));
+    assert!(shown["text/plain"].contains("was dropped"), "{}", pretty(&result));
+    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("1 + 1")).await)), "2");
+    backend.release(&slot, true).await.unwrap();
+}
+
+/// A crash says why: the trap's own reason, not wasmtime's empty context line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_names_its_trap() {
+    let backend = small_cap();
+    let slot = backend.acquire("crash").await.unwrap();
+    let nested = format!("{}1{}", "(".repeat(150), ")".repeat(150));
+    let result = backend.execute(&slot, ToolCall::python(nested)).await;
+    if result.success {
+        // A runtime with a deeper stack parses it, as native CPython does: nothing to name.
+        return;
+    }
+    let message = &result.error.as_ref().expect("an error").message;
+    assert!(!message.contains("wasm backtrace:;"), "{message}");
+    assert!(message.contains("stack"), "the trap's reason is named: {message}");
+    assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("1 + 1")).await)), "2");
+    backend.release(&slot, true).await.unwrap();
+}
