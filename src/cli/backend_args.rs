@@ -326,6 +326,9 @@ fn serve_args(limits: &Limits, slots_per_server: usize) -> Vec<String> {
         (limits.memory_bytes >> 20).to_string(),
         "--max-output".into(),
         limits.output_bytes.to_string(),
+        // Else the server's backend would keep /run_code's larger cap for these calls too.
+        "--run-code-max-output".into(),
+        limits.output_bytes.to_string(),
         "--max-slots".into(),
         slots_per_server.to_string(),
     ];
