@@ -55,6 +55,15 @@ class _CappedWriter(io.TextIOBase):
         self._parts = []
         self._room = cap
         self.dropped = 0
+        self._buffer = None
+
+    @property
+    def buffer(self):
+        """The binary layer (`sys.stdout.buffer.write(b"...")`, common in judge solutions): bytes
+        are decoded as UTF-8, a character split across writes included, and kept as text."""
+        if self._buffer is None:
+            self._buffer = _BinaryWriter(self)
+        return self._buffer
 
     @property
     def encoding(self):
@@ -83,6 +92,28 @@ class _CappedWriter(io.TextIOBase):
 
     def getvalue(self):
         return "".join(self._parts)
+
+
+class _BinaryWriter(io.BufferedIOBase):
+    """`buffer` of a `_CappedWriter`: UTF-8 bytes in, text out to the writer."""
+
+    def __init__(self, text):
+        super().__init__()
+        import codecs
+
+        self._text = text
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        data = bytes(data)
+        self._text.write(self._decoder.decode(data))
+        return len(data)
+
+    def flush(self):
+        pass
 
 
 _STDOUT, _STDERR = _CappedWriter("<stdout>"), _CappedWriter("<stderr>")
@@ -328,6 +359,48 @@ class _Config:
     cap = 1 << 18
 
 
+class _Script:
+    """Script semantics for the next cell, which `/run_code`'s set-up cell asks for with
+    `_begin_script`: the cell is a whole program, and ends as CPython ends one."""
+
+    pending = False
+    hard_exit = False
+
+
+def _begin_script():
+    """Makes the next cell a program: at its end, non-daemon threads are waited for and atexit
+    handlers run, as when CPython exits; `os._exit(n)` ends it with status n (it would end the
+    whole interpreter otherwise, losing what was printed)."""
+    import os
+
+    _Script.pending = True
+    os._exit = _hard_exit
+
+
+def _hard_exit(status):
+    """os._exit in a program: its status, and no threads waited for nor atexit handlers run, as
+    in CPython (unlike CPython, `finally` blocks on the way out still run)."""
+    _Script.hard_exit = True
+    raise SystemExit(status)
+
+
+def _finish_script():
+    """What CPython does after a program's last line, its exception or its sys.exit: wait for
+    the threads that are not daemons, then run the atexit handlers (which print their own
+    errors)."""
+    if _Script.hard_exit:
+        return
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        current = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not current and not thread.daemon and thread is not threading.main_thread():
+                thread.join()
+    import atexit
+
+    atexit._run_exitfuncs()
+
+
 def _turn(source, name):
     """The reactor's turn handler, replaced by `start`: runs `source` as one cell and sends
     its report to the host. Never raises."""
@@ -338,6 +411,7 @@ def _turn(source, name):
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     _Cell.current = cell
+    script, _Script.pending = _Script.pending, False
     try:
         try:
             _execute(source, cell)
@@ -345,8 +419,11 @@ def _turn(source, name):
             cell.error = {
                 "name": type(e).__name__,
                 "value": str(e),
-                "traceback": [line.rstrip("\n") for line in _user_traceback(e)],
+                # One newline off each entry: a chained exception's separator keeps its blank lines.
+                "traceback": [line[:-1] if line.endswith("\n") else line for line in _user_traceback(e)],
             }
+        if script:
+            _finish_script()
         try:
             _collect_figures(cell)
         except Exception as e:

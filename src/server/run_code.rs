@@ -4,8 +4,10 @@
 //! Each request runs in a fresh slot that is released afterwards. Python runs as one cell,
 //! with script semantics on top: `__name__ == "__main__"`, the final expression's value is not
 //! printed, an uncaught exception prints its traceback to stderr and gives return code 1, and
-//! `sys.exit(n)` gives return code `n`. `stdin` and `files` are put in place by a set-up cell
-//! first; `fetch_files` are read back by a cell after.
+//! `sys.exit(n)` gives return code `n`, and as the program ends the guest waits for its
+//! non-daemon threads and runs its atexit handlers, as CPython does on exit. A set-up cell puts
+//! `stdin` and `files` in place first and asks the guest for that script ending;
+//! `fetch_files` are read back by a cell after.
 //!
 //! Two things follow SandboxFusion rather than the slot API, because clients score rewards by
 //! comparing `stdout` byte for byte:
@@ -237,8 +239,8 @@ fn no_slot_in_time(capacity: usize, waited: Duration) -> ApiFailure {
 struct RunPlan {
     code: String,
     timeout: Duration,
-    /// The set-up cell, when there is stdin or files to put in place.
-    setup: Option<String>,
+    /// The set-up cell: stdin and files put in place, and script semantics for the program.
+    setup: String,
     fetch_files: Vec<String>,
 }
 
@@ -272,8 +274,7 @@ impl RunPlan {
             .iter()
             .filter_map(|(path, data)| Some((path, data.as_ref()?)))
             .collect();
-        let setup =
-            (request.stdin.is_some() || !files.is_empty()).then(|| setup_cell(request.stdin.as_deref(), &files));
+        let setup = setup_cell(request.stdin.as_deref(), &files);
         Ok(RunPlan {
             code: request.code,
             timeout,
@@ -309,14 +310,9 @@ async fn run_in_fresh_slot(shared: &Shared, plan: RunPlan) -> Result<RunCodeResp
 
 async fn run_plan(shared: &Shared, slot: &Slot, plan: RunPlan) -> RunCodeResponse {
     let backend: &dyn Backend = &*shared.backend;
-    if let Some(setup) = plan.setup {
-        let prepared = backend.execute(slot, ToolCall::python(setup)).await;
-        if !prepared.success {
-            return RunCodeResponse::sandbox_error(format!(
-                "failed to put stdin and files in place: {}",
-                prepared.output
-            ));
-        }
+    let prepared = backend.execute(slot, ToolCall::python(plan.setup)).await;
+    if !prepared.success {
+        return RunCodeResponse::sandbox_error(format!("failed to put stdin and files in place: {}", prepared.output));
     }
     let result = backend
         .execute(slot, ToolCall::python(plan.code).with_timeout(plan.timeout))
@@ -436,8 +432,10 @@ fn exit_of(error: &CellError) -> (i32, String) {
     }
 }
 
-/// A Python cell that makes `stdin` the cell's standard input and writes `files`. The data
-/// travels as hex of a JSON document, which no quoting in the code can break.
+/// A Python cell that makes `stdin` the cell's standard input, writes `files`, and asks the
+/// guest for script semantics in the next cell: non-daemon threads waited for and atexit
+/// handlers run at its end, `os._exit(n)` as status n. The data travels as hex of a JSON
+/// document, which no quoting in the code can break.
 fn setup_cell(stdin: Option<&str>, files: &BTreeMap<&String, &String>) -> String {
     let spec = serde_json::json!({ "stdin": stdin, "files": files });
     format!(
@@ -450,7 +448,8 @@ fn setup_cell(stdin: Option<&str>, files: &BTreeMap<&String, &String>) -> String
          \x20       _rb_file.write(_rb_b64.b64decode(_rb_data))\n\
          if _rb_spec['stdin'] is not None:\n\
          \x20   _rb_sys.stdin = _rb_io.TextIOWrapper(_rb_io.BytesIO(_rb_spec['stdin'].encode('utf-8')), encoding='utf-8')\n\
-         del _rb_b64, _rb_io, _rb_json, _rb_os, _rb_sys, _rb_spec\n",
+         del _rb_b64, _rb_io, _rb_json, _rb_os, _rb_sys, _rb_spec\n\
+         __import__('rollbox_guest')._begin_script()\n",
         hex(spec.to_string().as_bytes())
     )
 }

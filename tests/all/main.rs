@@ -2,6 +2,7 @@
 
 mod cli;
 mod conformance;
+mod parity;
 mod process;
 mod remote;
 mod rollout;
