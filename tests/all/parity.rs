@@ -575,3 +575,71 @@ async fn numpy_integer_idioms_before_and_after_native_widths() {
         "the widths change nothing: {after_same} vs {before_same}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipython_display_in_a_wasm_slot_gives_display_bundles() {
+    let backend = wasm();
+    let slot = backend.acquire("ipython").await.expect("a slot");
+    let code = "from IPython.display import display, HTML, Markdown, Latex, JSON, Image, clear_output\n\
+                import IPython\n\
+                print('dropped')\n\
+                display(Markdown('# gone'))\n\
+                clear_output()\n\
+                png = b'\\x89PNG\\r\\n\\x1a\\n' + bytes(8)\n\
+                display(HTML('<b>x</b>'), Markdown('# t'), Latex('$x^2$'), JSON({'a': 1}), Image(png))\n\
+                print(IPython.get_ipython())";
+    let result = crate::support::ok(backend.execute(&slot, rollbox::ToolCall::python(code)).await);
+    let cell = result.cell.expect("a cell");
+    assert_eq!(cell.stdout, "None\n", "clear_output forgot what came before");
+    let kinds: Vec<Vec<&str>> = cell
+        .display
+        .iter()
+        .map(|bundle| bundle.keys().map(String::as_str).collect())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            vec!["text/html", "text/plain"],
+            vec!["text/markdown", "text/plain"],
+            vec!["text/latex", "text/plain"],
+            vec!["application/json", "text/plain"],
+            vec!["image/png", "text/plain"],
+        ]
+    );
+    assert_eq!(cell.display[0]["text/html"], "<b>x</b>");
+    assert_eq!(cell.display[0]["text/plain"], "<IPython.core.display.HTML object>");
+    assert_eq!(cell.display[3]["application/json"], r#"{"a": 1}"#);
+    assert_eq!(cell.display[4]["image/png"], "iVBORw0KGgoAAAAAAAAAAA==");
+    backend.release(&slot, true).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_that_waits_for_another_fails_loudly_on_wasm_and_never_hangs() {
+    let backend = wasm();
+    let slot = backend.acquire("threads").await.expect("a slot");
+    for code in [
+        "import threading\ne = threading.Event()\nthreading.Thread(target=e.wait).start()",
+        "import threading, queue\nq = queue.Queue()\nthreading.Thread(target=q.get).start()",
+        "import threading\nlock = threading.Lock()\nlock.acquire()\nthreading.Thread(target=lock.acquire).start()",
+    ] {
+        let result = backend.execute(&slot, rollbox::ToolCall::python(code)).await;
+        let error = result.cell.as_ref().and_then(|c| c.error.as_ref());
+        assert_eq!(
+            error.map(|e| e.name.as_str()),
+            Some("ThreadWaitError"),
+            "{code}: {}",
+            crate::support::pretty(&result)
+        );
+        assert!(
+            error.is_some_and(|e| e.value.contains("no threads") && e.value.contains("process backend")),
+            "the message names the limitation and the way out: {}",
+            crate::support::pretty(&result)
+        );
+        assert_eq!(result.metadata.limit_hit, None, "a loud error, not a time limit");
+    }
+    // With a timeout the wait sleeps it out and fails, as with nobody to wake it.
+    let timed = "import threading\ne = threading.Event()\nout = []\nt = threading.Thread(target=lambda: out.append(e.wait(0.05)))\nt.start()\nt.join()\nout";
+    let result = crate::support::ok(backend.execute(&slot, rollbox::ToolCall::python(timed)).await);
+    assert_eq!(crate::support::value(&result), "[False]");
+    backend.release(&slot, true).await.expect("release");
+}
