@@ -390,6 +390,8 @@ def _finish_script():
     errors)."""
     if _Script.hard_exit:
         return
+    for timer in [t for t in _Threads.timers if not t.daemon]:
+        timer.join()
     threading = sys.modules.get("threading")
     if threading is not None:
         current = threading.current_thread()
@@ -732,15 +734,18 @@ def _allocate_real_lock():
 
 
 class _Threads:
-    """The stack size `threading.stack_size` was last given (0: the default)."""
+    """The stack size `threading.stack_size` was last given (0: the default), and the Timers
+    started but not run yet."""
 
     stack_size = 0
+    timers = []
 
 
 def _thread_start(self):
-    """Thread.start on wasm: runs the thread to its end now, as if it had run alone. An
-    exception goes to threading.excepthook (printed on stderr) as in a real thread, except
-    ThreadWaitError, which ends the cell."""
+    """Thread.start on wasm: runs the thread to its end now, as if it had run alone (a Timer
+    waits for its join() or the program's end instead). An exception goes to
+    threading.excepthook (printed on stderr) as in a real thread, except ThreadWaitError,
+    which ends the cell."""
     import threading
 
     if not self._initialized:
@@ -748,6 +753,17 @@ def _thread_start(self):
     if self._started.is_set():
         raise RuntimeError("threads can only be started once")
     self._started.set()
+    if isinstance(self, threading.Timer):
+        # "Later, unless cancelled": it runs at join() or when the program ends, and a
+        # cancelled one never does (matplotlib starts a 5 s warning timer it then cancels).
+        _Threads.timers.append(self)
+        return
+    _run_inline(self)
+
+
+def _run_inline(self):
+    import threading
+
     ident = threading.get_ident()
     outer = threading._active.get(ident)
     threading._active[ident] = self  # current_thread() is this thread while it runs
@@ -777,6 +793,9 @@ def _thread_join(self, timeout=None):
         raise RuntimeError("cannot join thread before it is started")
     if self is threading.current_thread():
         raise RuntimeError("cannot join current thread")
+    if self in _Threads.timers:
+        _Threads.timers.remove(self)
+        _run_inline(self)
 
 
 def _thread_is_alive(self):
