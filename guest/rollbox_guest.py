@@ -61,6 +61,15 @@ class _CappedWriter(io.TextIOBase):
         self._room = cap
         self.dropped = 0
         self.wrote = False
+        self._buffer = None
+
+    @property
+    def buffer(self):
+        """The binary layer (`sys.stdout.buffer.write(b"...")`, common in judge solutions): bytes
+        are decoded as UTF-8, a character split across writes included, and kept as text."""
+        if self._buffer is None:
+            self._buffer = _BinaryWriter(self)
+        return self._buffer
 
     @property
     def encoding(self):
@@ -102,6 +111,28 @@ def _write_fd(fd, data):
         view = view[_os_write(fd, view) :]
 
 
+class _BinaryWriter(io.BufferedIOBase):
+    """`buffer` of a `_CappedWriter`: UTF-8 bytes in, text out to the writer."""
+
+    def __init__(self, text):
+        super().__init__()
+        import codecs
+
+        self._text = text
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        data = bytes(data)
+        self._text.write(self._decoder.decode(data))
+        return len(data)
+
+    def flush(self):
+        pass
+
+
 _STDOUT, _STDERR = _CappedWriter("<stdout>", 1), _CappedWriter("<stderr>", 2)
 
 
@@ -118,12 +149,17 @@ class _Cell:
         self.error = None
 
 
-def display(*objects):
-    """Show rich outputs (images, HTML) in the cell's result, as IPython's display does."""
+def display(*objects, raw=False, **_ignored):
+    """Show rich outputs (images, HTML) in the cell's result, as IPython's display does. With
+    `raw=True` each object is already a bundle: a dict from MIME type to data."""
     cell = _Cell.current
     for obj in objects:
         if cell is None:
             print(repr(obj))
+        elif raw and isinstance(obj, dict):
+            bundle = {str(mime): data if isinstance(data, str) else json.dumps(data, default=str) for mime, data in obj.items()}
+            bundle.setdefault("text/plain", "")
+            cell.display.append(bundle)
         else:
             cell.display.append(_mime_bundle(obj, cell.cap))
 
@@ -151,6 +187,7 @@ def _mime_bundle(value, cap):
         ("_repr_latex_", "text/latex"),
         ("_repr_svg_", "image/svg+xml"),
         ("_repr_png_", "image/png"),
+        ("_repr_jpeg_", "image/jpeg"),
         ("_repr_json_", "application/json"),
     ):
         render = getattr(type(value), method, None)
@@ -350,6 +387,50 @@ class _Config:
     streams_to_fd = False
 
 
+class _Script:
+    """Script semantics for the next cell, which `/run_code`'s set-up cell asks for with
+    `_begin_script`: the cell is a whole program, and ends as CPython ends one."""
+
+    pending = False
+    hard_exit = False
+
+
+def _begin_script():
+    """Makes the next cell a program: at its end, non-daemon threads are waited for and atexit
+    handlers run, as when CPython exits; `os._exit(n)` ends it with status n (it would end the
+    whole interpreter otherwise, losing what was printed)."""
+    import os
+
+    _Script.pending = True
+    os._exit = _hard_exit
+
+
+def _hard_exit(status):
+    """os._exit in a program: its status, and no threads waited for nor atexit handlers run, as
+    in CPython (unlike CPython, `finally` blocks on the way out still run)."""
+    _Script.hard_exit = True
+    raise SystemExit(status)
+
+
+def _finish_script():
+    """What CPython does after a program's last line, its exception or its sys.exit: wait for
+    the threads that are not daemons, then run the atexit handlers (which print their own
+    errors)."""
+    if _Script.hard_exit:
+        return
+    for timer in [t for t in _Threads.timers if not t.daemon]:
+        timer.join()
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        current = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not current and not thread.daemon and thread is not threading.main_thread():
+                thread.join()
+    import atexit
+
+    atexit._run_exitfuncs()
+
+
 def _turn(source, name):
     """The reactor's turn handler, replaced by `start`: runs `source` as one cell and sends
     its report to the host. Never raises."""
@@ -360,11 +441,14 @@ def _turn(source, name):
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     _Cell.current = cell
+    script, _Script.pending = _Script.pending, False
     try:
         try:
             _execute(source, cell)
         except BaseException as e:  # SystemExit and KeyboardInterrupt too: the kernel lives on
             cell.error = _error_report(e, cell.cap)
+        if script:
+            _finish_script()
         try:
             _collect_figures(cell)
         except Exception as e:
@@ -392,7 +476,8 @@ def _error_report(error, cap):
         value = str(error)
     except BaseException as e:  # a broken __str__ must not lose the error
         value = f"<str() raised {type(e).__name__}>"
-    lines = [_cut(line.rstrip("\n"), cap) for line in _user_traceback(error)]
+    # One newline off each entry: a chained exception's separator keeps its blank lines.
+    lines = [_cut(line[:-1] if line.endswith("\n") else line, cap) for line in _user_traceback(error)]
     return {"name": type(error).__name__, "value": _cut(value, cap), "traceback": lines}
 
 
@@ -400,6 +485,569 @@ def _cut(text, cap):
     if len(text) <= cap:
         return text
     return text[:cap] + f"... [{len(text) - cap} more characters]"
+
+
+# --- What a notebook or a judge expects of CPython that the sandbox lacks -------------------
+# Each piece below is installed by `_install_compat` when the guest loads, and only changes a
+# module when the module is imported (or already was): an `IPython` that is not installed, and
+# on wasm (no threads, a 32-bit C long) threading, thread pools and numpy's integer widths.
+# docs/parity.md lists what each gives and what stays different.
+
+_WASM = sys.platform == "wasi"
+
+
+class _DisplayObject:
+    """The base of IPython.display's HTML, Markdown and friends: data shown as one MIME type."""
+
+    _mime = "text/plain"
+
+    def __init__(self, data=None, url=None, filename=None, metadata=None):
+        if data is None and filename is not None:
+            with open(filename, "rb" if self._binary else "r") as file:
+                data = file.read()
+        self.data, self.url, self.filename, self.metadata = data, url, filename, metadata
+
+    _binary = False
+
+    def __repr__(self):
+        return f"<IPython.core.display.{type(self).__name__} object>"
+
+
+class _HTML(_DisplayObject):
+    def _repr_html_(self):
+        return self.data
+
+
+class _Markdown(_DisplayObject):
+    def _repr_markdown_(self):
+        return self.data
+
+
+class _Latex(_DisplayObject):
+    def _repr_latex_(self):
+        return self.data
+
+
+class _Math(_DisplayObject):
+    def _repr_latex_(self):
+        text = (self.data or "").strip("$")
+        return f"$\\displaystyle {text}$"
+
+
+class _SVG(_DisplayObject):
+    def _repr_svg_(self):
+        return self.data
+
+
+class _JSON(_DisplayObject):
+    def __init__(self, data=None, url=None, filename=None, expanded=False, metadata=None, **_ignored):
+        if isinstance(data, str) and filename is None:
+            data = json.loads(data)
+        super().__init__(data, url, filename, metadata)
+        if isinstance(self.data, str):
+            self.data = json.loads(self.data)
+
+    def _repr_json_(self):
+        return self.data
+
+
+class _Pretty(_DisplayObject):
+    def __repr__(self):
+        return str(self.data)
+
+
+_IMAGE_MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpeg"), (b"GIF8", "gif"))
+
+
+class _Image(_DisplayObject):
+    """IPython's Image: bytes (or a file) shown as image/png or image/jpeg, or a URL as HTML."""
+
+    _binary = True
+
+    def __init__(self, data=None, url=None, filename=None, format=None, embed=None, width=None, height=None, **_ignored):
+        if isinstance(data, str) and filename is None and url is None:
+            if data.startswith(("http://", "https://", "data:")):
+                data, url = None, data
+            else:
+                data, filename = None, data
+        super().__init__(data, url, filename)
+        self.width, self.height = width, height
+        if format is None and filename is not None:
+            format = filename.rsplit(".", 1)[-1].lower()
+        if format is None and isinstance(self.data, bytes):
+            format = next((name for magic, name in _IMAGE_MAGIC if self.data.startswith(magic)), None)
+        self.format = "jpeg" if format == "jpg" else format
+
+    def _repr_png_(self):
+        return self.data if self.format == "png" and self.data is not None else None
+
+    def _repr_jpeg_(self):
+        return self.data if self.format == "jpeg" and self.data is not None else None
+
+    def _repr_html_(self):
+        if self.data is not None:
+            return None
+        size = "".join(f' {name}="{value}"' for name, value in (("width", self.width), ("height", self.height)) if value)
+        return f'<img src="{self.url}"{size}/>'
+
+
+def _clear_output(wait=False):
+    """IPython's clear_output: forgets what the cell showed and printed so far."""
+    cell = _Cell.current
+    if cell is not None:
+        cell.display.clear()
+        _STDOUT.reset(cell.cap)
+        _STDERR.reset(cell.cap)
+        if _Config.streams_to_fd:
+            _door_call(b"clear-output")  # the host holds what was written: it forgets it
+
+
+def _get_ipython():
+    """There is no IPython shell here: code that checks for one takes its plain-Python path."""
+    return None
+
+
+def _ipython_modules():
+    """`IPython`, `IPython.display` and `IPython.core.display`, made of the objects above."""
+    import types
+
+    names = {
+        "display": display,
+        "clear_output": _clear_output,
+        "HTML": _HTML,
+        "Markdown": _Markdown,
+        "Latex": _Latex,
+        "Math": _Math,
+        "SVG": _SVG,
+        "JSON": _JSON,
+        "Image": _Image,
+        "Pretty": _Pretty,
+        "DisplayObject": _DisplayObject,
+    }
+    for name in ("HTML", "Markdown", "Latex", "Math", "SVG", "JSON", "Image", "Pretty", "DisplayObject"):
+        names[name].__name__ = names[name].__qualname__ = name
+        names[name].__module__ = "IPython.core.display"
+    for kind in ("html", "markdown", "latex", "svg", "json", "png", "jpeg"):
+        names[f"display_{kind}"] = display
+    display_module = types.ModuleType("IPython.display", "rollbox's IPython.display: rich outputs as display bundles.")
+    display_module.__dict__.update(names)
+    core = types.ModuleType("IPython.core")
+    core.display = display_module
+    root = types.ModuleType("IPython", "rollbox's stand-in for IPython: display() and get_ipython() only.")
+    root.__path__ = []
+    root.display = display_module
+    root.core = core
+    root.get_ipython = _get_ipython
+    root.version_info = (0, 0, 0, "rollbox")
+    return {"IPython": root, "IPython.display": display_module, "IPython.core": core, "IPython.core.display": display_module}
+
+
+class _FallbackModules:
+    """A meta path finder consulted last: it gives modules (IPython) only when no installed
+    package does."""
+
+    modules = None
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "IPython" and not name.startswith("IPython."):
+            return None
+        import importlib.machinery
+
+        if self.modules is None:
+            self.modules = _ipython_modules()  # once: `IPython.display` is one module
+        modules = self.modules
+        if name not in modules:
+            return None
+        return importlib.machinery.ModuleSpec(name, _GivenModule(modules[name]), is_package=name in ("IPython", "IPython.core"))
+
+
+class _GivenModule:
+    """A loader whose module is already built."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def create_module(self, spec):
+        return self.module
+
+    def exec_module(self, module):
+        pass
+
+
+class _AfterImport:
+    """A meta path finder that lets the other finders find the modules in `patches`, then
+    patches each right after it loads, before any code can use it."""
+
+    def __init__(self, patches):
+        self.patches = patches
+
+    def find_spec(self, name, path=None, target=None):
+        patch = self.patches.get(name)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader, patch)
+                return spec
+        return None
+
+
+class _PatchingLoader:
+    """Loads with `loader`, then applies `patch`; anything else is `loader`'s."""
+
+    def __init__(self, loader, patch):
+        self.loader, self.patch = loader, patch
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.patch(module)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+class ThreadWaitError(RuntimeError):
+    """A wait that can never end: on wasm, threads run one at a time, each to its end inside
+    `start()`, so no other thread can release the lock or set the event."""
+
+
+ThreadWaitError.__module__ = "rollbox"
+
+
+def _wait_error(what):
+    return ThreadWaitError(
+        f"{what} would wait forever: rollbox's wasm sandbox has no threads, so each Thread runs to its end "
+        "inside start(), one at a time, and nothing else can ever release it. Code whose threads wait for "
+        "each other needs real threads: run it on the process backend (see docs/parity.md)."
+    )
+
+
+class _InlineLock:
+    """threading.Lock on wasm: a free lock is taken as usual; a held one can never be released
+    by anyone else, so a blocking acquire raises ThreadWaitError instead of hanging, and one
+    with a timeout sleeps it out and fails, as it would with nobody to release it."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = _allocate_real_lock()
+
+    def acquire(self, blocking=True, timeout=-1):
+        if self._lock.acquire(False):
+            return True
+        if not blocking:
+            return False
+        if timeout is not None and timeout >= 0:
+            import time
+
+            time.sleep(timeout)
+            return False
+        raise _wait_error("acquiring a lock that is held (or waiting on a Condition, Event, Queue or Semaphore)")
+
+    def release(self):
+        self._lock.release()
+
+    def locked(self):
+        return self._lock.locked()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self._lock.release()
+
+    def _at_fork_reinit(self):
+        self._lock = _allocate_real_lock()
+
+    def __repr__(self):
+        return f"<{'locked' if self._lock.locked() else 'unlocked'} {type(self).__module__}.Lock object>"
+
+
+def _allocate_real_lock():
+    import _thread
+
+    return _thread.allocate_lock()
+
+
+class _Threads:
+    """The stack size `threading.stack_size` was last given (0: the default), and the Timers
+    started but not run yet."""
+
+    stack_size = 0
+    timers = []
+
+
+def _thread_start(self):
+    """Thread.start on wasm: runs the thread to its end now, as if it had run alone (a Timer
+    waits for its join() or the program's end instead). An exception goes to
+    threading.excepthook (printed on stderr) as in a real thread, except ThreadWaitError,
+    which ends the cell."""
+    import threading
+
+    if not self._initialized:
+        raise RuntimeError("thread.__init__() not called")
+    if self._started.is_set():
+        raise RuntimeError("threads can only be started once")
+    self._started.set()
+    if isinstance(self, threading.Timer):
+        # "Later, unless cancelled": it runs at join() or when the program ends, and a
+        # cancelled one never does (matplotlib starts a 5 s warning timer it then cancels).
+        _Threads.timers.append(self)
+        return
+    _run_inline(self)
+
+
+def _run_inline(self):
+    import threading
+
+    ident = threading.get_ident()
+    outer = threading._active.get(ident)
+    threading._active[ident] = self  # current_thread() is this thread while it runs
+    try:
+        self.run()
+    except ThreadWaitError:
+        raise
+    except SystemExit:
+        pass  # ends the thread quietly, as in CPython
+    except BaseException:
+        self._invoke_excepthook(self)
+    finally:
+        self._rollbox_done = True
+        if outer is None:
+            threading._active.pop(ident, None)
+        else:
+            threading._active[ident] = outer
+
+
+def _thread_join(self, timeout=None):
+    """Thread.join on wasm: the thread already ran to its end in start()."""
+    import threading
+
+    if not self._initialized:
+        raise RuntimeError("Thread.__init__() not called")
+    if not self._started.is_set():
+        raise RuntimeError("cannot join thread before it is started")
+    if self is threading.current_thread():
+        raise RuntimeError("cannot join current thread")
+    if self in _Threads.timers:
+        _Threads.timers.remove(self)
+        _run_inline(self)
+
+
+def _thread_is_alive(self):
+    return self._started.is_set() and not getattr(self, "_rollbox_done", False)
+
+
+def _stack_size(size=None):
+    """threading.stack_size on wasm: remembered and returned as CPython does. Python-level
+    recursion in the sandbox is bounded by sys.setrecursionlimit and the slot's memory, not by
+    a thread's stack, so a large size needs nothing more."""
+    previous = _Threads.stack_size
+    if size is not None:
+        if size != 0 and size < 32768:
+            raise ValueError(f"size not valid: {size} bytes")
+        _Threads.stack_size = size
+    return previous
+
+
+def _patch_threading(threading):
+    threading.Lock = _InlineLock
+    threading._allocate_lock = _InlineLock
+    threading.stack_size = _stack_size
+    threading.ThreadWaitError = ThreadWaitError
+    threading.Thread.start = _thread_start
+    threading.Thread.join = _thread_join
+    threading.Thread.is_alive = _thread_is_alive
+
+
+def _patch_thread_pool(pool_module):
+    """ThreadPoolExecutor on wasm runs each task when it is submitted, in order, and hands back
+    a finished Future: map, submit, as_completed and wait give what a real pool gives."""
+    executor = pool_module.ThreadPoolExecutor
+
+    def submit(self, fn, /, *args, **kwargs):
+        from concurrent.futures import _base
+
+        if getattr(self, "_broken", False):
+            raise pool_module.BrokenThreadPool(self._broken)
+        if getattr(self, "_shutdown", False):
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if not getattr(self, "_rollbox_initialized", False):
+            self._rollbox_initialized = True
+            initializer = getattr(self, "_initializer", None)
+            if initializer is not None:
+                try:
+                    initializer(*getattr(self, "_initargs", ()))
+                except BaseException:
+                    self._broken = "A thread initializer failed, the thread pool is not usable anymore"
+                    raise pool_module.BrokenThreadPool(self._broken) from None
+        future = _base.Future()
+        future.set_running_or_notify_cancel()
+        try:
+            result = fn(*args, **kwargs)
+        except ThreadWaitError:
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        return future
+
+    executor.submit = submit
+
+
+class _NumpyWidths:
+    """Whether numpy's integers follow 64-bit Linux (see `_patch_numpy`); `numpy_native_ints`
+    switches it."""
+
+    native = True
+    # What repr treats as the default integer, each way; set once numpy is patched.
+    typeless = None
+
+
+def numpy_native_ints(enabled=True):
+    """Switches numpy's 64-bit integer defaults on wasm32 (on by default): with False, integers
+    from Python ints are numpy's own 32-bit default again and sums accumulate in 32 bits, as a
+    plain wasm32 numpy does. For comparisons; it changes nothing on a 64-bit host."""
+    _NumpyWidths.native = bool(enabled)
+    if _NumpyWidths.typeless is not None:
+        typeless, native, plain = _NumpyWidths.typeless
+        typeless[:] = native if enabled else plain
+
+
+def _patch_numpy(np):
+    """On wasm32 numpy's default integer (C long, intp) has 32 bits, where 64-bit Linux has 64:
+    `np.arange(100000).sum()` would wrap around silently. This makes integers created from
+    Python ints 64-bit, sums and products accumulate in 64 bits as on 64-bit Linux, and repr
+    leave out `dtype=int64` as it does there. What it cannot reach is listed in docs/parity.md."""
+    if np.dtype(int).itemsize >= 8:
+        return
+    core = getattr(np, "_core", None) or np.core
+    int64, uint64, ndarray = np.int64, np.uint64, np.ndarray
+    python_ints = (int, bool, list, tuple, range)
+
+    def wide(dtype):
+        if dtype.itemsize < 8 and dtype.kind in "bi":
+            return int64
+        if dtype.itemsize < 8 and dtype.kind == "u":
+            return uint64
+        return None
+
+    def accumulating(original):
+        def reduce(a, axis=None, dtype=None, out=None, *args, **kwargs):
+            if _NumpyWidths.native and dtype is None and out is None:
+                if type(a) in (list, tuple):
+                    a = array(a)
+                if isinstance(a, ndarray):
+                    dtype = wide(a.dtype)
+            return original(a, axis, dtype, out, *args, **kwargs)
+
+        return _like(reduce, original)
+
+    def python_int_args(args):
+        return all(type(a) in (int, bool) for a in args)
+
+    original_array, original_asarray, original_arange = np.array, np.asarray, np.arange
+
+    def array(obj, dtype=None, *args, **kwargs):
+        if not _NumpyWidths.native:
+            return original_array(obj, dtype, *args, **kwargs)
+        if dtype is int:
+            dtype = int64
+        result = original_array(obj, dtype, *args, **kwargs)
+        if dtype is None and type(obj) in python_ints and result.dtype.kind == "i" and result.dtype.itemsize < 8:
+            result = result.astype(int64)
+        return result
+
+    def asarray(a, dtype=None, *args, **kwargs):
+        if _NumpyWidths.native:
+            if dtype is int:
+                dtype = int64
+            if dtype is None and type(a) in python_ints and not args and not kwargs:
+                return array(a)
+        return original_asarray(a, dtype, *args, **kwargs)
+
+    def arange(*args, **kwargs):
+        if _NumpyWidths.native:
+            dtype = kwargs.get("dtype", args[3] if len(args) > 3 else None)
+            bounds = list(args[:3]) + [kwargs[k] for k in ("start", "stop", "step") if kwargs.get(k) is not None]
+            if dtype is int or (dtype is None and python_int_args(bounds)):
+                if len(args) > 3:
+                    args = args[:3] + (int64,) + args[4:]
+                else:
+                    kwargs["dtype"] = int64
+        return original_arange(*args, **kwargs)
+
+    def int_dtype(original, fill_position=None):
+        """zeros, ones, empty (dtype second) and full (fill value second, dtype third): `int`,
+        or a Python int fill value, means int64."""
+        dtype_at = 1 if fill_position is None else 2
+
+        def make(*args, **kwargs):
+            if _NumpyWidths.native:
+                dtype = kwargs.get("dtype", args[dtype_at] if len(args) > dtype_at else None)
+                if dtype is None and fill_position is not None and len(args) > fill_position:
+                    if type(args[fill_position]) is int:
+                        dtype = int
+                if dtype is int:
+                    if len(args) > dtype_at:
+                        args = args[:dtype_at] + (int64,) + args[dtype_at + 1 :]
+                    else:
+                        kwargs["dtype"] = int64
+            return original(*args, **kwargs)
+
+        return _like(make, original)
+
+    np.array = _like(array, original_array)
+    np.asarray = _like(asarray, original_asarray)
+    np.arange = _like(arange, original_arange)
+    for name in ("zeros", "ones", "empty"):
+        setattr(np, name, int_dtype(getattr(np, name)))
+    np.full = int_dtype(np.full, fill_position=1)
+    for name in ("sum", "prod", "cumsum", "cumprod"):
+        setattr(np, name, accumulating(getattr(np, name)))
+    # `ndarray.sum` and `.prod` call these (looked up on first use, so this must come first).
+    methods = core._methods
+    methods._sum = accumulating(methods._sum)
+    methods._prod = accumulating(methods._prod)
+    # repr leaves out the default integer's dtype; on 64-bit Linux that is int64.
+    typeless = core.arrayprint._typelessdata
+    plain = list(typeless)
+    native = [t for t in plain if not (issubclass(t, np.signedinteger) and np.dtype(t).itemsize < 8)] + [int64]
+    _NumpyWidths.typeless = (typeless, native, plain)
+    numpy_native_ints(_NumpyWidths.native)
+
+
+def _like(wrapper, original):
+    """`wrapper` under `original`'s name and docstring, so help() and tracebacks read the same."""
+    wrapper.__name__, wrapper.__qualname__ = original.__name__, getattr(original, "__qualname__", original.__name__)
+    wrapper.__doc__, wrapper.__module__ = original.__doc__, getattr(original, "__module__", None)
+    wrapper.__wrapped__ = original
+    return wrapper
+
+
+def _install_compat():
+    """Puts the pieces above in place; the patches apply when (or if) each module is loaded."""
+    patches = {}
+    if _WASM:
+        patches = {"threading": _patch_threading, "concurrent.futures.thread": _patch_thread_pool, "numpy": _patch_numpy}
+    for name, patch in patches.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if patches:
+        sys.meta_path.insert(0, _AfterImport(patches))
+    sys.meta_path.append(_FallbackModules())
+
+
+_install_compat()
 
 
 def start(cap, streams_to_fd=False):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the `process` backend and its tests need on a Debian-like host: bubblewrap (the
-# sandbox every command runs in), pytest for the system Python (SWE verification), and git.
+# sandbox every command runs in), pytest for the system Python (SWE verification), git, and
+# numpy for the system Python (the parity suite runs its numpy programs natively too).
 # Idempotent: does nothing when they are all there already.
 set -euo pipefail
 
@@ -9,7 +10,8 @@ PYTHON=/usr/bin/python3
 have_all() {
     command -v bwrap >/dev/null 2>&1 &&
         command -v git >/dev/null 2>&1 &&
-        "$PYTHON" -m pytest --version >/dev/null 2>&1
+        "$PYTHON" -m pytest --version >/dev/null 2>&1 &&
+        "$PYTHON" -c 'import numpy' >/dev/null 2>&1
 }
 
 if have_all; then
@@ -21,16 +23,16 @@ if [ "$(id -u)" -eq 0 ]; then
 elif command -v sudo >/dev/null 2>&1; then
     as_root=(sudo)
 else
-    echo "setup-host: bubblewrap, git or pytest is missing and this user cannot install packages (not root, no sudo)" >&2
-    echo "setup-host: install the Debian packages bubblewrap, python3-pytest and git, then run this again" >&2
+    echo "setup-host: bubblewrap, git, pytest or numpy is missing and this user cannot install packages (not root, no sudo)" >&2
+    echo "setup-host: install the Debian packages bubblewrap, python3-pytest, python3-numpy and git, then run this again" >&2
     exit 1
 fi
 
-echo "setup-host: installing bubblewrap, python3-pytest and git" >&2
+echo "setup-host: installing bubblewrap, python3-pytest, python3-numpy and git" >&2
 "${as_root[@]}" apt-get update
-DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y bubblewrap python3-pytest git
+DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y bubblewrap python3-pytest python3-numpy git
 
 if ! have_all; then
-    echo "setup-host: the packages installed, but bwrap, git or '$PYTHON -m pytest' still does not work" >&2
+    echo "setup-host: the packages installed, but bwrap, git, '$PYTHON -m pytest' or numpy still does not work" >&2
     exit 1
 fi

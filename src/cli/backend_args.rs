@@ -320,6 +320,9 @@ fn serve_args(limits: &Limits, slots_per_server: usize) -> anyhow::Result<Vec<St
     Ok(vec![
         "--limits-json".to_string(),
         serde_json::to_string(limits).context("failed to write the limits for the servers")?,
+        // Else the server's backend would keep /run_code's larger cap for these calls too.
+        "--run-code-max-output".into(),
+        limits.output_bytes.to_string(),
         "--max-slots".into(),
         slots_per_server.to_string(),
     ])

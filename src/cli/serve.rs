@@ -52,6 +52,11 @@ pub(crate) struct ServeArgs {
     /// Seconds a request may take, waiting in line included; longer ones get 504.
     #[arg(long, value_name = "SECS", default_value_t = ServerConfig::default().request_timeout.as_secs_f64())]
     request_timeout: f64,
+    /// The most bytes `/run_code` returns of each stream, cut silently as SandboxFusion does
+    /// (its default is SandboxFusion's 1 MiB). The backend keeps the larger of this and
+    /// --max-output per stream, so /v1 calls see that larger cap too.
+    #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().run_code_output_bytes)]
+    run_code_max_output: usize,
     /// A file holding the bearer token clients must send (instead of $ROLLBOX_SERVER_TOKEN).
     /// Required to listen beyond loopback.
     #[arg(long, value_name = "PATH")]
@@ -66,7 +71,9 @@ pub(crate) struct ServeArgs {
 
 /// Starts the backend `args` choose, with room for the server's `--max-slots`.
 async fn start_backend(args: &ServeArgs, printer: Printer) -> anyhow::Result<Arc<dyn Backend>> {
-    let limits = args.limits.resolve()?;
+    let mut limits = args.limits.resolve()?;
+    // /run_code's streams are cut on the host, so the backend must keep at least that much.
+    limits.output_bytes = limits.output_bytes.max(args.run_code_max_output);
     match args.backend {
         ServedBackend::Wasm => {
             anyhow::ensure!(!args.process.given(), "{PROCESS_FLAGS_ONLY}");
@@ -131,6 +138,7 @@ fn resolve_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         max_queued_requests: args.max_queued_requests,
         request_timeout: positive_secs("--request-timeout", args.request_timeout)?,
         token: resolve_token(args.token_file.as_deref())?,
+        run_code_output_bytes: args.run_code_max_output,
     })
 }
 

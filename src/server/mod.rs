@@ -54,11 +54,16 @@ pub struct ServerConfig {
     /// The bearer token every request must carry. Required unless the server listens on
     /// loopback only.
     pub token: Option<BearerToken>,
+    /// The most bytes `/run_code` returns of each stream (stdout, stderr), cut without any
+    /// marker in the stream, as SandboxFusion does; see [`run_code::SANDBOX_FUSION_OUTPUT_BYTES`].
+    /// The backend must keep at least this many bytes per stream for the cap to be reached.
+    pub run_code_output_bytes: usize,
 }
 
 impl Default for ServerConfig {
     /// 10,000 slots, 600 s idle timeout, 16 MiB bodies, 512 requests running and 4,096 queued,
-    /// a 300 s request timeout (ten times the default cell time limit, for batches), no token.
+    /// a 300 s request timeout (ten times the default cell time limit, for batches), no token,
+    /// and SandboxFusion's 1 MiB per stream for `/run_code`.
     fn default() -> Self {
         ServerConfig {
             max_slots: 10_000,
@@ -68,6 +73,7 @@ impl Default for ServerConfig {
             max_queued_requests: 4_096,
             request_timeout: Duration::from_secs(300),
             token: None,
+            run_code_output_bytes: run_code::SANDBOX_FUSION_OUTPUT_BYTES,
         }
     }
 }
@@ -79,6 +85,7 @@ impl ServerConfig {
             ("max_slots", self.max_slots),
             ("max_body_bytes", self.max_body_bytes),
             ("max_concurrent_requests", self.max_concurrent_requests),
+            ("run_code_output_bytes", self.run_code_output_bytes),
         ];
         if let Some((name, _)) = positive.into_iter().find(|(_, value)| *value == 0) {
             return Err(ServerError::InvalidConfig(format!("{name} must be at least 1")));

@@ -4,8 +4,18 @@
 //! Each request runs in a fresh slot that is released afterwards. Python runs as one cell,
 //! with script semantics on top: `__name__ == "__main__"`, the final expression's value is not
 //! printed, an uncaught exception prints its traceback to stderr and gives return code 1, and
-//! `sys.exit(n)` gives return code `n`. `stdin` and `files` are put in place by a set-up cell
-//! first; `fetch_files` are read back by a cell after.
+//! `sys.exit(n)` gives return code `n`, and as the program ends the guest waits for its
+//! non-daemon threads and runs its atexit handlers, as CPython does on exit. A set-up cell puts
+//! `stdin` and `files` in place first and asks the guest for that script ending;
+//! `fetch_files` are read back by a cell after.
+//!
+//! Two things follow SandboxFusion rather than the slot API, because clients score rewards by
+//! comparing `stdout` byte for byte:
+//! - the streams hold only what the program wrote: output past the server's cap is cut with
+//!   no marker, and the cut is reported beside them in `run_result.truncated`, a field
+//!   SandboxFusion clients do not read;
+//! - when every slot is busy the request waits for one, up to its own `run_timeout`, and only
+//!   then answers 504, the one status verl's `call_sandbox_api` retries.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,8 +24,9 @@ use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 
+use super::api::ApiErrorCode;
 use super::middleware::DetachedWork;
-use super::routes::{JsonBody, slots_full};
+use super::routes::JsonBody;
 use super::{ApiFailure, ServerState, Shared};
 use crate::slot::LimitKind;
 use crate::slot::tools::ToolName;
@@ -27,6 +38,12 @@ const PYTHON: &str = "python";
 const DEFAULT_TIMEOUT_SECS: f64 = 10.0;
 /// The trajectory id of `/run_code`'s slots, for logs.
 const RUN_CODE_TRAJECTORY: &str = "run_code";
+/// The bytes of each stream SandboxFusion returns: its runner reads a finished command's
+/// stdout and stderr with `fd.read(1024 * 1024)` (`get_output_non_blocking` in
+/// `sandbox/utils/execution.py`, bytedance/SandboxFusion), so at most 1 MiB each, cut silently.
+pub const SANDBOX_FUSION_OUTPUT_BYTES: usize = 1024 * 1024;
+/// How long to wait before trying again when the backend (not the slot table) was full.
+const BACKEND_FULL_RETRY: Duration = Duration::from_millis(20);
 
 /// SandboxFusion's `RunCodeRequest`. Unknown fields are ignored, as SandboxFusion does.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,6 +154,10 @@ pub struct CommandRunResult {
     pub stdout: Option<String>,
     /// What it printed to standard error, a traceback included.
     pub stderr: Option<String>,
+    /// rollbox's own field, which SandboxFusion clients ignore: whether `stdout` or `stderr`
+    /// was cut at the server's output cap. The streams themselves never carry a marker.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// SandboxFusion's `CommandRunStatus`.
@@ -151,7 +172,8 @@ pub enum CommandRunStatus {
 }
 
 /// `POST /run_code`. Request problems past JSON parsing (an unsupported language, a bad path)
-/// are `SandboxError` answers, as SandboxFusion gives; only a full server is a 503.
+/// are `SandboxError` answers, as SandboxFusion gives. When every slot is busy the request
+/// waits for one until its `run_timeout` has passed, then answers 504.
 pub(crate) async fn run_code(
     State(state): State<ServerState>,
     JsonBody(request): JsonBody<RunCodeRequest>,
@@ -160,34 +182,65 @@ pub(crate) async fn run_code(
         Ok(plan) => plan,
         Err(message) => return Ok(Json(RunCodeResponse::sandbox_error(message))),
     };
-    let reservation = state.shared.slots.reserve().map_err(|full| slots_full(full.capacity))?;
-    let shared = state.shared.clone();
-    // Detached so the slot is released even if the client hangs up.
-    let outcome = DetachedWork::run(&state, async move {
-        let outcome = run_in_fresh_slot(&shared, plan).await;
-        drop(reservation);
-        outcome
-    })
-    .await;
-    match outcome {
-        Some(Ok(response)) => Ok(Json(response)),
-        Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(capacity)),
-        Some(Err(error)) => Ok(Json(RunCodeResponse::sandbox_error(format!(
-            "failed to start a slot: {}",
-            crate::error_text::error_chain(&error)
-        )))),
-        None => Ok(Json(RunCodeResponse::sandbox_error(
-            "the backend panicked; the details are in the server's log",
-        ))),
+    let deadline = tokio::time::Instant::now() + plan.timeout;
+    loop {
+        let reservation = state
+            .shared
+            .slots
+            .reserve_within(deadline)
+            .await
+            .map_err(|full| no_slot_in_time(full.capacity, plan.timeout))?;
+        let shared = state.shared.clone();
+        let attempt = plan.clone();
+        // Detached so the slot is released even if the client hangs up.
+        let outcome = DetachedWork::run(&state, async move {
+            let outcome = run_in_fresh_slot(&shared, attempt).await;
+            drop(reservation);
+            outcome
+        })
+        .await;
+        return match outcome {
+            Some(Ok(response)) => Ok(Json(response)),
+            Some(Err(BackendError::Exhausted { capacity })) => {
+                // The backend is full though the table was not (its slots are shared with
+                // something else): wait as for a busy table.
+                if tokio::time::Instant::now() + BACKEND_FULL_RETRY >= deadline {
+                    return Err(no_slot_in_time(capacity, plan.timeout));
+                }
+                tokio::time::sleep(BACKEND_FULL_RETRY).await;
+                continue;
+            }
+            Some(Err(error)) => Ok(Json(RunCodeResponse::sandbox_error(format!(
+                "failed to start a slot: {}",
+                crate::error_text::error_chain(&error)
+            )))),
+            None => Ok(Json(RunCodeResponse::sandbox_error(
+                "the backend panicked; the details are in the server's log",
+            ))),
+        };
     }
 }
 
+/// 504: the request waited its whole `run_timeout` for a slot. SandboxFusion clients (verl's
+/// `call_sandbox_api`) retry exactly this status.
+fn no_slot_in_time(capacity: usize, waited: Duration) -> ApiFailure {
+    ApiFailure::new(
+        ApiErrorCode::Timeout,
+        format!(
+            "no slot came free within the request's run_timeout ({:.1} s): all {capacity} slots stayed busy; \
+             retry, or start the server with more --max-slots",
+            waited.as_secs_f64()
+        ),
+    )
+}
+
 /// A checked request.
+#[derive(Clone)]
 struct RunPlan {
     code: String,
     timeout: Duration,
-    /// The set-up cell, when there is stdin or files to put in place.
-    setup: Option<String>,
+    /// The set-up cell: stdin and files put in place, and script semantics for the program.
+    setup: String,
     fetch_files: Vec<String>,
 }
 
@@ -221,8 +274,7 @@ impl RunPlan {
             .iter()
             .filter_map(|(path, data)| Some((path, data.as_ref()?)))
             .collect();
-        let setup =
-            (request.stdin.is_some() || !files.is_empty()).then(|| setup_cell(request.stdin.as_deref(), &files));
+        let setup = setup_cell(request.stdin.as_deref(), &files);
         Ok(RunPlan {
             code: request.code,
             timeout,
@@ -258,20 +310,15 @@ async fn run_in_fresh_slot(shared: &Shared, plan: RunPlan) -> Result<RunCodeResp
 
 async fn run_plan(shared: &Shared, slot: &Slot, plan: RunPlan) -> RunCodeResponse {
     let backend: &dyn Backend = &*shared.backend;
-    if let Some(setup) = plan.setup {
-        let prepared = backend.execute(slot, ToolCall::python(setup)).await;
-        if !prepared.success {
-            return RunCodeResponse::sandbox_error(format!(
-                "failed to put stdin and files in place: {}",
-                prepared.output
-            ));
-        }
+    let prepared = backend.execute(slot, ToolCall::python(plan.setup)).await;
+    if !prepared.success {
+        return RunCodeResponse::sandbox_error(format!("failed to put stdin and files in place: {}", prepared.output));
     }
     let result = backend
         .execute(slot, ToolCall::python(plan.code).with_timeout(plan.timeout))
         .await;
     shared.metrics.count_calls(std::slice::from_ref(&result));
-    let mut response = response_for(&result);
+    let mut response = response_for(&result, shared.config.run_code_output_bytes);
     if !plan.fetch_files.is_empty() && response.status != RunStatus::SandboxError {
         match fetch_files(backend, slot, &plan.fetch_files).await {
             Ok(files) => response.files = files,
@@ -281,20 +328,25 @@ async fn run_plan(shared: &Shared, slot: &Slot, plan: RunPlan) -> RunCodeRespons
     response
 }
 
-/// The SandboxFusion answer for a cell's result.
-fn response_for(result: &ExecutionResult) -> RunCodeResponse {
+/// The SandboxFusion answer for a cell's result, each stream cut to `cap` bytes.
+fn response_for(result: &ExecutionResult, cap: usize) -> RunCodeResponse {
     let execution_time = Some(result.metadata.duration_us as f64 / 1e6);
     let (stdout, mut stderr) = result
         .cell
         .as_ref()
         .map(|c| (c.stdout.clone(), c.stderr.clone()))
         .unwrap_or_default();
-    let run = |status, return_code, stdout, stderr| CommandRunResult {
-        status,
-        execution_time,
-        return_code,
-        stdout: Some(stdout),
-        stderr: Some(stderr),
+    let run = |status, return_code, stdout: String, stderr: String| {
+        let (stdout, stdout_cut) = program_output(&stdout, result.metadata.truncated, cap);
+        let (stderr, stderr_cut) = program_output(&stderr, result.metadata.truncated, cap);
+        CommandRunResult {
+            status,
+            execution_time,
+            return_code,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            truncated: stdout_cut || stderr_cut,
+        }
     };
     if matches!(result.metadata.limit_hit, Some(LimitKind::Time | LimitKind::Fuel)) {
         return RunCodeResponse::of_run(
@@ -338,6 +390,26 @@ fn response_for(result: &ExecutionResult) -> RunCodeResponse {
     )
 }
 
+/// What the program wrote to a stream, at most `cap` bytes of it, with no truncation marker;
+/// and whether anything was cut. The backend marks its own cuts inside the stream (for
+/// models); `backend_cut` says there are some to take out.
+fn program_output(text: &str, backend_cut: bool, cap: usize) -> (String, bool) {
+    let (mut text, dropped) = if backend_cut {
+        crate::slot::cell::strip_output_cut_markers(text)
+    } else {
+        (text.to_owned(), 0)
+    };
+    if text.len() <= cap {
+        return (text, dropped > 0);
+    }
+    let mut end = cap;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    (text, true)
+}
+
 /// The return code a script ending with `error` would have, and what Python would print.
 fn exit_of(error: &CellError) -> (i32, String) {
     if error.name != "SystemExit" {
@@ -360,8 +432,10 @@ fn exit_of(error: &CellError) -> (i32, String) {
     }
 }
 
-/// A Python cell that makes `stdin` the cell's standard input and writes `files`. The data
-/// travels as hex of a JSON document, which no quoting in the code can break.
+/// A Python cell that makes `stdin` the cell's standard input, writes `files`, and asks the
+/// guest for script semantics in the next cell: non-daemon threads waited for and atexit
+/// handlers run at its end, `os._exit(n)` as status n. The data travels as hex of a JSON
+/// document, which no quoting in the code can break.
 fn setup_cell(stdin: Option<&str>, files: &BTreeMap<&String, &String>) -> String {
     let spec = serde_json::json!({ "stdin": stdin, "files": files });
     format!(
@@ -374,7 +448,8 @@ fn setup_cell(stdin: Option<&str>, files: &BTreeMap<&String, &String>) -> String
          \x20       _rb_file.write(_rb_b64.b64decode(_rb_data))\n\
          if _rb_spec['stdin'] is not None:\n\
          \x20   _rb_sys.stdin = _rb_io.TextIOWrapper(_rb_io.BytesIO(_rb_spec['stdin'].encode('utf-8')), encoding='utf-8')\n\
-         del _rb_b64, _rb_io, _rb_json, _rb_os, _rb_sys, _rb_spec\n",
+         del _rb_b64, _rb_io, _rb_json, _rb_os, _rb_sys, _rb_spec\n\
+         __import__('rollbox_guest')._begin_script()\n",
         hex(spec.to_string().as_bytes())
     )
 }

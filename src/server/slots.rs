@@ -1,9 +1,12 @@
 //! [`SlotTable`]: the slots this server handed out, when each was last used, and which are
-//! busy, so idle ones can expire and busy ones never do.
+//! busy, so idle ones can expire and busy ones never do. `/run_code` waits here for a place
+//! when the table is full ([`SlotTable::reserve_within`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::api::SlotStatus;
 use crate::slot::{Slot, SlotId};
@@ -12,6 +15,8 @@ use crate::slot::{Slot, SlotId};
 pub(crate) struct SlotTable {
     state: Mutex<TableState>,
     max_slots: usize,
+    /// Woken whenever a place may have come free (a slot left, a reservation was given back).
+    freed: Notify,
 }
 
 #[derive(Default)]
@@ -40,6 +45,7 @@ impl SlotTable {
         SlotTable {
             state: Mutex::new(TableState::default()),
             max_slots,
+            freed: Notify::new(),
         }
     }
 
@@ -65,6 +71,32 @@ impl SlotTable {
             table: self.clone(),
             filled: false,
         })
+    }
+
+    /// Holds a place like [`SlotTable::reserve`], waiting for one to come free until
+    /// `deadline` when the table is full. The waiters form the bounded queue SandboxFusion
+    /// clients expect: they are the requests the server's admission limit let in, and each
+    /// wakes when a place may be free and tries again (whoever gets there first wins).
+    pub(crate) async fn reserve_within(self: &Arc<Self>, deadline: tokio::time::Instant) -> Result<Reservation, Full> {
+        loop {
+            // Registered before the attempt, so a place freed in between still wakes us.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            match self.reserve() {
+                Ok(reservation) => return Ok(reservation),
+                Err(full) => {
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(full);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wakes the requests waiting for a place.
+    fn announce_free_place(&self) {
+        self.freed.notify_waiters();
     }
 
     /// Every live slot, oldest first.
@@ -105,7 +137,9 @@ impl SlotTable {
 
     /// Takes `id` out of the table, busy or not.
     pub(crate) fn remove(&self, id: SlotId) -> Option<Slot> {
-        self.lock().live.remove(&id).map(|e| e.slot)
+        let removed = self.lock().live.remove(&id).map(|e| e.slot);
+        self.announce_free_place();
+        removed
     }
 
     /// Takes out every slot idle for at least `idle_timeout` with nothing running in it.
@@ -118,16 +152,23 @@ impl SlotTable {
             .filter(|e| e.busy == 0 && idle_for(e, now) >= idle_timeout)
             .map(|e| e.slot.id)
             .collect();
-        expired
+        let taken: Vec<Slot> = expired
             .iter()
             .filter_map(|id| state.live.remove(id))
             .map(|e| e.slot)
-            .collect()
+            .collect();
+        drop(state);
+        if !taken.is_empty() {
+            self.announce_free_place();
+        }
+        taken
     }
 
     /// Takes out every slot.
     pub(crate) fn take_all(&self) -> Vec<Slot> {
-        self.lock().live.drain().map(|(_, e)| e.slot).collect()
+        let taken = self.lock().live.drain().map(|(_, e)| e.slot).collect();
+        self.announce_free_place();
+        taken
     }
 }
 
@@ -170,6 +211,8 @@ impl Drop for Reservation {
         if !self.filled {
             let mut state = self.table.lock();
             state.reserved = state.reserved.saturating_sub(1);
+            drop(state);
+            self.table.announce_free_place();
         }
     }
 }

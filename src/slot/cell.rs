@@ -255,12 +255,58 @@ pub fn cap_text(text: &str, max_bytes: usize) -> (String, bool) {
 
 /// The visible marker that replaces `dropped` bytes of output.
 pub fn output_cut_marker(dropped: usize) -> String {
-    format!("\n[rollbox: output truncated, {dropped} more bytes not shown]\n")
+    format!("{MARKER_HEAD}{dropped}{MARKER_TAIL}")
+}
+
+/// The marker's text before and after its byte count.
+const MARKER_HEAD: &str = "\n[rollbox: output truncated, ";
+const MARKER_TAIL: &str = " more bytes not shown]\n";
+
+/// `text` without the [`output_cut_marker`]s in it, and the bytes they said were dropped. For
+/// callers that report truncation beside a stream instead of inside it (SandboxFusion's
+/// `/run_code`, whose clients compare stdout byte for byte). Only call it on a stream the
+/// backend said it truncated: a program may print marker-like text itself.
+pub fn strip_output_cut_markers(text: &str) -> (String, usize) {
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = 0usize;
+    let mut rest = text;
+    while let Some(at) = rest.find(MARKER_HEAD) {
+        let after = &rest[at + MARKER_HEAD.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match after[digits..]
+            .starts_with(MARKER_TAIL)
+            .then(|| after[..digits].parse::<usize>())
+        {
+            Some(Ok(count)) => {
+                kept.push_str(&rest[..at]);
+                dropped = dropped.saturating_add(count);
+                rest = &after[digits + MARKER_TAIL.len()..];
+            }
+            _ => {
+                // Not a marker after all: keep its first byte (a newline) and look further on.
+                kept.push_str(&rest[..at + 1]);
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    kept.push_str(rest);
+    (kept, dropped)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn markers_are_stripped_and_their_counts_added_up() {
+        let text = format!("abc{}tail{}", output_cut_marker(12), output_cut_marker(3));
+        assert_eq!(strip_output_cut_markers(&text), ("abctail".to_string(), 15));
+        let lookalike = "x\n[rollbox: output truncated, many more bytes not shown]\n";
+        assert_eq!(strip_output_cut_markers(lookalike), (lookalike.to_string(), 0));
+        let (capped, cut) = cap_text("hello world", 5);
+        assert!(cut);
+        assert_eq!(strip_output_cut_markers(&capped), ("hello".to_string(), 6));
+    }
 
     #[test]
     fn cap_text_cuts_at_a_char_boundary_and_says_how_much() {

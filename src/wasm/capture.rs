@@ -46,6 +46,14 @@ impl CapturedStream {
         (std::mem::take(&mut captured.bytes), dropped)
     }
 
+    /// Forgets what was written since the last take (IPython's `clear_output`); the cap for
+    /// the rest of the call is unchanged.
+    pub(crate) fn clear(&self) {
+        let mut captured = self.lock();
+        captured.bytes.clear();
+        captured.dropped = 0;
+    }
+
     fn append(&self, data: &[u8]) {
         let mut captured = self.lock();
         let room = captured.cap.saturating_sub(captured.bytes.len());

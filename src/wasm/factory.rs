@@ -299,6 +299,7 @@ impl InterpreterFactory {
             exports: None,
             door_cap: report_budget(&self.limits),
             door_frame: None,
+            streams: [stdout.clone(), stderr.clone()],
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);

@@ -10,6 +10,8 @@ use std::time::Instant;
 use wasmtime::{Caller, Memory, ResourceLimiter, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
+use super::capture::CapturedStream;
+
 /// The most table elements (function references) a guest may hold; CPython needs a few
 /// thousand, so this only stops runaway growth.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
@@ -35,6 +37,8 @@ pub(crate) struct GuestState {
     /// The guest's memory and allocator, for the door; set once the instance exists, so the
     /// door never looks exports up by name.
     pub(crate) exports: Option<(Memory, TypedFunc<i32, i32>)>,
+    /// The cell's stdout and stderr as the host captures them, for the door's `clear-output`.
+    pub(crate) streams: [CapturedStream; 2],
     /// Where the last door call's out-pointer sat on the guest's C stack: the stack probe a
     /// snapshot is checked with (see `snapshot.rs`).
     pub(crate) door_frame: Option<u32>,
@@ -85,6 +89,9 @@ impl ResourceLimiter for MemoryLimiter {
 
 /// The door request that asks for the queued data.
 const DOOR_PULL: &[u8] = b"pull";
+/// The door request that forgets what the running cell wrote to its streams so far
+/// (IPython's `clear_output`): the host holds the streams, so only it can.
+const DOOR_CLEAR_OUTPUT: &[u8] = b"clear-output";
 /// The prefix of the guest module's compiled code, uploaded once during the bootstrap (see
 /// [`GuestCodeUpload`]); any other request is a cell report (JSON, which starts with `{`).
 const DOOR_GUEST_CODE: &[u8] = b"M";
@@ -118,6 +125,9 @@ pub(crate) fn door(
         answer.push(b'=');
         answer.extend_from_slice(&std::mem::take(&mut caller.data_mut().door_outbox));
         answer
+    } else if request == DOOR_CLEAR_OUTPUT {
+        caller.data().streams.iter().for_each(CapturedStream::clear);
+        b"ok".to_vec()
     } else if let Some(code) = request.strip_prefix(DOOR_GUEST_CODE) {
         if !matches!(caller.data().guest_code_upload, GuestCodeUpload::Open) {
             return Ok(DOOR_FAULT);

@@ -3,6 +3,7 @@
 mod cli;
 mod conformance;
 mod hostile_cells;
+mod parity;
 mod process;
 mod remote;
 mod rollout;

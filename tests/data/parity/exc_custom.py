@@ -1,0 +1,7 @@
+class MyError(Exception):
+    pass
+
+def f():
+    raise MyError('custom message')
+
+f()

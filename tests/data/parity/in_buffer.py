@@ -1,0 +1,3 @@
+import sys
+raw = sys.stdin.buffer.read()
+print(len(raw), raw.split())

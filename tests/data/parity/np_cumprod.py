@@ -1,0 +1,2 @@
+import numpy as np
+print(np.cumprod(np.arange(1, 21))[-1])

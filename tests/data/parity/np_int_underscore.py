@@ -1,0 +1,2 @@
+import numpy as np
+print(np.dtype(np.int_))

@@ -1,0 +1,4 @@
+import sys
+print('a', flush=True)
+print('b', file=sys.stderr)
+print('c')

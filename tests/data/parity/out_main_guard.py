@@ -1,0 +1,5 @@
+def main():
+    print('main ran')
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,2 @@
+import sys
+print('err', file=sys.stderr)

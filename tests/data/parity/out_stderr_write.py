@@ -1,0 +1,3 @@
+import sys
+sys.stderr.write('warn\n')
+print('out')
