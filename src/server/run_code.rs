@@ -269,11 +269,13 @@ impl RunPlan {
         for path in request.files.keys().chain(&request.fetch_files) {
             check_relative(path)?;
         }
-        let files: BTreeMap<&String, &String> = request
-            .files
-            .iter()
-            .filter_map(|(path, data)| Some((path, data.as_ref()?)))
-            .collect();
+        let mut canonical = BTreeMap::new();
+        for (path, data) in &request.files {
+            if let Some(data) = data {
+                canonical.insert(path, canonical_base64(path, data)?);
+            }
+        }
+        let files: BTreeMap<&String, &String> = canonical.iter().map(|(path, data)| (*path, data)).collect();
         let setup = setup_cell(request.stdin.as_deref(), &files);
         Ok(RunPlan {
             code: request.code,
@@ -282,6 +284,24 @@ impl RunPlan {
             fetch_files: request.fetch_files,
         })
     }
+}
+
+/// A file's content, checked to be base64 (standard alphabet; padding and line breaks
+/// optional) and re-encoded canonically for the set-up cell: Python's lenient decoder would
+/// turn anything else into a silently wrong file (`"!!!"` into an empty one).
+fn canonical_base64(path: &str, data: &str) -> Result<String, String> {
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+
+    const LENIENT_PADDING: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    LENIENT_PADDING
+        .decode(compact.as_bytes())
+        .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes))
+        .map_err(|error| format!("files[{path:?}] is not valid base64 ({error}); encode the file's bytes with base64"))
 }
 
 /// Paths stay inside the slot's workspace: relative, without `..`.

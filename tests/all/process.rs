@@ -80,8 +80,18 @@ async fn sandboxed_commands_have_no_network() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sandboxed_commands_see_the_host_read_only_and_no_other_slot() {
     let (backend, _root) = process_backend(Limits::default());
-    // Not under /tmp, which the sandbox replaces with the slot's own.
-    let outside = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    // Not under /tmp, which the sandbox replaces with the slot's own: there the write would fail
+    // for want of the folder, which proves nothing. A clone under /tmp has its target dir there.
+    let host_dir = [
+        Some(env!("CARGO_TARGET_TMPDIR").to_string()),
+        std::env::var("HOME").ok(),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(["/var/tmp".to_string()])
+    .find(|dir| !std::path::Path::new(dir).starts_with("/tmp"))
+    .expect("a folder outside /tmp");
+    let outside = tempfile::tempdir_in(host_dir).expect("tempdir");
     let target = outside.path().join("escaped.txt");
     let a = backend.acquire("ro-a").await.expect("acquire");
     let b = backend.acquire("ro-b").await.expect("acquire");

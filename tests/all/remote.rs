@@ -889,3 +889,57 @@ async fn exec_runs_cells_on_remote_servers_and_explains_a_bad_setup() {
     );
     stop(server).await;
 }
+
+/// The processes whose parent is `pid` (every thread's children).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Whether `pid` is alive (a zombie counts as gone: it has exited, only its entry remains).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_rollbox_leaves_no_local_server_behind() {
+    // `repl --backend remote` starts a local `rollbox serve` child; kill -9 of the parent must
+    // not leave that server running (its parent would become pid 1, forever).
+    let mut parent = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["--quiet", "repl", "--backend", "remote"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run rollbox repl");
+    let mut stdin = parent.stdin.take().expect("stdin");
+    use std::io::{BufRead, Write};
+    writeln!(stdin, "print('ready')\n").expect("send a cell");
+    let mut stdout = std::io::BufReader::new(parent.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read the cell's output");
+    assert_eq!(line.trim(), "ready", "the repl ran its first cell on the server");
+    let servers = children_of(parent.id());
+    assert!(!servers.is_empty(), "the repl started a local server");
+    kill(parent.id(), libc::SIGKILL);
+    parent.wait().expect("reap the killed rollbox");
+    wait_until("every local server has exited", || {
+        !servers.iter().any(|&pid| alive(pid))
+    })
+    .await;
+}

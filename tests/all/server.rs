@@ -375,6 +375,24 @@ async fn run_code_puts_files_in_place_and_fetches_them_back() {
     )
     .await;
     assert_eq!(outside["status"], "SandboxError", "{outside:#}");
+    // Content that is not base64 is refused, never written as a silently wrong file; padding
+    // and line breaks are optional.
+    let garbled = run_code(
+        &app,
+        json!({"code": "1", "language": "python", "files": {"in.txt": "!!!"}}),
+    )
+    .await;
+    assert_eq!(garbled["status"], "SandboxError", "{garbled:#}");
+    assert!(
+        garbled["message"].as_str().unwrap_or_default().contains("base64"),
+        "{garbled:#}"
+    );
+    let lenient = run_code(
+        &app,
+        json!({"code": "print(open('in.txt').read())", "language": "python", "files": {"in.txt": "aGVs\nbG8"}}),
+    )
+    .await;
+    assert_eq!(lenient["run_result"]["stdout"], "hello\n", "{lenient:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
