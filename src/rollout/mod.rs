@@ -12,7 +12,9 @@
 //! - [`reward`] computes math and code rewards in the trajectory's own slot, or
 //!   [`fresh_slot`] in a new one;
 //! - [`runner`] handles groups, concurrency, `trajectories.jsonl`, resume and interruption;
-//! - [`summary`] adds it all up in `summary.json`.
+//! - [`summary`] adds it all up in `summary.json`;
+//! - [`scan_cost`] counts the bytes the parsers of model output read, to test that their cost is
+//!   linear (see `docs/hostile-model.md` for every limit on what a model can send).
 
 pub mod agent;
 pub mod answer;
@@ -22,6 +24,7 @@ pub mod fresh_slot;
 pub mod policy;
 pub mod reward;
 pub mod runner;
+pub mod scan_cost;
 pub mod summary;
 pub mod user_tools;
 

@@ -2,6 +2,7 @@
 
 mod cli;
 mod conformance;
+mod hostile;
 mod process;
 mod remote;
 mod rollout;
