@@ -252,6 +252,10 @@ fn read_fenced(text: &str, start: usize) -> (CodeBlock, usize) {
 /// Drops blank lines at either end and trailing whitespace, keeping indentation.
 fn tidy(code: &str) -> String {
     charge(3 * code.len());
+    // A blank block is skipped: make nothing for it (a reply can hold hundreds of thousands).
+    if code.trim().is_empty() {
+        return String::new();
+    }
     let lines: Vec<&str> = code.lines().collect();
     let first = lines.iter().position(|l| !l.trim().is_empty()).unwrap_or(lines.len());
     let last = lines
