@@ -209,9 +209,10 @@ impl RolloutArgs {
             .ok()
             .filter(|t| !t.is_zero())
             .ok_or_else(|| anyhow::anyhow!("--request-timeout must be a positive number of seconds"))?;
-        if self.max_response_bytes == 0 {
-            anyhow::bail!("--max-response-bytes must be a positive number of bytes");
-        }
+        anyhow::ensure!(
+            self.max_response_bytes > 0,
+            "--max-response-bytes must be a positive number of bytes"
+        );
         let config = ChatClientConfig {
             api_key,
             max_in_flight: self.max_in_flight.max(1),

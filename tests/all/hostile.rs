@@ -667,6 +667,44 @@ async fn a_trajectory_cut_at_the_body_limit_records_the_kind() {
     assert_eq!(run.summary.errors_by_kind.get("model_response_too_large"), Some(&1));
 }
 
+/// The flag's value is checked, and `--help` says what is retried and what the limit does.
+#[test]
+fn the_body_limit_flag_is_checked_and_documented() {
+    let rollbox = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+            .args(args)
+            .output()
+            .expect("run rollbox")
+    };
+    let dataset = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/math.jsonl");
+    let out = tempfile::tempdir().expect("tempdir");
+    let refused = rollbox(&[
+        "--quiet",
+        "rollout",
+        "--dataset",
+        dataset.to_str().expect("utf-8 path"),
+        "--out",
+        out.path().to_str().expect("utf-8 path"),
+        "--model",
+        "http://127.0.0.1:9/v1",
+        "--max-response-bytes",
+        "0",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--max-response-bytes must be a positive number"),
+        "{stderr}"
+    );
+    let help = rollbox(&["rollout", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--max-response-bytes <BYTES>") && help.contains("[default: 8388608]"),
+        "{help}"
+    );
+    assert!(help.contains("while the response body is read"), "{help}");
+}
+
 // ---- item 5: token sums never wrap ------------------------------------------------------------------
 
 /// Issue 20, item 5: `prompt_tokens = completion_tokens = 2^63` twice summed to 0 in the
