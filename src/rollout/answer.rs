@@ -125,10 +125,19 @@ fn last_boxed(text: &str) -> Option<(usize, &str)> {
                 }
                 depth -= 1;
             }
-            // Spaces may come between `\boxed` and its brace.
+            // Spaces (any Unicode whitespace) may come between `\boxed` and its brace.
             _ if byte.is_ascii_whitespace() => {
                 i += 1;
                 continue;
+            }
+            _ if pending_box.is_some() && !byte.is_ascii() => {
+                // `i` is at a character boundary here: only whole characters were skipped since
+                // `\boxed`; `get` keeps that from ever being a panic.
+                let c = text.get(i..).and_then(|rest| rest.chars().next()).unwrap_or('x');
+                if c.is_whitespace() {
+                    i += c.len_utf8();
+                    continue;
+                }
             }
             _ => {}
         }

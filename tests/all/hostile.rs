@@ -343,6 +343,61 @@ async fn answers_nested_100000_deep_score_0_with_the_limit_named_and_the_run_goe
     assert_eq!(run.summary.errors_by_kind.get("answer_too_deep"), Some(&2));
 }
 
+/// The one-pass extraction finds what the old search from every `\boxed` found.
+#[test]
+fn the_one_pass_extraction_keeps_the_rules_of_final_answers() {
+    for (text, expected) in [
+        ("\\boxed{\\frac{5}{14}}", Some("\\frac{5}{14}")),
+        ("\\boxed \u{3000}{7}", Some("7")),
+        ("\\boxed\\boxed{8}", Some("8")),
+        ("\\boxed{\\boxed{9}} and \\boxed{unclosed", Some("9")),
+        ("} \\boxed{a{b}c} }", Some("a{b}c")),
+        ("{ \\boxed{x}", Some("x")),
+        ("\\boxed x{y}", None),
+        ("\\boxed{é} <answer>ü</answer>", Some("ü")),
+    ] {
+        assert_eq!(extract_final_answer(text).as_deref(), expected, "{text}");
+    }
+}
+
+/// The final answer as rollbox found it before issue 20 (quadratic, but plainly right): the
+/// last `\boxed` whose brace closes, or the last `<answer>` tag, whichever comes later.
+fn reference_final_answer(text: &str) -> Option<String> {
+    fn balanced_prefix(text: &str) -> Option<&str> {
+        let mut depth = 1usize;
+        for (i, c) in text.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Some(&text[..i]);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+    let mut boxed = None;
+    for (at, _) in text.match_indices("\\boxed") {
+        let after = text[at + "\\boxed".len()..].trim_start();
+        if let Some(inner) = after.strip_prefix('{').and_then(balanced_prefix) {
+            boxed = Some((at, inner));
+        }
+    }
+    let tagged = text.rfind("<answer>").and_then(|at| {
+        let inner = &text[at + "<answer>".len()..];
+        inner.find("</answer>").map(|end| (at, &inner[..end]))
+    });
+    let best = match (boxed, tagged) {
+        (Some(b), Some(t)) => Some(if t.0 > b.0 { t } else { b }),
+        (b, t) => b.or(t),
+    };
+    best.map(|(_, answer)| answer.trim().to_owned())
+        .filter(|a| !a.is_empty())
+}
+
 // ---- items 2 and 3: parsers cost linear operations ---------------------------------------------------
 
 /// Every parser a reply goes through when it is scored as a notebook turn: code blocks, the
@@ -457,7 +512,12 @@ fn the_shapes_that_were_quadratic_cost_linear_bytes_read() {
 /// Text made of the pieces the parsers look for, in any order: deep nesting, repetition,
 /// unterminated blocks, non-ASCII.
 fn hostile_text() -> impl Strategy<Value = String> {
-    let piece = prop::sample::select(vec![
+    (prop::collection::vec(piece(), 0..400), 1usize..40).prop_map(|(pieces, times)| pieces.concat().repeat(times))
+}
+
+/// One piece of [`hostile_text`].
+fn piece() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
         "\\boxed{",
         "\\boxed ",
         "\\frac",
@@ -491,8 +551,7 @@ fn hostile_text() -> impl Strategy<Value = String> {
         "{\"name\": \"f\", \"arguments\": {}}",
         "é",
         "\u{3000}",
-    ]);
-    (prop::collection::vec(piece, 0..400), 1usize..40).prop_map(|(pieces, times)| pieces.concat().repeat(times))
+    ])
 }
 
 /// `PROPTEST_CASES` when set (for a long run), else `default`.
@@ -533,6 +592,18 @@ proptest! {
     fn arbitrary_text_never_panics_a_parser(text in any::<String>()) {
         let cost = scoring_cost(&text).max(tool_call_cost(&text));
         prop_assert!(cost <= BYTES_READ_PER_BYTE * text.len() as u64 + 4096);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(512)))]
+
+    /// The one-pass extraction agrees with the old one (a search from every `\boxed`, kept
+    /// here as the reference, quadratic, hence the shorter texts) on adversarial text.
+    #[test]
+    fn the_one_pass_extraction_agrees_with_the_old_search(pieces in prop::collection::vec(piece(), 0..300)) {
+        let text = pieces.concat();
+        prop_assert_eq!(extract_final_answer(&text), reference_final_answer(&text));
     }
 }
 
