@@ -167,17 +167,21 @@ pub struct Rational {
 }
 
 impl Rational {
-    /// `numerator / denominator` reduced, or `None` for a zero denominator.
+    /// `numerator / denominator` reduced, or `None` for a zero denominator or a value whose
+    /// reduced form does not fit in `i128` (a model's answer can reach `i128::MIN`, whose
+    /// negation overflows).
     pub fn new(numerator: i128, denominator: i128) -> Option<Rational> {
         if denominator == 0 {
             return None;
         }
-        let divisor = gcd(numerator.unsigned_abs(), denominator.unsigned_abs()).max(1) as i128;
-        let sign = if denominator < 0 { -1 } else { 1 };
-        Some(Rational {
-            numerator: sign * numerator / divisor,
-            denominator: sign * denominator / divisor,
-        })
+        let divisor = i128::try_from(gcd(numerator.unsigned_abs(), denominator.unsigned_abs()).max(1)).ok()?;
+        let (numerator, denominator) = (numerator / divisor, denominator / divisor);
+        let (numerator, denominator) = if denominator < 0 {
+            (numerator.checked_neg()?, denominator.checked_neg()?)
+        } else {
+            (numerator, denominator)
+        };
+        Some(Rational { numerator, denominator })
     }
 
     fn divide(self, other: Rational) -> Option<Rational> {
@@ -213,10 +217,12 @@ pub fn parse_exact_number(answer: &str) -> Option<Rational> {
     } else {
         parse_decimal(body)?
     };
-    Rational::new(
-        if negative { -value.numerator } else { value.numerator },
-        value.denominator,
-    )
+    let numerator = if negative {
+        value.numerator.checked_neg()?
+    } else {
+        value.numerator
+    };
+    Rational::new(numerator, value.denominator)
 }
 
 /// How many linear passes [`normalize`] makes at most (trims, replacements, the unit search,

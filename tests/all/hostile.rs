@@ -398,6 +398,30 @@ fn reference_final_answer(text: &str) -> Option<String> {
         .filter(|a| !a.is_empty())
 }
 
+/// Exact numbers whose arithmetic reaches `i128::MIN` (found by reading the code): negating it
+/// overflowed, a panic in a dev build and a wrong value in a release build.
+#[test]
+fn exact_numbers_at_the_edge_of_i128_never_overflow() {
+    let two_to_126 = "85070591730234615865843651857942052864";
+    for answer in [
+        format!("--{two_to_126}/0.5"),
+        format!("-{two_to_126}/-0.5"),
+        format!("-{two_to_126}/0.5"),
+        format!("\\frac{{-{two_to_126}}}{{0.5}}"),
+        "-170141183460469231731687303715884105727/-1".to_owned(),
+    ] {
+        let value = parse_exact_number(&answer);
+        if let Some(value) = value {
+            assert!(value.denominator > 0, "{answer}: {value:?}");
+        }
+    }
+    assert_eq!(
+        parse_exact_number(&format!("--{two_to_126}/0.5")),
+        None,
+        "2^127 is not an i128"
+    );
+}
+
 // ---- items 2 and 3: parsers cost linear operations ---------------------------------------------------
 
 /// Every parser a reply goes through when it is scored as a notebook turn: code blocks, the
