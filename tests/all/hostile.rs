@@ -575,6 +575,11 @@ fn piece() -> impl Strategy<Value = &'static str> {
         "{\"name\": \"f\", \"arguments\": {}}",
         "é",
         "\u{3000}",
+        // Numbers at the edge of i128, for the exact-number arithmetic.
+        "85070591730234615865843651857942052864",
+        "170141183460469231731687303715884105727",
+        "0.5",
+        "--",
     ])
 }
 
