@@ -157,9 +157,10 @@ impl Summary {
         let mut token_sum: Option<TokenCounts> = None;
         for counts in trajectories.iter().filter_map(|t| t.tokens) {
             let saturated = token_sum.get_or_insert_default().add(counts);
-            *errors_by_kind.entry(USAGE_ANOMALY.to_owned()).or_insert(0) += saturated.len();
+            if !saturated.is_empty() {
+                *errors_by_kind.entry(USAGE_ANOMALY.to_owned()).or_insert(0) += saturated.len();
+            }
         }
-        errors_by_kind.retain(|_, n| *n > 0);
         let tokens = token_sum.map(|t| {
             BTreeMap::from([
                 ("prompt_tokens".to_owned(), t.prompt_tokens),
