@@ -814,17 +814,15 @@ fn the_body_limit_flag_is_checked_and_documented() {
 async fn token_sums_saturate_with_the_anomaly_recorded() {
     let huge = 1u64 << 63;
     let usage = json!({"prompt_tokens": huge, "completion_tokens": huge, "total_tokens": huge});
-    let acts = vec![
-        json_reply(&completion_with(
-            "Let me check.\n<code>\nprint(6 * 7)\n</code>",
-            usage.clone(),
-        )),
-        json_reply(&completion_with("\\boxed{42}", usage)),
-    ];
-    let (url, _) = hostile_server(acts).await;
+    let check = json_reply(&completion_with(
+        "Let me check.\n<code>\nprint(6 * 7)\n</code>",
+        usage.clone(),
+    ));
+    let answer = json_reply(&completion_with("\\boxed{42}", usage));
+    let (url, _) = hostile_server(vec![check.clone(), answer.clone(), check, answer]).await;
     let policy = Arc::new(ChatClient::new(client_config(&url)).expect("client"));
     let out = tempfile::tempdir().expect("tempdir");
-    let (run, trajectories) = rollout(backend(), policy, vec![problem("huge")], out.path()).await;
+    let (run, trajectories) = rollout(backend(), policy, vec![problem("huge"), problem("again")], out.path()).await;
     let trajectory = by_id(&trajectories, "huge");
     assert_eq!(trajectory.reward.score, 1.0);
     assert_eq!(
@@ -848,8 +846,9 @@ async fn token_sums_saturate_with_the_anomaly_recorded() {
     }
     let tokens = run.summary.tokens.as_ref().expect("summed tokens");
     assert_eq!(tokens.get("prompt_tokens"), Some(&u64::MAX));
-    // 6 implausible counts and 2 saturated sums in the trajectory.
-    assert_eq!(run.summary.errors_by_kind.get("usage_anomaly"), Some(&8));
+    assert_eq!(tokens.get("completion_tokens"), Some(&u64::MAX));
+    // Per trajectory 6 implausible counts and 2 saturated sums; then the summary's own 2 sums.
+    assert_eq!(run.summary.errors_by_kind.get("usage_anomaly"), Some(&18));
 }
 
 // ---- item 6: the smaller inconsistencies ---------------------------------------------------------
