@@ -13,7 +13,7 @@ use rollbox::rollout::agent::Trajectory;
 use rollbox::rollout::code_blocks::CodeTags;
 use rollbox::rollout::config::{AgentConfig, AgentKind, RolloutConfig};
 use rollbox::rollout::dataset::load_dataset;
-use rollbox::rollout::policy::{ChatClient, ChatClientConfig, OraclePolicy, Policy};
+use rollbox::rollout::policy::{ChatClient, ChatClientConfig, DEFAULT_MAX_RESPONSE_BYTES, OraclePolicy, Policy};
 use rollbox::rollout::runner::{RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
 use rollbox::rollout::user_tools::{ToolsFile, ToolsFileError, UserTools};
@@ -122,12 +122,18 @@ pub(crate) struct RolloutArgs {
     /// Model requests in flight at once.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_in_flight: usize,
-    /// Retries of a model request on 429, 5xx, timeouts and connection errors.
+    /// Retries of a model request on 429, 5xx, a failed connection, and a timeout or broken
+    /// connection before or while the response body is read (one rule for all of them). A body
+    /// past --max-response-bytes, or one that is not a chat completion, is not retried.
     #[arg(long, value_name = "N", default_value_t = 4)]
     retries: u32,
-    /// Seconds before one model request times out.
+    /// Seconds before one model request times out, reading the whole body included.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     request_timeout: f64,
+    /// The largest model response body read, in bytes; reading stops as soon as a body passes
+    /// it and the trajectory ends with `model_response_too_large`.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RESPONSE_BYTES)]
+    max_response_bytes: usize,
     /// Sampling temperature.
     #[arg(long)]
     temperature: Option<f64>,
@@ -210,11 +216,16 @@ impl RolloutArgs {
             .ok()
             .filter(|t| !t.is_zero())
             .ok_or_else(|| anyhow::anyhow!("--request-timeout must be a positive number of seconds"))?;
+        anyhow::ensure!(
+            self.max_response_bytes > 0,
+            "--max-response-bytes must be a positive number of bytes"
+        );
         let config = ChatClientConfig {
             api_key,
             max_in_flight: self.max_in_flight.max(1),
             max_retries: self.retries,
             request_timeout,
+            max_response_bytes: self.max_response_bytes,
             temperature: self.temperature,
             max_tokens: self.max_tokens,
             ..ChatClientConfig::new(url.clone(), self.model_name.clone())

@@ -77,6 +77,10 @@ pub struct Step {
     pub finish_reason: Option<String>,
     /// HTTP attempts the reply took.
     pub attempts: u32,
+    /// What was wrong with the server's report of the reply (see
+    /// [`crate::rollout::policy::parse_usage`]), each as a sentence.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anomalies: Vec<String>,
     /// The code blocks or tool calls it ran, in order.
     pub calls: Vec<StepCall>,
 }
@@ -88,6 +92,31 @@ pub struct TokenCounts {
     pub prompt_tokens: u64,
     /// Generated tokens, summed over turns.
     pub completion_tokens: u64,
+}
+
+impl TokenCounts {
+    /// Adds `other`, saturating at `u64::MAX` rather than wrapping; a sentence for each sum that
+    /// saturated, to record as an anomaly.
+    pub fn add(&mut self, other: TokenCounts) -> Vec<String> {
+        let mut anomalies = Vec::new();
+        for (name, sum, add) in [
+            ("prompt_tokens", &mut self.prompt_tokens, other.prompt_tokens),
+            (
+                "completion_tokens",
+                &mut self.completion_tokens,
+                other.completion_tokens,
+            ),
+        ] {
+            match sum.checked_add(add) {
+                Some(total) => *sum = total,
+                None => {
+                    *sum = u64::MAX;
+                    anomalies.push(format!("the sum of {name} passed {}; kept at that", u64::MAX));
+                }
+            }
+        }
+        anomalies
+    }
 }
 
 /// A finished agent loop, before scoring.
@@ -137,6 +166,10 @@ pub struct Trajectory {
     /// Summed token usage, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokenCounts>,
+    /// What was wrong with the trajectory's numbers as a whole (a token sum that saturated);
+    /// each step's own anomalies are in `steps[].anomalies`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anomalies: Vec<String>,
     /// The conversation's exact token count (model's tokenizer and chat template, tool schemas
     /// included) at the last context-budget check, when a tokenizer was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -256,6 +289,7 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
             logprobs,
             finish_reason,
             attempts,
+            anomalies,
         } = reply;
         let text = message.text().into_owned();
         let final_answer = extract_final_answer(&text);
@@ -287,6 +321,7 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
             logprobs,
             finish_reason,
             attempts,
+            anomalies,
             calls,
         });
         let stop_reason = if final_answer.is_some() && !(context.config.kind == AgentKind::Tools && ran_something) {
@@ -384,7 +419,7 @@ impl<'a> BudgetCheck<'a> {
 
     /// The prompt's tokens if `messages` were sent now.
     fn count(&self, messages: &[Message]) -> Result<u64, TruncationError> {
-        Ok(self.counter.count_conversation(messages)? as u64 + self.tools_tokens)
+        Ok((self.counter.count_conversation(messages)? as u64).saturating_add(self.tools_tokens))
     }
 }
 
@@ -476,7 +511,8 @@ async fn run_tool_calls(
             Dispatch::Run(_) => results.next().unwrap_or_else(missing),
             Dispatch::UserTool(_) => {
                 let mut result = tool_result(&call.name, results.next().unwrap_or_else(missing));
-                result.metadata.duration_us += std::mem::take(&mut load_us);
+                // A remote backend reports these times: saturate rather than wrap.
+                result.metadata.duration_us = result.metadata.duration_us.saturating_add(std::mem::take(&mut load_us));
                 if let Some(load) = load.as_ref().filter(|l| !l.success) {
                     result.output = format!(
                         "failed to load the tools in the slot, so `{}` did not run: {}",

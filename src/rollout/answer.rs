@@ -4,8 +4,70 @@
 //! What the host cannot decide (radicals, symbols) goes to sympy in the trajectory's slot; see
 //! [`crate::rollout::reward`] and [`latex_to_sympy`].
 
+use crate::rollout::scan_cost::charge;
+
+/// The longest final answer that is scored, in bytes. Real answers are a few dozen bytes; a
+/// longer one is scored 0 without being parsed, so no answer can make scoring slow.
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024;
+
+/// The deepest nesting of braces, `\frac`s and `\sqrt`s that is scored. Real answers nest a few
+/// levels; a deeper one is scored 0, which bounds the translation to sympy (and sympy's own
+/// recursive parser) however a reply is built.
+pub const MAX_ANSWER_DEPTH: usize = 32;
+
+/// A limit an answer (or a ground truth) passed, so that it was scored 0 without being compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerLimit {
+    /// Longer than [`MAX_ANSWER_BYTES`].
+    #[error("it is {bytes} bytes long, past the limit of {MAX_ANSWER_BYTES} bytes (MAX_ANSWER_BYTES)")]
+    TooLong {
+        /// Its length.
+        bytes: usize,
+    },
+    /// Nested deeper than [`MAX_ANSWER_DEPTH`].
+    #[error("it nests deeper than {MAX_ANSWER_DEPTH} levels (MAX_ANSWER_DEPTH)")]
+    TooDeep,
+}
+
+impl AnswerLimit {
+    /// A short, stable name for the limit, as recorded in a reward's breakdown and counted in
+    /// `summary.json`'s `errors_by_kind`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AnswerLimit::TooLong { .. } => "answer_too_long",
+            AnswerLimit::TooDeep => "answer_too_deep",
+        }
+    }
+}
+
+/// Checks `answer` against [`MAX_ANSWER_BYTES`] and, in one pass, against [`MAX_ANSWER_DEPTH`]
+/// for its braces.
+pub fn check_answer_limits(answer: &str) -> Result<(), AnswerLimit> {
+    if answer.len() > MAX_ANSWER_BYTES {
+        return Err(AnswerLimit::TooLong { bytes: answer.len() });
+    }
+    charge(answer.len());
+    let mut depth = 0usize;
+    for byte in answer.bytes() {
+        match byte {
+            b'{' => {
+                depth += 1;
+                if depth > MAX_ANSWER_DEPTH {
+                    return Err(AnswerLimit::TooDeep);
+                }
+            }
+            b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The final answer in `text`: the content of the last `\boxed{...}` (braces balanced) or the
 /// last `<answer>...</answer>`, whichever comes later, trimmed.
+///
+/// One pass over `text` whatever its shape (a reply of `\boxed{` repeated, or nested 100,000
+/// deep), with no recursion.
 pub fn extract_final_answer(text: &str) -> Option<String> {
     let boxed = last_boxed(text);
     let tagged = last_answer_tag(text);
@@ -22,40 +84,77 @@ pub fn has_final_answer(text: &str) -> bool {
     extract_final_answer(text).is_some()
 }
 
-fn last_boxed(text: &str) -> Option<(usize, String)> {
-    let mut found = None;
-    for (at, _) in text.match_indices("\\boxed") {
-        let after = text[at + "\\boxed".len()..].trim_start();
-        if let Some(inner) = after.strip_prefix('{').and_then(balanced_prefix) {
-            found = Some((at, inner.to_owned()));
-        }
-    }
-    found
-}
+const BOXED: &[u8] = b"\\boxed";
 
-/// The text before the `}` that closes an already opened `{`, if it closes.
-fn balanced_prefix(text: &str) -> Option<&str> {
-    let mut depth = 1usize;
-    for (i, c) in text.char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => {
+/// Where the last `\boxed` whose `{` is closed starts, and the text between its braces.
+///
+/// One pass with a brace depth counter: a `{` that follows `\boxed` (spaces between allowed)
+/// pushes its depth and position, and the `}` that brings the depth back down closes it. The
+/// stack holds only boxed braces, each at least 7 bytes of input apart.
+fn last_boxed(text: &str) -> Option<(usize, &str)> {
+    charge(text.len());
+    let bytes = text.as_bytes();
+    // Open `\boxed{`s: (the depth its `{` opened, where `\boxed` starts, where its content starts).
+    let mut open: Vec<(usize, usize, usize)> = Vec::new();
+    let mut depth = 0usize;
+    let mut pending_box = None;
+    let mut found: Option<(usize, usize, usize)> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        if byte == b'\\' && bytes[i..].starts_with(BOXED) {
+            pending_box = Some(i);
+            i += BOXED.len();
+            continue;
+        }
+        match byte {
+            b'{' => {
+                depth += 1;
+                if let Some(at) = pending_box {
+                    open.push((depth, at, i + 1));
+                }
+            }
+            b'}' if depth > 0 => {
+                if let Some(&(opened, at, start)) = open.last()
+                    && opened == depth
+                {
+                    open.pop();
+                    if found.is_none_or(|(last, _, _)| at > last) {
+                        found = Some((at, start, i));
+                    }
+                }
                 depth -= 1;
-                if depth == 0 {
-                    return Some(&text[..i]);
+            }
+            // Spaces (any Unicode whitespace) may come between `\boxed` and its brace.
+            _ if byte.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            _ if pending_box.is_some() && !byte.is_ascii() => {
+                // `i` is at a character boundary here: only whole characters were skipped since
+                // `\boxed`; `get` keeps that from ever being a panic.
+                let c = text.get(i..).and_then(|rest| rest.chars().next()).unwrap_or('x');
+                if c.is_whitespace() {
+                    i += c.len_utf8();
+                    continue;
                 }
             }
             _ => {}
         }
+        pending_box = None;
+        i += 1;
     }
-    None
+    found.map(|(at, start, end)| (at, &text[start..end]))
 }
 
-fn last_answer_tag(text: &str) -> Option<(usize, String)> {
-    let at = text.rfind("<answer>")?;
+fn last_answer_tag(text: &str) -> Option<(usize, &str)> {
+    let at = text.rfind("<answer>");
+    charge(text.len() - at.unwrap_or(0));
+    let at = at?;
     let inner = &text[at + "<answer>".len()..];
-    let end = inner.find("</answer>")?;
-    Some((at, inner[..end].to_owned()))
+    let end = inner.find("</answer>");
+    charge(end.unwrap_or(inner.len()));
+    Some((at, &inner[..end?]))
 }
 
 /// An exact rational number, reduced, with a positive denominator.
@@ -68,17 +167,21 @@ pub struct Rational {
 }
 
 impl Rational {
-    /// `numerator / denominator` reduced, or `None` for a zero denominator.
+    /// `numerator / denominator` reduced, or `None` for a zero denominator or a value whose
+    /// reduced form does not fit in `i128` (a model's answer can reach `i128::MIN`, whose
+    /// negation overflows).
     pub fn new(numerator: i128, denominator: i128) -> Option<Rational> {
         if denominator == 0 {
             return None;
         }
-        let divisor = gcd(numerator.unsigned_abs(), denominator.unsigned_abs()).max(1) as i128;
-        let sign = if denominator < 0 { -1 } else { 1 };
-        Some(Rational {
-            numerator: sign * numerator / divisor,
-            denominator: sign * denominator / divisor,
-        })
+        let divisor = i128::try_from(gcd(numerator.unsigned_abs(), denominator.unsigned_abs()).max(1)).ok()?;
+        let (numerator, denominator) = (numerator / divisor, denominator / divisor);
+        let (numerator, denominator) = if denominator < 0 {
+            (numerator.checked_neg()?, denominator.checked_neg()?)
+        } else {
+            (numerator, denominator)
+        };
+        Some(Rational { numerator, denominator })
     }
 
     fn divide(self, other: Rational) -> Option<Rational> {
@@ -114,15 +217,22 @@ pub fn parse_exact_number(answer: &str) -> Option<Rational> {
     } else {
         parse_decimal(body)?
     };
-    Rational::new(
-        if negative { -value.numerator } else { value.numerator },
-        value.denominator,
-    )
+    let numerator = if negative {
+        value.numerator.checked_neg()?
+    } else {
+        value.numerator
+    };
+    Rational::new(numerator, value.denominator)
 }
+
+/// How many linear passes [`normalize`] makes at most (trims, replacements, the unit search,
+/// the whitespace filter, the thousands check), for [`crate::rollout::scan_cost`].
+const NORMALIZE_PASSES: usize = 16;
 
 /// Strips what does not change a number's value: `$`, spaces, LaTeX spacing, a trailing unit in
 /// `\text{}`/`\mathrm{}`, a trailing `%`, thousands separators, `\dfrac`/`\tfrac` spelling.
 fn normalize(answer: &str) -> String {
+    charge(NORMALIZE_PASSES * answer.len());
     let mut text: String = answer
         .trim()
         .trim_matches('$')
@@ -178,38 +288,176 @@ fn parse_decimal(text: &str) -> Option<Rational> {
 /// `\sqrt{x}` -> `sqrt(x)`, `\sqrt[n]{x}` -> `((x)**(1/(n)))`, `^` -> `**`, `\cdot`/`\times` ->
 /// `*`, `\pi` -> `pi`, braces -> parentheses. Implicit products (`6sqrt(5)`) are left for
 /// sympy's `implicit_multiplication_application` transformation.
-pub fn latex_to_sympy(latex: &str) -> String {
+///
+/// An answer past [`MAX_ANSWER_BYTES`], or nested (braces, `\frac`, `\sqrt`) past
+/// [`MAX_ANSWER_DEPTH`], is refused. The answer is normalised once as a whole (see
+/// `normalize`), its braces are matched in one pass, and the translation then reads each byte
+/// once, with an explicit stack of what is left to do instead of recursion.
+pub fn latex_to_sympy(latex: &str) -> Result<String, AnswerLimit> {
+    check_answer_limits(latex)?;
     let text = normalize(latex).replace("\\left", "").replace("\\right", "");
+    charge(2 * text.len());
+    let shape = Shape::of(&text);
     let mut out = String::with_capacity(text.len() + 16);
-    let mut rest = text.as_str();
-    while !rest.is_empty() {
-        if let Some(after) = rest.strip_prefix("\\frac") {
-            let (a, after) = braced(after);
-            let (b, after) = braced(after);
-            out.push_str(&format!("(({})/({}))", latex_to_sympy(a), latex_to_sympy(b)));
-            rest = after;
-        } else if let Some(after) = rest.strip_prefix("\\sqrt[") {
-            let end = after.find(']').unwrap_or(after.len());
-            let (x, after2) = braced(after.get(end + 1..).unwrap_or(""));
-            out.push_str(&format!(
-                "(({})**(1/({})))",
-                latex_to_sympy(x),
-                latex_to_sympy(&after[..end])
-            ));
-            rest = after2;
-        } else if let Some(after) = rest.strip_prefix("\\sqrt") {
-            let (x, after) = braced(after);
-            out.push_str(&format!("sqrt({})", latex_to_sympy(x)));
-            rest = after;
-        } else if let Some(after) = rest.strip_prefix("\\cdot").or_else(|| rest.strip_prefix("\\times")) {
+    let mut todo = vec![Task::Translate {
+        start: 0,
+        end: text.len(),
+        depth: 0,
+    }];
+    while let Some(task) = todo.pop() {
+        match task {
+            Task::Emit(piece) => out.push_str(piece),
+            Task::Translate { start, end, depth } => {
+                if depth > MAX_ANSWER_DEPTH {
+                    return Err(AnswerLimit::TooDeep);
+                }
+                translate_until_nested(&text, &shape, (start, end), depth, &mut out, &mut todo);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What is left to do in [`latex_to_sympy`], last first.
+enum Task {
+    /// Translate `text[start..end]`, an argument `depth` levels down.
+    Translate { start: usize, end: usize, depth: usize },
+    /// Append this piece of output.
+    Emit(&'static str),
+}
+
+/// Where each `{` of a text closes, and where the next `]` is, found in one pass each so that no
+/// argument is searched again at every level it is nested in.
+struct Shape {
+    /// For each byte, the position of the `}` that closes it when it is a `{` that closes.
+    closing: Vec<Option<usize>>,
+    /// For each byte, the position of the first `]` at or after it (`len` when there is none).
+    next_bracket: Vec<usize>,
+}
+
+impl Shape {
+    fn of(text: &str) -> Shape {
+        charge(2 * text.len());
+        let bytes = text.as_bytes();
+        let mut closing = vec![None; bytes.len()];
+        // Nesting is at most MAX_ANSWER_DEPTH here (checked before), so this stays small.
+        let mut open = Vec::new();
+        for (i, &byte) in bytes.iter().enumerate() {
+            match byte {
+                b'{' => open.push(i),
+                b'}' => {
+                    if let Some(opened) = open.pop() {
+                        closing[opened] = Some(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut next_bracket = vec![bytes.len(); bytes.len() + 1];
+        for i in (0..bytes.len()).rev() {
+            next_bracket[i] = if bytes[i] == b']' { i } else { next_bracket[i + 1] };
+        }
+        Shape { closing, next_bracket }
+    }
+
+    /// The argument at `at` within a range ending at `end`: the content of a `{...}` (to the
+    /// range's end when it does not close there), or else one character; and where the text
+    /// after it starts.
+    fn argument(&self, text: &str, at: usize, end: usize) -> ((usize, usize), usize) {
+        if at >= end {
+            return ((end, end), end);
+        }
+        if text.as_bytes()[at] == b'{' {
+            return match self.closing[at].filter(|&close| close < end) {
+                Some(close) => ((at + 1, close), close + 1),
+                None => ((at + 1, end), end),
+            };
+        }
+        let width = text[at..].chars().next().map_or(1, char::len_utf8);
+        ((at, at + width), at + width)
+    }
+}
+
+/// Translates `text[range]` into `out` up to its first `\frac` or `\sqrt`, whose arguments and
+/// the rest of the range it leaves on `todo`.
+fn translate_until_nested(
+    text: &str,
+    shape: &Shape,
+    (mut at, end): (usize, usize),
+    depth: usize,
+    out: &mut String,
+    todo: &mut Vec<Task>,
+) {
+    let nested = |start, end| Task::Translate {
+        start,
+        end,
+        depth: depth + 1,
+    };
+    while at < end {
+        let rest = &text[at..end];
+        if rest.starts_with("\\frac") {
+            let (numerator, after) = shape.argument(text, at + "\\frac".len(), end);
+            let (denominator, after) = shape.argument(text, after, end);
+            out.push_str("((");
+            todo.extend([
+                Task::Translate {
+                    start: after,
+                    end,
+                    depth,
+                },
+                Task::Emit("))"),
+                nested(denominator.0, denominator.1),
+                Task::Emit(")/("),
+                nested(numerator.0, numerator.1),
+            ]);
+            return;
+        } else if rest.starts_with("\\sqrt[") {
+            let index_start = at + "\\sqrt[".len();
+            let index_end = shape.next_bracket[index_start].min(end);
+            let (radicand, after) = if index_end < end {
+                shape.argument(text, index_end + 1, end)
+            } else {
+                ((end, end), end)
+            };
+            out.push_str("((");
+            todo.extend([
+                Task::Translate {
+                    start: after,
+                    end,
+                    depth,
+                },
+                Task::Emit(")))"),
+                nested(index_start, index_end),
+                Task::Emit(")**(1/("),
+                nested(radicand.0, radicand.1),
+            ]);
+            return;
+        } else if rest.starts_with("\\sqrt") {
+            let (radicand, after) = shape.argument(text, at + "\\sqrt".len(), end);
+            out.push_str("sqrt(");
+            todo.extend([
+                Task::Translate {
+                    start: after,
+                    end,
+                    depth,
+                },
+                Task::Emit(")"),
+                nested(radicand.0, radicand.1),
+            ]);
+            return;
+        } else if rest.starts_with("\\cdot") || rest.starts_with("\\times") {
             out.push('*');
-            rest = after;
-        } else if let Some(after) = rest.strip_prefix('\\') {
+            at += if rest.starts_with("\\cdot") {
+                "\\cdot".len()
+            } else {
+                "\\times".len()
+            };
+        } else if rest.starts_with('\\') {
             // Any other command keeps its name: `\pi` -> `pi`.
-            rest = after;
-        } else if let Some(after) = rest.strip_prefix('^') {
+            at += 1;
+        } else if rest.starts_with('^') {
             out.push_str("**");
-            rest = after;
+            at += 1;
         } else {
             let c = rest.chars().next().unwrap_or(' ');
             out.push(match c {
@@ -217,23 +465,7 @@ pub fn latex_to_sympy(latex: &str) -> String {
                 '}' => ')',
                 other => other,
             });
-            rest = &rest[c.len_utf8()..];
+            at += c.len_utf8();
         }
-    }
-    out
-}
-
-/// The content of a leading `{...}` and what follows, or one character when there is no brace.
-fn braced(text: &str) -> (&str, &str) {
-    let text = text.trim_start();
-    if let Some(inner) = text.strip_prefix('{') {
-        if let Some(content) = balanced_prefix(inner) {
-            return (content, &inner[content.len() + 1..]);
-        }
-        return (inner, "");
-    }
-    match text.chars().next() {
-        Some(c) => text.split_at(c.len_utf8()),
-        None => ("", ""),
     }
 }

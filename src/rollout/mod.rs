@@ -14,6 +14,8 @@
 //!   [`fresh_slot`] in a new one;
 //! - [`runner`] handles groups, concurrency, `trajectories.jsonl`, resume and interruption;
 //! - [`summary`] adds it all up in `summary.json`;
+//! - [`scan_cost`] counts the bytes the parsers of model output read, to test that their cost is
+//!   linear (see `docs/hostile-model.md` for every limit on what a model can send);
 //! - [`swe`] prepares and scores SWE tasks (a repository at a commit, its tests as the reward).
 
 pub mod agent;
@@ -25,6 +27,7 @@ pub mod fresh_slot;
 pub mod policy;
 pub mod reward;
 pub mod runner;
+pub mod scan_cost;
 pub mod summary;
 pub mod swe;
 pub mod user_tools;

@@ -13,6 +13,7 @@ use crate::chat::Message;
 use crate::rollout::code_blocks::{CodeTags, extract_code_blocks};
 use crate::rollout::config::AgentKind;
 use crate::rollout::dataset::Problem;
+use crate::rollout::scan_cost::charge;
 
 /// What a policy is asked for: the next assistant message of a conversation.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +59,9 @@ pub struct ModelReply {
     pub finish_reason: Option<String>,
     /// How many HTTP requests it took (1 without retries; 0 for the oracle).
     pub attempts: u32,
+    /// What was wrong with the server's report of the reply (a `usage` count that is negative,
+    /// a float, a string or absurdly large), each as a sentence; the reply itself was usable.
+    pub anomalies: Vec<String>,
 }
 
 /// Why a policy gave no turn.
@@ -87,7 +91,8 @@ pub enum PolicyError {
         /// The 1-based turn asked for.
         asked: usize,
     },
-    /// The request failed after every retry (connection, timeout, body).
+    /// The request failed after every retry: the connection failed, or timed out or broke
+    /// before or while the body was read.
     #[error("failed to call the model endpoint after {attempts} attempts")]
     Request {
         /// How many attempts were made.
@@ -106,7 +111,31 @@ pub enum PolicyError {
         /// The start of the response body.
         body: String,
     },
-    /// The endpoint answered 2xx with something that is not a chat completion.
+    /// The endpoint's response body passed the client's `max_response_bytes` (a server that
+    /// streams without end, or a reply far larger than any completion). Reading stopped there;
+    /// not retried.
+    #[error(
+        "the model endpoint's response passed the limit of {limit} bytes ({received} bytes read); \
+         raise --max-response-bytes if replies this large are expected"
+    )]
+    ResponseTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+        /// The bytes read (or announced by `Content-Length`) when reading stopped.
+        received: u64,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+    /// The endpoint answered 2xx with a body that is not JSON: cut-off or malformed JSON, bytes
+    /// that are not UTF-8 inside it, or a server-sent-events stream. Not retried.
+    #[error("the model endpoint's response body is not JSON")]
+    NotJson {
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The endpoint answered 2xx with JSON that is not a chat completion (no `choices[0]`, no
+    /// message, a message of the wrong shape). Not retried.
     #[error("the model endpoint's response is not a chat completion: {message}")]
     Decode {
         /// What is missing or wrong.
@@ -115,7 +144,15 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
-    /// A short, stable name for counting errors by kind.
+    /// A short, stable name for counting errors by kind. The model client's kinds:
+    /// - `model_request`: the connection failed, or broke while the body was read, on every
+    ///   attempt;
+    /// - `model_timeout`: the request timed out (before the headers or while reading the
+    ///   body) on every attempt;
+    /// - `model_http_status` / `model_rate_limited`: an error status (429 for the latter);
+    /// - `model_response_too_large`: the body passed `max_response_bytes`;
+    /// - `model_bad_response`: a body that arrived whole but is not a chat completion (not JSON,
+    ///   not UTF-8, an SSE stream, no `choices[0].message`).
     pub fn kind(&self) -> &'static str {
         match self {
             PolicyError::NoReferenceSolution { .. } => "oracle_no_reference",
@@ -125,7 +162,9 @@ impl PolicyError {
             PolicyError::Request { .. } => "model_request",
             PolicyError::Status { status: 429, .. } => "model_rate_limited",
             PolicyError::Status { .. } => "model_http_status",
-            PolicyError::Decode { .. } => "model_bad_response",
+            PolicyError::ResponseTooLarge { .. } => "model_response_too_large",
+            // One kind for every body that arrived whole but is not a chat completion.
+            PolicyError::NotJson { .. } | PolicyError::Decode { .. } => "model_bad_response",
         }
     }
 }
@@ -196,6 +235,7 @@ impl Policy for OraclePolicy {
             logprobs: None,
             finish_reason: Some("stop".to_owned()),
             attempts: 0,
+            anomalies: Vec::new(),
         })
     }
 }
@@ -205,6 +245,9 @@ const TOOL_CALL_CLOSE: &str = "</tool_call>";
 
 /// The tool calls a reference turn makes, in text order: `python` for each code block, and the
 /// tool each `<tool_call>` block names, as (name, JSON arguments).
+///
+/// One forward pass: each piece of text is searched once for the next tag, and each block's JSON
+/// is parsed by serde_json, whose nesting limit (128) bounds its recursion.
 fn reference_tool_calls(text: &str, tags: &CodeTags) -> Result<Vec<(String, String)>, String> {
     let mut calls = Vec::new();
     let mut rest = text;
@@ -213,6 +256,7 @@ fn reference_tool_calls(text: &str, tags: &CodeTags) -> Result<Vec<(String, Stri
             Some((before, after)) => (before, Some(after)),
             None => (rest, None),
         };
+        charge(before.len() + TOOL_CALL_OPEN.len());
         for code in extract_code_blocks(before, tags) {
             calls.push(("python".to_owned(), json!({ "code": code.code }).to_string()));
         }
@@ -220,6 +264,7 @@ fn reference_tool_calls(text: &str, tags: &CodeTags) -> Result<Vec<(String, Stri
         let (body, after) = block
             .split_once(TOOL_CALL_CLOSE)
             .ok_or("it has no closing </tool_call>")?;
+        charge(body.len() + TOOL_CALL_CLOSE.len());
         let call: Value = serde_json::from_str(body.trim()).map_err(|e| format!("it is not JSON ({e})"))?;
         let name = call
             .get("name")
@@ -234,6 +279,11 @@ fn reference_tool_calls(text: &str, tags: &CodeTags) -> Result<Vec<(String, Stri
     }
 }
 
+/// The default response body limit: 8 MiB. A completion of 32k tokens with top-5 logprobs is
+/// about 2 to 4 MB of JSON, so this is a few MB above any real reply, and far below what a server
+/// streaming without end would cost.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
 /// How a [`ChatClient`] talks to its endpoint.
 #[derive(Clone, Debug)]
 pub struct ChatClientConfig {
@@ -246,7 +296,9 @@ pub struct ChatClientConfig {
     pub api_key: Option<String>,
     /// Most requests in flight at once, across every trajectory.
     pub max_in_flight: usize,
-    /// Retries after the first attempt, for 429, 5xx, timeouts and connection failures.
+    /// Retries after the first attempt, for 429, 5xx, connection failures, and timeouts or
+    /// broken connections before or while the body is read (one rule for every failure to
+    /// receive a whole response).
     pub max_retries: u32,
     /// The wait before the first retry; it doubles per retry up to `max_backoff`, each wait
     /// jittered down by up to half. A `Retry-After` header in seconds is honoured when it asks
@@ -256,6 +308,9 @@ pub struct ChatClientConfig {
     pub max_backoff: Duration,
     /// The time limit of one HTTP request, body included.
     pub request_timeout: Duration,
+    /// The largest response body read, in bytes; reading stops as soon as a body passes it
+    /// ([`PolicyError::ResponseTooLarge`]).
+    pub max_response_bytes: usize,
     /// Sampling temperature, if set.
     pub temperature: Option<f64>,
     /// Most tokens per reply, if set.
@@ -266,7 +321,8 @@ pub struct ChatClientConfig {
 
 impl ChatClientConfig {
     /// Defaults for `url` and `model`: 16 requests in flight, 4 retries from 1 s backing off to
-    /// 30 s, a 300 s request timeout, the server's own sampling defaults, logprobs requested.
+    /// 30 s, a 300 s request timeout, an 8 MiB response limit ([`DEFAULT_MAX_RESPONSE_BYTES`]),
+    /// the server's own sampling defaults, logprobs requested.
     pub fn new(url: impl Into<String>, model: impl Into<String>) -> Self {
         ChatClientConfig {
             url: url.into(),
@@ -277,6 +333,7 @@ impl ChatClientConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(300),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             temperature: None,
             max_tokens: None,
             logprobs: true,
@@ -300,6 +357,10 @@ pub struct ChatClient {
 
 /// How much of an error body is kept in a [`PolicyError::Status`].
 const ERROR_BODY_CHARS: usize = 500;
+
+/// How much of an error status's body is read: enough for [`ERROR_BODY_CHARS`] characters of
+/// any UTF-8.
+const ERROR_BODY_BYTES: usize = 4 * ERROR_BODY_CHARS;
 
 impl ChatClient {
     /// A client for `config`'s endpoint.
@@ -361,15 +422,20 @@ impl ChatClient {
         jittered.max(retry_after.unwrap_or_default().min(self.config.max_backoff))
     }
 
-    /// Sends one request, holding an in-flight permit only while it is on the wire.
-    async fn send_once(&self, body: &Value) -> Result<reqwest::Response, reqwest::Error> {
+    /// Sends one request and reads its body (up to the limit), holding an in-flight permit only
+    /// while it is on the wire: the status, any `Retry-After`, the body.
+    async fn send_once(&self, body: &Value) -> Result<(reqwest::StatusCode, Option<Duration>, Vec<u8>), Received> {
         // The semaphore is never closed, so acquiring only waits.
         let _permit = self.in_flight.acquire().await;
         let mut request = self.http.post(&self.endpoint).json(body);
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
-        request.send().await
+        let response = request.send().await.map_err(Received::Failed)?;
+        let status = response.status();
+        let retry_after = retry_after(&response);
+        let bytes = read_body(response, self.config.max_response_bytes).await?;
+        Ok((status, retry_after, bytes))
     }
 }
 
@@ -385,40 +451,38 @@ impl Policy for ChatClient {
         loop {
             attempt += 1;
             let retries_left = attempt <= self.config.max_retries;
-            let response = match self.send_once(&body).await {
-                Ok(response) => response,
-                Err(source) if retries_left && (source.is_timeout() || source.is_connect()) => {
+            // One rule for every failure to receive a whole response: a connection that fails,
+            // or times out or breaks before the headers or while the body is read, is retried.
+            let (status, retry_after, bytes) = match self.send_once(&body).await {
+                Ok(received) => received,
+                Err(Received::Failed(source)) if retries_left && is_transient(&source) => {
                     tokio::time::sleep(self.backoff(attempt - 1, None)).await;
                     continue;
                 }
-                Err(source) => {
+                Err(Received::Failed(source)) => {
                     return Err(PolicyError::Request {
                         attempts: attempt,
                         source,
                     });
                 }
+                Err(Received::TooLarge { received }) => {
+                    return Err(PolicyError::ResponseTooLarge {
+                        limit: self.config.max_response_bytes,
+                        received,
+                        attempts: attempt,
+                    });
+                }
             };
-            let status = response.status();
             if status.is_success() {
-                let value: Value = response.json().await.map_err(|source| PolicyError::Request {
-                    attempts: attempt,
-                    source,
-                })?;
+                let value: Value = serde_json::from_slice(&bytes).map_err(|source| PolicyError::NotJson { source })?;
                 return parse_completion(value, attempt);
             }
             let retryable = status.as_u16() == 429 || status.is_server_error();
             if retryable && retries_left {
-                let retry_after = response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
                 tokio::time::sleep(self.backoff(attempt - 1, retry_after)).await;
                 continue;
             }
-            let text = response.text().await.unwrap_or_default();
-            let body: String = text.chars().take(ERROR_BODY_CHARS).collect();
+            let body: String = String::from_utf8_lossy(&bytes).chars().take(ERROR_BODY_CHARS).collect();
             return Err(PolicyError::Status {
                 status: status.as_u16(),
                 attempts: attempt,
@@ -428,12 +492,62 @@ impl Policy for ChatClient {
     }
 }
 
+/// Whether a failure to receive a response is worth another attempt: a connection that failed,
+/// a timeout (before the headers or while reading the body), or a body cut off mid-way.
+fn is_transient(error: &reqwest::Error) -> bool {
+    error.is_timeout() || error.is_connect() || error.is_body()
+}
+
+/// Why one attempt produced no whole response.
+enum Received {
+    /// The request or the body read failed.
+    Failed(reqwest::Error),
+    /// The body passed the limit after this many bytes (or announced that many).
+    TooLarge { received: u64 },
+}
+
+/// The `Retry-After` header in seconds, if the response has one.
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+}
+
+/// Reads `response`'s body chunk by chunk, stopping as soon as it passes `limit` bytes; a
+/// `Content-Length` above the limit is refused before reading anything. An error status's body
+/// is read only up to [`ERROR_BODY_BYTES`] (it is kept for the message, not parsed), and never
+/// counts as too large.
+async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Received> {
+    let error_status = !response.status().is_success();
+    let limit = if error_status { ERROR_BODY_BYTES } else { limit };
+    if let Some(announced) = response.content_length()
+        && announced > limit as u64
+        && !error_status
+    {
+        return Err(Received::TooLarge { received: announced });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(Received::Failed)? {
+        if body.len() + chunk.len() > limit {
+            if error_status {
+                body.extend_from_slice(&chunk[..limit - body.len()]);
+                return Ok(body);
+            }
+            return Err(Received::TooLarge {
+                received: (body.len() + chunk.len()) as u64,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Reads `choices[0]` and `usage` of a chat completion.
 fn parse_completion(mut value: Value, attempts: u32) -> Result<ModelReply, PolicyError> {
-    let usage = value
-        .get("usage")
-        .cloned()
-        .and_then(|u| serde_json::from_value::<Usage>(u).ok());
+    let (usage, anomalies) = parse_usage(value.get("usage"));
     let choice = value
         .get_mut("choices")
         .and_then(|c| c.get_mut(0))
@@ -460,5 +574,61 @@ fn parse_completion(mut value: Value, attempts: u32) -> Result<ModelReply, Polic
         logprobs,
         finish_reason,
         attempts,
+        anomalies,
     })
+}
+
+/// The most tokens one reply's `usage` may report before it is recorded as an anomaly: far
+/// above any context window, far below where sums could overflow.
+pub const MAX_PLAUSIBLE_TOKENS: u64 = 1 << 40;
+
+/// A chat completion's `usage`, and a sentence for each count that is not a plausible token
+/// count. A count that is not a non-negative integer (negative, a float, a string) counts as 0;
+/// an absurdly large one is kept as reported (sums saturate, see
+/// [`crate::rollout::agent::TokenCounts`]). A missing or `null` usage is `None`, no anomaly.
+pub fn parse_usage(usage: Option<&Value>) -> (Option<Usage>, Vec<String>) {
+    let mut anomalies = Vec::new();
+    let fields = match usage {
+        None | Some(Value::Null) => return (None, anomalies),
+        Some(Value::Object(fields)) => fields,
+        Some(other) => {
+            anomalies.push(format!("usage is {}, not an object; ignored", clip(other)));
+            return (None, anomalies);
+        }
+    };
+    let mut count = |name: &str| match fields.get(name) {
+        None | Some(Value::Null) => 0,
+        Some(value) => match value.as_u64() {
+            Some(n) if n > MAX_PLAUSIBLE_TOKENS => {
+                anomalies.push(format!(
+                    "usage.{name} is {n}, past {MAX_PLAUSIBLE_TOKENS} (MAX_PLAUSIBLE_TOKENS); kept as reported"
+                ));
+                n
+            }
+            Some(n) => n,
+            None => {
+                anomalies.push(format!(
+                    "usage.{name} is {}, not a non-negative integer; counted as 0",
+                    clip(value)
+                ));
+                0
+            }
+        },
+    };
+    let usage = Usage {
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+        total_tokens: count("total_tokens"),
+    };
+    (Some(usage), anomalies)
+}
+
+/// A JSON value as text for an anomaly, cut to a few dozen characters.
+fn clip(value: &Value) -> String {
+    const MAX_CHARS: usize = 40;
+    let text = value.to_string();
+    match text.char_indices().nth(MAX_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text,
+    }
 }

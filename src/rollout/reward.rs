@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chat::Message;
-use crate::rollout::answer::{latex_to_sympy, parse_exact_number};
+use crate::rollout::answer::{AnswerLimit, check_answer_limits, latex_to_sympy, parse_exact_number};
 use crate::rollout::dataset::Problem;
 use crate::rollout::swe::SweTask;
 use crate::slot::{Backend, Slot, ToolCall};
@@ -52,9 +52,14 @@ pub enum RewardBreakdown {
         answer: Option<String>,
         /// How they were compared.
         method: MathMethod,
-        /// Why sympy could not decide, when it could not.
+        /// Why sympy could not decide, when it could not; or which limit the answer passed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         note: Option<String>,
+        /// The name of the parsing limit the answer (or the ground truth) passed, for
+        /// [`MathMethod::OverLimit`]: `answer_too_long` or `answer_too_deep` (see
+        /// [`crate::rollout::answer::AnswerLimit`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<String>,
     },
     /// A user's reward function, run in the slot.
     Custom {
@@ -98,6 +103,9 @@ pub enum MathMethod {
     Exact,
     /// Compared symbolically with sympy inside the slot.
     Sympy,
+    /// Not compared: the answer (or the ground truth) passed a parsing limit, named in the
+    /// breakdown's `limit`. Reward 0.
+    OverLimit,
 }
 
 /// A test case that did not pass.
@@ -200,6 +208,7 @@ pub async fn math_reward(backend: &dyn Backend, slot: &Slot, ground_truth: &str,
             answer: None,
             method: MathMethod::NoAnswer,
             note: None,
+            limit: None,
         };
         return Reward::new(0.0, breakdown);
     };
@@ -209,15 +218,42 @@ pub async fn math_reward(backend: &dyn Backend, slot: &Slot, ground_truth: &str,
             answer: Some(answer.to_owned()),
             method,
             note,
+            limit: None,
         };
         Reward::new(if equal { 1.0 } else { 0.0 }, breakdown)
     };
+    // Checked before any parsing, so no answer can make scoring slow or deep.
+    let over_limit = check_answer_limits(answer)
+        .map_err(|limit| ("the answer", limit))
+        .and_then(|()| check_answer_limits(ground_truth).map_err(|limit| ("the ground truth", limit)));
+    if let Err((which, limit)) = over_limit {
+        let breakdown = RewardBreakdown::Math {
+            ground_truth: ground_truth.to_owned(),
+            answer: Some(answer.to_owned()),
+            method: MathMethod::OverLimit,
+            note: Some(format!("not compared: {which} passed a limit: {limit}")),
+            limit: Some(limit.name().to_owned()),
+        };
+        return Reward::new(0.0, breakdown);
+    }
     if let (Some(expected), Some(given)) = (parse_exact_number(ground_truth), parse_exact_number(answer)) {
         return math(MathMethod::Exact, expected == given, None);
     }
-    let result = backend
-        .execute(slot, ToolCall::python(sympy_check(answer, ground_truth)))
-        .await;
+    let check = match sympy_check(answer, ground_truth) {
+        Ok(check) => check,
+        // The nesting of `\frac`/`\sqrt` without braces can still pass the depth limit.
+        Err((which, limit)) => {
+            let breakdown = RewardBreakdown::Math {
+                ground_truth: ground_truth.to_owned(),
+                answer: Some(answer.to_owned()),
+                method: MathMethod::OverLimit,
+                note: Some(format!("not compared: {which} passed a limit: {limit}")),
+                limit: Some(limit.name().to_owned()),
+            };
+            return Reward::new(0.0, breakdown);
+        }
+    };
+    let result = backend.execute(slot, ToolCall::python(check)).await;
     let verdict = result
         .cell
         .as_ref()
@@ -237,9 +273,11 @@ pub async fn math_reward(backend: &dyn Backend, slot: &Slot, ground_truth: &str,
 /// A cell that prints `True` when the two LaTeX answers are symbolically equal. The answers go
 /// in as JSON string literals (valid Python), never spliced in as code; sympy's parser does
 /// evaluate them, which is why this runs in the sandbox.
-fn sympy_check(answer: &str, ground_truth: &str) -> String {
-    let literal = |s: &str| serde_json::to_string(&latex_to_sympy(s)).unwrap_or_else(|_| "''".to_owned());
-    format!(
+fn sympy_check(answer: &str, ground_truth: &str) -> Result<String, (&'static str, AnswerLimit)> {
+    let literal = |s: &str| serde_json::to_string(&s).unwrap_or_else(|_| "''".to_owned());
+    let given = literal(&latex_to_sympy(answer).map_err(|limit| ("the answer", limit))?);
+    let expected = literal(&latex_to_sympy(ground_truth).map_err(|limit| ("the ground truth", limit))?);
+    Ok(format!(
         r#"def _rollbox_equal(given, expected):
     import sympy
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication_application, convert_xor
@@ -257,9 +295,7 @@ try:
 finally:
     del _rollbox_equal
 "#,
-        given = literal(answer),
-        expected = literal(ground_truth),
-    )
+    ))
 }
 
 /// Scores an SWE task with its test command in `slot` (see [`crate::rollout::swe::verify`]): 1.0 when

@@ -5,10 +5,13 @@
 //! their next model call or turn boundary, their slots released, and nothing of them written,
 //! so a rerun with `resume` runs them again and skips every one already on disk.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use serde_json::Value;
@@ -220,13 +223,25 @@ pub async fn run_rollout(
     });
     let mut pending = jobs.into_iter();
     let mut running = JoinSet::new();
+    // Which trajectory each task runs, to name it should its task fail outside `run_job`'s own
+    // panic catching.
+    let mut running_ids = HashMap::new();
     loop {
         while running.len() < config.concurrency.max(1) && !stop.is_stopped() {
             let Some(job) = pending.next() else { break };
-            running.spawn(run_job(shared.clone(), stop.subscribe(), job));
+            let trajectory_id = job.trajectory_id.clone();
+            let task = running.spawn(run_job(shared.clone(), stop.subscribe(), job));
+            running_ids.insert(task.id(), trajectory_id);
         }
-        let Some(joined) = running.join_next().await else { break };
-        match joined {
+        let Some(joined) = running.join_next_with_id().await else {
+            break;
+        };
+        let task = match &joined {
+            Ok((task, _)) => *task,
+            Err(join_error) => join_error.id(),
+        };
+        let trajectory_id = running_ids.remove(&task).unwrap_or_default();
+        match joined.map(|(_, outcome)| outcome) {
             Ok(JobOutcome::Done(trajectory)) => {
                 writer.append(&trajectory)?;
                 stats.written += 1;
@@ -242,8 +257,13 @@ pub async fn run_rollout(
                 *stats.failed_by_kind.entry(kind).or_default() += 1;
             }
             Err(join_error) => {
-                reporter.on_trajectory_failed("(unknown)", &join_error.to_string());
-                *stats.failed_by_kind.entry("task_panicked".to_owned()).or_default() += 1;
+                let kind = if join_error.is_panic() {
+                    PANICKED
+                } else {
+                    "task_cancelled"
+                };
+                reporter.on_trajectory_failed(&trajectory_id, &join_error.to_string());
+                *stats.failed_by_kind.entry(kind.to_owned()).or_default() += 1;
             }
         }
     }
@@ -297,6 +317,10 @@ struct JobShared {
 }
 
 /// Runs one trajectory start to finish in its own slot.
+///
+/// A panic anywhere in the trajectory (the agent loop, the policy, the backend's calls, the
+/// reward) is caught here: the slot is released and the trajectory fails with the kind
+/// [`PANICKED`], so the other trajectories, `trajectories.jsonl` and `summary.json` carry on.
 async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) -> JobOutcome {
     let started = Instant::now();
     let backend = shared.backend.as_ref();
@@ -311,19 +335,45 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
             };
         }
     };
+    match CatchPanic::new(run_in_slot(&shared, stop, &job, &slot, started)).await {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            // Best effort, as everywhere: the slot may already be released (fresh-slot scoring).
+            release_slot(backend, &slot, &job.problem).await;
+            JobOutcome::Failed {
+                trajectory_id: job.trajectory_id,
+                kind: PANICKED.to_owned(),
+                message: format!("the trajectory panicked: {panic}"),
+            }
+        }
+    }
+}
+
+/// The error kind of a trajectory that panicked.
+pub const PANICKED: &str = "trajectory_panicked";
+
+/// The part of a trajectory that runs in its slot, from the SWE setup to the reward.
+async fn run_in_slot(
+    shared: &JobShared,
+    stop: watch::Receiver<bool>,
+    job: &Job,
+    slot: &Slot,
+    started: Instant,
+) -> JobOutcome {
+    let backend = shared.backend.as_ref();
     if let Some(task) = &job.problem.swe
-        && let Err(error) = crate::rollout::swe::prepare(backend, &slot, task).await
+        && let Err(error) = crate::rollout::swe::prepare(backend, slot, task).await
     {
-        release_slot(backend, &slot, &job.problem).await;
+        release_slot(backend, slot, &job.problem).await;
         return JobOutcome::Failed {
-            trajectory_id: job.trajectory_id,
+            trajectory_id: job.trajectory_id.clone(),
             kind: "swe_prepare".to_owned(),
             message: crate::error_text::error_chain(&error),
         };
     }
     let mut context = AgentContext {
         backend,
-        slot: &slot,
+        slot,
         policy: shared.policy.as_ref(),
         config: &shared.agent,
         tools: &shared.tools,
@@ -331,7 +381,7 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
     };
     let Some(episode) = run_agent(&mut context, &job.problem).await else {
         // Releasing is best effort: the trajectory is abandoned either way.
-        release_slot(backend, &slot, &job.problem).await;
+        release_slot(backend, slot, &job.problem).await;
         return JobOutcome::Abandoned;
     };
     let reward_started = Instant::now();
@@ -341,7 +391,7 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
     // test files are restored from the base commit first, which is what keeps it honest.
     let reward = if shared.score_in_fresh_slot && job.problem.swe.is_none() {
         // Released first, so scoring never needs two slots at once.
-        let _ = backend.release(&slot, true).await;
+        let _ = backend.release(slot, true).await;
         let scored = Scored {
             trajectory_id: &job.trajectory_id,
             problem: &job.problem,
@@ -355,20 +405,20 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
             Err(error) => {
                 let message = format!("failed to acquire a fresh slot for the reward: {error}");
                 return JobOutcome::Failed {
-                    trajectory_id: job.trajectory_id,
+                    trajectory_id: job.trajectory_id.clone(),
                     kind: "reward_slot_acquire".to_owned(),
                     message,
                 };
             }
         }
     } else {
-        let reward = score(backend, &slot, &job.problem, answer, &episode.messages, custom).await;
-        release_slot(backend, &slot, &job.problem).await;
+        let reward = score(backend, slot, &job.problem, answer, &episode.messages, custom).await;
+        release_slot(backend, slot, &job.problem).await;
         reward
     };
     let reward_ms = reward_started.elapsed().as_secs_f64() * 1e3;
     let trajectory = trajectory(
-        &shared,
+        shared,
         job,
         episode,
         reward,
@@ -376,6 +426,42 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
         started.elapsed().as_secs_f64() * 1e3,
     );
     JobOutcome::Done(Box::new(trajectory))
+}
+
+/// A future that turns a panic while it is polled into an error holding the panic's message.
+/// (What `futures`' `catch_unwind` does, without the crate's `std` feature.)
+struct CatchPanic<F> {
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> CatchPanic<F> {
+    fn new(inner: F) -> Self {
+        CatchPanic { inner: Box::pin(inner) }
+    }
+}
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Unwind safety: after a panic the inner future is never polled again, and what it
+        // borrowed (the slot, the shared config) holds no state a panic could leave half-made.
+        let inner = &mut self.inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
+        }
+    }
+}
+
+/// A panic's message, when it has one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// Releases a trajectory's slot with its workspace, removing an SWE task's worktree from the
@@ -391,24 +477,22 @@ async fn release_slot(backend: &dyn Backend, slot: &Slot, problem: &Problem) {
 /// The line of `trajectories.jsonl` for a scored episode.
 fn trajectory(
     shared: &JobShared,
-    job: Job,
+    job: &Job,
     episode: Episode,
     reward: Reward,
     reward_ms: f64,
     wall_ms: f64,
 ) -> Trajectory {
-    let tokens = episode
-        .steps
-        .iter()
-        .filter_map(|s| s.usage)
-        .fold(None, |sum: Option<TokenCounts>, u| {
-            let mut sum = sum.unwrap_or_default();
-            sum.prompt_tokens += u.prompt_tokens;
-            sum.completion_tokens += u.completion_tokens;
-            Some(sum)
-        });
+    let mut anomalies = Vec::new();
+    let mut tokens: Option<TokenCounts> = None;
+    for usage in episode.steps.iter().filter_map(|s| s.usage) {
+        anomalies.extend(tokens.get_or_insert_default().add(TokenCounts {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+        }));
+    }
     Trajectory {
-        trajectory_id: job.trajectory_id,
+        trajectory_id: job.trajectory_id.clone(),
         instance_id: job.problem.instance_id.clone(),
         sample: job.sample,
         agent: shared.agent.kind,
@@ -425,6 +509,7 @@ fn trajectory(
         final_answer: episode.final_answer,
         reward,
         tokens,
+        anomalies,
         context_tokens: episode.context_tokens,
         reward_ms,
         wall_ms,

@@ -4,10 +4,15 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::agent::Trajectory;
+use crate::rollout::agent::{TokenCounts, Trajectory};
 use crate::rollout::config::RolloutConfig;
 use crate::rollout::dataset::Dataset;
 use crate::rollout::policy::Policy;
+use crate::rollout::reward::RewardBreakdown;
+
+/// The `errors_by_kind` entry counting usage anomalies (see
+/// [`crate::rollout::policy::parse_usage`]) and token sums that saturated.
+pub const USAGE_ANOMALY: &str = "usage_anomaly";
 
 /// The score at or above which a trajectory counts as solved for pass@k.
 pub const PASS_THRESHOLD: f64 = 1.0;
@@ -78,8 +83,10 @@ pub struct Summary {
     pub tokens: Option<BTreeMap<String, u64>>,
     /// Trajectories by stop reason.
     pub stop_reasons: BTreeMap<String, usize>,
-    /// Errors by kind: policy errors, failed calls by [`crate::ErrorKind`], limits hit, and
-    /// trajectories that could not run.
+    /// Errors by kind: policy errors, failed calls by [`crate::ErrorKind`], limits hit, answers
+    /// past a parsing limit (`answer_too_long`, `answer_too_deep`), usage anomalies
+    /// (`usage_anomaly`: implausible counts, and token sums that saturated), and trajectories
+    /// that could not run (`trajectory_panicked`, `slot_acquire`, ...).
     pub errors_by_kind: BTreeMap<String, usize>,
     /// Trajectories written per second of this run's wall clock.
     pub trajectories_per_second: f64,
@@ -123,6 +130,14 @@ impl Summary {
             if let Some(error) = &trajectory.error {
                 *errors_by_kind.entry(error.kind.clone()).or_insert(0) += 1;
             }
+            if let RewardBreakdown::Math { limit: Some(limit), .. } = &trajectory.reward.breakdown {
+                *errors_by_kind.entry(limit.clone()).or_insert(0) += 1;
+            }
+            let anomalies =
+                trajectory.anomalies.len() + trajectory.steps.iter().map(|s| s.anomalies.len()).sum::<usize>();
+            if anomalies > 0 {
+                *errors_by_kind.entry(USAGE_ANOMALY.to_owned()).or_insert(0) += anomalies;
+            }
             for call in trajectory.steps.iter().flat_map(|s| &s.calls) {
                 if let Some(error) = &call.result.error {
                     let kind = serde_json::to_value(error.kind)
@@ -139,16 +154,19 @@ impl Summary {
         for (kind, n) in &stats.failed_by_kind {
             *errors_by_kind.entry(kind.clone()).or_insert(0) += n;
         }
-        let tokens =
-            trajectories
-                .iter()
-                .filter_map(|t| t.tokens)
-                .fold(None, |sum: Option<BTreeMap<String, u64>>, t| {
-                    let mut sum = sum.unwrap_or_default();
-                    *sum.entry("prompt_tokens".to_owned()).or_default() += t.prompt_tokens;
-                    *sum.entry("completion_tokens".to_owned()).or_default() += t.completion_tokens;
-                    Some(sum)
-                });
+        let mut token_sum: Option<TokenCounts> = None;
+        for counts in trajectories.iter().filter_map(|t| t.tokens) {
+            let saturated = token_sum.get_or_insert_default().add(counts);
+            if !saturated.is_empty() {
+                *errors_by_kind.entry(USAGE_ANOMALY.to_owned()).or_insert(0) += saturated.len();
+            }
+        }
+        let tokens = token_sum.map(|t| {
+            BTreeMap::from([
+                ("prompt_tokens".to_owned(), t.prompt_tokens),
+                ("completion_tokens".to_owned(), t.completion_tokens),
+            ])
+        });
         Summary {
             policy: policy.name().to_owned(),
             oracle_policy: oracle,

@@ -2,6 +2,7 @@
 
 mod cli;
 mod conformance;
+mod hostile;
 mod hostile_cells;
 mod parity;
 mod process;
