@@ -792,6 +792,17 @@ fn modal_dry_run_prints_the_plan_without_importing_modal() {
 
 #[test]
 fn ctrl_c_terminates_the_modal_sandboxes() {
+    modal_sandboxes_end_when_rollbox_gets(libc::SIGINT);
+}
+
+/// Under SIGKILL rollbox runs no clean-up of its own: the helper sees its stdin close, and its
+/// clean-up must not depend on its stderr, whose reader died with rollbox.
+#[test]
+fn kill_9_of_rollbox_still_terminates_the_modal_sandboxes() {
+    modal_sandboxes_end_when_rollbox_gets(libc::SIGKILL);
+}
+
+fn modal_sandboxes_end_when_rollbox_gets(signal: i32) {
     let stand_in = ModalStandIn::recording(json!({}));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
         .args([
@@ -817,7 +828,7 @@ fn ctrl_c_terminates_the_modal_sandboxes() {
     // Give the cell a moment to start; if the signal lands earlier, the helper's own clean-up
     // (its stdin closes when rollbox dies) must terminate the sandbox just the same.
     std::thread::sleep(Duration::from_millis(500));
-    kill(child.id(), libc::SIGINT);
+    kill(child.id(), signal);
     let status = child.wait().expect("rollbox exits");
     assert!(!status.success(), "{status:?}");
     while stand_in.calls_named("Sandbox.terminate").is_empty() {

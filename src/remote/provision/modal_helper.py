@@ -28,7 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 def log(message):
-    print(f"[rollbox modal helper] {message}", file=sys.stderr, flush=True)
+    """A line for rollbox's log. Never raises: when rollbox was killed its end of the pipe is
+    gone, and the clean-up that logs must still terminate every sandbox."""
+    try:
+        print(f"[rollbox modal helper] {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def image_steps(config):
