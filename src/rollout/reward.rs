@@ -226,7 +226,7 @@ pub async fn math_reward(backend: &dyn Backend, slot: &Slot, ground_truth: &str,
     let over_limit = check_answer_limits(answer)
         .map_err(|limit| ("the answer", limit))
         .and_then(|()| check_answer_limits(ground_truth).map_err(|limit| ("the ground truth", limit)));
-    if let Err((which, limit)) = over_limit {
+    let refused = |which: &str, limit: AnswerLimit| {
         let breakdown = RewardBreakdown::Math {
             ground_truth: ground_truth.to_owned(),
             answer: Some(answer.to_owned()),
@@ -234,7 +234,10 @@ pub async fn math_reward(backend: &dyn Backend, slot: &Slot, ground_truth: &str,
             note: Some(format!("not compared: {which} passed a limit: {limit}")),
             limit: Some(limit.name().to_owned()),
         };
-        return Reward::new(0.0, breakdown);
+        Reward::new(0.0, breakdown)
+    };
+    if let Err((which, limit)) = over_limit {
+        return refused(which, limit);
     }
     if let (Some(expected), Some(given)) = (parse_exact_number(ground_truth), parse_exact_number(answer)) {
         return math(MathMethod::Exact, expected == given, None);
@@ -242,16 +245,7 @@ pub async fn math_reward(backend: &dyn Backend, slot: &Slot, ground_truth: &str,
     let check = match sympy_check(answer, ground_truth) {
         Ok(check) => check,
         // The nesting of `\frac`/`\sqrt` without braces can still pass the depth limit.
-        Err((which, limit)) => {
-            let breakdown = RewardBreakdown::Math {
-                ground_truth: ground_truth.to_owned(),
-                answer: Some(answer.to_owned()),
-                method: MathMethod::OverLimit,
-                note: Some(format!("not compared: {which} passed a limit: {limit}")),
-                limit: Some(limit.name().to_owned()),
-            };
-            return Reward::new(0.0, breakdown);
-        }
+        Err((which, limit)) => return refused(which, limit),
     };
     let result = backend.execute(slot, ToolCall::python(check)).await;
     let verdict = result
