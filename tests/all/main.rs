@@ -1,5 +1,6 @@
 //! rollbox's one integration-test binary: a module per area, over the real runtime.
 
+mod bench;
 mod cli;
 mod conformance;
 mod process;
