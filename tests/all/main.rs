@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod conformance;
+mod guest_paths;
 mod process;
 mod remote;
 mod rollout;
