@@ -1,10 +1,18 @@
-//! Engine benchmarks over the real runtime: one cell, one acquire, one batch across 200 live
-//! slots. `cargo bench --bench engine`; `rollbox bench` prints the same numbers as a table.
+//! Engine benchmarks over the real runtime: four kinds of cell, acquire (alone, with its
+//! release, and until a first cell's result), and one batch across 200 live slots.
+//! `cargo bench --bench engine`; `rollbox bench` prints the same kinds of figure as a table.
+//!
+//! Every call's result is checked outside the clock (`rollbox::bench::check`): a cell that did
+//! not give what its kind promises aborts the bench with the call's output.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rollbox::{Backend, Limits, SilentReporter, ToolCall, WasmBackend, WasmBackendConfig};
+use rollbox::bench::{CELL_KINDS, CROWD_CELL, CROWD_SETUP, CellKind, FIRST_CELL, check, check_all};
+use rollbox::{Backend, ExecutionResult, Limits, SilentReporter, ToolCall, WasmBackend, WasmBackendConfig};
+
+/// Live slots in the throughput bench.
+const SLOTS: usize = 200;
 
 fn setup() -> (tokio::runtime::Runtime, WasmBackend) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -19,18 +27,63 @@ fn setup() -> (tokio::runtime::Runtime, WasmBackend) {
     (runtime, backend)
 }
 
-fn cell(c: &mut Criterion) {
-    let (runtime, backend) = setup();
-    let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
-    runtime.block_on(backend.execute(&slot, ToolCall::python("x = 0")));
-    c.bench_function("cell_x_plus_1", |b| {
-        b.iter(|| runtime.block_on(backend.execute(&slot, ToolCall::python("x += 1"))))
-    });
+/// Aborts the bench unless `result` is what `kind` promises.
+fn must_be(what: &str, kind: &CellKind, result: &ExecutionResult) {
+    check(what, kind, 0, 1, result).unwrap_or_else(|error| panic!("{error}"));
 }
 
+/// Each cell kind through `Backend::execute` in one slot, caller's view (the `block_on` included).
+fn cell(c: &mut Criterion) {
+    let (runtime, backend) = setup();
+    let mut group = c.benchmark_group("cell");
+    for kind in &CELL_KINDS {
+        let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
+        let setup = CellKind {
+            code: kind.setup,
+            expected: rollbox::bench::Expected::Silent,
+            ..*kind
+        };
+        must_be(
+            "cell setup",
+            &setup,
+            &runtime.block_on(backend.execute(&slot, ToolCall::python(kind.setup))),
+        );
+        group.bench_function(kind.id, |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let started = Instant::now();
+                    let result = runtime.block_on(backend.execute(&slot, ToolCall::python(kind.code)));
+                    timed += started.elapsed();
+                    must_be(kind.label, kind, &result);
+                }
+                timed
+            })
+        });
+        runtime.block_on(backend.release(&slot, true)).expect("release");
+    }
+    group.finish();
+}
+
+/// `acquire` alone; `acquire` with its `release` (what this bench timed before, under the
+/// misleading name `acquire_until_first_cell_ready`); and `acquire` then a first cell until
+/// its result. Releases outside a label are not timed.
 fn acquire(c: &mut Criterion) {
     let (runtime, backend) = setup();
-    c.bench_function("acquire_until_first_cell_ready", |b| {
+    let mut group = c.benchmark_group("acquire");
+    group.bench_function("alone", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let started = Instant::now();
+                let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
+                timed += started.elapsed();
+                runtime.block_on(backend.release(&slot, true)).expect("release");
+            }
+            timed
+        })
+    });
+    group.bench_function("and_release", |b| {
         b.iter(|| {
             runtime.block_on(async {
                 let slot = backend.acquire("bench").await.expect("acquire");
@@ -38,25 +91,61 @@ fn acquire(c: &mut Criterion) {
             })
         })
     });
+    group.bench_function("to_first_result", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let started = Instant::now();
+                let (slot, result) = runtime.block_on(async {
+                    let slot = backend.acquire("bench").await.expect("acquire");
+                    let result = backend.execute(&slot, ToolCall::python(FIRST_CELL.code)).await;
+                    (slot, result)
+                });
+                timed += started.elapsed();
+                must_be("acquire to first result", &FIRST_CELL, &result);
+                runtime.block_on(backend.release(&slot, true)).expect("release");
+            }
+            timed
+        })
+    });
+    group.finish();
 }
 
+/// One `execute_batch` of `y += 1` in each of 200 live slots.
 fn throughput(c: &mut Criterion) {
     let (runtime, backend) = setup();
-    let slots: Vec<_> = (0..200)
+    let slots: Vec<_> = (0..SLOTS)
         .map(|i| {
             runtime
                 .block_on(backend.acquire(&format!("crowd-{i}")))
                 .expect("acquire")
         })
         .collect();
-    runtime.block_on(backend.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y = 0"))).collect()));
+    let setup = runtime.block_on(
+        backend.execute_batch(
+            slots
+                .iter()
+                .map(|s| (s.clone(), ToolCall::python(CROWD_SETUP.code)))
+                .collect(),
+        ),
+    );
+    check_all("throughput setup", &CROWD_SETUP, &setup, SLOTS).unwrap_or_else(|error| panic!("{error}"));
     let mut group = c.benchmark_group("throughput");
-    group.throughput(Throughput::Elements(slots.len() as u64));
+    group.throughput(Throughput::Elements(SLOTS as u64));
     group.bench_function("batch_of_200_slots", |b| {
-        b.iter(|| {
-            runtime.block_on(
-                backend.execute_batch(slots.iter().map(|s| (s.clone(), ToolCall::python("y += 1"))).collect()),
-            )
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let batch = slots
+                    .iter()
+                    .map(|s| (s.clone(), ToolCall::python(CROWD_CELL.code)))
+                    .collect();
+                let started = Instant::now();
+                let results = runtime.block_on(backend.execute_batch(batch));
+                timed += started.elapsed();
+                check_all("batched throughput", &CROWD_CELL, &results, SLOTS).unwrap_or_else(|error| panic!("{error}"));
+            }
+            timed
         })
     });
     group.finish();

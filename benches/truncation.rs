@@ -9,12 +9,24 @@ use std::path::PathBuf;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use rollbox::chat::Message;
 use rollbox::env_vars;
-use rollbox::truncation::{self, ChatTemplate, CompactionOptions, TokenCounter};
+use rollbox::truncation::{self, ChatTemplate, Compacted, CompactionOptions, TokenCounter, TruncationError};
 
 const BUDGET: usize = 16_000;
 const TURNS: usize = 200;
 /// Rows each cell prints; with `TURNS` this makes the input about 128k Qwen tokens.
 const OUTPUT_ROWS: usize = 10;
+
+/// Aborts the bench unless a compaction succeeded and fits the budget. Checked inside the timed
+/// routine (a comparison, next to milliseconds of work), so a failing call is never counted.
+fn fits(result: Result<Compacted, TruncationError>) -> Compacted {
+    let compacted = result.unwrap_or_else(|error| panic!("compaction failed: {error}"));
+    assert!(
+        compacted.report.tokens_after <= BUDGET,
+        "compaction left {} tokens, over the budget of {BUDGET}",
+        compacted.report.tokens_after
+    );
+    compacted
+}
 
 fn counter_fresh() -> TokenCounter {
     counter()
@@ -88,27 +100,65 @@ fn cell_output(turn: usize) -> String {
     text
 }
 
-/// The conversation: system prompt, task, then `TURNS` assistant cells each followed by its
-/// output as a user message (the notebook recipe's format), ending with a question.
-fn notebook_conversation() -> Vec<Message> {
-    let mut messages = vec![
+/// The opening messages: system prompt and task.
+fn opening() -> Vec<Message> {
+    vec![
         Message::system(
             "You are a data-science agent in a stateful Jupyter notebook. Put code in <code>...</code> blocks; outputs come back as <output> messages.",
         ),
         Message::user("Build a weekly sales forecast for every region partition and report the error of each."),
-    ];
-    for turn in 0..TURNS {
-        messages.push(Message::assistant(format!(
+    ]
+}
+
+/// Turn `turn`: an assistant cell, then its output as a user message (the notebook recipe's
+/// format).
+fn turn_messages(turn: usize) -> [Message; 2] {
+    [
+        Message::assistant(format!(
             "Partition {turn}: I load it, fit the model and evaluate it.\n<code>\n{}</code>",
             code_cell(turn)
-        )));
-        messages.push(Message::user(cell_output(turn)));
-    }
+        )),
+        Message::user(cell_output(turn)),
+    ]
+}
+
+/// The conversation: system prompt, task, then `TURNS` turns, ending with a question.
+fn notebook_conversation() -> Vec<Message> {
+    let mut messages = opening();
+    messages.extend((0..TURNS).flat_map(turn_messages));
     messages.push(Message::assistant(
         "All partitions are evaluated. Summarise the errors?",
     ));
     messages.push(Message::user("Yes, and plot the worst five."));
     messages
+}
+
+/// The rollout loop's input at each call: the opening and `TURNS` turns, each call with one new
+/// turn that no counter has seen. The oldest turn leaves as the new one comes, so every call
+/// compacts the same amount of text.
+struct RolloutWindow {
+    messages: Vec<Message>,
+    next_turn: usize,
+}
+
+impl RolloutWindow {
+    fn new() -> Self {
+        let mut messages = opening();
+        messages.extend((0..TURNS).flat_map(turn_messages));
+        RolloutWindow {
+            messages,
+            next_turn: TURNS,
+        }
+    }
+
+    /// The next call's messages.
+    fn advance(&mut self) -> Vec<Message> {
+        let opening = opening().len();
+        self.messages.drain(opening..opening + 2);
+        self.messages.extend(turn_messages(self.next_turn));
+        self.next_turn += 1;
+        self.messages.clone()
+    }
 }
 
 fn bench_compaction(c: &mut Criterion) {
@@ -132,36 +182,99 @@ fn bench_compaction(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("compact_128k_to_16k");
     group.sample_size(30);
-    // Cold: a fresh counter (and tokenizer) each iteration, so nothing is cached: the first call
-    // of a rollout, or the CLI. `iter_batched_ref` keeps loading and dropping the 11 MB
-    // tokenizer out of the timing. Warm: the counter has seen the conversation, as on every later
-    // call of the rollout loop, where only the newest messages are new.
+    // Cold: a fresh counter each iteration, so no message count is cached: the first call of a
+    // rollout's counter. `iter_batched_ref` keeps loading and dropping the 11 MB tokenizer out of
+    // the timing; `ast_compaction_with_tokenizer_load` below times the load too, as
+    // `rollbox compact` pays it.
     group.bench_function("count_messages_cold", |b| {
         b.iter_batched_ref(
             counter_fresh,
-            |fresh| fresh.count_messages(black_box(&messages)),
+            |fresh| fresh.count_messages(black_box(&messages)).expect("counts"),
             BatchSize::PerIteration,
         )
     });
     group.bench_function("ast_compaction_cold", |b| {
         b.iter_batched_ref(
             counter_fresh,
-            |fresh| truncation::ast_compaction(black_box(&messages), BUDGET, fresh, &options),
+            |fresh| {
+                fits(truncation::ast_compaction(
+                    black_box(&messages),
+                    BUDGET,
+                    fresh,
+                    &options,
+                ))
+            },
             BatchSize::PerIteration,
         )
     });
+    // Loading the tokenizer file and building the counter, then one cold compaction: what
+    // `rollbox compact` does once its input is read. Dropping the counter is not timed.
+    group.bench_function("ast_compaction_with_tokenizer_load", |b| {
+        b.iter_with_large_drop(|| {
+            let fresh = counter_fresh();
+            let result = fits(truncation::ast_compaction(
+                black_box(&messages),
+                BUDGET,
+                &fresh,
+                &options,
+            ));
+            (fresh, result)
+        })
+    });
+    // Warm: the same messages again and again, so every message count is a cache hit. The
+    // rollout loop's best case, not its usual one: `rollout_loop` adds a new turn each call.
     group.bench_function("ast_compaction_warm", |b| {
-        b.iter(|| truncation::ast_compaction(black_box(&messages), BUDGET, &counter, &options))
+        b.iter(|| {
+            fits(truncation::ast_compaction(
+                black_box(&messages),
+                BUDGET,
+                &counter,
+                &options,
+            ))
+        })
+    });
+    // The rollout loop: one counter for the whole rollout; each call brings one new turn (an
+    // assistant cell and its output) that the counter has not seen, beside 199 it has.
+    let mut window = RolloutWindow::new();
+    let loop_counter = counter_fresh();
+    loop_counter.count_messages(&window.messages).expect("counts");
+    group.bench_function("ast_compaction_rollout_loop", |b| {
+        b.iter_batched_ref(
+            || window.advance(),
+            |messages| {
+                fits(truncation::ast_compaction(
+                    black_box(messages),
+                    BUDGET,
+                    &loop_counter,
+                    &options,
+                ))
+            },
+            BatchSize::PerIteration,
+        )
     });
     group.bench_function("first_user_priority_cold", |b| {
         b.iter_batched_ref(
             counter_fresh,
-            |fresh| truncation::first_user_priority(black_box(&messages), BUDGET, fresh, &options),
+            |fresh| {
+                fits(truncation::first_user_priority(
+                    black_box(&messages),
+                    BUDGET,
+                    fresh,
+                    &options,
+                ))
+            },
             BatchSize::PerIteration,
         )
     });
     group.bench_function("first_user_priority_warm", |b| {
-        b.iter(|| truncation::first_user_priority(black_box(&messages), BUDGET, &counter, &options))
+        b.iter(|| {
+            fits(truncation::first_user_priority(
+                black_box(&messages),
+                BUDGET,
+                &counter,
+                &options,
+            ))
+        })
     });
     group.finish();
 }

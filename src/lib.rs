@@ -11,8 +11,9 @@
 //!   report every Python-running backend shares;
 //! - the backends: [`wasm`] (the default), [`process`] (bubblewrap on a real host) and
 //!   [`remote`] (HTTP to `rollbox serve`);
-//! - the applications: [`server`] (`rollbox serve`), [`rollout`] (agents over datasets, scored)
-//!   and [`truncation`] (conversations cut to a token budget);
+//! - the applications: [`server`] (`rollbox serve`), [`rollout`] (agents over datasets, scored),
+//!   [`truncation`] (conversations cut to a token budget) and [`bench`] (measurements of any
+//!   backend, shared by `rollbox bench`, the criterion benches and their tests);
 //! - shared vocabulary: [`chat`], [`env_vars`], [`error_text`] and [`reporter`].
 #![warn(missing_docs)]
 
@@ -22,6 +23,7 @@ pub mod process;
 pub mod remote;
 pub mod wasm;
 
+pub mod bench;
 pub mod rollout;
 pub mod server;
 pub mod truncation;

@@ -416,8 +416,9 @@ fn print_summary(summary: &Summary, trajectories: &std::path::Path, summary_path
         summary.model_seconds, summary.tool_seconds, summary.tool_ms_per_turn, summary.reward_seconds
     );
     eprintln!(
-        "engine overhead per turn (excluding model and cells): median {:.3} ms",
-        summary.median_overhead_ms_per_turn
+        "engine overhead per turn (excluding model, cells, acquire, scoring and writing): median {:.3} ms over \
+         turns that ran code, {:.3} ms over all turns",
+        summary.median_overhead_ms_per_turn_with_code, summary.median_overhead_ms_per_turn
     );
     let run = &summary.run;
     eprintln!(

@@ -75,9 +75,15 @@ pub struct Summary {
     pub reward_seconds: f64,
     /// Mean tool time per turn that ran something, in milliseconds.
     pub tool_ms_per_turn: f64,
-    /// The median over turns of the engine's own time per turn ([`crate::rollout::agent::Step::overhead_ms`]),
-    /// in milliseconds.
+    /// The median over every turn, including turns that ran no code, of the engine's own time
+    /// per turn ([`crate::rollout::agent::Step::overhead_ms`]), in milliseconds. Acquiring the
+    /// slot, scoring and writing the trajectory are not in it.
     pub median_overhead_ms_per_turn: f64,
+    /// The same median over only the turns that ran at least one call: the engine's time
+    /// around code, where a turn without code would pull the median down. 0 when no turn ran
+    /// code.
+    #[serde(default)]
+    pub median_overhead_ms_per_turn_with_code: f64,
     /// Prompt and completion tokens, summed, when the policy reported them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<BTreeMap<String, u64>>,
@@ -192,6 +198,14 @@ impl Summary {
                 trajectories
                     .iter()
                     .flat_map(|t| &t.steps)
+                    .map(|s| s.overhead_ms)
+                    .collect(),
+            ),
+            median_overhead_ms_per_turn_with_code: median(
+                trajectories
+                    .iter()
+                    .flat_map(|t| &t.steps)
+                    .filter(|s| !s.calls.is_empty())
                     .map(|s| s.overhead_ms)
                     .collect(),
             ),

@@ -124,21 +124,42 @@ pub async fn results_come_back_in_call_order(backend: &dyn Backend) {
     backend.release(&b, true).await.expect("release");
 }
 
+/// Neither of two live slots sees the other's variables or files, whichever wrote first.
 pub async fn slots_are_isolated(backend: &dyn Backend) {
     let a = backend.acquire("conformance-iso-a").await.expect("acquire");
     let b = backend.acquire("conformance-iso-b").await.expect("acquire");
     assert_ne!(a.id, b.id);
     assert_ne!(a.workspace, b.workspace);
-    ok(backend
-        .execute(&a, ToolCall::python("secret = 'a'\nopen('mine.txt', 'w').write('a')"))
-        .await);
-    let r = ok(backend
-        .execute(
-            &b,
-            ToolCall::python("import os\n('secret' in globals(), os.path.exists('mine.txt'))"),
-        )
-        .await);
-    assert_eq!(value(&r), "(False, False)");
+    for (writer, reader, name) in [(&a, &b, "a"), (&b, &a, "b")] {
+        ok(backend
+            .execute(
+                writer,
+                ToolCall::python(format!("secret_{name} = 1\nopen('{name}.txt', 'w').write('{name}')")),
+            )
+            .await);
+        let seen = ok(backend
+            .execute(
+                reader,
+                ToolCall::python(format!(
+                    "import os\n('secret_{name}' in globals(), os.path.exists('{name}.txt'))"
+                )),
+            )
+            .await);
+        assert_eq!(
+            value(&seen),
+            "(False, False)",
+            "slot {name}'s changes reached the other slot"
+        );
+        let own = ok(backend
+            .execute(
+                writer,
+                ToolCall::python(format!(
+                    "import os\n('secret_{name}' in globals(), os.path.exists('{name}.txt'))"
+                )),
+            )
+            .await);
+        assert_eq!(value(&own), "(True, True)", "the probe sees a slot's own changes");
+    }
     backend.release(&a, true).await.expect("release");
     backend.release(&b, true).await.expect("release");
 }
@@ -211,9 +232,21 @@ pub async fn file_tools_round_trip(backend: &dyn Backend) {
     backend.release(&slot, true).await.expect("release");
 }
 
+/// File tools refuse paths outside the workspace, and a refused write leaves no file behind.
+/// The escapes by relative path are checked on disk next to the workspace (the backends under
+/// test keep their workspaces on this machine); the unique name rules out a leftover file.
 pub async fn paths_cannot_leave_the_workspace(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-escape").await.expect("acquire");
-    for path in ["../outside.txt", "/etc/passwd", "a/../../x", "/workspace/../etc/passwd"] {
+    let unique = format!("rollbox-escape-{}-{}", std::process::id(), slot.id.0);
+    let parent = slot.workspace.parent().expect("a workspace has a parent").to_owned();
+    let escapes = [
+        (format!("../{unique}.txt"), Some(parent.join(format!("{unique}.txt")))),
+        (format!("a/../../{unique}"), Some(parent.join(&unique))),
+        ("/etc/passwd".to_owned(), None),
+        ("/workspace/../etc/passwd".to_owned(), None),
+    ];
+    let passwd = std::fs::read("/etc/passwd").expect("read /etc/passwd");
+    for (path, on_disk) in &escapes {
         let r = backend
             .execute(&slot, ToolCall::new("read_file", json!({"path": path})))
             .await;
@@ -230,12 +263,21 @@ pub async fn paths_cannot_leave_the_workspace(backend: &dyn Backend) {
                 ToolCall::new("write_file", json!({"path": path, "content": "x"})),
             )
             .await;
-        assert!(
-            !w.success,
+        assert_eq!(
+            w.error.as_ref().map(|e| e.kind),
+            Some(ErrorKind::Workspace),
             "{path}: writing outside the workspace must fail: {}",
             pretty(&w)
         );
+        if let Some(file) = on_disk {
+            assert!(!file.exists(), "{path}: the write created {}", file.display());
+        }
     }
+    assert_eq!(
+        std::fs::read("/etc/passwd").expect("read /etc/passwd"),
+        passwd,
+        "a write changed /etc/passwd"
+    );
     backend.release(&slot, true).await.expect("release");
 }
 
@@ -350,10 +392,18 @@ pub async fn exit_codes_are_reported(backend: &dyn Backend) {
     backend.release(&slot, true).await.expect("release");
 }
 
+/// A timed-out command's background grandchild (`sleep`, under an `sh` that waits for it)
+/// dies with it. The `sleep` is found by its own command line, a duration unique to this call,
+/// so a surviving `sleep` is caught even when its `sh` is gone.
 pub async fn timeouts_kill_background_children(backend: &dyn Backend) {
     let slot = backend.acquire("conformance-timeout").await.expect("acquire");
-    let marker = format!("rollbox-orphan-{}-{}", std::process::id(), slot.id.0);
-    let command = format!("sh -c 'sleep 1000; : {marker}' & echo started; wait");
+    let duration = unique_sleep_duration();
+    assert_eq!(
+        processes_running(&["sleep", &duration]),
+        0,
+        "no `sleep {duration}` runs before the call"
+    );
+    let command = format!("sh -c 'sleep {duration}; :' & echo started; wait");
     let call = ToolCall::new("bash", json!({ "command": command, "timeout": 1 }));
     let timed_out = backend.execute(&slot, call).await;
     assert_eq!(
@@ -371,10 +421,10 @@ pub async fn timeouts_kill_background_children(backend: &dyn Backend) {
     );
     // Killed processes take a moment to leave /proc; the generous bound only stops a hang.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while processes_mentioning(&marker) > 0 {
+    while processes_running(&["sleep", &duration]) > 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "a background child of a timed-out command survived"
+            "the background `sleep {duration}` of a timed-out command survived"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -383,17 +433,59 @@ pub async fn timeouts_kill_background_children(backend: &dyn Backend) {
     backend.release(&slot, true).await.expect("release");
 }
 
-/// How many processes on this machine have `marker` in their command line.
-fn processes_mentioning(marker: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
+/// A `sleep` duration no other call uses: 1000 s and a fraction made of this test process's
+/// id and a counter, so the `sleep` process carries a mark of its own in its command line.
+fn unique_sleep_duration() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("1000.{:010}{n:06}", std::process::id())
+}
+
+/// How many processes on this machine run with exactly the arguments `argv`.
+fn processes_running(argv: &[&str]) -> usize {
+    pids_running(argv).len()
+}
+
+/// The processes on this machine that run with exactly the arguments `argv`. Panics when
+/// `/proc` cannot be listed: a check that sees no process must not pass for that reason.
+fn pids_running(argv: &[&str]) -> Vec<u32> {
+    let entries = std::fs::read_dir("/proc").unwrap_or_else(|e| panic!("cannot list /proc to look for processes: {e}"));
+    let wanted: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
     entries
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
-        .count()
+        .filter_map(|e| e.file_name().to_str().and_then(|name| name.parse::<u32>().ok()))
+        // A process may end between the listing and this read; it is not running then.
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| cmdline == wanted))
+        .collect()
+}
+
+#[test]
+fn the_process_check_finds_a_sleep_whose_shell_is_gone() {
+    let duration = unique_sleep_duration();
+    // The shell starts the sleep in the background and exits at once: only the sleep is left,
+    // and only its own command line carries the mark.
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("sleep {duration} >/dev/null 2>&1 &")])
+        .status()
+        .expect("run sh");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let pids = loop {
+        let pids = pids_running(&["sleep", &duration]);
+        if !pids.is_empty() {
+            break pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check never saw `sleep {duration}`"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    for pid in pids {
+        let pid = i32::try_from(pid).expect("a pid");
+        // SAFETY: kill(2) on the sleep this test started, found by its unique command line.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {pid}");
+    }
 }
 
 pub async fn shell_output_is_capped(backend: &dyn Backend) {

@@ -1,7 +1,9 @@
 //! rollbox's one integration-test binary: a module per area, over the real runtime.
 
+mod bench;
 mod cli;
 mod conformance;
+mod guest_paths;
 mod hostile;
 mod hostile_cells;
 mod parity;

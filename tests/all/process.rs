@@ -46,6 +46,20 @@ async fn process_backend_passes_the_conformance_suite() {
     assert_eq!(backend.live_slots(), 0);
 }
 
+/// Without bubblewrap there is no pid namespace to take a command's children down with it:
+/// killing the command's process group is all that ends a background grandchild. This is how
+/// the process backend runs inside a Modal sandbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_isolation_a_timeout_still_kills_background_children() {
+    let (backend, _root) = process_backend_with(ProcessBackendConfig {
+        bubblewrap: Some(PathBuf::from("/nonexistent/bwrap")),
+        unsafe_no_isolation: true,
+        ..Default::default()
+    });
+    assert_eq!(backend.isolation(), &Isolation::None);
+    conformance::timeouts_kill_background_children(&backend).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sandboxed_commands_have_no_network() {
     let (backend, _root) = process_backend(Limits::default());
@@ -146,6 +160,23 @@ async fn sandboxed_commands_see_the_host_read_only_and_no_other_slot() {
         "'in-tmp\\n'",
         "a slot's bash and python share its /tmp"
     );
+    // And the other way: what b writes, a cannot see.
+    ok(backend
+        .execute(&b, bash("echo by-b > b.txt && echo b-tmp > /tmp/b.txt"))
+        .await);
+    let b_own = ok(backend.execute(&b, bash("cat b.txt /tmp/b.txt")).await);
+    assert_eq!(b_own.output, "by-b\nb-tmp\n");
+    let peek_back = backend
+        .execute(&a, bash(&format!("cat {}/b.txt", b.workspace.display())))
+        .await;
+    assert_eq!(
+        peek_back.metadata.exit_code,
+        Some(1),
+        "another slot's workspace is visible: {}",
+        pretty(&peek_back)
+    );
+    let tmp_back = backend.execute(&a, bash("cat /tmp/b.txt")).await;
+    assert!(!tmp_back.success, "slots share /tmp: {}", pretty(&tmp_back));
     backend.release(&a, true).await.expect("release");
     backend.release(&b, true).await.expect("release");
 }

@@ -72,6 +72,30 @@ async fn remote_passes_the_conformance_suite() {
     }
 }
 
+/// `remote` over servers that run the `process` backend: the conformance suite, and the shell
+/// checks (`bash`, timeouts that kill background children, output caps, a clean environment).
+/// The servers run on this machine, so the background-process check can look in its `/proc`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_over_process_passes_the_conformance_and_shell_suites() {
+    let mut config = LocalProvisionerConfig::new(env!("CARGO_BIN_EXE_rollbox"));
+    config.server_backend = "process".into();
+    let backend = RemoteBackend::with_provisioner(pool(4, 1, 1), Arc::new(LocalProvisioner::new(config)))
+        .await
+        .unwrap_or_else(|e| panic!("the remote backend starts: {e:?}"));
+    assert!(
+        backend.tools().iter().any(|t| t.as_str() == "bash"),
+        "the servers serve the process backend's tools: {:?}",
+        backend.tools()
+    );
+    tokio::time::timeout(NO_HANG, async {
+        conformance::run_all(&backend).await;
+        conformance::run_shell(&backend).await;
+    })
+    .await
+    .expect("the suites finish");
+    backend.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_server_mid_batch_fails_only_its_calls() {
     let (backend, provisioner) = local_backend(pool(1, 2, 3), &[]).await;

@@ -375,6 +375,31 @@ async fn every_shipped_example_scores_full_reward_under_the_oracle() {
     );
     assert!(trajectories.iter().all(|t| t.stop_reason == StopReason::FinalAnswer));
     let summary = &run.summary;
+    // A math row's last reference turn holds its answer as text, so full reward alone would
+    // pass even if every cell failed.
+    assert_eq!(summary.errors_by_kind, Default::default(), "no call failed");
+    // The overhead with code is the median over the turns that ran code only; here the last
+    // turn of every trajectory runs none.
+    let mut with_code: Vec<f64> = trajectories
+        .iter()
+        .flat_map(|t| &t.steps)
+        .filter(|s| !s.calls.is_empty())
+        .map(|s| s.overhead_ms)
+        .collect();
+    let all_turns: usize = trajectories.iter().map(|t| t.steps.len()).sum();
+    assert!(!with_code.is_empty() && with_code.len() < all_turns);
+    with_code.sort_by(f64::total_cmp);
+    let mid = with_code.len() / 2;
+    let median = if with_code.len().is_multiple_of(2) {
+        (with_code[mid - 1] + with_code[mid]) / 2.0
+    } else {
+        with_code[mid]
+    };
+    assert!(
+        (summary.median_overhead_ms_per_turn_with_code - median).abs() <= 1e-9 * median.max(1.0),
+        "{} != {median}",
+        summary.median_overhead_ms_per_turn_with_code
+    );
     assert!(summary.oracle_policy && summary.note.contains("oracle policy was used"));
     assert_eq!(summary.mean_reward, 1.0);
     assert_eq!(summary.pass_at_k.get("pass@1"), Some(&1.0));
@@ -393,6 +418,14 @@ async fn every_shipped_example_scores_full_reward_under_the_oracle() {
 async fn the_tools_agent_plays_code_examples_as_parallel_tool_calls_in_groups() {
     let mut dataset = load_dataset(&examples_dir().join("code.jsonl")).expect("code examples");
     dataset.problems.truncate(6);
+    // The shipped code examples run one block per turn; this copy of the first runs two in its
+    // first turn (the definition, then a check that needs it), as two parallel tool calls.
+    let mut two_calls = dataset.problems[0].clone();
+    two_calls.instance_id = "code-001-two-calls".into();
+    let turns = two_calls.reference_solution.as_mut().expect("a reference solution");
+    turns[0] = turns[0].replacen("\n\nprint(", "\n</code>\nThen I check it.\n<code>\nprint(", 1);
+    assert_eq!(turns[0].matches("<code>").count(), 2, "{}", turns[0]);
+    dataset.problems.push(two_calls);
     let out = tempfile::tempdir().expect("tempdir");
     let config = config(AgentKind::Tools, out.path(), 2, 4);
     let run = run_rollout(
@@ -406,8 +439,25 @@ async fn the_tools_agent_plays_code_examples_as_parallel_tool_calls_in_groups() 
     .await
     .expect("rollout");
     let trajectories = read_trajectories(out.path());
-    assert_eq!(trajectories.len(), 12);
+    assert_eq!(trajectories.len(), 14);
     assert!(trajectories.iter().all(|t| t.reward.score == 1.0), "{trajectories:#?}");
+    assert_eq!(run.summary.errors_by_kind, Default::default(), "no call failed");
+    for id in ["code-001-two-calls/0", "code-001-two-calls/1"] {
+        let t = trajectories
+            .iter()
+            .find(|t| t.trajectory_id == id)
+            .unwrap_or_else(|| panic!("no {id}"));
+        let first: Vec<(bool, &str)> = t.steps[0]
+            .calls
+            .iter()
+            .map(|c| (c.result.success, c.result.output.as_str()))
+            .collect();
+        assert_eq!(
+            first,
+            [(true, ""), (true, "True False\n")],
+            "{id}: one step made both calls, in order"
+        );
+    }
     let ids: HashSet<&str> = trajectories.iter().map(|t| t.trajectory_id.as_str()).collect();
     assert!(ids.contains("code-001/0") && ids.contains("code-001/1"));
     for t in &trajectories {

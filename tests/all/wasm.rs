@@ -201,7 +201,7 @@ for path in ['/etc/passwd', '../outside.txt', '/workspace/../etc/hostname', '/pr
     except OSError as e:
         seen[path] = type(e).__name__
 try:
-    socket.create_connection(('127.0.0.1', 9), timeout=1)
+    socket.create_connection(('127.0.0.1', PORT), timeout=5)
     seen['net'] = 'CONNECTED'
 except Exception as e:
     seen['net'] = type(e).__name__
@@ -210,9 +210,20 @@ seen['lib'] = sorted(os.listdir('/usr/local/lib'))
 seen['cwd'] = os.getcwd()
 seen
 "#;
-    let r = ok(backend.execute(&slot, ToolCall::python(probe)).await);
+    // A real listener on the host's loopback, so "no network" cannot pass because nothing
+    // listens: a connection would succeed if the guest could reach it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let r = ok(backend
+        .execute(&slot, ToolCall::python(probe.replace("PORT", &port.to_string())))
+        .await);
     let seen = value(&r);
     assert!(!seen.contains("READ") && !seen.contains("CONNECTED"), "{seen}");
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        listener.accept().is_err(),
+        "the guest reached the host's loopback: {seen}"
+    );
     assert!(seen.contains("'cwd': '/workspace'"), "{seen}");
     assert!(
         seen.contains("'lib': ['python315.zip']"),
@@ -391,27 +402,53 @@ fn backend_with(config: WasmBackendConfig) -> Result<WasmBackend, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_slots_never_see_each_others_changes() {
     let backend = shared_wasm();
+    // What slot `name` changes: a global, the environment, a module, the workspace and /tmp.
+    let change = |name: &str| {
+        format!(
+            "import os, json\nsecret_{name} = 1\nos.environ['MARK_{name}'] = '1'\njson.MARK_{name} = 1\nopen('{name}.txt', 'w').write('1')\nopen('/tmp/{name}.txt', 'w').write('1')"
+        )
+    };
+    // Which of those changes a slot sees, for each name in turn.
+    let probe_all = |names: &[&str]| {
+        let seen: Vec<String> = names
+            .iter()
+            .map(|name| format!("('secret_{name}' in globals(), 'MARK_{name}' in os.environ, hasattr(sys.modules['json'], 'MARK_{name}'), os.path.exists('{name}.txt'), os.path.exists('/tmp/{name}.txt'))"))
+            .collect();
+        format!("import os, sys\n{}", seen.join(", "))
+    };
+    let probe = |name: &str| probe_all(&[name]);
+    let (clean, changed) = ("(False, False, False, False, False)", "(True, True, True, True, True)");
     let a = backend.acquire("snapshot-a").await.unwrap();
-    let change = "import os, json\nsecret = 'a'\nos.environ['MARK'] = 'a'\njson.MARK = 'a'\nopen('a.txt', 'w').write('a')\nopen('/tmp/a.txt', 'w').write('a')";
-    ok(backend.execute(&a, ToolCall::python(change)).await);
-    let probe = "import os, sys\n('secret' in globals(), 'MARK' in os.environ, hasattr(sys.modules['json'], 'MARK'), os.path.exists('a.txt'), os.path.exists('/tmp/a.txt'))";
-    let clean = "(False, False, False, False, False)";
+    ok(backend.execute(&a, ToolCall::python(change("a"))).await);
     let b = backend.acquire("snapshot-b").await.unwrap();
     assert!(
         backend.restores_from_snapshot(),
         "a second interpreter takes the snapshot"
     );
     assert_eq!(
-        value(&ok(backend.execute(&b, ToolCall::python(probe)).await)),
+        value(&ok(backend.execute(&b, ToolCall::python(probe("a"))).await)),
         clean,
-        "a live slot's changes reach no other slot"
+        "a live slot's changes reach no slot restored after them"
     );
+    ok(backend.execute(&b, ToolCall::python(change("b"))).await);
+    assert_eq!(
+        value(&ok(backend.execute(&a, ToolCall::python(probe("b"))).await)),
+        clean,
+        "a restored slot's changes reach no slot that was live before it"
+    );
+    for (slot, name) in [(&a, "a"), (&b, "b")] {
+        assert_eq!(
+            value(&ok(backend.execute(slot, ToolCall::python(probe(name))).await)),
+            changed,
+            "the probe sees a slot's own changes"
+        );
+    }
     backend.release(&a, true).await.unwrap();
     let c = backend.acquire("snapshot-c").await.unwrap();
     assert_eq!(
-        value(&ok(backend.execute(&c, ToolCall::python(probe)).await)),
-        clean,
-        "a released slot's changes reach no new slot"
+        value(&ok(backend.execute(&c, ToolCall::python(probe_all(&["a", "b"]))).await)),
+        format!("({clean}, {clean})"),
+        "neither a released slot's nor a live slot's changes reach a new slot"
     );
     let first = backend.execute(&c, ToolCall::python("1/0")).await;
     let traceback = first

@@ -6,13 +6,11 @@ use std::time::Instant;
 
 use clap::Args;
 
-mod measure;
-
-use rollbox::{Backend, Limits};
-
-use measure::{
-    EngineBenchOptions, RemoteBenchOptions, RemoteBenchReport, percentile, run_engine_bench, run_remote_bench,
+use rollbox::bench::{
+    EngineBenchOptions, EngineBenchReport, RemoteBenchOptions, RemoteBenchReport, percentile, run_engine_bench,
+    run_remote_bench,
 };
+use rollbox::{Backend, Limits};
 
 use super::backend_args::{BackendArgs, BackendChoice, start_remote_backend};
 use super::interrupts::run_until_interrupted;
@@ -20,10 +18,11 @@ use super::{Printer, RuntimeArgs, start_wasm_backend};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// Cells of `x += 1` timed one by one.
+    /// Cells of each kind (a statement, a value, a 1 KB print, a raise) timed one by one; with
+    /// `--backend remote`, cells of `x += 1` in each of the two backends.
     #[arg(long, default_value_t = EngineBenchOptions::default().cells)]
     cells: usize,
-    /// Slots acquired one by one.
+    /// Slots acquired one by one, for each of the two acquire timings.
     #[arg(long, default_value_t = EngineBenchOptions::default().acquires)]
     acquires: usize,
     /// Live slots for the throughput and memory runs.
@@ -67,58 +66,73 @@ pub(crate) async fn run(args: BenchArgs, printer: Printer) -> anyhow::Result<Exi
     let start_ms = process_start_ms(args.starts, &backend_name, &args.backend.process.server_args())?;
     if args.json {
         let mut value = serde_json::to_value(&report)?;
+        value["backend"] = serde_json::json!(backend_name);
         value["process_start_to_first_result_median_ms"] = serde_json::json!(start_ms);
+        value["process_starts"] = serde_json::json!(args.starts);
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("rollbox bench, {backend_name} backend ({} CPUs)", report.cpus);
-    println!(
-        "  cell `x += 1`, caller's view      median {:8.1} µs   p90 {:8.1} µs",
-        report.cell_median_us, report.cell_p90_us
-    );
-    println!(
-        "  cell `x += 1`, in-slot time       median {:8.1} µs",
-        report.cell_in_slot_median_us
-    );
-    println!(
-        "  acquire to first cell ready       median {:8.2} ms   p90 {:8.2} ms",
-        report.acquire_median_ms, report.acquire_p90_ms
-    );
-    println!(
-        "  throughput, {} live slots        {:10.0} cells/s",
-        report.throughput_slots, report.throughput_cells_per_s
-    );
-    match report.idle_slot_rss_mb {
-        Some(mb) => println!("  memory per idle slot (RSS)        {mb:8.2} MB"),
-        None => {
-            println!("  memory per idle slot (RSS)        not measured (not on Linux, or slots are child processes)")
-        }
-    }
-    println!(
-        "  process start to first result     median {start_ms:8.1} ms ({} runs)",
-        args.starts
-    );
+    print_engine_report(&report, &backend_name, start_ms, args.starts);
     Ok(ExitCode::SUCCESS)
 }
 
+fn print_engine_report(report: &EngineBenchReport, backend_name: &str, start_ms: f64, starts: usize) {
+    println!("rollbox bench, {backend_name} backend ({} CPUs)", report.cpus);
+    for cell in &report.cells {
+        println!(
+            "  cell {:<22} caller's view  median {:8.1} µs   p90 {:8.1} µs   in-slot median {:8.1} µs",
+            cell.label, cell.median_us, cell.p90_us, cell.in_slot_median_us
+        );
+    }
+    println!(
+        "  acquire call alone                         median {:8.2} ms   p90 {:8.2} ms",
+        report.acquire_median_ms, report.acquire_p90_ms
+    );
+    println!(
+        "  acquire + first cell `x = 1`, to result    median {:8.2} ms   p90 {:8.2} ms",
+        report.acquire_to_first_result_median_ms, report.acquire_to_first_result_p90_ms
+    );
+    println!(
+        "  throughput `y += 1`, {} live slots, {} batches  {:10.0} cells/s",
+        report.throughput_slots, report.throughput_rounds, report.throughput_cells_per_s
+    );
+    match report.idle_slot_rss_mb {
+        Some(mb) => println!("  memory per idle slot (RSS)                 {mb:8.2} MB"),
+        None => {
+            println!(
+                "  memory per idle slot (RSS)                 not measured (not on Linux, or slots are child processes)"
+            )
+        }
+    }
+    println!("  process start to first result (`exec -c 1`) median {start_ms:8.1} ms ({starts} runs)");
+    println!(
+        "  every one of the {} calls gave the result expected of it",
+        report.calls_checked
+    );
+}
+
 /// Median wall-clock time of `rollbox --quiet exec --backend BACKEND [FLAGS] -c 1` as a new
-/// process, runtime cached.
+/// process, runtime cached, until it has printed the cell's value. A run that fails or prints
+/// anything but `1` aborts the measurement.
 fn process_start_ms(runs: usize, backend: &str, flags: &[String]) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
-        let status = Command::new(&exe)
+        let output = Command::new(&exe)
             .args(["--quiet", "exec", "--backend", backend])
             .args(flags)
             .args(["-c", "1"])
-            .stdout(Stdio::null())
-            .status()?;
-        anyhow::ensure!(
-            status.success(),
-            "`rollbox exec -c 1` failed while timing process start"
-        );
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()?;
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(
+            output.status.success() && output.stdout == b"1\n",
+            "failed to time process start: `rollbox exec -c 1` exited with {} and printed {:?}, not \"1\"",
+            output.status,
+            String::from_utf8_lossy(&output.stdout)
+        );
     }
     Ok(percentile(&mut samples, 0.5))
 }
@@ -165,12 +179,16 @@ fn print_remote_report(report: &RemoteBenchReport, json: bool) -> anyhow::Result
         report.remote_cell_median_us, report.remote_cell_p90_us, report.added_median_us
     );
     println!(
-        "  throughput, {} slots, batched       {:10.0} cells/s",
-        report.throughput_slots, report.batched_cells_per_s
+        "  throughput `y += 1`, {} slots, {} batches          {:10.0} cells/s",
+        report.throughput_slots, report.throughput_rounds, report.batched_cells_per_s
     );
     println!(
-        "  throughput, {} concurrent callers   {:10.0} cells/s",
-        report.throughput_slots, report.concurrent_cells_per_s
+        "  throughput `y += 1`, {} concurrent callers x {} cells {:10.0} cells/s",
+        report.throughput_slots, report.throughput_rounds, report.concurrent_cells_per_s
+    );
+    println!(
+        "  every one of the {} calls gave the result expected of it",
+        report.calls_checked
     );
     Ok(())
 }
