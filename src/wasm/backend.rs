@@ -138,6 +138,7 @@ impl WasmBackend {
             preload: config.preload,
             snapshots: config.snapshots,
             template_dir: root.join("template"),
+            guest_code_cache: Some(compiled::guest_code_path(&config.runtime)),
         };
         let factory = InterpreterFactory::new(engine, &module, runtime, config.limits, options)?;
         std::fs::create_dir_all(&root).map_err(|source| WasmBackendError::WorkspaceRoot {

@@ -42,6 +42,10 @@ pub(crate) struct InterpreterFactory {
     bootstrap: String,
     /// The guest module compiled by the first interpreter (marshal), for every later one.
     guest_code: std::sync::OnceLock<Vec<u8>>,
+    /// Where the compiled guest module is kept between processes, and what was read from
+    /// there: used by the first bootstrap, and dropped (file too) if that bootstrap fails.
+    guest_code_cache: Option<PathBuf>,
+    cached_guest_code: std::sync::Mutex<Option<Vec<u8>>>,
     /// The modules every interpreter starts with imported, and the cell that imports them.
     preload: Option<(String, String)>,
     /// Whether interpreters start from a memory snapshot.
@@ -66,6 +70,9 @@ pub(crate) struct StartOptions {
     pub(crate) snapshots: bool,
     /// A folder the factory may create (and removes) for the template interpreter's files.
     pub(crate) template_dir: PathBuf,
+    /// A file that keeps the guest module's compiled code between processes, so that a new
+    /// process (`rollbox exec`) does not compile the guest's source again; `None` keeps none.
+    pub(crate) guest_code_cache: Option<PathBuf>,
 }
 
 impl InterpreterFactory {
@@ -94,6 +101,8 @@ impl InterpreterFactory {
             limits,
             bootstrap: bootstrap_chunk(limits.output_bytes),
             guest_code: std::sync::OnceLock::new(),
+            cached_guest_code: std::sync::Mutex::new(options.guest_code_cache.as_deref().and_then(read_guest_code)),
+            guest_code_cache: options.guest_code_cache,
             preload: (!options.preload.is_empty())
                 .then(|| (options.preload.join(", "), preload_cell(&options.preload))),
             snapshots: options.snapshots,
@@ -264,7 +273,16 @@ impl InterpreterFactory {
         let started = Instant::now();
         let mut interpreter = self.instantiate(dirs)?;
         let instantiated = started.elapsed();
-        self.bootstrap(&mut interpreter)?;
+        if let Err(error) = self.bootstrap(&mut interpreter) {
+            // A cached guest module that does not load (a stale or damaged file) is dropped,
+            // and the guest is compiled from source in a new instance.
+            if !self.forget_cached_guest_code() {
+                return Err(error);
+            }
+            tracing::warn!(%error, "the cached guest module did not load; compiling the guest again");
+            interpreter = self.instantiate(dirs)?;
+            self.bootstrap(&mut interpreter)?;
+        }
         if let Some((modules, cell)) = &self.preload {
             interpreter
                 .setup_cell(cell, &self.limits)
@@ -337,9 +355,13 @@ impl InterpreterFactory {
 
     /// Loads the guest module into `interpreter` and installs its turn handler.
     fn bootstrap(&self, interpreter: &mut Interpreter) -> Result<(), StartError> {
-        interpreter.store.data_mut().door_outbox = match self.guest_code.get() {
-            Some(code) => [b"M".as_slice(), code].concat(),
-            None => [b"S".as_slice(), GUEST_SOURCE.as_bytes()].concat(),
+        let cached = match self.guest_code.get() {
+            Some(_) => None,
+            None => self.lock_cached_guest_code().clone(),
+        };
+        interpreter.store.data_mut().door_outbox = match (self.guest_code.get(), &cached) {
+            (Some(code), _) | (None, Some(code)) => [b"M".as_slice(), code].concat(),
+            (None, None) => [b"S".as_slice(), GUEST_SOURCE.as_bytes()].concat(),
         };
         interpreter.store.data_mut().guest_code_upload = GuestCodeUpload::Open;
         let status = interpreter.turn_raw(&self.bootstrap);
@@ -359,9 +381,27 @@ impl InterpreterFactory {
             )));
         }
         if let Some(code) = uploaded {
+            if let Some(path) = &self.guest_code_cache {
+                write_guest_code(path, &code);
+            }
+            let _ = self.guest_code.set(code);
+        } else if let Some(code) = cached {
             let _ = self.guest_code.set(code);
         }
         Ok(())
+    }
+
+    /// Drops the guest module read from the cache, and its file; false when there was none.
+    fn forget_cached_guest_code(&self) -> bool {
+        let had = self.lock_cached_guest_code().take().is_some();
+        if had && let Some(path) = &self.guest_code_cache {
+            let _ = std::fs::remove_file(path);
+        }
+        had
+    }
+
+    fn lock_cached_guest_code(&self) -> std::sync::MutexGuard<'_, Option<Vec<u8>>> {
+        self.cached_guest_code.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn wasi_ctx(
@@ -393,5 +433,32 @@ impl InterpreterFactory {
                 .map_err(|e| StartError::Preopen(host.to_path_buf(), e.into_boxed_dyn_error()))?;
         }
         Ok(builder.build_p1())
+    }
+}
+
+/// The most bytes read back as the guest module's compiled code; it is about 100 KB.
+const MAX_GUEST_CODE_BYTES: u64 = 16 << 20;
+
+/// The cached guest module, if there is a readable one of a sane size.
+fn read_guest_code(path: &Path) -> Option<Vec<u8>> {
+    let size = std::fs::metadata(path).ok()?.len();
+    (size > 0 && size <= MAX_GUEST_CODE_BYTES)
+        .then(|| std::fs::read(path).ok())
+        .flatten()
+}
+
+/// Keeps the guest module's compiled code for later processes: written to a private file, then
+/// renamed into place, so a reader never sees half a file. Best effort: without it the next
+/// process compiles the guest again.
+fn write_guest_code(path: &Path, code: &[u8]) {
+    let partial = path.with_extension(format!("partial-{}", std::process::id()));
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&partial, code))
+        .and_then(|()| std::fs::rename(&partial, path));
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&partial);
+        tracing::debug!(%error, path = %path.display(), "failed to cache the compiled guest module");
     }
 }

@@ -640,3 +640,26 @@ async fn a_cell_that_ends_without_a_report_keeps_its_output_and_message_apart() 
     ok(backend.execute(&slot, ToolCall::python("1 + 1")).await);
     backend.release(&slot, true).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_cached_guest_module_is_compiled_again() {
+    // The guest module's compiled code is kept between processes; a file that does not load
+    // (damaged, or stale in a way its key misses) must cost a compile, never a slot.
+    let options = rollbox::wasm::runtime::RuntimeOptions::from_env();
+    let path = rollbox::wasm::runtime::compiled::guest_code_path(&options);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"not marshal").unwrap();
+    let backend = backend_with(WasmBackendConfig {
+        snapshots: false,
+        ..WasmBackendConfig::from_env()
+    })
+    .expect("the backend starts");
+    let slot = backend.acquire("damaged-cache").await.unwrap();
+    assert_eq!(
+        value(&ok(backend.execute(&slot, ToolCall::python("6 * 7")).await)),
+        "42"
+    );
+    backend.release(&slot, true).await.unwrap();
+    let kept = std::fs::read(&path).expect("the cache is written again");
+    assert_ne!(kept, b"not marshal", "the damaged file was replaced");
+}

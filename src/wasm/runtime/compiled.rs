@@ -28,6 +28,20 @@ pub fn compiled_path(options: &RuntimeOptions, engine: &Engine) -> PathBuf {
         .join(format!("python-snapshot-{}.cwasm", &digest[..32]))
 }
 
+/// Where the guest module's compiled code (`guest/rollbox_guest.py`, marshalled by the runtime's
+/// own CPython) is cached: keyed by the runtime and the guest's source, so a new runtime or a
+/// changed guest never loads stale code.
+pub fn guest_code_path(options: &RuntimeOptions) -> PathBuf {
+    let mut key = Sha256Hasher(Sha256::new());
+    pinned().artifacts.snapshot.sha256.hash(&mut key);
+    crate::slot::cell::GUEST_SOURCE.hash(&mut key);
+    let digest = hex(&key.0.finalize());
+    options
+        .cache_dir
+        .join("compiled")
+        .join(format!("rollbox-guest-{}.marshal", &digest[..32]))
+}
+
 /// The runtime's module for `engine`: loaded from the cache, or compiled and cached first.
 pub fn load_or_compile(
     engine: &Engine,
