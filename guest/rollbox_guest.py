@@ -62,6 +62,8 @@ class _CappedWriter(io.TextIOBase):
         self.dropped = 0
         self.wrote = False
         self._buffer = None
+        self._pending = []
+        self._pending_bytes = 0
 
     @property
     def buffer(self):
@@ -88,7 +90,12 @@ class _CappedWriter(io.TextIOBase):
         if data:
             self.wrote = True
         if _Config.streams_to_fd:
-            _write_fd(self.fd, data)
+            # Gathered and passed on in chunks: one host call per print would cost a cell that
+            # prints 20,000 lines more than twice its time.
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes >= _FD_CHUNK_BYTES:
+                self.flush()
             return len(text)
         if len(data) <= self._room:
             self._parts.append(text)
@@ -101,8 +108,19 @@ class _CappedWriter(io.TextIOBase):
             self._room = 0
         return len(text)
 
+    def flush(self):
+        """Passes what was gathered on to the file descriptor (with `_Config.streams_to_fd`)."""
+        if self._pending:
+            data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
+            _write_fd(self.fd, data)
+
     def getvalue(self):
         return "".join(self._parts)
+
+
+# How much a stream gathers before it passes it to its file descriptor; the rest goes at the end
+# of the cell, or at an explicit flush.
+_FD_CHUNK_BYTES = 8192
 
 
 def _write_fd(fd, data):
@@ -130,7 +148,7 @@ class _BinaryWriter(io.BufferedIOBase):
         return len(data)
 
     def flush(self):
-        pass
+        self._text.flush()
 
 
 _STDOUT, _STDERR = _CappedWriter("<stdout>", 1), _CappedWriter("<stderr>", 2)
@@ -454,6 +472,11 @@ def _turn(source, name):
         except Exception as e:
             print(f"rollbox: could not collect figures: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
+        for stream in (out, err):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - the report must still go out
+                pass
         sys.stdout, sys.stderr = saved
         _Cell.current = None
     silent = not (out.wrote or err.wrote or cell.result or cell.display or cell.error)

@@ -149,14 +149,15 @@ async fn the_output_limit_cuts_with_a_visible_marker() {
     let r = ok(backend
         .execute(
             &slot,
-            ToolCall::python("print('y' * 5000)\nimport os\nos.write(1, b'z' * 5000)\nNone"),
+            ToolCall::python("print('y' * 5000, flush=True)\nimport os\nos.write(1, b'z' * 5000)\nNone"),
         )
         .await);
     assert_eq!(r.metadata.limit_hit, Some(LimitKind::Output));
     assert!(r.metadata.truncated);
     let stdout = &r.cell.as_ref().unwrap().stdout;
     // `print` and raw writes to fd 1 are one stream, as natively, counted and cut by the host
-    // at the one cap: 1,000 of the 10,001 bytes are kept.
+    // at the one cap: 1,000 of the 10,001 bytes are kept. (`print` is buffered, as natively:
+    // the flush puts its bytes before the raw write's.)
     assert!(stdout.starts_with(&"y".repeat(1000)), "{stdout}");
     assert!(
         stdout.contains("[rollbox: output truncated, 9001 more bytes not shown]"),
