@@ -57,6 +57,10 @@ pub(crate) struct ServeArgs {
     /// --max-output per stream, so /v1 calls see that larger cap too.
     #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().run_code_output_bytes)]
     run_code_max_output: usize,
+    /// Stop, as on SIGTERM, when standard input reaches its end: how a parent rollbox makes the
+    /// servers it starts end with it, even when it is killed (its end of the pipe closes).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
     /// A file holding the bearer token clients must send (instead of $ROLLBOX_SERVER_TOKEN).
     /// Required to listen beyond loopback.
     #[arg(long, value_name = "PATH")]
@@ -117,10 +121,18 @@ pub(crate) async fn run(args: ServeArgs, printer: Printer) -> anyhow::Result<Exi
     printer.line(format_args!(
         "rollbox serve: {backend_name} slots on http://{address} (Ctrl-C to stop)"
     ));
-    let draining = interrupts.first(
-        printer,
-        "rollbox serve: shutting down, finishing the requests in flight (Ctrl-C again to force)",
-    );
+    let winding_down = "rollbox serve: shutting down, finishing the requests in flight (Ctrl-C again to force)";
+    let exit_on_stdin_eof = args.exit_on_stdin_eof;
+    let draining = async move {
+        if exit_on_stdin_eof {
+            tokio::select! {
+                () = interrupts.first(printer, winding_down) => {}
+                () = stdin_closed() => printer.line("rollbox serve: standard input closed; shutting down"),
+            }
+        } else {
+            interrupts.first(printer, winding_down).await;
+        }
+    };
     let summary = rollbox::server::serve(listener, state, draining).await?;
     printer.line(format_args!(
         "rollbox serve: stopped; released {} slots",
@@ -173,4 +185,16 @@ fn print_listening_line(address: SocketAddr) -> anyhow::Result<()> {
     writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
     stdout.flush()?;
     Ok(())
+}
+
+/// Completes when standard input reaches its end (or fails). Read on a blocking thread; anything
+/// read is ignored.
+async fn stdin_closed() {
+    let reader = tokio::task::spawn_blocking(|| {
+        use std::io::Read;
+        let mut buffer = [0u8; 512];
+        let mut stdin = std::io::stdin().lock();
+        while matches!(stdin.read(&mut buffer), Ok(n) if n > 0) {}
+    });
+    let _ = reader.await;
 }

@@ -98,7 +98,6 @@ impl LocalProvisioner {
 
     async fn start_one(&self) -> Result<ServerEndpoint, ProvisionError> {
         let id = format!("local-{}", self.next.fetch_add(1, Ordering::Relaxed));
-        let parent_pid = std::process::id() as libc::pid_t;
         let token = random_token()?;
         let mut command = Command::new(&self.config.binary);
         command
@@ -110,15 +109,16 @@ impl LocalProvisioner {
                 &self.config.server_backend,
             ])
             .args(&self.config.server_args)
+            // The server's stdin is a pipe this process holds and never writes: when this
+            // process ends, however it ends (SIGKILL included), the pipe closes and the server
+            // shuts down as on SIGTERM. (PR_SET_PDEATHSIG would follow the spawning thread,
+            // which may be a runtime thread that ends before the process does.)
+            .arg("--exit-on-stdin-eof")
             .env(env_vars::SERVER_TOKEN, &token)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, kill).
-        unsafe {
-            command.pre_exec(move || terminate_with_parent(parent_pid));
-        }
         let mut child = command.spawn().map_err(|source| ProvisionError::Spawn {
             command: self.config.binary.display().to_string(),
             source,
@@ -251,22 +251,4 @@ impl Provisioner for LocalProvisioner {
         }
         outcome
     }
-}
-
-/// Run in the server's process before exec: it gets SIGTERM (which makes `rollbox serve` release
-/// its slots, remove its workspaces and exit) when this process dies, even by SIGKILL, so no
-/// server outlives the rollbox that started it. The signal follows the spawning *thread*; servers
-/// are spawned from the async runtime's worker threads, which live as long as the runtime. A
-/// parent that died before the prctl took effect is caught by the parent-pid check.
-fn terminate_with_parent(parent_pid: libc::pid_t) -> std::io::Result<()> {
-    // SAFETY: prctl, getppid and kill take plain values.
-    unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::getppid() != parent_pid {
-            libc::kill(libc::getpid(), libc::SIGTERM);
-        }
-    }
-    Ok(())
 }
