@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rollbox::bench::{CELL_KINDS, CROWD_CELL, CROWD_SETUP, CellKind, FIRST_CELL, check, check_all};
+use rollbox::bench::{CELL_KINDS, CROWD_CELL, CellKind, FIRST_CELL, acquire_crowd, check, check_all};
 use rollbox::{Backend, ExecutionResult, Limits, SilentReporter, ToolCall, WasmBackend, WasmBackendConfig};
 
 /// Live slots in the throughput bench.
@@ -114,22 +114,9 @@ fn acquire(c: &mut Criterion) {
 /// One `execute_batch` of `y += 1` in each of 200 live slots.
 fn throughput(c: &mut Criterion) {
     let (runtime, backend) = setup();
-    let slots: Vec<_> = (0..SLOTS)
-        .map(|i| {
-            runtime
-                .block_on(backend.acquire(&format!("crowd-{i}")))
-                .expect("acquire")
-        })
-        .collect();
-    let setup = runtime.block_on(
-        backend.execute_batch(
-            slots
-                .iter()
-                .map(|s| (s.clone(), ToolCall::python(CROWD_SETUP.code)))
-                .collect(),
-        ),
-    );
-    check_all("throughput setup", &CROWD_SETUP, &setup, SLOTS).unwrap_or_else(|error| panic!("{error}"));
+    let slots = runtime
+        .block_on(acquire_crowd(&backend, SLOTS))
+        .unwrap_or_else(|error| panic!("{error}"));
     let mut group = c.benchmark_group("throughput");
     group.throughput(Throughput::Elements(SLOTS as u64));
     group.bench_function("batch_of_200_slots", |b| {

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::future::join_all;
-use rollbox::bench::{CELL_KINDS, CROWD_CELL, CROWD_SETUP, CellKind, Expected, check, check_all};
+use rollbox::bench::{CELL_KINDS, CROWD_CELL, CellKind, Expected, acquire_crowd, check, check_all};
 use rollbox::remote::provision::{LocalProvisioner, LocalProvisionerConfig};
 use rollbox::remote::{PoolConfig, RemoteBackend};
-use rollbox::{Backend, ExecutionResult, Limits, SilentReporter, Slot, ToolCall, WasmBackend, WasmBackendConfig};
+use rollbox::{Backend, ExecutionResult, Limits, SilentReporter, ToolCall, WasmBackend, WasmBackendConfig};
 
 /// Concurrent slots in the throughput bench.
 const SLOTS: usize = 200;
@@ -99,22 +99,9 @@ fn cell(c: &mut Criterion) {
 fn throughput(c: &mut Criterion) {
     let runtime = runtime();
     let remote = Arc::new(remote_backend(&runtime));
-    let slots: Vec<Slot> = (0..SLOTS)
-        .map(|i| {
-            runtime
-                .block_on(remote.acquire(&format!("crowd-{i}")))
-                .expect("acquire")
-        })
-        .collect();
-    let setup = runtime.block_on(
-        remote.execute_batch(
-            slots
-                .iter()
-                .map(|s| (s.clone(), ToolCall::python(CROWD_SETUP.code)))
-                .collect(),
-        ),
-    );
-    must_be("throughput setup", &CROWD_SETUP, &setup, SLOTS);
+    let slots = runtime
+        .block_on(acquire_crowd(remote.as_ref(), SLOTS))
+        .unwrap_or_else(|error| panic!("{error}"));
     let mut group = c.benchmark_group("one_server_200_slots");
     group.throughput(Throughput::Elements(SLOTS as u64));
     // Each slot's caller sends its own request, as independent agent loops do.

@@ -470,8 +470,9 @@ pub async fn run_remote_bench(
     })
 }
 
-/// `count` new slots, each with `y = 0` run in it (checked).
-async fn acquire_crowd(backend: &dyn Backend, count: usize) -> Result<Vec<Slot>, BenchError> {
+/// `count` new slots, each with `y = 0` run in it (checked): the crowd every throughput
+/// measurement runs over, in `rollbox bench` and in the criterion benches.
+pub async fn acquire_crowd(backend: &dyn Backend, count: usize) -> Result<Vec<Slot>, BenchError> {
     let mut slots = Vec::with_capacity(count);
     for i in 0..count {
         slots.push(backend.acquire(&format!("bench-crowd-{i}")).await?);

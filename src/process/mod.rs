@@ -300,16 +300,7 @@ impl Backend for ProcessBackend {
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {
         let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let dirs = SlotDirs::under(self.root.join(id.to_string()));
-        for dir in [&dirs.workspace, &dirs.tmp] {
-            std::fs::create_dir_all(dir).map_err(|source| BackendError::Workspace {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        let workspace = Workspace::open(&dirs.workspace).map_err(|source| BackendError::Workspace {
-            path: dirs.workspace.clone(),
-            source,
-        })?;
+        let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
         let slot = Slot {
             id,
             trajectory_id: trajectory_id.to_string(),

@@ -9,7 +9,7 @@ use cap_std::fs::Dir;
 use super::tools::{EditFileArgs, ListDirArgs, ReadFileArgs, SearchArgs, ToolRequest, WriteFileArgs};
 use crate::slot::LimitKind;
 use crate::slot::cell::cap_text;
-use crate::slot::{ErrorKind, ExecutionResult};
+use crate::slot::{BackendError, ErrorKind, ExecutionResult};
 
 /// Where the workspace appears inside a sandbox. Tool paths may be relative to it or start
 /// with it.
@@ -86,6 +86,19 @@ pub struct Workspace {
 }
 
 impl Workspace {
+    /// Makes a new slot's workspace and private `/tmp` folders on this host and opens the
+    /// workspace: the start of `acquire` in every backend that keeps its slots here.
+    pub fn create(workspace: &Path, tmp: &Path) -> Result<Workspace, BackendError> {
+        let failed = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BackendError::Workspace { path, source }
+        };
+        for dir in [workspace, tmp] {
+            std::fs::create_dir_all(dir).map_err(failed(dir))?;
+        }
+        Workspace::open(workspace).map_err(failed(workspace))
+    }
+
     /// Opens the directory at `root`.
     pub fn open(root: &Path) -> std::io::Result<Workspace> {
         Ok(Workspace {

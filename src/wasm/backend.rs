@@ -285,16 +285,7 @@ impl Backend for WasmBackend {
             workspace: slot_root.join("workspace"),
             tmp: slot_root.join("tmp"),
         };
-        for dir in [&dirs.workspace, &dirs.tmp] {
-            std::fs::create_dir_all(dir).map_err(|source| BackendError::Workspace {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        let workspace = Workspace::open(&dirs.workspace).map_err(|source| BackendError::Workspace {
-            path: dirs.workspace.clone(),
-            source,
-        })?;
+        let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
         let factory = self.factory.clone();
         let start_dirs = dirs.clone();
         let started = tokio::task::spawn_blocking(move || factory.start(&start_dirs)).await;
