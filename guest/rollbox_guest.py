@@ -461,10 +461,13 @@ def _turn(source, name):
     _Cell.current = cell
     script, _Script.pending = _Script.pending, False
     try:
+        narrow = _narrow_integer_idioms(source) if _WASM else ()
         try:
             _execute(source, cell)
         except BaseException as e:  # SystemExit and KeyboardInterrupt too: the kernel lives on
             cell.error = _error_report(e, cell.cap)
+        if narrow:
+            _warn_narrow_integers(narrow, _Cell.count)
         if script:
             _finish_script()
         try:
@@ -1049,6 +1052,137 @@ def _patch_numpy(np):
     numpy_native_ints(_NumpyWidths.native)
 
 
+def _patch_numpy_random(random):
+    """`np.random.randint`'s default dtype is the C long: int32 on wasm32, int64 on 64-bit Linux.
+    Passing int64 when no dtype is given makes it draw as it does there (the same generator
+    routine), so a seeded stream gives native values, not just native dtypes."""
+    np = sys.modules.get("numpy")
+    if np is None or np.dtype(int).itemsize >= 8:
+        return
+    original, int64 = random.randint, np.int64
+
+    def randint(low, high=None, size=None, dtype=int):
+        if dtype is not int or not _NumpyWidths.native:
+            return original(low, high, size, dtype)
+        result = original(low, high, size, int64)
+        # As numpy does for `dtype=int`: a single draw is a Python int.
+        if size is None and getattr(result, "shape", None) == ():
+            return int(result)
+        return result
+
+    random.randint = _like(randint, original)
+
+
+class Wasm32IntegerWarning(RuntimeWarning):
+    """A cell used a numpy idiom whose integers are 32-bit on wasm32 but 64-bit on 64-bit Linux,
+    one that `_patch_numpy` cannot reach (docs/parity.md, "Integer width")."""
+
+
+# Where numpy's C default integer (32 bits here) comes from a place no Python hook reaches, the
+# slot cannot give the native width, nor see a value wrap inside numpy's C code. So the first
+# cell that uses each such idiom gets one warning in stderr, instead of a result that may be
+# silently wrong. (idiom, what to write instead)
+_NARROW_ADVICE = {
+    "astype(int)": "write astype(np.int64)",
+    "np.int_": "write np.int64",
+    "np.intp": "write np.int64 where the values are not indexes",
+    "dtype=int": "write dtype=np.int64",
+    "np.dtype(int)": "write np.dtype(np.int64)",
+    "RandomState.randint": "pass dtype=np.int64, or use np.random.default_rng()",
+    "cumsum/cumprod of a narrow integer array": "write .cumsum(dtype=np.int64)",
+}
+# Only cells that mention one of these are parsed for the idioms above.
+_NARROW_HINTS = ("astype", "int_", "intp", "dtype", "RandomState", "cumsum", "cumprod", "long")
+# Functions that `_patch_numpy` already gives `dtype=int` its native meaning.
+_WIDENED = frozenset(("array", "asarray", "arange", "zeros", "ones", "empty", "full"))
+_NARROW_TYPES = frozenset(("int8", "int16", "int32", "uint8", "uint16", "uint32", "intc", "uintc", "short", "byte"))
+
+
+class _NarrowWarned:
+    idioms = set()
+
+
+def _narrow_integer_idioms(source):
+    """The idioms of `_NARROW_ADVICE` that `source` uses and that were not warned of yet, each
+    with its first line. Decided from the syntax alone, before the cell runs."""
+    if not _NumpyWidths.native or not _holds_any(source, _NARROW_HINTS):
+        return ()
+    try:
+        tree = compile(source, "<check>", "exec", ast.PyCF_ONLY_AST | _COMPILE_FLAGS)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return ()  # the cell itself reports it
+    found = {}
+    narrow_array = False
+    cumulative = None
+
+    def name_of(node):
+        return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+
+    def is_int(node):
+        return (isinstance(node, ast.Name) and node.id == "int") or (
+            isinstance(node, ast.Constant) and node.value in ("int", "long", "l", "int_", "intp", "p")
+        )
+
+    for node in _walk(tree):
+        line = getattr(node, "lineno", 1)
+        if isinstance(node, ast.Attribute):
+            numpy_value = isinstance(node.value, ast.Name) and node.value.id in ("np", "numpy")
+            if node.attr == "int_" or (numpy_value and node.attr in ("long", "uint", "ulong")):
+                found.setdefault("np.int_", line)
+            elif node.attr in ("intp", "uintp"):
+                found.setdefault("np.intp", line)
+            elif node.attr in _NARROW_TYPES:
+                narrow_array = True
+        elif isinstance(node, ast.Constant) and node.value in _NARROW_TYPES:
+            narrow_array = True
+        elif isinstance(node, ast.Call):
+            called = name_of(node.func)
+            dtype_int = any(k.arg == "dtype" and is_int(k.value) for k in node.keywords)
+            if called == "astype" and ((node.args and is_int(node.args[0])) or dtype_int):
+                found.setdefault("astype(int)", line)
+            elif called == "dtype" and node.args and is_int(node.args[0]):
+                found.setdefault("np.dtype(int)", line)
+            elif dtype_int and called not in _WIDENED:
+                found.setdefault("dtype=int", line)
+            elif called == "RandomState":
+                found.setdefault("RandomState.randint", line)
+            elif called in ("cumsum", "cumprod") and isinstance(node.func, ast.Attribute):
+                if not any(k.arg == "dtype" for k in node.keywords) and cumulative is None:
+                    cumulative = line
+    if narrow_array and cumulative is not None:
+        found.setdefault("cumsum/cumprod of a narrow integer array", cumulative)
+    return tuple((idiom, line) for idiom, line in found.items() if idiom not in _NarrowWarned.idioms)
+
+
+def _walk(tree):
+    """Every node under `tree` (`ast.walk`, which the C module `_ast` lacks)."""
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        for field in node._fields:
+            value = getattr(node, field, None)
+            if isinstance(value, ast.AST):
+                pending.append(value)
+            elif isinstance(value, list):
+                pending.extend(item for item in value if isinstance(item, ast.AST))
+
+
+def _warn_narrow_integers(idioms, cell_number):
+    """Writes one `Wasm32IntegerWarning` line per idiom to the cell's stderr, once per slot, and
+    only once numpy is loaded (pandas' `astype(int)` is numpy's too)."""
+    if "numpy" not in sys.modules:
+        return
+    for idiom, line in sorted(idioms, key=lambda found: found[1]):
+        _NarrowWarned.idioms.add(idiom)
+        print(
+            f"<cell-{cell_number}>:{line}: Wasm32IntegerWarning: {idiom}: numpy's default integer has 32 bits "
+            f"in this sandbox (wasm32) where 64-bit Linux has 64, so results past 2**31 wrap around "
+            f"silently; {_NARROW_ADVICE[idiom]} for the native result.",
+            file=sys.stderr,
+        )
+
+
 def _like(wrapper, original):
     """`wrapper` under `original`'s name and docstring, so help() and tracebacks read the same."""
     wrapper.__name__, wrapper.__qualname__ = original.__name__, getattr(original, "__qualname__", original.__name__)
@@ -1061,7 +1195,12 @@ def _install_compat():
     """Puts the pieces above in place; the patches apply when (or if) each module is loaded."""
     patches = {}
     if _WASM:
-        patches = {"threading": _patch_threading, "concurrent.futures.thread": _patch_thread_pool, "numpy": _patch_numpy}
+        patches = {
+            "threading": _patch_threading,
+            "concurrent.futures.thread": _patch_thread_pool,
+            "numpy": _patch_numpy,
+            "numpy.random": _patch_numpy_random,
+        }
     for name, patch in patches.items():
         if name in sys.modules:
             patch(sys.modules[name])
@@ -1131,6 +1270,26 @@ def _fresh_slot():
         if module is not None:
             reseed(module)
     _forget_setup_cells()
+
+
+def _unseen():
+    """A setup turn that leaves no trace: the fork's stack probe in the slot being forked."""
+    _forget_last_setup_cell()
+
+
+def _forked():
+    """Makes a fork its own: new random streams (the fork and its parent must not draw the same
+    numbers), and no trace of this turn. Everything else is the parent's."""
+    for name, reseed in _RESEED:
+        module = sys.modules.get(name)
+        if module is not None:
+            reseed(module)
+    _forget_last_setup_cell()
+
+
+def _forget_last_setup_cell():
+    linecache.cache.pop(f"<cell-{_Cell.count}>", None)
+    _Cell.count -= 1
 
 
 def _forget_setup_cells():
