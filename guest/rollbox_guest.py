@@ -1272,9 +1272,12 @@ def _fresh_slot():
     _forget_setup_cells()
 
 
-def _unseen():
-    """A setup turn that leaves no trace: the fork's stack probe in the slot being forked."""
+def _unseen(limit):
+    """The fork's setup turn in the slot being forked: its stack probe, and the file
+    descriptors from 3 up to `limit` that are open (see `_open_fds`), printed: a value would
+    become the slot's `_`. It leaves no trace."""
     _forget_last_setup_cell()
+    print(_open_fds(limit))
 
 
 def _forked():

@@ -146,7 +146,16 @@ pub struct EngineBenchOptions {
     pub slots: usize,
     /// Batches of one trivial cell per live slot.
     pub rounds: usize,
+    /// Forks of one slot that holds [`FORK_PARENT_DATA_MB`] of its own data, timed one by
+    /// one (each released before the next). Skipped when the backend cannot fork.
+    pub forks: usize,
+    /// Forks and releases after the timed ones, untimed, with the process's PSS before and
+    /// after: whether a fork gives all its memory back.
+    pub fork_churn: usize,
 }
+
+/// The data the forked slot holds of its own, in MB (on top of the interpreter's).
+pub const FORK_PARENT_DATA_MB: usize = 10;
 
 impl Default for EngineBenchOptions {
     fn default() -> Self {
@@ -155,6 +164,8 @@ impl Default for EngineBenchOptions {
             acquires: 200,
             slots: 200,
             rounds: 25,
+            forks: 200,
+            fork_churn: 2_000,
         }
     }
 }
@@ -200,6 +211,13 @@ pub struct EngineBenchReport {
     pub throughput_rounds: usize,
     /// Resident memory added per idle live slot (each has run one cell), in MB (Linux only).
     pub idle_slot_rss_mb: Option<f64>,
+    /// Proportional memory (PSS: a page shared by n processes or mappings counts 1/n) added
+    /// per idle live slot, in MB, from `/proc/self/smaps_rollup` (Linux only).
+    pub idle_slot_pss_mb: Option<f64>,
+    /// The whole process's PSS with the live slots up, in MB.
+    pub live_slots_process_pss_mb: Option<f64>,
+    /// Forks, when the backend can fork.
+    pub fork: Option<ForkReport>,
     /// Calls whose result was checked: every timed and every setup call.
     pub calls_checked: usize,
     /// CPUs available to the process.
@@ -228,12 +246,19 @@ pub async fn run_engine_bench(
     let mut acquires = time_acquires(backend.as_ref(), options.acquires).await?;
     checked += options.acquires;
 
-    let rss_before = resident_bytes();
+    let (rss_before, pss_before) = (resident_bytes(), proportional_bytes());
     let slots = acquire_crowd(backend.as_ref(), options.slots).await?;
-    let rss_after = resident_bytes();
+    let (rss_after, pss_after) = (resident_bytes(), proportional_bytes());
     let throughput = batched_throughput(backend.as_ref(), &slots, options.rounds).await?;
     checked += options.slots * (1 + options.rounds);
     release_all(backend.as_ref(), &slots).await?;
+    let per_slot = |before: Option<u64>, after: Option<u64>| {
+        before
+            .zip(after)
+            .map(|(before, after)| after.saturating_sub(before) as f64 / options.slots.max(1) as f64 / 1e6)
+    };
+    let fork = run_fork_bench(backend.as_ref(), options.forks, options.fork_churn).await?;
+    checked += fork.as_ref().map_or(0, |f| 2 + f.forks + f.churn);
     Ok(EngineBenchReport {
         cells,
         acquire_median_ms: percentile(&mut acquires.alone_ms, 0.5),
@@ -243,9 +268,10 @@ pub async fn run_engine_bench(
         throughput_cells_per_s: throughput,
         throughput_slots: options.slots,
         throughput_rounds: options.rounds,
-        idle_slot_rss_mb: rss_before
-            .zip(rss_after)
-            .map(|(before, after)| after.saturating_sub(before) as f64 / options.slots.max(1) as f64 / 1e6),
+        idle_slot_rss_mb: per_slot(rss_before, rss_after),
+        idle_slot_pss_mb: per_slot(pss_before, pss_after),
+        live_slots_process_pss_mb: pss_after.map(|bytes| bytes as f64 / 1e6),
+        fork,
         calls_checked: checked,
         cpus: cpus(),
     })
@@ -572,6 +598,121 @@ fn millis(d: Duration) -> f64 {
 
 fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// What [`run_fork_bench`] measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForkReport {
+    /// Timed forks.
+    pub forks: usize,
+    /// The parent's own data, in MB.
+    pub parent_data_mb: usize,
+    /// `fork` until it returns the new slot, median, in ms.
+    pub median_ms: f64,
+    /// The same, 90th percentile.
+    pub p90_ms: f64,
+    /// Untimed forks and releases after the timed ones.
+    pub churn: usize,
+    /// The process's PSS before the churn, in MB.
+    pub churn_pss_before_mb: Option<f64>,
+    /// And after it, every fork released.
+    pub churn_pss_after_mb: Option<f64>,
+}
+
+/// The parent's data for the fork bench: [`FORK_PARENT_DATA_MB`] of bytes that are not zero.
+const FORK_PARENT: CellKind = CellKind {
+    id: "fork_parent",
+    label: "fork parent",
+    setup: "",
+    code: "data = bytes(range(256)) * (10 * 4096)
+len(data)",
+    expected: Expected::Value("10485760"),
+};
+/// Maps the parent's pages before the churn is measured (see [`run_fork_bench`]).
+const WARM_PARENT: CellKind = CellKind {
+    id: "fork_parent_warm",
+    label: "fork parent warm-up",
+    setup: "",
+    code: "import gc\ngc.collect()\nlen(data)",
+    expected: Expected::Value("10485760"),
+};
+/// What each fork must see of its parent.
+const FORK_CHILD: CellKind = CellKind {
+    id: "fork_child",
+    label: "fork child",
+    setup: "",
+    code: "len(data), data[-1]",
+    expected: Expected::Value("(10485760, 255)"),
+};
+
+/// `forks` timed forks of a slot holding [`FORK_PARENT_DATA_MB`] of data, each checked (its
+/// first cell sees the data) and released; then `churn` more, with the process's PSS around
+/// them. `None` when the backend cannot fork.
+pub async fn run_fork_bench(
+    backend: &dyn Backend,
+    forks: usize,
+    churn: usize,
+) -> Result<Option<ForkReport>, BenchError> {
+    if forks + churn == 0 {
+        return Ok(None);
+    }
+    let parent = backend.acquire("bench-fork-parent").await?;
+    let filled = backend.execute(&parent, ToolCall::python(FORK_PARENT.code)).await;
+    check("the fork bench's parent", &FORK_PARENT, 0, 1, &filled)?;
+    let mut times = Vec::with_capacity(forks);
+    let mut fork_once = async |index: usize, total: usize, timed: bool| -> Result<bool, BenchError> {
+        let started = Instant::now();
+        let child = match backend.fork(&parent, &format!("bench-fork-{index}")).await {
+            Ok(child) => child,
+            Err(BackendError::Unsupported { .. }) => return Ok(false),
+            Err(error) => return Err(error.into()),
+        };
+        if timed {
+            times.push(millis(started.elapsed()));
+        }
+        let seen = backend.execute(&child, ToolCall::python(FORK_CHILD.code)).await;
+        check("a fork", &FORK_CHILD, index, total, &seen)?;
+        backend.release(&child, true).await?;
+        Ok(true)
+    };
+    for index in 0..forks {
+        if !fork_once(index, forks, true).await? {
+            backend.release(&parent, true).await?;
+            return Ok(None);
+        }
+    }
+    // A full collection in the parent first: it reads every object the interpreter tracks,
+    // which maps those pages of the parent's image for good. Without it the parent's own
+    // first full collection, whenever it comes during the churn, would count as growth.
+    let warmed = backend.execute(&parent, ToolCall::python(WARM_PARENT.code)).await;
+    check("the fork bench's parent", &WARM_PARENT, 0, 1, &warmed)?;
+    let pss_before = proportional_bytes();
+    for index in 0..churn {
+        if !fork_once(index, churn, false).await? {
+            backend.release(&parent, true).await?;
+            return Ok(None);
+        }
+    }
+    let pss_after = proportional_bytes();
+    backend.release(&parent, true).await?;
+    Ok(Some(ForkReport {
+        forks,
+        parent_data_mb: FORK_PARENT_DATA_MB,
+        median_ms: percentile(&mut times, 0.5),
+        p90_ms: percentile(&mut times, 0.9),
+        churn,
+        churn_pss_before_mb: pss_before.map(|b| b as f64 / 1e6),
+        churn_pss_after_mb: pss_after.map(|b| b as f64 / 1e6),
+    }))
+}
+
+/// This process's proportional set size (PSS), from `/proc/self/smaps_rollup` (Linux): a
+/// page shared with other mappings or processes counts its share.
+pub fn proportional_bytes() -> Option<u64> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// This process's resident set size, from `/proc/self/statm` (Linux).

@@ -100,6 +100,14 @@ class ServerFailed(ApiError):
     """500: the server failed; the details are in its log."""
 
 
+class ForkRefused(ApiError):
+    """409: the slot cannot be forked as it is (it holds files open); the message says why."""
+
+
+class Unsupported(ApiError):
+    """501: the server's backend cannot do this (a fork on the process backend)."""
+
+
 _ERRORS_BY_CODE = {
     "bad_request": BadRequest,
     "unauthorized": Unauthorized,
@@ -109,6 +117,8 @@ _ERRORS_BY_CODE = {
     "unavailable": Unavailable,
     "timeout": ServerTimeout,
     "internal": ServerFailed,
+    "fork_refused": ForkRefused,
+    "unsupported": Unsupported,
 }
 
 
@@ -132,6 +142,10 @@ class Slot:
     def python(self, code: str, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Runs ``code`` as a notebook cell in this slot's interpreter."""
         return self.execute("python", {"code": code}, timeout)
+
+    def fork(self, trajectory_id: str) -> "Slot":
+        """A new slot in this slot's state (variables, modules, files), independent from then on."""
+        return self.client.fork(self, trajectory_id)
 
     def release(self, reset_workspace: bool = True) -> None:
         """Ends the slot; with ``reset_workspace`` its workspace is deleted too."""
@@ -192,6 +206,14 @@ class RollboxClient:
     def acquire(self, trajectory_id: str) -> Slot:
         """Starts a slot: a fresh interpreter and an empty workspace."""
         answer = self._request("POST", f"/{API_VERSION}/slots", {"trajectory_id": trajectory_id})
+        return Slot(self, answer["slot"])
+
+    def fork(self, slot: SlotRef, trajectory_id: str) -> Slot:
+        """A new slot on the same server in ``slot``'s state: its interpreter's variables and
+        modules and a copy of its workspace and ``/tmp``. The two are independent from then
+        on. Raises :class:`ForkRefused` when the slot holds files open, and
+        :class:`Unsupported` on a backend that cannot fork (``process``)."""
+        answer = self._request("POST", f"/{API_VERSION}/slots/{_slot_id(slot)}/fork", {"trajectory_id": trajectory_id})
         return Slot(self, answer["slot"])
 
     def slots(self) -> List[Dict[str, Any]]:

@@ -47,6 +47,23 @@ class SlotApiTest(unittest.TestCase):
             self.assertIn(slot.id, [s["slot"]["id"] for s in self.client.slots()])
         self.assertNotIn(slot.id, [s["slot"]["id"] for s in self.client.slots()])
 
+    def test_a_fork_starts_in_its_parents_state_and_then_goes_its_own_way(self):
+        with self.client.slot("client-fork-parent") as parent:
+            self.assertTrue(parent.python("total = 40\nopen('f.txt', 'w').write('p')")["success"])
+            with parent.fork("client-fork-child") as child:
+                self.assertNotEqual(child.id, parent.id)
+                seen = child.python("total, open('f.txt').read()")
+                self.assertEqual(seen["cell"]["result"]["text/plain"], "(40, 'p')", seen)
+                self.assertTrue(child.python("total = 1\nopen('f.txt', 'w').write('c')")["success"])
+                kept = parent.python("total, open('f.txt').read()")
+                self.assertEqual(kept["cell"]["result"]["text/plain"], "(40, 'p')", kept)
+            self.assertTrue(parent.python("handle = open('g.txt', 'w')")["success"])
+            with self.assertRaises(rollbox_client.ForkRefused) as refused:
+                parent.fork("client-fork-refused")
+            self.assertIn("close them", refused.exception.message)
+        with self.assertRaises(rollbox_client.UnknownSlot):
+            self.client.fork(10**9, "client-fork-unknown")
+
     def test_a_batch_keeps_order_and_failures_stay_in_place(self):
         with self.client.slot("client-a") as a, self.client.slot("client-b") as b:
             results = self.client.execute_batch(

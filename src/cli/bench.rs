@@ -31,6 +31,12 @@ pub(crate) struct BenchArgs {
     /// Batches over the live slots.
     #[arg(long, default_value_t = EngineBenchOptions::default().rounds)]
     rounds: usize,
+    /// Forks of a slot holding 10 MB of its own data, timed (backends that can fork).
+    #[arg(long, default_value_t = EngineBenchOptions::default().forks)]
+    forks: usize,
+    /// Untimed forks and releases after the timed ones, with the process's PSS around them.
+    #[arg(long, default_value_t = EngineBenchOptions::default().fork_churn)]
+    fork_churn: usize,
     /// Process starts of `rollbox exec -c 1` to time.
     #[arg(long, default_value_t = 10)]
     starts: usize,
@@ -56,12 +62,16 @@ pub(crate) async fn run(args: BenchArgs, printer: Printer) -> anyhow::Result<Exi
         acquires: args.acquires,
         slots: args.slots,
         rounds: args.rounds,
+        forks: args.forks,
+        fork_churn: args.fork_churn,
     };
     let mut report = run_engine_bench(backend.clone(), &options).await?;
     let backend_name = backend.name().to_owned();
     if backend_name == "process" {
         // Its slots are child processes, which this process's RSS does not include.
         report.idle_slot_rss_mb = None;
+        report.idle_slot_pss_mb = None;
+        report.live_slots_process_pss_mb = None;
     }
     let start_ms = process_start_ms(args.starts, &backend_name, &args.backend.process.server_args())?;
     if args.json {
@@ -104,7 +114,32 @@ fn print_engine_report(report: &EngineBenchReport, backend_name: &str, start_ms:
             )
         }
     }
-    println!("  process start to first result (`exec -c 1`) median {start_ms:8.1} ms ({starts} runs)");
+    if let (Some(pss), Some(whole)) = (report.idle_slot_pss_mb, report.live_slots_process_pss_mb) {
+        println!(
+            "  memory per idle slot (PSS)                 {pss:8.2} MB   (whole process {whole:.0} MB with {} slots)",
+            report.throughput_slots
+        );
+    }
+    match &report.fork {
+        Some(fork) => {
+            println!(
+                "  fork of a slot holding {} MB of its own      median {:8.2} ms   p90 {:8.2} ms ({} forks)",
+                fork.parent_data_mb, fork.median_ms, fork.p90_ms, fork.forks
+            );
+            if let (Some(before), Some(after)) = (fork.churn_pss_before_mb, fork.churn_pss_after_mb) {
+                println!(
+                    "  {} more forks and releases: process PSS {before:.0} MB before, {after:.0} MB after",
+                    fork.churn
+                );
+            }
+        }
+        None => println!(
+            "  fork                                       not measured (the backend cannot fork, or --forks 0)"
+        ),
+    }
+    if starts > 0 {
+        println!("  process start to first result (`exec -c 1`) median {start_ms:8.1} ms ({starts} runs)");
+    }
     println!(
         "  every one of the {} calls gave the result expected of it",
         report.calls_checked

@@ -131,8 +131,9 @@ pub(crate) struct RuntimeArgs {
     /// The cache folder for the runtime and compiled modules.
     #[arg(long, value_name = "DIR", env = env_vars::CACHE_DIR)]
     cache_dir: Option<PathBuf>,
-    /// Modules every slot starts with imported, comma-separated (e.g. numpy,sympy): imported
-    /// once into the snapshot slots start from.
+    /// Modules every slot starts with imported, comma-separated (e.g. sklearn,networkx), on
+    /// top of the default profile (numpy, sympy, scipy, pandas): imported once into the
+    /// snapshot slots start from, so they cost a slot nothing. `none` starts slots bare.
     #[arg(long, value_name = "MODULES", value_delimiter = ',')]
     preload: Vec<String>,
     /// Bootstrap every slot's interpreter instead of restoring a memory snapshot (slower).
@@ -193,16 +194,19 @@ impl RuntimeArgs {
 
     /// The wasm backend's settings these flags choose, with `limits`.
     pub(crate) fn backend_config(&self, limits: Limits) -> WasmBackendConfig {
-        let preload = self
+        let mut preload: Vec<String> = self
             .preload
             .iter()
             .map(|m| m.trim().to_string())
             .filter(|m| !m.is_empty())
             .collect();
+        let bare = preload.iter().any(|m| m == "none");
+        preload.retain(|m| m != "none");
         WasmBackendConfig {
             limits,
             runtime: self.resolve(),
             preload,
+            default_profile: !bare,
             snapshots: !self.no_snapshot,
             ..WasmBackendConfig::from_env()
         }

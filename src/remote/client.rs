@@ -228,6 +228,17 @@ impl ServerClient {
         Ok(answer.slot)
     }
 
+    /// `POST /v1/slots/{id}/fork`: a new slot on this server in the state of `slot`.
+    pub async fn fork(&self, slot: SlotId, trajectory_id: &str, timeout: Duration) -> Result<Slot, ClientError> {
+        let body = AcquireRequest {
+            trajectory_id: trajectory_id.to_string(),
+        };
+        let answer: AcquireResponse = self
+            .post(format!("{}/slots/{}/fork", self.api, slot.0), &body, timeout)
+            .await?;
+        Ok(answer.slot)
+    }
+
     /// `POST /v1/execute`: one result per call, in order.
     pub async fn execute(&self, calls: Vec<SlotCall>, timeout: Duration) -> Result<Vec<ExecutionResult>, ClientError> {
         let sent = calls.len();

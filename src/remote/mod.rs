@@ -31,6 +31,7 @@ use self::provision::{
     Provisioner,
 };
 use crate::error_text::error_chain;
+use crate::server::api::ApiErrorCode;
 use crate::server::api::{Health, SlotCall};
 use crate::slot::tools::ToolName;
 use crate::slot::{Backend, BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
@@ -568,6 +569,70 @@ impl Backend for RemoteBackend {
                 })
             })
             .collect()
+    }
+
+    async fn fork(&self, slot: &Slot, trajectory_id: &str) -> Result<Slot, BackendError> {
+        let parent = self
+            .lock_pool()
+            .slot(slot.id)
+            .cloned()
+            .ok_or(BackendError::UnknownSlot(slot.id))?;
+        if let Some(lost) = &parent.lost {
+            return Err(BackendError::Remote {
+                what: format!("failed to fork slot {}: its state is gone ({lost})", slot.id),
+                source: None,
+            });
+        }
+        let client = self
+            .lock_pool()
+            .reserve_on(parent.server, self.config.slots_per_server)
+            .ok_or_else(|| BackendError::Remote {
+                what: format!(
+                    "failed to fork slot {}: its server has no free slot (or is down); release slots there, or raise --slots-per-server",
+                    slot.id
+                ),
+                source: None,
+            })?;
+        match client
+            .fork(parent.remote, trajectory_id, self.config.control_timeout)
+            .await
+        {
+            Ok(remote) => {
+                let id = SlotId(self.next_slot.fetch_add(1, Ordering::Relaxed));
+                let entry = SlotEntry {
+                    server: parent.server,
+                    client,
+                    remote: remote.id,
+                    lost: None,
+                };
+                self.lock_pool().insert_slot(id, entry);
+                Ok(Slot {
+                    id,
+                    trajectory_id: trajectory_id.to_string(),
+                    backend: "remote".into(),
+                    workspace: remote.workspace,
+                })
+            }
+            Err(error) => {
+                if error.server_unreachable() {
+                    self.lock_pool().mark_down(parent.server, &error_chain(&error));
+                }
+                self.give_back(parent.server).await;
+                if let ClientError::Api {
+                    code: Some(ApiErrorCode::Unsupported),
+                    message,
+                    ..
+                } = &error
+                {
+                    return Err(BackendError::Unsupported {
+                        backend: "remote".into(),
+                        operation: "fork a slot",
+                        advice: format!("its servers answered: {message}"),
+                    });
+                }
+                Err(remote_error(&format!("failed to fork slot {}", slot.id), error))
+            }
+        }
     }
 
     async fn release(&self, slot: &Slot, reset_workspace: bool) -> Result<(), BackendError> {

@@ -72,6 +72,17 @@ impl Pool {
         Some((entry.key, entry.client.clone()))
     }
 
+    /// Takes a place on the server `key`, if it is up and has room: where a fork goes, beside
+    /// the slot it copies.
+    pub(crate) fn reserve_on(&mut self, key: ServerKey, per_server: usize) -> Option<Arc<ServerClient>> {
+        let entry = self
+            .servers
+            .iter_mut()
+            .find(|s| s.key == key && s.down.is_none() && s.places < per_server)?;
+        entry.places += 1;
+        Some(entry.client.clone())
+    }
+
     /// Takes a place on `key` after it came back up.
     pub(crate) fn revive(&mut self, key: ServerKey, per_server: usize) -> Option<Arc<ServerClient>> {
         let entry = self

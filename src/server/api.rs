@@ -150,6 +150,11 @@ pub enum ApiErrorCode {
     PayloadTooLarge,
     /// 503: every slot is in use, or the server is at its concurrency limit or shutting down.
     Unavailable,
+    /// 409: the slot cannot be forked as it is (it holds files open); the message says what
+    /// to change.
+    ForkRefused,
+    /// 501: the server's backend cannot do this (a fork on the process backend).
+    Unsupported,
     /// 504: the request ran past the server's per-request timeout.
     Timeout,
     /// 500: the server failed; the details are in its log.
@@ -165,6 +170,8 @@ impl ApiErrorCode {
             ApiErrorCode::UnknownSlot | ApiErrorCode::NotFound => 404,
             ApiErrorCode::PayloadTooLarge => 413,
             ApiErrorCode::Unavailable => 503,
+            ApiErrorCode::ForkRefused => 409,
+            ApiErrorCode::Unsupported => 501,
             ApiErrorCode::Timeout => 504,
             ApiErrorCode::Internal => 500,
         }

@@ -207,6 +207,7 @@ pub fn app(state: ServerState) -> Router {
         .route("/v1/slots", post(routes::acquire).get(routes::list_slots))
         .route("/v1/execute", post(routes::execute))
         .route("/v1/slots/{id}/release", post(routes::release))
+        .route("/v1/slots/{id}/fork", post(routes::fork))
         .route("/run_code", post(run_code::run_code))
         .route_layer(from_fn_with_state(state.clone(), middleware::limit_concurrency));
     Router::new()

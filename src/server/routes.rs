@@ -210,6 +210,55 @@ pub(crate) async fn release(
     }
 }
 
+/// `POST /v1/slots/{id}/fork`: a new slot in the state of slot `id` (its variables, modules
+/// and files), independent from then on. Calls for `id` wait while it is copied.
+pub(crate) async fn fork(
+    State(state): State<ServerState>,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<AcquireRequest>,
+) -> Result<Json<AcquireResponse>, ApiFailure> {
+    if request.trajectory_id.len() > MAX_TRAJECTORY_ID_BYTES {
+        return Err(ApiFailure::bad_request(format!(
+            "trajectory_id is {} bytes long; the limit is {MAX_TRAJECTORY_ID_BYTES}",
+            request.trajectory_id.len()
+        )));
+    }
+    let slot_id = parse_slot_id(&id)?;
+    let (live, busy) = state.shared.slots.check_out([slot_id]);
+    let Some(parent) = live.get(&slot_id).cloned() else {
+        return Err(ApiFailure::new(
+            ApiErrorCode::UnknownSlot,
+            format!("{slot_id} is not live on this server: never acquired here, already released, or expired"),
+        ));
+    };
+    let reservation = state.shared.slots.reserve().map_err(|full| slots_full(full.capacity))?;
+    let shared = state.shared.clone();
+    let forked = DetachedWork::run(&state, async move {
+        let forked = shared.backend.fork(&parent, &request.trajectory_id).await;
+        drop(busy);
+        let slot = forked?;
+        reservation.fill(slot.clone());
+        Ok::<Slot, BackendError>(slot)
+    })
+    .await;
+    match forked {
+        Some(Ok(slot)) => Ok(Json(AcquireResponse { slot })),
+        Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(capacity)),
+        Some(Err(error @ BackendError::Unsupported { .. })) => {
+            Err(ApiFailure::new(ApiErrorCode::Unsupported, error.to_string()))
+        }
+        Some(Err(error @ BackendError::Fork { .. })) => Err(ApiFailure::new(
+            ApiErrorCode::ForkRefused,
+            crate::error_text::error_chain(&error),
+        )),
+        Some(Err(error)) => Err(ApiFailure::internal("failed to fork the slot", &error)),
+        None => Err(ApiFailure::new(
+            ApiErrorCode::Internal,
+            "failed to fork the slot: the backend panicked; the details are in the server's log",
+        )),
+    }
+}
+
 fn parse_slot_id(text: &str) -> Result<SlotId, ApiFailure> {
     let digits = text.strip_prefix("slot-").unwrap_or(text);
     digits.parse::<u64>().map(SlotId).map_err(|_| {

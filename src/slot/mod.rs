@@ -251,6 +251,27 @@ pub enum BackendError {
         /// How many slots the backend holds at most.
         capacity: usize,
     },
+    /// A slot could not be forked. The slot itself is unharmed.
+    #[error("failed to fork slot {slot} into trajectory `{trajectory_id}`")]
+    Fork {
+        /// The slot being forked.
+        slot: SlotId,
+        /// The trajectory the fork was for.
+        trajectory_id: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The backend cannot do this at all.
+    #[error("the {backend} backend cannot {operation}: {advice}")]
+    Unsupported {
+        /// The backend's name.
+        backend: String,
+        /// What was asked (`fork a slot`).
+        operation: &'static str,
+        /// Why not, and what to use instead.
+        advice: String,
+    },
     /// A remote server or sandbox failed.
     #[error("{what}")]
     Remote {
@@ -281,6 +302,22 @@ pub trait Backend: Send + Sync {
     /// Runs every call and returns one result per call, in the same order. Never fails as a
     /// whole: a call that cannot run gets a failed result of its own.
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult>;
+
+    /// Starts a new slot for `trajectory_id` in the same state as `slot`: its interpreter's
+    /// variables, imported modules and open figures, and a copy of its workspace and `/tmp`.
+    /// From then on the two are independent. The fork gets new random streams. Calls for
+    /// `slot` wait while it is copied. Backends that cannot fork answer
+    /// [`BackendError::Unsupported`], which is the default.
+    async fn fork(&self, slot: &Slot, trajectory_id: &str) -> Result<Slot, BackendError> {
+        let _ = (slot, trajectory_id);
+        Err(BackendError::Unsupported {
+            backend: self.name().to_string(),
+            operation: "fork a slot",
+            advice: "only the wasm backend (and remote servers running it) can copy a live interpreter; \
+                     acquire a new slot and replay the cells instead"
+                .into(),
+        })
+    }
 
     /// Ends a slot's interpreter. With `reset_workspace`, its workspace is deleted; without,
     /// the directory stays on disk for the caller to inspect and remove.

@@ -43,6 +43,11 @@ pub struct WasmBackendConfig {
     /// as if a first cell had imported them, without binding any name in the cell namespace.
     /// With snapshots they are imported once, into the snapshot, and cost a slot nothing.
     pub preload: Vec<String>,
+    /// Add [`DEFAULT_PROFILE`] (the scientific stack) to the preload. With snapshots it costs a
+    /// slot nothing: every slot maps the same snapshot pages. It is left out (with an `info`
+    /// log) when snapshots are off, where every slot would import it, or when the memory limit
+    /// is under [`DEFAULT_PROFILE_MIN_MEMORY`].
+    pub default_profile: bool,
     /// Start slots from a memory snapshot of one idle, bootstrapped (and preloaded)
     /// interpreter, taken when the backend starts if there is a preload, else when a second
     /// interpreter starts; `false` bootstraps every interpreter itself, which is slower (and
@@ -52,7 +57,7 @@ pub struct WasmBackendConfig {
 
 impl WasmBackendConfig {
     /// Default limits, the runtime from the environment, a temporary workspace root, up to
-    /// 10,000 slots, nothing preloaded, and snapshots on.
+    /// 10,000 slots, the default profile preloaded, and snapshots on.
     pub fn from_env() -> Self {
         WasmBackendConfig {
             limits: Limits::default(),
@@ -60,10 +65,46 @@ impl WasmBackendConfig {
             workspace_root: None,
             max_slots: 10_000,
             preload: Vec::new(),
+            default_profile: true,
             snapshots: true,
         }
     }
+
+    /// The modules slots start with: [`DEFAULT_PROFILE`] when it applies, then
+    /// [`WasmBackendConfig::preload`], each once.
+    pub fn effective_preload(&self) -> Vec<String> {
+        let profile = self.default_profile && self.snapshots && self.limits.memory_bytes >= DEFAULT_PROFILE_MIN_MEMORY;
+        let mut modules: Vec<String> = Vec::new();
+        let defaults = DEFAULT_PROFILE.iter().map(|m| m.to_string()).filter(|_| profile);
+        for module in defaults.chain(self.preload.iter().cloned()) {
+            if !modules.contains(&module) {
+                modules.push(module);
+            }
+        }
+        modules
+    }
 }
+
+/// What every wasm slot starts with imported unless told otherwise: numpy, sympy with the
+/// submodules its `solve` imports on first use, scipy with its most used submodules, and
+/// pandas. Imported once into the snapshot (and kept on disk), so a slot pays nothing for
+/// them; nothing is bound in the cell namespace, a cell still writes `import numpy`.
+pub const DEFAULT_PROFILE: [&str; 10] = [
+    "numpy",
+    "sympy",
+    "sympy.combinatorics",
+    "sympy.physics.units",
+    "scipy",
+    "scipy.optimize",
+    "scipy.integrate",
+    "scipy.linalg",
+    "scipy.special",
+    "pandas",
+];
+
+/// The smallest memory limit the default profile is preloaded under: it takes about 95 MB of
+/// each slot's linear memory (shared, but counted against the slot's limit).
+pub const DEFAULT_PROFILE_MIN_MEMORY: u64 = 256 << 20;
 
 /// Setting up a [`WasmBackend`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,21 +167,37 @@ impl WasmBackend {
         if let Some(bad) = config.preload.iter().find(|name| !is_module_name(name)) {
             return Err(WasmBackendError::InvalidPreload(bad.clone()));
         }
+        let preload = config.effective_preload();
+        if config.default_profile && !preload.iter().any(|m| m == DEFAULT_PROFILE[0]) {
+            tracing::info!(
+                snapshots = config.snapshots,
+                memory_limit = config.limits.memory_bytes,
+                "slots start without the default profile (numpy, sympy, scipy, pandas): it needs snapshots and a memory limit of at least 256 MiB"
+            );
+        }
         let runtime = install::ensure_installed(&config.runtime, reporter)?;
         let engine = build_engine(config.limits.fuel.is_some())
             .map_err(|e| WasmBackendError::Engine(e.into_boxed_dyn_error()))?;
-        let module = compiled::load_or_compile(&engine, &runtime, &config.runtime, reporter)?;
+        let compiled = compiled::load_or_compile(&engine, &runtime, &config.runtime, reporter)?;
         let (root, owns_root) = match config.workspace_root {
             Some(root) => (root, false),
             None => (private_temp_dir(), true),
         };
         let options = StartOptions {
-            preload: config.preload,
+            preload,
             snapshots: config.snapshots,
             template_dir: root.join("template"),
             guest_code_cache: Some(compiled::guest_code_path(&config.runtime)),
+            snapshot_cache: Some(config.runtime.cache_dir.join("snapshots")),
         };
-        let factory = InterpreterFactory::new(engine, &module, runtime, config.limits, options)?;
+        let factory = InterpreterFactory::new(
+            engine,
+            &compiled.module,
+            compiled.initial_memory,
+            runtime,
+            config.limits,
+            options,
+        )?;
         std::fs::create_dir_all(&root).map_err(|source| WasmBackendError::WorkspaceRoot {
             path: root.clone(),
             source,
@@ -183,6 +240,82 @@ impl WasmBackend {
     pub fn engine(&self) -> &wasmtime::Engine {
         self.factory.engine()
     }
+}
+
+impl WasmBackend {
+    /// Makes a new slot's folders and runs `start` for its interpreter on a blocking thread,
+    /// within the backend's capacity: what `acquire` and `fork` share.
+    async fn start_slot(
+        &self,
+        trajectory_id: &str,
+        start: impl FnOnce(&SlotDirs) -> Result<Interpreter, BoxedError> + Send + 'static,
+        failed: impl FnOnce(BoxedError) -> BackendError,
+    ) -> Result<Slot, BackendError> {
+        // Reserved before the interpreter starts, so concurrent starts cannot overshoot.
+        let reservation = SlotReservation::take(&self.reserved, self.max_slots)?;
+        let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let slot_root = self.root.join(id.to_string());
+        let dirs = SlotDirs {
+            workspace: slot_root.join("workspace"),
+            tmp: slot_root.join("tmp"),
+        };
+        let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
+        let start_dirs = dirs.clone();
+        let started = tokio::task::spawn_blocking(move || start(&start_dirs)).await;
+        let interpreter = match started {
+            Ok(Ok(interpreter)) => interpreter,
+            Ok(Err(error)) => {
+                let _ = std::fs::remove_dir_all(&slot_root);
+                return Err(failed(error));
+            }
+            Err(join) => {
+                let _ = std::fs::remove_dir_all(&slot_root);
+                return Err(failed(Box::new(join)));
+            }
+        };
+        let slot = Slot {
+            id,
+            trajectory_id: trajectory_id.to_string(),
+            backend: "wasm".into(),
+            workspace: dirs.workspace.clone(),
+        };
+        let live = Arc::new(LiveSlot {
+            slot: slot.clone(),
+            dirs,
+            workspace,
+            interpreter: Mutex::new(Some(interpreter)),
+        });
+        self.slots.write().insert(id, live);
+        reservation.keep();
+        Ok(slot)
+    }
+}
+
+type BoxedError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Copies the folder `from` into the existing folder `to`: folders, regular files and
+/// symbolic links (as links, never followed). A guest can make nothing else; anything else
+/// found is an error rather than a silent gap in the copy.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            std::fs::create_dir(&target)?;
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+        } else {
+            return Err(std::io::Error::other(format!(
+                "{} is neither a file, a folder nor a link",
+                entry.path().display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Drop for WasmBackend {
@@ -277,50 +410,43 @@ impl Backend for WasmBackend {
     }
 
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {
-        // Reserved before the interpreter starts, so concurrent acquires cannot overshoot.
-        let reservation = SlotReservation::take(&self.reserved, self.max_slots)?;
-        let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let slot_root = self.root.join(id.to_string());
-        let dirs = SlotDirs {
-            workspace: slot_root.join("workspace"),
-            tmp: slot_root.join("tmp"),
-        };
-        let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
         let factory = self.factory.clone();
-        let start_dirs = dirs.clone();
-        let started = tokio::task::spawn_blocking(move || factory.start(&start_dirs)).await;
-        let interpreter = match started {
-            Ok(Ok(interpreter)) => interpreter,
-            Ok(Err(error)) => {
-                let _ = std::fs::remove_dir_all(&slot_root);
-                return Err(BackendError::StartInterpreter {
-                    trajectory_id: trajectory_id.into(),
-                    source: Box::new(error),
-                });
-            }
-            Err(join) => {
-                let _ = std::fs::remove_dir_all(&slot_root);
-                return Err(BackendError::StartInterpreter {
-                    trajectory_id: trajectory_id.into(),
-                    source: Box::new(join),
-                });
-            }
+        let failed = |source| BackendError::StartInterpreter {
+            trajectory_id: trajectory_id.into(),
+            source,
         };
-        let slot = Slot {
-            id,
-            trajectory_id: trajectory_id.to_string(),
-            backend: "wasm".into(),
-            workspace: dirs.workspace.clone(),
+        self.start_slot(
+            trajectory_id,
+            move |dirs| factory.start(dirs).map_err(Into::into),
+            failed,
+        )
+        .await
+    }
+
+    async fn fork(&self, slot: &Slot, trajectory_id: &str) -> Result<Slot, BackendError> {
+        let parent = self.slots.get(slot.id).ok_or(BackendError::UnknownSlot(slot.id))?;
+        let factory = self.factory.clone();
+        let failed = |source| BackendError::Fork {
+            slot: slot.id,
+            trajectory_id: trajectory_id.into(),
+            source,
         };
-        let live = Arc::new(LiveSlot {
-            slot: slot.clone(),
-            dirs,
-            workspace,
-            interpreter: Mutex::new(Some(interpreter)),
-        });
-        self.slots.write().insert(id, live);
-        reservation.keep();
-        Ok(slot)
+        let fork = move |dirs: &SlotDirs| -> Result<Interpreter, BoxedError> {
+            // Held for the whole fork: the parent's memory and files are copied between two of
+            // its calls, never during one.
+            let mut guard = lock_interpreter(&parent.interpreter);
+            let interpreter = guard
+                .as_mut()
+                .ok_or("the slot's interpreter is not running (its restart after a crash failed); run a cell first")?;
+            for (from, to) in [(&parent.dirs.workspace, &dirs.workspace), (&parent.dirs.tmp, &dirs.tmp)] {
+                copy_tree(from, to).map_err(|source| BackendError::Workspace {
+                    path: from.clone(),
+                    source,
+                })?;
+            }
+            Ok(factory.fork(interpreter, dirs)?)
+        };
+        self.start_slot(trajectory_id, fork, failed).await
     }
 
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {

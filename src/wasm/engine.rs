@@ -1,8 +1,11 @@
 //! The one place the wasmtime engine is configured, and its epoch ticker.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, OptLevel};
+
+use super::cow::ImageMemoryCreator;
 
 /// How often the epoch advances. A call's deadline is checked at this granularity, so a
 /// timeout ends at most one tick late; 10 ms keeps the ticker's cost negligible.
@@ -19,10 +22,10 @@ pub(crate) fn build_engine(fuel: bool) -> wasmtime::Result<Engine> {
     config.epoch_interruption(true);
     config.consume_fuel(fuel);
     config.cranelift_opt_level(OptLevel::Speed);
-    // Slots are instantiated from the snapshot's memory image copy-on-write (wasmtime's
-    // default), which is what keeps an idle slot at a few MB of RSS. The on-demand allocator
-    // is used: the pooling allocator would reserve every slot's maximum up front, and its
-    // tuning is left open (see BENCHMARKS.md).
+    // Every linear memory is a reservation of rollbox's own, into which a memory image (the
+    // runtime's initial memory, or a snapshot) is mapped copy-on-write: slots share every page
+    // they have not written (see `super::cow`).
+    config.with_host_memory(Arc::new(ImageMemoryCreator));
     let engine = Engine::new(&config)?;
     // Without the ticker no deadline ever passes: a backend whose time limits cannot work must
     // not start.

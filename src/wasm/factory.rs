@@ -3,8 +3,8 @@
 //! interpreter starts: restored from the snapshot when there is one, else bootstrapped.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use wasmtime::{Engine, InstancePre, Linker, Module, Store};
@@ -13,13 +13,14 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::bootstrap::{GUEST_ENV, GUEST_READY, GUEST_TMP, PREOPENS, bootstrap_chunk, preload_cell};
 use super::capture::CapturedStream;
+use super::cow::{MemoryImage, copy_pages, map_image, written_pages};
 use super::engine::ticks_for;
 use super::host::{GuestCodeUpload, GuestState, MemoryLimiter, door};
 use super::interpreter::{Interpreter, RestoreError, StartError};
 use super::module_shape::check_snapshot_support;
 use super::poll::{GuestMonotonicClock, poll_oneoff};
 use super::runtime::{GUEST_ARGV0, GUEST_MPL_DATA_DIR, GUEST_STDLIB_DIR, InstalledRuntime};
-use super::snapshot::{self, FRESH_SLOT_CELL, Snapshot, SnapshotRefusal};
+use super::snapshot::{self, FRESH_SLOT_CELL, OPEN_FD_SCAN_LIMIT, Snapshot, SnapshotRefusal};
 use crate::slot::Limits;
 use crate::slot::cell::{GUEST_SOURCE, STARTUP_TIMEOUT, report_budget};
 use crate::slot::workspace::GUEST_WORKSPACE;
@@ -37,6 +38,8 @@ pub(crate) struct SlotDirs {
 pub(crate) struct InterpreterFactory {
     engine: Engine,
     pre: InstancePre<GuestState>,
+    /// The memory a never-run instance starts with (the runtime's data segments).
+    initial_memory: Arc<MemoryImage>,
     runtime: InstalledRuntime,
     limits: Limits,
     bootstrap: String,
@@ -60,6 +63,45 @@ pub(crate) struct InterpreterFactory {
     /// Set when a restored interpreter failed its stack probe: from then on every
     /// interpreter bootstraps.
     snapshot_failed: AtomicBool,
+    /// Where this factory's snapshot is kept between processes (no extension: `.img` and
+    /// `.probe` are added), if anywhere.
+    snapshot_file: Option<PathBuf>,
+}
+
+/// The fork's first turn: new random streams, and its stack probe (see `_forked`).
+const FORKED_CELL: &str = "__import__('rollbox_guest')._forked()";
+
+/// Forking an interpreter failed. The parent is unharmed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    /// The slot holds files open; a fork would not have them.
+    #[error(
+        "the slot holds files open (descriptors {open}, beyond the preopened folders): close them (or use `with open(...)`) before forking"
+    )]
+    OpenFiles {
+        /// The open descriptors, as the guest listed them.
+        open: String,
+    },
+    /// A probe turn failed in the parent or the fork.
+    #[error("a fork's setup turn failed: {0}")]
+    Probe(String),
+    /// The fork's instance could not be made.
+    #[error("failed to start the fork's interpreter")]
+    Start(#[source] StartError),
+    /// The pages the parent wrote could not be read from /proc/self/pagemap.
+    #[error("failed to read which memory pages the slot wrote from /proc/self/pagemap")]
+    Pagemap(#[source] std::io::Error),
+    /// The parent's pages could not be copied into the fork.
+    #[error("failed to copy the slot's memory into the fork")]
+    Copy(#[source] std::io::Error),
+    /// The fork's stack probe is not the parent's: its stack pointer differs.
+    #[error("the fork's stack probe is at {fork:#x}, its parent's at {parent:#x}")]
+    StackMoved {
+        /// The parent's probe address.
+        parent: u32,
+        /// The fork's.
+        fork: u32,
+    },
 }
 
 /// How an [`InterpreterFactory`] starts interpreters.
@@ -73,6 +115,9 @@ pub(crate) struct StartOptions {
     /// A file that keeps the guest module's compiled code between processes, so that a new
     /// process (`rollbox exec`) does not compile the guest's source again; `None` keeps none.
     pub(crate) guest_code_cache: Option<PathBuf>,
+    /// A folder that keeps snapshots between processes, each as a memory image file that
+    /// every process maps (so slots of all of them share its pages) and its stack probe.
+    pub(crate) snapshot_cache: Option<PathBuf>,
 }
 
 impl InterpreterFactory {
@@ -81,6 +126,7 @@ impl InterpreterFactory {
     pub(crate) fn new(
         engine: Engine,
         module: &Module,
+        initial_memory: MemoryImage,
         runtime: InstalledRuntime,
         limits: Limits,
         options: StartOptions,
@@ -94,22 +140,30 @@ impl InterpreterFactory {
             .map_err(boxed)?;
         linker.func_wrap("host", "call", door).map_err(boxed)?;
         let pre = linker.instantiate_pre(module).map_err(boxed)?;
+        let bootstrap = bootstrap_chunk(limits.output_bytes);
+        let preload =
+            (!options.preload.is_empty()).then(|| (options.preload.join(", "), preload_cell(&options.preload)));
+        let snapshot_file = options.snapshot_cache.as_deref().map(|dir| {
+            let preload_cell = preload.as_ref().map_or("", |(_, cell)| cell.as_str());
+            dir.join(snapshot_cache_name(&bootstrap, preload_cell))
+        });
         Ok(InterpreterFactory {
             engine,
             pre,
+            initial_memory: Arc::new(initial_memory),
             runtime,
             limits,
-            bootstrap: bootstrap_chunk(limits.output_bytes),
+            bootstrap,
             guest_code: std::sync::OnceLock::new(),
             cached_guest_code: std::sync::Mutex::new(options.guest_code_cache.as_deref().and_then(read_guest_code)),
             guest_code_cache: options.guest_code_cache,
-            preload: (!options.preload.is_empty())
-                .then(|| (options.preload.join(", "), preload_cell(&options.preload))),
+            preload,
             snapshots: options.snapshots,
             template_dir: options.template_dir,
             snapshot: OnceLock::new(),
             first_start: AtomicBool::new(true),
             snapshot_failed: AtomicBool::new(false),
+            snapshot_file,
         })
     }
 
@@ -150,6 +204,12 @@ impl InterpreterFactory {
     /// that fails (a missing module, the memory limit) fails here, snapshots or not. Without,
     /// the snapshot waits for the second interpreter (see [`InterpreterFactory::start`]).
     pub(crate) fn prepare(&self) -> Result<(), StartError> {
+        if self.snapshots
+            && let Some(snapshot) = self.cached_snapshot()
+        {
+            let _ = self.snapshot.set(Some(snapshot));
+            return Ok(());
+        }
         if self.preload.is_none() {
             return Ok(());
         }
@@ -209,7 +269,7 @@ impl InterpreterFactory {
         }
         let built = self.boot(&dirs).map(|mut template| {
             if self.snapshots {
-                self.capture(&mut template, &dirs)
+                self.capture(&mut template)
             } else {
                 None
             }
@@ -219,7 +279,7 @@ impl InterpreterFactory {
             tracing::debug!(
                 stack_probe = snapshot.stack_probe,
                 memory_bytes = snapshot.memory.size(),
-                changed_bytes = snapshot.memory.changed_bytes(),
+                image_bytes = snapshot.memory.data_bytes(),
                 took_ms = started.elapsed().as_millis() as u64,
                 "took the memory snapshot new interpreters start from"
             );
@@ -228,27 +288,50 @@ impl InterpreterFactory {
     }
 
     /// The template's snapshot, or `None` (with a warning) when it cannot be relied on.
-    fn capture(&self, template: &mut Interpreter, dirs: &SlotDirs) -> Option<Snapshot> {
+    fn capture(&self, template: &mut Interpreter) -> Option<Snapshot> {
+        let file = self.snapshot_file.as_ref().map(|base| base.with_extension("img"));
         let captured = check_snapshot_support(&self.runtime.snapshot)
             .map_err(SnapshotRefusal::from)
-            .and_then(|()| self.instantiate(dirs).map_err(SnapshotRefusal::Pristine))
-            .and_then(|pristine| snapshot::capture(template, &pristine, &self.limits));
+            .and_then(|()| snapshot::capture(template, &self.limits, file.as_deref()));
+        if let (Ok(snapshot), Some(base)) = (&captured, &self.snapshot_file) {
+            // The probe goes in last: a snapshot is only loaded once its probe is there.
+            let probe = base.with_extension("probe");
+            let partial = probe.with_extension(format!("probe-partial-{}", std::process::id()));
+            let kept = std::fs::write(&partial, snapshot.stack_probe.to_string())
+                .and_then(|()| std::fs::rename(&partial, &probe));
+            if let Err(error) = kept {
+                let _ = std::fs::remove_file(&partial);
+                tracing::debug!(%error, path = %probe.display(), "failed to keep the snapshot for later processes");
+            }
+        }
         captured
             .inspect_err(|refusal| tracing::warn!(%refusal, "failed to take a memory snapshot; every interpreter will bootstrap (slower to start)"))
             .ok()
     }
 
-    /// Restores the snapshot into a new instance and runs the fresh-slot turn, whose stack
-    /// probe must land where the template's did.
+    /// The snapshot a process before this one kept for the same runtime, guest, output cap
+    /// and preload, if there is a readable one. Its stack probe is still checked by every
+    /// restore.
+    fn cached_snapshot(&self) -> Option<Snapshot> {
+        let base = self.snapshot_file.as_ref()?;
+        let probe = std::fs::read_to_string(base.with_extension("probe")).ok()?;
+        let stack_probe = probe.trim().parse().ok()?;
+        let memory = MemoryImage::open(&base.with_extension("img"))
+            .inspect_err(|error| tracing::debug!(%error, "the cached snapshot's image is unreadable; taking a new one"))
+            .ok()?;
+        tracing::debug!(path = %base.display(), memory_bytes = memory.size(), "loaded the snapshot a previous process kept");
+        Some(Snapshot {
+            memory: Arc::new(memory),
+            stack_probe,
+        })
+    }
+
+    /// Maps the snapshot under a new instance and runs the fresh-slot turn, whose stack probe
+    /// must land where the template's did.
     fn restore(&self, snapshot: &Snapshot, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
         let started = Instant::now();
-        let mut interpreter = self.instantiate(dirs)?;
-        let instantiated = started.elapsed();
-        snapshot
-            .memory
-            .restore(&mut interpreter.store, interpreter.memory)
-            .map_err(StartError::Restore)?;
-        let restored = started.elapsed();
+        let mut interpreter = self.instantiate(dirs, &snapshot.memory, false)?;
+        let mapped = started.elapsed();
         let probe = interpreter
             .stack_probe(FRESH_SLOT_CELL, &self.limits)
             .map_err(StartError::FreshSlot)?;
@@ -259,19 +342,73 @@ impl InterpreterFactory {
             }));
         }
         tracing::debug!(
-            instantiate_us = instantiated.as_micros() as u64,
-            restore_us = (restored - instantiated).as_micros() as u64,
-            fresh_slot_us = (started.elapsed() - restored).as_micros() as u64,
+            instantiate_and_map_us = mapped.as_micros() as u64,
+            fresh_slot_us = (started.elapsed() - mapped).as_micros() as u64,
             "interpreter restored from the snapshot"
         );
         Ok(interpreter)
+    }
+
+    /// A new interpreter over `dirs` in the same state as `parent`: the same image under its
+    /// memory, and a copy of every page `parent` wrote on top of it. The parent must be idle
+    /// (between turns), which holding it mutably ensures; it is left as it was.
+    ///
+    /// The parent's stack probe is taken first, and the fork's must match it: the copied stack
+    /// pointer is the module's initial one, which is only right if the parent's is too. A
+    /// parent holding files open beyond the preopened folders is refused, since the fork's
+    /// descriptor table has only those.
+    pub(crate) fn fork(&self, parent: &mut Interpreter, dirs: &SlotDirs) -> Result<Interpreter, ForkError> {
+        let started = Instant::now();
+        let (parent_probe, open) = parent
+            .stack_probe_with_stdout(
+                &format!("__import__('rollbox_guest')._unseen({OPEN_FD_SCAN_LIMIT})"),
+                &self.limits,
+            )
+            .map_err(ForkError::Probe)?;
+        let preopens: Vec<u32> = (3..3 + PREOPENS).collect();
+        if open.trim_end() != format!("{preopens:?}") {
+            return Err(ForkError::OpenFiles {
+                open: open.trim_end().to_owned(),
+            });
+        }
+        let image = Arc::clone(&parent.image);
+        let mut child = self.instantiate(dirs, &image, false).map_err(ForkError::Start)?;
+        let parent_size = parent.memory_bytes().len();
+        let child_size = child.memory_bytes().len();
+        if parent_size > child_size {
+            let pages = (parent_size - child_size).div_ceil(64 << 10) as u64;
+            child
+                .memory
+                .grow(&mut child.store, pages)
+                .map_err(|e| ForkError::Start(StartError::Restore(RestoreError::Grow(e.into_boxed_dyn_error()))))?;
+        }
+        let written = written_pages(parent.memory_bytes(), image.size()).map_err(ForkError::Pagemap)?;
+        let copied: usize = written.iter().map(|range| range.len()).sum();
+        let source = parent.memory.data(&parent.store);
+        let target = child.memory.data_mut(&mut child.store);
+        copy_pages(source, target, &written).map_err(ForkError::Copy)?;
+        let copied_at = started.elapsed();
+        let child_probe = child.stack_probe(FORKED_CELL, &self.limits).map_err(ForkError::Probe)?;
+        if child_probe != parent_probe {
+            return Err(ForkError::StackMoved {
+                parent: parent_probe,
+                fork: child_probe,
+            });
+        }
+        tracing::debug!(
+            copied_bytes = copied,
+            copy_us = copied_at.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "interpreter forked"
+        );
+        Ok(child)
     }
 
     /// A new interpreter with the guest module loaded by the bootstrap turn, and the preload
     /// modules imported.
     fn boot(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
         let started = Instant::now();
-        let mut interpreter = self.instantiate(dirs)?;
+        let mut interpreter = self.instantiate(dirs, &self.initial_memory, true)?;
         let instantiated = started.elapsed();
         if let Err(error) = self.bootstrap(&mut interpreter) {
             // A cached guest module that does not load (a stale or damaged file) is dropped,
@@ -280,7 +417,7 @@ impl InterpreterFactory {
                 return Err(error);
             }
             tracing::warn!(%error, "the cached guest module did not load; compiling the guest again");
-            interpreter = self.instantiate(dirs)?;
+            interpreter = self.instantiate(dirs, &self.initial_memory, true)?;
             self.bootstrap(&mut interpreter)?;
         }
         if let Some((modules, cell)) = &self.preload {
@@ -299,8 +436,15 @@ impl InterpreterFactory {
         Ok(interpreter)
     }
 
-    /// A new store and instance over `dirs`, never run: the module's initial memory image.
-    pub(crate) fn instantiate(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+    /// A new store and instance over `dirs` whose memory is `image`, mapped copy-on-write.
+    /// `initialize` runs the runtime's `_initialize` (for the initial memory; an image of an
+    /// interpreter that ran holds its effects already).
+    pub(crate) fn instantiate(
+        &self,
+        dirs: &SlotDirs,
+        image: &Arc<MemoryImage>,
+        initialize: bool,
+    ) -> Result<Interpreter, StartError> {
         let stdout = CapturedStream::new(self.limits.output_bytes);
         let stderr = CapturedStream::new(self.limits.output_bytes);
         let wasi = self.wasi_ctx(dirs, &stdout, &stderr)?;
@@ -340,10 +484,12 @@ impl InterpreterFactory {
             .get_typed_func::<(i32, i32), i32>(&mut store, "turn")
             .map_err(boxed)?;
         store.data_mut().exports = Some((memory, host_alloc.clone()));
-        if let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+        map_image(&mut store, memory, image).map_err(StartError::Restore)?;
+        if initialize && let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
             initialize.call(&mut store, ()).map_err(boxed)?;
         }
         Ok(Interpreter {
+            image: Arc::clone(image),
             store,
             memory,
             host_alloc,
@@ -434,6 +580,26 @@ impl InterpreterFactory {
         }
         Ok(builder.build_p1())
     }
+}
+
+/// The file name (no extension) a snapshot is kept under: a digest of everything that makes
+/// its memory what it is (the split runtime, the guest's source, the bootstrap turn with its
+/// output cap, and the preload cell).
+fn snapshot_cache_name(bootstrap: &str, preload_cell: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut key = Sha256::new();
+    for part in [
+        super::runtime::compiled::SPLIT_VERSION,
+        super::runtime::pinned().artifacts.snapshot.sha256.as_str(),
+        GUEST_SOURCE,
+        bootstrap,
+        preload_cell,
+    ] {
+        key.update((part.len() as u64).to_le_bytes());
+        key.update(part.as_bytes());
+    }
+    let digest: String = key.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("snapshot-{digest}")
 }
 
 /// The most bytes read back as the guest module's compiled code; it is about 100 KB.

@@ -57,6 +57,9 @@ pub enum RestoreError {
         /// The snapshot's.
         snapshot: usize,
     },
+    /// The image could not be mapped into the instance's memory.
+    #[error("failed to map the memory image into the new interpreter")]
+    Map(#[source] std::io::Error),
     /// The stack probe moved: the restored stack pointer is not the template's.
     #[error("the restored interpreter's stack probe is at {restored:#x}, the template's at {template:#x}")]
     StackMoved {
@@ -69,6 +72,8 @@ pub enum RestoreError {
 
 /// A live interpreter. Dropping it frees everything it held.
 pub(crate) struct Interpreter {
+    /// The image its memory is a copy-on-write mapping of.
+    pub(crate) image: std::sync::Arc<super::cow::MemoryImage>,
     pub(crate) store: Store<GuestState>,
     pub(crate) memory: Memory,
     pub(crate) host_alloc: TypedFunc<i32, i32>,
@@ -126,6 +131,14 @@ impl Interpreter {
     /// Runs a setup cell (preload, snapshot probes) without fuel metering and under the
     /// startup time limit: its final value's text, or why it failed.
     pub(crate) fn setup_cell(&mut self, code: &str, limits: &Limits) -> Result<Option<String>, String> {
+        Ok(self
+            .setup_cell_output(code, limits)?
+            .and_then(|c| c.result)
+            .and_then(|r| r.get("text/plain").cloned()))
+    }
+
+    /// [`Interpreter::setup_cell`], returning the whole cell output.
+    fn setup_cell_output(&mut self, code: &str, limits: &Limits) -> Result<Option<CellOutput>, String> {
         let limits = Limits {
             fuel: None,
             timeout: STARTUP_TIMEOUT,
@@ -135,21 +148,28 @@ impl Interpreter {
         if !result.success {
             return Err(setup_failure(&result, &limits));
         }
-        Ok(result
-            .cell
-            .and_then(|c| c.result)
-            .and_then(|r| r.get("text/plain").cloned()))
+        Ok(result.cell)
     }
 
     /// Runs a setup cell and returns where its last door call's out-pointer sat on the guest
     /// stack (see `snapshot.rs`).
     pub(crate) fn stack_probe(&mut self, code: &str, limits: &Limits) -> Result<u32, String> {
+        self.stack_probe_with_stdout(code, limits).map(|(probe, _)| probe)
+    }
+
+    /// [`Interpreter::stack_probe`], with what the setup cell printed too.
+    pub(crate) fn stack_probe_with_stdout(&mut self, code: &str, limits: &Limits) -> Result<(u32, String), String> {
         self.store.data_mut().door_frame = None;
-        self.setup_cell(code, limits)?;
-        self.store
+        let stdout = self
+            .setup_cell_output(code, limits)?
+            .map(|c| c.stdout)
+            .unwrap_or_default();
+        let probe = self
+            .store
             .data()
             .door_frame
-            .ok_or_else(|| "the turn made no door call".to_string())
+            .ok_or_else(|| "the turn made no door call".to_string())?;
+        Ok((probe, stdout))
     }
 
     /// The guest's linear memory.

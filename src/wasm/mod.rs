@@ -13,6 +13,7 @@
 mod backend;
 mod bootstrap;
 mod capture;
+mod cow;
 mod engine;
 mod factory;
 mod host;
@@ -22,5 +23,7 @@ mod poll;
 pub mod runtime;
 mod snapshot;
 
-pub use backend::{TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError};
+pub use backend::{
+    DEFAULT_PROFILE, DEFAULT_PROFILE_MIN_MEMORY, TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError,
+};
 pub use interpreter::{RestoreError, StartError};

@@ -40,6 +40,7 @@ fn assert_engine_report_adds_up(
     acquires: usize,
     slots: usize,
     rounds: usize,
+    forks: usize,
 ) {
     assert_eq!(report["backend"], backend, "{report:#}");
     let timings = report["cells"].as_array().expect("cells");
@@ -63,7 +64,18 @@ fn assert_engine_report_adds_up(
     assert_eq!(report["throughput_rounds"], rounds);
     // Every timed and setup call: each kind's setup and cells, one first cell per acquire,
     // and each crowd slot's setup and rounds.
-    let calls = CELL_KINDS.len() * (1 + cells) + acquires + slots * (1 + rounds);
+    // With a fork report: the parent's setup and warm-up, each timed fork's check and each
+    // churn fork's.
+    let fork_calls = match report["fork"].as_object() {
+        Some(fork) => {
+            assert_eq!(fork["forks"], forks, "{report:#}");
+            let median = positive(&report["fork"], "median_ms");
+            assert!(positive(&report["fork"], "p90_ms") >= median, "{report:#}");
+            2 + forks + fork["churn"].as_u64().expect("churn") as usize
+        }
+        None => 0,
+    };
+    let calls = CELL_KINDS.len() * (1 + cells) + acquires + slots * (1 + rounds) + fork_calls;
     assert_eq!(report["calls_checked"], calls, "{report:#}");
     positive(report, "process_start_to_first_result_median_ms");
     assert_eq!(report["process_starts"], 1);
@@ -83,12 +95,17 @@ fn bench_reports_consistent_json_for_the_wasm_backend() {
         "2",
         "--starts",
         "1",
+        "--forks",
+        "2",
+        "--fork-churn",
+        "3",
     ]);
-    assert_engine_report_adds_up(&report, "wasm", 20, 3, 4, 2);
+    assert_engine_report_adds_up(&report, "wasm", 20, 3, 4, 2, 2);
     assert!(
-        report["idle_slot_rss_mb"].as_f64().is_some(),
+        report["idle_slot_rss_mb"].as_f64().is_some() && report["idle_slot_pss_mb"].as_f64().is_some(),
         "measured on Linux: {report:#}"
     );
+    assert_eq!(report["fork"]["churn"], 3, "the wasm backend forks: {report:#}");
 }
 
 #[test]
@@ -106,8 +123,13 @@ fn bench_reports_consistent_json_for_the_process_backend() {
         "2",
         "--starts",
         "1",
+        "--forks",
+        "2",
+        "--fork-churn",
+        "0",
     ]);
-    assert_engine_report_adds_up(&report, "process", 10, 2, 3, 2);
+    assert_engine_report_adds_up(&report, "process", 10, 2, 3, 2, 2);
+    assert!(report["fork"].is_null(), "the process backend cannot fork: {report:#}");
     assert!(
         report["idle_slot_rss_mb"].is_null(),
         "child processes are not in this process's RSS: {report:#}"
@@ -149,6 +171,8 @@ async fn a_bench_stops_at_the_first_cell_without_its_expected_result() {
         acquires: 1,
         slots: 2,
         rounds: 1,
+        forks: 0,
+        fork_churn: 0,
     };
     let error = run_engine_bench(backend, &options)
         .await

@@ -18,6 +18,68 @@ pub async fn run_all(backend: &dyn Backend) {
     bad_calls_get_clear_errors(backend).await;
     released_slots_are_gone(backend).await;
     file_tools_refuse_fifos(backend).await;
+    a_fork_is_independent_of_its_parent(backend).await;
+}
+
+/// A fork starts with its parent's variables and files; after it, neither sees the other's
+/// writes. A backend that cannot fork says so with `Unsupported`, and its slot lives on.
+pub async fn a_fork_is_independent_of_its_parent(backend: &dyn Backend) {
+    let parent = backend.acquire("conformance-fork").await.expect("acquire");
+    ok(backend
+        .execute(
+            &parent,
+            ToolCall::python(
+                "x = 41
+open('f.txt', 'w').write('parent')",
+            ),
+        )
+        .await);
+    let child = match backend.fork(&parent, "conformance-fork-child").await {
+        Ok(child) => child,
+        Err(rollbox::BackendError::Unsupported { .. }) => {
+            ok(backend.execute(&parent, ToolCall::python("x")).await);
+            backend.release(&parent, true).await.expect("release");
+            return;
+        }
+        Err(error) => panic!(
+            "{}: fork failed: {}",
+            backend.name(),
+            rollbox::error_text::error_chain(&error)
+        ),
+    };
+    let read = "x, open('f.txt').read()";
+    assert_eq!(
+        value(&ok(backend.execute(&child, ToolCall::python(read)).await)),
+        "(41, 'parent')"
+    );
+    ok(backend
+        .execute(
+            &child,
+            ToolCall::python(
+                "x = 1
+open('f.txt', 'w').write('child')",
+            ),
+        )
+        .await);
+    assert_eq!(
+        value(&ok(backend.execute(&parent, ToolCall::python(read)).await)),
+        "(41, 'parent')"
+    );
+    ok(backend
+        .execute(
+            &parent,
+            ToolCall::python(
+                "x = 2
+open('f.txt', 'w').write('parent 2')",
+            ),
+        )
+        .await);
+    assert_eq!(
+        value(&ok(backend.execute(&child, ToolCall::python(read)).await)),
+        "(1, 'child')"
+    );
+    backend.release(&child, true).await.expect("release");
+    backend.release(&parent, true).await.expect("release");
 }
 
 pub async fn state_persists_across_calls(backend: &dyn Backend) {

@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod conformance;
+mod fork;
 mod guest_paths;
 mod hostile;
 mod hostile_cells;

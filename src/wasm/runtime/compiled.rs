@@ -1,4 +1,10 @@
-//! The runtime compiled to native code once and kept as a `.cwasm` file.
+//! The runtime compiled to native code once and kept as a `.cwasm` file, with its initial
+//! memory beside it as a memory image.
+//!
+//! What is compiled is the runtime *without its data*: every active data segment is emptied
+//! (see [`split_data`]), so instantiating it writes nothing into memory. The bytes those
+//! segments held are laid out once into the module's initial memory, kept as a sparse image
+//! file, which every fresh interpreter maps copy-on-write (see `crate::wasm::cow`).
 //!
 //! The cache key covers the pinned wasm's sha256 and wasmtime's own compatibility hash of the
 //! engine (its version and every setting that changes the code), so a new wasmtime or a
@@ -15,11 +21,17 @@ use wasmtime::{Engine, Module};
 use super::install::hex;
 use super::{InstalledRuntime, RuntimeError, RuntimeOptions, io_err, pinned};
 use crate::reporter::Reporter;
+use crate::wasm::cow::MemoryImage;
+
+/// Changes whenever [`split_data`] would give a different module or image, so an older cache
+/// entry is never loaded.
+pub(crate) const SPLIT_VERSION: &str = "code-only-1";
 
 /// Where the compiled snapshot for `engine` is cached.
 pub fn compiled_path(options: &RuntimeOptions, engine: &Engine) -> PathBuf {
     let mut key = Sha256Hasher(Sha256::new());
     pinned().artifacts.snapshot.sha256.hash(&mut key);
+    SPLIT_VERSION.hash(&mut key);
     engine.precompile_compatibility_hash().hash(&mut key);
     let digest = hex(&key.0.finalize());
     options
@@ -42,8 +54,50 @@ pub fn guest_code_path(options: &RuntimeOptions) -> PathBuf {
         .join(format!("rollbox-guest-{}.marshal", &digest[..32]))
 }
 
-/// The runtime's module for `engine`: loaded from the cache, or compiled and cached first.
-pub fn load_or_compile(
+/// Where the runtime's initial memory image is cached (the same for every engine).
+pub fn initial_memory_path(options: &RuntimeOptions) -> PathBuf {
+    let mut key = Sha256Hasher(Sha256::new());
+    pinned().artifacts.snapshot.sha256.hash(&mut key);
+    SPLIT_VERSION.hash(&mut key);
+    let digest = hex(&key.0.finalize());
+    options
+        .cache_dir
+        .join("compiled")
+        .join(format!("python-memory-{}.img", &digest[..32]))
+}
+
+/// The runtime ready to instantiate: its code, and the memory a fresh instance starts with.
+pub(crate) struct CompiledRuntime {
+    /// The runtime without its data segments.
+    pub(crate) module: Module,
+    /// The memory its data segments would have made.
+    pub(crate) initial_memory: MemoryImage,
+}
+
+/// The runtime for `engine`: loaded from the cache, or split, compiled and cached first.
+pub(crate) fn load_or_compile(
+    engine: &Engine,
+    runtime: &InstalledRuntime,
+    options: &RuntimeOptions,
+    reporter: &dyn Reporter,
+) -> Result<CompiledRuntime, RuntimeError> {
+    let module = load_or_compile_module(engine, runtime, options, reporter)?;
+    let image_path = initial_memory_path(options);
+    let initial_memory = match MemoryImage::open(&image_path) {
+        Ok(image) => image,
+        Err(_) => {
+            let wasm = fs::read(&runtime.snapshot).map_err(io_err("read", &runtime.snapshot))?;
+            let (_, memory) = split_data(&wasm).map_err(|e| RuntimeError::Compile {
+                path: runtime.snapshot.clone(),
+                source: e.into(),
+            })?;
+            MemoryImage::create_file(&image_path, &memory).map_err(io_err("write", &image_path))?
+        }
+    };
+    Ok(CompiledRuntime { module, initial_memory })
+}
+
+fn load_or_compile_module(
     engine: &Engine,
     runtime: &InstalledRuntime,
     options: &RuntimeOptions,
@@ -63,11 +117,18 @@ pub fn load_or_compile(
         return Ok(module);
     }
     let wasm = fs::read(&runtime.snapshot).map_err(io_err("read", &runtime.snapshot))?;
-    reporter.on_step_start("compiling the Python runtime (once; about a minute)", None);
-    let compiled = engine.precompile_module(&wasm).map_err(|e| RuntimeError::Compile {
+    let compile_error = |e: Box<dyn std::error::Error + Send + Sync>| RuntimeError::Compile {
         path: runtime.snapshot.clone(),
-        source: e.into_boxed_dyn_error(),
-    })?;
+        source: e,
+    };
+    let (code_only, _) = split_data(&wasm).map_err(|e| compile_error(e.into()))?;
+    reporter.on_step_start("compiling the Python runtime (once; about a minute)", None);
+    let compiled = engine
+        .precompile_module(&code_only)
+        .map_err(|e| RuntimeError::Compile {
+            path: runtime.snapshot.clone(),
+            source: e.into_boxed_dyn_error(),
+        })?;
     reporter.on_step_end();
     let staging = path.with_extension(format!("tmp-{}", std::process::id()));
     fs::write(&staging, &compiled).map_err(io_err("write", &staging))?;
@@ -94,6 +155,140 @@ fn try_load(engine: &Engine, path: &Path) -> Option<Module> {
     }
 }
 
+/// Splits a module into its code (the module with every active data segment emptied; passive
+/// segments, which only code copies, stay) and the initial memory its active segments make:
+/// the memory's minimum size, zero but for the segments' bytes at their offsets. The module
+/// must have one memory whose segments are placed by constant `i32.const` offsets, as the
+/// runtime's are.
+pub(crate) fn split_data(wasm: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SplitError> {
+    use wasmparser::{DataKind, Operator, Parser, Payload};
+    let mut memory_size = None;
+    let mut data_section = None;
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload? {
+            Payload::MemorySection(reader) => {
+                for memory in reader {
+                    let memory = memory?;
+                    if memory.memory64 || memory.shared || memory_size.is_some() {
+                        return Err(SplitError::Shape("more than one plain 32-bit memory"));
+                    }
+                    let pages = usize::try_from(memory.initial).map_err(|_| SplitError::Shape("a huge memory"))?;
+                    memory_size = Some(pages.checked_mul(64 << 10).ok_or(SplitError::Shape("a huge memory"))?);
+                }
+            }
+            Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    if matches!(import?.ty, wasmparser::TypeRef::Memory(_)) {
+                        return Err(SplitError::Shape("an imported memory"));
+                    }
+                }
+            }
+            Payload::DataSection(reader) => data_section = Some(reader),
+            _ => {}
+        }
+    }
+    let size = memory_size.ok_or(SplitError::Shape("no memory"))?;
+    let mut memory = vec![0u8; size];
+    let Some(reader) = data_section else {
+        return Ok((wasm.to_vec(), memory));
+    };
+    let section = reader.range();
+    let mut payload = Vec::new();
+    leb(&mut payload, reader.count() as usize);
+    for data in reader {
+        let data = data?;
+        match data.kind {
+            DataKind::Passive => {
+                payload.push(1);
+                leb(&mut payload, data.data.len());
+                payload.extend_from_slice(data.data);
+            }
+            DataKind::Active {
+                memory_index,
+                offset_expr,
+            } => {
+                let mut operators = offset_expr.get_operators_reader();
+                let offset = match (operators.read()?, operators.read()?) {
+                    (Operator::I32Const { value }, Operator::End) if memory_index == 0 => value as u32 as usize,
+                    _ => return Err(SplitError::Shape("a data segment not at a constant offset")),
+                };
+                let end = offset
+                    .checked_add(data.data.len())
+                    .filter(|end| *end <= size)
+                    .ok_or(SplitError::Shape("a data segment past the initial memory"))?;
+                memory[offset..end].copy_from_slice(data.data);
+                // The same segment with no bytes: instantiation writes nothing, and the
+                // segment (dropped after instantiation either way) keeps its index.
+                payload.push(0);
+                payload.push(0x41); // i32.const
+                sleb(&mut payload, i64::from(offset as u32 as i32));
+                payload.push(0x0b); // end
+                leb(&mut payload, 0);
+            }
+        }
+    }
+    // The section's id and its size (a LEB128 of 1 to 5 bytes) come just before its contents.
+    let header_start = (1..=5)
+        .filter_map(|size_bytes| section.start.checked_sub(size_bytes + 1))
+        .find(|&at| wasm[at] == 11 && read_leb(&wasm[at + 1..section.start]) == Some(section.len()))
+        .ok_or(SplitError::Shape("a data section whose header cannot be found"))?;
+    let mut code_only = Vec::with_capacity(wasm.len() - section.len() + payload.len());
+    code_only.extend_from_slice(&wasm[..header_start]);
+    code_only.push(11);
+    leb(&mut code_only, payload.len());
+    code_only.extend_from_slice(&payload);
+    code_only.extend_from_slice(&wasm[section.end..]);
+    Ok((code_only, memory))
+}
+
+/// The runtime could not be split into code and initial memory.
+#[derive(Debug, thiserror::Error)]
+pub enum SplitError {
+    /// The module does not parse.
+    #[error("failed to parse the runtime module")]
+    Parse(#[from] wasmparser::BinaryReaderError),
+    /// The module has a shape the split does not handle.
+    #[error("the runtime module has {0}, which rollbox cannot map copy-on-write")]
+    Shape(&'static str),
+}
+
+fn leb(out: &mut Vec<u8>, mut value: usize) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// The unsigned LEB128 that is exactly `bytes`, if it is one.
+fn read_leb(bytes: &[u8]) -> Option<usize> {
+    let mut value = 0usize;
+    for (index, &byte) in bytes.iter().enumerate() {
+        value |= usize::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            return (index + 1 == bytes.len()).then_some(value);
+        }
+    }
+    None
+}
+
+fn sleb(out: &mut Vec<u8>, mut value: i64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        let done = (value == 0 && byte & 0x40 == 0) || (value == -1 && byte & 0x40 != 0);
+        if done {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
 /// Feeds `Hash` input into sha256, so the key is stable across processes and Rust versions.
 struct Sha256Hasher(Sha256);
 
@@ -103,5 +298,48 @@ impl Hasher for Sha256Hasher {
     }
     fn write(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: [u8; 8] = [0, b'a', b's', b'm', 1, 0, 0, 0];
+    /// One memory of one page.
+    const MEMORY: [u8; 5] = [5, 3, 1, 0, 1];
+
+    #[test]
+    fn split_data_empties_active_segments_into_the_initial_memory_and_keeps_passive_ones() {
+        let module = [
+            &HEADER[..],
+            &MEMORY,
+            // Two segments: "hi" active at 16, "zz" passive.
+            &[11, 12, 2, 0, 0x41, 16, 0x0b, 2, b'h', b'i', 1, 2, b'z', b'z'],
+        ]
+        .concat();
+        let (code_only, memory) = split_data(&module).unwrap();
+        let expected = [
+            &HEADER[..],
+            &MEMORY,
+            &[11, 10, 2, 0, 0x41, 16, 0x0b, 0, 1, 2, b'z', b'z'],
+        ]
+        .concat();
+        assert_eq!(code_only, expected);
+        assert_eq!(memory.len(), 64 << 10);
+        assert_eq!(&memory[16..18], b"hi");
+        assert!(memory[..16].iter().chain(&memory[18..]).all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_segment_past_the_initial_memory_is_refused() {
+        // "hi" at 65535: one byte past the single page.
+        let module = [
+            &HEADER[..],
+            &MEMORY,
+            &[11, 10, 1, 0, 0x41, 0xff, 0xff, 0x03, 0x0b, 2, b'h', b'i'],
+        ]
+        .concat();
+        assert!(matches!(split_data(&module), Err(SplitError::Shape(_))));
     }
 }

@@ -1,0 +1,417 @@
+//! Copy-on-write linear memory: every slot's memory is a private mapping of a shared, read-only
+//! *memory image* (a sealed memfd, or a file in the cache), so slots share every page they have
+//! not written and own only the pages they have.
+//!
+//! - [`MemoryImage`]: a linear memory's bytes, kept in a file no one can write: a memfd sealed
+//!   against writes, or a cache file written once and renamed into place. Pages that are all
+//!   zero are holes: they take no memory, and read as zero.
+//! - [`ImageMemoryCreator`]: wasmtime's memory creator for this engine. Each linear memory is a
+//!   `PROT_NONE` reservation (the size and guard wasmtime asks for) whose accessible part grows
+//!   by `mprotect`, as wasmtime's own memories do.
+//! - [`map_image`]: puts an image under a new instance's memory, before any guest code runs,
+//!   with `mmap(MAP_PRIVATE | MAP_FIXED)`. Writes then go to the slot's own anonymous pages;
+//!   the image never changes (the kernel refuses writes to a sealed memfd, and a private mapping
+//!   never writes back).
+//! - [`written_pages`]: which pages of a mapped memory the slot has written, read from
+//!   `/proc/self/pagemap`: a written page of a private file mapping is anonymous, an unwritten
+//!   one is the file's. A fork copies only those.
+//!
+//! The runtime module is compiled without its data segments (`super::runtime::code_only`), so
+//! instantiation writes nothing into memory: the image is the only source of its bytes.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use wasmtime::{AsContextMut, LinearMemory, Memory, MemoryCreator, MemoryType};
+
+use super::interpreter::RestoreError;
+
+/// The host page: what is shared or owned, and the unit of a hole in an image.
+pub(crate) const PAGE: usize = 4096;
+/// Wasm's page: memory grows in these.
+const WASM_PAGE: usize = 64 << 10;
+static ZEROES: [u8; PAGE] = [0; PAGE];
+
+/// A linear memory's bytes in a file that nothing writes once it is made.
+#[derive(Debug)]
+pub(crate) struct MemoryImage {
+    file: File,
+    size: usize,
+    /// Bytes in pages that are not all zero: what the image holds in memory or on disk.
+    data_bytes: usize,
+}
+
+impl MemoryImage {
+    /// An image of `bytes` in a new memfd, sealed so that it can never change again.
+    pub(crate) fn from_bytes(name: &str, bytes: &[u8]) -> io::Result<MemoryImage> {
+        let file = memfd(name)?;
+        let data_bytes = write_pages(&file, bytes)?;
+        // SAFETY: fcntl on a descriptor this function owns; the arguments are plain flags.
+        let sealed = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+            )
+        };
+        if sealed != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MemoryImage {
+            file,
+            size: bytes.len(),
+            data_bytes,
+        })
+    }
+
+    /// Writes `bytes` as an image file at `path` (a private file, then renamed into place, so a
+    /// reader never sees half of one) and opens it read-only.
+    pub(crate) fn create_file(path: &Path, bytes: &[u8]) -> io::Result<MemoryImage> {
+        let partial = path.with_extension(format!("partial-{}", std::process::id()));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let written = File::create(&partial)
+            .and_then(|file| write_pages(&file, bytes).and_then(|_| file.sync_all()))
+            .and_then(|()| std::fs::rename(&partial, path));
+        if let Err(error) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+        MemoryImage::open(path)
+    }
+
+    /// An image file written by [`MemoryImage::create_file`], opened read-only.
+    pub(crate) fn open(path: &Path) -> io::Result<MemoryImage> {
+        let file = File::open(path)?;
+        let metadata = file.metadata()?;
+        let size = usize::try_from(metadata.len()).map_err(|_| io::Error::other("the image is too large"))?;
+        if !size.is_multiple_of(WASM_PAGE) {
+            return Err(io::Error::other(format!(
+                "{size} bytes is not a whole number of wasm pages"
+            )));
+        }
+        // Blocks of 512 bytes, as stat counts them: what the holes leave.
+        let data_bytes = usize::try_from(std::os::unix::fs::MetadataExt::blocks(&metadata) * 512).unwrap_or(size);
+        Ok(MemoryImage {
+            file,
+            size,
+            data_bytes: data_bytes.min(size),
+        })
+    }
+
+    /// The memory's size, in bytes.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The bytes the image keeps (its pages that are not all zero).
+    pub(crate) fn data_bytes(&self) -> usize {
+        self.data_bytes
+    }
+}
+
+fn memfd(name: &str) -> io::Result<File> {
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: a valid C string and plain flags; the descriptor returned is owned below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Sizes `file` to `bytes` and writes its pages that are not all zero; the rest stay holes.
+/// Returns the bytes written.
+fn write_pages(file: &File, bytes: &[u8]) -> io::Result<usize> {
+    file.set_len(bytes.len() as u64)?;
+    let mut written = 0;
+    let mut run: Option<usize> = None;
+    let mut flush = |start: usize, end: usize| -> io::Result<()> {
+        file.write_all_at(&bytes[start..end], start as u64)?;
+        written += end - start;
+        Ok(())
+    };
+    for (index, page) in bytes.chunks(PAGE).enumerate() {
+        let at = index * PAGE;
+        let zero = page == &ZEROES[..page.len()];
+        match (run, zero) {
+            (None, false) => run = Some(at),
+            (Some(start), true) => {
+                flush(start, at)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run {
+        flush(start, bytes.len())?;
+    }
+    Ok(written)
+}
+
+/// Grows `memory` (a new instance's, never run) to `image`'s size through the store's limiter,
+/// then maps `image` over it, privately: from here on the memory reads the image's bytes, and
+/// every page the guest writes becomes the slot's own.
+pub(crate) fn map_image(mut store: impl AsContextMut, memory: Memory, image: &MemoryImage) -> Result<(), RestoreError> {
+    let current = memory.data_size(&store);
+    if current > image.size {
+        return Err(RestoreError::Larger {
+            current,
+            snapshot: image.size,
+        });
+    }
+    if image.size > current {
+        let pages = (image.size - current).div_ceil(WASM_PAGE) as u64;
+        memory
+            .grow(&mut store, pages)
+            .map_err(|e| RestoreError::Grow(e.into_boxed_dyn_error()))?;
+    }
+    if image.size == 0 {
+        return Ok(());
+    }
+    let base = memory.data_ptr(&store);
+    // SAFETY: `base..base + image.size` is the accessible start of this memory's reservation,
+    // made by `ImageMemoryCreator` (the only creator of this engine) and page aligned. The
+    // caller holds the store mutably and no guest code has run in the new instance, so no
+    // reference into these bytes exists while they are replaced. MAP_FIXED swaps the pages in
+    // one step; the reservation around them is untouched.
+    let mapped = unsafe {
+        libc::mmap(
+            base.cast(),
+            image.size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            image.file.as_raw_fd(),
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED || mapped != base.cast() {
+        return Err(RestoreError::Map(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The page ranges of `bytes` (a memory mapped by [`map_image`] from an image of
+/// `image_size` bytes) that hold something other than the image: the pages the slot wrote
+/// (anonymous once written), and any page past the image that was touched. Read from
+/// `/proc/self/pagemap`, one entry of 8 bytes per page.
+pub(crate) fn written_pages(bytes: &[u8], image_size: usize) -> io::Result<Vec<Range<usize>>> {
+    /// Bit 63: the page is in memory; bit 62: swapped out (only anonymous pages are, here);
+    /// bit 61: a file page (the image's, not written).
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE: u64 = 1 << 61;
+    let base = bytes.as_ptr() as usize;
+    if !base.is_multiple_of(PAGE) {
+        return Err(io::Error::other("the memory is not page aligned"));
+    }
+    let pages = bytes.len().div_ceil(PAGE);
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let mut entries = vec![0u8; pages * 8];
+    pagemap.read_exact_at(&mut entries, (base / PAGE * 8) as u64)?;
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    for (index, entry) in entries.chunks_exact(8).enumerate() {
+        let entry = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+        let at = index * PAGE;
+        let written = if at < image_size {
+            (entry & PRESENT != 0 && entry & FILE == 0) || entry & SWAPPED != 0
+        } else {
+            entry & (PRESENT | SWAPPED) != 0
+        };
+        if !written {
+            continue;
+        }
+        let end = (at + PAGE).min(bytes.len());
+        match ranges.last_mut() {
+            Some(last) if last.end == at => last.end = end,
+            _ => ranges.push(at..end),
+        }
+    }
+    Ok(ranges)
+}
+
+/// Copies `ranges` (page aligned, as [`written_pages`] gives them) of `source` into `target`,
+/// a memory mapped by [`map_image`]. Each range of `target` is first replaced by fresh
+/// anonymous pages, populated in one call: writing into the image's pages would fault each
+/// one in from the image and then copy it, twice the work for bytes about to be overwritten.
+pub(crate) fn copy_pages(source: &[u8], target: &mut [u8], ranges: &[Range<usize>]) -> io::Result<()> {
+    for range in ranges {
+        if range.end > source.len() || range.end > target.len() {
+            return Err(io::Error::other("a page range past the end of a memory"));
+        }
+        let start = target[range.start..].as_mut_ptr();
+        if !(start as usize).is_multiple_of(PAGE) {
+            return Err(io::Error::other("a page range that is not page aligned"));
+        }
+        // SAFETY: `start..start + len` lies inside `target`, a memory this function holds
+        // mutably, so no other reference reads these bytes while their pages are replaced; the
+        // range is overwritten right after.
+        let mapped = unsafe {
+            libc::mmap(
+                start.cast(),
+                range.len().next_multiple_of(PAGE),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        target[range.clone()].copy_from_slice(&source[range.clone()]);
+    }
+    Ok(())
+}
+
+/// The memory creator of every rollbox engine: reservations that [`map_image`] can map images
+/// into. See the module's documentation.
+pub(crate) struct ImageMemoryCreator;
+
+// SAFETY: each memory is a fresh reservation of `reserved + guard` bytes, PROT_NONE except its
+// accessible part, zero-filled (fresh anonymous pages), never moved (`byte_capacity` is the
+// whole reservation), and unmapped only when dropped.
+unsafe impl MemoryCreator for ImageMemoryCreator {
+    fn new_memory(
+        &self,
+        _ty: MemoryType,
+        minimum: usize,
+        maximum: Option<usize>,
+        reserved_size_in_bytes: Option<usize>,
+        guard_size_in_bytes: usize,
+    ) -> Result<Box<dyn LinearMemory>, String> {
+        // Without a size from wasmtime, reserve the most a 32-bit memory can address.
+        let capacity = reserved_size_in_bytes.unwrap_or_else(|| maximum.unwrap_or(4 << 30));
+        let reservation = capacity
+            .checked_add(guard_size_in_bytes)
+            .ok_or("the memory reservation overflows")?;
+        if minimum > capacity {
+            return Err(format!(
+                "a memory of {minimum} bytes does not fit its reservation of {capacity}"
+            ));
+        }
+        // SAFETY: a new private anonymous mapping at an address the kernel picks.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reservation,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(format!("failed to reserve memory: {}", io::Error::last_os_error()));
+        }
+        let mut memory = ReservedMemory {
+            base: base as usize,
+            reservation,
+            capacity,
+            accessible: 0,
+        };
+        memory.grow_to(minimum).map_err(|e| e.to_string())?;
+        Ok(Box::new(memory))
+    }
+}
+
+/// One linear memory: `reservation` bytes at `base`, the first `accessible` of them readable
+/// and writable.
+struct ReservedMemory {
+    base: usize,
+    reservation: usize,
+    capacity: usize,
+    accessible: usize,
+}
+
+// SAFETY: the memory is only reached through wasmtime's store, which serialises access.
+unsafe impl LinearMemory for ReservedMemory {
+    fn byte_size(&self) -> usize {
+        self.accessible
+    }
+
+    fn byte_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
+        if new_size > self.capacity {
+            wasmtime::bail!("{new_size} bytes is past the memory's reservation of {}", self.capacity);
+        }
+        if new_size > self.accessible {
+            let start = self.accessible.next_multiple_of(PAGE);
+            let end = new_size.next_multiple_of(PAGE);
+            if end > start {
+                // SAFETY: `start..end` lies inside this memory's reservation.
+                let protected = unsafe {
+                    libc::mprotect(
+                        (self.base + start) as *mut libc::c_void,
+                        end - start,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    )
+                };
+                if protected != 0 {
+                    return Err(io::Error::last_os_error().into());
+                }
+            }
+            self.accessible = new_size;
+        }
+        Ok(())
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.base as *mut u8
+    }
+}
+
+impl Drop for ReservedMemory {
+    fn drop(&mut self) {
+        // SAFETY: the whole reservation, mapped by `new_memory` and owned by this value alone.
+        unsafe {
+            libc::munmap(self.base as *mut libc::c_void, self.reservation);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_keeps_only_pages_that_are_not_zero_and_cannot_be_written() {
+        let mut bytes = vec![0u8; 4 * WASM_PAGE];
+        bytes[5] = 1;
+        bytes[3 * WASM_PAGE + 7] = 2;
+        let image = MemoryImage::from_bytes("test", &bytes).unwrap();
+        assert_eq!(image.size(), 4 * WASM_PAGE);
+        assert_eq!(image.data_bytes(), 2 * PAGE);
+        let mut back = vec![9u8; bytes.len()];
+        image.file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, bytes);
+        // Sealed: not even its maker can change it.
+        assert!(image.file.write_at(&[1], 0).is_err());
+        assert!(image.file.set_len(0).is_err());
+    }
+
+    #[test]
+    fn an_image_file_round_trips_with_its_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.img");
+        let mut bytes = vec![0u8; 2 * WASM_PAGE];
+        bytes[WASM_PAGE + 1] = 7;
+        let image = MemoryImage::create_file(&path, &bytes).unwrap();
+        assert_eq!(image.size(), 2 * WASM_PAGE);
+        let again = MemoryImage::open(&path).unwrap();
+        let mut back = vec![0u8; bytes.len()];
+        again.file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, bytes);
+        std::fs::write(dir.path().join("odd.img"), [1u8; 10]).unwrap();
+        assert!(MemoryImage::open(&dir.path().join("odd.img")).is_err());
+    }
+}
