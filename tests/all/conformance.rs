@@ -18,6 +18,56 @@ pub async fn run_all(backend: &dyn Backend) {
     bad_calls_get_clear_errors(backend).await;
     released_slots_are_gone(backend).await;
     file_tools_refuse_fifos(backend).await;
+    outputs_come_back_in_the_order_written(backend).await;
+}
+
+/// A cell's `outputs` hold its stdout and stderr interleaved as written, its displays and final
+/// value where they were shown, and its exception last, in nbformat's shape; the older fields
+/// keep each stream whole.
+pub async fn outputs_come_back_in_the_order_written(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-outputs").await.expect("acquire");
+    let code = "import sys\nprint('one')\nprint('two', file=sys.stderr)\ndisplay('shown')\nprint('three')\n\
+                sys.stderr.write('four\\n')\nprint('five')\n42";
+    let result = ok(backend.execute(&slot, ToolCall::python(code)).await);
+    let cell = result.cell.as_ref().expect("a cell");
+    assert_eq!(
+        (cell.stdout.as_str(), cell.stderr.as_str()),
+        ("one\nthree\nfive\n", "two\nfour\n")
+    );
+    let outputs = serde_json::to_value(&cell.outputs).expect("outputs serialise");
+    assert_eq!(
+        outputs,
+        json!([
+            {"output_type": "stream", "name": "stdout", "text": "one\n"},
+            {"output_type": "stream", "name": "stderr", "text": "two\n"},
+            {"output_type": "display_data", "data": {"text/plain": "'shown'"}, "metadata": {}},
+            {"output_type": "stream", "name": "stdout", "text": "three\n"},
+            {"output_type": "stream", "name": "stderr", "text": "four\n"},
+            {"output_type": "stream", "name": "stdout", "text": "five\n"},
+            {"output_type": "execute_result", "execution_count": null, "data": {"text/plain": "42"}, "metadata": {}},
+        ]),
+        "{}",
+        pretty(&result)
+    );
+    let failed = backend.execute(&slot, ToolCall::python("print('before')\n1 / 0")).await;
+    let cell = failed.cell.as_ref().expect("a cell");
+    let kinds: Vec<_> = serde_json::to_value(&cell.outputs)
+        .expect("outputs serialise")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|o| (o["output_type"].clone(), o.get("ename").cloned()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (json!("stream"), None),
+            (json!("error"), Some(json!("ZeroDivisionError")))
+        ],
+        "{}",
+        pretty(&failed)
+    );
+    backend.release(&slot, true).await.expect("release");
 }
 
 pub async fn state_persists_across_calls(backend: &dyn Backend) {
