@@ -75,6 +75,9 @@ pub(crate) struct RolloutArgs {
     /// Skip trajectories already in the output folder's trajectories.jsonl.
     #[arg(long)]
     resume: bool,
+    /// Also write every trajectory as a Jupyter notebook into the output folder's notebooks/.
+    #[arg(long)]
+    notebooks: bool,
     /// The tag that opens a code block in the notebook agent.
     #[arg(long, value_name = "TAG", default_value = "<code>")]
     code_open: String,
@@ -320,6 +323,11 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
     let run = outcome?;
     if !printer.is_quiet() {
         print_summary(&run.summary, &run.trajectories_path, &run.summary_path);
+    }
+    if args.notebooks {
+        let dir = args.out.join(super::report::NOTEBOOKS_DIR);
+        let written = rollbox::report::RunFiles::load(&run.trajectories_path)?.write_notebooks(&dir, None)?;
+        printer.line(format_args!("wrote {} notebooks in {}", written.len(), dir.display()));
     }
     Ok(if run.summary.run.interrupted {
         ExitCode::from(130)

@@ -9,6 +9,7 @@ mod hostile_cells;
 mod parity;
 mod process;
 mod remote;
+mod report;
 mod rollout;
 mod runtime;
 mod server;
