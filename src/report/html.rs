@@ -487,5 +487,7 @@ const SCRIPT: &str = r##"
   window.addEventListener("hashchange", openTrajectory);
   openTrajectory();
   body.dataset.ready = "1";
+  // Time from navigation to a drawn page, for BENCHMARKS.md's figure.
+  body.dataset.readyMs = performance.now().toFixed(0);
 })();
 "##;
