@@ -9,6 +9,7 @@ mod exec;
 mod interrupts;
 mod printer;
 mod progress;
+mod progress_lines;
 mod repl;
 mod report;
 mod rollout;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -21,6 +21,7 @@ use rollbox::truncation::{ChatTemplate, TokenCounter};
 
 use super::backend_args::BackendArgs;
 use super::interrupts::Interrupts;
+use super::progress_lines::{ProgressLines, Unit};
 use super::{LimitArgs, Printer, RuntimeArgs};
 
 /// The chat templates whose per-message overhead the context budget counts.
@@ -348,10 +349,13 @@ async fn stop_on_interrupt(interrupts: Interrupts, stop: StopSignal, printer: Pr
     stop.stop();
 }
 
-/// A progress bar of trajectories with the running mean reward.
+/// A progress bar of trajectories with the running mean reward; on a stderr that is not a
+/// terminal, a line every few seconds instead (done/total, mean reward, rate, time).
 struct ProgressReporter {
     bar: ProgressBar,
     rewards: std::sync::Mutex<(f64, usize)>,
+    /// Set when progress goes out as lines: the step, and how many trajectories ended.
+    lines: Option<std::sync::Mutex<(Option<ProgressLines>, u64)>>,
 }
 
 impl ProgressReporter {
@@ -368,17 +372,47 @@ impl ProgressReporter {
         ProgressReporter {
             bar,
             rewards: std::sync::Mutex::new((0.0, 0)),
+            lines: printer
+                .prints_progress_lines()
+                .then(|| std::sync::Mutex::new((None, 0))),
         }
     }
 
     fn finish(&self) {
         self.bar.finish_and_clear();
+        if let Some(lines) = &self.lines {
+            let lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(step) = &lines.0 {
+                eprintln!("{}", step.last_line(Instant::now()));
+            }
+        }
+    }
+
+    /// Counts one ended trajectory and prints a line when one is due.
+    fn line(&self, mean_reward: Option<f64>) {
+        let Some(lines) = &self.lines else { return };
+        let mut lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.1 += 1;
+        let done = lines.1;
+        let Some(step) = lines.0.as_mut() else { return };
+        let now = Instant::now();
+        let rate = done as f64 / now.duration_since(step.started()).as_secs_f64().max(1e-3);
+        let reward = mean_reward.map_or(String::new(), |r| format!("mean reward {r:.3}, "));
+        let detail = format!("{reward}{rate:.2} trajectories/s");
+        if let Some(line) = step.progress(done, now, Unit::Count, &detail) {
+            eprintln!("{line}");
+        }
     }
 }
 
 impl RolloutReporter for ProgressReporter {
     fn on_start(&self, to_run: usize, skipped: usize) {
         self.bar.set_length(to_run as u64);
+        if let Some(lines) = &self.lines {
+            let step = ProgressLines::start("rollout", Some(to_run as u64), Instant::now());
+            eprintln!("{}", step.first_line(Unit::Count));
+            lines.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(step);
+        }
         if skipped > 0 {
             self.bar
                 .println(format!("resuming: {skipped} trajectories already done"));
@@ -389,15 +423,18 @@ impl RolloutReporter for ProgressReporter {
         let mut rewards = self.rewards.lock().unwrap_or_else(|p| p.into_inner());
         rewards.0 += trajectory.reward.score;
         rewards.1 += 1;
-        self.bar
-            .set_message(format!("mean reward {:.3}", rewards.0 / rewards.1 as f64));
+        let mean = rewards.0 / rewards.1 as f64;
+        drop(rewards);
+        self.bar.set_message(format!("mean reward {mean:.3}"));
         self.bar.inc(1);
+        self.line(Some(mean));
     }
 
     fn on_trajectory_failed(&self, trajectory_id: &str, message: &str) {
         self.bar
             .println(format!("warning: trajectory {trajectory_id} did not run: {message}"));
         self.bar.inc(1);
+        self.line(None);
     }
 }
 

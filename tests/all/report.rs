@@ -321,3 +321,25 @@ fn two_runs_compare_per_problem_in_the_browser() {
     let bars = element(&dom, "svg", "histogram").matches("<rect class=\"bar\"").count();
     assert_eq!(bars, 20, "ten bins, a bar for each run");
 }
+
+#[test]
+fn a_rollout_prints_progress_lines_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = write_dataset(dir.path(), false);
+    // Not --quiet, and stderr is a pipe here: plain lines instead of a bar that never shows.
+    let output = rollbox(&[
+        "rollout",
+        "--dataset",
+        dataset.to_str().expect("utf-8"),
+        "--out",
+        dir.path().join("run").to_str().expect("utf-8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("rollout: starting (2)\n"), "{stderr}");
+    assert!(
+        stderr.contains("rollout: 2 of 2 (100%), mean reward 0.500, "),
+        "the last trajectory always gets a line: {stderr}"
+    );
+    assert!(stderr.contains("rollout: done in "), "{stderr}");
+}
