@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rollbox::rollout::agent::Trajectory;
 use rollbox::rollout::code_blocks::CodeTags;
 use rollbox::rollout::config::{AgentConfig, AgentKind, RolloutConfig};
-use rollbox::rollout::dataset::load_dataset;
+use rollbox::rollout::dataset::{Dataset, load_dataset};
 use rollbox::rollout::policy::{ChatClient, ChatClientConfig, DEFAULT_MAX_RESPONSE_BYTES, OraclePolicy, Policy};
 use rollbox::rollout::runner::{RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
@@ -291,6 +291,7 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
     let policy = args.policy()?;
     let dataset = load_datasets(&args.dataset, printer)?;
     anyhow::ensure!(!dataset.problems.is_empty(), "the dataset has no readable problems");
+    check_agent_fits(&dataset, agent.kind, printer);
     let limits = args.limits.resolve()?;
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
@@ -335,6 +336,25 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Warns about problems whose reference solutions call tools, played by the notebook agent:
+/// under the oracle they score 0 for certain. A warning, not an error: a run can mean it (a
+/// context-budget check that stops before any turn).
+fn check_agent_fits(dataset: &Dataset, agent: AgentKind, printer: Printer) {
+    let calling = dataset.problems_calling_tools();
+    if agent != AgentKind::Notebook || calling.is_empty() {
+        return;
+    }
+    let what = format!(
+        "{} of the {} problems (first `{}`) call tools in <tool_call> blocks, which the notebook agent \
+         ignores; run them with --agent tools, and --tools-file FILE.py for functions other than the \
+         built-in calculator (examples/tools.jsonl needs --tools-file examples/tools.py)",
+        calling.len(),
+        dataset.problems.len(),
+        calling[0]
+    );
+    printer.warn(what);
 }
 
 /// The first Ctrl-C (or SIGTERM) stops new trajectories and abandons running ones at their next

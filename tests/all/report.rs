@@ -343,3 +343,24 @@ fn a_rollout_prints_progress_lines_when_stderr_is_not_a_terminal() {
     );
     assert!(stderr.contains("rollout: done in "), "{stderr}");
 }
+
+#[test]
+fn the_notebook_agent_on_tool_calling_problems_says_which_flags_fix_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tools.jsonl");
+    let output = rollbox(&[
+        "rollout",
+        "--dataset",
+        tools.to_str().expect("utf-8"),
+        "--out",
+        dir.path().join("run").to_str().expect("utf-8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: 5 of the 5 problems (first `tools-001`) call tools in <tool_call> blocks")
+            && stderr.contains("--agent tools")
+            && stderr.contains("--tools-file examples/tools.py"),
+        "{stderr}"
+    );
+}
