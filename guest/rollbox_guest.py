@@ -60,6 +60,7 @@ class _CappedWriter(io.TextIOBase):
         self._parts = []
         self._room = cap
         self.dropped = 0
+        self.written = 0  # bytes written this cell, kept or not: where displays sit among them
         self.wrote = False
         self._buffer = None
         self._pending = []
@@ -89,7 +90,12 @@ class _CappedWriter(io.TextIOBase):
         data = text.encode("utf-8", "replace")
         if data:
             self.wrote = True
+        self.written += len(data)
         if _Config.streams_to_fd:
+            # The other stream's gathered text goes first, so the host sees the two streams'
+            # writes in the order they were made.
+            if self.other._pending:
+                self.other.flush()
             # Gathered and passed on in chunks: one host call per print would cost a cell that
             # prints 20,000 lines more than twice its time.
             self._pending.append(data)
@@ -97,6 +103,11 @@ class _CappedWriter(io.TextIOBase):
             if self._pending_bytes >= _FD_CHUNK_BYTES:
                 self.flush()
             return len(text)
+        runs = _RUNS
+        if runs and runs[-1][0] == self.fd:
+            runs[-1][1] = self.written
+        elif len(runs) < _MAX_RUNS:
+            runs.append([self.fd, self.written])
         if len(data) <= self._room:
             self._parts.append(text)
             self._room -= len(data)
@@ -152,6 +163,18 @@ class _BinaryWriter(io.BufferedIOBase):
 
 
 _STDOUT, _STDERR = _CappedWriter("<stdout>", 1), _CappedWriter("<stderr>", 2)
+_STDOUT.other, _STDERR.other = _STDERR, _STDOUT
+# The order of a cell's writes when the report carries its streams: `[fd, bytes written to it
+# when the run ended]`, one entry per run of writes to one stream, at most `_MAX_RUNS` (the
+# host's own cap, `MAX_RUNS` in src/slot/outputs.rs). When the host captures the streams it
+# records the order itself and this stays empty.
+_RUNS = []
+_MAX_RUNS = 8192
+
+
+def _stream_position():
+    """How many bytes the cell has written to stdout and to stderr: where a display sits."""
+    return [_STDOUT.written, _STDERR.written]
 
 
 class _Cell:
@@ -163,8 +186,16 @@ class _Cell:
     def __init__(self, cap):
         self.cap = cap
         self.display = []
+        self.display_at = []
         self.result = None
+        self.result_at = None
+        self.result_after = 0
         self.error = None
+
+    def show(self, bundle):
+        """Adds a display, and where among the streams it was shown."""
+        self.display.append(bundle)
+        self.display_at.append(_stream_position())
 
 
 def display(*objects, raw=False, **_ignored):
@@ -177,9 +208,9 @@ def display(*objects, raw=False, **_ignored):
         elif raw and isinstance(obj, dict):
             bundle = {str(mime): data if isinstance(data, str) else json.dumps(data, default=str) for mime, data in obj.items()}
             bundle.setdefault("text/plain", "")
-            cell.display.append(bundle)
+            cell.show(bundle)
         else:
-            cell.display.append(_mime_bundle(obj, cell.cap))
+            cell.show(_mime_bundle(obj, cell.cap))
 
 
 builtins.display = display
@@ -261,7 +292,7 @@ def _collect_figures(cell):
     for number in pyplot.get_fignums():
         bundle = _mime_bundle(pyplot.figure(number), cell.cap)
         if "image/png" in bundle:
-            cell.display.append(bundle)
+            cell.show(bundle)
     pyplot.close("all")
 
 
@@ -298,6 +329,7 @@ def _execute(source, cell):
         if value is not None:
             _MAIN["_"] = value
             cell.result = _mime_bundle(value, cell.cap)
+            cell.result_at, cell.result_after = _stream_position(), len(cell.display)
 
 
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
@@ -456,6 +488,7 @@ def _turn(source, name):
     out, err = _STDOUT, _STDERR
     out.reset(cell.cap)
     err.reset(cell.cap)
+    _RUNS.clear()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     _Cell.current = cell
@@ -491,6 +524,10 @@ def _turn(source, name):
         "result": cell.result,
         "display": cell.display,
         "error": cell.error,
+        "display_at": cell.display_at,
+        "result_at": cell.result_at,
+        "result_after": cell.result_after,
+        "runs": _RUNS,
     })
 
 
@@ -622,8 +659,11 @@ def _clear_output(wait=False):
     cell = _Cell.current
     if cell is not None:
         cell.display.clear()
+        cell.display_at.clear()
+        cell.result_after = 0
         _STDOUT.reset(cell.cap)
         _STDERR.reset(cell.cap)
+        _RUNS.clear()
         if _Config.streams_to_fd:
             _door_call(b"clear-output")  # the host holds what was written: it forgets it
 
@@ -1330,7 +1370,8 @@ def _send_smaller(report, why):
     (displays, and the final value's rich forms), then, if that is still too large, with only
     the error's name and a note, so the cell's outcome is never lost."""
     _note(f"\nrollbox: rich outputs were dropped: {why}\n", report)
-    report["display"] = []
+    report["display"] = report["display_at"] = []
+    report["result_after"] = 0
     if report["result"] is not None:
         report["result"] = {"text/plain": _cut(report["result"].get("text/plain", ""), _Config.cap)}
     try:

@@ -12,6 +12,7 @@
 //! - the backends: [`wasm`] (the default), [`process`] (bubblewrap on a real host) and
 //!   [`remote`] (HTTP to `rollbox serve`);
 //! - the applications: [`server`] (`rollbox serve`), [`rollout`] (agents over datasets, scored),
+//!   [`report`] (a rollout as notebooks and as one HTML report),
 //!   [`truncation`] (conversations cut to a token budget) and [`bench`] (measurements of any
 //!   backend, shared by `rollbox bench`, the criterion benches and their tests);
 //! - shared vocabulary: [`chat`], [`env_vars`], [`error_text`] and [`reporter`].
@@ -24,6 +25,7 @@ pub mod remote;
 pub mod wasm;
 
 pub mod bench;
+pub mod report;
 pub mod rollout;
 pub mod server;
 pub mod truncation;

@@ -9,7 +9,9 @@ mod exec;
 mod interrupts;
 mod printer;
 mod progress;
+mod progress_lines;
 mod repl;
+mod report;
 mod rollout;
 mod runtime;
 mod serve;
@@ -66,6 +68,10 @@ enum Command {
     Compact(compact::CompactArgs),
     /// Run agent trajectories over a dataset (a model server, or the offline oracle) and score them.
     Rollout(Box<rollout::RolloutArgs>),
+    /// Write one self-contained HTML report of a rollout, or of two side by side.
+    Report(report::ReportArgs),
+    /// Write a rollout's trajectories as Jupyter notebooks (.ipynb).
+    Notebook(report::NotebookArgs),
     /// Install or inspect the Python runtime.
     #[command(subcommand)]
     Runtime(runtime::RuntimeCommand),
@@ -255,6 +261,8 @@ pub fn main() -> ExitCode {
                 tools_file,
             } => print_tool_schemas(backend, calculator, &tools_file),
             Command::Rollout(args) => rollout::run(*args, printer).await,
+            Command::Report(args) => report::run_report(args, printer),
+            Command::Notebook(args) => report::run_notebook(args),
             Command::Runtime(command) => runtime::run(command, printer).await,
             Command::Serve(args) => serve::run(*args, printer).await,
         }

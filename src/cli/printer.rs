@@ -43,8 +43,14 @@ impl Printer {
         !self.quiet && std::io::stderr().is_terminal()
     }
 
+    /// Whether progress goes out as plain lines: not quiet, and stderr is not a terminal (a
+    /// pipe or a CI log, where a bar would print nothing until it ends).
+    pub(crate) fn prints_progress_lines(self) -> bool {
+        !self.quiet && !std::io::stderr().is_terminal()
+    }
+
     /// A [`rollbox::Reporter`] for the library's long steps (installing the runtime).
     pub(crate) fn reporter(self) -> CliReporter {
-        CliReporter::new(self.draws_progress())
+        CliReporter::new(self.draws_progress(), self.prints_progress_lines())
     }
 }

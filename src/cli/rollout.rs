@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rollbox::rollout::agent::Trajectory;
 use rollbox::rollout::code_blocks::CodeTags;
 use rollbox::rollout::config::{AgentConfig, AgentKind, RolloutConfig};
-use rollbox::rollout::dataset::load_dataset;
+use rollbox::rollout::dataset::{Dataset, load_dataset};
 use rollbox::rollout::policy::{ChatClient, ChatClientConfig, DEFAULT_MAX_RESPONSE_BYTES, OraclePolicy, Policy};
 use rollbox::rollout::runner::{RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
@@ -21,6 +21,7 @@ use rollbox::truncation::{ChatTemplate, TokenCounter};
 
 use super::backend_args::BackendArgs;
 use super::interrupts::Interrupts;
+use super::progress_lines::{ProgressLines, Unit};
 use super::{LimitArgs, Printer, RuntimeArgs};
 
 /// The chat templates whose per-message overhead the context budget counts.
@@ -75,6 +76,9 @@ pub(crate) struct RolloutArgs {
     /// Skip trajectories already in the output folder's trajectories.jsonl.
     #[arg(long)]
     resume: bool,
+    /// Also write every trajectory as a Jupyter notebook into the output folder's notebooks/.
+    #[arg(long)]
+    notebooks: bool,
     /// The tag that opens a code block in the notebook agent.
     #[arg(long, value_name = "TAG", default_value = "<code>")]
     code_open: String,
@@ -287,6 +291,7 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
     let policy = args.policy()?;
     let dataset = load_datasets(&args.dataset, printer)?;
     anyhow::ensure!(!dataset.problems.is_empty(), "the dataset has no readable problems");
+    check_agent_fits(&dataset, agent.kind, printer);
     let limits = args.limits.resolve()?;
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
@@ -321,11 +326,35 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
     if !printer.is_quiet() {
         print_summary(&run.summary, &run.trajectories_path, &run.summary_path);
     }
+    if args.notebooks {
+        let dir = args.out.join(super::report::NOTEBOOKS_DIR);
+        let written = rollbox::report::RunFiles::load(&run.trajectories_path)?.write_notebooks(&dir, None)?;
+        printer.line(format_args!("wrote {} notebooks in {}", written.len(), dir.display()));
+    }
     Ok(if run.summary.run.interrupted {
         ExitCode::from(130)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Warns about problems whose reference solutions call tools, played by the notebook agent:
+/// under the oracle they score 0 for certain. A warning, not an error: a run can mean it (a
+/// context-budget check that stops before any turn).
+fn check_agent_fits(dataset: &Dataset, agent: AgentKind, printer: Printer) {
+    let calling = dataset.problems_calling_tools();
+    if agent != AgentKind::Notebook || calling.is_empty() {
+        return;
+    }
+    let what = format!(
+        "{} of the {} problems (first `{}`) call tools in <tool_call> blocks, which the notebook agent \
+         ignores; run them with --agent tools, and --tools-file FILE.py for functions other than the \
+         built-in calculator (examples/tools.jsonl needs --tools-file examples/tools.py)",
+        calling.len(),
+        dataset.problems.len(),
+        calling[0]
+    );
+    printer.warn(what);
 }
 
 /// The first Ctrl-C (or SIGTERM) stops new trajectories and abandons running ones at their next
@@ -340,10 +369,13 @@ async fn stop_on_interrupt(interrupts: Interrupts, stop: StopSignal, printer: Pr
     stop.stop();
 }
 
-/// A progress bar of trajectories with the running mean reward.
+/// A progress bar of trajectories with the running mean reward; on a stderr that is not a
+/// terminal, a line every few seconds instead (done/total, mean reward, rate, time).
 struct ProgressReporter {
     bar: ProgressBar,
     rewards: std::sync::Mutex<(f64, usize)>,
+    /// Set when progress goes out as lines: the step, and how many trajectories ended.
+    lines: Option<std::sync::Mutex<(Option<ProgressLines>, u64)>>,
 }
 
 impl ProgressReporter {
@@ -360,17 +392,47 @@ impl ProgressReporter {
         ProgressReporter {
             bar,
             rewards: std::sync::Mutex::new((0.0, 0)),
+            lines: printer
+                .prints_progress_lines()
+                .then(|| std::sync::Mutex::new((None, 0))),
         }
     }
 
     fn finish(&self) {
         self.bar.finish_and_clear();
+        if let Some(lines) = &self.lines {
+            let lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(step) = &lines.0 {
+                eprintln!("{}", step.last_line(Instant::now()));
+            }
+        }
+    }
+
+    /// Counts one ended trajectory and prints a line when one is due.
+    fn line(&self, mean_reward: Option<f64>) {
+        let Some(lines) = &self.lines else { return };
+        let mut lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.1 += 1;
+        let done = lines.1;
+        let Some(step) = lines.0.as_mut() else { return };
+        let now = Instant::now();
+        let rate = done as f64 / now.duration_since(step.started()).as_secs_f64().max(1e-3);
+        let reward = mean_reward.map_or(String::new(), |r| format!("mean reward {r:.3}, "));
+        let detail = format!("{reward}{rate:.2} trajectories/s");
+        if let Some(line) = step.progress(done, now, Unit::Count, &detail) {
+            eprintln!("{line}");
+        }
     }
 }
 
 impl RolloutReporter for ProgressReporter {
     fn on_start(&self, to_run: usize, skipped: usize) {
         self.bar.set_length(to_run as u64);
+        if let Some(lines) = &self.lines {
+            let step = ProgressLines::start("rollout", Some(to_run as u64), Instant::now());
+            eprintln!("{}", step.first_line(Unit::Count));
+            lines.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(step);
+        }
         if skipped > 0 {
             self.bar
                 .println(format!("resuming: {skipped} trajectories already done"));
@@ -381,15 +443,18 @@ impl RolloutReporter for ProgressReporter {
         let mut rewards = self.rewards.lock().unwrap_or_else(|p| p.into_inner());
         rewards.0 += trajectory.reward.score;
         rewards.1 += 1;
-        self.bar
-            .set_message(format!("mean reward {:.3}", rewards.0 / rewards.1 as f64));
+        let mean = rewards.0 / rewards.1 as f64;
+        drop(rewards);
+        self.bar.set_message(format!("mean reward {mean:.3}"));
         self.bar.inc(1);
+        self.line(Some(mean));
     }
 
     fn on_trajectory_failed(&self, trajectory_id: &str, message: &str) {
         self.bar
             .println(format!("warning: trajectory {trajectory_id} did not run: {message}"));
         self.bar.inc(1);
+        self.line(None);
     }
 }
 

@@ -178,7 +178,7 @@ impl NativeInterpreter {
             "{message}; the next cell starts a fresh interpreter, so variables and imports from earlier cells are gone"
         );
         let truncated = stray.truncated();
-        let cell = CellOutput {
+        let mut cell = CellOutput {
             stderr: stray.into_text(),
             error: Some(CellError {
                 name: RESTART_ERROR.into(),
@@ -187,6 +187,7 @@ impl NativeInterpreter {
             }),
             ..Default::default()
         };
+        cell.outputs = cell.outputs_or_fields();
         let kind = if limit.is_some() {
             ErrorKind::LimitExceeded
         } else {

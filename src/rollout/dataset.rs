@@ -62,6 +62,24 @@ pub struct Dataset {
     pub errors: Vec<LineError>,
 }
 
+impl Dataset {
+    /// The problems whose reference solutions call tools in Hermes-style `<tool_call>` blocks:
+    /// the `tools` agent's problems. The notebook agent ignores such blocks, so under it the
+    /// oracle never calls those tools and the problems score 0.
+    pub fn problems_calling_tools(&self) -> Vec<&str> {
+        self.problems
+            .iter()
+            .filter(|p| {
+                p.reference_solution
+                    .iter()
+                    .flatten()
+                    .any(|turn| turn.contains(crate::rollout::policy::TOOL_CALL_OPEN))
+            })
+            .map(|p| p.instance_id.as_str())
+            .collect()
+    }
+}
+
 /// The dataset file could not be read at all.
 #[derive(Debug, thiserror::Error)]
 #[error("failed to read the dataset {path}")]

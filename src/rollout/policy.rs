@@ -240,7 +240,7 @@ impl Policy for OraclePolicy {
     }
 }
 
-const TOOL_CALL_OPEN: &str = "<tool_call>";
+pub(crate) const TOOL_CALL_OPEN: &str = "<tool_call>";
 const TOOL_CALL_CLOSE: &str = "</tool_call>";
 
 /// The tool calls a reference turn makes, in text order: `python` for each code block, and the

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::outputs::{MAX_RUNS, Output, Placed, Run, StreamLog, StreamName, StreamPosition};
 use super::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult, MimeBundle};
 use super::{LimitKind, Limits};
 
@@ -38,20 +39,31 @@ pub(crate) struct GuestReport {
     pub(crate) result: Option<MimeBundle>,
     pub(crate) display: Vec<MimeBundle>,
     pub(crate) error: Option<CellError>,
+    /// Where each display was shown among the streams (see [`StreamPosition`]); a display
+    /// without one goes after all the text.
+    #[serde(default)]
+    pub(crate) display_at: Vec<StreamPosition>,
+    /// Where the final value was shown.
+    #[serde(default)]
+    pub(crate) result_at: Option<StreamPosition>,
+    /// How many displays were shown before the final value.
+    #[serde(default)]
+    pub(crate) result_after: usize,
+    /// The runs of writes as `[fd, bytes written when the run ended]`, for the streams the
+    /// report carries ([`Streams::Reported`]); ignored when the host captured them.
+    #[serde(default)]
+    pub(crate) runs: Vec<(u8, usize)>,
 }
 
 /// Where a cell's stdout and stderr come from.
 pub(crate) enum Streams {
-    /// The host captured both itself, under its own caps (the wasm backend, whose guest writes
-    /// its streams to file descriptors 1 and 2): whatever streams the report claims are ignored.
-    HostCaptured {
-        /// Everything the cell wrote to fd 1, capped and marked by the host.
-        stdout: String,
-        /// Everything it wrote to fd 2.
-        stderr: String,
-    },
-    /// The report carries the streams (the process backend's native driver), followed by what
-    /// the cell wrote straight to file descriptors 1 and 2, as the host captured it.
+    /// The host captured both itself, under its own caps, with the order of their writes (the
+    /// wasm backend, whose guest writes its streams to file descriptors 1 and 2): whatever
+    /// streams and runs the report claims are ignored.
+    HostCaptured(StreamLog),
+    /// The report carries the streams and their runs (the process backend's native driver),
+    /// followed by what the cell wrote straight to file descriptors 1 and 2, as the host
+    /// captured it.
     Reported {
         /// The host's capture of fd 1 after the report's stdout.
         fd_stdout: String,
@@ -60,30 +72,23 @@ pub(crate) enum Streams {
     },
 }
 
+impl StreamLog {
+    /// The text written to `stream` as one string, with the marker for what was dropped.
+    pub(crate) fn text(&self, stream: StreamName) -> String {
+        let i = stream as usize;
+        with_marker(String::from_utf8_lossy(&self.kept[i]).into_owned(), self.dropped[i])
+    }
+}
+
 impl GuestReport {
     /// The cell's output, every text in it under the host's caps whatever the guest claimed
     /// or cut itself, and whether anything was cut: each stream, the exception's value and
-    /// traceback, and each `text/plain` at [`Limits::output_bytes`].
-    pub(crate) fn into_cell(self, streams: Streams, limits: &Limits) -> (CellOutput, bool) {
+    /// traceback, and each `text/plain` at [`Limits::output_bytes`]. Its `outputs` are in the
+    /// order the streams were written, the displays and final value where the guest says they
+    /// were shown among them.
+    pub(crate) fn into_cell(mut self, streams: Streams, limits: &Limits) -> (CellOutput, bool) {
         let cap = limits.output_bytes;
         let mut cut = false;
-        let (stdout, stderr) = match streams {
-            Streams::HostCaptured { stdout, stderr } => (stdout, stderr),
-            Streams::Reported { fd_stdout, fd_stderr } => {
-                cut |= self.stdout_dropped + self.stderr_dropped > 0;
-                let mut reported = |text: String, dropped: usize| match capped(text, cap) {
-                    (text, true) => {
-                        cut = true;
-                        text
-                    }
-                    (text, false) => with_marker(text, dropped),
-                };
-                (
-                    reported(self.stdout, self.stdout_dropped) + &fd_stdout,
-                    reported(self.stderr, self.stderr_dropped) + &fd_stderr,
-                )
-            }
-        };
         let mut plain = |bundle: &mut MimeBundle| {
             if let Some(text) = bundle.get_mut("text/plain") {
                 let (kept, was_cut) = capped(std::mem::take(text), cap);
@@ -91,10 +96,11 @@ impl GuestReport {
                 cut |= was_cut;
             }
         };
-        let mut result = self.result;
-        let mut display = self.display;
-        result.iter_mut().chain(display.iter_mut()).for_each(&mut plain);
-        let error = self.error.map(|error| {
+        self.result
+            .iter_mut()
+            .chain(self.display.iter_mut())
+            .for_each(&mut plain);
+        let error = self.error.take().map(|error| {
             let (value, value_cut) = capped(error.value, cap);
             let (traceback, traceback_cut) = capped_lines(error.traceback, cap);
             cut |= value_cut || traceback_cut;
@@ -104,14 +110,116 @@ impl GuestReport {
                 traceback,
             }
         });
+        let placed = self.placed();
+        let error_output = error.as_ref().map(CellError::to_output);
+        let (stdout, stderr, outputs) = match streams {
+            Streams::HostCaptured(log) => {
+                let outputs = log.ordered(placed, error_output);
+                (log.text(StreamName::Stdout), log.text(StreamName::Stderr), outputs)
+            }
+            Streams::Reported { fd_stdout, fd_stderr } => {
+                cut |= self.stdout_dropped + self.stderr_dropped > 0;
+                let log = self.reported_log(cap);
+                cut |= log.dropped != [self.stdout_dropped, self.stderr_dropped];
+                let mut outputs = log.ordered(placed, None);
+                for (name, text) in [(StreamName::Stdout, &fd_stdout), (StreamName::Stderr, &fd_stderr)] {
+                    push_stream(&mut outputs, name, text);
+                }
+                outputs.extend(error_output);
+                (
+                    log.text(StreamName::Stdout) + &fd_stdout,
+                    log.text(StreamName::Stderr) + &fd_stderr,
+                    outputs,
+                )
+            }
+        };
         let cell = CellOutput {
             stdout,
             stderr,
-            result,
-            display,
+            result: self.result,
+            display: self.display,
             error,
+            outputs,
         };
         (cell, cut)
+    }
+
+    /// The displays and the final value as outputs, each where the report says it was shown.
+    fn placed(&self) -> Vec<Placed> {
+        let unplaced = [usize::MAX, usize::MAX];
+        let mut placed: Vec<Placed> = self
+            .display
+            .iter()
+            .enumerate()
+            .map(|(i, data)| Placed {
+                at: self.display_at.get(i).copied().unwrap_or(unplaced),
+                output: Output::DisplayData {
+                    data: data.clone(),
+                    metadata: Default::default(),
+                },
+            })
+            .collect();
+        if let Some(data) = &self.result {
+            let result = Placed {
+                at: self.result_at.unwrap_or(unplaced),
+                output: Output::ExecuteResult {
+                    execution_count: None,
+                    data: data.clone(),
+                    metadata: Default::default(),
+                },
+            };
+            placed.insert(self.result_after.min(placed.len()), result);
+        }
+        placed
+    }
+
+    /// The streams the report carries as a record, cut at the host's cap, in the runs it
+    /// claims (at most [`MAX_RUNS`]).
+    fn reported_log(&mut self, cap: usize) -> StreamLog {
+        let kept_of = |text: &mut String, dropped: usize| {
+            let (kept, extra) = match text.len() > cap {
+                true => {
+                    let mut end = cap;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    (text.as_bytes()[..end].to_vec(), text.len() - end)
+                }
+                false => (std::mem::take(text).into_bytes(), 0),
+            };
+            (kept, dropped.saturating_add(extra))
+        };
+        let (out, out_dropped) = kept_of(&mut self.stdout, self.stdout_dropped);
+        let (err, err_dropped) = kept_of(&mut self.stderr, self.stderr_dropped);
+        let runs = self
+            .runs
+            .iter()
+            .filter_map(|&(fd, end)| StreamName::from_fd(fd).map(|stream| Run { stream, end }))
+            .take(MAX_RUNS)
+            .collect();
+        StreamLog {
+            kept: [out, err],
+            dropped: [out_dropped, err_dropped],
+            runs,
+        }
+    }
+}
+
+/// Appends `text` to `outputs` as stream output, joining the last output when it is the same
+/// stream's.
+fn push_stream(outputs: &mut Vec<Output>, name: StreamName, text: &str) {
+    if text.is_empty() {
+        return;
+    }
+    match outputs.last_mut() {
+        Some(Output::Stream {
+            name: last,
+            text: so_far,
+        }) if *last == name => so_far.push_str(text),
+        _ => outputs.push(Output::Stream {
+            name,
+            text: text.to_owned(),
+        }),
     }
 }
 

@@ -15,10 +15,12 @@ use serde::{Deserialize, Serialize};
 pub(crate) mod batch;
 pub mod cell;
 pub mod limits;
+pub mod outputs;
 pub mod tools;
 pub mod workspace;
 
 pub use limits::{LimitKind, Limits};
+pub use outputs::{Output, StreamName};
 pub use tools::ToolName;
 
 /// A slot's identifier, unique within one backend for its lifetime.
@@ -204,6 +206,54 @@ pub struct CellOutput {
     /// The exception the cell raised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<CellError>,
+    /// Everything above in the order it was produced, in nbformat v4's shape: stream text in
+    /// the order written (stdout and stderr interleaved as the host saw them), displays, the
+    /// final value, the exception. Empty only from a backend that predates it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<Output>,
+}
+
+impl CellOutput {
+    /// [`CellOutput::outputs`] rebuilt from the other fields when a cell has none, in the
+    /// order a cell without interleaving would give: stdout, stderr, displays, the final
+    /// value, the exception. For results whose order is lost (a killed interpreter's, a
+    /// command's) and for readers of old results.
+    pub fn outputs_or_fields(&self) -> Vec<Output> {
+        if !self.outputs.is_empty() {
+            return self.outputs.clone();
+        }
+        let streams = [(StreamName::Stdout, &self.stdout), (StreamName::Stderr, &self.stderr)];
+        let mut outputs: Vec<Output> = streams
+            .into_iter()
+            .filter(|(_, text)| !text.is_empty())
+            .map(|(name, text)| Output::Stream {
+                name,
+                text: text.clone(),
+            })
+            .collect();
+        outputs.extend(self.display.iter().map(|data| Output::DisplayData {
+            data: data.clone(),
+            metadata: BTreeMap::new(),
+        }));
+        outputs.extend(self.result.iter().map(|data| Output::ExecuteResult {
+            execution_count: None,
+            data: data.clone(),
+            metadata: BTreeMap::new(),
+        }));
+        outputs.extend(self.error.iter().map(CellError::to_output));
+        outputs
+    }
+}
+
+impl CellError {
+    /// The exception as an nbformat `error` output.
+    pub fn to_output(&self) -> Output {
+        Output::Error {
+            ename: self.name.clone(),
+            evalue: self.value.clone(),
+            traceback: self.traceback.clone(),
+        }
+    }
 }
 
 /// A display's representations keyed by MIME type: `text/plain` always, `text/html`,

@@ -6,13 +6,12 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Memory, Store, Trap, TypedFunc};
 
-use super::capture::CapturedStream;
+use super::capture::{CapturedStream, take_streams};
 use super::engine::ticks_for;
 use super::host::GuestState;
 use super::poll::DeadlineExceeded;
-use crate::slot::cell::{
-    GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model, with_marker,
-};
+use crate::slot::cell::{GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model};
+use crate::slot::outputs::{Output, StreamLog, StreamName};
 use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionMetadata, ExecutionResult, LimitKind, Limits};
 
 /// Starting an interpreter failed.
@@ -100,19 +99,19 @@ impl Interpreter {
             return crashed(format!("failed to set the fuel limit: {error}"), None);
         }
         let outcome = self.turn_raw(chunk);
-        let (raw_stdout, stdout_dropped) = self.stdout.take(limits.output_bytes);
-        let (raw_stderr, stderr_dropped) = self.stderr.take(limits.output_bytes);
+        let streams = take_streams(&self.stdout, &self.stderr, limits.output_bytes);
         let memory_refused = self.store.data().limiter.refused;
         let report = self.store.data_mut().door_inbox.take();
         let cell = CellOutput {
-            stdout: with_marker(String::from_utf8_lossy(&raw_stdout).into_owned(), stdout_dropped),
-            stderr: with_marker(String::from_utf8_lossy(&raw_stderr).into_owned(), stderr_dropped),
+            stdout: streams.text(StreamName::Stdout),
+            stderr: streams.text(StreamName::Stderr),
+            outputs: streams.ordered(Vec::new(), None),
             ..Default::default()
         };
-        let host_truncated = stdout_dropped + stderr_dropped > 0;
+        let host_truncated = streams.dropped.iter().sum::<usize>() > 0;
         match outcome {
             Ok(_) => match report.as_deref().map(serde_json::from_slice::<GuestReport>) {
-                Some(Ok(report)) => cell_result(cell, report, host_truncated, memory_refused, limits),
+                Some(Ok(report)) => cell_result(streams, report, host_truncated, memory_refused, limits),
                 Some(Err(error)) => crashed(format!("the guest sent an unreadable report ({error})"), Some(cell)),
                 // Out of memory even for its report: the memory limit, not a mystery.
                 None if memory_refused => stopped(cell, Some(LimitKind::Memory), String::new(), limits, timeout),
@@ -192,17 +191,13 @@ impl Interpreter {
 
 /// Builds a finished cell's result from its report.
 fn cell_result(
-    cell: CellOutput,
+    streams: StreamLog,
     report: GuestReport,
     host_truncated: bool,
     memory_refused: bool,
     limits: &Limits,
 ) -> ExecutionResult {
-    let streams = Streams::HostCaptured {
-        stdout: cell.stdout,
-        stderr: cell.stderr,
-    };
-    let (cell, cut) = report.into_cell(streams, limits);
+    let (cell, cut) = report.into_cell(Streams::HostCaptured(streams), limits);
     let truncated = host_truncated || cut;
     let out_of_memory = memory_refused && cell.error.as_ref().is_some_and(|e| e.name == "MemoryError");
     finished_cell(cell, truncated, out_of_memory, limits)
@@ -229,11 +224,13 @@ fn stopped(
         ),
         _ => crash,
     };
-    cell.error = Some(CellError {
+    let error = CellError {
         name: RESTART_ERROR.into(),
         value: message.clone(),
         traceback: Vec::new(),
-    });
+    };
+    cell.outputs.push(error.to_output());
+    cell.error = Some(error);
     let mut result = crashed(message, Some(cell));
     if let Some(limit) = limit {
         result.metadata.limit_hit = Some(limit);
@@ -274,6 +271,9 @@ fn crashed(message: String, cell: Option<CellOutput>) -> ExecutionResult {
     if let Some(mut cell) = cell {
         if let Some(e) = cell.error.as_mut() {
             e.value = message.clone();
+            if let Some(Output::Error { evalue, .. }) = cell.outputs.last_mut() {
+                evalue.clone_from(&message);
+            }
         }
         result.output = render_for_model(&cell);
         if cell.error.is_none() {

@@ -19,6 +19,7 @@ pub async fn run_all(backend: &dyn Backend) {
     released_slots_are_gone(backend).await;
     file_tools_refuse_fifos(backend).await;
     a_fork_is_independent_of_its_parent(backend).await;
+    outputs_come_back_in_the_order_written(backend).await;
 }
 
 /// A fork starts with its parent's variables and files; after it, neither sees the other's
@@ -26,13 +27,7 @@ pub async fn run_all(backend: &dyn Backend) {
 pub async fn a_fork_is_independent_of_its_parent(backend: &dyn Backend) {
     let parent = backend.acquire("conformance-fork").await.expect("acquire");
     ok(backend
-        .execute(
-            &parent,
-            ToolCall::python(
-                "x = 41
-open('f.txt', 'w').write('parent')",
-            ),
-        )
+        .execute(&parent, ToolCall::python("x = 41\nopen('f.txt', 'w').write('parent')"))
         .await);
     let child = match backend.fork(&parent, "conformance-fork-child").await {
         Ok(child) => child,
@@ -53,26 +48,14 @@ open('f.txt', 'w').write('parent')",
         "(41, 'parent')"
     );
     ok(backend
-        .execute(
-            &child,
-            ToolCall::python(
-                "x = 1
-open('f.txt', 'w').write('child')",
-            ),
-        )
+        .execute(&child, ToolCall::python("x = 1\nopen('f.txt', 'w').write('child')"))
         .await);
     assert_eq!(
         value(&ok(backend.execute(&parent, ToolCall::python(read)).await)),
         "(41, 'parent')"
     );
     ok(backend
-        .execute(
-            &parent,
-            ToolCall::python(
-                "x = 2
-open('f.txt', 'w').write('parent 2')",
-            ),
-        )
+        .execute(&parent, ToolCall::python("x = 2\nopen('f.txt', 'w').write('parent 2')"))
         .await);
     assert_eq!(
         value(&ok(backend.execute(&child, ToolCall::python(read)).await)),
@@ -80,6 +63,55 @@ open('f.txt', 'w').write('parent 2')",
     );
     backend.release(&child, true).await.expect("release");
     backend.release(&parent, true).await.expect("release");
+}
+
+/// A cell's `outputs` hold its stdout and stderr interleaved as written, its displays and final
+/// value where they were shown, and its exception last, in nbformat's shape; the older fields
+/// keep each stream whole.
+pub async fn outputs_come_back_in_the_order_written(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-outputs").await.expect("acquire");
+    let code = "import sys\nprint('one')\nprint('two', file=sys.stderr)\ndisplay('shown')\nprint('three')\n\
+                sys.stderr.write('four\\n')\nprint('five')\n42";
+    let result = ok(backend.execute(&slot, ToolCall::python(code)).await);
+    let cell = result.cell.as_ref().expect("a cell");
+    assert_eq!(
+        (cell.stdout.as_str(), cell.stderr.as_str()),
+        ("one\nthree\nfive\n", "two\nfour\n")
+    );
+    let outputs = serde_json::to_value(&cell.outputs).expect("outputs serialise");
+    assert_eq!(
+        outputs,
+        json!([
+            {"output_type": "stream", "name": "stdout", "text": "one\n"},
+            {"output_type": "stream", "name": "stderr", "text": "two\n"},
+            {"output_type": "display_data", "data": {"text/plain": "'shown'"}, "metadata": {}},
+            {"output_type": "stream", "name": "stdout", "text": "three\n"},
+            {"output_type": "stream", "name": "stderr", "text": "four\n"},
+            {"output_type": "stream", "name": "stdout", "text": "five\n"},
+            {"output_type": "execute_result", "execution_count": null, "data": {"text/plain": "42"}, "metadata": {}},
+        ]),
+        "{}",
+        pretty(&result)
+    );
+    let failed = backend.execute(&slot, ToolCall::python("print('before')\n1 / 0")).await;
+    let cell = failed.cell.as_ref().expect("a cell");
+    let kinds: Vec<_> = serde_json::to_value(&cell.outputs)
+        .expect("outputs serialise")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|o| (o["output_type"].clone(), o.get("ename").cloned()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (json!("stream"), None),
+            (json!("error"), Some(json!("ZeroDivisionError")))
+        ],
+        "{}",
+        pretty(&failed)
+    );
+    backend.release(&slot, true).await.expect("release");
 }
 
 pub async fn state_persists_across_calls(backend: &dyn Backend) {

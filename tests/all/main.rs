@@ -10,6 +10,7 @@ mod hostile_cells;
 mod parity;
 mod process;
 mod remote;
+mod report;
 mod rollout;
 mod runtime;
 mod server;
