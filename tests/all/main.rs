@@ -14,5 +14,6 @@ mod runtime;
 mod server;
 mod support;
 mod swe;
+mod templates;
 mod truncation;
 mod wasm;
