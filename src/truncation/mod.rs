@@ -11,8 +11,8 @@
 //! - [`llm_compaction`]: AST compaction, then a model's summary of the older middle; if the model
 //!   fails, the AST result is returned instead (never an error).
 //!
-//! Every strategy guarantees: the result's count (by [`TokenCounter::count_conversation`]) is at
-//! most the budget; the system prompt and first user message are kept; the last
+//! Every strategy guarantees: the result's count (by [`TokenCounter::count_prompt`], with the
+//! [`CompactionOptions::tools`]) is at most the budget; the system prompt and first user message are kept; the last
 //! [`CompactionOptions::keep_last`] messages are word for word; a tool call stays with its
 //! results; every top-level name defined in a compacted or dropped code cell still appears; the
 //! same input gives the same output. A budget too small for the kept parts is

@@ -160,7 +160,7 @@ fn fits_exactly(
     strategy: Strategy,
 ) -> Result<Option<Compacted>, TruncationError> {
     let bytes: usize = messages.iter().map(|m| m.text().len()).sum();
-    if !counter.needs_exact_check() || bytes > budget.saturating_mul(LIKELY_OVER_BYTES_PER_TOKEN) {
+    if !needs_exact_check(counter, options) || bytes > budget.saturating_mul(LIKELY_OVER_BYTES_PER_TOKEN) {
         return Ok(None);
     }
     let exact = counter.count_prompt(messages, &options.tools)?;
@@ -183,7 +183,7 @@ fn checked(
     options: &CompactionOptions,
 ) -> Result<Result<Compacted, usize>, TruncationError> {
     compacted.report.budget = budget;
-    if !counter.needs_exact_check() {
+    if !needs_exact_check(counter, options) {
         return Ok(Ok(compacted));
     }
     let exact = counter.count_prompt(&compacted.messages, &options.tools)?;
@@ -201,6 +201,13 @@ fn checked(
             required: exact,
         }),
     }
+}
+
+/// Whether a plan's sum of per-message counts can differ from the exact count: with a Jinja
+/// template (per-message counts are estimates) or with tools offered (the plan does not count
+/// their schemas).
+fn needs_exact_check(counter: &TokenCounter, options: &CompactionOptions) -> bool {
+    counter.needs_exact_check() || !options.tools.is_empty()
 }
 
 /// A plan's error for a lowered `target`, restated for the `budget` asked for.

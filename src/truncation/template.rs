@@ -212,8 +212,8 @@ impl JinjaChatTemplate {
         &self.name
     }
 
-    /// The prompt text for `messages`, the tool schemas `tools` (OpenAI's `tools` array; none is
-    /// passed to the template when empty, as a server does) and the reply prompt when
+    /// The prompt text for `messages`, the tool schemas `tools` (OpenAI's `tools` array; `none`
+    /// is passed to the template when empty, as a server does) and the reply prompt when
     /// `add_generation_prompt`.
     pub fn render(
         &self,
@@ -236,9 +236,14 @@ impl JinjaChatTemplate {
             .collect();
         context.insert("messages".to_owned(), Value::from(Serde(messages)));
         context.insert("add_generation_prompt".to_owned(), Value::from(add_generation_prompt));
-        if !tools.is_empty() {
-            context.insert("tools".to_owned(), Value::from(Serde(tools)));
-        }
+        // `none`, not undefined, when there are no tools: `apply_chat_template` passes
+        // `tools=None` and `documents=None`, and templates test `tools is not none`.
+        let tools = match tools.is_empty() {
+            true => Value::from(()),
+            false => Value::from(Serde(tools)),
+        };
+        context.insert("tools".to_owned(), tools);
+        context.insert("documents".to_owned(), Value::from(()));
         let context = Value::from(context);
         template
             .render(context)

@@ -1,5 +1,7 @@
-//! Exact token counts: a Hugging Face `tokenizer.json` for the text, plus the fixed cost of the
-//! chat template around each message.
+//! Exact token counts: a Hugging Face `tokenizer.json` for the text, plus the chat template
+//! around the messages: a built-in one whose fixed cost per message is counted once
+//! ([`ChatTemplate`]), or the model's own Jinja template, rendered and tokenised
+//! ([`TokenCounter::with_jinja`], [`Counting`]).
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};

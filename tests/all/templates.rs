@@ -402,6 +402,28 @@ fn compaction_with_a_models_template_meets_the_budget_exactly() {
     }
 }
 
+/// With a built-in template the plan does not count tool schemas, so offered tools are checked
+/// the same way: the reported count includes them and stays within the budget.
+#[test]
+fn compaction_counts_the_tools_with_a_builtin_template_too() {
+    let counter = TokenCounter::from_model(model_folder("qwen3"), &TemplateChoice::Qwen).expect("loads");
+    let messages = conversation(&CASES[0], 5, 120);
+    let options = CompactionOptions {
+        tools: tools(),
+        ..CompactionOptions::default()
+    };
+    let full = counter.count_prompt(&messages, &options.tools).expect("counts");
+    let without_tools = counter.count_conversation(&messages).expect("counts");
+    assert!(full > without_tools, "the tools are counted");
+    let budget = full / 3;
+    let compacted = truncation::ast_compaction(&messages, budget, &counter, &options).expect("fits");
+    let exact = counter
+        .count_prompt(&compacted.messages, &options.tools)
+        .expect("counts");
+    assert_eq!(compacted.report.tokens_after, exact);
+    assert!(exact <= budget, "{exact} tokens over the budget of {budget}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Loading and errors
 
