@@ -441,8 +441,9 @@ impl PythonJson {
 
 /// A number as Python's `repr` writes it: integers as they are, floats with a `.0` when whole.
 fn python_number(value: &Value) -> String {
-    if let Some(integer) = value.as_i64() {
-        return integer.to_string();
+    // `is_integer`, not `as_i64`, which also takes a whole float that Python writes with `.0`.
+    if value.is_integer() {
+        return value.to_string();
     }
     let float = f64::try_from(value.clone()).unwrap_or(f64::NAN);
     if float.is_nan() {
