@@ -2,6 +2,10 @@
 //!
 //! Needs the real Qwen tokenizer: run `scripts/fetch-tokenizer.sh` first (or set
 //! ROLLBOX_TEST_TOKENIZER). Run with `cargo bench --bench truncation`.
+//!
+//! Two groups: `compact_128k_to_16k` counts with the built-in ChatML template;
+//! `compact_128k_to_16k_jinja` renders the Qwen3 model's own chat template (its
+//! `tokenizer_config.json`, fetched by the same script) with minijinja, for the same rows.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -9,7 +13,9 @@ use std::path::PathBuf;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use rollbox::chat::Message;
 use rollbox::env_vars;
-use rollbox::truncation::{self, ChatTemplate, Compacted, CompactionOptions, TokenCounter, TruncationError};
+use rollbox::truncation::{
+    self, ChatTemplate, Compacted, CompactionOptions, TemplateChoice, TokenCounter, TruncationError,
+};
 
 const BUDGET: usize = 16_000;
 const TURNS: usize = 200;
@@ -28,8 +34,20 @@ fn fits(result: Result<Compacted, TruncationError>) -> Compacted {
     compacted
 }
 
-fn counter_fresh() -> TokenCounter {
-    counter()
+/// The Qwen3 model folder with its own Jinja chat template.
+fn jinja_counter() -> TokenCounter {
+    let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-data/models/qwen3");
+    assert!(
+        folder.join("tokenizer_config.json").is_file(),
+        "missing {}: run scripts/fetch-tokenizer.sh first",
+        folder.display()
+    );
+    let counter = TokenCounter::from_model(&folder, &TemplateChoice::Auto).expect("the model folder loads");
+    assert!(
+        counter.counting().is_some(),
+        "the Qwen3 folder's Jinja template is used"
+    );
+    counter
 }
 
 fn counter() -> TokenCounter {
@@ -162,7 +180,14 @@ impl RolloutWindow {
 }
 
 fn bench_compaction(c: &mut Criterion) {
-    let counter = counter();
+    bench_group(c, "compact_128k_to_16k", counter);
+    bench_group(c, "compact_128k_to_16k_jinja", jinja_counter);
+}
+
+/// The rows of one group, each counter made by `make`.
+fn bench_group(c: &mut Criterion, group_name: &str, make: fn() -> TokenCounter) {
+    let counter_fresh = make;
+    let counter = make();
     let messages = notebook_conversation();
     let options = CompactionOptions::default();
     let tokens = counter.count_conversation(&messages).expect("counts");
@@ -180,7 +205,8 @@ fn bench_compaction(c: &mut Criterion) {
         once.report.dropped
     );
 
-    let mut group = c.benchmark_group("compact_128k_to_16k");
+    println!("{group_name}: counting {:?}", counter.counting());
+    let mut group = c.benchmark_group(group_name);
     group.sample_size(30);
     // Cold: a fresh counter each iteration, so no message count is cached: the first call of a
     // rollout's counter. `iter_batched_ref` keeps loading and dropping the 11 MB tokenizer out of
@@ -251,6 +277,12 @@ fn bench_compaction(c: &mut Criterion) {
             },
             BatchSize::PerIteration,
         )
+    });
+    // The rollout's budget check before a turn: the whole 128k conversation's exact count,
+    // every message seen before (with a Jinja template that is not local, a full render whose
+    // pieces are all remembered).
+    group.bench_function("count_prompt_warm", |b| {
+        b.iter(|| counter.count_prompt(black_box(&messages), &[]).expect("counts"))
     });
     group.bench_function("first_user_priority_cold", |b| {
         b.iter_batched_ref(

@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use rollbox::chat::Message;
 use rollbox::truncation::{
-    self, ChatTemplate, CompactionKind, CompactionOptions, CompactionReport, OpenAiSummarizer, Strategy, TokenCounter,
-    TruncationError,
+    self, CompactionKind, CompactionOptions, CompactionReport, OpenAiSummarizer, Strategy, TemplateChoice,
+    TemplateOrigin, TokenCounter, TruncationError,
 };
 
 use super::Printer;
@@ -25,7 +25,8 @@ const EXIT_BUDGET_TOO_SMALL: u8 = 2;
 /// Arguments of `rollbox compact`.
 #[derive(Debug, clap::Args)]
 pub struct CompactArgs {
-    /// The model's tokenizer.json (Hugging Face format).
+    /// The model's folder (tokenizer.json beside tokenizer_config.json, as a downloaded model
+    /// has them) or its tokenizer.json alone (Hugging Face format).
     #[arg(long)]
     pub tokenizer: PathBuf,
     /// Token budget for the whole prompt, chat template and generation prompt included.
@@ -37,9 +38,11 @@ pub struct CompactArgs {
     /// How many of the last messages are always kept word for word.
     #[arg(long, default_value_t = CompactionOptions::default().keep_last)]
     pub keep_last: usize,
-    /// Chat template whose per-message overhead is counted: `qwen` (ChatML) or `bare` (none).
-    #[arg(long, default_value = "qwen", value_parser = ["qwen", "bare"])]
-    pub template: String,
+    /// The chat template counted around the messages: `auto` (the model's own Jinja template
+    /// from its folder; the built-in `qwen` one, with a warning, when it ships none), `qwen`
+    /// (ChatML), `bare` (none) or the path of a Jinja template file.
+    #[arg(long, alias = "template", value_name = "auto|qwen|bare|PATH", default_value = "auto")]
+    pub chat_template: TemplateChoice,
     /// Base URL of an OpenAI-compatible endpoint for llm_compaction (`/v1/chat/completions` is
     /// appended). Its bearer token, if any, is read from ROLLBOX_SUMMARIZER_API_KEY.
     #[arg(long)]
@@ -51,18 +54,23 @@ pub struct CompactArgs {
 
 /// Runs `rollbox compact`; with `--quiet` the report is left out.
 pub async fn run(args: CompactArgs, printer: Printer) -> anyhow::Result<ExitCode> {
-    let template = match args.template.as_str() {
-        "bare" => ChatTemplate::bare(),
-        _ => ChatTemplate::qwen_chatml(),
-    };
-    let counter = TokenCounter::from_file(&args.tokenizer, template)?;
+    let counter = TokenCounter::from_model(&args.tokenizer, &args.chat_template)?;
+    if !printer.is_quiet() {
+        warn_on_fallback(&counter);
+    }
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
         .context("failed to read the conversation from stdin")?;
     let (mut document, messages) = parse_conversation(&input)?;
+    let tools = match document.get("tools") {
+        Some(Value::Array(tools)) => tools.clone(),
+        Some(Value::Null) | None => Vec::new(),
+        Some(_) => bail!("the conversation's `tools` field must be an array of tool schemas"),
+    };
     let options = CompactionOptions {
         keep_last: args.keep_last,
+        tools,
         ..CompactionOptions::default()
     };
 
@@ -104,11 +112,23 @@ pub async fn run(args: CompactArgs, printer: Printer) -> anyhow::Result<ExitCode
         // The strategies do not tokenise text they remove; the report counts the input for people.
         let tokens_before = match compacted.report.tokens_before {
             Some(tokens) => tokens,
-            None => counter.count_conversation(&messages)?,
+            None => counter.count_prompt(&messages, &options.tools)?,
         };
         eprint!("{}", render_report(&compacted.report, tokens_before));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tells the user when `auto` found no template in the model's files and counts with ChatML.
+pub(crate) fn warn_on_fallback(counter: &TokenCounter) {
+    if let TemplateOrigin::Fallback { model } = counter.template_origin() {
+        eprintln!(
+            "warning: {} has no chat template (no tokenizer_config.json `chat_template` or chat_template.jinja); \
+             counting with the built-in qwen (ChatML) template, exact only for ChatML models",
+            model.display()
+        );
+        eprintln!("hint: pass the model's folder to --tokenizer, or --chat-template qwen|bare|PATH to choose");
+    }
 }
 
 /// Splits the input into the document (kept to write back in the same shape) and its messages.

@@ -17,21 +17,12 @@ use rollbox::rollout::policy::{ChatClient, ChatClientConfig, DEFAULT_MAX_RESPONS
 use rollbox::rollout::runner::{RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
 use rollbox::rollout::user_tools::{ToolsFile, ToolsFileError, UserTools};
-use rollbox::truncation::{ChatTemplate, TokenCounter};
+use rollbox::truncation::{TemplateChoice, TokenCounter};
 
 use super::backend_args::BackendArgs;
 use super::interrupts::Interrupts;
 use super::progress_lines::{ProgressLines, Unit};
 use super::{LimitArgs, Printer, RuntimeArgs};
-
-/// The chat templates whose per-message overhead the context budget counts.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum TemplateFlag {
-    /// ChatML, as Qwen2.5 and Qwen3 use it.
-    Qwen,
-    /// No template: only the messages' text.
-    Bare,
-}
 
 /// The agent loops, as flags.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -100,13 +91,21 @@ pub(crate) struct RolloutArgs {
     /// the server reports at least this many tokens in the conversation.
     #[arg(long, value_name = "TOKENS", alias = "max-context-tokens")]
     context_budget: Option<u64>,
-    /// The model's tokenizer.json (Hugging Face format), to count the conversation exactly for
-    /// --context-budget before every turn (works under the oracle policy too).
+    /// The model's folder (tokenizer.json beside tokenizer_config.json) or its tokenizer.json
+    /// alone (Hugging Face format), to count the conversation exactly for --context-budget
+    /// before every turn (works under the oracle policy too).
     #[arg(long, value_name = "PATH", requires = "context_budget")]
     tokenizer: Option<PathBuf>,
-    /// The chat template counted around each message with --tokenizer.
-    #[arg(long, value_enum, default_value_t = TemplateFlag::Qwen, requires = "tokenizer")]
-    chat_template: TemplateFlag,
+    /// The chat template counted with --tokenizer: `auto` (the model's own Jinja template; the
+    /// built-in `qwen` one, with a warning, when it ships none), `qwen` (ChatML), `bare` (none)
+    /// or the path of a Jinja template file.
+    #[arg(
+        long,
+        value_name = "auto|qwen|bare|PATH",
+        default_value = "auto",
+        requires = "tokenizer"
+    )]
+    chat_template: TemplateChoice,
     /// A Python file of typed, documented functions that become extra tools of the `tools`
     /// agent, run inside each trajectory's slot. Repeat for several files.
     #[arg(long, value_name = "FILE.py")]
@@ -199,11 +198,9 @@ impl RolloutArgs {
 
     fn token_counter(&self) -> anyhow::Result<Option<Arc<TokenCounter>>> {
         let Some(path) = &self.tokenizer else { return Ok(None) };
-        let template = match self.chat_template {
-            TemplateFlag::Qwen => ChatTemplate::qwen_chatml(),
-            TemplateFlag::Bare => ChatTemplate::bare(),
-        };
-        Ok(Some(Arc::new(TokenCounter::from_file(path, template)?)))
+        let counter = TokenCounter::from_model(path, &self.chat_template)?;
+        super::compact::warn_on_fallback(&counter);
+        Ok(Some(Arc::new(counter)))
     }
 
     fn policy(&self) -> anyhow::Result<Arc<dyn Policy>> {

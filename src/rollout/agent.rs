@@ -394,32 +394,26 @@ impl Episode {
 }
 
 /// The exact context-budget check: the model's tokenizer and chat template over the
-/// conversation, plus the offered tool schemas (one JSON line each, as Qwen's template lists
-/// them; the template's fixed instructions around that list are not counted).
+/// conversation and the offered tool schemas ([`TokenCounter::count_prompt`]: rendered by a
+/// model's own template; with a built-in one, one JSON line each, as Qwen's template lists them).
 struct BudgetCheck<'a> {
     counter: &'a TokenCounter,
     budget: u64,
-    tools_tokens: u64,
+    tools: &'a [Value],
 }
 
 impl<'a> BudgetCheck<'a> {
     /// `None` unless both a budget and a tokenizer are configured.
-    fn new(config: &'a AgentConfig, tools: &[Value]) -> Result<Option<Self>, TruncationError> {
+    fn new(config: &'a AgentConfig, tools: &'a [Value]) -> Result<Option<Self>, TruncationError> {
         let (Some(budget), Some(counter)) = (config.max_context_tokens, config.token_counter.as_deref()) else {
             return Ok(None);
         };
-        let listing = tools.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
-        let tools_tokens = counter.count_text(&listing)? as u64;
-        Ok(Some(BudgetCheck {
-            counter,
-            budget,
-            tools_tokens,
-        }))
+        Ok(Some(BudgetCheck { counter, budget, tools }))
     }
 
     /// The prompt's tokens if `messages` were sent now.
     fn count(&self, messages: &[Message]) -> Result<u64, TruncationError> {
-        Ok((self.counter.count_conversation(messages)? as u64).saturating_add(self.tools_tokens))
+        Ok(self.counter.count_prompt(messages, self.tools)? as u64)
     }
 }
 

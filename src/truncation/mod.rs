@@ -11,12 +11,18 @@
 //! - [`llm_compaction`]: AST compaction, then a model's summary of the older middle; if the model
 //!   fails, the AST result is returned instead (never an error).
 //!
-//! Every strategy guarantees: the result's count (by [`TokenCounter::count_conversation`]) is at
-//! most the budget; the system prompt and first user message are kept; the last
+//! Every strategy guarantees: the result's count (by [`TokenCounter::count_prompt`], with the
+//! [`CompactionOptions::tools`]) is at most the budget; the system prompt and first user message are kept; the last
 //! [`CompactionOptions::keep_last`] messages are word for word; a tool call stays with its
 //! results; every top-level name defined in a compacted or dropped code cell still appears; the
 //! same input gives the same output. A budget too small for the kept parts is
 //! [`TruncationError::BudgetTooSmall`], which says how many tokens they need.
+//!
+//! With a model's own Jinja chat template ([`TemplateChoice::Auto`]), a strategy plans with
+//! per-message estimates (what each message adds to a short canonical conversation), then counts
+//! its result exactly with [`TokenCounter::count_prompt`]; if that is over the budget, it plans
+//! again with the budget lowered by the excess. So the guarantee holds with the exact count, and
+//! a result can fall a few tokens short of the budget where the estimates were high.
 //!
 //! Counting is incremental and lazy. A strategy counts the pinned head and tail, then walks the
 //! middle from the newest turn back and tokenises turns only while they may still fit, so the
@@ -29,6 +35,7 @@ mod plan;
 pub mod skeleton;
 mod strategies;
 mod summarizer;
+mod template;
 mod tokens;
 
 use std::fmt;
@@ -39,7 +46,8 @@ use crate::chat::Message;
 
 pub use strategies::{ast_compaction, first_user_priority, llm_compaction};
 pub use summarizer::{FnSummarizer, OpenAiSummarizer, Summarizer, SummarizerError, SummaryRequest};
-pub use tokens::{ChatTemplate, TokenCounter};
+pub use template::{JinjaChatTemplate, ModelFiles, TemplateChoice};
+pub use tokens::{ChatTemplate, Counting, TemplateOrigin, TokenCounter};
 
 /// Why truncation could not produce a conversation.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +60,38 @@ pub enum TruncationError {
         /// What went wrong.
         #[source]
         source: tokenizers::Error,
+    },
+    /// A model file (`tokenizer_config.json`, a template file) could not be read.
+    #[error("failed to read {}", path.display())]
+    ReadModelFile {
+        /// The file that was tried.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model file was read but does not say what it should.
+    #[error("failed to load the chat template from {}: {reason}", path.display())]
+    ReadModel {
+        /// The file that was read.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A Jinja chat template did not compile or render: the message names the template and its
+    /// line; the cause (minijinja's error, with the template's own message for
+    /// `raise_exception`) is the source.
+    #[error("failed to {action} the chat template {template}{}", at_line(*line))]
+    Template {
+        /// `compile` or `render`.
+        action: &'static str,
+        /// Which template: its file, or the config it came from.
+        template: String,
+        /// The line of the template where it failed, when known.
+        line: Option<usize>,
+        /// minijinja's error.
+        #[source]
+        source: minijinja::Error,
     },
     /// The tokenizer failed on some text.
     #[error("failed to count tokens")]
@@ -71,6 +111,21 @@ pub enum TruncationError {
         /// What the kept parts need, generation prompt included.
         required: usize,
     },
+}
+
+impl TruncationError {
+    pub(crate) fn template(action: &'static str, template: &str, source: minijinja::Error) -> Self {
+        TruncationError::Template {
+            action,
+            template: template.to_owned(),
+            line: source.line(),
+            source,
+        }
+    }
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|line| format!(" at line {line}")).unwrap_or_default()
 }
 
 /// Which truncation strategy to run.
@@ -138,6 +193,9 @@ pub struct CompactionOptions {
     pub code_tool_names: Vec<String>,
     /// Most tokens the summary of [`llm_compaction`] may take (1024).
     pub summary_max_tokens: usize,
+    /// The tool schemas sent with the conversation (OpenAI's `tools` array; none). A model's own
+    /// Jinja template renders them into the prompt, so they count against the budget.
+    pub tools: Vec<serde_json::Value>,
 }
 
 impl Default for CompactionOptions {
@@ -149,6 +207,7 @@ impl Default for CompactionOptions {
             max_line_chars: 300,
             code_tool_names: vec!["python".to_owned()],
             summary_max_tokens: 1024,
+            tools: Vec::new(),
         }
     }
 }

@@ -23,6 +23,26 @@ pub fn first_user_priority(
     counter: &TokenCounter,
     options: &CompactionOptions,
 ) -> Result<Compacted, TruncationError> {
+    if let Some(unchanged) = fits_exactly(messages, budget, counter, options, Strategy::FirstUserPriority)? {
+        return Ok(unchanged);
+    }
+    let mut target = budget;
+    loop {
+        let compacted =
+            first_user_priority_planned(messages, target, counter, options).map_err(|e| lowered(e, budget, target))?;
+        match checked(compacted, budget, target, counter, options)? {
+            Ok(compacted) => return Ok(compacted),
+            Err(lower) => target = lower,
+        }
+    }
+}
+
+fn first_user_priority_planned(
+    messages: &[Message],
+    budget: usize,
+    counter: &TokenCounter,
+    options: &CompactionOptions,
+) -> Result<Compacted, TruncationError> {
     let mut plan = Plan::new(messages, counter, options)?;
     let mut report = new_report(Strategy::FirstUserPriority, budget, messages.len());
     if let Some(total) = fits_unchanged(&mut plan, budget)? {
@@ -48,6 +68,26 @@ pub fn ast_compaction(
     counter: &TokenCounter,
     options: &CompactionOptions,
 ) -> Result<Compacted, TruncationError> {
+    if let Some(unchanged) = fits_exactly(messages, budget, counter, options, Strategy::AstCompaction)? {
+        return Ok(unchanged);
+    }
+    let mut target = budget;
+    loop {
+        let compacted =
+            ast_compaction_planned(messages, target, counter, options).map_err(|e| lowered(e, budget, target))?;
+        match checked(compacted, budget, target, counter, options)? {
+            Ok(compacted) => return Ok(compacted),
+            Err(lower) => target = lower,
+        }
+    }
+}
+
+fn ast_compaction_planned(
+    messages: &[Message],
+    budget: usize,
+    counter: &TokenCounter,
+    options: &CompactionOptions,
+) -> Result<Compacted, TruncationError> {
     let mut plan = Plan::new(messages, counter, options)?;
     let report = new_report(Strategy::AstCompaction, budget, messages.len());
     match compact_in_place(&mut plan, budget)? {
@@ -62,6 +102,28 @@ pub fn ast_compaction(
 /// fit, returns the [`ast_compaction`] result and says why in
 /// [`CompactionReport::summarizer_failure`]; a model failure is never an error.
 pub async fn llm_compaction(
+    messages: &[Message],
+    budget: usize,
+    counter: &TokenCounter,
+    options: &CompactionOptions,
+    summarizer: &dyn Summarizer,
+) -> Result<Compacted, TruncationError> {
+    if let Some(unchanged) = fits_exactly(messages, budget, counter, options, Strategy::LlmCompaction)? {
+        return Ok(unchanged);
+    }
+    let mut target = budget;
+    loop {
+        let compacted = llm_compaction_planned(messages, target, counter, options, summarizer)
+            .await
+            .map_err(|e| lowered(e, budget, target))?;
+        match checked(compacted, budget, target, counter, options)? {
+            Ok(compacted) => return Ok(compacted),
+            Err(lower) => target = lower,
+        }
+    }
+}
+
+async fn llm_compaction_planned(
     messages: &[Message],
     budget: usize,
     counter: &TokenCounter,
@@ -84,6 +146,78 @@ pub async fn llm_compaction(
             report.summarizer_failure = Some(reason);
             remove_compacted_turns(&mut plan, budget, report)
         }
+    }
+}
+
+/// With a Jinja template, the input as it is when its exact count fits `budget`. Counted only
+/// when the input has at most [`LIKELY_OVER_BYTES_PER_TOKEN`] bytes per token of budget: a larger
+/// one all but never fits, and its count would cost a render of all of it.
+fn fits_exactly(
+    messages: &[Message],
+    budget: usize,
+    counter: &TokenCounter,
+    options: &CompactionOptions,
+    strategy: Strategy,
+) -> Result<Option<Compacted>, TruncationError> {
+    let bytes: usize = messages.iter().map(|m| m.text().len()).sum();
+    if !needs_exact_check(counter, options) || bytes > budget.saturating_mul(LIKELY_OVER_BYTES_PER_TOKEN) {
+        return Ok(None);
+    }
+    let exact = counter.count_prompt(messages, &options.tools)?;
+    if exact > budget {
+        return Ok(None);
+    }
+    let mut report = new_report(strategy, budget, messages.len());
+    report.tokens_before = Some(exact);
+    Ok(Some(finish(messages.to_vec(), exact, report)))
+}
+
+/// A planned result checked with the exact count when the counter's per-message counts are
+/// estimates (a Jinja template): `Ok` with the exact count when it fits `budget`, else `Err`
+/// with the lower target to plan for next (the target less the excess, so the loop ends).
+fn checked(
+    mut compacted: Compacted,
+    budget: usize,
+    target: usize,
+    counter: &TokenCounter,
+    options: &CompactionOptions,
+) -> Result<Result<Compacted, usize>, TruncationError> {
+    compacted.report.budget = budget;
+    if !needs_exact_check(counter, options) {
+        return Ok(Ok(compacted));
+    }
+    let exact = counter.count_prompt(&compacted.messages, &options.tools)?;
+    if exact <= budget {
+        compacted.report.tokens_after = exact;
+        if compacted.report.tokens_before.is_some() {
+            compacted.report.tokens_before = Some(exact);
+        }
+        return Ok(Ok(compacted));
+    }
+    match target.checked_sub(exact - budget) {
+        Some(lower) => Ok(Err(lower)),
+        None => Err(TruncationError::BudgetTooSmall {
+            budget,
+            required: exact,
+        }),
+    }
+}
+
+/// Whether a plan's sum of per-message counts can differ from the exact count: with a Jinja
+/// template (per-message counts are estimates) or with tools offered (the plan does not count
+/// their schemas).
+fn needs_exact_check(counter: &TokenCounter, options: &CompactionOptions) -> bool {
+    counter.needs_exact_check() || !options.tools.is_empty()
+}
+
+/// A plan's error for a lowered `target`, restated for the `budget` asked for.
+fn lowered(error: TruncationError, budget: usize, target: usize) -> TruncationError {
+    match error {
+        TruncationError::BudgetTooSmall { required, .. } => TruncationError::BudgetTooSmall {
+            budget,
+            required: required + (budget - target),
+        },
+        other => other,
     }
 }
 

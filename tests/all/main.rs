@@ -16,5 +16,6 @@ mod runtime;
 mod server;
 mod support;
 mod swe;
+mod templates;
 mod truncation;
 mod wasm;

@@ -813,6 +813,9 @@ fn run_compact(stdin: &str, extra: &[&str]) -> std::process::Output {
         .arg("compact")
         .arg("--tokenizer")
         .arg(&tokenizer)
+        // A tokenizer.json alone has no template of its own: name the built-in one, as `auto`
+        // would fall back to it with a warning on stderr.
+        .args(["--chat-template", "qwen"])
         .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
