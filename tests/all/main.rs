@@ -6,6 +6,7 @@ mod conformance;
 mod guest_paths;
 mod hostile;
 mod hostile_cells;
+mod hostile_clients;
 mod parity;
 mod process;
 mod remote;
