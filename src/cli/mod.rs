@@ -88,9 +88,12 @@ pub(crate) struct LimitArgs {
     /// An instruction budget per call (slower: compiles a metered runtime once).
     #[arg(long, value_name = "N")]
     fuel: Option<u64>,
+    /// The most files a slot may hold open at once; past it, opening one fails with EMFILE.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().open_files)]
+    max_open_files: u32,
     /// Every limit at once, as the JSON of `rollbox::Limits`: how a parent rollbox hands its
     /// exact limits to the servers it starts, with no rounding through the flags above.
-    #[arg(long, value_name = "JSON", hide = true, conflicts_with_all = ["timeout", "memory", "max_output", "fuel"])]
+    #[arg(long, value_name = "JSON", hide = true, conflicts_with_all = ["timeout", "memory", "max_output", "fuel", "max_open_files"])]
     limits_json: Option<String>,
 }
 
@@ -118,6 +121,7 @@ impl LimitArgs {
             memory_bytes: self.memory << 20,
             output_bytes: self.max_output,
             fuel: self.fuel,
+            open_files: self.max_open_files,
         })
     }
 }

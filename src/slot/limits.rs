@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// ends with that limit's [`LimitKind`] in its result, never with a panic or a hang.
 ///
 /// The defaults (see [`Limits::default`]) suit an agent's notebook cell: 30 s of wall-clock time,
-/// 1 GiB of guest memory, 256 KiB of output per stream, and no fuel metering.
+/// 1 GiB of guest memory, 256 KiB of output per stream, no fuel metering, and 256 open files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Wall-clock time for one call, measured from when the call starts running in its slot.
@@ -22,6 +22,16 @@ pub struct Limits {
     /// Optional instruction budget for one call (wasm fuel). `None` means unmetered, which is
     /// faster: metering needs differently compiled code.
     pub fuel: Option<u64>,
+    /// The most files a slot may hold open at once, beyond those it starts with. Past it, an
+    /// open fails in the guest with `EMFILE` ("Too many open files") and the slot goes on: a
+    /// wasm slot's files are descriptors of the host process, which every slot shares.
+    #[serde(default = "default_open_files")]
+    pub open_files: u32,
+}
+
+/// [`Limits::open_files`] when a serialised `Limits` predates it.
+fn default_open_files() -> u32 {
+    Limits::default().open_files
 }
 
 impl Default for Limits {
@@ -31,6 +41,7 @@ impl Default for Limits {
             memory_bytes: 1 << 30,
             output_bytes: 256 * 1024,
             fuel: None,
+            open_files: 256,
         }
     }
 }

@@ -13,6 +13,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::bootstrap::{GUEST_ENV, GUEST_READY, GUEST_TMP, PREOPENS, bootstrap_chunk, preload_cell};
 use super::capture::CapturedStream;
+use super::descriptors::{self, OpenFiles};
 use super::engine::ticks_for;
 use super::host::{GuestCodeUpload, GuestState, MemoryLimiter, door};
 use super::interpreter::{Interpreter, RestoreError, StartError};
@@ -92,6 +93,7 @@ impl InterpreterFactory {
         linker
             .func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff)
             .map_err(boxed)?;
+        descriptors::add_to_linker(&mut linker).map_err(boxed)?;
         linker.func_wrap("host", "call", door).map_err(boxed)?;
         let pre = linker.instantiate_pre(module).map_err(boxed)?;
         Ok(InterpreterFactory {
@@ -310,6 +312,7 @@ impl InterpreterFactory {
                 max_bytes: usize::try_from(self.limits.memory_bytes).unwrap_or(usize::MAX),
                 refused: false,
             },
+            open_files: OpenFiles::new(self.limits.open_files),
             deadline: Some(Instant::now() + STARTUP_TIMEOUT),
             door_inbox: None,
             door_outbox: Vec::new(),

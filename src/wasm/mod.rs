@@ -13,6 +13,7 @@
 mod backend;
 mod bootstrap;
 mod capture;
+mod descriptors;
 mod engine;
 mod factory;
 mod host;

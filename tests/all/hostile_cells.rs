@@ -133,3 +133,46 @@ async fn a_crash_names_its_trap() {
     assert_eq!(value(&ok(backend.execute(&slot, ToolCall::python("1 + 1")).await)), "2");
     backend.release(&slot, true).await.unwrap();
 }
+
+/// The issue's case: one slot opening files without end. It stops at its own cap with `EMFILE`
+/// (an `OSError` the cell can catch), keeps its state, and can open files again once it closes
+/// some; another slot of the same backend opens files all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_that_hoards_descriptors_stops_at_its_cap_and_others_go_on() {
+    let backend = wasm_backend(Limits {
+        open_files: 32,
+        ..Limits::default()
+    });
+    let hoarder = backend.acquire("hoard").await.unwrap();
+    let neighbour = backend.acquire("neighbour").await.unwrap();
+    let hoard = r#"import errno, os
+held = []
+try:
+    for i in range(20_000):
+        held.append(os.open(f"/tmp/f{i % 8}", os.O_CREAT | os.O_RDONLY))
+except OSError as e:
+    stopped = (e.errno == errno.EMFILE, e.strerror)
+(len(held), stopped)"#;
+    let result = ok(backend.execute(&hoarder, ToolCall::python(hoard)).await);
+    assert_eq!(
+        value(&result),
+        "(32, (True, 'No file descriptors available'))",
+        "{}",
+        pretty(&result)
+    );
+
+    let others = "import os\nfds = [os.open('/tmp/mine', os.O_CREAT | os.O_RDONLY) for _ in range(32)]\nfor fd in fds: os.close(fd)\nlen(fds)";
+    let result = ok(backend.execute(&neighbour, ToolCall::python(others)).await);
+    assert_eq!(value(&result), "32", "{}", pretty(&result));
+
+    // Closing makes room again.
+    let again = "os.close(held.pop()); os.close(held.pop())\nheld.append(os.open('/tmp/again', os.O_CREAT | os.O_RDONLY))\nheld.append(os.open('/tmp/again', os.O_CREAT | os.O_RDONLY))\nlen(held)";
+    let result = ok(backend.execute(&hoarder, ToolCall::python(again)).await);
+    assert_eq!(value(&result), "32", "{}", pretty(&result));
+    let full =
+        "try:\n    os.open('/tmp/again', os.O_RDONLY)\nexcept OSError as e:\n    full = e.errno == errno.EMFILE\nfull";
+    let result = ok(backend.execute(&hoarder, ToolCall::python(full)).await);
+    assert_eq!(value(&result), "True", "{}", pretty(&result));
+    backend.release(&hoarder, true).await.unwrap();
+    backend.release(&neighbour, true).await.unwrap();
+}
