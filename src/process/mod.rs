@@ -293,6 +293,12 @@ impl Backend for ProcessBackend {
         "process"
     }
 
+    /// Each program's address-space limit; a slot runs one interpreter at a time, plus its
+    /// commands while they run.
+    fn slot_memory_bytes(&self) -> Option<u64> {
+        Some(self.limits().memory_bytes)
+    }
+
     fn tools(&self) -> Vec<ToolName> {
         TOOLS.to_vec()
     }

@@ -34,7 +34,7 @@ pub use auth::BearerToken;
 pub use failure::ApiFailure;
 use metrics::Metrics;
 use middleware::{Admission, DetachedWork};
-use slots::SlotTable;
+use slots::{MemoryBudget, SlotTable};
 
 /// How a slot server behaves. [`ServerConfig::default`] lists every default.
 #[derive(Clone, Debug)]
@@ -67,6 +67,11 @@ pub struct ServerConfig {
     /// (keep-alive idle). Longer than the remote backend's own idle-connection timeout, so
     /// it closes its idle connections before the server does.
     pub connection_idle_timeout: Duration,
+    /// The sum of the live slots' memory limits the server admits, in bytes; an acquire past it
+    /// gets 503 saying so. `None` (the default) admits slots up to `max_slots` only: a limit
+    /// is a ceiling few slots reach (a fresh wasm slot holds about 40 MB), so admitting by
+    /// ceilings would cap a 16 GiB host at 16 slots of the default 1 GiB.
+    pub memory_budget_bytes: Option<u64>,
     /// The most bytes `/run_code` returns of each stream (stdout, stderr), cut without any
     /// marker in the stream, as SandboxFusion does; see [`run_code::SANDBOX_FUSION_OUTPUT_BYTES`].
     /// The backend must keep at least this many bytes per stream for the cap to be reached.
@@ -77,7 +82,7 @@ impl Default for ServerConfig {
     /// 10,000 slots, 600 s idle timeout, 16 MiB bodies, 512 requests running and 4,096 queued,
     /// a 300 s request timeout (ten times the default cell time limit, for batches), 4,096
     /// connections (at most half the descriptor limit), a 10 s header-read timeout, a 75 s
-    /// connection idle timeout, no token, and SandboxFusion's 1 MiB per stream for `/run_code`.
+    /// connection idle timeout, no memory budget, no token, and SandboxFusion's 1 MiB per stream for `/run_code`.
     fn default() -> Self {
         ServerConfig {
             max_slots: 10_000,
@@ -89,6 +94,7 @@ impl Default for ServerConfig {
             max_connections: 4_096,
             header_read_timeout: Duration::from_secs(10),
             connection_idle_timeout: Duration::from_secs(75),
+            memory_budget_bytes: None,
             token: None,
             run_code_output_bytes: run_code::SANDBOX_FUSION_OUTPUT_BYTES,
         }
@@ -105,6 +111,11 @@ impl ServerConfig {
             ("run_code_output_bytes", self.run_code_output_bytes),
             ("max_connections", self.max_connections),
         ];
+        if self.memory_budget_bytes == Some(0) {
+            return Err(ServerError::InvalidConfig(
+                "the memory budget must be at least 1 byte; leave it unset for none".into(),
+            ));
+        }
         if let Some((name, _)) = positive.into_iter().find(|(_, value)| *value == 0) {
             return Err(ServerError::InvalidConfig(format!("{name} must be at least 1")));
         }
@@ -159,6 +170,30 @@ pub enum ServerError {
     Address(#[source] std::io::Error),
 }
 
+/// The budget `config` asks for, with `backend`'s per-slot memory limit as each slot's charge.
+fn memory_budget(config: &ServerConfig, backend: &dyn Backend) -> Result<Option<MemoryBudget>, ServerError> {
+    let Some(budget_bytes) = config.memory_budget_bytes else {
+        return Ok(None);
+    };
+    let Some(slot_bytes) = backend.slot_memory_bytes() else {
+        return Err(ServerError::InvalidConfig(format!(
+            "a memory budget needs a backend whose slots hold memory in this server; the {} backend's do not",
+            backend.name()
+        )));
+    };
+    if slot_bytes > budget_bytes {
+        return Err(ServerError::InvalidConfig(format!(
+            "the memory budget ({} MiB) is smaller than one slot's memory limit ({} MiB): raise it or lower --memory",
+            budget_bytes >> 20,
+            slot_bytes >> 20
+        )));
+    }
+    Ok(Some(MemoryBudget {
+        budget_bytes,
+        slot_bytes,
+    }))
+}
+
 /// The server's shared state: the backend, the live slots, the metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct ServerState {
@@ -181,7 +216,10 @@ impl ServerState {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ServerError::NoRuntime)?;
         let shared = Arc::new(Shared {
-            slots: Arc::new(SlotTable::new(config.max_slots)),
+            slots: Arc::new(SlotTable::new(
+                config.max_slots,
+                memory_budget(&config, backend.as_ref())?,
+            )),
             admission: Admission::new(config.max_concurrent_requests, config.max_queued_requests),
             metrics: Metrics::default(),
             detached: DetachedWork::default(),

@@ -220,3 +220,61 @@ async fn more_silent_sockets_than_descriptors_never_starve_accept() {
         "accept failed: {stderr}"
     );
 }
+
+/// The server-wide memory budget: each slot is charged its memory limit (1 GiB here), so a
+/// 2.5 GiB budget admits two slots; the third acquire gets 503 saying which setting to raise,
+/// and a release makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquires_past_the_memory_budget_get_503_naming_the_budget() {
+    let slot_bytes = Limits::default().memory_bytes;
+    let address = start(ServerConfig {
+        memory_budget_bytes: Some(slot_bytes * 5 / 2),
+        ..ServerConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::builder().timeout(PATIENCE).build().expect("a client");
+    let acquire = |name: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .post(format!("http://{address}/v1/slots"))
+                .json(&serde_json::json!({"trajectory_id": name}))
+                .send()
+                .await
+                .expect("an answer")
+        }
+    };
+    let first = acquire("a").await;
+    assert_eq!(first.status(), reqwest::StatusCode::OK);
+    let first: serde_json::Value = first.json().await.expect("JSON");
+    assert_eq!(acquire("b").await.status(), reqwest::StatusCode::OK);
+    let refused = acquire("c").await;
+    assert_eq!(refused.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = refused.json().await.expect("JSON");
+    let message = body["error"]["message"].as_str().expect("a message");
+    assert!(
+        message.contains("memory budget is full") && message.contains("--memory-budget"),
+        "{message}"
+    );
+    let id = first["slot"]["id"].as_u64().expect("a slot id");
+    let released = client
+        .post(format!("http://{address}/v1/slots/{id}/release"))
+        .send()
+        .await
+        .expect("released");
+    assert!(released.status().is_success(), "{}", released.status());
+    assert_eq!(acquire("d").await.status(), reqwest::StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_budget_smaller_than_one_slot_is_refused_at_start() {
+    let config = ServerConfig {
+        memory_budget_bytes: Some(Limits::default().memory_bytes / 2),
+        ..ServerConfig::default()
+    };
+    let error = ServerState::new(backend(), config).err().expect("refused");
+    assert!(
+        error.to_string().contains("smaller than one slot's memory limit"),
+        "{error}"
+    );
+}
