@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use python::NativeInterpreter;
 pub use python::NativeStartError;
+use sandbox::{ChildLimits, Sandbox, SlotDirs};
 pub use sandbox::{Isolation, SANDBOX_PATH, find_bubblewrap};
-use sandbox::{Sandbox, SlotDirs};
 
 use crate::slot::Limits;
 use crate::slot::batch::{LiveSlots, every_result, group_by_slot, lock_interpreter};
@@ -189,7 +189,10 @@ impl ProcessBackend {
         }
         let sandbox = Sandbox::new(
             isolation,
-            config.limits.memory_bytes,
+            ChildLimits {
+                memory_bytes: config.limits.memory_bytes,
+                open_files: config.limits.open_files,
+            },
             root.clone(),
             shared_cache.clone(),
         )

@@ -23,8 +23,9 @@ pub struct Limits {
     /// faster: metering needs differently compiled code.
     pub fuel: Option<u64>,
     /// The most files a slot may hold open at once, beyond those it starts with. Past it, an
-    /// open fails in the guest with `EMFILE` ("Too many open files") and the slot goes on: a
-    /// wasm slot's files are descriptors of the host process, which every slot shares.
+    /// open fails in the cell with `EMFILE` and the slot goes on. A wasm slot's files are
+    /// descriptors of the host process, which every slot shares; the process backend sets each
+    /// program's `RLIMIT_NOFILE`.
     #[serde(default = "default_open_files")]
     pub open_files: u32,
 }

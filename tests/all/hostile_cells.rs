@@ -176,3 +176,28 @@ except OSError as e:
     backend.release(&hoarder, true).await.unwrap();
     backend.release(&neighbour, true).await.unwrap();
 }
+
+/// The same hoarding cell on the process backend: its programs run under `RLIMIT_NOFILE`, so the
+/// cell stops with `EMFILE` near its cap (the cap counts what the cell opens, plus a few
+/// descriptors every program starts with) and the interpreter goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_slot_that_hoards_descriptors_stops_near_its_cap() {
+    let (backend, _root) = crate::process::process_backend(Limits {
+        open_files: 32,
+        ..Limits::default()
+    });
+    let slot = backend.acquire("hoard").await.unwrap();
+    let hoard = r#"import errno, os
+held = []
+try:
+    for i in range(20_000):
+        held.append(os.open("/tmp/f", os.O_CREAT | os.O_RDONLY))
+except OSError as e:
+    stopped = e.errno == errno.EMFILE
+(32 <= len(held) <= 48, stopped)"#;
+    let result = ok(backend.execute(&slot, ToolCall::python(hoard)).await);
+    assert_eq!(value(&result), "(True, True)", "{}", pretty(&result));
+    let result = ok(backend.execute(&slot, ToolCall::python("len(held)")).await);
+    assert!(value(&result).parse::<usize>().is_ok(), "{}", pretty(&result));
+    backend.release(&slot, true).await.unwrap();
+}
