@@ -201,3 +201,32 @@ except OSError as e:
     assert!(value(&result).parse::<usize>().is_ok(), "{}", pretty(&result));
     backend.release(&slot, true).await.unwrap();
 }
+
+/// Deep nesting in the parser never crashes the slot: 140 nested parentheses parse (they used to
+/// exhaust the wasm stack and lose the slot's state), and deeper ones, up to `compile()` of
+/// 2,000, raise a catchable error with the state kept. Native CPython parses up to 199 and
+/// raises `SyntaxError` beyond; here the guest's own C-stack check raises `MemoryError` ("Parser
+/// stack overflowed") from about 150 (docs/security.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_parser_nesting_parses_or_raises_and_never_crashes() {
+    let backend = crate::support::shared_wasm();
+    let slot = backend.acquire("nesting").await.unwrap();
+    ok(backend.execute(&slot, ToolCall::python("kept = 'state'")).await);
+    let code = format!("{}1{}", "(".repeat(140), ")".repeat(140));
+    let result = ok(backend.execute(&slot, ToolCall::python(code)).await);
+    assert_eq!(value(&result), "1", "{}", pretty(&result));
+    for depth in [199, 2000] {
+        let deep = format!(
+            "try:\n    compile('(' * {depth} + ')' * {depth}, 'deep', 'eval')\nexcept (MemoryError, SyntaxError) as e:\n    \
+             caught = type(e).__name__\ncaught, kept"
+        );
+        let result = ok(backend.execute(&slot, ToolCall::python(deep)).await);
+        assert_eq!(
+            value(&result),
+            "('MemoryError', 'state')",
+            "depth {depth}: {}",
+            pretty(&result)
+        );
+    }
+    backend.release(&slot, true).await.unwrap();
+}
