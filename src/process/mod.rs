@@ -192,6 +192,7 @@ impl ProcessBackend {
             ChildLimits {
                 memory_bytes: config.limits.memory_bytes,
                 open_files: config.limits.open_files,
+                file_bytes: config.limits.file_bytes,
             },
             root.clone(),
             shared_cache.clone(),

@@ -115,7 +115,7 @@ impl Sandbox {
             .stderr(Stdio::piped())
             .process_group(0);
         let limits = self.limits;
-        // SAFETY: the closure runs between fork and exec and only makes three syscalls, all
+        // SAFETY: the closure runs between fork and exec and only makes four syscalls, all
         // async-signal-safe; it allocates nothing and takes no lock.
         unsafe {
             command.pre_exec(move || limit_child(limits));
@@ -173,9 +173,11 @@ pub(crate) struct ChildLimits {
     pub(crate) memory_bytes: u64,
     /// Files the cell may open (`RLIMIT_NOFILE`, plus [`STARTING_DESCRIPTORS`]).
     pub(crate) open_files: u32,
+    /// The longest file a program may write (`RLIMIT_FSIZE`).
+    pub(crate) file_bytes: u64,
 }
 
-/// Applied in the child before exec: the address-space and open-file limits, and death with
+/// Applied in the child before exec: the address-space, open-file and file-size limits, and death with
 /// the spawner so a crashed rollbox leaves no interpreter behind.
 fn limit_child(limits: ChildLimits) -> std::io::Result<()> {
     let rlimit = |value: u64| libc::rlimit {
@@ -184,12 +186,16 @@ fn limit_child(limits: ChildLimits) -> std::io::Result<()> {
     };
     let memory = rlimit(limits.memory_bytes);
     let files = rlimit(u64::from(limits.open_files) + STARTING_DESCRIPTORS);
+    let file_size = rlimit(limits.file_bytes);
     // SAFETY: setrlimit and prctl take plain values and a pointer to a local.
     unsafe {
         if libc::setrlimit(libc::RLIMIT_AS, &memory) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::setrlimit(libc::RLIMIT_FSIZE, &file_size) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {

@@ -15,6 +15,7 @@ use super::bootstrap::{GUEST_ENV, GUEST_READY, GUEST_TMP, PREOPENS, bootstrap_ch
 use super::capture::CapturedStream;
 use super::descriptors::{self, OpenFiles};
 use super::engine::ticks_for;
+use super::file_size;
 use super::host::{GuestCodeUpload, GuestState, MemoryLimiter, door};
 use super::interpreter::{Interpreter, RestoreError, StartError};
 use super::module_shape::check_snapshot_support;
@@ -94,6 +95,7 @@ impl InterpreterFactory {
             .func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff)
             .map_err(boxed)?;
         descriptors::add_to_linker(&mut linker).map_err(boxed)?;
+        file_size::add_to_linker(&mut linker).map_err(boxed)?;
         linker.func_wrap("host", "call", door).map_err(boxed)?;
         let pre = linker.instantiate_pre(module).map_err(boxed)?;
         Ok(InterpreterFactory {
@@ -313,6 +315,7 @@ impl InterpreterFactory {
                 refused: false,
             },
             open_files: OpenFiles::new(self.limits.open_files),
+            file_bytes: self.limits.file_bytes,
             deadline: Some(Instant::now() + STARTUP_TIMEOUT),
             door_inbox: None,
             door_outbox: Vec::new(),

@@ -26,6 +26,8 @@ pub(crate) struct GuestState {
     pub(crate) limiter: MemoryLimiter,
     /// The files the guest holds open, against [`crate::Limits::open_files`].
     pub(crate) open_files: OpenFiles,
+    /// The longest file the guest may write, [`crate::Limits::file_bytes`].
+    pub(crate) file_bytes: u64,
     /// When the running call must end; read by the deadline-aware `poll_oneoff`.
     pub(crate) deadline: Option<Instant>,
     /// The last report the guest sent through the door.

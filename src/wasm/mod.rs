@@ -16,6 +16,7 @@ mod capture;
 mod descriptors;
 mod engine;
 mod factory;
+mod file_size;
 mod host;
 mod interpreter;
 mod module_shape;

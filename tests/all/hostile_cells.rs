@@ -230,3 +230,56 @@ async fn deep_parser_nesting_parses_or_raises_and_never_crashes() {
     }
     backend.release(&slot, true).await.unwrap();
 }
+
+/// The cell that made a 1 TiB sparse file at once (a truncation), a write far past the end, and
+/// one across the cap: each fails with `EFBIG` or is cut at the cap, nothing lands past it, a file
+/// up to the cap is written, and the slot goes on. The process backend checks all three
+/// (`RLIMIT_FSIZE`); wasm checks truncation and positioned writes (`os.pwrite`), not a plain
+/// write after a seek (docs/security.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_and_long_files_stop_at_the_file_size_cap() {
+    let limits = Limits {
+        file_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let wasm = wasm_backend(limits);
+    let (process, _root) = crate::process::process_backend(limits);
+    // A write across the cap is refused whole on wasm and cut at the cap by the kernel (a short
+    // write) on the process backend: either way nothing lands past the cap.
+    let setup = r#"import errno, os
+def stopped(attempt):
+    try:
+        return attempt() <= 2**20
+    except OSError as e:
+        return e.errno == errno.EFBIG
+def check(attempts):
+    with open("/tmp/sparse", "wb", buffering=0) as f:
+        refused = [stopped(lambda: attempt(f)) for attempt in attempts]
+    with open("/tmp/full", "wb") as f:
+        f.write(b"z" * 2**20)
+    return refused, os.path.getsize("/tmp/sparse") <= 2**20, os.path.getsize("/tmp/full")
+truncate = lambda f: os.truncate("/tmp/sparse", 2**40) or 2**41
+pwrite_far = lambda f: os.pwrite(f.fileno(), b"x", 2**40) and 2**41
+pwrite_across = lambda f: os.pwrite(f.fileno(), b"y" * (2**20 + 1), 0)
+seek_and_write = lambda f: f.seek(2**40) and f.write(b"x") and 2**41"#;
+    let cases: [(&dyn Backend, &str, &str); 2] = [
+        (
+            &wasm,
+            "check([truncate, pwrite_far, pwrite_across])",
+            "([True, True, True], True, 1048576)",
+        ),
+        (
+            &process,
+            "check([truncate, pwrite_far, pwrite_across, seek_and_write])",
+            "([True, True, True, True], True, 1048576)",
+        ),
+    ];
+    for (backend, cell, expected) in cases {
+        let slot = backend.acquire("long files").await.unwrap();
+        ok(backend.execute(&slot, ToolCall::python(setup)).await);
+        let result = ok(backend.execute(&slot, ToolCall::python(cell)).await);
+        assert_eq!(value(&result), expected, "{}: {}", backend.name(), pretty(&result));
+        ok(backend.execute(&slot, ToolCall::python("1")).await);
+        backend.release(&slot, true).await.unwrap();
+    }
+}
