@@ -94,9 +94,15 @@ pub(crate) struct LimitArgs {
     /// An instruction budget per call (slower: compiles a metered runtime once).
     #[arg(long, value_name = "N")]
     fuel: Option<u64>,
+    /// The most files a slot may hold open at once; past it, opening one fails with EMFILE.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().open_files)]
+    max_open_files: u32,
+    /// The longest file a slot may write, in bytes (sparse files included).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().file_bytes)]
+    max_file_bytes: u64,
     /// Every limit at once, as the JSON of `rollbox::Limits`: how a parent rollbox hands its
     /// exact limits to the servers it starts, with no rounding through the flags above.
-    #[arg(long, value_name = "JSON", hide = true, conflicts_with_all = ["timeout", "memory", "max_output", "fuel"])]
+    #[arg(long, value_name = "JSON", hide = true, conflicts_with_all = ["timeout", "memory", "max_output", "fuel", "max_open_files", "max_file_bytes"])]
     limits_json: Option<String>,
 }
 
@@ -124,6 +130,8 @@ impl LimitArgs {
             memory_bytes: self.memory << 20,
             output_bytes: self.max_output,
             fuel: self.fuel,
+            open_files: self.max_open_files,
+            file_bytes: self.max_file_bytes,
         })
     }
 }

@@ -52,6 +52,20 @@ pub(crate) struct ServeArgs {
     /// Seconds a request may take, waiting in line included; longer ones get 504.
     #[arg(long, value_name = "SECS", default_value_t = ServerConfig::default().request_timeout.as_secs_f64())]
     request_timeout: f64,
+    /// The most connections open at once; more wait until one closes. Lowered to half of the
+    /// process's open-file limit (ulimit -n) when that is smaller.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_connections)]
+    max_connections: usize,
+    /// Seconds a request's headers may take to arrive; a connection past it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = ServerConfig::default().header_read_timeout.as_secs_f64())]
+    header_read_timeout: f64,
+    /// Seconds a connection may sit with no request running and no byte moving before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = ServerConfig::default().connection_idle_timeout.as_secs_f64())]
+    connection_idle_timeout: f64,
+    /// The sum of the live slots' memory limits (--memory each) the server admits, in MiB; an
+    /// acquire past it gets 503. None by default: slots are admitted up to --max-slots.
+    #[arg(long, value_name = "MB")]
+    memory_budget: Option<u64>,
     /// The most bytes `/run_code` returns of each stream, cut silently as SandboxFusion does
     /// (its default is SandboxFusion's 1 MiB). The backend keeps the larger of this and
     /// --max-output per stream, so /v1 calls see that larger cap too.
@@ -149,6 +163,10 @@ fn resolve_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         max_concurrent_requests: args.max_concurrent_requests,
         max_queued_requests: args.max_queued_requests,
         request_timeout: positive_secs("--request-timeout", args.request_timeout)?,
+        max_connections: args.max_connections,
+        memory_budget_bytes: args.memory_budget.map(|mib| mib.saturating_mul(1 << 20)),
+        header_read_timeout: positive_secs("--header-read-timeout", args.header_read_timeout)?,
+        connection_idle_timeout: positive_secs("--connection-idle-timeout", args.connection_idle_timeout)?,
         token: resolve_token(args.token_file.as_deref())?,
         run_code_output_bytes: args.run_code_max_output,
     })

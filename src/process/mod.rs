@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use python::NativeInterpreter;
 pub use python::NativeStartError;
+use sandbox::{ChildLimits, Sandbox, SlotDirs};
 pub use sandbox::{Isolation, SANDBOX_PATH, find_bubblewrap};
-use sandbox::{Sandbox, SlotDirs};
 
 use crate::slot::Limits;
 use crate::slot::batch::{LiveSlots, every_result, group_by_slot, lock_interpreter};
@@ -189,7 +189,11 @@ impl ProcessBackend {
         }
         let sandbox = Sandbox::new(
             isolation,
-            config.limits.memory_bytes,
+            ChildLimits {
+                memory_bytes: config.limits.memory_bytes,
+                open_files: config.limits.open_files,
+                file_bytes: config.limits.file_bytes,
+            },
             root.clone(),
             shared_cache.clone(),
         )
@@ -291,6 +295,12 @@ fn private_root() -> PathBuf {
 impl Backend for ProcessBackend {
     fn name(&self) -> &str {
         "process"
+    }
+
+    /// Each program's address-space limit; a slot runs one interpreter at a time, plus its
+    /// commands while they run.
+    fn slot_memory_bytes(&self) -> Option<u64> {
+        Some(self.limits().memory_bytes)
     }
 
     fn tools(&self) -> Vec<ToolName> {

@@ -52,7 +52,7 @@ impl SlotDirs {
 /// Starts a slot's programs; shared by every slot of a backend.
 pub(crate) struct Sandbox {
     isolation: Isolation,
-    memory_bytes: u64,
+    limits: ChildLimits,
     /// The folder every slot root lives in; hidden inside the sandbox but for the slot's own.
     slots_root: PathBuf,
     /// The shared cache, bound read-write into every slot at its real path.
@@ -64,13 +64,13 @@ impl Sandbox {
     /// A sandbox for the slots under `slots_root`.
     pub(crate) fn new(
         isolation: Isolation,
-        memory_bytes: u64,
+        limits: ChildLimits,
         slots_root: PathBuf,
         shared_cache: PathBuf,
     ) -> std::io::Result<Sandbox> {
         Ok(Sandbox {
             isolation,
-            memory_bytes,
+            limits,
             slots_root,
             shared_cache,
             spawner: Spawner::start()?,
@@ -114,11 +114,11 @@ impl Sandbox {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let memory_bytes = self.memory_bytes;
-        // SAFETY: the closure runs between fork and exec and only makes two syscalls, both
+        let limits = self.limits;
+        // SAFETY: the closure runs between fork and exec and only makes four syscalls, all
         // async-signal-safe; it allocates nothing and takes no lock.
         unsafe {
-            command.pre_exec(move || limit_child(memory_bytes));
+            command.pre_exec(move || limit_child(limits));
         }
         command
     }
@@ -162,16 +162,40 @@ impl Sandbox {
     }
 }
 
-/// Applied in the child before exec: the address-space limit, and death with the spawner so a
-/// crashed rollbox leaves no interpreter behind.
-fn limit_child(memory_bytes: u64) -> std::io::Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: memory_bytes as libc::rlim_t,
-        rlim_max: memory_bytes as libc::rlim_t,
+/// Descriptors a slot's program may hold beyond [`crate::Limits::open_files`]: those it starts
+/// with (stdio, the driver's pipes, bubblewrap's own), so the cap counts what the cell opens.
+const STARTING_DESCRIPTORS: u64 = 16;
+
+/// The kernel limits every program of a slot runs under.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChildLimits {
+    /// The address-space limit (`RLIMIT_AS`).
+    pub(crate) memory_bytes: u64,
+    /// Files the cell may open (`RLIMIT_NOFILE`, plus [`STARTING_DESCRIPTORS`]).
+    pub(crate) open_files: u32,
+    /// The longest file a program may write (`RLIMIT_FSIZE`).
+    pub(crate) file_bytes: u64,
+}
+
+/// Applied in the child before exec: the address-space, open-file and file-size limits, and death with
+/// the spawner so a crashed rollbox leaves no interpreter behind.
+fn limit_child(limits: ChildLimits) -> std::io::Result<()> {
+    let rlimit = |value: u64| libc::rlimit {
+        rlim_cur: value as libc::rlim_t,
+        rlim_max: value as libc::rlim_t,
     };
+    let memory = rlimit(limits.memory_bytes);
+    let files = rlimit(u64::from(limits.open_files) + STARTING_DESCRIPTORS);
+    let file_size = rlimit(limits.file_bytes);
     // SAFETY: setrlimit and prctl take plain values and a pointer to a local.
     unsafe {
-        if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+        if libc::setrlimit(libc::RLIMIT_AS, &memory) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::setrlimit(libc::RLIMIT_FSIZE, &file_size) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {

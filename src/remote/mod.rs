@@ -717,12 +717,18 @@ fn validated(mut config: PoolConfig, limit: Option<usize>) -> Result<PoolConfig,
     Ok(config)
 }
 
+/// How long an idle connection to a server is kept for reuse.
+const CLIENT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn http_client(config: &PoolConfig) -> Result<reqwest::Client, RemoteBackendError> {
     reqwest::Client::builder()
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         // Enough idle connections to reuse one per concurrent request to a busy server.
         .pool_max_idle_per_host(1024)
+        // Below the server's connection idle timeout (75 s by default), so the client drops an
+        // idle connection before the server closes it under a request about to be sent.
+        .pool_idle_timeout(CLIENT_POOL_IDLE_TIMEOUT)
         .build()
         .map_err(RemoteBackendError::Http)
 }

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+mod connections;
 mod expiry;
 mod failure;
 mod metrics;
@@ -33,7 +34,7 @@ pub use auth::BearerToken;
 pub use failure::ApiFailure;
 use metrics::Metrics;
 use middleware::{Admission, DetachedWork};
-use slots::SlotTable;
+use slots::{MemoryBudget, SlotTable};
 
 /// How a slot server behaves. [`ServerConfig::default`] lists every default.
 #[derive(Clone, Debug)]
@@ -54,6 +55,23 @@ pub struct ServerConfig {
     /// The bearer token every request must carry. Required unless the server listens on
     /// loopback only.
     pub token: Option<BearerToken>,
+    /// The most connections open at once; more wait in the listen backlog until one closes.
+    /// Lowered to half of the process's descriptor limit (`RLIMIT_NOFILE`) when that is
+    /// smaller, so idle sockets can never use up the descriptors that slots and `accept` need.
+    pub max_connections: usize,
+    /// How long a request's headers may take to arrive, from their first byte (from the accept,
+    /// for a connection's first request); a connection past it is closed. Authentication needs
+    /// the headers, so this is what bounds an unauthenticated client that sends them slowly.
+    pub header_read_timeout: Duration,
+    /// A connection with no request running and no byte moving for this long is closed
+    /// (keep-alive idle). Longer than the remote backend's own idle-connection timeout, so
+    /// it closes its idle connections before the server does.
+    pub connection_idle_timeout: Duration,
+    /// The sum of the live slots' memory limits the server admits, in bytes; an acquire past it
+    /// gets 503 saying so. `None` (the default) admits slots up to `max_slots` only: a limit
+    /// is a ceiling few slots reach (a fresh wasm slot holds about 40 MB), so admitting by
+    /// ceilings would cap a 16 GiB host at 16 slots of the default 1 GiB.
+    pub memory_budget_bytes: Option<u64>,
     /// The most bytes `/run_code` returns of each stream (stdout, stderr), cut without any
     /// marker in the stream, as SandboxFusion does; see [`run_code::SANDBOX_FUSION_OUTPUT_BYTES`].
     /// The backend must keep at least this many bytes per stream for the cap to be reached.
@@ -62,8 +80,9 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     /// 10,000 slots, 600 s idle timeout, 16 MiB bodies, 512 requests running and 4,096 queued,
-    /// a 300 s request timeout (ten times the default cell time limit, for batches), no token,
-    /// and SandboxFusion's 1 MiB per stream for `/run_code`.
+    /// a 300 s request timeout (ten times the default cell time limit, for batches), 4,096
+    /// connections (at most half the descriptor limit), a 10 s header-read timeout, a 75 s
+    /// connection idle timeout, no memory budget, no token, and SandboxFusion's 1 MiB per stream for `/run_code`.
     fn default() -> Self {
         ServerConfig {
             max_slots: 10_000,
@@ -72,6 +91,10 @@ impl Default for ServerConfig {
             max_concurrent_requests: 512,
             max_queued_requests: 4_096,
             request_timeout: Duration::from_secs(300),
+            max_connections: 4_096,
+            header_read_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(75),
+            memory_budget_bytes: None,
             token: None,
             run_code_output_bytes: run_code::SANDBOX_FUSION_OUTPUT_BYTES,
         }
@@ -86,13 +109,25 @@ impl ServerConfig {
             ("max_body_bytes", self.max_body_bytes),
             ("max_concurrent_requests", self.max_concurrent_requests),
             ("run_code_output_bytes", self.run_code_output_bytes),
+            ("max_connections", self.max_connections),
         ];
+        if self.memory_budget_bytes == Some(0) {
+            return Err(ServerError::InvalidConfig(
+                "the memory budget must be at least 1 byte; leave it unset for none".into(),
+            ));
+        }
         if let Some((name, _)) = positive.into_iter().find(|(_, value)| *value == 0) {
             return Err(ServerError::InvalidConfig(format!("{name} must be at least 1")));
         }
-        if self.idle_timeout.is_zero() || self.request_timeout.is_zero() {
+        let timeouts = [
+            self.idle_timeout,
+            self.request_timeout,
+            self.header_read_timeout,
+            self.connection_idle_timeout,
+        ];
+        if timeouts.iter().any(Duration::is_zero) {
             return Err(ServerError::InvalidConfig(
-                "the idle and request timeouts must be longer than zero".into(),
+                "the idle, request, header-read and connection idle timeouts must be longer than zero".into(),
             ));
         }
         Ok(())
@@ -133,9 +168,30 @@ pub enum ServerError {
     /// The listener's address could not be read.
     #[error("failed to read the listening address")]
     Address(#[source] std::io::Error),
-    /// Serving connections failed.
-    #[error("failed to serve HTTP")]
-    Serve(#[source] std::io::Error),
+}
+
+/// The budget `config` asks for, with `backend`'s per-slot memory limit as each slot's charge.
+fn memory_budget(config: &ServerConfig, backend: &dyn Backend) -> Result<Option<MemoryBudget>, ServerError> {
+    let Some(budget_bytes) = config.memory_budget_bytes else {
+        return Ok(None);
+    };
+    let Some(slot_bytes) = backend.slot_memory_bytes() else {
+        return Err(ServerError::InvalidConfig(format!(
+            "a memory budget needs a backend whose slots hold memory in this server; the {} backend's do not",
+            backend.name()
+        )));
+    };
+    if slot_bytes > budget_bytes {
+        return Err(ServerError::InvalidConfig(format!(
+            "the memory budget ({} MiB) is smaller than one slot's memory limit ({} MiB): raise it or lower --memory",
+            budget_bytes >> 20,
+            slot_bytes >> 20
+        )));
+    }
+    Ok(Some(MemoryBudget {
+        budget_bytes,
+        slot_bytes,
+    }))
 }
 
 /// The server's shared state: the backend, the live slots, the metrics. Cheap to clone.
@@ -160,7 +216,10 @@ impl ServerState {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ServerError::NoRuntime)?;
         let shared = Arc::new(Shared {
-            slots: Arc::new(SlotTable::new(config.max_slots)),
+            slots: Arc::new(SlotTable::new(
+                config.max_slots,
+                memory_budget(&config, backend.as_ref())?,
+            )),
             admission: Admission::new(config.max_concurrent_requests, config.max_queued_requests),
             metrics: Metrics::default(),
             detached: DetachedWork::default(),
@@ -231,7 +290,8 @@ pub struct ShutdownSummary {
 }
 
 /// Serves `state` on `listener` until `shutdown` completes, then stops accepting, lets the
-/// requests in flight finish, and releases every slot.
+/// requests in flight finish, and releases every slot. Connections are capped and timed out
+/// as [`ServerConfig`] says (see `connections`).
 ///
 /// Refuses to start if the listener is reachable beyond loopback and no token is set.
 pub async fn serve(
@@ -241,11 +301,14 @@ pub async fn serve(
 ) -> Result<ShutdownSummary, ServerError> {
     let address: SocketAddr = listener.local_addr().map_err(ServerError::Address)?;
     state.config().check_exposure(address.ip())?;
-    tracing::info!(%address, backend = state.shared.backend.name(), "serving slots");
-    axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServerError::Serve)?;
+    let config = state.config();
+    let limits = connections::ConnectionLimits {
+        max_open: connections::open_connection_cap(config.max_connections, connections::descriptor_limit()),
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.connection_idle_timeout,
+    };
+    tracing::info!(%address, backend = state.shared.backend.name(), max_connections = limits.max_open, "serving slots");
+    connections::serve_connections(listener, app(state.clone()), limits, shutdown).await;
     let released_slots = state.shut_down().await;
     tracing::info!(released_slots, "server stopped");
     Ok(ShutdownSummary { released_slots })

@@ -13,6 +13,7 @@ use super::api::{
     ReleaseRequest, ReleaseResponse, SlotList,
 };
 use super::middleware::DetachedWork;
+use super::slots::Full;
 use super::{ApiFailure, ServerState};
 use crate::slot::{BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
 
@@ -84,7 +85,7 @@ pub(crate) async fn acquire(
             request.trajectory_id.len()
         )));
     }
-    let reservation = state.shared.slots.reserve().map_err(|full| slots_full(full.capacity))?;
+    let reservation = state.shared.slots.reserve().map_err(|full| slots_full(&full))?;
     let shared = state.shared.clone();
     // Detached: if the client hangs up mid-start, the slot still lands in the table, where
     // it expires like any other instead of leaking in the backend.
@@ -96,7 +97,7 @@ pub(crate) async fn acquire(
     .await;
     match started {
         Some(Ok(slot)) => Ok(Json(AcquireResponse { slot })),
-        Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(capacity)),
+        Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(&Full::Slots { capacity })),
         Some(Err(error)) => Err(ApiFailure::internal("failed to start a slot", &error)),
         None => Err(ApiFailure::new(
             ApiErrorCode::Internal,
@@ -105,9 +106,10 @@ pub(crate) async fn acquire(
     }
 }
 
-pub(super) fn slots_full(capacity: usize) -> ApiFailure {
+pub(super) fn slots_full(full: &Full) -> ApiFailure {
     ApiFailure::unavailable(format!(
-        "all {capacity} slots are in use; release slots you no longer need, or retry shortly"
+        "{}; release slots you no longer need, or retry shortly",
+        full.reason()
     ))
 }
 
@@ -231,7 +233,7 @@ pub(crate) async fn fork(
             format!("{slot_id} is not live on this server: never acquired here, already released, or expired"),
         ));
     };
-    let reservation = state.shared.slots.reserve().map_err(|full| slots_full(full.capacity))?;
+    let reservation = state.shared.slots.reserve().map_err(|full| slots_full(&full))?;
     let shared = state.shared.clone();
     let forked = DetachedWork::run(&state, async move {
         let forked = shared.backend.fork(&parent, &request.trajectory_id).await;
@@ -243,7 +245,7 @@ pub(crate) async fn fork(
     .await;
     match forked {
         Some(Ok(slot)) => Ok(Json(AcquireResponse { slot })),
-        Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(capacity)),
+        Some(Err(BackendError::Exhausted { capacity })) => Err(slots_full(&Full::Slots { capacity })),
         Some(Err(error @ BackendError::Unsupported { .. })) => {
             Err(ApiFailure::new(ApiErrorCode::Unsupported, error.to_string()))
         }

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::api::ApiErrorCode;
 use super::middleware::DetachedWork;
 use super::routes::JsonBody;
+use super::slots::Full;
 use super::{ApiFailure, ServerState, Shared};
 use crate::slot::LimitKind;
 use crate::slot::tools::ToolName;
@@ -189,7 +190,7 @@ pub(crate) async fn run_code(
             .slots
             .reserve_within(deadline)
             .await
-            .map_err(|full| no_slot_in_time(full.capacity, plan.timeout))?;
+            .map_err(|full| no_slot_in_time(&full, plan.timeout))?;
         let shared = state.shared.clone();
         let attempt = plan.clone();
         // Detached so the slot is released even if the client hangs up.
@@ -205,7 +206,7 @@ pub(crate) async fn run_code(
                 // The backend is full though the table was not (its slots are shared with
                 // something else): wait as for a busy table.
                 if tokio::time::Instant::now() + BACKEND_FULL_RETRY >= deadline {
-                    return Err(no_slot_in_time(capacity, plan.timeout));
+                    return Err(no_slot_in_time(&Full::Slots { capacity }, plan.timeout));
                 }
                 tokio::time::sleep(BACKEND_FULL_RETRY).await;
                 continue;
@@ -223,13 +224,13 @@ pub(crate) async fn run_code(
 
 /// 504: the request waited its whole `run_timeout` for a slot. SandboxFusion clients (verl's
 /// `call_sandbox_api`) retry exactly this status.
-fn no_slot_in_time(capacity: usize, waited: Duration) -> ApiFailure {
+fn no_slot_in_time(full: &Full, waited: Duration) -> ApiFailure {
     ApiFailure::new(
         ApiErrorCode::Timeout,
         format!(
-            "no slot came free within the request's run_timeout ({:.1} s): all {capacity} slots stayed busy; \
-             retry, or start the server with more --max-slots",
-            waited.as_secs_f64()
+            "no slot came free within the request's run_timeout ({:.1} s): {}; retry, or raise that setting",
+            waited.as_secs_f64(),
+            full.reason()
         ),
     )
 }

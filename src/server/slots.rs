@@ -15,6 +15,8 @@ use crate::slot::{Slot, SlotId};
 pub(crate) struct SlotTable {
     state: Mutex<TableState>,
     max_slots: usize,
+    /// The memory budget, when the server has one.
+    memory: Option<MemoryBudget>,
     /// Woken whenever a place may have come free (a slot left, a reservation was given back).
     freed: Notify,
 }
@@ -34,17 +36,55 @@ struct Entry {
     busy: usize,
 }
 
-/// The table is full.
-#[derive(Debug)]
-pub(crate) struct Full {
-    pub(crate) capacity: usize,
+/// A server-wide memory budget: each slot is charged its backend's memory limit, the most it
+/// may hold, whether it holds it yet or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MemoryBudget {
+    /// The budget, in bytes.
+    pub(crate) budget_bytes: u64,
+    /// What one slot is charged: its memory limit.
+    pub(crate) slot_bytes: u64,
+}
+
+impl MemoryBudget {
+    /// How many slots fit in the budget.
+    fn slots(&self) -> usize {
+        usize::try_from(self.budget_bytes / self.slot_bytes.max(1)).unwrap_or(usize::MAX)
+    }
+}
+
+/// The table is full: why, and what to raise.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Full {
+    /// `--max-slots` slots are live or starting.
+    Slots { capacity: usize },
+    /// The slots' memory limits add up to the memory budget.
+    Memory(MemoryBudget),
+}
+
+impl Full {
+    /// Why no slot can start, and what to raise, for the client.
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            Full::Slots { capacity } => format!("all {capacity} slots are in use (--max-slots)"),
+            Full::Memory(budget) => format!(
+                "the server's memory budget is full: {} slots with a {} MiB memory limit each use all of its {} MiB \
+                 (--memory-budget; lower the slots' --memory to fit more)",
+                budget.slots(),
+                budget.slot_bytes >> 20,
+                budget.budget_bytes >> 20
+            ),
+        }
+    }
 }
 
 impl SlotTable {
-    pub(crate) fn new(max_slots: usize) -> Self {
+    /// A table of at most `max_slots` slots, and at most as many as `memory` has room for.
+    pub(crate) fn new(max_slots: usize, memory: Option<MemoryBudget>) -> Self {
         SlotTable {
             state: Mutex::new(TableState::default()),
             max_slots,
+            memory,
             freed: Notify::new(),
         }
     }
@@ -61,10 +101,16 @@ impl SlotTable {
     /// Holds a place for a slot about to start, so concurrent acquires cannot overshoot.
     pub(crate) fn reserve(self: &Arc<Self>) -> Result<Reservation, Full> {
         let mut state = self.lock();
-        if state.live.len() + state.reserved >= self.max_slots {
-            return Err(Full {
+        let taken = state.live.len() + state.reserved;
+        if taken >= self.max_slots {
+            return Err(Full::Slots {
                 capacity: self.max_slots,
             });
+        }
+        if let Some(budget) = self.memory
+            && taken >= budget.slots()
+        {
+            return Err(Full::Memory(budget));
         }
         state.reserved += 1;
         Ok(Reservation {
@@ -253,7 +299,7 @@ mod tests {
 
     #[test]
     fn reservations_bound_the_table_and_come_back_when_dropped() {
-        let table = Arc::new(SlotTable::new(2));
+        let table = Arc::new(SlotTable::new(2, None));
         let first = table.reserve().expect("room for one");
         let second = table.reserve().expect("room for two");
         assert!(table.reserve().is_err(), "a third place does not fit");
@@ -269,7 +315,7 @@ mod tests {
 
     #[test]
     fn busy_slots_never_expire_and_idle_ones_do() {
-        let table = Arc::new(SlotTable::new(10));
+        let table = Arc::new(SlotTable::new(10, None));
         table.reserve().expect("room").fill(slot(1));
         table.reserve().expect("room").fill(slot(2));
         let (found, busy) = table.check_out([SlotId(1), SlotId(1), SlotId(9)]);

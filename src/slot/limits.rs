@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// ends with that limit's [`LimitKind`] in its result, never with a panic or a hang.
 ///
 /// The defaults (see [`Limits::default`]) suit an agent's notebook cell: 30 s of wall-clock time,
-/// 1 GiB of guest memory, 256 KiB of output per stream, and no fuel metering.
+/// 1 GiB of guest memory, 256 KiB of output per stream, no fuel metering, 256 open files, and files of at most 1 GiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Wall-clock time for one call, measured from when the call starts running in its slot.
@@ -22,6 +22,27 @@ pub struct Limits {
     /// Optional instruction budget for one call (wasm fuel). `None` means unmetered, which is
     /// faster: metering needs differently compiled code.
     pub fuel: Option<u64>,
+    /// The most files a slot may hold open at once, beyond those it starts with. Past it, an
+    /// open fails in the cell with `EMFILE` and the slot goes on. A wasm slot's files are
+    /// descriptors of the host process, which every slot shares; the process backend sets each
+    /// program's `RLIMIT_NOFILE`.
+    #[serde(default = "default_open_files")]
+    pub open_files: u32,
+    /// The longest file a slot may write, in bytes, sparse or not. Past it, the write or
+    /// truncation fails in the cell with `EFBIG` ("File too large"); on the process backend
+    /// it is each program's `RLIMIT_FSIZE`, so bash's own commands are killed by `SIGXFSZ`.
+    #[serde(default = "default_file_bytes")]
+    pub file_bytes: u64,
+}
+
+/// [`Limits::file_bytes`] when a serialised `Limits` predates it.
+fn default_file_bytes() -> u64 {
+    Limits::default().file_bytes
+}
+
+/// [`Limits::open_files`] when a serialised `Limits` predates it.
+fn default_open_files() -> u32 {
+    Limits::default().open_files
 }
 
 impl Default for Limits {
@@ -31,6 +52,8 @@ impl Default for Limits {
             memory_bytes: 1 << 30,
             output_bytes: 256 * 1024,
             fuel: None,
+            open_files: 256,
+            file_bytes: 1 << 30,
         }
     }
 }

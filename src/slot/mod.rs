@@ -380,6 +380,13 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// The most memory one slot may hold in this process (its memory limit), which a server
+    /// charges each slot against its memory budget; `None` when slots hold none here (the
+    /// remote backend's live on other servers).
+    fn slot_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Runs one call; a convenience over [`Backend::execute_batch`].
     async fn execute(&self, slot: &Slot, call: ToolCall) -> ExecutionResult {
         let mut results = self.execute_batch(vec![(slot.clone(), call)]).await;

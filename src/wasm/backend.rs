@@ -405,6 +405,10 @@ impl Backend for WasmBackend {
         "wasm"
     }
 
+    fn slot_memory_bytes(&self) -> Option<u64> {
+        Some(self.limits().memory_bytes)
+    }
+
     fn tools(&self) -> Vec<ToolName> {
         TOOLS.to_vec()
     }

@@ -11,6 +11,12 @@ use super::cow::ImageMemoryCreator;
 /// timeout ends at most one tick late; 10 ms keeps the ticker's cost negligible.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// The most native stack a guest call may use. Compiled wasm runs on the calling thread's stack,
+/// and guests run on tokio's blocking threads (2 MiB of stack unless the runtime is built with
+/// more): 1 MiB covers the parser's 199 levels and leaves the other half for the host's frames
+/// below and above it (the blocking pool, wasmtime's entry, the host calls a guest makes).
+const WASM_STACK_BYTES: usize = 1 << 20;
+
 /// The engine every slot of a backend shares. `fuel` turns on instruction metering, which
 /// compiles different code (a separately cached module) and runs slower, so it is only on when
 /// a [`crate::Limits::fuel`] is set.
@@ -22,6 +28,10 @@ pub(crate) fn build_engine(fuel: bool) -> wasmtime::Result<Engine> {
     config.epoch_interruption(true);
     config.consume_fuel(fuel);
     config.cranelift_opt_level(OptLevel::Speed);
+    // CPython's parser recurses once per nesting level, about 4 KiB of wasm stack each: at
+    // wasmtime's default 512 KiB, 140 nested parentheses trapped (call stack exhausted) and
+    // lost the slot, where native CPython parses up to 199 and raises SyntaxError beyond.
+    config.max_wasm_stack(WASM_STACK_BYTES);
     // Every linear memory is a reservation of rollbox's own, into which a memory image (the
     // runtime's initial memory, or a snapshot) is mapped copy-on-write: slots share every page
     // they have not written (see `super::cow`).

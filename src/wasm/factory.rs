@@ -14,7 +14,9 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use super::bootstrap::{GUEST_ENV, GUEST_READY, GUEST_TMP, PREOPENS, bootstrap_chunk, preload_cell};
 use super::capture::CapturedStream;
 use super::cow::{MemoryImage, copy_pages, map_image, written_pages};
+use super::descriptors::{self, OpenFiles};
 use super::engine::ticks_for;
+use super::file_size;
 use super::host::{GuestCodeUpload, GuestState, MemoryLimiter, door};
 use super::interpreter::{Interpreter, RestoreError, StartError};
 use super::module_shape::check_snapshot_support;
@@ -138,6 +140,8 @@ impl InterpreterFactory {
         linker
             .func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff)
             .map_err(boxed)?;
+        descriptors::add_to_linker(&mut linker).map_err(boxed)?;
+        file_size::add_to_linker(&mut linker).map_err(boxed)?;
         linker.func_wrap("host", "call", door).map_err(boxed)?;
         let pre = linker.instantiate_pre(module).map_err(boxed)?;
         let bootstrap = bootstrap_chunk(limits.output_bytes);
@@ -454,6 +458,8 @@ impl InterpreterFactory {
                 max_bytes: usize::try_from(self.limits.memory_bytes).unwrap_or(usize::MAX),
                 refused: false,
             },
+            open_files: OpenFiles::new(self.limits.open_files),
+            file_bytes: self.limits.file_bytes,
             deadline: Some(Instant::now() + STARTUP_TIMEOUT),
             door_inbox: None,
             door_outbox: Vec::new(),

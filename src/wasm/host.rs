@@ -11,6 +11,7 @@ use wasmtime::{Caller, Memory, ResourceLimiter, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 use super::capture::CapturedStream;
+use super::descriptors::OpenFiles;
 
 /// The most table elements (function references) a guest may hold; CPython needs a few
 /// thousand, so this only stops runaway growth.
@@ -23,6 +24,10 @@ const DOOR_FAULT: i32 = -2;
 pub(crate) struct GuestState {
     pub(crate) wasi: WasiP1Ctx,
     pub(crate) limiter: MemoryLimiter,
+    /// The files the guest holds open, against [`crate::Limits::open_files`].
+    pub(crate) open_files: OpenFiles,
+    /// The longest file the guest may write, [`crate::Limits::file_bytes`].
+    pub(crate) file_bytes: u64,
     /// When the running call must end; read by the deadline-aware `poll_oneoff`.
     pub(crate) deadline: Option<Instant>,
     /// The last report the guest sent through the door.

@@ -7,6 +7,7 @@ mod fork;
 mod guest_paths;
 mod hostile;
 mod hostile_cells;
+mod hostile_clients;
 mod parity;
 mod process;
 mod remote;

@@ -1,0 +1,113 @@
+//! A per-slot cap on the files a wasm guest holds open ([`Limits::open_files`]).
+//!
+//! Every file a guest opens through WASI is a real descriptor of the host process, and every
+//! slot of a server shares that process's table: one slot holding 20,000 `os.open` descriptors
+//! made every other slot's acquire fail with "Too many open files". wasmtime-wasi has no such
+//! limit, so the calls that open and close files (`path_open`, `fd_close`) are wrapped here:
+//! each delegates to wasmtime-wasi's own implementation and keeps the count in the store's
+//! [`GuestState`]. Past the cap `path_open` answers `EMFILE`, which the guest's Python raises as
+//! `OSError` with `errno.EMFILE` ("No file descriptors available", in wasi-libc's words); the
+//! slot goes on, and closing a file makes room again.
+//!
+//! [`Limits::open_files`]: crate::Limits::open_files
+
+use wasmtime::{Caller, Linker};
+use wasmtime_wasi::p1::types::Errno;
+use wasmtime_wasi::p1::wasi_snapshot_preview1 as wasi;
+
+use super::host::GuestState;
+
+/// The errno of a successful call.
+const ERRNO_SUCCESS: i32 = 0;
+
+/// How many files a guest opened and has not closed, and how many it may hold.
+#[derive(Debug)]
+pub(crate) struct OpenFiles {
+    open: u32,
+    max: u32,
+}
+
+impl OpenFiles {
+    /// None open yet; at most `max`. The descriptors WASI starts with (stdio, preopened
+    /// folders) are not counted: the guest cannot add to them.
+    pub(crate) fn new(max: u32) -> OpenFiles {
+        OpenFiles { open: 0, max }
+    }
+}
+
+/// Puts the counting `path_open` and `fd_close` in place of wasmtime-wasi's (the linker must
+/// allow shadowing). `fd_renumber` also closes a descriptor but is not counted: that only makes
+/// the cap stricter, and CPython on WASI never calls it (`os.dup2` is not supported there).
+pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    linker.func_wrap("wasi_snapshot_preview1", "path_open", path_open)?;
+    linker.func_wrap("wasi_snapshot_preview1", "fd_close", fd_close)?;
+    Ok(())
+}
+
+/// Runs one of wasmtime-wasi's preview-1 calls on the caller's memory and WASI context, as its
+/// own synchronous linker does. `None` when the guest exports no memory.
+fn delegate<F>(caller: &mut Caller<'_, GuestState>, call: F) -> Option<wasmtime::Result<i32>>
+where
+    F: for<'a> FnOnce(&'a mut GuestState, wiggle::GuestMemory<'a>) -> wasmtime::Result<i32>,
+{
+    let memory = caller.get_export("memory").and_then(|export| export.into_memory())?;
+    let (bytes, state) = memory.data_and_store_mut(caller);
+    Some(call(state, wiggle::GuestMemory::Unshared(bytes)))
+}
+
+#[allow(clippy::too_many_arguments)] // preview 1's own signature
+fn path_open(
+    mut caller: Caller<'_, GuestState>,
+    dirfd: i32,
+    dirflags: i32,
+    path: i32,
+    path_len: i32,
+    oflags: i32,
+    rights_base: i64,
+    rights_inheriting: i64,
+    fdflags: i32,
+    opened_fd: i32,
+) -> wasmtime::Result<i32> {
+    let files = &caller.data().open_files;
+    if files.open >= files.max {
+        return Ok(Errno::Mfile as i32);
+    }
+    let errno = delegate(&mut caller, |state, mut memory| {
+        wasmtime_wasi::runtime::in_tokio(wasi::path_open(
+            &mut state.wasi,
+            &mut memory,
+            dirfd,
+            dirflags,
+            path,
+            path_len,
+            oflags,
+            rights_base,
+            rights_inheriting,
+            fdflags,
+            opened_fd,
+        ))
+    })
+    .unwrap_or(Ok(Errno::Fault as i32))?;
+    if errno == ERRNO_SUCCESS {
+        caller.data_mut().open_files.open += 1;
+    }
+    Ok(errno)
+}
+
+fn fd_close(mut caller: Caller<'_, GuestState>, fd: i32) -> wasmtime::Result<i32> {
+    let errno = delegate(&mut caller, |state, mut memory| {
+        wasmtime_wasi::runtime::in_tokio(wasi::fd_close(&mut state.wasi, &mut memory, fd))
+    })
+    .unwrap_or(Ok(Errno::Fault as i32))?;
+    if errno == ERRNO_SUCCESS {
+        forget_one(&mut caller);
+    }
+    Ok(errno)
+}
+
+/// One descriptor fewer. Saturating: closing a descriptor WASI started with (not counted)
+/// frees no room beyond the cap's.
+fn forget_one(caller: &mut Caller<'_, GuestState>) {
+    let files = &mut caller.data_mut().open_files;
+    files.open = files.open.saturating_sub(1);
+}
