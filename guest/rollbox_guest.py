@@ -1120,6 +1120,8 @@ _RESEED = (
     ("random", lambda m: m.seed()),
     ("numpy.random", lambda m: m.seed()),
     ("sympy.core.random", lambda m: m.rng.seed()),
+    # Its name generator is made (and seeded) on first use: forget it, the next is made anew.
+    ("tempfile", lambda m: setattr(m, "_name_sequence", None)),
 )
 
 
@@ -1130,6 +1132,25 @@ def _fresh_slot():
         module = sys.modules.get(name)
         if module is not None:
             reseed(module)
+    _forget_setup_cells()
+
+
+def _seed_slot():
+    """Reseeds a seeded slot (`--seed`): the host has just rewound the slot's entropy stream and
+    virtual clock, so every generator reseeded here from `os.urandom` takes its seed from the
+    slot's seed, the same on every run, whether the slot was restored or booted."""
+    _fresh_slot()
+
+
+def _seed_native(seed):
+    """Seeds a `process` slot's native Python (best effort: it still reads the host's clock and
+    entropy): `random` now, and every generator `_RESEED` knows that is already imported."""
+    import random
+
+    random.seed(seed)
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed(seed & 0xFFFFFFFF)
     _forget_setup_cells()
 
 

@@ -14,7 +14,8 @@
 //! - the applications: [`server`] (`rollbox serve`), [`rollout`] (agents over datasets, scored),
 //!   [`truncation`] (conversations cut to a token budget) and [`bench`] (measurements of any
 //!   backend, shared by `rollbox bench`, the criterion benches and their tests);
-//! - shared vocabulary: [`chat`], [`env_vars`], [`error_text`] and [`reporter`].
+//! - shared vocabulary: [`chat`], [`env_vars`], [`error_text`], [`reporter`] and [`seed`] (how
+//!   `--seed` becomes one seed per slot).
 #![warn(missing_docs)]
 
 pub mod slot;
@@ -32,6 +33,7 @@ pub mod chat;
 pub mod env_vars;
 pub mod error_text;
 pub mod reporter;
+pub mod seed;
 
 pub use reporter::{Reporter, SilentReporter};
 pub use slot::{

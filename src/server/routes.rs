@@ -14,6 +14,7 @@ use super::api::{
 };
 use super::middleware::DetachedWork;
 use super::{ApiFailure, ServerState};
+use crate::seed::derive_slot_seed;
 use crate::slot::{BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
 
 /// The longest trajectory id accepted; it is free text kept for logs and listings.
@@ -89,7 +90,16 @@ pub(crate) async fn acquire(
     // Detached: if the client hangs up mid-start, the slot still lands in the table, where
     // it expires like any other instead of leaking in the backend.
     let started = DetachedWork::run(&state, async move {
-        let slot = shared.backend.acquire(&request.trajectory_id).await?;
+        let seed = request.seed.or_else(|| {
+            shared
+                .config
+                .seed
+                .map(|seed| derive_slot_seed(seed, &request.trajectory_id, 0))
+        });
+        let slot = match seed {
+            Some(seed) => shared.backend.acquire_seeded(&request.trajectory_id, seed).await?,
+            None => shared.backend.acquire(&request.trajectory_id).await?,
+        };
         reservation.fill(slot.clone());
         Ok::<Slot, BackendError>(slot)
     })

@@ -3,13 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::engine::build_engine;
 use super::factory::{InterpreterFactory, SlotDirs, StartOptions};
 use super::interpreter::{Interpreter, StartError};
 use crate::error_text::error_chain;
 use crate::reporter::Reporter;
+use crate::seed::{DEFAULT_VIRTUAL_EPOCH_SECS, derive_slot_seed};
 use crate::slot::Limits;
 use crate::slot::batch::{self, LiveSlots, every_result, group_by_slot, lock_interpreter};
 use crate::slot::tools::{ToolCallError, ToolName, ToolRequest};
@@ -48,11 +49,19 @@ pub struct WasmBackendConfig {
     /// interpreter starts; `false` bootstraps every interpreter itself, which is slower (and
     /// pays the preload imports in every slot). See `docs/snapshots.md`.
     pub snapshots: bool,
+    /// Makes every slot reproducible: a slot acquired for trajectory `T` gets the slot seed
+    /// [`derive_slot_seed`]`(seed, T, 0)`, and sees only that seed's entropy stream and a
+    /// virtual clock (docs/reproducibility.md). `None`: fresh host entropy and real time.
+    /// [`Backend::acquire_seeded`] gives one slot a seed of its own either way.
+    pub seed: Option<u64>,
+    /// Where a seeded slot's wall clock starts (default 2025-01-01T00:00:00Z).
+    pub virtual_epoch: SystemTime,
 }
 
 impl WasmBackendConfig {
     /// Default limits, the runtime from the environment, a temporary workspace root, up to
-    /// 10,000 slots, nothing preloaded, and snapshots on.
+    /// 10,000 slots, nothing preloaded, snapshots on, and no seed (virtual clocks would start
+    /// at 2025-01-01T00:00:00Z).
     pub fn from_env() -> Self {
         WasmBackendConfig {
             limits: Limits::default(),
@@ -61,6 +70,8 @@ impl WasmBackendConfig {
             max_slots: 10_000,
             preload: Vec::new(),
             snapshots: true,
+            seed: None,
+            virtual_epoch: UNIX_EPOCH + Duration::from_secs(DEFAULT_VIRTUAL_EPOCH_SECS),
         }
     }
 }
@@ -107,11 +118,15 @@ pub struct WasmBackend {
     root: PathBuf,
     owns_root: bool,
     max_slots: usize,
+    /// The run seed every slot's seed is derived from, if any.
+    seed: Option<u64>,
 }
 
 struct LiveSlot {
     slot: Slot,
     dirs: SlotDirs,
+    /// The slot's seed: a restart after a crash starts from the same world again.
+    seed: Option<u64>,
     workspace: Workspace,
     /// `None` when a restart after a crash failed; the next call tries again.
     interpreter: Mutex<Option<Interpreter>>,
@@ -139,6 +154,7 @@ impl WasmBackend {
             snapshots: config.snapshots,
             template_dir: root.join("template"),
             guest_code_cache: Some(compiled::guest_code_path(&config.runtime)),
+            virtual_epoch: config.virtual_epoch,
         };
         let factory = InterpreterFactory::new(engine, &module, runtime, config.limits, options)?;
         std::fs::create_dir_all(&root).map_err(|source| WasmBackendError::WorkspaceRoot {
@@ -159,6 +175,7 @@ impl WasmBackend {
             root,
             owns_root,
             max_slots: config.max_slots,
+            seed: config.seed,
         })
     }
 
@@ -277,50 +294,12 @@ impl Backend for WasmBackend {
     }
 
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {
-        // Reserved before the interpreter starts, so concurrent acquires cannot overshoot.
-        let reservation = SlotReservation::take(&self.reserved, self.max_slots)?;
-        let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let slot_root = self.root.join(id.to_string());
-        let dirs = SlotDirs {
-            workspace: slot_root.join("workspace"),
-            tmp: slot_root.join("tmp"),
-        };
-        let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
-        let factory = self.factory.clone();
-        let start_dirs = dirs.clone();
-        let started = tokio::task::spawn_blocking(move || factory.start(&start_dirs)).await;
-        let interpreter = match started {
-            Ok(Ok(interpreter)) => interpreter,
-            Ok(Err(error)) => {
-                let _ = std::fs::remove_dir_all(&slot_root);
-                return Err(BackendError::StartInterpreter {
-                    trajectory_id: trajectory_id.into(),
-                    source: Box::new(error),
-                });
-            }
-            Err(join) => {
-                let _ = std::fs::remove_dir_all(&slot_root);
-                return Err(BackendError::StartInterpreter {
-                    trajectory_id: trajectory_id.into(),
-                    source: Box::new(join),
-                });
-            }
-        };
-        let slot = Slot {
-            id,
-            trajectory_id: trajectory_id.to_string(),
-            backend: "wasm".into(),
-            workspace: dirs.workspace.clone(),
-        };
-        let live = Arc::new(LiveSlot {
-            slot: slot.clone(),
-            dirs,
-            workspace,
-            interpreter: Mutex::new(Some(interpreter)),
-        });
-        self.slots.write().insert(id, live);
-        reservation.keep();
-        Ok(slot)
+        let seed = self.seed.map(|seed| derive_slot_seed(seed, trajectory_id, 0));
+        self.start_slot(trajectory_id, seed).await
+    }
+
+    async fn acquire_seeded(&self, trajectory_id: &str, seed: u64) -> Result<Slot, BackendError> {
+        self.start_slot(trajectory_id, Some(seed)).await
     }
 
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
@@ -353,6 +332,57 @@ impl Backend for WasmBackend {
         })
         .await;
         Ok(())
+    }
+}
+
+impl WasmBackend {
+    /// Starts a slot for `trajectory_id`, in the world of `seed` if any.
+    async fn start_slot(&self, trajectory_id: &str, seed: Option<u64>) -> Result<Slot, BackendError> {
+        // Reserved before the interpreter starts, so concurrent acquires cannot overshoot.
+        let reservation = SlotReservation::take(&self.reserved, self.max_slots)?;
+        let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let slot_root = self.root.join(id.to_string());
+        let dirs = SlotDirs {
+            workspace: slot_root.join("workspace"),
+            tmp: slot_root.join("tmp"),
+        };
+        let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
+        let factory = self.factory.clone();
+        let start_dirs = dirs.clone();
+        let started = tokio::task::spawn_blocking(move || factory.start(&start_dirs, seed)).await;
+        let interpreter = match started {
+            Ok(Ok(interpreter)) => interpreter,
+            Ok(Err(error)) => {
+                let _ = std::fs::remove_dir_all(&slot_root);
+                return Err(BackendError::StartInterpreter {
+                    trajectory_id: trajectory_id.into(),
+                    source: Box::new(error),
+                });
+            }
+            Err(join) => {
+                let _ = std::fs::remove_dir_all(&slot_root);
+                return Err(BackendError::StartInterpreter {
+                    trajectory_id: trajectory_id.into(),
+                    source: Box::new(join),
+                });
+            }
+        };
+        let slot = Slot {
+            id,
+            trajectory_id: trajectory_id.to_string(),
+            backend: "wasm".into(),
+            workspace: dirs.workspace.clone(),
+        };
+        let live = Arc::new(LiveSlot {
+            slot: slot.clone(),
+            dirs,
+            seed,
+            workspace,
+            interpreter: Mutex::new(Some(interpreter)),
+        });
+        self.slots.write().insert(id, live);
+        reservation.keep();
+        Ok(slot)
     }
 }
 
@@ -455,7 +485,7 @@ fn run_python(
     let mut guard = lock_interpreter(&live.interpreter);
     if guard.is_none() {
         // An earlier restart failed; try again before giving up on this call.
-        match factory.start(&live.dirs) {
+        match factory.start(&live.dirs, live.seed) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
                 let mut result = ExecutionResult::failure(
@@ -478,7 +508,7 @@ fn run_python(
     if result.metadata.state_lost {
         // A trapped instance may be corrupt: never reuse it.
         *guard = None;
-        match factory.start(&live.dirs) {
+        match factory.start(&live.dirs, live.seed) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
                 let error = error_chain(&error);

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use wasmtime::{Engine, InstancePre, Linker, Module, Store};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -20,6 +20,7 @@ use super::module_shape::check_snapshot_support;
 use super::poll::{GuestMonotonicClock, poll_oneoff};
 use super::runtime::{GUEST_ARGV0, GUEST_MPL_DATA_DIR, GUEST_STDLIB_DIR, InstalledRuntime};
 use super::snapshot::{self, FRESH_SLOT_CELL, Snapshot, SnapshotRefusal};
+use super::world::{SEEDED_SLOT_CELL, SeededWorld};
 use crate::slot::Limits;
 use crate::slot::cell::{GUEST_SOURCE, STARTUP_TIMEOUT, report_budget};
 use crate::slot::workspace::GUEST_WORKSPACE;
@@ -60,6 +61,8 @@ pub(crate) struct InterpreterFactory {
     /// Set when a restored interpreter failed its stack probe: from then on every
     /// interpreter bootstraps.
     snapshot_failed: AtomicBool,
+    /// Where a seeded slot's wall clock starts.
+    virtual_epoch: SystemTime,
 }
 
 /// How an [`InterpreterFactory`] starts interpreters.
@@ -73,6 +76,8 @@ pub(crate) struct StartOptions {
     /// A file that keeps the guest module's compiled code between processes, so that a new
     /// process (`rollbox exec`) does not compile the guest's source again; `None` keeps none.
     pub(crate) guest_code_cache: Option<PathBuf>,
+    /// Where a seeded slot's wall clock starts (see `world.rs`).
+    pub(crate) virtual_epoch: SystemTime,
 }
 
 impl InterpreterFactory {
@@ -110,6 +115,7 @@ impl InterpreterFactory {
             snapshot: OnceLock::new(),
             first_start: AtomicBool::new(true),
             snapshot_failed: AtomicBool::new(false),
+            virtual_epoch: options.virtual_epoch,
         })
     }
 
@@ -162,10 +168,23 @@ impl InterpreterFactory {
 
     /// A fresh interpreter over `dirs`, with the guest module (and the preload modules)
     /// loaded and the working directory set to the workspace: restored from the snapshot when
-    /// there is one, else bootstrapped.
-    pub(crate) fn start(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
-        if let Some(snapshot) = self.snapshot_to_restore() {
-            match self.restore(snapshot, dirs) {
+    /// there is one, else bootstrapped. With a `seed`, the interpreter sees that seed's
+    /// entropy stream and virtual clock (`world.rs`), rewound to their start once it is up.
+    pub(crate) fn start(&self, dirs: &SlotDirs, seed: Option<u64>) -> Result<Interpreter, StartError> {
+        let world = seed.map(|seed| SeededWorld::new(seed, self.virtual_epoch));
+        let mut interpreter = self.start_in(dirs, world.as_ref())?;
+        if let Some(world) = &world {
+            world.rewind();
+            interpreter
+                .setup_cell(SEEDED_SLOT_CELL, &self.limits)
+                .map_err(StartError::FreshSlot)?;
+        }
+        Ok(interpreter)
+    }
+
+    fn start_in(&self, dirs: &SlotDirs, world: Option<&SeededWorld>) -> Result<Interpreter, StartError> {
+        if let Some(snapshot) = self.snapshot_to_restore(world.is_some()) {
+            match self.restore(snapshot, dirs, world) {
                 Err(StartError::Restore(error @ RestoreError::StackMoved { .. })) => {
                     self.snapshot_failed.store(true, Ordering::Relaxed);
                     tracing::warn!(%error, "a restored interpreter failed its stack probe; every interpreter will bootstrap from now on");
@@ -173,17 +192,19 @@ impl InterpreterFactory {
                 restored => return restored,
             }
         }
-        self.boot(dirs)
+        self.boot(dirs, world)
     }
 
     /// The snapshot to restore, if any. Without a preload it is taken when the second
     /// interpreter starts: the first bootstraps, so a backend that only ever starts one
     /// (`rollbox exec`) never pays for a template. Concurrent starts wait for the one taking it.
-    fn snapshot_to_restore(&self) -> Option<&Snapshot> {
+    /// A `seeded` start always restores when snapshots are on: which start comes first depends
+    /// on scheduling, and a booted heap differs from a restored one (object ids, set order).
+    fn snapshot_to_restore(&self, seeded: bool) -> Option<&Snapshot> {
         if !self.snapshots || self.snapshot_failed.load(Ordering::Relaxed) {
             return None;
         }
-        if self.snapshot.get().is_none() && self.first_start.swap(false, Ordering::Relaxed) {
+        if self.snapshot.get().is_none() && !seeded && self.first_start.swap(false, Ordering::Relaxed) {
             return None;
         }
         let taken = self.snapshot.get_or_init(|| {
@@ -207,7 +228,8 @@ impl InterpreterFactory {
         for dir in [&dirs.workspace, &dirs.tmp] {
             std::fs::create_dir_all(dir).map_err(|e| StartError::Preopen(dir.clone(), Box::new(e)))?;
         }
-        let built = self.boot(&dirs).map(|mut template| {
+        // The template runs in a fixed world, so every process takes the same snapshot.
+        let built = self.boot(&dirs, Some(&SeededWorld::template())).map(|mut template| {
             if self.snapshots {
                 self.capture(&mut template, &dirs)
             } else {
@@ -231,7 +253,10 @@ impl InterpreterFactory {
     fn capture(&self, template: &mut Interpreter, dirs: &SlotDirs) -> Option<Snapshot> {
         let captured = check_snapshot_support(&self.runtime.snapshot)
             .map_err(SnapshotRefusal::from)
-            .and_then(|()| self.instantiate(dirs).map_err(SnapshotRefusal::Pristine))
+            .and_then(|()| {
+                self.instantiate(dirs, Some(&SeededWorld::template()))
+                    .map_err(SnapshotRefusal::Pristine)
+            })
             .and_then(|pristine| snapshot::capture(template, &pristine, &self.limits));
         captured
             .inspect_err(|refusal| tracing::warn!(%refusal, "failed to take a memory snapshot; every interpreter will bootstrap (slower to start)"))
@@ -240,9 +265,14 @@ impl InterpreterFactory {
 
     /// Restores the snapshot into a new instance and runs the fresh-slot turn, whose stack
     /// probe must land where the template's did.
-    fn restore(&self, snapshot: &Snapshot, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+    fn restore(
+        &self,
+        snapshot: &Snapshot,
+        dirs: &SlotDirs,
+        world: Option<&SeededWorld>,
+    ) -> Result<Interpreter, StartError> {
         let started = Instant::now();
-        let mut interpreter = self.instantiate(dirs)?;
+        let mut interpreter = self.instantiate(dirs, world)?;
         let instantiated = started.elapsed();
         snapshot
             .memory
@@ -269,9 +299,9 @@ impl InterpreterFactory {
 
     /// A new interpreter with the guest module loaded by the bootstrap turn, and the preload
     /// modules imported.
-    fn boot(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+    fn boot(&self, dirs: &SlotDirs, world: Option<&SeededWorld>) -> Result<Interpreter, StartError> {
         let started = Instant::now();
-        let mut interpreter = self.instantiate(dirs)?;
+        let mut interpreter = self.instantiate(dirs, world)?;
         let instantiated = started.elapsed();
         if let Err(error) = self.bootstrap(&mut interpreter) {
             // A cached guest module that does not load (a stale or damaged file) is dropped,
@@ -280,7 +310,7 @@ impl InterpreterFactory {
                 return Err(error);
             }
             tracing::warn!(%error, "the cached guest module did not load; compiling the guest again");
-            interpreter = self.instantiate(dirs)?;
+            interpreter = self.instantiate(dirs, world)?;
             self.bootstrap(&mut interpreter)?;
         }
         if let Some((modules, cell)) = &self.preload {
@@ -299,11 +329,12 @@ impl InterpreterFactory {
         Ok(interpreter)
     }
 
-    /// A new store and instance over `dirs`, never run: the module's initial memory image.
-    pub(crate) fn instantiate(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+    /// A new store and instance over `dirs`, never run: the module's initial memory image. In
+    /// a `world`, the instance's entropy and clocks are that world's.
+    pub(crate) fn instantiate(&self, dirs: &SlotDirs, world: Option<&SeededWorld>) -> Result<Interpreter, StartError> {
         let stdout = CapturedStream::new(self.limits.output_bytes);
         let stderr = CapturedStream::new(self.limits.output_bytes);
-        let wasi = self.wasi_ctx(dirs, &stdout, &stderr)?;
+        let wasi = self.wasi_ctx(dirs, &stdout, &stderr, world)?;
         let state = GuestState {
             wasi,
             limiter: MemoryLimiter {
@@ -318,6 +349,7 @@ impl InterpreterFactory {
             door_cap: report_budget(&self.limits),
             door_frame: None,
             streams: [stdout.clone(), stderr.clone()],
+            virtual_clock: world.map(SeededWorld::clock),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -409,15 +441,18 @@ impl InterpreterFactory {
         dirs: &SlotDirs,
         stdout: &CapturedStream,
         stderr: &CapturedStream,
+        world: Option<&SeededWorld>,
     ) -> Result<WasiP1Ctx, StartError> {
         let mut builder = WasiCtxBuilder::new();
         // The guest runs on a blocking thread of its own; no need to hop to another for files.
         builder.allow_blocking_current_thread(true);
-        builder
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .monotonic_clock(GuestMonotonicClock)
-            .arg(GUEST_ARGV0);
+        builder.stdout(stdout.clone()).stderr(stderr.clone()).arg(GUEST_ARGV0);
+        match world {
+            Some(world) => world.install(&mut builder),
+            None => {
+                builder.monotonic_clock(GuestMonotonicClock);
+            }
+        }
         for (name, value) in GUEST_ENV {
             builder.env(name, value);
         }
