@@ -24,7 +24,7 @@ use rollbox::WasmBackendConfig;
 
 use super::backend_args::{PROCESS_FLAGS_ONLY, ProcessArgs, ServedBackend, start_process_backend};
 use super::interrupts::Interrupts;
-use super::{LimitArgs, Printer, RuntimeArgs, start_wasm_backend_with};
+use super::{LimitArgs, Printer, RuntimeArgs, SeedArgs, start_wasm_backend_with};
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -71,6 +71,10 @@ pub(crate) struct ServeArgs {
     runtime: RuntimeArgs,
     #[command(flatten)]
     process: ProcessArgs,
+    /// Also per acquire: `{"seed": N}` in the acquire body seeds that slot with N as its slot
+    /// seed, with or without --seed.
+    #[command(flatten)]
+    seed: SeedArgs,
 }
 
 /// Starts the backend `args` choose, with room for the server's `--max-slots`.
@@ -142,6 +146,7 @@ pub(crate) async fn run(args: ServeArgs, printer: Printer) -> anyhow::Result<Exi
 }
 
 fn resolve_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    args.seed.check(&args.runtime)?;
     Ok(ServerConfig {
         max_slots: args.max_slots,
         idle_timeout: positive_secs("--idle-timeout", args.idle_timeout)?,
@@ -151,6 +156,7 @@ fn resolve_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         request_timeout: positive_secs("--request-timeout", args.request_timeout)?,
         token: resolve_token(args.token_file.as_deref())?,
         run_code_output_bytes: args.run_code_max_output,
+        seed: args.seed.seed,
     })
 }
 

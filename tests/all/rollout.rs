@@ -337,6 +337,7 @@ fn config(kind: AgentKind, out: &Path, group_size: usize, concurrency: usize) ->
         resume: false,
         custom_reward: None,
         score_in_fresh_slot: false,
+        seed: None,
     }
 }
 
@@ -693,6 +694,7 @@ async fn ask(client: &ChatClient) -> Result<rollbox::rollout::policy::ModelReply
         turn: 0,
         agent: AgentKind::Notebook,
         code_tags: &tags,
+        seed: None,
     };
     client.next_turn(request).await
 }
@@ -1648,6 +1650,7 @@ async fn the_oracle_reports_a_bad_tool_call_block_in_a_reference_solution() {
         turn: 0,
         agent: AgentKind::Tools,
         code_tags: &tags,
+        seed: None,
     };
     let error = OraclePolicy.next_turn(request).await.expect_err("no arguments");
     assert_eq!(error.kind(), "oracle_bad_tool_call");
