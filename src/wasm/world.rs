@@ -186,7 +186,11 @@ mod tests {
         let clock = VirtualWallClock(world.clock());
         let t0 = clock.now();
         world.clock().advance_to(5_000_000_000);
-        assert_eq!(clock.now(), t0 + Duration::from_secs(5), "a sleep moves virtual time by its length");
+        assert_eq!(
+            clock.now(),
+            t0 + Duration::from_secs(5),
+            "a sleep moves virtual time by its length"
+        );
         world.rewind();
         assert_eq!(stream.next_u64(), first);
         assert_eq!(clock.now(), t0);

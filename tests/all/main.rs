@@ -9,6 +9,7 @@ mod hostile_cells;
 mod parity;
 mod process;
 mod remote;
+mod reproducibility;
 mod rollout;
 mod runtime;
 mod server;
