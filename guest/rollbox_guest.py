@@ -1136,9 +1136,10 @@ def _fresh_slot():
 
 
 def _seed_slot():
-    """Reseeds a seeded slot (`--seed`): the host has just rewound the slot's entropy stream and
-    virtual clock, so every generator reseeded here from `os.urandom` takes its seed from the
-    slot's seed, the same on every run, whether the slot was restored or booted."""
+    """Reseeds a booted seeded slot (`--seed`): the host has just rewound the slot's entropy
+    stream and virtual clock, so every generator reseeded here from `os.urandom` takes its seed
+    from the slot's seed. A restored slot's `_fresh_slot` turn runs after the same rewind: both
+    paths reseed alike."""
     _fresh_slot()
 
 

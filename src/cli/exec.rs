@@ -54,7 +54,8 @@ pub(crate) async fn run(args: ExecArgs, printer: Printer) -> anyhow::Result<Exit
         !cells.is_empty(),
         "no cells to run: pass -c CODE (repeatable) or --file PATH"
     );
-    let backend = args.backend.start(limits, &args.runtime, printer).await?;
+    let runtime = args.seed.one_slot_runtime(&args.runtime, args.backend.backend);
+    let backend = args.backend.start(limits, &runtime, printer).await?;
     run_until_interrupted(
         backend.as_ref(),
         printer,

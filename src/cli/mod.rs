@@ -162,6 +162,17 @@ pub(crate) struct SeedArgs {
 }
 
 impl SeedArgs {
+    /// The runtime flags for a command that starts one slot (`exec`, `repl`) on `backend`: a
+    /// seeded wasm slot otherwise restores from a snapshot, whose template alone costs a new
+    /// process tens of milliseconds; with one slot per process, booting it is as repeatable.
+    pub(crate) fn one_slot_runtime(&self, runtime: &RuntimeArgs, backend: backend_args::BackendChoice) -> RuntimeArgs {
+        let mut runtime = runtime.clone();
+        if self.seed.is_some() && backend == backend_args::BackendChoice::Wasm {
+            runtime.no_snapshot = true;
+        }
+        runtime
+    }
+
     /// Refuses `--clock-start` without `--seed`: an unseeded slot reads the host's clock, so
     /// the flag would be ignored.
     pub(crate) fn check(&self, runtime: &RuntimeArgs) -> anyhow::Result<()> {

@@ -29,7 +29,8 @@ pub(crate) async fn run(args: ReplArgs, printer: Printer) -> anyhow::Result<Exit
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
     }
-    let started = args.backend.start(limits, &args.runtime, printer).await?;
+    let runtime = args.seed.one_slot_runtime(&args.runtime, args.backend.backend);
+    let started = args.backend.start(limits, &runtime, printer).await?;
     run_until_interrupted(started.as_ref(), printer, repl(started.as_ref(), args.seed, printer)).await
 }
 

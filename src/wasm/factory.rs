@@ -169,20 +169,13 @@ impl InterpreterFactory {
     /// A fresh interpreter over `dirs`, with the guest module (and the preload modules)
     /// loaded and the working directory set to the workspace: restored from the snapshot when
     /// there is one, else bootstrapped. With a `seed`, the interpreter sees that seed's
-    /// entropy stream and virtual clock (`world.rs`), rewound to their start once it is up.
+    /// entropy stream and virtual clock (`world.rs`), rewound to their start just before the
+    /// turn that reseeds Python's generators from the stream: the fresh-slot turn of a restore,
+    /// or [`SEEDED_SLOT_CELL`] after a boot (the same reseeding), so both paths give the first
+    /// cell the same world.
     pub(crate) fn start(&self, dirs: &SlotDirs, seed: Option<u64>) -> Result<Interpreter, StartError> {
         let world = seed.map(|seed| SeededWorld::new(seed, self.virtual_epoch));
-        let mut interpreter = self.start_in(dirs, world.as_ref())?;
-        if let Some(world) = &world {
-            world.rewind();
-            interpreter
-                .setup_cell(SEEDED_SLOT_CELL, &self.limits)
-                .map_err(StartError::FreshSlot)?;
-        }
-        Ok(interpreter)
-    }
-
-    fn start_in(&self, dirs: &SlotDirs, world: Option<&SeededWorld>) -> Result<Interpreter, StartError> {
+        let world = world.as_ref();
         if let Some(snapshot) = self.snapshot_to_restore(world.is_some()) {
             match self.restore(snapshot, dirs, world) {
                 Err(StartError::Restore(error @ RestoreError::StackMoved { .. })) => {
@@ -192,7 +185,14 @@ impl InterpreterFactory {
                 restored => return restored,
             }
         }
-        self.boot(dirs, world)
+        let mut interpreter = self.boot(dirs, world)?;
+        if let Some(world) = world {
+            world.rewind();
+            interpreter
+                .setup_cell(SEEDED_SLOT_CELL, &self.limits)
+                .map_err(StartError::FreshSlot)?;
+        }
+        Ok(interpreter)
     }
 
     /// The snapshot to restore, if any. Without a preload it is taken when the second
@@ -279,6 +279,10 @@ impl InterpreterFactory {
             .restore(&mut interpreter.store, interpreter.memory)
             .map_err(StartError::Restore)?;
         let restored = started.elapsed();
+        // The fresh-slot turn reseeds from the stream: a seeded slot's starts here.
+        if let Some(world) = world {
+            world.rewind();
+        }
         let probe = interpreter
             .stack_probe(FRESH_SLOT_CELL, &self.limits)
             .map_err(StartError::FreshSlot)?;

@@ -32,9 +32,10 @@ pub(crate) const CLOCK_STEP: Duration = Duration::from_micros(1);
 /// seeded slots rewind to their own seed, unseeded ones reseed from host entropy.
 pub(crate) const TEMPLATE_SEED: u64 = 0;
 
-/// The turn a seeded slot runs once its world is rewound: the guest reseeds every generator
-/// a module keeps (`random`, numpy's legacy global one, sympy's, `tempfile`'s names) from the
-/// slot's stream (`_seed_slot` in `guest/rollbox_guest.py`).
+/// The turn a booted seeded slot runs once its world is rewound: the guest reseeds every
+/// generator a module keeps (`random`, numpy's legacy global one, sympy's, `tempfile`'s names)
+/// from the slot's stream (`_seed_slot` in `guest/rollbox_guest.py`). A restored slot needs no
+/// extra turn: its fresh-slot turn does the same reseeding, after the rewind.
 pub(crate) const SEEDED_SLOT_CELL: &str = "__import__('rollbox_guest')._seed_slot()";
 
 /// A seeded slot's entropy stream and virtual clock, shared by its WASI context and its
