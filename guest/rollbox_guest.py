@@ -1299,6 +1299,8 @@ _RESEED = (
     ("random", lambda m: m.seed()),
     ("numpy.random", lambda m: m.seed()),
     ("sympy.core.random", lambda m: m.rng.seed()),
+    # Its name generator is made (and seeded) on first use: forget it, the next is made anew.
+    ("tempfile", lambda m: setattr(m, "_name_sequence", None)),
 )
 
 
@@ -1333,6 +1335,26 @@ def _forked():
 def _forget_last_setup_cell():
     linecache.cache.pop(f"<cell-{_Cell.count}>", None)
     _Cell.count -= 1
+
+
+def _seed_slot():
+    """Reseeds a booted seeded slot (`--seed`): the host has just rewound the slot's entropy
+    stream and virtual clock, so every generator reseeded here from `os.urandom` takes its seed
+    from the slot's seed. A restored slot's `_fresh_slot` turn runs after the same rewind: both
+    paths reseed alike."""
+    _fresh_slot()
+
+
+def _seed_native(seed):
+    """Seeds a `process` slot's native Python (best effort: it still reads the host's clock and
+    entropy): `random` now, and every generator `_RESEED` knows that is already imported."""
+    import random
+
+    random.seed(seed)
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed(seed & 0xFFFFFFFF)
+    _forget_setup_cells()
 
 
 def _forget_setup_cells():

@@ -36,6 +36,8 @@ pub const PATH: &str = "PATH";
 pub const TMPDIR: &str = "TMPDIR";
 /// Standard: the locale; set to `C.UTF-8` inside `process` sandboxes.
 pub const LANG: &str = "LANG";
+/// Standard: fixes Python's hash randomisation; set in a seeded `process` slot's Python.
+pub const PYTHONHASHSEED: &str = "PYTHONHASHSEED";
 /// Standard (git): the author and committer of the example SWE repository, fixed so its commit
 /// id is the same on every machine.
 pub const GIT_AUTHOR_NAME: &str = "GIT_AUTHOR_NAME";

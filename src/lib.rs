@@ -15,7 +15,8 @@
 //!   [`report`] (a rollout as notebooks and as one HTML report),
 //!   [`truncation`] (conversations cut to a token budget) and [`bench`] (measurements of any
 //!   backend, shared by `rollbox bench`, the criterion benches and their tests);
-//! - shared vocabulary: [`chat`], [`env_vars`], [`error_text`] and [`reporter`].
+//! - shared vocabulary: [`chat`], [`env_vars`], [`error_text`], [`reporter`] and [`seed`] (how
+//!   `--seed` becomes one seed per slot).
 #![warn(missing_docs)]
 
 pub mod slot;
@@ -34,6 +35,7 @@ pub mod chat;
 pub mod env_vars;
 pub mod error_text;
 pub mod reporter;
+pub mod seed;
 
 pub use reporter::{Reporter, SilentReporter};
 pub use slot::{

@@ -10,11 +10,11 @@ use rollbox::bench::{
     EngineBenchOptions, EngineBenchReport, RemoteBenchOptions, RemoteBenchReport, percentile, run_engine_bench,
     run_remote_bench,
 };
-use rollbox::{Backend, Limits};
+use rollbox::{Backend, Limits, WasmBackendConfig};
 
 use super::backend_args::{BackendArgs, BackendChoice, start_remote_backend};
 use super::interrupts::run_until_interrupted;
-use super::{Printer, RuntimeArgs, start_wasm_backend};
+use super::{Printer, RuntimeArgs, SeedArgs, start_wasm_backend, start_wasm_backend_with};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -50,13 +50,32 @@ pub(crate) struct BenchArgs {
     /// server sustains over `--slots` slots, batched and from as many concurrent callers.
     #[command(flatten)]
     backend: BackendArgs,
+    /// Measure seeded wasm slots (every slot of the bench, and each timed process start): what
+    /// `--seed` costs (BENCHMARKS.md).
+    #[command(flatten)]
+    seed: SeedArgs,
 }
 
 pub(crate) async fn run(args: BenchArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     if args.backend.backend == BackendChoice::Remote {
         return run_remote(args, printer).await;
     }
-    let backend = args.backend.start(Limits::default(), &args.runtime, printer).await?;
+    args.seed.check(&args.runtime)?;
+    let backend: Arc<dyn Backend> = match args.seed.seed {
+        Some(seed) => {
+            anyhow::ensure!(
+                args.backend.backend == BackendChoice::Wasm,
+                "rollbox bench --seed measures the wasm backend only"
+            );
+            args.backend.check_flags_apply(&args.runtime)?;
+            let config = WasmBackendConfig {
+                seed: Some(seed),
+                ..args.runtime.backend_config(Limits::default())
+            };
+            Arc::new(start_wasm_backend_with(config, printer).await?)
+        }
+        None => args.backend.start(Limits::default(), &args.runtime, printer).await?,
+    };
     let options = EngineBenchOptions {
         cells: args.cells,
         acquires: args.acquires,
@@ -73,12 +92,17 @@ pub(crate) async fn run(args: BenchArgs, printer: Printer) -> anyhow::Result<Exi
         report.idle_slot_pss_mb = None;
         report.live_slots_process_pss_mb = None;
     }
-    let start_ms = process_start_ms(args.starts, &backend_name, &args.backend.process.server_args())?;
+    let mut start_flags = args.backend.process.server_args();
+    if let Some(seed) = args.seed.seed {
+        start_flags.extend(["--seed".to_string(), seed.to_string()]);
+    }
+    let start_ms = process_start_ms(args.starts, &backend_name, &start_flags)?;
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["backend"] = serde_json::json!(backend_name);
         value["process_start_to_first_result_median_ms"] = serde_json::json!(start_ms);
         value["process_starts"] = serde_json::json!(args.starts);
+        value["seed"] = serde_json::json!(args.seed.seed);
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }

@@ -11,7 +11,7 @@ use rollbox::{Backend, ExecutionResult, ToolCall};
 
 use super::backend_args::BackendArgs;
 use super::interrupts::run_until_interrupted;
-use super::{LimitArgs, Printer, RuntimeArgs};
+use super::{LimitArgs, Printer, RuntimeArgs, SeedArgs};
 
 /// The marker that starts a new cell in a cells file (the Jupytext "percent" format).
 const CELL_MARKER: &str = "# %%";
@@ -36,10 +36,13 @@ pub(crate) struct ExecArgs {
     runtime: RuntimeArgs,
     #[command(flatten)]
     backend: BackendArgs,
+    #[command(flatten)]
+    seed: SeedArgs,
 }
 
 pub(crate) async fn run(args: ExecArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     let limits = args.limits.resolve()?;
+    args.seed.check(&args.runtime)?;
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
     }
@@ -51,7 +54,8 @@ pub(crate) async fn run(args: ExecArgs, printer: Printer) -> anyhow::Result<Exit
         !cells.is_empty(),
         "no cells to run: pass -c CODE (repeatable) or --file PATH"
     );
-    let backend = args.backend.start(limits, &args.runtime, printer).await?;
+    let runtime = args.seed.one_slot_runtime(&args.runtime, args.backend.backend);
+    let backend = args.backend.start(limits, &runtime, printer).await?;
     run_until_interrupted(
         backend.as_ref(),
         printer,
@@ -67,7 +71,7 @@ async fn run_cells(
     args: &ExecArgs,
     printer: Printer,
 ) -> anyhow::Result<ExitCode> {
-    let slot = backend.acquire("exec").await?;
+    let slot = args.seed.acquire(backend, "exec").await?;
     let mut failed = 0usize;
     let mut stdout = std::io::stdout().lock();
     for (number, code) in cells.into_iter().enumerate() {

@@ -153,6 +153,65 @@ pub(crate) struct RuntimeArgs {
     /// Bootstrap every slot's interpreter instead of restoring a memory snapshot (slower).
     #[arg(long)]
     no_snapshot: bool,
+    /// Where a seeded slot's virtual clock starts (with --seed): a UTC instant such as
+    /// 2025-01-01T00:00:00Z (the default), or seconds since the Unix epoch.
+    #[arg(long, value_name = "INSTANT", value_parser = parse_clock_start)]
+    clock_start: Option<u64>,
+}
+
+/// `--clock-start`, as whole seconds since the Unix epoch.
+fn parse_clock_start(text: &str) -> Result<u64, rollbox::seed::InvalidEpoch> {
+    let start = rollbox::seed::parse_virtual_epoch(text)?;
+    Ok(start.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+/// `--seed`, shared by every command that starts slots.
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub(crate) struct SeedArgs {
+    /// Make every slot reproducible: each slot's seed is derived from N and its trajectory, and
+    /// on the wasm backend the slot sees only that seed's entropy and a virtual clock (sleeps
+    /// return at once). On the process backend it is best effort: it sets PYTHONHASHSEED and
+    /// seeds `random`, but host time and entropy still leak. See docs/reproducibility.md.
+    #[arg(long, value_name = "N")]
+    pub(crate) seed: Option<u64>,
+}
+
+impl SeedArgs {
+    /// The runtime flags for a command that starts one slot (`exec`, `repl`) on `backend`: a
+    /// seeded wasm slot otherwise restores from a snapshot, whose template alone costs a new
+    /// process tens of milliseconds; with one slot per process, booting it is as repeatable.
+    pub(crate) fn one_slot_runtime(&self, runtime: &RuntimeArgs, backend: backend_args::BackendChoice) -> RuntimeArgs {
+        let mut runtime = runtime.clone();
+        if self.seed.is_some() && backend == backend_args::BackendChoice::Wasm {
+            runtime.no_snapshot = true;
+        }
+        runtime
+    }
+
+    /// Refuses `--clock-start` without `--seed`: an unseeded slot reads the host's clock, so
+    /// the flag would be ignored.
+    pub(crate) fn check(&self, runtime: &RuntimeArgs) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.seed.is_some() || runtime.clock_start.is_none(),
+            "--clock-start applies to seeded slots only: add --seed N"
+        );
+        Ok(())
+    }
+
+    /// Acquires the slot of `trajectory_id`: seeded from `--seed` when given, else as usual.
+    pub(crate) async fn acquire(
+        &self,
+        backend: &dyn rollbox::Backend,
+        trajectory_id: &str,
+    ) -> Result<rollbox::Slot, rollbox::BackendError> {
+        match self.seed {
+            Some(seed) => {
+                let slot_seed = rollbox::seed::derive_slot_seed(seed, trajectory_id, 0);
+                backend.acquire_seeded(trajectory_id, slot_seed).await
+            }
+            None => backend.acquire(trajectory_id).await,
+        }
+    }
 }
 
 impl RuntimeArgs {
@@ -188,6 +247,9 @@ impl RuntimeArgs {
         if self.no_snapshot {
             args.push("--no-snapshot".to_string());
         }
+        if let Some(start) = self.clock_start {
+            args.extend(["--clock-start".to_string(), start.to_string()]);
+        }
         args
     }
 
@@ -197,6 +259,8 @@ impl RuntimeArgs {
             Some("--preload")
         } else if self.no_snapshot {
             Some("--no-snapshot")
+        } else if self.clock_start.is_some() {
+            Some("--clock-start")
         } else {
             None
         };
@@ -216,13 +280,17 @@ impl RuntimeArgs {
             .collect();
         let bare = preload.iter().any(|m| m == "none");
         preload.retain(|m| m != "none");
+        let defaults = WasmBackendConfig::from_env();
         WasmBackendConfig {
             limits,
             runtime: self.resolve(),
             preload,
             default_profile: !bare,
             snapshots: !self.no_snapshot,
-            ..WasmBackendConfig::from_env()
+            virtual_epoch: self.clock_start.map_or(defaults.virtual_epoch, |secs| {
+                std::time::UNIX_EPOCH + Duration::from_secs(secs)
+            }),
+            ..defaults
         }
     }
 }

@@ -9,7 +9,7 @@ use rollbox::{Backend, ToolCall};
 
 use super::backend_args::BackendArgs;
 use super::interrupts::run_until_interrupted;
-use super::{LimitArgs, Printer, RuntimeArgs};
+use super::{LimitArgs, Printer, RuntimeArgs, SeedArgs};
 
 #[derive(Args)]
 pub(crate) struct ReplArgs {
@@ -19,20 +19,24 @@ pub(crate) struct ReplArgs {
     runtime: RuntimeArgs,
     #[command(flatten)]
     backend: BackendArgs,
+    #[command(flatten)]
+    seed: SeedArgs,
 }
 
 pub(crate) async fn run(args: ReplArgs, printer: Printer) -> anyhow::Result<ExitCode> {
     let limits = args.limits.resolve()?;
+    args.seed.check(&args.runtime)?;
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
     }
-    let started = args.backend.start(limits, &args.runtime, printer).await?;
-    run_until_interrupted(started.as_ref(), printer, repl(started.as_ref(), printer)).await
+    let runtime = args.seed.one_slot_runtime(&args.runtime, args.backend.backend);
+    let started = args.backend.start(limits, &runtime, printer).await?;
+    run_until_interrupted(started.as_ref(), printer, repl(started.as_ref(), args.seed, printer)).await
 }
 
 /// Reads cells from stdin and runs them in one slot until end of input.
-async fn repl(backend: &dyn Backend, printer: Printer) -> anyhow::Result<ExitCode> {
-    let slot = backend.acquire("repl").await?;
+async fn repl(backend: &dyn Backend, seed: SeedArgs, printer: Printer) -> anyhow::Result<ExitCode> {
+    let slot = seed.acquire(backend, "repl").await?;
     let interactive = std::io::stdin().is_terminal();
     if interactive && !printer.is_quiet() {
         eprintln!(

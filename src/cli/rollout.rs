@@ -14,6 +14,7 @@ use rollbox::rollout::code_blocks::CodeTags;
 use rollbox::rollout::config::{AgentConfig, AgentKind, RolloutConfig};
 use rollbox::rollout::dataset::{Dataset, load_dataset};
 use rollbox::rollout::policy::{ChatClient, ChatClientConfig, DEFAULT_MAX_RESPONSE_BYTES, OraclePolicy, Policy};
+use rollbox::rollout::replay::{read_trajectory, replay as replay_trajectory};
 use rollbox::rollout::runner::{RolloutReporter, StopSignal, run_rollout};
 use rollbox::rollout::summary::Summary;
 use rollbox::rollout::user_tools::{ToolsFile, ToolsFileError, UserTools};
@@ -22,7 +23,7 @@ use rollbox::truncation::{TemplateChoice, TokenCounter};
 use super::backend_args::BackendArgs;
 use super::interrupts::Interrupts;
 use super::progress_lines::{ProgressLines, Unit};
-use super::{LimitArgs, Printer, RuntimeArgs};
+use super::{LimitArgs, Printer, RuntimeArgs, SeedArgs};
 
 /// The agent loops, as flags.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -37,11 +38,20 @@ enum AgentFlag {
 pub(crate) struct RolloutArgs {
     /// The problems, one JSON object per line (instance_id, problem, ground_truth or test_cases,
     /// reference_solution for the oracle). Repeat to run several files as one batch.
-    #[arg(long, value_name = "FILE.jsonl", required = true)]
+    #[arg(long, value_name = "FILE.jsonl", required_unless_present = "replay")]
     dataset: Vec<PathBuf>,
     /// The folder for trajectories.jsonl and summary.json.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "replay")]
+    out: Option<PathBuf>,
+    /// Replay one trajectory of a seeded rollout instead: its recorded tool calls run again in
+    /// a fresh slot with its recorded seed, and the first result that differs is printed (as
+    /// JSON on stdout; exit status 1 when one differs). Give the backend flags of the original
+    /// run.
+    #[arg(long, value_name = "FILE.jsonl", requires = "id", conflicts_with_all = ["dataset", "out", "seed", "resume"])]
+    replay: Option<PathBuf>,
+    /// The trajectory to replay (`<instance_id>/<sample>`).
+    #[arg(long, value_name = "ID", requires = "replay")]
+    id: Option<String>,
     /// An OpenAI-compatible server (`http://localhost:8000/v1`); without it the offline oracle
     /// policy plays each problem's reference solution.
     #[arg(long, value_name = "URL")]
@@ -149,6 +159,11 @@ pub(crate) struct RolloutArgs {
     runtime: RuntimeArgs,
     #[command(flatten)]
     backend: BackendArgs,
+    /// Each trajectory's slot gets the seed derived from N, its problem and its sample; a model
+    /// server gets that seed with each request (add --temperature 0 for repeatable replies).
+    /// summary.json and each trajectory record the seeds.
+    #[command(flatten)]
+    seed: SeedArgs,
 }
 
 impl RolloutArgs {
@@ -282,6 +297,13 @@ fn load_datasets(paths: &[PathBuf], printer: Printer) -> anyhow::Result<rollbox:
 }
 
 pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<ExitCode> {
+    if let (Some(file), Some(id)) = (&args.replay, &args.id) {
+        return replay(&args, file, id, printer).await;
+    }
+    let out = args
+        .out
+        .clone()
+        .context("--out is required: the folder for trajectories.jsonl and summary.json")?;
     anyhow::ensure!(args.group_size > 0, "--group-size must be at least 1");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     let agent = args.agent_config()?;
@@ -290,6 +312,7 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
     anyhow::ensure!(!dataset.problems.is_empty(), "the dataset has no readable problems");
     check_agent_fits(&dataset, agent.kind, printer);
     let limits = args.limits.resolve()?;
+    args.seed.check(&args.runtime)?;
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
     }
@@ -306,10 +329,11 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
         agent,
         group_size: args.group_size,
         concurrency: args.concurrency,
-        out_dir: args.out.clone(),
+        out_dir: out,
         resume: args.resume,
         custom_reward,
         score_in_fresh_slot: args.score_in_fresh_slot || !args.unsafe_score_in_own_slot,
+        seed: args.seed.seed,
     };
     let stop = StopSignal::new();
     let watcher = tokio::spawn(stop_on_interrupt(Interrupts::listen()?, stop.clone(), printer));
@@ -324,7 +348,7 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
         print_summary(&run.summary, &run.trajectories_path, &run.summary_path);
     }
     if args.notebooks {
-        let dir = args.out.join(super::report::NOTEBOOKS_DIR);
+        let dir = config.out_dir.join(super::report::NOTEBOOKS_DIR);
         let written = rollbox::report::RunFiles::load(&run.trajectories_path)?.write_notebooks(&dir, None)?;
         printer.line(format_args!("wrote {} notebooks in {}", written.len(), dir.display()));
     }
@@ -352,6 +376,33 @@ fn check_agent_fits(dataset: &Dataset, agent: AgentKind, printer: Printer) {
         calling[0]
     );
     printer.warn(what);
+}
+
+/// `rollout --replay FILE --id T`: replays trajectory `T` and prints the report as JSON.
+async fn replay(args: &RolloutArgs, file: &std::path::Path, id: &str, printer: Printer) -> anyhow::Result<ExitCode> {
+    let trajectory = read_trajectory(file, id)?;
+    let limits = args.limits.resolve()?;
+    let backend = args.backend.start(limits, &args.runtime, printer).await?;
+    let outcome = replay_trajectory(backend.as_ref(), &trajectory).await;
+    backend.shutdown().await?;
+    let report = outcome?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    match &report.divergence {
+        None => {
+            printer.line(format_args!(
+                "replay: all {} calls of `{id}` gave their recorded results",
+                report.calls_compared
+            ));
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(divergence) => {
+            printer.line(format_args!(
+                "replay: `{id}` diverged at turn {}, call {} ({})",
+                divergence.turn, divergence.call, divergence.tool
+            ));
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 /// The first Ctrl-C (or SIGTERM) stops new trajectories and abandons running ones at their next

@@ -24,7 +24,7 @@ use rollbox::WasmBackendConfig;
 
 use super::backend_args::{PROCESS_FLAGS_ONLY, ProcessArgs, ServedBackend, start_process_backend};
 use super::interrupts::Interrupts;
-use super::{LimitArgs, Printer, RuntimeArgs, start_wasm_backend_with};
+use super::{LimitArgs, Printer, RuntimeArgs, SeedArgs, start_wasm_backend_with};
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -85,6 +85,10 @@ pub(crate) struct ServeArgs {
     runtime: RuntimeArgs,
     #[command(flatten)]
     process: ProcessArgs,
+    /// Also per acquire: `{"seed": N}` in the acquire body seeds that slot with N as its slot
+    /// seed, with or without --seed.
+    #[command(flatten)]
+    seed: SeedArgs,
 }
 
 /// Starts the backend `args` choose, with room for the server's `--max-slots`.
@@ -156,6 +160,7 @@ pub(crate) async fn run(args: ServeArgs, printer: Printer) -> anyhow::Result<Exi
 }
 
 fn resolve_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    args.seed.check(&args.runtime)?;
     Ok(ServerConfig {
         max_slots: args.max_slots,
         idle_timeout: positive_secs("--idle-timeout", args.idle_timeout)?,
@@ -169,6 +174,7 @@ fn resolve_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         connection_idle_timeout: positive_secs("--connection-idle-timeout", args.connection_idle_timeout)?,
         token: resolve_token(args.token_file.as_deref())?,
         run_code_output_bytes: args.run_code_max_output,
+        seed: args.seed.seed,
     })
 }
 

@@ -153,6 +153,8 @@ struct LiveSlot {
     workspace: Workspace,
     /// `None` until the first `python` call, and again after the interpreter was lost.
     interpreter: Mutex<Option<NativeInterpreter>>,
+    /// The slot's seed: its Python starts (and restarts) with it.
+    seed: Option<u64>,
 }
 
 impl ProcessBackend {
@@ -308,33 +310,14 @@ impl Backend for ProcessBackend {
     }
 
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {
-        let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let dirs = SlotDirs::under(self.root.join(id.to_string()));
-        let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
-        let slot = Slot {
-            id,
-            trajectory_id: trajectory_id.to_string(),
-            backend: "process".into(),
-            workspace: dirs.workspace.clone(),
-        };
-        let live = Arc::new(LiveSlot {
-            slot: slot.clone(),
-            dirs,
-            workspace,
-            interpreter: Mutex::new(None),
-        });
-        let mut slots = self.slots.write();
-        if slots.len() >= self.max_slots {
-            drop(slots);
-            let _ = std::fs::remove_dir_all(&live.dirs.root);
-            return Err(BackendError::Exhausted {
-                capacity: self.max_slots,
-            });
-        }
-        slots.insert(id, live);
-        Ok(slot)
+        self.add_slot(trajectory_id, None)
     }
 
+    /// Best effort: the slot's Python gets `PYTHONHASHSEED` and a seeded `random`, but reads
+    /// host time and entropy like any native process (docs/reproducibility.md).
+    async fn acquire_seeded(&self, trajectory_id: &str, seed: u64) -> Result<Slot, BackendError> {
+        self.add_slot(trajectory_id, Some(seed))
+    }
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
         let mut results: Vec<Option<ExecutionResult>> = (0..calls.len()).map(|_| None).collect();
         // Each slot's calls run in order on one blocking thread; slots run in parallel.
@@ -381,6 +364,38 @@ impl Backend for ProcessBackend {
         })
         .await;
         Ok(())
+    }
+}
+
+impl ProcessBackend {
+    /// Adds a slot for `trajectory_id`; its Python starts with `seed` at its first call.
+    fn add_slot(&self, trajectory_id: &str, seed: Option<u64>) -> Result<Slot, BackendError> {
+        let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let dirs = SlotDirs::under(self.root.join(id.to_string()));
+        let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
+        let slot = Slot {
+            id,
+            trajectory_id: trajectory_id.to_string(),
+            backend: "process".into(),
+            workspace: dirs.workspace.clone(),
+        };
+        let live = Arc::new(LiveSlot {
+            slot: slot.clone(),
+            dirs,
+            workspace,
+            interpreter: Mutex::new(None),
+            seed,
+        });
+        let mut slots = self.slots.write();
+        if slots.len() >= self.max_slots {
+            drop(slots);
+            let _ = std::fs::remove_dir_all(&live.dirs.root);
+            return Err(BackendError::Exhausted {
+                capacity: self.max_slots,
+            });
+        }
+        slots.insert(id, live);
+        Ok(slot)
     }
 }
 
@@ -445,7 +460,7 @@ fn bash_timeout(requested: Option<f64>, limit: Duration) -> Result<Duration, Str
 fn run_python(shared: &Shared, live: &LiveSlot, code: &str, timeout: Duration) -> ExecutionResult {
     let mut guard = lock_interpreter(&live.interpreter);
     if guard.is_none() {
-        match NativeInterpreter::start(&shared.sandbox, &live.dirs, &shared.python, &shared.limits) {
+        match NativeInterpreter::start(&shared.sandbox, &live.dirs, &shared.python, &shared.limits, live.seed) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
                 let message = crate::error_text::error_chain(&error);

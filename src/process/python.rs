@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::capture::{Captured, StreamCapture};
 use super::sandbox::{GroupLeader, Sandbox, SlotDirs};
+use crate::env_vars;
 use crate::slot::cell::{
     GUEST_SOURCE, GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model, report_budget,
 };
@@ -31,6 +32,11 @@ const LOADER: &str = "import sys as _s, types as _t\n\
 /// How long to wait, after a cell's report, for the end of what it wrote straight to fd 1/2.
 /// The driver writes the end marker before the report, so it is normally there already.
 const STRAY_OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// The cell a seeded native interpreter runs first (`_seed_native` in the guest).
+fn seed_native_cell(seed: u64) -> String {
+    format!("__import__('rollbox_guest')._seed_native({seed})")
+}
 
 /// Starting a native interpreter failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,12 +70,15 @@ pub(crate) struct NativeInterpreter {
 }
 
 impl NativeInterpreter {
-    /// Starts `python` in the slot's sandbox and waits until the guest code is loaded.
+    /// Starts `python` in the slot's sandbox and waits until the guest code is loaded. With a
+    /// `seed`, best effort (a native process reads host time and entropy): hash randomisation
+    /// is fixed by `PYTHONHASHSEED` and `random` is seeded, see [`seed_native_cell`].
     pub(crate) fn start(
         sandbox: &Sandbox,
         dirs: &SlotDirs,
         python: &Path,
         limits: &Limits,
+        seed: Option<u64>,
     ) -> Result<NativeInterpreter, NativeStartError> {
         let marker = end_marker();
         let budget = report_budget(limits);
@@ -85,6 +94,10 @@ impl NativeInterpreter {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
         let mut command = sandbox.command(dirs, &python.to_string_lossy(), &args);
         command.stdin(Stdio::piped());
+        if let Some(seed) = seed {
+            // PYTHONHASHSEED takes 0 to 2**32 - 1.
+            command.env(env_vars::PYTHONHASHSEED, (seed & 0xffff_ffff).to_string());
+        }
         let spawn_error = |source| NativeStartError::Spawn {
             python: python.display().to_string(),
             source,
@@ -108,6 +121,16 @@ impl NativeInterpreter {
             stray,
         };
         interpreter.handshake()?;
+        if let Some(seed) = seed {
+            let result = interpreter.run_cell(&seed_native_cell(seed), limits, STARTUP_TIMEOUT);
+            if !result.success {
+                interpreter.leader.kill_and_reap();
+                return Err(NativeStartError::Handshake {
+                    reason: "the cell that seeds `random` failed".into(),
+                    output: result.output,
+                });
+            }
+        }
         Ok(interpreter)
     }
 

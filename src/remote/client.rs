@@ -219,10 +219,16 @@ impl ServerClient {
         }
     }
 
-    /// `POST /v1/slots`: a new slot, as the server names it.
-    pub async fn acquire(&self, trajectory_id: &str, timeout: Duration) -> Result<Slot, ClientError> {
+    /// `POST /v1/slots`: a new slot, as the server names it; seeded with `seed`, if any.
+    pub async fn acquire(
+        &self,
+        trajectory_id: &str,
+        seed: Option<u64>,
+        timeout: Duration,
+    ) -> Result<Slot, ClientError> {
         let body = AcquireRequest {
             trajectory_id: trajectory_id.to_string(),
+            seed,
         };
         let answer: AcquireResponse = self.post(format!("{}/slots", self.api), &body, timeout).await?;
         Ok(answer.slot)
@@ -232,6 +238,8 @@ impl ServerClient {
     pub async fn fork(&self, slot: SlotId, trajectory_id: &str, timeout: Duration) -> Result<Slot, ClientError> {
         let body = AcquireRequest {
             trajectory_id: trajectory_id.to_string(),
+            // A fork's seed comes from its parent's.
+            seed: None,
         };
         let answer: AcquireResponse = self
             .post(format!("{}/slots/{}/fork", self.api, slot.0), &body, timeout)

@@ -494,56 +494,14 @@ impl Backend for RemoteBackend {
     }
 
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {
-        let mut unreachable = Vec::new();
-        for _ in 0..ACQUIRE_ATTEMPTS {
-            if self.closed.load(Ordering::SeqCst) {
-                return Err(BackendError::Remote {
-                    what: "failed to acquire a slot: the remote backend is shut down; start a new one".into(),
-                    source: None,
-                });
-            }
-            let (key, client) = self.reserve_place().await?;
-            match client.acquire(trajectory_id, self.config.control_timeout).await {
-                Ok(remote) => {
-                    let id = SlotId(self.next_slot.fetch_add(1, Ordering::Relaxed));
-                    let entry = SlotEntry {
-                        server: key,
-                        client,
-                        remote: remote.id,
-                        lost: None,
-                    };
-                    self.lock_pool().insert_slot(id, entry);
-                    return Ok(Slot {
-                        id,
-                        trajectory_id: trajectory_id.to_string(),
-                        backend: "remote".into(),
-                        workspace: remote.workspace,
-                    });
-                }
-                Err(error) if error.server_unreachable() => {
-                    self.lock_pool().mark_down(key, &error_chain(&error));
-                    self.give_back(key).await;
-                    unreachable.push(error_chain(&error));
-                }
-                Err(error) => {
-                    self.give_back(key).await;
-                    return Err(remote_error(
-                        &format!("failed to acquire a slot for trajectory `{trajectory_id}`"),
-                        error,
-                    ));
-                }
-            }
-        }
-        Err(BackendError::Remote {
-            what: format!(
-                "failed to acquire a slot: {} servers in a row were unreachable ({})",
-                unreachable.len(),
-                unreachable.join("; ")
-            ),
-            source: None,
-        })
+        self.acquire_on_a_server(trajectory_id, None).await
     }
 
+    /// The seed goes to the server in the acquire body (`{"seed": N}`), which seeds the slot as
+    /// its own backend can.
+    async fn acquire_seeded(&self, trajectory_id: &str, seed: u64) -> Result<Slot, BackendError> {
+        self.acquire_on_a_server(trajectory_id, Some(seed)).await
+    }
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
         let mut results: Vec<Option<ExecutionResult>> = vec![None; calls.len()];
         let mut batches = self.group_by_server(calls, &mut results);
@@ -667,6 +625,61 @@ impl Backend for RemoteBackend {
                 error,
             )),
         }
+    }
+}
+
+impl RemoteBackend {
+    /// Acquires a slot on some server, seeded with `seed` if any, trying another server when
+    /// one is unreachable.
+    async fn acquire_on_a_server(&self, trajectory_id: &str, seed: Option<u64>) -> Result<Slot, BackendError> {
+        let mut unreachable = Vec::new();
+        for _ in 0..ACQUIRE_ATTEMPTS {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(BackendError::Remote {
+                    what: "failed to acquire a slot: the remote backend is shut down; start a new one".into(),
+                    source: None,
+                });
+            }
+            let (key, client) = self.reserve_place().await?;
+            match client.acquire(trajectory_id, seed, self.config.control_timeout).await {
+                Ok(remote) => {
+                    let id = SlotId(self.next_slot.fetch_add(1, Ordering::Relaxed));
+                    let entry = SlotEntry {
+                        server: key,
+                        client,
+                        remote: remote.id,
+                        lost: None,
+                    };
+                    self.lock_pool().insert_slot(id, entry);
+                    return Ok(Slot {
+                        id,
+                        trajectory_id: trajectory_id.to_string(),
+                        backend: "remote".into(),
+                        workspace: remote.workspace,
+                    });
+                }
+                Err(error) if error.server_unreachable() => {
+                    self.lock_pool().mark_down(key, &error_chain(&error));
+                    self.give_back(key).await;
+                    unreachable.push(error_chain(&error));
+                }
+                Err(error) => {
+                    self.give_back(key).await;
+                    return Err(remote_error(
+                        &format!("failed to acquire a slot for trajectory `{trajectory_id}`"),
+                        error,
+                    ));
+                }
+            }
+        }
+        Err(BackendError::Remote {
+            what: format!(
+                "failed to acquire a slot: {} servers in a row were unreachable ({})",
+                unreachable.len(),
+                unreachable.join("; ")
+            ),
+            source: None,
+        })
     }
 }
 

@@ -184,6 +184,34 @@ pub struct Trajectory {
     pub reward_ms: f64,
     /// Wall-clock time of the whole trajectory, slot start to release, in milliseconds.
     pub wall_ms: f64,
+    /// The seeds its slots had, in a seeded rollout (`--seed`): what `rollout --replay` needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<SlotSeeds>,
+}
+
+/// The seeds of a seeded trajectory's slots: each slot's seed as the backend used it, so one
+/// trajectory can be replayed alone without the rest of its run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotSeeds {
+    /// The run seed (`--seed N`).
+    pub run: u64,
+    /// The trajectory's own slot: `derive_slot_seed(run, instance_id, sample)`.
+    pub slot: u64,
+    /// The fresh slot its reward was computed in, if any: `derive_fork_seed(slot, 0)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_slot: Option<u64>,
+}
+
+impl SlotSeeds {
+    /// The seeds of sample `sample` of `instance_id` in a run seeded with `run`.
+    pub fn derive(run: u64, instance_id: &str, sample: usize) -> Self {
+        let slot = crate::seed::derive_slot_seed(run, instance_id, sample as u64);
+        SlotSeeds {
+            run,
+            slot,
+            reward_slot: Some(crate::seed::derive_fork_seed(slot, 0)),
+        }
+    }
 }
 
 /// An error recorded in a trajectory.
@@ -209,6 +237,8 @@ pub struct AgentContext<'a> {
     pub tools: &'a [Value],
     /// Becomes `true` when the rollout is interrupted.
     pub stop: watch::Receiver<bool>,
+    /// The seed the policy samples with, in a seeded rollout (the trajectory's slot seed).
+    pub seed: Option<u64>,
 }
 
 /// Runs the configured loop on `problem`. `None` means the rollout was interrupted first and
@@ -262,6 +292,7 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
             turn,
             agent: context.config.kind,
             code_tags: &context.config.code_tags,
+            seed: context.seed,
         };
         let reply = tokio::select! {
             reply = context.policy.next_turn(request) => reply,

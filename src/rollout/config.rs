@@ -118,4 +118,10 @@ pub struct RolloutConfig {
     /// Compute each reward in a new slot holding only the trajectory's definitions, rather
     /// than in the trajectory's own slot; see [`crate::rollout::fresh_slot`].
     pub score_in_fresh_slot: bool,
+    /// The run seed (`--seed N`): each trajectory's slot gets
+    /// [`derive_slot_seed`](crate::seed::derive_slot_seed)`(N, instance_id, sample)` and its
+    /// fresh reward slot that seed's first fork, both recorded in the trajectory
+    /// ([`SlotSeeds`](crate::rollout::agent::SlotSeeds)) so it can be replayed alone. `None`:
+    /// fresh entropy and real time.
+    pub seed: Option<u64>,
 }

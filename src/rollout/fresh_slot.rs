@@ -38,12 +38,18 @@ pub struct Scored<'a> {
     pub steps: &'a [Step],
     /// A custom reward function's source.
     pub custom: Option<&'a str>,
+    /// The fresh slot's seed, in a seeded rollout.
+    pub seed: Option<u64>,
 }
 
 /// Scores `scored` in a new slot of `backend` holding only the trajectory's definitions (none
 /// for a math reward), then releases it. Fails only when no slot can be acquired.
 pub async fn reward_in_fresh_slot(backend: &dyn Backend, scored: Scored<'_>) -> Result<Reward, BackendError> {
-    let slot = backend.acquire(&format!("{}/reward", scored.trajectory_id)).await?;
+    let trajectory_id = format!("{}/reward", scored.trajectory_id);
+    let slot = match scored.seed {
+        Some(seed) => backend.acquire_seeded(&trajectory_id, seed).await?,
+        None => backend.acquire(&trajectory_id).await?,
+    };
     if scored.custom.is_some() || !scored.problem.test_cases.is_empty() {
         let cells: Vec<_> = scored
             .steps

@@ -14,6 +14,7 @@
 //!   [`fresh_slot`] in a new one;
 //! - [`runner`] handles groups, concurrency, `trajectories.jsonl`, resume and interruption;
 //! - [`summary`] adds it all up in `summary.json`;
+//! - [`replay`] runs one seeded trajectory's calls again and finds the first divergence;
 //! - [`scan_cost`] counts the bytes the parsers of model output read, to test that their cost is
 //!   linear (see `docs/hostile-model.md` for every limit on what a model can send);
 //! - [`swe`] prepares and scores SWE tasks (a repository at a commit, its tests as the reward).
@@ -25,6 +26,7 @@ pub mod config;
 pub mod dataset;
 pub mod fresh_slot;
 pub mod policy;
+pub mod replay;
 pub mod reward;
 pub mod runner;
 pub mod scan_cost;

@@ -30,6 +30,9 @@ pub struct TurnRequest<'a> {
     pub agent: AgentKind,
     /// The code tags of the notebook agent.
     pub code_tags: &'a CodeTags,
+    /// The seed to sample with, in a seeded rollout: a model server gets it as the request's
+    /// `seed`, which with temperature 0 makes its replies repeat where the server honours it.
+    pub seed: Option<u64>,
 }
 
 /// Token counts as an OpenAI-compatible server reports them.
@@ -446,7 +449,10 @@ impl Policy for ChatClient {
     }
 
     async fn next_turn(&self, request: TurnRequest<'_>) -> Result<ModelReply, PolicyError> {
-        let body = self.body(request.messages, request.tools);
+        let mut body = self.body(request.messages, request.tools);
+        if let Some(seed) = request.seed {
+            body["seed"] = json!(seed);
+        }
         let mut attempt = 0u32;
         loop {
             attempt += 1;

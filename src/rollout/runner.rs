@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::rollout::agent::{AgentContext, Episode, TokenCounts, Trajectory, TrajectoryError, run_agent};
+use crate::rollout::agent::{AgentContext, Episode, SlotSeeds, TokenCounts, Trajectory, TrajectoryError, run_agent};
 use crate::rollout::config::{AgentConfig, RolloutConfig};
 use crate::rollout::dataset::{Dataset, Problem};
 use crate::rollout::fresh_slot::{Scored, reward_in_fresh_slot};
@@ -149,6 +149,8 @@ struct Job {
     trajectory_id: String,
     sample: usize,
     problem: Problem,
+    /// Its slots' seeds, in a seeded rollout.
+    seeds: Option<SlotSeeds>,
 }
 
 enum JobOutcome {
@@ -201,6 +203,9 @@ pub async fn run_rollout(
                     trajectory_id,
                     sample,
                     problem: problem.clone(),
+                    seeds: config
+                        .seed
+                        .map(|seed| SlotSeeds::derive(seed, &problem.instance_id, sample)),
                 });
             }
         }
@@ -324,7 +329,11 @@ struct JobShared {
 async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) -> JobOutcome {
     let started = Instant::now();
     let backend = shared.backend.as_ref();
-    let slot = match backend.acquire(&job.trajectory_id).await {
+    let acquired = match job.seeds {
+        Some(seeds) => backend.acquire_seeded(&job.trajectory_id, seeds.slot).await,
+        None => backend.acquire(&job.trajectory_id).await,
+    };
+    let slot = match acquired {
         Ok(slot) => slot,
         Err(error) => {
             let message = format!("failed to acquire a slot: {error}");
@@ -378,6 +387,7 @@ async fn run_in_slot(
         config: &shared.agent,
         tools: &shared.tools,
         stop,
+        seed: job.seeds.map(|s| s.slot),
     };
     let Some(episode) = run_agent(&mut context, &job.problem).await else {
         // Releasing is best effort: the trajectory is abandoned either way.
@@ -399,6 +409,7 @@ async fn run_in_slot(
             messages: &episode.messages,
             steps: &episode.steps,
             custom,
+            seed: job.seeds.and_then(|s| s.reward_slot),
         };
         match reward_in_fresh_slot(backend, scored).await {
             Ok(reward) => reward,
@@ -483,6 +494,7 @@ fn trajectory(
     reward_ms: f64,
     wall_ms: f64,
 ) -> Trajectory {
+    let scored_in_fresh_slot = reward.fresh_slot;
     let mut anomalies = Vec::new();
     let mut tokens: Option<TokenCounts> = None;
     for usage in episode.steps.iter().filter_map(|s| s.usage) {
@@ -513,6 +525,11 @@ fn trajectory(
         context_tokens: episode.context_tokens,
         reward_ms,
         wall_ms,
+        // The reward slot's seed is recorded only when the reward ran in one.
+        seeds: job.seeds.map(|seeds| SlotSeeds {
+            reward_slot: seeds.reward_slot.filter(|_| scored_in_fresh_slot),
+            ..seeds
+        }),
     }
 }
 

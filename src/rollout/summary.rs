@@ -44,6 +44,10 @@ pub struct RunStats {
 pub struct Summary {
     /// The policy's name.
     pub policy: String,
+    /// The run seed (`--seed N`), when the rollout was seeded; each trajectory records its
+    /// slots' own seeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// Whether the offline oracle policy played reference solutions instead of a model.
     pub oracle_policy: bool,
     /// A plain sentence saying what the numbers measure.
@@ -175,6 +179,7 @@ impl Summary {
         });
         Summary {
             policy: policy.name().to_owned(),
+            seed: config.seed,
             oracle_policy: oracle,
             note,
             agent: config.agent.kind.as_str().to_owned(),

@@ -52,6 +52,12 @@ pub struct Health {
 pub struct AcquireRequest {
     /// The trajectory the slot is for; free text, kept for logs and listings.
     pub trajectory_id: String,
+    /// Seeds the slot (its slot seed, used as it is) so that its every observation repeats;
+    /// without one, a server started with `--seed N` derives the slot's seed from `N` and the
+    /// trajectory id, and other servers give fresh entropy and real time. See
+    /// docs/reproducibility.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 /// The answer to [`AcquireRequest`].

@@ -76,13 +76,17 @@ pub struct ServerConfig {
     /// marker in the stream, as SandboxFusion does; see [`run_code::SANDBOX_FUSION_OUTPUT_BYTES`].
     /// The backend must keep at least this many bytes per stream for the cap to be reached.
     pub run_code_output_bytes: usize,
+    /// The run seed (`rollbox serve --seed N`): an acquire that names no seed of its own gets
+    /// the slot seed `derive_slot_seed(N, trajectory_id, 0)`. `None`: such slots are unseeded.
+    pub seed: Option<u64>,
 }
 
 impl Default for ServerConfig {
     /// 10,000 slots, 600 s idle timeout, 16 MiB bodies, 512 requests running and 4,096 queued,
     /// a 300 s request timeout (ten times the default cell time limit, for batches), 4,096
     /// connections (at most half the descriptor limit), a 10 s header-read timeout, a 75 s
-    /// connection idle timeout, no memory budget, no token, and SandboxFusion's 1 MiB per stream for `/run_code`.
+    /// connection idle timeout, no memory budget, no token, SandboxFusion's 1 MiB per stream for
+    /// `/run_code`, and no run seed.
     fn default() -> Self {
         ServerConfig {
             max_slots: 10_000,
@@ -97,6 +101,7 @@ impl Default for ServerConfig {
             memory_budget_bytes: None,
             token: None,
             run_code_output_bytes: run_code::SANDBOX_FUSION_OUTPUT_BYTES,
+            seed: None,
         }
     }
 }

@@ -15,6 +15,7 @@ use super::api::{
 use super::middleware::DetachedWork;
 use super::slots::Full;
 use super::{ApiFailure, ServerState};
+use crate::seed::derive_slot_seed;
 use crate::slot::{BackendError, ErrorKind, ExecutionMetadata, ExecutionResult, Slot, SlotId, ToolCall};
 
 /// The longest trajectory id accepted; it is free text kept for logs and listings.
@@ -90,7 +91,16 @@ pub(crate) async fn acquire(
     // Detached: if the client hangs up mid-start, the slot still lands in the table, where
     // it expires like any other instead of leaking in the backend.
     let started = DetachedWork::run(&state, async move {
-        let slot = shared.backend.acquire(&request.trajectory_id).await?;
+        let seed = request.seed.or_else(|| {
+            shared
+                .config
+                .seed
+                .map(|seed| derive_slot_seed(seed, &request.trajectory_id, 0))
+        });
+        let slot = match seed {
+            Some(seed) => shared.backend.acquire_seeded(&request.trajectory_id, seed).await?,
+            None => shared.backend.acquire(&request.trajectory_id).await?,
+        };
         reservation.fill(slot.clone());
         Ok::<Slot, BackendError>(slot)
     })
@@ -224,6 +234,11 @@ pub(crate) async fn fork(
             "trajectory_id is {} bytes long; the limit is {MAX_TRAJECTORY_ID_BYTES}",
             request.trajectory_id.len()
         )));
+    }
+    if request.seed.is_some() {
+        return Err(ApiFailure::bad_request(
+            "a fork's seed comes from its parent's (docs/reproducibility.md); leave `seed` out",
+        ));
     }
     let slot_id = parse_slot_id(&id)?;
     let (live, busy) = state.shared.slots.check_out([slot_id]);

@@ -322,6 +322,16 @@ pub enum BackendError {
         /// Why not, and what to use instead.
         advice: String,
     },
+    /// A seeded slot was asked of a backend that cannot seed slots.
+    #[error(
+        "failed to acquire a seeded slot for trajectory `{trajectory_id}`: the `{backend}` backend cannot seed slots; run without a seed or use the wasm backend"
+    )]
+    Unseedable {
+        /// The backend's name.
+        backend: String,
+        /// The trajectory the slot was for.
+        trajectory_id: String,
+    },
     /// A remote server or sandbox failed.
     #[error("{what}")]
     Remote {
@@ -348,6 +358,19 @@ pub trait Backend: Send + Sync {
 
     /// Starts a slot for `trajectory_id`: a fresh interpreter and an empty workspace.
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError>;
+
+    /// Starts a slot for `trajectory_id` whose every observation repeats: seeded with `seed`,
+    /// used as it is (a slot seed, see [`crate::seed`]), whatever seed the backend was built
+    /// with. How much a backend can make repeatable is its own: everything for `wasm`, hash
+    /// order and `random` for `process` (docs/reproducibility.md). The default refuses, so a
+    /// backend that cannot seed never ignores a seed in silence.
+    async fn acquire_seeded(&self, trajectory_id: &str, seed: u64) -> Result<Slot, BackendError> {
+        let _ = seed;
+        Err(BackendError::Unseedable {
+            backend: self.name().to_string(),
+            trajectory_id: trajectory_id.to_string(),
+        })
+    }
 
     /// Runs every call and returns one result per call, in the same order. Never fails as a
     /// whole: a call that cannot run gets a failed result of its own.

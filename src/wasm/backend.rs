@@ -3,13 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::engine::build_engine;
 use super::factory::{InterpreterFactory, SlotDirs, StartOptions};
 use super::interpreter::{Interpreter, StartError};
 use crate::error_text::error_chain;
 use crate::reporter::Reporter;
+use crate::seed::{DEFAULT_VIRTUAL_EPOCH_SECS, derive_fork_seed, derive_slot_seed};
 use crate::slot::Limits;
 use crate::slot::batch::{self, LiveSlots, every_result, group_by_slot, lock_interpreter};
 use crate::slot::tools::{ToolCallError, ToolName, ToolRequest};
@@ -53,11 +54,19 @@ pub struct WasmBackendConfig {
     /// interpreter starts; `false` bootstraps every interpreter itself, which is slower (and
     /// pays the preload imports in every slot). See `docs/snapshots.md`.
     pub snapshots: bool,
+    /// Makes every slot reproducible: a slot acquired for trajectory `T` gets the slot seed
+    /// [`derive_slot_seed`]`(seed, T, 0)`, and sees only that seed's entropy stream and a
+    /// virtual clock (docs/reproducibility.md). `None`: fresh host entropy and real time.
+    /// [`Backend::acquire_seeded`] gives one slot a seed of its own either way.
+    pub seed: Option<u64>,
+    /// Where a seeded slot's wall clock starts (default 2025-01-01T00:00:00Z).
+    pub virtual_epoch: SystemTime,
 }
 
 impl WasmBackendConfig {
     /// Default limits, the runtime from the environment, a temporary workspace root, up to
-    /// 10,000 slots, the default profile preloaded, and snapshots on.
+    /// 10,000 slots, the default profile preloaded, snapshots on, and no seed (virtual clocks
+    /// would start at 2025-01-01T00:00:00Z).
     pub fn from_env() -> Self {
         WasmBackendConfig {
             limits: Limits::default(),
@@ -67,6 +76,8 @@ impl WasmBackendConfig {
             preload: Vec::new(),
             default_profile: true,
             snapshots: true,
+            seed: None,
+            virtual_epoch: UNIX_EPOCH + Duration::from_secs(DEFAULT_VIRTUAL_EPOCH_SECS),
         }
     }
 
@@ -148,11 +159,17 @@ pub struct WasmBackend {
     root: PathBuf,
     owns_root: bool,
     max_slots: usize,
+    /// The run seed every slot's seed is derived from, if any.
+    seed: Option<u64>,
 }
 
 struct LiveSlot {
     slot: Slot,
     dirs: SlotDirs,
+    /// The slot's seed: a restart after a crash starts from the same world again.
+    seed: Option<u64>,
+    /// Forks made of it so far: a seeded fork's seed is derived from its number.
+    forks: AtomicU64,
     workspace: Workspace,
     /// `None` when a restart after a crash failed; the next call tries again.
     interpreter: Mutex<Option<Interpreter>>,
@@ -189,6 +206,7 @@ impl WasmBackend {
             template_dir: root.join("template"),
             guest_code_cache: Some(compiled::guest_code_path(&config.runtime)),
             snapshot_cache: Some(config.runtime.cache_dir.join("snapshots")),
+            virtual_epoch: config.virtual_epoch,
         };
         let factory = InterpreterFactory::new(
             engine,
@@ -216,6 +234,7 @@ impl WasmBackend {
             root,
             owns_root,
             max_slots: config.max_slots,
+            seed: config.seed,
         })
     }
 
@@ -248,6 +267,7 @@ impl WasmBackend {
     async fn start_slot(
         &self,
         trajectory_id: &str,
+        seed: Option<u64>,
         start: impl FnOnce(&SlotDirs) -> Result<Interpreter, BoxedError> + Send + 'static,
         failed: impl FnOnce(BoxedError) -> BackendError,
     ) -> Result<Slot, BackendError> {
@@ -282,6 +302,8 @@ impl WasmBackend {
         let live = Arc::new(LiveSlot {
             slot: slot.clone(),
             dirs,
+            seed,
+            forks: AtomicU64::new(0),
             workspace,
             interpreter: Mutex::new(Some(interpreter)),
         });
@@ -415,16 +437,23 @@ impl Backend for WasmBackend {
 
     async fn acquire(&self, trajectory_id: &str) -> Result<Slot, BackendError> {
         let factory = self.factory.clone();
+        let seed = self.seed.map(|seed| derive_slot_seed(seed, trajectory_id, 0));
         let failed = |source| BackendError::StartInterpreter {
             trajectory_id: trajectory_id.into(),
             source,
         };
-        self.start_slot(
-            trajectory_id,
-            move |dirs| factory.start(dirs).map_err(Into::into),
-            failed,
-        )
-        .await
+        let start = move |dirs: &SlotDirs| factory.start(dirs, seed).map_err(Into::into);
+        self.start_slot(trajectory_id, seed, start, failed).await
+    }
+
+    async fn acquire_seeded(&self, trajectory_id: &str, seed: u64) -> Result<Slot, BackendError> {
+        let factory = self.factory.clone();
+        let failed = |source| BackendError::StartInterpreter {
+            trajectory_id: trajectory_id.into(),
+            source,
+        };
+        let start = move |dirs: &SlotDirs| factory.start(dirs, Some(seed)).map_err(Into::into);
+        self.start_slot(trajectory_id, Some(seed), start, failed).await
     }
 
     async fn fork(&self, slot: &Slot, trajectory_id: &str) -> Result<Slot, BackendError> {
@@ -435,6 +464,11 @@ impl Backend for WasmBackend {
             trajectory_id: trajectory_id.into(),
             source,
         };
+        // A seeded parent's forks each get a stream of their own, derived from the parent's
+        // seed and the fork's number (docs/reproducibility.md).
+        let seed = parent
+            .seed
+            .map(|seed| derive_fork_seed(seed, parent.forks.fetch_add(1, Ordering::Relaxed)));
         let fork = move |dirs: &SlotDirs| -> Result<Interpreter, BoxedError> {
             // Held for the whole fork: the parent's memory and files are copied between two of
             // its calls, never during one.
@@ -448,9 +482,10 @@ impl Backend for WasmBackend {
                     source,
                 })?;
             }
-            Ok(factory.fork(interpreter, dirs)?)
+            let world = seed.map(|seed| factory.seeded_world(seed));
+            Ok(factory.fork(interpreter, dirs, world.as_ref())?)
         };
-        self.start_slot(trajectory_id, fork, failed).await
+        self.start_slot(trajectory_id, seed, fork, failed).await
     }
 
     async fn execute_batch(&self, calls: Vec<(Slot, ToolCall)>) -> Vec<ExecutionResult> {
@@ -585,7 +620,7 @@ fn run_python(
     let mut guard = lock_interpreter(&live.interpreter);
     if guard.is_none() {
         // An earlier restart failed; try again before giving up on this call.
-        match factory.start(&live.dirs) {
+        match factory.start(&live.dirs, live.seed) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
                 let mut result = ExecutionResult::failure(
@@ -608,7 +643,7 @@ fn run_python(
     if result.metadata.state_lost {
         // A trapped instance may be corrupt: never reuse it.
         *guard = None;
-        match factory.start(&live.dirs) {
+        match factory.start(&live.dirs, live.seed) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {
                 let error = error_chain(&error);

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use wasmtime::{Engine, InstancePre, Linker, Module, Store};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -23,6 +23,7 @@ use super::module_shape::check_snapshot_support;
 use super::poll::{GuestMonotonicClock, poll_oneoff};
 use super::runtime::{GUEST_ARGV0, GUEST_MPL_DATA_DIR, GUEST_STDLIB_DIR, InstalledRuntime};
 use super::snapshot::{self, FRESH_SLOT_CELL, OPEN_FD_SCAN_LIMIT, Snapshot, SnapshotRefusal};
+use super::world::{SEEDED_SLOT_CELL, SeededWorld};
 use crate::slot::Limits;
 use crate::slot::cell::{GUEST_SOURCE, STARTUP_TIMEOUT, report_budget};
 use crate::slot::workspace::GUEST_WORKSPACE;
@@ -65,6 +66,8 @@ pub(crate) struct InterpreterFactory {
     /// Set when a restored interpreter failed its stack probe: from then on every
     /// interpreter bootstraps.
     snapshot_failed: AtomicBool,
+    /// Where a seeded slot's wall clock starts.
+    virtual_epoch: SystemTime,
     /// Where this factory's snapshot is kept between processes (no extension: `.img` and
     /// `.probe` are added), if anywhere.
     snapshot_file: Option<PathBuf>,
@@ -120,6 +123,8 @@ pub(crate) struct StartOptions {
     /// A folder that keeps snapshots between processes, each as a memory image file that
     /// every process maps (so slots of all of them share its pages) and its stack probe.
     pub(crate) snapshot_cache: Option<PathBuf>,
+    /// Where a seeded slot's wall clock starts (see `world.rs`).
+    pub(crate) virtual_epoch: SystemTime,
 }
 
 impl InterpreterFactory {
@@ -168,6 +173,7 @@ impl InterpreterFactory {
             first_start: AtomicBool::new(true),
             snapshot_failed: AtomicBool::new(false),
             snapshot_file,
+            virtual_epoch: options.virtual_epoch,
         })
     }
 
@@ -226,10 +232,16 @@ impl InterpreterFactory {
 
     /// A fresh interpreter over `dirs`, with the guest module (and the preload modules)
     /// loaded and the working directory set to the workspace: restored from the snapshot when
-    /// there is one, else bootstrapped.
-    pub(crate) fn start(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
-        if let Some(snapshot) = self.snapshot_to_restore() {
-            match self.restore(snapshot, dirs) {
+    /// there is one, else bootstrapped. With a `seed`, the interpreter sees that seed's
+    /// entropy stream and virtual clock (`world.rs`), rewound to their start just before the
+    /// turn that reseeds Python's generators from the stream: the fresh-slot turn of a restore,
+    /// or [`SEEDED_SLOT_CELL`] after a boot (the same reseeding), so both paths give the first
+    /// cell the same world.
+    pub(crate) fn start(&self, dirs: &SlotDirs, seed: Option<u64>) -> Result<Interpreter, StartError> {
+        let world = seed.map(|seed| SeededWorld::new(seed, self.virtual_epoch));
+        let world = world.as_ref();
+        if let Some(snapshot) = self.snapshot_to_restore(world.is_some()) {
+            match self.restore(snapshot, dirs, world) {
                 Err(StartError::Restore(error @ RestoreError::StackMoved { .. })) => {
                     self.snapshot_failed.store(true, Ordering::Relaxed);
                     tracing::warn!(%error, "a restored interpreter failed its stack probe; every interpreter will bootstrap from now on");
@@ -237,17 +249,26 @@ impl InterpreterFactory {
                 restored => return restored,
             }
         }
-        self.boot(dirs)
+        let mut interpreter = self.boot(dirs, world)?;
+        if let Some(world) = world {
+            world.rewind();
+            interpreter
+                .setup_cell(SEEDED_SLOT_CELL, &self.limits)
+                .map_err(StartError::FreshSlot)?;
+        }
+        Ok(interpreter)
     }
 
     /// The snapshot to restore, if any. Without a preload it is taken when the second
     /// interpreter starts: the first bootstraps, so a backend that only ever starts one
     /// (`rollbox exec`) never pays for a template. Concurrent starts wait for the one taking it.
-    fn snapshot_to_restore(&self) -> Option<&Snapshot> {
+    /// A `seeded` start always restores when snapshots are on: which start comes first depends
+    /// on scheduling, and a booted heap differs from a restored one (object ids, set order).
+    fn snapshot_to_restore(&self, seeded: bool) -> Option<&Snapshot> {
         if !self.snapshots || self.snapshot_failed.load(Ordering::Relaxed) {
             return None;
         }
-        if self.snapshot.get().is_none() && self.first_start.swap(false, Ordering::Relaxed) {
+        if self.snapshot.get().is_none() && !seeded && self.first_start.swap(false, Ordering::Relaxed) {
             return None;
         }
         let taken = self.snapshot.get_or_init(|| {
@@ -271,7 +292,8 @@ impl InterpreterFactory {
         for dir in [&dirs.workspace, &dirs.tmp] {
             std::fs::create_dir_all(dir).map_err(|e| StartError::Preopen(dir.clone(), Box::new(e)))?;
         }
-        let built = self.boot(&dirs).map(|mut template| {
+        // The template runs in a fixed world, so every process takes the same snapshot.
+        let built = self.boot(&dirs, Some(&SeededWorld::template())).map(|mut template| {
             if self.snapshots {
                 self.capture(&mut template)
             } else {
@@ -313,6 +335,11 @@ impl InterpreterFactory {
             .ok()
     }
 
+    /// The world of a slot seeded with `seed`, with this backend's clock start.
+    pub(crate) fn seeded_world(&self, seed: u64) -> SeededWorld {
+        SeededWorld::new(seed, self.virtual_epoch)
+    }
+
     /// The snapshot a process before this one kept for the same runtime, guest, output cap
     /// and preload, if there is a readable one. Its stack probe is still checked by every
     /// restore.
@@ -332,10 +359,19 @@ impl InterpreterFactory {
 
     /// Maps the snapshot under a new instance and runs the fresh-slot turn, whose stack probe
     /// must land where the template's did.
-    fn restore(&self, snapshot: &Snapshot, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+    fn restore(
+        &self,
+        snapshot: &Snapshot,
+        dirs: &SlotDirs,
+        world: Option<&SeededWorld>,
+    ) -> Result<Interpreter, StartError> {
         let started = Instant::now();
-        let mut interpreter = self.instantiate(dirs, &snapshot.memory, false)?;
+        let mut interpreter = self.instantiate(dirs, &snapshot.memory, false, world)?;
         let mapped = started.elapsed();
+        // The fresh-slot turn reseeds from the stream: a seeded slot's starts here.
+        if let Some(world) = world {
+            world.rewind();
+        }
         let probe = interpreter
             .stack_probe(FRESH_SLOT_CELL, &self.limits)
             .map_err(StartError::FreshSlot)?;
@@ -361,7 +397,15 @@ impl InterpreterFactory {
     /// pointer is the module's initial one, which is only right if the parent's is too. A
     /// parent holding files open beyond the preopened folders is refused, since the fork's
     /// descriptor table has only those.
-    pub(crate) fn fork(&self, parent: &mut Interpreter, dirs: &SlotDirs) -> Result<Interpreter, ForkError> {
+    ///
+    /// A seeded fork (`world`) gets that world's entropy and clocks, rewound just before its
+    /// first turn, which reseeds Python's generators from them.
+    pub(crate) fn fork(
+        &self,
+        parent: &mut Interpreter,
+        dirs: &SlotDirs,
+        world: Option<&SeededWorld>,
+    ) -> Result<Interpreter, ForkError> {
         let started = Instant::now();
         let (parent_probe, open) = parent
             .stack_probe_with_stdout(
@@ -376,7 +420,7 @@ impl InterpreterFactory {
             });
         }
         let image = Arc::clone(&parent.image);
-        let mut child = self.instantiate(dirs, &image, false).map_err(ForkError::Start)?;
+        let mut child = self.instantiate(dirs, &image, false, world).map_err(ForkError::Start)?;
         let parent_size = parent.memory_bytes().len();
         let child_size = child.memory_bytes().len();
         if parent_size > child_size {
@@ -392,6 +436,9 @@ impl InterpreterFactory {
         let target = child.memory.data_mut(&mut child.store);
         copy_pages(source, target, &written).map_err(ForkError::Copy)?;
         let copied_at = started.elapsed();
+        if let Some(world) = world {
+            world.rewind();
+        }
         let child_probe = child.stack_probe(FORKED_CELL, &self.limits).map_err(ForkError::Probe)?;
         if child_probe != parent_probe {
             return Err(ForkError::StackMoved {
@@ -410,9 +457,9 @@ impl InterpreterFactory {
 
     /// A new interpreter with the guest module loaded by the bootstrap turn, and the preload
     /// modules imported.
-    fn boot(&self, dirs: &SlotDirs) -> Result<Interpreter, StartError> {
+    fn boot(&self, dirs: &SlotDirs, world: Option<&SeededWorld>) -> Result<Interpreter, StartError> {
         let started = Instant::now();
-        let mut interpreter = self.instantiate(dirs, &self.initial_memory, true)?;
+        let mut interpreter = self.instantiate(dirs, &self.initial_memory, true, world)?;
         let instantiated = started.elapsed();
         if let Err(error) = self.bootstrap(&mut interpreter) {
             // A cached guest module that does not load (a stale or damaged file) is dropped,
@@ -421,7 +468,7 @@ impl InterpreterFactory {
                 return Err(error);
             }
             tracing::warn!(%error, "the cached guest module did not load; compiling the guest again");
-            interpreter = self.instantiate(dirs, &self.initial_memory, true)?;
+            interpreter = self.instantiate(dirs, &self.initial_memory, true, world)?;
             self.bootstrap(&mut interpreter)?;
         }
         if let Some((modules, cell)) = &self.preload {
@@ -442,16 +489,18 @@ impl InterpreterFactory {
 
     /// A new store and instance over `dirs` whose memory is `image`, mapped copy-on-write.
     /// `initialize` runs the runtime's `_initialize` (for the initial memory; an image of an
-    /// interpreter that ran holds its effects already).
+    /// interpreter that ran holds its effects already). In a `world`, the instance's entropy
+    /// and clocks are that world's.
     pub(crate) fn instantiate(
         &self,
         dirs: &SlotDirs,
         image: &Arc<MemoryImage>,
         initialize: bool,
+        world: Option<&SeededWorld>,
     ) -> Result<Interpreter, StartError> {
         let stdout = CapturedStream::new(self.limits.output_bytes);
         let stderr = CapturedStream::new(self.limits.output_bytes);
-        let wasi = self.wasi_ctx(dirs, &stdout, &stderr)?;
+        let wasi = self.wasi_ctx(dirs, &stdout, &stderr, world)?;
         let state = GuestState {
             wasi,
             limiter: MemoryLimiter {
@@ -468,6 +517,7 @@ impl InterpreterFactory {
             door_cap: report_budget(&self.limits),
             door_frame: None,
             streams: [stdout.clone(), stderr.clone()],
+            virtual_clock: world.map(SeededWorld::clock),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -561,15 +611,18 @@ impl InterpreterFactory {
         dirs: &SlotDirs,
         stdout: &CapturedStream,
         stderr: &CapturedStream,
+        world: Option<&SeededWorld>,
     ) -> Result<WasiP1Ctx, StartError> {
         let mut builder = WasiCtxBuilder::new();
         // The guest runs on a blocking thread of its own; no need to hop to another for files.
         builder.allow_blocking_current_thread(true);
-        builder
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .monotonic_clock(GuestMonotonicClock)
-            .arg(GUEST_ARGV0);
+        builder.stdout(stdout.clone()).stderr(stderr.clone()).arg(GUEST_ARGV0);
+        match world {
+            Some(world) => world.install(&mut builder),
+            None => {
+                builder.monotonic_clock(GuestMonotonicClock);
+            }
+        }
         for (name, value) in GUEST_ENV {
             builder.env(name, value);
         }

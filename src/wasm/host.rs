@@ -12,6 +12,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 
 use super::capture::CapturedStream;
 use super::descriptors::OpenFiles;
+use super::world::VirtualClock;
 
 /// The most table elements (function references) a guest may hold; CPython needs a few
 /// thousand, so this only stops runaway growth.
@@ -47,6 +48,9 @@ pub(crate) struct GuestState {
     /// Where the last door call's out-pointer sat on the guest's C stack: the stack probe a
     /// snapshot is checked with (see `snapshot.rs`).
     pub(crate) door_frame: Option<u32>,
+    /// A seeded slot's virtual clock, which its `poll_oneoff` sleeps on; `None` sleeps in real
+    /// time.
+    pub(crate) virtual_clock: Option<std::sync::Arc<VirtualClock>>,
 }
 
 /// The door's one-time upload of the guest module's compiled code (marshal), which the factory

@@ -8,6 +8,7 @@
 //! - `bootstrap`: the Python the host sends a new interpreter, and the guest's environment;
 //! - `snapshot`, `module_shape`: memory snapshots new interpreters restore, and their checks;
 //! - `poll`, `capture`: the deadline-aware `poll_oneoff` and the captured stdout/stderr;
+//! - `world`: a seeded slot's entropy stream and virtual clock (`--seed`);
 //! - [`runtime`]: the pinned CPython runtime, installed and compiled once.
 
 mod backend;
@@ -24,6 +25,7 @@ mod module_shape;
 mod poll;
 pub mod runtime;
 mod snapshot;
+mod world;
 
 pub use backend::{
     DEFAULT_PROFILE, DEFAULT_PROFILE_MIN_MEMORY, TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError,

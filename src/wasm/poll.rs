@@ -5,12 +5,17 @@
 //! call's deadline: at the deadline it traps with [`DeadlineExceeded`], which the interpreter
 //! reports as the time limit. Descriptor subscriptions are reported ready at once: stdout and
 //! stderr are in-memory and stdin is empty, so nothing a guest can poll ever blocks.
+//!
+//! In a seeded slot (`world.rs`) clock subscriptions are measured in virtual time, and a sleep
+//! moves virtual time to its wake-up at once instead of waiting: `time.sleep(5)` returns at once
+//! and the guest's clocks read 5 s later.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Memory};
 
 use super::host::{GuestState, fits_in_memory};
+use super::world::VirtualClock;
 
 /// The trap a sleeping guest gets at its call's deadline.
 #[derive(Debug)]
@@ -87,6 +92,10 @@ pub(crate) fn poll_oneoff(
         return Ok(ERRNO_FAULT);
     }
     let subscriptions = read_subscriptions(&memory, &caller, subs_at, count);
+    if let Some(clock) = caller.data().virtual_clock.clone() {
+        let fired = sleep_virtually(&clock, &subscriptions);
+        return write_events(&mut caller, &memory, events_at, nevents_at, &subscriptions, &fired);
+    }
     let now = Instant::now();
     // When each clock subscription fires; descriptor subscriptions are ready now.
     let wake_at: Vec<Instant> = subscriptions
@@ -109,20 +118,62 @@ pub(crate) fn poll_oneoff(
             _ => std::thread::sleep(soonest - now),
         }
     }
-    let fired = Instant::now();
+    let now = Instant::now();
+    let fired: Vec<bool> = wake_at.iter().map(|wake| *wake <= now).collect();
+    write_events(&mut caller, &memory, events_at, nevents_at, &subscriptions, &fired)
+}
+
+/// Writes one event per fired subscription, and their count.
+fn write_events(
+    caller: &mut Caller<'_, GuestState>,
+    memory: &Memory,
+    events_at: usize,
+    nevents_at: usize,
+    subscriptions: &[Subscription],
+    fired: &[bool],
+) -> wasmtime::Result<i32> {
     let mut written = 0usize;
-    for (subscription, wake) in subscriptions.iter().zip(&wake_at) {
-        if *wake > fired {
-            continue;
-        }
+    for (subscription, _) in subscriptions.iter().zip(fired).filter(|(_, fired)| **fired) {
         let mut event = [0u8; EVENT_SIZE];
         event[0..8].copy_from_slice(&subscription.userdata.to_le_bytes());
         event[10] = subscription.kind;
-        memory.write(&mut caller, events_at + written * EVENT_SIZE, &event)?;
+        memory.write(&mut *caller, events_at + written * EVENT_SIZE, &event)?;
         written += 1;
     }
-    memory.write(&mut caller, nevents_at, &(written as u32).to_le_bytes())?;
+    memory.write(&mut *caller, nevents_at, &(written as u32).to_le_bytes())?;
     Ok(ERRNO_SUCCESS)
+}
+
+/// A seeded slot's poll: moves virtual time to the soonest wake-up at once (a descriptor
+/// subscription is ready now, so time does not move) and says which subscriptions fired.
+fn sleep_virtually(clock: &VirtualClock, subscriptions: &[Subscription]) -> Vec<bool> {
+    let now = clock.elapsed_ns();
+    let wake_at: Vec<u64> = subscriptions
+        .iter()
+        .map(|s| {
+            if s.kind == EVENTTYPE_CLOCK {
+                virtual_wake(clock, s, now)
+            } else {
+                now
+            }
+        })
+        .collect();
+    let soonest = wake_at.iter().copied().min().unwrap_or(now);
+    clock.advance_to(soonest);
+    wake_at.iter().map(|wake| *wake <= soonest.max(now)).collect()
+}
+
+/// When a clock subscription fires, in virtual nanoseconds since the slot started. The
+/// monotonic clock reads elapsed virtual time; the wall clock reads it plus the start instant.
+fn virtual_wake(clock: &VirtualClock, s: &Subscription, now: u64) -> u64 {
+    if s.flags & SUBCLOCKFLAG_ABSTIME == 0 {
+        return now.saturating_add(s.timeout);
+    }
+    if s.clock_id == CLOCK_REALTIME {
+        s.timeout.saturating_sub(clock.epoch_ns())
+    } else {
+        s.timeout
+    }
 }
 
 fn read_subscriptions(memory: &Memory, caller: &Caller<'_, GuestState>, at: usize, count: usize) -> Vec<Subscription> {

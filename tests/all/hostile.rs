@@ -233,6 +233,7 @@ async fn ask(client: &ChatClient) -> Result<ModelReply, PolicyError> {
         turn: 0,
         agent: AgentKind::Notebook,
         code_tags: &tags,
+        seed: None,
     };
     client.next_turn(request).await
 }
@@ -256,6 +257,7 @@ async fn rollout(
         resume: false,
         custom_reward: None,
         score_in_fresh_slot: false,
+        seed: None,
     };
     let run = run_rollout(
         backend,
@@ -456,6 +458,7 @@ fn tool_call_cost(text: &str) -> u64 {
         turn: 0,
         agent: AgentKind::Tools,
         code_tags: &tags,
+        seed: None,
     };
     let (reply, scanned) = scan_cost::measure(|| OraclePolicy.next_turn(request).now_or_never());
     assert!(reply.is_some(), "the oracle never waits");

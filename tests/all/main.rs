@@ -12,6 +12,7 @@ mod parity;
 mod process;
 mod remote;
 mod report;
+mod reproducibility;
 mod rollout;
 mod runtime;
 mod server;

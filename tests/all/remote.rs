@@ -978,3 +978,19 @@ async fn a_killed_rollbox_leaves_no_local_server_behind() {
     })
     .await;
 }
+
+/// A seeded remote slot: the seed reaches the server (another process), whose slot draws what
+/// a slot of the same seed draws in this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_remote_slot_draws_what_a_local_slot_of_that_seed_draws() {
+    let draw = "import random, os, time\n(random.random(), os.urandom(4).hex(), time.time())";
+    let (backend, _provisioner) = local_backend(pool(2, 1, 1), &[]).await;
+    let remote = backend.acquire_seeded("t", 42).await.expect("acquire");
+    let over_http = value_of_output(&backend, &remote, draw).await;
+    let local = crate::support::shared_wasm();
+    let slot = local.acquire_seeded("t", 42).await.expect("acquire");
+    let here = ok(local.execute(&slot, ToolCall::python(draw)).await).output;
+    local.release(&slot, true).await.expect("release");
+    assert_eq!(over_http, here);
+    backend.shutdown().await.expect("shutdown");
+}

@@ -337,6 +337,7 @@ fn config(kind: AgentKind, out: &Path, group_size: usize, concurrency: usize) ->
         resume: false,
         custom_reward: None,
         score_in_fresh_slot: false,
+        seed: None,
     }
 }
 
@@ -693,6 +694,7 @@ async fn ask(client: &ChatClient) -> Result<rollbox::rollout::policy::ModelReply
         turn: 0,
         agent: AgentKind::Notebook,
         code_tags: &tags,
+        seed: None,
     };
     client.next_turn(request).await
 }
@@ -1648,6 +1650,7 @@ async fn the_oracle_reports_a_bad_tool_call_block_in_a_reference_solution() {
         turn: 0,
         agent: AgentKind::Tools,
         code_tags: &tags,
+        seed: None,
     };
     let error = OraclePolicy.next_turn(request).await.expect_err("no arguments");
     assert_eq!(error.kind(), "oracle_bad_tool_call");
@@ -1993,4 +1996,56 @@ fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scori
             .map(|s| s["function"]["parameters"]["properties"]["n"]["type"].clone()),
         Some(json!("integer"))
     );
+}
+
+/// In a seeded rollout each model request carries its trajectory's slot seed, the one the
+/// trajectory records; an unseeded rollout sends none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_rollout_sends_each_trajectorys_slot_seed_to_the_model() {
+    let done = json!({"role": "assistant", "content": "It is \\boxed{42}."});
+    let dataset = Dataset {
+        problems: vec![problem()],
+        errors: vec![],
+    };
+    for seed in [Some(7), None] {
+        let (url, script) = scripted_server(vec![reply(completion(done.clone()))]).await;
+        let out = tempfile::tempdir().expect("tempdir");
+        let config = RolloutConfig {
+            seed,
+            ..config(AgentKind::Notebook, out.path(), 2, 2)
+        };
+        run_rollout(
+            backend(),
+            Arc::new(client(&url)),
+            &dataset,
+            &config,
+            &SilentRolloutReporter,
+            &StopSignal::new(),
+        )
+        .await
+        .expect("rollout");
+        let mut sent: Vec<Value> = script
+            .requests
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| r["seed"].clone())
+            .collect();
+        sent.sort_by_key(|s| s.as_u64());
+        let mut recorded: Vec<Value> = read_trajectories(out.path())
+            .iter()
+            .map(|t| t.seeds.map_or(Value::Null, |s| json!(s.slot)))
+            .collect();
+        recorded.sort_by_key(|s| s.as_u64());
+        let expected: Vec<Value> = match seed {
+            Some(seed) => {
+                let mut derived: Vec<u64> = (0..2).map(|s| rollbox::seed::derive_slot_seed(seed, "p", s)).collect();
+                derived.sort();
+                derived.into_iter().map(|s| json!(s)).collect()
+            }
+            None => vec![Value::Null, Value::Null],
+        };
+        assert_eq!(sent, expected);
+        assert_eq!(recorded, expected);
+    }
 }

@@ -832,3 +832,37 @@ async fn the_modal_sandbox_command_serves_bash_and_python() {
     assert_eq!(results[0]["output"].as_str().map(str::trim), Some("42"), "{answer:#}");
     assert_eq!(results[2]["cell"]["result"]["text/plain"], "43", "{answer:#}");
 }
+
+/// `{"seed": N}` in the acquire body seeds the slot with N; `ServerConfig::seed` derives a seed
+/// for an acquire that names none. Each is checked against a slot seeded directly.
+#[tokio::test]
+async fn an_acquire_body_seed_and_the_server_seed_start_seeded_slots() {
+    let draw = "import random, os\n(random.random(), os.urandom(4).hex())";
+    let direct = |seed: u64| async move {
+        let slot = backend().acquire_seeded("t", seed).await.expect("acquire");
+        let result = backend().execute(&slot, rollbox::ToolCall::python(draw)).await;
+        backend().release(&slot, true).await.expect("release");
+        result
+            .cell
+            .and_then(|c| c.result)
+            .and_then(|r| r.get("text/plain").cloned())
+    };
+    let shown = |result: &Value| result["cell"]["result"]["text/plain"].as_str().map(str::to_owned);
+    let app = server(ServerConfig::default());
+    let reply = post(&app, "/v1/slots", json!({"trajectory_id": "t", "seed": 42})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let slot = reply.json()["slot"]["id"].as_u64().expect("a slot id");
+    let results = execute(&app, vec![python(slot, draw)]).await;
+    assert_eq!(shown(&results[0]), direct(42).await, "{:#}", results[0]);
+    let unseeded = acquire(&app, "t").await;
+    let results = execute(&app, vec![python(unseeded, draw)]).await;
+    assert_ne!(shown(&results[0]), direct(42).await, "{:#}", results[0]);
+    let seeded_server = server(ServerConfig {
+        seed: Some(7),
+        ..ServerConfig::default()
+    });
+    let slot = acquire(&seeded_server, "t").await;
+    let results = execute(&seeded_server, vec![python(slot, draw)]).await;
+    let derived = rollbox::seed::derive_slot_seed(7, "t", 0);
+    assert_eq!(shown(&results[0]), direct(derived).await, "{:#}", results[0]);
+}

@@ -232,6 +232,7 @@ fn rollout_config(out: &Path, group_size: usize) -> RolloutConfig {
         resume: false,
         custom_reward: None,
         score_in_fresh_slot: false,
+        seed: None,
     }
 }
 
