@@ -320,3 +320,30 @@ fn exec_with_a_seed_and_a_clock_start_repeats_and_starts_there() {
         value_of(&first)
     );
 }
+
+/// Fork `i` of a slot seeded `S` gets the stream of `derive_fork_seed(S, i)`: two forks of one
+/// parent draw differently, and the same forks of the same seeded parent repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forks_of_a_seeded_slot_differ_from_each_other_and_repeat() {
+    let backend = shared_wasm();
+    let draw = "import random, os, time\n(random.random(), os.urandom(4).hex(), time.time())";
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let parent = backend.acquire_seeded("repro-fork", 11).await.expect("acquire");
+        ok(backend
+            .execute(&parent, ToolCall::python("import random\nx = random.random()"))
+            .await);
+        let first = backend.fork(&parent, "repro-fork/0").await.expect("fork");
+        let second = backend.fork(&parent, "repro-fork/1").await.expect("fork");
+        let draws = (
+            value(&ok(backend.execute(&first, ToolCall::python(draw)).await)),
+            value(&ok(backend.execute(&second, ToolCall::python(draw)).await)),
+        );
+        assert_ne!(draws.0, draws.1, "two forks of one parent draw from different streams");
+        runs.push(draws);
+        for slot in [first, second, parent] {
+            backend.release(&slot, true).await.expect("release");
+        }
+    }
+    assert_eq!(runs[0], runs[1], "the same forks of the same seeded parent repeat");
+}
