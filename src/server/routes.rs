@@ -80,12 +80,7 @@ pub(crate) async fn acquire(
     State(state): State<ServerState>,
     JsonBody(request): JsonBody<AcquireRequest>,
 ) -> Result<Json<AcquireResponse>, ApiFailure> {
-    if request.trajectory_id.len() > MAX_TRAJECTORY_ID_BYTES {
-        return Err(ApiFailure::bad_request(format!(
-            "trajectory_id is {} bytes long; the limit is {MAX_TRAJECTORY_ID_BYTES}",
-            request.trajectory_id.len()
-        )));
-    }
+    check_trajectory_id(&request.trajectory_id)?;
     let reservation = state.shared.slots.reserve().map_err(|full| slots_full(&full))?;
     let shared = state.shared.clone();
     // Detached: if the client hangs up mid-start, the slot still lands in the table, where
@@ -114,6 +109,17 @@ pub(crate) async fn acquire(
             "failed to start a slot: the backend panicked; the details are in the server's log",
         )),
     }
+}
+
+/// Refuses a trajectory id longer than [`MAX_TRAJECTORY_ID_BYTES`].
+fn check_trajectory_id(trajectory_id: &str) -> Result<(), ApiFailure> {
+    if trajectory_id.len() > MAX_TRAJECTORY_ID_BYTES {
+        return Err(ApiFailure::bad_request(format!(
+            "trajectory_id is {} bytes long; the limit is {MAX_TRAJECTORY_ID_BYTES}",
+            trajectory_id.len()
+        )));
+    }
+    Ok(())
 }
 
 pub(super) fn slots_full(full: &Full) -> ApiFailure {
@@ -229,12 +235,7 @@ pub(crate) async fn fork(
     Path(id): Path<String>,
     JsonBody(request): JsonBody<AcquireRequest>,
 ) -> Result<Json<AcquireResponse>, ApiFailure> {
-    if request.trajectory_id.len() > MAX_TRAJECTORY_ID_BYTES {
-        return Err(ApiFailure::bad_request(format!(
-            "trajectory_id is {} bytes long; the limit is {MAX_TRAJECTORY_ID_BYTES}",
-            request.trajectory_id.len()
-        )));
-    }
+    check_trajectory_id(&request.trajectory_id)?;
     if request.seed.is_some() {
         return Err(ApiFailure::bad_request(
             "a fork's seed comes from its parent's (docs/reproducibility.md); leave `seed` out",
