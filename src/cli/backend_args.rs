@@ -18,7 +18,8 @@ use rollbox::{Backend, Limits};
 use super::{Printer, RuntimeArgs, start_wasm_backend};
 
 /// Where cells run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum BackendChoice {
     /// In this process: CPython in wasm sandboxes.
     Wasm,

@@ -317,7 +317,15 @@ pub(crate) async fn start_wasm_backend_with(
 /// Runs the command line and turns its outcome into an exit code, printing errors with their
 /// causes and a hint.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    // Whether `rollout --backend` was given: a dataset's sidecar may choose the backend only
+    // when it was not.
+    let rollout_backend_given = matches
+        .subcommand_matches("rollout")
+        .and_then(|m| m.value_source("backend"))
+        .is_some_and(|source| source == clap::parser::ValueSource::CommandLine);
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -336,7 +344,7 @@ pub fn main() -> ExitCode {
                 calculator,
                 tools_file,
             } => print_tool_schemas(backend, calculator, &tools_file),
-            Command::Rollout(args) => rollout::run(*args, printer).await,
+            Command::Rollout(args) => rollout::run(*args, rollout_backend_given, printer).await,
             Command::Report(args) => report::run_report(args, printer),
             Command::Notebook(args) => report::run_notebook(args),
             Command::Runtime(command) => runtime::run(command, printer).await,

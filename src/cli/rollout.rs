@@ -20,13 +20,14 @@ use rollbox::rollout::summary::Summary;
 use rollbox::rollout::user_tools::{ToolsFile, ToolsFileError, UserTools};
 use rollbox::truncation::{TemplateChoice, TokenCounter};
 
-use super::backend_args::BackendArgs;
+use super::backend_args::{BackendArgs, BackendChoice};
 use super::interrupts::Interrupts;
 use super::progress_lines::{ProgressLines, Unit};
 use super::{LimitArgs, Printer, RuntimeArgs, SeedArgs};
 
-/// The agent loops, as flags.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+/// The agent loops, as flags (and as a dataset sidecar names them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum AgentFlag {
     /// Code in <code> blocks, outputs back in <output> tags.
     Notebook,
@@ -62,9 +63,9 @@ pub(crate) struct RolloutArgs {
     /// The environment variable that holds the server's API key.
     #[arg(long, value_name = "VAR", requires = "model")]
     api_key_env: Option<String>,
-    /// The agent loop.
-    #[arg(long, value_enum, default_value_t = AgentFlag::Notebook)]
-    agent: AgentFlag,
+    /// The agent loop [default: the dataset sidecar's `agent`, else notebook].
+    #[arg(long, value_enum)]
+    agent: Option<AgentFlag>,
     /// Trajectories per problem, each in its own slot (G for GRPO).
     #[arg(long, value_name = "G", default_value_t = 1)]
     group_size: usize,
@@ -174,8 +175,8 @@ impl RolloutArgs {
             "--code-open and --code-close must not be empty"
         );
         let kind = match self.agent {
-            AgentFlag::Notebook => AgentKind::Notebook,
-            AgentFlag::Tools => AgentKind::Tools,
+            Some(AgentFlag::Tools) => AgentKind::Tools,
+            Some(AgentFlag::Notebook) | None => AgentKind::Notebook,
         };
         let system_prompt = match &self.system_prompt {
             Some(path) => Some(
@@ -296,7 +297,118 @@ fn load_datasets(paths: &[PathBuf], printer: Printer) -> anyhow::Result<rollbox:
     Ok(merged)
 }
 
-pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<ExitCode> {
+/// What a dataset says it needs, in a sidecar next to it: `tools.jsonl` has `tools.rollbox.json`
+/// (`{"agent": "tools", "tools_files": ["tools.py"], "backend": "process"}`, every field
+/// optional). Flags override it.
+#[derive(Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatasetNeeds {
+    /// `notebook` or `tools`.
+    agent: Option<AgentFlag>,
+    /// Files of extra tools for the tools agent, relative to the sidecar's folder.
+    #[serde(default)]
+    tools_files: Vec<PathBuf>,
+    /// `wasm` or `process`.
+    backend: Option<BackendChoice>,
+}
+
+/// The sidecar of the dataset at `path` (`NAME.rollbox.json` beside `NAME.jsonl`), if it has
+/// one, with its tools files made relative to the working folder.
+fn dataset_needs(path: &std::path::Path) -> anyhow::Result<Option<DatasetNeeds>> {
+    let sidecar = path.with_extension("rollbox.json");
+    let text = match std::fs::read_to_string(&sidecar) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("failed to read {}", sidecar.display())),
+    };
+    let mut needs: DatasetNeeds = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a dataset sidecar: it takes `agent` (notebook or tools), `tools_files` and `backend` (wasm or process)",
+            sidecar.display()
+        )
+    })?;
+    let base = sidecar.parent().unwrap_or(std::path::Path::new("."));
+    needs.tools_files = needs.tools_files.iter().map(|file| base.join(file)).collect();
+    Ok(Some(needs))
+}
+
+/// Fills the flags a user left out from the datasets' sidecars and rows, saying what it chose:
+/// the agent and extra tools files from the sidecars, and the process backend for SWE rows
+/// (they need `bash`), unless `--backend` was given. Sidecars that disagree are an error that
+/// names the flag to pass.
+fn apply_dataset_needs(
+    args: &mut RolloutArgs,
+    dataset: &Dataset,
+    backend_given: bool,
+    printer: Printer,
+) -> anyhow::Result<()> {
+    let mut agent: Option<(AgentFlag, PathBuf)> = None;
+    let mut backend: Option<(BackendChoice, PathBuf)> = None;
+    let mut tools_files = Vec::new();
+    for path in &args.dataset {
+        let Some(needs) = dataset_needs(path)? else { continue };
+        if let Some(wanted) = needs.agent {
+            match &agent {
+                Some((chosen, other)) if *chosen != wanted => anyhow::bail!(
+                    "the sidecars of {} and {} ask for different agents; pass --agent",
+                    other.display(),
+                    path.display()
+                ),
+                _ => agent = Some((wanted, path.clone())),
+            }
+        }
+        if let Some(wanted) = needs.backend {
+            match &backend {
+                Some((chosen, other)) if *chosen != wanted => anyhow::bail!(
+                    "the sidecars of {} and {} ask for different backends; pass --backend",
+                    other.display(),
+                    path.display()
+                ),
+                _ => backend = Some((wanted, path.clone())),
+            }
+        }
+        tools_files.extend(needs.tools_files);
+    }
+    if args.agent.is_none()
+        && let Some((wanted, path)) = agent
+    {
+        let name = format!("{wanted:?}").to_lowercase();
+        printer.line(format_args!(
+            "agent: {name} (the sidecar of {} asks for it; --agent overrides it)",
+            path.display()
+        ));
+        args.agent = Some(wanted);
+    }
+    if args.agent == Some(AgentFlag::Tools) {
+        for file in tools_files {
+            if !args.tools_file.contains(&file) {
+                args.tools_file.push(file);
+            }
+        }
+    }
+    let swe_rows = dataset.problems.iter().filter(|p| p.swe.is_some()).count();
+    let wanted = backend
+        .map(|(choice, _)| choice)
+        .or((swe_rows > 0).then_some(BackendChoice::Process));
+    if !backend_given
+        && let Some(wanted) = wanted
+        && wanted != args.backend.backend
+    {
+        printer.line(format_args!(
+            "backend: {} (the dataset's {}; --backend overrides it)",
+            format!("{wanted:?}").to_lowercase(),
+            if swe_rows > 0 {
+                "SWE rows need bash"
+            } else {
+                "sidecar asks for it"
+            }
+        ));
+        args.backend.backend = wanted;
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(mut args: RolloutArgs, backend_given: bool, printer: Printer) -> anyhow::Result<ExitCode> {
     if let (Some(file), Some(id)) = (&args.replay, &args.id) {
         return replay(&args, file, id, printer).await;
     }
@@ -306,10 +418,11 @@ pub(crate) async fn run(args: RolloutArgs, printer: Printer) -> anyhow::Result<E
         .context("--out is required: the folder for trajectories.jsonl and summary.json")?;
     anyhow::ensure!(args.group_size > 0, "--group-size must be at least 1");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
-    let agent = args.agent_config()?;
-    let policy = args.policy()?;
     let dataset = load_datasets(&args.dataset, printer)?;
     anyhow::ensure!(!dataset.problems.is_empty(), "the dataset has no readable problems");
+    apply_dataset_needs(&mut args, &dataset, backend_given, printer)?;
+    let agent = args.agent_config()?;
+    let policy = args.policy()?;
     check_agent_fits(&dataset, agent.kind, printer);
     let limits = args.limits.resolve()?;
     args.seed.check(&args.runtime)?;

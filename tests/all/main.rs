@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod conformance;
+mod datasets;
 mod fork;
 mod guest_paths;
 mod hostile;

@@ -348,8 +348,11 @@ fn a_rollout_prints_progress_lines_when_stderr_is_not_a_terminal() {
 fn the_notebook_agent_on_tool_calling_problems_says_which_flags_fix_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tools.jsonl");
+    // The dataset's sidecar asks for the tools agent; the notebook agent is forced here.
     let output = rollbox(&[
         "rollout",
+        "--agent",
+        "notebook",
         "--dataset",
         tools.to_str().expect("utf-8"),
         "--out",

@@ -1939,7 +1939,7 @@ fn the_rollout_command_takes_tools_files_a_tokenizer_budget_and_fresh_slot_scori
     let out = dir.path().join("refused");
     let cases: [(Vec<&std::ffi::OsStr>, &str); 3] = [
         (
-            vec![os("--tools-file"), tools_py.as_os_str()],
+            vec![os("--agent"), os("notebook"), os("--tools-file"), tools_py.as_os_str()],
             "--tools-file needs --agent tools",
         ),
         (
