@@ -645,20 +645,13 @@ impl InterpreterFactory {
 /// its memory what it is (the split runtime, the guest's source, the bootstrap turn with its
 /// output cap, and the preload cell).
 fn snapshot_cache_name(bootstrap: &str, preload_cell: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let mut key = Sha256::new();
-    for part in [
-        super::runtime::compiled::SPLIT_VERSION,
-        super::runtime::pinned().artifacts.snapshot.sha256.as_str(),
-        GUEST_SOURCE,
-        bootstrap,
-        preload_cell,
-    ] {
-        key.update((part.len() as u64).to_le_bytes());
-        key.update(part.as_bytes());
-    }
-    let digest: String = key.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
-    format!("snapshot-{digest}")
+    use std::hash::Hash;
+    super::runtime::compiled::keyed_name("snapshot", |key| {
+        super::runtime::compiled::SPLIT_VERSION.hash(key);
+        GUEST_SOURCE.hash(key);
+        bootstrap.hash(key);
+        preload_cell.hash(key);
+    })
 }
 
 /// The most bytes read back as the guest module's compiled code; it is about 100 KB.

@@ -27,43 +27,37 @@ use crate::wasm::cow::MemoryImage;
 /// entry is never loaded.
 pub(crate) const SPLIT_VERSION: &str = "code-only-1";
 
+/// `{stem}-{digest}`: the digest is 128 bits (hex) of a sha256 over the pinned runtime's sha256
+/// and what `key` feeds it. The name of a cache file that no process loads once any of them
+/// changes.
+pub(crate) fn keyed_name(stem: &str, key: impl FnOnce(&mut Sha256Hasher)) -> String {
+    let mut hasher = Sha256Hasher(Sha256::new());
+    pinned().artifacts.snapshot.sha256.hash(&mut hasher);
+    key(&mut hasher);
+    format!("{stem}-{}", &hex(&hasher.0.finalize())[..32])
+}
+
 /// Where the compiled snapshot for `engine` is cached.
 pub fn compiled_path(options: &RuntimeOptions, engine: &Engine) -> PathBuf {
-    let mut key = Sha256Hasher(Sha256::new());
-    pinned().artifacts.snapshot.sha256.hash(&mut key);
-    SPLIT_VERSION.hash(&mut key);
-    engine.precompile_compatibility_hash().hash(&mut key);
-    let digest = hex(&key.0.finalize());
-    options
-        .cache_dir
-        .join("compiled")
-        .join(format!("python-snapshot-{}.cwasm", &digest[..32]))
+    let name = keyed_name("python-snapshot", |key| {
+        SPLIT_VERSION.hash(key);
+        engine.precompile_compatibility_hash().hash(key);
+    });
+    options.cache_dir.join("compiled").join(format!("{name}.cwasm"))
 }
 
 /// Where the guest module's compiled code (`guest/rollbox_guest.py`, marshalled by the runtime's
 /// own CPython) is cached: keyed by the runtime and the guest's source, so a new runtime or a
 /// changed guest never loads stale code.
 pub fn guest_code_path(options: &RuntimeOptions) -> PathBuf {
-    let mut key = Sha256Hasher(Sha256::new());
-    pinned().artifacts.snapshot.sha256.hash(&mut key);
-    crate::slot::cell::GUEST_SOURCE.hash(&mut key);
-    let digest = hex(&key.0.finalize());
-    options
-        .cache_dir
-        .join("compiled")
-        .join(format!("rollbox-guest-{}.marshal", &digest[..32]))
+    let name = keyed_name("rollbox-guest", |key| crate::slot::cell::GUEST_SOURCE.hash(key));
+    options.cache_dir.join("compiled").join(format!("{name}.marshal"))
 }
 
 /// Where the runtime's initial memory image is cached (the same for every engine).
 pub fn initial_memory_path(options: &RuntimeOptions) -> PathBuf {
-    let mut key = Sha256Hasher(Sha256::new());
-    pinned().artifacts.snapshot.sha256.hash(&mut key);
-    SPLIT_VERSION.hash(&mut key);
-    let digest = hex(&key.0.finalize());
-    options
-        .cache_dir
-        .join("compiled")
-        .join(format!("python-memory-{}.img", &digest[..32]))
+    let name = keyed_name("python-memory", |key| SPLIT_VERSION.hash(key));
+    options.cache_dir.join("compiled").join(format!("{name}.img"))
 }
 
 /// The runtime ready to instantiate: its code, and the memory a fresh instance starts with.
@@ -290,7 +284,7 @@ fn sleb(out: &mut Vec<u8>, mut value: i64) {
 }
 
 /// Feeds `Hash` input into sha256, so the key is stable across processes and Rust versions.
-struct Sha256Hasher(Sha256);
+pub(crate) struct Sha256Hasher(Sha256);
 
 impl Hasher for Sha256Hasher {
     fn finish(&self) -> u64 {
