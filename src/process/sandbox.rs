@@ -6,8 +6,9 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
+use super::cgroup::{ProgramCgroup, SlotCgroup};
 use crate::env_vars;
 
 /// The `PATH` every sandboxed program gets, whatever the host's is.
@@ -36,6 +37,8 @@ pub(crate) struct SlotDirs {
     pub(crate) workspace: PathBuf,
     /// The slot's private temporary folder, `/tmp` and `HOME` inside the sandbox.
     pub(crate) tmp: PathBuf,
+    /// The slot's process cap, when this host has a `pids` cgroup controller.
+    pub(crate) cgroup: Option<Arc<SlotCgroup>>,
 }
 
 impl SlotDirs {
@@ -45,6 +48,7 @@ impl SlotDirs {
             workspace: root.join("workspace"),
             tmp: root.join("tmp"),
             root,
+            cgroup: None,
         }
     }
 }
@@ -153,11 +157,23 @@ impl Sandbox {
         args
     }
 
-    /// Starts `command` from the backend's spawner thread (see [`Spawner`]).
-    pub(crate) fn spawn(&self, command: Command) -> std::io::Result<GroupLeader> {
+    /// Starts `command` from the backend's spawner thread (see [`Spawner`]), in a new cgroup of
+    /// its own inside the slot's (when the slot has one), so that everything it starts can be
+    /// killed with it, however it detached.
+    pub(crate) fn spawn(&self, mut command: Command, dirs: &SlotDirs) -> std::io::Result<GroupLeader> {
+        let cgroup = dirs.cgroup.as_ref().map(|slot| slot.program()).transpose()?;
+        if let Some(cgroup) = &cgroup {
+            let procs = cgroup.procs_path();
+            // SAFETY: the closure only opens, writes and closes a prepared path (see
+            // `join_in_child`); it allocates nothing and takes no lock.
+            unsafe {
+                command.pre_exec(move || ProgramCgroup::join_in_child(&procs));
+            }
+        }
         Ok(GroupLeader {
             child: self.spawner.spawn(command)?,
             reaped: None,
+            cgroup,
         })
     }
 }
@@ -211,6 +227,8 @@ pub(crate) struct GroupLeader {
     /// Set once the leader is reaped; its id may then belong to another process, so the group
     /// is never signalled again.
     reaped: Option<Option<ExitStatus>>,
+    /// The program's cgroup: whatever it started, detached or not. Removed when dropped.
+    cgroup: Option<ProgramCgroup>,
 }
 
 impl GroupLeader {
@@ -228,7 +246,8 @@ impl GroupLeader {
         )
     }
 
-    /// Kills every process in the group, then reaps the leader and returns how it ended.
+    /// Kills every process in the group and in the program's cgroup (those that left the group
+    /// too), then reaps the leader and returns how it ended.
     /// Idempotent: after the first call the group is left alone.
     pub(crate) fn kill_and_reap(&mut self) -> Option<ExitStatus> {
         if let Some(status) = self.reaped {
@@ -239,6 +258,9 @@ impl GroupLeader {
             unsafe {
                 libc::killpg(pgid, libc::SIGKILL);
             }
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all();
         }
         let status = self.child.wait().ok();
         self.reaped = Some(status);
