@@ -487,7 +487,7 @@ fn run_call(shared: &Shared, live: &LiveSlot, call: &ToolCall) -> ExecutionResul
     if let (Some(cgroup), Some(before)) = (&live.dirs.cgroup, refused_before)
         && cgroup.forks_refused() > before
     {
-        report_limit(
+        crate::slot::limits::report_limit(
             &mut result,
             LimitKind::Processes,
             format!(
@@ -500,21 +500,6 @@ fn run_call(shared: &Shared, live: &LiveSlot, call: &ToolCall) -> ExecutionResul
     result.metadata.slot_id = Some(live.slot.id);
     result.metadata.duration_us = started.elapsed().as_micros() as u64;
     result
-}
-
-/// Marks `result` as having reached `limit`, and says so where the model reads: in the error's
-/// message when the call failed (a fork bomb usually also runs out of time), and as a last line
-/// of the output. The limit the slot reached names the cause better than the time it ran out of.
-fn report_limit(result: &mut ExecutionResult, limit: LimitKind, message: String) {
-    result.metadata.limit_hit = Some(limit);
-    if let Some(error) = result.error.as_mut() {
-        error.kind = ErrorKind::LimitExceeded;
-        error.message = format!("{}; {message}", error.message);
-    }
-    if !result.output.is_empty() && !result.output.ends_with('\n') {
-        result.output.push('\n');
-    }
-    result.output.push_str(&format!("[rollbox: {message}]"));
 }
 
 /// Commands and the interpreter see the workspace at its real path (`pwd`, tracebacks), so a

@@ -126,6 +126,21 @@ impl std::fmt::Display for LimitKind {
     }
 }
 
+/// Marks `result` as having reached `limit`, and says so where the model reads: in the error's
+/// message when the call failed (a fork bomb usually also runs out of time), and as a last line
+/// of the output. The limit the slot reached names the cause better than the time it ran out of.
+pub(crate) fn report_limit(result: &mut crate::slot::ExecutionResult, limit: LimitKind, message: String) {
+    result.metadata.limit_hit = Some(limit);
+    if let Some(error) = result.error.as_mut() {
+        error.kind = crate::slot::ErrorKind::LimitExceeded;
+        error.message = format!("{}; {message}", error.message);
+    }
+    if !result.output.is_empty() && !result.output.ends_with('\n') {
+        result.output.push('\n');
+    }
+    result.output.push_str(&format!("[rollbox: {message}]"));
+}
+
 /// Serialises a [`Duration`] as fractional seconds, the unit people write in configs.
 pub(crate) mod duration_secs_f64 {
     use std::time::Duration;

@@ -603,7 +603,16 @@ fn run_call(factory: &InterpreterFactory, live: &LiveSlot, call: &ToolCall) -> E
              backends. Use the `python` tool here (subprocess is unavailable too).",
             Default::default(),
         ),
-        Ok(request) => live.workspace.run_file_tool(&request, limits.output_bytes),
+        Ok(request) => {
+            let result = live.workspace.run_file_tool(&request, limits.output_bytes);
+            if matches!(request, ToolRequest::WriteFile(_) | ToolRequest::EditFile(_))
+                && let Some(interpreter) = lock_interpreter(&live.interpreter).as_mut()
+            {
+                // The host wrote to the slot's folders: its disk count must be measured again.
+                interpreter.store.data_mut().disk.forget();
+            }
+            result
+        }
     };
     result.metadata.tool = call.name.clone();
     result.metadata.slot_id = Some(live.slot.id);
@@ -639,7 +648,12 @@ fn run_python(
     let Some(interpreter) = guard.as_mut() else {
         unreachable!("an interpreter was just put in place")
     };
+    interpreter.store.data_mut().disk.take_refusal();
     let mut result = interpreter.run_cell(code, factory.limits(), timeout);
+    if let Some(limit) = interpreter.store.data_mut().disk.take_refusal() {
+        let message = super::disk::refusal_message(limit, factory.limits());
+        crate::slot::limits::report_limit(&mut result, limit, message);
+    }
     if result.metadata.state_lost {
         // A trapped instance may be corrupt: never reuse it.
         *guard = None;

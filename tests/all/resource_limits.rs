@@ -176,3 +176,146 @@ except OSError as e:
     assert_eq!(result.output.trim(), "still");
     backend.release(&neighbour, true).await.unwrap();
 }
+
+/// Bytes and entries in `folder` and below, as the host's file system reports them.
+fn usage(folder: &Path) -> (u64, u64) {
+    let (mut bytes, mut files) = (0, 0);
+    let mut pending = vec![folder.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).expect("read the slot's folder").flatten() {
+            let meta = entry.path().symlink_metadata().expect("stat");
+            files += 1;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                bytes += meta.len();
+            }
+        }
+    }
+    (bytes, files)
+}
+
+/// The issue's case on wasm: plain writes (`f.write`, which the host did not check before)
+/// of many files fill a slot's disk up to its cap and no further; the next write fails with
+/// `ENOSPC`, the call reports `limit_hit: disk` naming the flag, the host's own count of the
+/// workspace stays under the cap, and removing a file makes room again. The streams of a slot
+/// restored from the snapshot are still captured while files are checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasm_slot_fills_its_disk_up_to_its_cap_and_no_further() {
+    let backend = crate::support::wasm_backend(Limits {
+        disk_bytes: 4 << 20,
+        ..Limits::default()
+    });
+    let first = backend.acquire("first").await.unwrap();
+    let slot = backend.acquire("disk").await.unwrap();
+    for s in [&first, &slot] {
+        let result = ok(backend
+            .execute(
+                s,
+                ToolCall::python("print('streams'); import sys; print('err', file=sys.stderr)"),
+            )
+            .await);
+        let cell = result.cell.as_ref().expect("a cell");
+        assert_eq!(
+            (cell.stdout.as_str(), cell.stderr.as_str()),
+            ("streams\n", "err\n"),
+            "{}",
+            pretty(&result)
+        );
+    }
+    let fill = r#"import errno
+written, failed = 0, None
+try:
+    for i in range(32):
+        with open(f"/workspace/f{i}", "wb") as f:
+            f.write(b"x" * 2**20)
+        written += 1
+except OSError as e:
+    failed = e.errno
+print("filled")
+(written, failed == errno.ENOSPC)"#;
+    let result = ok(backend.execute(&slot, ToolCall::python(fill)).await);
+    assert_eq!(value(&result), "(4, True)", "{}", pretty(&result));
+    assert_eq!(result.cell.as_ref().map(|c| c.stdout.as_str()), Some("filled\n"));
+    assert_eq!(result.metadata.limit_hit, Some(LimitKind::Disk), "{}", pretty(&result));
+    assert!(result.output.contains("--max-disk-bytes"), "{}", pretty(&result));
+    let (bytes, _) = usage(&slot.workspace);
+    assert!(bytes <= 4 << 20, "the host counts {bytes} bytes in the workspace");
+
+    let room =
+        "import os\nos.remove('/workspace/f0')\nwith open('/workspace/again', 'wb') as f:\n    f.write(b'y' * 2**20)";
+    let result = ok(backend.execute(&slot, ToolCall::python(room)).await);
+    assert_eq!(result.metadata.limit_hit, None, "{}", pretty(&result));
+    backend.release(&slot, true).await.unwrap();
+    backend.release(&first, true).await.unwrap();
+}
+
+/// The documented hole on wasm, closed: a plain write after a seek far past the end, and plain
+/// writes that grow a file past `--max-file-bytes`, fail with `EFBIG` as on the process
+/// backend, and nothing lands past the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_write_past_the_file_size_cap_fails_on_wasm() {
+    let backend = crate::support::wasm_backend(Limits {
+        file_bytes: 1 << 20,
+        ..Limits::default()
+    });
+    let slot = backend.acquire("seek").await.unwrap();
+    let cell = r#"import errno, os
+def efbig(attempt):
+    try:
+        attempt()
+    except OSError as e:
+        return e.errno == errno.EFBIG
+    return False
+def far(f):
+    f.seek(2**40)
+    f.write(b"x")
+def long(f):
+    for _ in range(3):
+        f.write(b"z" * 2**19)
+with open("/tmp/far", "wb", buffering=0) as f:
+    far_refused = efbig(lambda: far(f))
+with open("/tmp/long", "wb", buffering=0) as f:
+    long_refused = efbig(lambda: long(f))
+with open("/tmp/append", "ab", buffering=0) as f:
+    f.write(b"a" * 2**20)
+    append_refused = efbig(lambda: f.write(b"a"))
+(far_refused, long_refused, append_refused, os.path.getsize("/tmp/far"), os.path.getsize("/tmp/long"))"#;
+    let result = ok(backend.execute(&slot, ToolCall::python(cell)).await);
+    assert_eq!(value(&result), "(True, True, True, 0, 1048576)", "{}", pretty(&result));
+    backend.release(&slot, true).await.unwrap();
+}
+
+/// Files without end on wasm: creating files and folders stops at the slot's file cap with
+/// `ENOSPC`, the call reports `limit_hit: files`, the host counts no more entries than the
+/// cap, and the slot goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasm_slot_stops_creating_files_at_its_cap() {
+    let backend = crate::support::wasm_backend(Limits {
+        disk_files: 50,
+        ..Limits::default()
+    });
+    let slot = backend.acquire("files").await.unwrap();
+    let flood = r#"import errno, os
+made, failed = 0, None
+try:
+    os.mkdir("/workspace/d")
+    made += 1
+    for i in range(10_000):
+        open(f"/workspace/d/f{i}", "w").close()
+        made += 1
+except OSError as e:
+    failed = e.errno
+(made, failed == errno.ENOSPC)"#;
+    let result = ok(backend.execute(&slot, ToolCall::python(flood)).await);
+    assert_eq!(value(&result), "(50, True)", "{}", pretty(&result));
+    assert_eq!(result.metadata.limit_hit, Some(LimitKind::Files), "{}", pretty(&result));
+    assert!(result.output.contains("--max-disk-files"), "{}", pretty(&result));
+    assert_eq!(usage(&slot.workspace).1, 50);
+    // Opening an existing file is no creation.
+    let result = ok(backend
+        .execute(&slot, ToolCall::python("open('/workspace/d/f0', 'w').close(); 'ok'"))
+        .await);
+    assert_eq!(result.metadata.limit_hit, None, "{}", pretty(&result));
+    backend.release(&slot, true).await.unwrap();
+}
