@@ -5,6 +5,7 @@
 
 mod capture;
 mod cgroup;
+mod disk;
 mod python;
 mod sandbox;
 mod shell;
@@ -153,6 +154,15 @@ struct Shared {
     cgroups: Option<Arc<BackendCgroup>>,
     /// Why slots run without a process cap, when they do.
     uncapped_because: Option<String>,
+}
+
+/// Warns that a process slot has no disk cap, and why.
+fn warn_no_disk_cap(slot: Option<SlotId>, error: &std::io::Error) {
+    tracing::warn!(
+        slot = slot.map(|s| s.to_string()).unwrap_or_default(),
+        %error,
+        "failed to mount a process slot's own tmpfs: it has NO disk cap (--max-disk-bytes, --max-disk-files), and can fill this host's disk (only each file is capped, by --max-file-bytes). Run rollbox as root to cap it"
+    );
 }
 
 struct LiveSlot {
@@ -402,6 +412,17 @@ impl Backend for ProcessBackend {
             if let Some(cgroup) = &live.dirs.cgroup {
                 cgroup.kill_all();
             }
+            match (&live.dirs.disk, reset_workspace) {
+                (Some(disk), true) => disk.unmount(),
+                // The workspace leaves the slot's tmpfs for the host's disk; its /tmp goes.
+                (Some(disk), false) => {
+                    if let Err(error) = disk.keep_workspace(&live.dirs.workspace) {
+                        tracing::warn!(slot = %live.slot.id, %error, "failed to keep a released slot's workspace");
+                    }
+                    return;
+                }
+                (None, _) => {}
+            }
             let doomed = if reset_workspace {
                 &live.dirs.root
             } else {
@@ -436,6 +457,13 @@ impl ProcessBackend {
         let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let mut dirs = SlotDirs::under(self.root.join(id.to_string()));
         dirs.cgroup = self.slot_cgroup(id);
+        dirs.disk = match disk::SlotDisk::mount(&dirs.root, &self.shared.limits) {
+            Ok(disk) => Some(Arc::new(disk)),
+            Err(error) => {
+                warn_no_disk_cap(Some(id), &error);
+                None
+            }
+        };
         let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
         let slot = Slot {
             id,
@@ -453,7 +481,9 @@ impl ProcessBackend {
         let mut slots = self.slots.write();
         if slots.len() >= self.max_slots {
             drop(slots);
-            let _ = std::fs::remove_dir_all(&live.dirs.root);
+            let root = live.dirs.root.clone();
+            drop(live);
+            let _ = std::fs::remove_dir_all(&root);
             return Err(BackendError::Exhausted {
                 capacity: self.max_slots,
             });
@@ -484,6 +514,11 @@ fn run_call(shared: &Shared, live: &LiveSlot, call: &ToolCall) -> ExecutionResul
             live.workspace.run_file_tool(&request, limits.output_bytes)
         }
     };
+    if let Some(disk) = &live.dirs.disk
+        && let Some(limit) = disk.full()
+    {
+        crate::slot::limits::report_limit(&mut result, limit, disk::full_message(limit, limits));
+    }
     if let (Some(cgroup), Some(before)) = (&live.dirs.cgroup, refused_before)
         && cgroup.forks_refused() > before
     {

@@ -9,6 +9,7 @@ use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitSta
 use std::sync::{Arc, mpsc};
 
 use super::cgroup::{ProgramCgroup, SlotCgroup};
+use super::disk::SlotDisk;
 use crate::env_vars;
 
 /// The `PATH` every sandboxed program gets, whatever the host's is.
@@ -39,6 +40,8 @@ pub(crate) struct SlotDirs {
     pub(crate) tmp: PathBuf,
     /// The slot's process cap, when this host has a `pids` cgroup controller.
     pub(crate) cgroup: Option<Arc<SlotCgroup>>,
+    /// The slot's own tmpfs at `root`, its disk cap, when the host could mount one.
+    pub(crate) disk: Option<Arc<SlotDisk>>,
 }
 
 impl SlotDirs {
@@ -49,6 +52,7 @@ impl SlotDirs {
             tmp: root.join("tmp"),
             root,
             cgroup: None,
+            disk: None,
         }
     }
 }
@@ -134,14 +138,30 @@ impl Sandbox {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
         push(&["--ro-bind".as_ref(), "/".as_ref(), "/".as_ref()]);
+        // Every tmpfs a program can write is memory: each gets a size, and bubblewrap's own /dev
+        // is made read-only (but for /dev/shm), so no write outside the slot's folders is
+        // unbounded.
+        let scratch = SCRATCH_TMPFS_BYTES.to_string();
         push(&["--dev".as_ref(), "/dev".as_ref(), "--proc".as_ref(), "/proc".as_ref()]);
+        push(&[
+            "--size".as_ref(),
+            scratch.as_ref(),
+            "--tmpfs".as_ref(),
+            "/dev/shm".as_ref(),
+        ]);
+        push(&["--remount-ro".as_ref(), "/dev".as_ref()]);
         // A read-only mount does not stop connect() on a Unix socket, and /run holds the host's
         // daemons' sockets (docker, dbus): hide it.
-        push(&["--tmpfs".as_ref(), "/run".as_ref()]);
+        push(&["--size".as_ref(), scratch.as_ref(), "--tmpfs".as_ref(), "/run".as_ref()]);
         // /tmp first: the folders below may live under it, and their mount points are then made
         // inside the slot's own tmp.
         push(&["--bind".as_ref(), dirs.tmp.as_os_str(), SANDBOX_TMP.as_ref()]);
-        push(&["--tmpfs".as_ref(), self.slots_root.as_os_str()]);
+        push(&[
+            "--size".as_ref(),
+            scratch.as_ref(),
+            "--tmpfs".as_ref(),
+            self.slots_root.as_os_str(),
+        ]);
         push(&["--bind".as_ref(), dirs.root.as_os_str(), dirs.root.as_os_str()]);
         push(&[
             "--bind".as_ref(),
@@ -177,6 +197,10 @@ impl Sandbox {
         })
     }
 }
+
+/// The size of each scratch tmpfs inside a sandbox (`/dev/shm`, `/run`, and the one that hides
+/// other slots): what a program may write outside its slot's folders, in memory, while it runs.
+const SCRATCH_TMPFS_BYTES: u64 = 64 << 20;
 
 /// Descriptors a slot's program may hold beyond [`crate::Limits::open_files`]: those it starts
 /// with (stdio, the driver's pipes, bubblewrap's own), so the cap counts what the cell opens.

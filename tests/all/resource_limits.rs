@@ -319,3 +319,98 @@ except OSError as e:
     assert_eq!(result.metadata.limit_hit, None, "{}", pretty(&result));
     backend.release(&slot, true).await.unwrap();
 }
+
+/// Bytes the host's disk (or memory) really holds for `folder` and below: allocated blocks.
+fn allocated(folder: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut pending = vec![folder.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).expect("read the slot's folder").flatten() {
+            let meta = entry.path().symlink_metadata().expect("stat");
+            total += meta.blocks() * 512;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
+/// Whether `path` is a mount point, by /proc/self/mountinfo.
+fn is_mount_point(path: &Path) -> bool {
+    let path = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|line| line.split_whitespace().nth(4) == Some(path.as_ref()))
+}
+
+/// The issue's case on the process backend: `dd`, `fallocate`, a sparse `truncate` and Python's
+/// writes stop at the slot's disk cap (its own tmpfs) with `ENOSPC` or `EFBIG`, the call reports
+/// `limit_hit: disk`, the host holds no more than the cap for the slot, files stop at their cap
+/// too, a neighbour is unaffected, and a slot released without a reset keeps its workspace on
+/// the host's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_slot_fills_its_disk_up_to_its_cap_and_no_further() {
+    const CAP: u64 = 8 << 20;
+    let (backend, _root) = process_backend(Limits {
+        disk_bytes: CAP,
+        disk_files: 100,
+        ..Limits::default()
+    });
+    let slot = backend.acquire("disk").await.unwrap();
+    let neighbour = backend.acquire("neighbour").await.unwrap();
+
+    ok(backend.execute(&slot, bash("echo kept > keep")).await);
+    let fill = "dd if=/dev/zero of=big bs=1M count=64 2>&1 | head -1; fallocate -l 1G pre 2>&1; \
+                truncate -s 1T sparse 2>&1; ls";
+    let result = backend.execute(&slot, bash(fill)).await;
+    assert!(result.output.contains("No space left on device"), "{}", pretty(&result));
+    assert_eq!(result.metadata.limit_hit, Some(LimitKind::Disk), "{}", pretty(&result));
+    assert!(result.output.contains("--max-disk-bytes"), "{}", pretty(&result));
+    let held = allocated(&slot.workspace);
+    assert!(held <= CAP, "the slot holds {held} bytes, over its cap of {CAP}");
+
+    let python = "import errno\ntry:\n    open('more', 'wb').write(b'x' * 2**20)\nexcept OSError as e:\n    full = e.errno == errno.ENOSPC\nfull";
+    let result = ok(backend.execute(&slot, ToolCall::python(python)).await);
+    assert_eq!(value(&result), "True", "{}", pretty(&result));
+    let result = ok(backend
+        .execute(&neighbour, bash("head -c 4194304 /dev/zero > mine && echo wrote"))
+        .await);
+    assert_eq!(result.output.trim(), "wrote", "{}", pretty(&result));
+
+    ok(backend.execute(&slot, bash("rm -f big pre sparse more")).await);
+    let result = backend
+        .execute(
+            &slot,
+            bash("mkdir d && for i in $(seq 500); do touch d/f$i 2>/dev/null || break; done; ls d | wc -l"),
+        )
+        .await;
+    let made: u64 = result
+        .output
+        .lines()
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(made < 100, "{}", pretty(&result));
+    assert_eq!(result.metadata.limit_hit, Some(LimitKind::Files), "{}", pretty(&result));
+    assert!(result.output.contains("--max-disk-files"), "{}", pretty(&result));
+
+    assert!(
+        is_mount_point(slot.workspace.parent().expect("root")),
+        "the slot has its own tmpfs"
+    );
+    backend.release(&slot, false).await.unwrap();
+    assert!(
+        !is_mount_point(slot.workspace.parent().expect("root")),
+        "the tmpfs is gone"
+    );
+    assert_eq!(
+        std::fs::read_to_string(slot.workspace.join("keep")).ok().as_deref(),
+        Some("kept\n"),
+        "the released workspace stays on the host's disk"
+    );
+    backend.release(&neighbour, true).await.unwrap();
+    assert!(!is_mount_point(neighbour.workspace.parent().expect("root")));
+}
