@@ -514,7 +514,12 @@ fn run_call(shared: &Shared, live: &LiveSlot, call: &ToolCall) -> ExecutionResul
             live.workspace.run_file_tool(&request, limits.output_bytes)
         }
     };
-    if let Some(disk) = &live.dirs.disk
+    // Only a call that can write is said to have filled the slot; reading a full slot is fine.
+    let may_write = ![ToolName::ReadFile, ToolName::ListDir, ToolName::Search]
+        .iter()
+        .any(|tool| tool.as_str() == call.name);
+    if may_write
+        && let Some(disk) = &live.dirs.disk
         && let Some(limit) = disk.full()
     {
         crate::slot::limits::report_limit(&mut result, limit, disk::full_message(limit, limits));
