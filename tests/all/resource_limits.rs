@@ -246,6 +246,18 @@ print("filled")
         "import os\nos.remove('/workspace/f0')\nwith open('/workspace/again', 'wb') as f:\n    f.write(b'y' * 2**20)";
     let result = ok(backend.execute(&slot, ToolCall::python(room)).await);
     assert_eq!(result.metadata.limit_hit, None, "{}", pretty(&result));
+
+    // The host's own file tool is held to the same cap.
+    ok(backend
+        .execute(&slot, ToolCall::python("os.remove('/workspace/again')"))
+        .await);
+    let write = |size: usize| ToolCall::new("write_file", json!({ "path": "tool", "content": "t".repeat(size) }));
+    let result = backend.execute(&slot, write(2 << 20)).await;
+    assert_eq!(result.metadata.limit_hit, Some(LimitKind::Disk), "{}", pretty(&result));
+    assert!(result.output.contains("--max-disk-bytes"), "{}", pretty(&result));
+    ok(backend.execute(&slot, write(512 << 10)).await);
+    let (bytes, _) = usage(&slot.workspace);
+    assert!(bytes <= 4 << 20, "the host counts {bytes} bytes in the workspace");
     backend.release(&slot, true).await.unwrap();
     backend.release(&first, true).await.unwrap();
 }
