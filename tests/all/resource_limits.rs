@@ -133,6 +133,31 @@ except OSError as e:
     // The slot's interpreter, in its sandbox: what runs between calls.
     let idle = backend.slot_processes(&slot).expect("the slot has a cgroup");
 
+    // A bomb in the foreground runs out of time, and says it met the process cap.
+    let result = backend
+        .execute(
+            &slot,
+            ToolCall::new("bash", json!({ "command": format!("{BOMB}; sleep 10"), "timeout": 2 })),
+        )
+        .await;
+    assert!(!result.success);
+    assert_eq!(
+        result.metadata.limit_hit,
+        Some(LimitKind::Processes),
+        "{}",
+        pretty(&result)
+    );
+    let message = &result.error.as_ref().expect("an error").message;
+    assert!(
+        message.contains("time limit") && message.contains("--max-processes"),
+        "{message}"
+    );
+    assert!(
+        eventually(|| backend.slot_processes(&slot) == Some(idle)),
+        "the bomb died with its command: {:?} left",
+        backend.slot_processes(&slot)
+    );
+
     // A bash command's detached processes end with the command.
     let result = backend
         .execute(
