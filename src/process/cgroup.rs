@@ -309,9 +309,9 @@ fn kill_members(dir: &Path, version: Version) {
             return;
         }
         for pid in pids {
-            // SAFETY: a plain syscall. The pid was in the group a moment ago; a member that
-            // exited since has not been reaped by anyone who could reuse its id this fast
-            // (its parent is in the group, or is the sandbox's init).
+            // SAFETY: a plain syscall. The pid was in the group a moment ago. A member that
+            // exited since frees its id, but the kernel hands ids out in order up to
+            // `pid_max` before reusing one, so no other process gets it in this instant.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
