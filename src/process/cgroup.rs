@@ -82,6 +82,7 @@ impl BackendCgroup {
         if version == Version::V2 {
             enable_pids(&parent)?;
         }
+        remove_orphans(&parent);
         static BACKENDS: AtomicU64 = AtomicU64::new(0);
         let dir = parent.join(format!(
             "rollbox-{}-{}",
@@ -317,6 +318,30 @@ fn kill_members(dir: &Path, version: Version) {
             }
         }
         std::thread::sleep(KILL_PASS_PAUSE);
+    }
+}
+
+/// Kills what is left in, and removes, the backend cgroups under `parent` whose rollbox is gone
+/// (`rollbox-PID-N` with no process PID): a rollbox killed with `SIGKILL` runs no clean-up.
+fn remove_orphans(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name
+            .strip_prefix("rollbox-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if owner != std::process::id() && !Path::new(&format!("/proc/{owner}")).exists() {
+            let version = if entry.path().join("cgroup.kill").exists() || parent.join("cgroup.controllers").exists() {
+                Version::V2
+            } else {
+                Version::V1
+            };
+            kill_tree(&entry.path(), version, true);
+        }
     }
 }
 

@@ -32,6 +32,51 @@ use crate::slot::{LimitKind, Limits};
 /// of the files the slot may make.
 const OWN_FOLDERS: u64 = 3;
 
+/// The source of every slot's tmpfs in the mount table, followed by the owner's process id.
+const MOUNT_SOURCE: &str = "rollbox-slot-";
+
+/// Unmounts the slot tmpfs that rollbox processes which are gone left behind (killed with
+/// `SIGKILL`, they ran no clean-up), so their files stop holding memory. Returns how many.
+pub(crate) fn unmount_orphans() -> usize {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return 0;
+    };
+    let mut unmounted = 0;
+    for line in mountinfo.lines() {
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut after = after.split_whitespace();
+        let (Some("tmpfs"), Some(source)) = (after.next(), after.next()) else {
+            continue;
+        };
+        let Some(owner) = source
+            .strip_prefix(MOUNT_SOURCE)
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(mount_point) = before.split_whitespace().nth(4) else {
+            continue;
+        };
+        if owner == std::process::id() || Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        // mountinfo escapes spaces and the like as octal; such a path is left alone.
+        if mount_point.contains('\\') {
+            continue;
+        }
+        let Ok(path) = c_path(Path::new(mount_point)) else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated path.
+        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+            unmounted += 1;
+        }
+    }
+    unmounted
+}
+
 /// One slot's tmpfs. Dropping it unmounts it, and what it held is gone.
 #[derive(Debug)]
 pub(crate) struct SlotDisk {
@@ -51,10 +96,12 @@ impl SlotDisk {
             limits.disk_files.saturating_add(OWN_FOLDERS)
         ))
         .map_err(std::io::Error::other)?;
+        // The source names the owner, so a later backend can unmount what a killed one left.
+        let source = CString::new(format!("{MOUNT_SOURCE}{}", std::process::id())).map_err(std::io::Error::other)?;
         // SAFETY: every pointer is a NUL-terminated string that outlives the call.
         let status = unsafe {
             libc::mount(
-                c"rollbox-slot".as_ptr(),
+                source.as_ptr(),
                 target.as_ptr(),
                 c"tmpfs".as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV,

@@ -218,6 +218,13 @@ impl ProcessBackend {
             shared_cache.clone(),
         )
         .map_err(ProcessBackendError::Spawner)?;
+        let orphans = disk::unmount_orphans();
+        if orphans > 0 {
+            tracing::info!(
+                orphans,
+                "unmounted slot folders that killed rollbox processes left mounted"
+            );
+        }
         let (cgroups, uncapped_because) = match BackendCgroup::create(config.limits.processes) {
             Ok(cgroups) => (Some(cgroups), None),
             Err(error) => {

@@ -451,3 +451,60 @@ async fn a_process_slot_fills_its_disk_up_to_its_cap_and_no_further() {
     backend.release(&neighbour, true).await.unwrap();
     assert!(!is_mount_point(neighbour.workspace.parent().expect("root")));
 }
+
+/// The slot tmpfs mounts in this process's mount table whose owner is `pid`.
+fn slot_mounts_of(pid: u32) -> usize {
+    let source = format!(" rollbox-slot-{pid} ");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter(|line| line.contains(&source))
+        .count()
+}
+
+/// Backend cgroups of the process `pid` under the `pids` hierarchy (cgroup v1 here).
+fn cgroups_of(pid: u32) -> usize {
+    std::fs::read_dir("/sys/fs/cgroup/pids")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("rollbox-{pid}-")))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A rollbox killed with SIGKILL runs no clean-up: its slot's tmpfs stays mounted (holding its
+/// files in memory) and its cgroup stays. The next process backend on the host unmounts and
+/// removes what dead rollbox processes left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_cleans_up_after_a_killed_rollbox() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args([
+            "exec",
+            "--backend",
+            "process",
+            "-q",
+            "-c",
+            "import time; time.sleep(600)",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("rollbox starts");
+    let pid = child.id();
+    assert!(
+        eventually(|| slot_mounts_of(pid) == 1 && cgroups_of(pid) == 1),
+        "the slot's tmpfs and cgroup exist while it runs"
+    );
+    // SAFETY: a plain syscall on our own child, not yet reaped.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    let _ = child.wait();
+    assert_eq!(slot_mounts_of(pid), 1, "SIGKILL left the tmpfs mounted");
+
+    let (_backend, _root) = process_backend(Limits::default());
+    assert_eq!(slot_mounts_of(pid), 0, "the new backend unmounted the orphan");
+    assert_eq!(cgroups_of(pid), 0, "and removed its cgroup");
+}
