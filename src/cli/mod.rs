@@ -100,9 +100,18 @@ pub(crate) struct LimitArgs {
     /// The longest file a slot may write, in bytes (sparse files included).
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().file_bytes)]
     max_file_bytes: u64,
+    /// The most bytes a slot's workspace and /tmp may hold in all; past it, writes fail with ENOSPC.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().disk_bytes)]
+    max_disk_bytes: u64,
+    /// The most files and folders a slot's workspace and /tmp may hold; past it, creating one fails with ENOSPC.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().disk_files)]
+    max_disk_files: u64,
+    /// The most processes and threads a slot runs at once (process backend); past it, fork fails with EAGAIN.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().processes)]
+    max_processes: u32,
     /// Every limit at once, as the JSON of `rollbox::Limits`: how a parent rollbox hands its
     /// exact limits to the servers it starts, with no rounding through the flags above.
-    #[arg(long, value_name = "JSON", hide = true, conflicts_with_all = ["timeout", "memory", "max_output", "fuel", "max_open_files", "max_file_bytes"])]
+    #[arg(long, value_name = "JSON", hide = true, conflicts_with_all = ["timeout", "memory", "max_output", "fuel", "max_open_files", "max_file_bytes", "max_disk_bytes", "max_disk_files", "max_processes"])]
     limits_json: Option<String>,
 }
 
@@ -125,6 +134,10 @@ impl LimitArgs {
             "--memory must be at least 64 MiB: the interpreter alone needs about 40 MiB"
         );
         anyhow::ensure!(self.max_output > 0, "--max-output must be at least 1 byte");
+        anyhow::ensure!(
+            self.max_processes >= 8,
+            "--max-processes must be at least 8: bubblewrap, bash and the interpreter need a few"
+        );
         Ok(Limits {
             timeout,
             memory_bytes: self.memory << 20,
@@ -132,6 +145,9 @@ impl LimitArgs {
             fuel: self.fuel,
             open_files: self.max_open_files,
             file_bytes: self.max_file_bytes,
+            disk_bytes: self.max_disk_bytes,
+            disk_files: self.max_disk_files,
+            processes: self.max_processes,
         })
     }
 }

@@ -4,6 +4,8 @@
 //! real Python with its C extensions, `git`, `pytest` and subprocesses.
 
 mod capture;
+mod cgroup;
+mod disk;
 mod python;
 mod sandbox;
 mod shell;
@@ -13,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cgroup::BackendCgroup;
+pub use cgroup::CgroupUnavailable;
 use python::NativeInterpreter;
 pub use python::NativeStartError;
 use sandbox::{ChildLimits, Sandbox, SlotDirs};
@@ -22,7 +26,7 @@ use crate::slot::Limits;
 use crate::slot::batch::{LiveSlots, every_result, group_by_slot, lock_interpreter};
 use crate::slot::tools::{ToolCallError, ToolName, ToolRequest};
 use crate::slot::workspace::Workspace;
-use crate::slot::{Backend, BackendError, ErrorKind, ExecutionResult, Slot, SlotId, ToolCall};
+use crate::slot::{Backend, BackendError, ErrorKind, ExecutionResult, LimitKind, Slot, SlotId, ToolCall};
 
 /// The tools a `process` slot runs: all of them.
 pub const TOOLS: [ToolName; 7] = ToolName::ALL;
@@ -145,6 +149,20 @@ struct Shared {
     limits: Limits,
     python: PathBuf,
     shared_cache: PathBuf,
+    /// The parent of every slot's cgroup; `None` when this host cannot cap processes (see
+    /// [`ProcessBackend::process_cap`]).
+    cgroups: Option<Arc<BackendCgroup>>,
+    /// Why slots run without a process cap, when they do.
+    uncapped_because: Option<String>,
+}
+
+/// Warns that a process slot has no disk cap, and why.
+fn warn_no_disk_cap(slot: Option<SlotId>, error: &std::io::Error) {
+    tracing::warn!(
+        slot = slot.map(|s| s.to_string()).unwrap_or_default(),
+        %error,
+        "failed to mount a process slot's own tmpfs: it has NO disk cap (--max-disk-bytes, --max-disk-files), and can fill this host's disk (only each file is capped, by --max-file-bytes). Run rollbox as root to cap it"
+    );
 }
 
 struct LiveSlot {
@@ -200,11 +218,31 @@ impl ProcessBackend {
             shared_cache.clone(),
         )
         .map_err(ProcessBackendError::Spawner)?;
+        let orphans = disk::unmount_orphans();
+        if orphans > 0 {
+            tracing::info!(
+                orphans,
+                "unmounted slot folders that killed rollbox processes left mounted"
+            );
+        }
+        let (cgroups, uncapped_because) = match BackendCgroup::create(config.limits.processes) {
+            Ok(cgroups) => (Some(cgroups), None),
+            Err(error) => {
+                let why = crate::error_text::error_chain(&error);
+                tracing::warn!(
+                    reason = %why,
+                    "process slots will run WITHOUT a process cap (--max-processes): a fork bomb can fill this host's process table, and a detached one runs until release. Run rollbox as root on a host with a `pids` cgroup controller to cap them"
+                );
+                (None, Some(why))
+            }
+        };
         let shared = Arc::new(Shared {
             sandbox,
             limits: config.limits,
             python: config.python,
             shared_cache,
+            cgroups,
+            uncapped_because,
         });
         let backend = ProcessBackend {
             shared,
@@ -250,6 +288,28 @@ impl ProcessBackend {
     /// Whether and how programs are confined.
     pub fn isolation(&self) -> &Isolation {
         self.shared.sandbox.isolation()
+    }
+
+    /// The most processes and threads each slot may run at once, or why there is no cap on this
+    /// host (no `pids` cgroup controller, or no permission to make a cgroup).
+    pub fn process_cap(&self) -> Result<u32, &str> {
+        match (&self.shared.cgroups, &self.shared.uncapped_because) {
+            (Some(cgroups), _) => Ok(cgroups.max_processes()),
+            (None, why) => Err(why.as_deref().unwrap_or("unknown")),
+        }
+    }
+
+    /// How many processes and threads `slot` runs now, by its cgroup (`pids.current`); `None`
+    /// for an unknown slot or one without a cgroup.
+    pub fn slot_processes(&self, slot: &Slot) -> Option<u64> {
+        let live = self.slots.get(slot.id)?;
+        live.dirs.cgroup.as_ref().map(|cgroup| cgroup.current())
+    }
+
+    /// The cgroup folder of `slot`, for tests that count its processes from outside.
+    pub fn slot_cgroup_dir(&self, slot: &Slot) -> Option<PathBuf> {
+        let live = self.slots.get(slot.id)?;
+        live.dirs.cgroup.as_ref().map(|cgroup| cgroup.dir().to_path_buf())
     }
 
     /// The folder every slot can write (see [`ProcessBackendConfig::shared_cache`]).
@@ -355,6 +415,21 @@ impl Backend for ProcessBackend {
         // Killing the interpreter and deleting folders block; keep them off the async threads.
         let _ = tokio::task::spawn_blocking(move || {
             drop(lock_interpreter(&live.interpreter).take());
+            // Whatever the slot left running (a detached server, a fork bomb) dies here.
+            if let Some(cgroup) = &live.dirs.cgroup {
+                cgroup.kill_all();
+            }
+            match (&live.dirs.disk, reset_workspace) {
+                (Some(disk), true) => disk.unmount(),
+                // The workspace leaves the slot's tmpfs for the host's disk; its /tmp goes.
+                (Some(disk), false) => {
+                    if let Err(error) = disk.keep_workspace(&live.dirs.workspace) {
+                        tracing::warn!(slot = %live.slot.id, %error, "failed to keep a released slot's workspace");
+                    }
+                    return;
+                }
+                (None, _) => {}
+            }
             let doomed = if reset_workspace {
                 &live.dirs.root
             } else {
@@ -368,10 +443,34 @@ impl Backend for ProcessBackend {
 }
 
 impl ProcessBackend {
+    /// The new slot's cgroup, or `None` with a warning: slots without one run uncapped.
+    fn slot_cgroup(&self, id: SlotId) -> Option<Arc<cgroup::SlotCgroup>> {
+        let Some(cgroups) = &self.shared.cgroups else {
+            tracing::warn!(slot = %id, reason = self.shared.uncapped_because.as_deref().unwrap_or(""), "this process slot has NO process cap (--max-processes)");
+            return None;
+        };
+        match cgroups.slot(&id.to_string()) {
+            Ok(cgroup) => Some(Arc::new(cgroup)),
+            Err(error) => {
+                let error = crate::error_text::error_chain(&error);
+                tracing::warn!(slot = %id, %error, "failed to make this process slot's cgroup; it has NO process cap (--max-processes)");
+                None
+            }
+        }
+    }
+
     /// Adds a slot for `trajectory_id`; its Python starts with `seed` at its first call.
     fn add_slot(&self, trajectory_id: &str, seed: Option<u64>) -> Result<Slot, BackendError> {
         let id = SlotId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let dirs = SlotDirs::under(self.root.join(id.to_string()));
+        let mut dirs = SlotDirs::under(self.root.join(id.to_string()));
+        dirs.cgroup = self.slot_cgroup(id);
+        dirs.disk = match disk::SlotDisk::mount(&dirs.root, &self.shared.limits) {
+            Ok(disk) => Some(Arc::new(disk)),
+            Err(error) => {
+                warn_no_disk_cap(Some(id), &error);
+                None
+            }
+        };
         let workspace = Workspace::create(&dirs.workspace, &dirs.tmp)?;
         let slot = Slot {
             id,
@@ -389,7 +488,9 @@ impl ProcessBackend {
         let mut slots = self.slots.write();
         if slots.len() >= self.max_slots {
             drop(slots);
-            let _ = std::fs::remove_dir_all(&live.dirs.root);
+            let root = live.dirs.root.clone();
+            drop(live);
+            let _ = std::fs::remove_dir_all(&root);
             return Err(BackendError::Exhausted {
                 capacity: self.max_slots,
             });
@@ -404,6 +505,7 @@ fn run_call(shared: &Shared, live: &LiveSlot, call: &ToolCall) -> ExecutionResul
     let started = Instant::now();
     let limits = &shared.limits;
     let timeout = call.timeout.map_or(limits.timeout, |t| t.min(limits.timeout));
+    let refused_before = live.dirs.cgroup.as_ref().map(|c| c.forks_refused());
     let mut result = match ToolRequest::parse(&call.name, &call.arguments) {
         Err(error @ ToolCallError::UnknownTool(_)) => {
             ExecutionResult::failure(ErrorKind::UnknownTool, error.to_string(), Default::default())
@@ -419,6 +521,28 @@ fn run_call(shared: &Shared, live: &LiveSlot, call: &ToolCall) -> ExecutionResul
             live.workspace.run_file_tool(&request, limits.output_bytes)
         }
     };
+    // Only a call that can write is said to have filled the slot; reading a full slot is fine.
+    let may_write = ![ToolName::ReadFile, ToolName::ListDir, ToolName::Search]
+        .iter()
+        .any(|tool| tool.as_str() == call.name);
+    if may_write
+        && let Some(disk) = &live.dirs.disk
+        && let Some(limit) = disk.full()
+    {
+        crate::slot::limits::report_limit(&mut result, limit, disk::full_message(limit, limits));
+    }
+    if let (Some(cgroup), Some(before)) = (&live.dirs.cgroup, refused_before)
+        && cgroup.forks_refused() > before
+    {
+        crate::slot::limits::report_limit(
+            &mut result,
+            LimitKind::Processes,
+            format!(
+                "the slot reached its limit of {} processes and threads (--max-processes), so some forks failed",
+                cgroup.max_processes()
+            ),
+        );
+    }
     result.metadata.tool = call.name.clone();
     result.metadata.slot_id = Some(live.slot.id);
     result.metadata.duration_us = started.elapsed().as_micros() as u64;

@@ -102,7 +102,7 @@ impl NativeInterpreter {
             python: python.display().to_string(),
             source,
         };
-        let mut leader = sandbox.spawn(command).map_err(spawn_error)?;
+        let mut leader = sandbox.spawn(command, dirs).map_err(spawn_error)?;
         let (Some(input), Some(output), Some(errors)) = leader.take_pipes() else {
             return Err(spawn_error(std::io::Error::other(
                 "the interpreter's pipes are missing",

@@ -6,8 +6,10 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
+use super::cgroup::{ProgramCgroup, SlotCgroup};
+use super::disk::SlotDisk;
 use crate::env_vars;
 
 /// The `PATH` every sandboxed program gets, whatever the host's is.
@@ -36,6 +38,10 @@ pub(crate) struct SlotDirs {
     pub(crate) workspace: PathBuf,
     /// The slot's private temporary folder, `/tmp` and `HOME` inside the sandbox.
     pub(crate) tmp: PathBuf,
+    /// The slot's process cap, when this host has a `pids` cgroup controller.
+    pub(crate) cgroup: Option<Arc<SlotCgroup>>,
+    /// The slot's own tmpfs at `root`, its disk cap, when the host could mount one.
+    pub(crate) disk: Option<Arc<SlotDisk>>,
 }
 
 impl SlotDirs {
@@ -45,6 +51,8 @@ impl SlotDirs {
             workspace: root.join("workspace"),
             tmp: root.join("tmp"),
             root,
+            cgroup: None,
+            disk: None,
         }
     }
 }
@@ -130,14 +138,30 @@ impl Sandbox {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
         push(&["--ro-bind".as_ref(), "/".as_ref(), "/".as_ref()]);
+        // Every tmpfs a program can write is memory: each gets a size, and bubblewrap's own /dev
+        // is made read-only (but for /dev/shm), so no write outside the slot's folders is
+        // unbounded.
+        let scratch = SCRATCH_TMPFS_BYTES.to_string();
         push(&["--dev".as_ref(), "/dev".as_ref(), "--proc".as_ref(), "/proc".as_ref()]);
+        push(&[
+            "--size".as_ref(),
+            scratch.as_ref(),
+            "--tmpfs".as_ref(),
+            "/dev/shm".as_ref(),
+        ]);
+        push(&["--remount-ro".as_ref(), "/dev".as_ref()]);
         // A read-only mount does not stop connect() on a Unix socket, and /run holds the host's
         // daemons' sockets (docker, dbus): hide it.
-        push(&["--tmpfs".as_ref(), "/run".as_ref()]);
+        push(&["--size".as_ref(), scratch.as_ref(), "--tmpfs".as_ref(), "/run".as_ref()]);
         // /tmp first: the folders below may live under it, and their mount points are then made
         // inside the slot's own tmp.
         push(&["--bind".as_ref(), dirs.tmp.as_os_str(), SANDBOX_TMP.as_ref()]);
-        push(&["--tmpfs".as_ref(), self.slots_root.as_os_str()]);
+        push(&[
+            "--size".as_ref(),
+            scratch.as_ref(),
+            "--tmpfs".as_ref(),
+            self.slots_root.as_os_str(),
+        ]);
         push(&["--bind".as_ref(), dirs.root.as_os_str(), dirs.root.as_os_str()]);
         push(&[
             "--bind".as_ref(),
@@ -153,14 +177,30 @@ impl Sandbox {
         args
     }
 
-    /// Starts `command` from the backend's spawner thread (see [`Spawner`]).
-    pub(crate) fn spawn(&self, command: Command) -> std::io::Result<GroupLeader> {
+    /// Starts `command` from the backend's spawner thread (see [`Spawner`]), in a new cgroup of
+    /// its own inside the slot's (when the slot has one), so that everything it starts can be
+    /// killed with it, however it detached.
+    pub(crate) fn spawn(&self, mut command: Command, dirs: &SlotDirs) -> std::io::Result<GroupLeader> {
+        let cgroup = dirs.cgroup.as_ref().map(|slot| slot.program()).transpose()?;
+        if let Some(cgroup) = &cgroup {
+            let procs = cgroup.procs_path();
+            // SAFETY: the closure only opens, writes and closes a prepared path (see
+            // `join_in_child`); it allocates nothing and takes no lock.
+            unsafe {
+                command.pre_exec(move || ProgramCgroup::join_in_child(&procs));
+            }
+        }
         Ok(GroupLeader {
             child: self.spawner.spawn(command)?,
             reaped: None,
+            cgroup,
         })
     }
 }
+
+/// The size of each scratch tmpfs inside a sandbox (`/dev/shm`, `/run`, and the one that hides
+/// other slots): what a program may write outside its slot's folders, in memory, while it runs.
+const SCRATCH_TMPFS_BYTES: u64 = 64 << 20;
 
 /// Descriptors a slot's program may hold beyond [`crate::Limits::open_files`]: those it starts
 /// with (stdio, the driver's pipes, bubblewrap's own), so the cap counts what the cell opens.
@@ -211,6 +251,8 @@ pub(crate) struct GroupLeader {
     /// Set once the leader is reaped; its id may then belong to another process, so the group
     /// is never signalled again.
     reaped: Option<Option<ExitStatus>>,
+    /// The program's cgroup: whatever it started, detached or not. Removed when dropped.
+    cgroup: Option<ProgramCgroup>,
 }
 
 impl GroupLeader {
@@ -228,7 +270,8 @@ impl GroupLeader {
         )
     }
 
-    /// Kills every process in the group, then reaps the leader and returns how it ended.
+    /// Kills every process in the group and in the program's cgroup (those that left the group
+    /// too), then reaps the leader and returns how it ended.
     /// Idempotent: after the first call the group is left alone.
     pub(crate) fn kill_and_reap(&mut self) -> Option<ExitStatus> {
         if let Some(status) = self.reaped {
@@ -239,6 +282,9 @@ impl GroupLeader {
             unsafe {
                 libc::killpg(pgid, libc::SIGKILL);
             }
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all();
         }
         let status = self.child.wait().ok();
         self.reaped = Some(status);

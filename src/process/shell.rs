@@ -30,7 +30,7 @@ pub(crate) fn run_bash(
     timeout: Duration,
     limits: &Limits,
 ) -> ExecutionResult {
-    let mut leader = match sandbox.spawn(sandbox.command(dirs, "bash", &["-c".as_ref(), command.as_ref()])) {
+    let mut leader = match sandbox.spawn(sandbox.command(dirs, "bash", &["-c".as_ref(), command.as_ref()]), dirs) {
         Ok(leader) => leader,
         Err(error) => {
             return ExecutionResult::failure(

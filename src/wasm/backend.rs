@@ -11,11 +11,11 @@ use super::interpreter::{Interpreter, StartError};
 use crate::error_text::error_chain;
 use crate::reporter::Reporter;
 use crate::seed::{DEFAULT_VIRTUAL_EPOCH_SECS, derive_fork_seed, derive_slot_seed};
-use crate::slot::Limits;
 use crate::slot::batch::{self, LiveSlots, every_result, group_by_slot, lock_interpreter};
 use crate::slot::tools::{ToolCallError, ToolName, ToolRequest};
 use crate::slot::workspace::Workspace;
 use crate::slot::{Backend, BackendError, ErrorKind, ExecutionResult, Slot, SlotId, ToolCall};
+use crate::slot::{LimitKind, Limits};
 use crate::wasm::runtime::{RuntimeError, RuntimeOptions, compiled, install};
 
 /// The tools a wasm slot runs: everything but `bash`.
@@ -603,11 +603,44 @@ fn run_call(factory: &InterpreterFactory, live: &LiveSlot, call: &ToolCall) -> E
              backends. Use the `python` tool here (subprocess is unavailable too).",
             Default::default(),
         ),
-        Ok(request) => live.workspace.run_file_tool(&request, limits.output_bytes),
+        Ok(request) => run_file_tool(live, &request, limits),
     };
     result.metadata.tool = call.name.clone();
     result.metadata.slot_id = Some(live.slot.id);
     result.metadata.duration_us = started.elapsed().as_micros() as u64;
+    result
+}
+
+/// Runs a file tool on the slot's workspace. The host's own writes are not seen by the
+/// slot's disk count (`disk.rs`), so after one it is measured again; a `write_file` whose
+/// content alone does not fit in what is left is refused first.
+fn run_file_tool(live: &LiveSlot, request: &ToolRequest, limits: &Limits) -> ExecutionResult {
+    if !matches!(request, ToolRequest::WriteFile(_) | ToolRequest::EditFile(_)) {
+        return live.workspace.run_file_tool(request, limits.output_bytes);
+    }
+    let mut guard = lock_interpreter(&live.interpreter);
+    if let (ToolRequest::WriteFile(args), Some(interpreter)) = (request, guard.as_mut()) {
+        let disk = &mut interpreter.store.data_mut().disk;
+        disk.forget();
+        if !disk.grow(args.content.len() as u64) {
+            let limit = disk.take_refusal().unwrap_or(LimitKind::Disk);
+            let mut result = ExecutionResult::failure(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "failed to write {}: {}",
+                    args.path,
+                    super::disk::refusal_message(limit, limits)
+                ),
+                Default::default(),
+            );
+            result.metadata.limit_hit = Some(limit);
+            return result;
+        }
+    }
+    let result = live.workspace.run_file_tool(request, limits.output_bytes);
+    if let Some(interpreter) = guard.as_mut() {
+        interpreter.store.data_mut().disk.forget();
+    }
     result
 }
 
@@ -639,7 +672,12 @@ fn run_python(
     let Some(interpreter) = guard.as_mut() else {
         unreachable!("an interpreter was just put in place")
     };
+    interpreter.store.data_mut().disk.take_refusal();
     let mut result = interpreter.run_cell(code, factory.limits(), timeout);
+    if let Some(limit) = interpreter.store.data_mut().disk.take_refusal() {
+        let message = super::disk::refusal_message(limit, factory.limits());
+        crate::slot::limits::report_limit(&mut result, limit, message);
+    }
     if result.metadata.state_lost {
         // A trapped instance may be corrupt: never reuse it.
         *guard = None;

@@ -12,8 +12,8 @@
 //! [`Limits::open_files`]: crate::Limits::open_files
 
 use wasmtime::{Caller, Linker};
-use wasmtime_wasi::p1::types::Errno;
-use wasmtime_wasi::p1::wasi_snapshot_preview1 as wasi;
+use wasmtime_wasi::p1::types::{Errno, Fd, Lookupflags, Oflags};
+use wasmtime_wasi::p1::wasi_snapshot_preview1::{self as wasi, WasiSnapshotPreview1};
 
 use super::host::GuestState;
 
@@ -72,6 +72,24 @@ fn path_open(
     if files.open >= files.max {
         return Ok(Errno::Mfile as i32);
     }
+    // A file this open creates counts against the slot's disk (`disk.rs`): it creates one when
+    // it may and the name does not exist yet.
+    let creates = oflags as u16 & Oflags::CREAT.bits() != 0
+        && delegate(&mut caller, |state, mut memory| {
+            let path = wiggle::GuestPtr::<str>::new((path as u32, path_len as u32));
+            let flags = Lookupflags::from_bits_truncate(dirflags as u32);
+            let exists = wasmtime_wasi::runtime::in_tokio(state.wasi.path_filestat_get(
+                &mut memory,
+                Fd::from(dirfd as u32),
+                flags,
+                path,
+            ));
+            Ok(i32::from(exists.is_err()))
+        })
+        .is_some_and(|absent| absent.is_ok_and(|absent| absent == 1));
+    if creates && !caller.data_mut().disk.create() {
+        return Ok(Errno::Nospc as i32);
+    }
     let errno = delegate(&mut caller, |state, mut memory| {
         wasmtime_wasi::runtime::in_tokio(wasi::path_open(
             &mut state.wasi,
@@ -90,6 +108,10 @@ fn path_open(
     .unwrap_or(Ok(Errno::Fault as i32))?;
     if errno == ERRNO_SUCCESS {
         caller.data_mut().open_files.open += 1;
+    }
+    // A failed creation, or a truncation, leaves the disk's count too high.
+    if (creates && errno != ERRNO_SUCCESS) || oflags as u16 & Oflags::TRUNC.bits() != 0 {
+        caller.data_mut().disk.shrank();
     }
     Ok(errno)
 }

@@ -147,6 +147,7 @@ impl InterpreterFactory {
             .map_err(boxed)?;
         descriptors::add_to_linker(&mut linker).map_err(boxed)?;
         file_size::add_to_linker(&mut linker).map_err(boxed)?;
+        super::disk::add_to_linker(&mut linker).map_err(boxed)?;
         linker.func_wrap("host", "call", door).map_err(boxed)?;
         let pre = linker.instantiate_pre(module).map_err(boxed)?;
         let bootstrap = bootstrap_chunk(limits.output_bytes);
@@ -509,6 +510,7 @@ impl InterpreterFactory {
             },
             open_files: OpenFiles::new(self.limits.open_files),
             file_bytes: self.limits.file_bytes,
+            disk: super::disk::DiskLedger::measure(&[&dirs.workspace, &dirs.tmp], &self.limits),
             deadline: Some(Instant::now() + STARTUP_TIMEOUT),
             door_inbox: None,
             door_outbox: Vec::new(),

@@ -29,6 +29,9 @@ pub(crate) struct GuestState {
     pub(crate) open_files: OpenFiles,
     /// The longest file the guest may write, [`crate::Limits::file_bytes`].
     pub(crate) file_bytes: u64,
+    /// What the slot's folders hold, against [`crate::Limits::disk_bytes`] and
+    /// [`crate::Limits::disk_files`].
+    pub(crate) disk: super::disk::DiskLedger,
     /// When the running call must end; read by the deadline-aware `poll_oneoff`.
     pub(crate) deadline: Option<Instant>,
     /// The last report the guest sent through the door.

@@ -16,6 +16,7 @@ mod bootstrap;
 mod capture;
 mod cow;
 mod descriptors;
+mod disk;
 mod engine;
 mod factory;
 mod file_size;

@@ -14,6 +14,7 @@ mod process;
 mod remote;
 mod report;
 mod reproducibility;
+mod resource_limits;
 mod rollout;
 mod runtime;
 mod server;
