@@ -14,6 +14,7 @@ mod process;
 mod remote;
 mod report;
 mod reproducibility;
+mod rollback;
 mod rollout;
 mod runtime;
 mod server;
