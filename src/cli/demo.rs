@@ -110,6 +110,12 @@ fn summarise(result: &ExecutionResult) -> String {
     if result.metadata.state_lost {
         facts.push("state_lost".into());
     }
+    if result.metadata.interrupted {
+        facts.push("interrupted".into());
+    }
+    if result.metadata.rolled_back {
+        facts.push("rolled_back".into());
+    }
     if let Some(error) = &result.error {
         facts.push(format!("error={:?}", error.kind));
     }

@@ -114,6 +114,11 @@ fn print_human(
             "[cell {number}: the interpreter was restarted; earlier state is gone]"
         ));
     }
+    if result.metadata.rolled_back {
+        printer.line(format_args!(
+            "[cell {number}: rolled back to the state before it; earlier state is kept]"
+        ));
+    }
     if timings {
         printer.line(format_args!("[cell {number}: {} µs]", result.metadata.duration_us));
     }

@@ -169,6 +169,11 @@ pub(crate) struct RuntimeArgs {
     /// Bootstrap every slot's interpreter instead of restoring a memory snapshot (slower).
     #[arg(long)]
     no_snapshot: bool,
+    /// Keep each slot's memory from before its running cell, so that a cell that has to be
+    /// stopped (stuck in C code past its time limit, out of fuel, crashed) rolls the slot back
+    /// instead of losing its state. Costs every cell a little (BENCHMARKS.md); needs Linux 6.7+.
+    #[arg(long)]
+    rollback: bool,
     /// Where a seeded slot's virtual clock starts (with --seed): a UTC instant such as
     /// 2025-01-01T00:00:00Z (the default), or seconds since the Unix epoch.
     #[arg(long, value_name = "INSTANT", value_parser = parse_clock_start)]
@@ -263,6 +268,9 @@ impl RuntimeArgs {
         if self.no_snapshot {
             args.push("--no-snapshot".to_string());
         }
+        if self.rollback {
+            args.push("--rollback".to_string());
+        }
         if let Some(start) = self.clock_start {
             args.extend(["--clock-start".to_string(), start.to_string()]);
         }
@@ -275,6 +283,8 @@ impl RuntimeArgs {
             Some("--preload")
         } else if self.no_snapshot {
             Some("--no-snapshot")
+        } else if self.rollback {
+            Some("--rollback")
         } else if self.clock_start.is_some() {
             Some("--clock-start")
         } else {
@@ -303,6 +313,7 @@ impl RuntimeArgs {
             preload,
             default_profile: !bare,
             snapshots: !self.no_snapshot,
+            rollback: self.rollback,
             virtual_epoch: self.clock_start.map_or(defaults.virtual_epoch, |secs| {
                 std::time::UNIX_EPOCH + Duration::from_secs(secs)
             }),

@@ -60,6 +60,9 @@ async fn repl(backend: &dyn Backend, seed: SeedArgs, printer: Printer) -> anyhow
         if result.metadata.state_lost && !printer.is_quiet() {
             eprintln!("[the interpreter was restarted; earlier state is gone]");
         }
+        if result.metadata.rolled_back && !printer.is_quiet() {
+            eprintln!("[rolled back to the state before the cell; earlier state is kept]");
+        }
     }
     backend.release(&slot, true).await?;
     Ok(ExitCode::SUCCESS)

@@ -184,6 +184,15 @@ pub struct ExecutionMetadata {
     /// Whether the slot's interpreter state was lost (and replaced by a fresh one).
     #[serde(default)]
     pub state_lost: bool,
+    /// Whether the cell was interrupted at its time limit, as Jupyter stops a cell: CPython
+    /// raised `KeyboardInterrupt` in it and kept its state (unless `state_lost` says the cell
+    /// did not stop within its grace period and was stopped for good).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
+    /// Whether the cell had to be stopped (a trap) and the slot was rolled back to its state
+    /// from just before it, instead of losing it (the wasm backend's `--rollback`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
     /// A command's exit status (`bash`), when it exited on its own; `None` when it was killed
     /// or the tool runs no command.
     #[serde(default, skip_serializing_if = "Option::is_none")]

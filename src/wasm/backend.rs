@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::engine::build_engine;
-use super::factory::{InterpreterFactory, SlotDirs, StartOptions};
-use super::interpreter::{Interpreter, StartError};
+use super::factory::{InterpreterFactory, RollbackError, SlotDirs, StartOptions};
+use super::interpreter::{Interpreter, StartError, rolled_back};
 use crate::error_text::error_chain;
 use crate::reporter::Reporter;
 use crate::seed::{DEFAULT_VIRTUAL_EPOCH_SECS, derive_fork_seed, derive_slot_seed};
@@ -61,6 +61,10 @@ pub struct WasmBackendConfig {
     pub seed: Option<u64>,
     /// Where a seeded slot's wall clock starts (default 2025-01-01T00:00:00Z).
     pub virtual_epoch: SystemTime,
+    /// Keep each slot's memory from before its running cell, so that a cell that has to be
+    /// stopped rolls the slot back instead of losing its state (docs/snapshots.md). Every cell
+    /// pays for it (BENCHMARKS.md). Slots restored from a snapshot or forked only.
+    pub rollback: bool,
 }
 
 impl WasmBackendConfig {
@@ -78,6 +82,7 @@ impl WasmBackendConfig {
             snapshots: true,
             seed: None,
             virtual_epoch: UNIX_EPOCH + Duration::from_secs(DEFAULT_VIRTUAL_EPOCH_SECS),
+            rollback: false,
         }
     }
 
@@ -100,11 +105,13 @@ impl WasmBackendConfig {
 /// submodules its `solve` imports on first use, scipy with its most used submodules, and
 /// pandas. Imported once into the snapshot (and kept on disk), so a slot pays nothing for
 /// them; nothing is bound in the cell namespace, a cell still writes `import numpy`.
-pub const DEFAULT_PROFILE: [&str; 10] = [
+pub const DEFAULT_PROFILE: [&str; 12] = [
     "numpy",
     "sympy",
+    "sympy.assumptions.wrapper",
     "sympy.combinatorics",
     "sympy.physics.units",
+    "sympy.sets.setexpr",
     "scipy",
     "scipy.optimize",
     "scipy.integrate",
@@ -207,6 +214,7 @@ impl WasmBackend {
             guest_code_cache: Some(compiled::guest_code_path(&config.runtime)),
             snapshot_cache: Some(config.runtime.cache_dir.join("snapshots")),
             virtual_epoch: config.virtual_epoch,
+            rollback: config.rollback,
         };
         let factory = InterpreterFactory::new(
             engine,
@@ -679,8 +687,25 @@ fn run_python(
         crate::slot::limits::report_limit(&mut result, limit, message);
     }
     if result.metadata.state_lost {
-        // A trapped instance may be corrupt: never reuse it.
-        *guard = None;
+        // A trapped instance may be corrupt: never reuse it. Roll back to the state before the
+        // cell when the slot kept it, else start afresh.
+        let Some(mut failed) = guard.take() else {
+            unreachable!("the interpreter just ran the cell")
+        };
+        match factory.roll_back(&mut failed, &live.dirs, live.seed) {
+            Ok(rolled) => {
+                *guard = Some(rolled);
+                rolled_back(&mut result);
+                return result;
+            }
+            Err(RollbackError::NotWatched) => {}
+            Err(error) => {
+                let error = error_chain(&error);
+                tracing::warn!(slot = %live.slot.id, %error, "failed to roll a slot back");
+                result.output.push_str(&format!("\n[rollbox: {error}]"));
+            }
+        }
+        drop(failed);
         match factory.start(&live.dirs, live.seed) {
             Ok(fresh) => *guard = Some(fresh),
             Err(error) => {

@@ -33,6 +33,11 @@ impl OpenFiles {
     pub(crate) fn new(max: u32) -> OpenFiles {
         OpenFiles { open: 0, max }
     }
+
+    /// How many files the guest holds open now.
+    pub(crate) fn open(&self) -> u32 {
+        self.open
+    }
 }
 
 /// Puts the counting `path_open` and `fd_close` in place of wasmtime-wasi's (the linker must

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use wasmtime::{Engine, InstancePre, Linker, Module, Store};
+use wasmtime::{Engine, InstancePre, Linker, Module, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
@@ -17,10 +17,12 @@ use super::cow::{MemoryImage, copy_pages, map_image, written_pages};
 use super::descriptors::{self, OpenFiles};
 use super::engine::ticks_for;
 use super::file_size;
-use super::host::{GuestCodeUpload, GuestState, MemoryLimiter, door};
+use super::host::{GuestCodeUpload, GuestState, Interrupt, InterruptPhase, MemoryLimiter, door, interrupt_guest};
 use super::interpreter::{Interpreter, RestoreError, StartError};
 use super::module_shape::check_snapshot_support;
 use super::poll::{GuestMonotonicClock, poll_oneoff};
+use super::rollback::{Checkpoint, WriteWatch};
+use super::runtime::compiled::INTERRUPT_EXPORT;
 use super::runtime::{GUEST_ARGV0, GUEST_MPL_DATA_DIR, GUEST_STDLIB_DIR, InstalledRuntime};
 use super::snapshot::{self, FRESH_SLOT_CELL, OPEN_FD_SCAN_LIMIT, Snapshot, SnapshotRefusal};
 use super::world::{SEEDED_SLOT_CELL, SeededWorld};
@@ -71,6 +73,8 @@ pub(crate) struct InterpreterFactory {
     /// Where this factory's snapshot is kept between processes (no extension: `.img` and
     /// `.probe` are added), if anywhere.
     snapshot_file: Option<PathBuf>,
+    /// Whether slots keep a rollback checkpoint (`StartOptions::rollback`).
+    rollback: bool,
 }
 
 /// The fork's first turn: new random streams, and its stack probe (see `_forked`).
@@ -109,6 +113,41 @@ pub enum ForkError {
     },
 }
 
+/// The turn a rolled-back interpreter first runs: only its stack probe (see `snapshot.rs`).
+const ROLLED_BACK_CELL: &str = "None";
+
+/// Rolling a slot back to its state before a cell failed: the slot gets a fresh interpreter
+/// instead, and the result says its state is lost, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    /// The slot keeps no checkpoint: rollback is off, or this kernel cannot watch writes.
+    #[error("rollback is off for this slot")]
+    NotWatched,
+    /// The state before the cell cannot be rebuilt.
+    #[error("the slot could not be rolled back: {0}")]
+    Unavailable(String),
+    /// The new instance could not be made.
+    #[error("failed to start the rolled-back interpreter")]
+    Start(#[source] StartError),
+    /// The saved pages could not be copied in.
+    #[error("failed to copy the slot's saved memory into the rolled-back interpreter")]
+    Copy(#[source] std::io::Error),
+    /// The new instance's memory could not be watched.
+    #[error("failed to watch the rolled-back interpreter's memory for writes")]
+    Watch(#[source] std::io::Error),
+    /// Its probe turn failed.
+    #[error("the rolled-back interpreter's first turn failed: {0}")]
+    Probe(String),
+    /// Its stack probe is not the slot's.
+    #[error("the rolled-back interpreter's stack probe is at {rolled_back:#x}, the slot's at {slot:#x}")]
+    StackMoved {
+        /// The slot's probe address.
+        slot: u32,
+        /// The rolled-back instance's.
+        rolled_back: u32,
+    },
+}
+
 /// How an [`InterpreterFactory`] starts interpreters.
 pub(crate) struct StartOptions {
     /// Modules every interpreter starts with imported.
@@ -125,6 +164,9 @@ pub(crate) struct StartOptions {
     pub(crate) snapshot_cache: Option<PathBuf>,
     /// Where a seeded slot's wall clock starts (see `world.rs`).
     pub(crate) virtual_epoch: SystemTime,
+    /// Keep each slot's memory from before its running cell, to roll back to when a cell has
+    /// to be stopped (see `rollback.rs`).
+    pub(crate) rollback: bool,
 }
 
 impl InterpreterFactory {
@@ -175,6 +217,7 @@ impl InterpreterFactory {
             snapshot_failed: AtomicBool::new(false),
             snapshot_file,
             virtual_epoch: options.virtual_epoch,
+            rollback: options.rollback,
         })
     }
 
@@ -247,7 +290,11 @@ impl InterpreterFactory {
                     self.snapshot_failed.store(true, Ordering::Relaxed);
                     tracing::warn!(%error, "a restored interpreter failed its stack probe; every interpreter will bootstrap from now on");
                 }
-                restored => return restored,
+                Ok(mut restored) => {
+                    self.watch_for_rollback(&mut restored, snapshot.stack_probe);
+                    return Ok(restored);
+                }
+                failed => return failed,
             }
         }
         let mut interpreter = self.boot(dirs, world)?;
@@ -447,6 +494,7 @@ impl InterpreterFactory {
                 fork: child_probe,
             });
         }
+        self.watch_for_rollback(&mut child, child_probe);
         tracing::debug!(
             copied_bytes = copied,
             copy_us = copied_at.as_micros() as u64,
@@ -454,6 +502,95 @@ impl InterpreterFactory {
             "interpreter forked"
         );
         Ok(child)
+    }
+
+    /// Starts `interpreter`'s rollback checkpoint, when rollback is on; `stack_probe` is where
+    /// its turns make their door call. A kernel that cannot watch writes is a warning, once:
+    /// the slot runs without rollback, and a cell that has to be stopped loses its state, as
+    /// its result says.
+    fn watch_for_rollback(&self, interpreter: &mut Interpreter, stack_probe: u32) {
+        if !self.rollback {
+            return;
+        }
+        let started = Instant::now();
+        let watched = WriteWatch::get().map_err(|why| why.to_owned()).and_then(|watch| {
+            let memory = interpreter.memory_bytes();
+            let own = written_pages(memory, interpreter.image.size()).map_err(|e| e.to_string())?;
+            Checkpoint::start(watch, memory, self.watched_size(), &own, stack_probe).map_err(|e| e.to_string())
+        });
+        match watched {
+            Ok(checkpoint) => {
+                interpreter.checkpoint = Some(checkpoint);
+                tracing::debug!(
+                    us = started.elapsed().as_micros() as u64,
+                    "the slot's rollback checkpoint started"
+                );
+            }
+            Err(why) => {
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%why, "slots run without rollback: a cell that has to be stopped loses the slot's state");
+                }
+            }
+        }
+    }
+
+    /// How much of a memory's reservation rollback watches: as far as the memory limit lets it
+    /// grow, and never past the 4 GiB a 32-bit memory can address.
+    fn watched_size(&self) -> usize {
+        usize::try_from(self.limits.memory_bytes)
+            .unwrap_or(usize::MAX)
+            .min(4 << 30)
+    }
+
+    /// A new interpreter over `dirs` in the state `failed` had before its last cell: the same
+    /// image, the pages its checkpoint saved, and a stack probe that must land where the
+    /// slot's did. `failed` (trapped, so never run again) loses its checkpoint to the new one.
+    /// A seeded slot's world starts again from its seed: Python's own generators are in memory
+    /// and go back with it, but the entropy stream and the virtual clock restart.
+    pub(crate) fn roll_back(
+        &self,
+        failed: &mut Interpreter,
+        dirs: &SlotDirs,
+        seed: Option<u64>,
+    ) -> Result<Interpreter, RollbackError> {
+        let started = Instant::now();
+        let mut checkpoint = failed.checkpoint.take().ok_or(RollbackError::NotWatched)?;
+        if let Some(why) = checkpoint.unavailable.take() {
+            return Err(RollbackError::Unavailable(why));
+        }
+        let world = seed.map(|seed| self.seeded_world(seed));
+        let mut fresh = self
+            .instantiate(dirs, &failed.image, false, world.as_ref())
+            .map_err(RollbackError::Start)?;
+        let size = fresh.memory_bytes().len();
+        if checkpoint.size > size {
+            let pages = (checkpoint.size - size).div_ceil(64 << 10) as u64;
+            fresh
+                .memory
+                .grow(&mut fresh.store, pages)
+                .map_err(|e| RollbackError::Start(StartError::Restore(RestoreError::Grow(e.into_boxed_dyn_error()))))?;
+        }
+        {
+            let (shadow, saved) = checkpoint.saved_pages();
+            let target = fresh.memory.data_mut(&mut fresh.store);
+            copy_pages(shadow, target, &saved).map_err(RollbackError::Copy)?;
+        }
+        checkpoint
+            .rewatch(fresh.memory_bytes(), self.watched_size())
+            .map_err(RollbackError::Watch)?;
+        let probe = fresh
+            .stack_probe(ROLLED_BACK_CELL, &self.limits)
+            .map_err(RollbackError::Probe)?;
+        if probe != checkpoint.stack_probe {
+            return Err(RollbackError::StackMoved {
+                slot: checkpoint.stack_probe,
+                rolled_back: probe,
+            });
+        }
+        fresh.checkpoint = Some(checkpoint);
+        tracing::debug!(us = started.elapsed().as_micros() as u64, "slot rolled back");
+        Ok(fresh)
     }
 
     /// A new interpreter with the guest module loaded by the bootstrap turn, and the preload
@@ -520,10 +657,20 @@ impl InterpreterFactory {
             door_frame: None,
             streams: [stdout.clone(), stderr.clone()],
             virtual_clock: world.map(SeededWorld::clock),
+            interrupt: Interrupt {
+                function: None,
+                phase: InterruptPhase::Off,
+                grace: Duration::ZERO,
+            },
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
+        // At the deadline a running cell is interrupted first, and trapped only when its
+        // grace period ends too (see `host::Interrupt`).
+        store.epoch_deadline_callback(|mut store| match interrupt_guest(&mut store)? {
+            Some(grace) => Ok(UpdateDeadline::Continue(ticks_for(grace))),
+            None => Err(Trap::Interrupt.into()),
+        });
         store.set_epoch_deadline(ticks_for(STARTUP_TIMEOUT));
         if self.limits.fuel.is_some() {
             store
@@ -542,6 +689,7 @@ impl InterpreterFactory {
             .get_typed_func::<(i32, i32), i32>(&mut store, "turn")
             .map_err(boxed)?;
         store.data_mut().exports = Some((memory, host_alloc.clone()));
+        store.data_mut().interrupt.function = instance.get_typed_func::<i32, i32>(&mut store, INTERRUPT_EXPORT).ok();
         map_image(&mut store, memory, image).map_err(StartError::Restore)?;
         if initialize && let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
             initialize.call(&mut store, ()).map_err(boxed)?;
@@ -554,6 +702,7 @@ impl InterpreterFactory {
             turn,
             stdout,
             stderr,
+            checkpoint: None,
         })
     }
 

@@ -5,13 +5,14 @@
 //! Everything here reads guest memory, so every guest address and length is checked
 //! ([`fits_in_memory`]) and every buffer the guest can fill has a cap.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use wasmtime::{Caller, Memory, ResourceLimiter, TypedFunc};
+use wasmtime::{AsContextMut, Caller, Memory, ResourceLimiter, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 use super::capture::CapturedStream;
 use super::descriptors::OpenFiles;
+use super::engine::ticks_for;
 use super::world::VirtualClock;
 
 /// The most table elements (function references) a guest may hold; CPython needs a few
@@ -54,6 +55,56 @@ pub(crate) struct GuestState {
     /// A seeded slot's virtual clock, which its `poll_oneoff` sleeps on; `None` sleeps in real
     /// time.
     pub(crate) virtual_clock: Option<std::sync::Arc<VirtualClock>>,
+    /// How a cell past its deadline is interrupted before it is stopped.
+    pub(crate) interrupt: Interrupt,
+}
+
+/// Jupyter's way of stopping a cell, first: at the deadline the host marks SIGINT pending in
+/// the interpreter, as a signal handler would, and CPython raises `KeyboardInterrupt` at its
+/// next check, keeping its state. Only a cell that does not stop within the grace period
+/// (stuck in C code, or swallowing the exception) is trapped.
+pub(crate) struct Interrupt {
+    /// The runtime's `PyErr_SetInterruptEx`, exported by the host (see
+    /// `runtime::compiled::with_interrupt_export`); `None` traps at once.
+    pub(crate) function: Option<TypedFunc<i32, i32>>,
+    pub(crate) phase: InterruptPhase,
+    /// How long an interrupted cell has to stop.
+    pub(crate) grace: Duration,
+}
+
+/// Where the running cell is in [`Interrupt`]'s two steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InterruptPhase {
+    /// No user cell is running (startup and setup turns trap at their deadline).
+    Off,
+    /// A cell is running and has not been interrupted.
+    Armed,
+    /// The cell was interrupted; its grace period is running.
+    Sent,
+}
+
+/// CPython's number for SIGINT on WASI, whose handler raises `KeyboardInterrupt`.
+const SIGINT: i32 = 2;
+
+/// Interrupts the running cell if it is armed for it: marks SIGINT pending and moves the
+/// wall-clock deadline to the end of the grace period, which it returns. `None` when the cell
+/// must be stopped instead (not armed, already interrupted, or no interrupt function).
+pub(crate) fn interrupt_guest(mut store: impl AsContextMut<Data = GuestState>) -> wasmtime::Result<Option<Duration>> {
+    let mut store = store.as_context_mut();
+    let state = store.data_mut();
+    if state.interrupt.phase != InterruptPhase::Armed {
+        return Ok(None);
+    }
+    let Some(function) = state.interrupt.function.clone() else {
+        return Ok(None);
+    };
+    state.interrupt.phase = InterruptPhase::Sent;
+    let grace = state.interrupt.grace;
+    state.deadline = Some(Instant::now() + grace);
+    // The call runs wasm, which checks the epoch too: it must not find the deadline passed.
+    store.set_epoch_deadline(ticks_for(grace));
+    function.call(&mut store, SIGINT)?;
+    Ok(Some(grace))
 }
 
 /// The door's one-time upload of the guest module's compiled code (marshal), which the factory

@@ -8,11 +8,14 @@ use wasmtime::{Memory, Store, Trap, TypedFunc};
 
 use super::capture::{CapturedStream, take_streams};
 use super::engine::ticks_for;
-use super::host::GuestState;
+use super::host::{GuestState, InterruptPhase};
 use super::poll::DeadlineExceeded;
+use super::rollback::Checkpoint;
 use crate::slot::cell::{GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model};
 use crate::slot::outputs::{Output, StreamLog, StreamName};
-use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionMetadata, ExecutionResult, LimitKind, Limits};
+use crate::slot::{
+    CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult, LimitKind, Limits,
+};
 
 /// Starting an interpreter failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +82,8 @@ pub(crate) struct Interpreter {
     pub(crate) turn: TypedFunc<(i32, i32), i32>,
     pub(crate) stdout: CapturedStream,
     pub(crate) stderr: CapturedStream,
+    /// The slot's memory as it was before its running cell, when rollback is on.
+    pub(crate) checkpoint: Option<Checkpoint>,
 }
 
 impl Interpreter {
@@ -88,10 +93,13 @@ impl Interpreter {
         // The guest's turn handler runs the turn's source as the cell; an empty cell is sent
         // as a newline because a turn needs at least one byte.
         let chunk = if code.is_empty() { "\n" } else { code };
+        self.update_checkpoint();
         let state = self.store.data_mut();
         state.limiter.refused = false;
         state.door_inbox = None;
         state.deadline = Some(Instant::now() + timeout);
+        state.interrupt.phase = InterruptPhase::Armed;
+        state.interrupt.grace = interrupt_grace(timeout);
         self.store.set_epoch_deadline(ticks_for(timeout));
         if let Some(fuel) = limits.fuel
             && let Err(error) = self.store.set_fuel(fuel)
@@ -99,6 +107,8 @@ impl Interpreter {
             return crashed(format!("failed to set the fuel limit: {error}"), None);
         }
         let outcome = self.turn_raw(chunk);
+        let interrupted =
+            std::mem::replace(&mut self.store.data_mut().interrupt.phase, InterruptPhase::Off) == InterruptPhase::Sent;
         let streams = take_streams(&self.stdout, &self.stderr, limits.output_bytes);
         let memory_refused = self.store.data().limiter.refused;
         let report = self.store.data_mut().door_inbox.take();
@@ -109,12 +119,16 @@ impl Interpreter {
             ..Default::default()
         };
         let host_truncated = streams.dropped.iter().sum::<usize>() > 0;
-        match outcome {
+        let mut result = match outcome {
             Ok(_) => match report.as_deref().map(serde_json::from_slice::<GuestReport>) {
+                Some(Ok(report)) if interrupted => kept_after_interrupt(
+                    cell_result(streams, report, host_truncated, memory_refused, limits),
+                    timeout,
+                ),
                 Some(Ok(report)) => cell_result(streams, report, host_truncated, memory_refused, limits),
                 Some(Err(error)) => crashed(format!("the guest sent an unreadable report ({error})"), Some(cell)),
                 // Out of memory even for its report: the memory limit, not a mystery.
-                None if memory_refused => stopped(cell, Some(LimitKind::Memory), String::new(), limits, timeout),
+                None if memory_refused => stopped(cell, Some(LimitKind::Memory), String::new(), limits, timeout, false),
                 None => crashed("the guest ended the cell without a report".into(), Some(cell)),
             },
             Err(error) => stopped(
@@ -123,7 +137,27 @@ impl Interpreter {
                 format!("the interpreter crashed: {}", trap_reason(&error)),
                 limits,
                 timeout,
+                interrupted,
             ),
+        };
+        result.metadata.interrupted = interrupted;
+        result
+    }
+
+    /// Brings the rollback checkpoint up to the memory as it is before a cell. A checkpoint that
+    /// cannot be updated is dropped (with a warning): the slot runs on without rollback rather
+    /// than roll back to a wrong state.
+    fn update_checkpoint(&mut self) {
+        let Some(checkpoint) = self.checkpoint.as_mut() else {
+            return;
+        };
+        let open = self.store.data().open_files.open();
+        checkpoint.unavailable = (open > 0).then(|| {
+            format!("the slot held {open} files open before the cell, which a rolled-back interpreter would not have")
+        });
+        if let Err(error) = checkpoint.update(self.memory.data(&self.store)) {
+            tracing::warn!(%error, "failed to update a slot's rollback checkpoint; the slot runs without rollback from now on");
+            self.checkpoint = None;
         }
     }
 
@@ -203,16 +237,51 @@ fn cell_result(
     finished_cell(cell, truncated, out_of_memory, limits)
 }
 
+/// How long a cell interrupted at its `timeout` has to stop before it is trapped: a quarter of
+/// the limit, from 50 ms to 1 s. A Python loop stops at its next bytecode check, well within it.
+fn interrupt_grace(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// The result of a cell that reported after it was interrupted at its time limit: its own
+/// output (usually a `KeyboardInterrupt` traceback), as a time limit, with the state kept. A cell
+/// that caught the exception and finished still ran past its limit, and is reported so.
+fn kept_after_interrupt(mut result: ExecutionResult, timeout: Duration) -> ExecutionResult {
+    let message = format!(
+        "the cell ran past its {:.3} s time limit and was interrupted (KeyboardInterrupt); the interpreter kept its state, \
+         so variables and imports from earlier cells are still there",
+        timeout.as_secs_f64()
+    );
+    if !result.output.is_empty() && !result.output.ends_with('\n') {
+        result.output.push('\n');
+    }
+    result.output.push_str(&message);
+    result.success = false;
+    result.error = Some(ExecutionError {
+        kind: ErrorKind::LimitExceeded,
+        message,
+    });
+    result.metadata.limit_hit = Some(LimitKind::Time);
+    result
+}
+
 /// A result for a cell whose interpreter was stopped by `limit` (or crashed, as `crash` says)
-/// and must be replaced.
+/// and must be replaced; `interrupted` when it had been sent a `KeyboardInterrupt` first.
 fn stopped(
     mut cell: CellOutput,
     limit: Option<LimitKind>,
     crash: String,
     limits: &Limits,
     timeout: Duration,
+    interrupted: bool,
 ) -> ExecutionResult {
     let message = match limit {
+        Some(LimitKind::Time) if interrupted => format!(
+            "the cell ran past its {:.3} s time limit, did not stop within {:.3} s of the KeyboardInterrupt it was sent \
+             (stuck in C code, or catching the exception), and was stopped",
+            timeout.as_secs_f64(),
+            interrupt_grace(timeout).as_secs_f64()
+        ),
         Some(LimitKind::Time) => format!(
             "the cell ran past its {:.3} s time limit and was stopped",
             timeout.as_secs_f64()
@@ -256,10 +325,37 @@ fn setup_failure(result: &ExecutionResult, limits: &Limits) -> String {
     }
 }
 
+/// How a crashed cell's message ends when the slot got a fresh interpreter.
+const RESTARTED: &str = "; the interpreter was restarted, so variables and imports from earlier cells are gone";
+/// How it ends instead when the slot was rolled back (see [`rolled_back`]).
+const ROLLED_BACK: &str = "; the slot was rolled back to its state before this cell, so variables and imports from \
+                           earlier cells are kept (files the cell wrote in the workspace stay)";
+
+/// `result` (a crashed cell's) for a slot that was rolled back to its state before the cell
+/// instead of restarted: its state is not lost, and its messages say so.
+pub(crate) fn rolled_back(result: &mut ExecutionResult) {
+    let say_rolled_back = |text: &mut String| *text = text.replace(RESTARTED, ROLLED_BACK);
+    say_rolled_back(&mut result.output);
+    if let Some(error) = result.error.as_mut() {
+        say_rolled_back(&mut error.message);
+    }
+    if let Some(cell) = result.cell.as_mut() {
+        if let Some(error) = cell.error.as_mut() {
+            say_rolled_back(&mut error.value);
+        }
+        for output in &mut cell.outputs {
+            if let Output::Error { evalue, .. } = output {
+                say_rolled_back(evalue);
+            }
+        }
+    }
+    result.metadata.state_lost = false;
+    result.metadata.rolled_back = true;
+}
+
 /// A result for a cell whose interpreter is gone.
 fn crashed(message: String, cell: Option<CellOutput>) -> ExecutionResult {
-    let message =
-        format!("{message}; the interpreter was restarted, so variables and imports from earlier cells are gone");
+    let message = format!("{message}{RESTARTED}");
     let mut result = ExecutionResult::failure(
         ErrorKind::GuestCrashed,
         message.clone(),

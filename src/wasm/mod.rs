@@ -9,6 +9,7 @@
 //! - `snapshot`, `module_shape`: memory snapshots new interpreters restore, and their checks;
 //! - `poll`, `capture`: the deadline-aware `poll_oneoff` and the captured stdout/stderr;
 //! - `world`: a seeded slot's entropy stream and virtual clock (`--seed`);
+//! - `rollback`: a slot's memory as it was before its running cell, to go back to (`--rollback`);
 //! - [`runtime`]: the pinned CPython runtime, installed and compiled once.
 
 mod backend;
@@ -24,6 +25,7 @@ mod host;
 mod interpreter;
 mod module_shape;
 mod poll;
+mod rollback;
 pub mod runtime;
 mod snapshot;
 mod world;
@@ -31,4 +33,5 @@ mod world;
 pub use backend::{
     DEFAULT_PROFILE, DEFAULT_PROFILE_MIN_MEMORY, TOOLS, WasmBackend, WasmBackendConfig, WasmBackendError,
 };
+pub use factory::RollbackError;
 pub use interpreter::{RestoreError, StartError};

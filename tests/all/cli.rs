@@ -59,7 +59,14 @@ fn exec_reads_cells_from_a_file_and_applies_limit_flags() {
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 3, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(lines[1]["metadata"]["limit_hit"], "time");
-    assert_eq!(lines[2]["cell"]["result"]["text/plain"], "False");
+    assert_eq!(
+        lines[1]["metadata"]["interrupted"], true,
+        "the loop was sent a KeyboardInterrupt first"
+    );
+    assert_eq!(
+        lines[2]["cell"]["result"]["text/plain"], "True",
+        "and the slot kept its state"
+    );
 }
 
 #[test]

@@ -703,3 +703,88 @@ pub async fn file_tools_refuse_fifos(backend: &dyn Backend) {
     );
     backend.release(&slot, true).await.expect("release");
 }
+
+/// With rollback on (`--rollback`), a cell the host has to stop leaves the slot as it was just
+/// before that cell, for each way a cell is stopped: the time limit (a loop that swallows the
+/// `KeyboardInterrupt` it is sent first), the memory limit (an allocation refused, then a crash,
+/// as a C extension that aborts when malloc fails), and a crash (`os.abort()`, a wasm trap).
+/// Variables, imports and the memory the cell changed go back; the files it wrote stay.
+pub async fn a_stopped_cell_rolls_the_slot_back(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-rollback").await.expect("acquire");
+    ok(backend
+        .execute(&slot, ToolCall::python("kept = [1, 2, 3]\nimport json"))
+        .await);
+    let stopped_cells = [
+        (
+            "time",
+            "try:\n    while True: pass\nexcept BaseException:\n    while True: pass",
+            ErrorKind::LimitExceeded,
+        ),
+        (
+            "memory",
+            "try:\n    hog = bytearray(3 << 29)\nexcept MemoryError:\n    import os; os.abort()",
+            ErrorKind::LimitExceeded,
+        ),
+        ("trap", "import os; os.abort()", ErrorKind::GuestCrashed),
+    ];
+    for (kind, stop, error_kind) in stopped_cells {
+        let cell = format!(
+            "import tabnanny\nkept.append('{kind}')\nlost = 1\nopen('{kind}.txt', 'w').write('written')\n{stop}"
+        );
+        let stopped = backend
+            .execute(
+                &slot,
+                ToolCall::python(cell).with_timeout(std::time::Duration::from_millis(500)),
+            )
+            .await;
+        assert!(!stopped.success, "{kind}: {}", pretty(&stopped));
+        assert_eq!(
+            stopped.error.as_ref().map(|e| e.kind),
+            Some(error_kind),
+            "{kind}: {}",
+            pretty(&stopped)
+        );
+        assert!(
+            stopped.metadata.rolled_back && !stopped.metadata.state_lost,
+            "{kind}: {}",
+            pretty(&stopped)
+        );
+        assert!(stopped.output.contains("rolled back"), "{kind}: {}", stopped.output);
+        let after = ok(backend
+            .execute(
+                &slot,
+                ToolCall::python(format!(
+                    "import sys\n(kept, 'lost' in globals(), 'tabnanny' in sys.modules, 'json' in sys.modules, open('{kind}.txt').read())"
+                )),
+            )
+            .await);
+        assert_eq!(
+            value(&after),
+            "([1, 2, 3], False, False, True, 'written')",
+            "{kind}: the slot is as it was before the cell, but for the file"
+        );
+    }
+    backend.release(&slot, true).await.expect("release");
+}
+
+/// A slot of the default profile (wasm, and remote over wasm servers) starts with numpy, sympy,
+/// scipy and pandas imported: importing them loads no module at all, so it costs nothing, and
+/// no name is bound in the cell's namespace until the cell binds it.
+pub async fn the_default_profile_is_imported_already(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-profile").await.expect("acquire");
+    let imported = ok(backend
+        .execute(
+            &slot,
+            ToolCall::python(
+                "import sys\nbound = [n for n in ('numpy', 'sympy', 'scipy', 'pandas') if n in globals()]\nbefore = set(sys.modules)\nimport numpy, sympy, scipy, pandas, scipy.optimize\nx = sympy.Symbol('x')\nsympy.solve(x**2 - 4, x)\n(bound, sorted(set(sys.modules) - before))",
+            ),
+        )
+        .await);
+    assert_eq!(
+        value(&imported),
+        "([], [])",
+        "{}: nothing bound at first, and nothing left to import",
+        backend.name()
+    );
+    backend.release(&slot, true).await.expect("release");
+}

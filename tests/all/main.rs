@@ -15,6 +15,7 @@ mod remote;
 mod report;
 mod reproducibility;
 mod resource_limits;
+mod rollback;
 mod rollout;
 mod runtime;
 mod server;

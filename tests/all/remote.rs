@@ -54,9 +54,12 @@ async fn remote_passes_the_conformance_suite() {
         "the tools come from the servers: {:?}",
         backend.tools()
     );
-    tokio::time::timeout(NO_HANG, conformance::run_all(&backend))
-        .await
-        .expect("the suite finishes");
+    tokio::time::timeout(NO_HANG, async {
+        conformance::run_all(&backend).await;
+        conformance::the_default_profile_is_imported_already(&backend).await;
+    })
+    .await
+    .expect("the suite finishes");
     let pids: Vec<u32> = backend
         .servers()
         .iter()
@@ -992,5 +995,16 @@ async fn a_seeded_remote_slot_draws_what_a_local_slot_of_that_seed_draws() {
     let here = ok(local.execute(&slot, ToolCall::python(draw)).await).output;
     local.release(&slot, true).await.expect("release");
     assert_eq!(over_http, here);
+    backend.shutdown().await.expect("shutdown");
+}
+
+/// `remote` over wasm servers started with `--rollback`: a stopped cell rolls its slot back on
+/// the slot's own server, and the result says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_rolls_back_on_the_slots_own_server() {
+    let (backend, _provisioner) = local_backend(pool(2, 1, 1), &["--rollback"]).await;
+    tokio::time::timeout(NO_HANG, conformance::a_stopped_cell_rolls_the_slot_back(&backend))
+        .await
+        .expect("the check finishes");
     backend.shutdown().await.expect("shutdown");
 }

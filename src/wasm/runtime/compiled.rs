@@ -41,6 +41,7 @@ pub(crate) fn keyed_name(stem: &str, key: impl FnOnce(&mut Sha256Hasher)) -> Str
 pub fn compiled_path(options: &RuntimeOptions, engine: &Engine) -> PathBuf {
     let name = keyed_name("python-snapshot", |key| {
         SPLIT_VERSION.hash(key);
+        INTERRUPT_EXPORT.hash(key);
         engine.precompile_compatibility_hash().hash(key);
     });
     options.cache_dir.join("compiled").join(format!("{name}.cwasm"))
@@ -116,6 +117,16 @@ fn load_or_compile_module(
         source: e,
     };
     let (code_only, _) = split_data(&wasm).map_err(|e| compile_error(e.into()))?;
+    let code_only = match with_interrupt_export(&code_only).map_err(|e| compile_error(e.into()))? {
+        Some(exported) => exported,
+        None => {
+            tracing::warn!(
+                "the runtime has no `{INTERRUPT_FUNCTION}` in its name section: a cell past its time limit is stopped \
+                 with its state lost, never interrupted first"
+            );
+            code_only
+        }
+    };
     reporter.on_step_start("compiling the Python runtime (once; about a minute)", None);
     let compiled = engine
         .precompile_module(&code_only)
@@ -221,18 +232,87 @@ pub(crate) fn split_data(wasm: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SplitError> 
             }
         }
     }
+    Ok((replace_section(wasm, SECTION_DATA, section, &payload)?, memory))
+}
+
+/// The name under which [`with_interrupt_export`] exports CPython's `PyErr_SetInterruptEx`.
+pub(crate) const INTERRUPT_EXPORT: &str = "rollbox_interrupt";
+/// The C function a time limit calls first: it marks a signal pending, as a signal handler
+/// would, and CPython raises `KeyboardInterrupt` at its next check (async-signal-safe by its
+/// documentation, so calling it while the interpreter is stopped anywhere is sound).
+const INTERRUPT_FUNCTION: &str = "PyErr_SetInterruptEx";
+const SECTION_EXPORT: u8 = 7;
+const SECTION_DATA: u8 = 11;
+const EXTERNAL_KIND_FUNC: u8 = 0;
+
+/// `wasm` with one more export, [`INTERRUPT_EXPORT`], of the function the `name` section calls
+/// `PyErr_SetInterruptEx`, so that the host can interrupt a running cell the way Jupyter does.
+/// `None` when the module has no such function (or no names): time limits then trap at once.
+pub(crate) fn with_interrupt_export(wasm: &[u8]) -> Result<Option<Vec<u8>>, SplitError> {
+    use wasmparser::{KnownCustom, Name, Parser, Payload};
+    let mut exports = None;
+    let mut function = None;
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload? {
+            Payload::ExportSection(reader) => {
+                for export in reader.clone() {
+                    if export?.name == INTERRUPT_EXPORT {
+                        return Err(SplitError::Shape("an export named like rollbox's interrupt"));
+                    }
+                }
+                exports = Some((reader.count(), reader.range()));
+            }
+            Payload::CustomSection(reader) => {
+                if let KnownCustom::Name(names) = reader.as_known() {
+                    for name in names {
+                        let Name::Function(map) = name? else { continue };
+                        for naming in map {
+                            let naming = naming?;
+                            if naming.name == INTERRUPT_FUNCTION {
+                                function = Some(naming.index);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let (Some((count, range)), Some(index)) = (exports, function) else {
+        return Ok(None);
+    };
+    let old_count_bytes = leb_len(count as usize);
+    let mut payload = Vec::with_capacity(range.len() + 32);
+    leb(&mut payload, count as usize + 1);
+    payload.extend_from_slice(&wasm[range.start + old_count_bytes..range.end]);
+    leb(&mut payload, INTERRUPT_EXPORT.len());
+    payload.extend_from_slice(INTERRUPT_EXPORT.as_bytes());
+    payload.push(EXTERNAL_KIND_FUNC);
+    leb(&mut payload, index as usize);
+    replace_section(wasm, SECTION_EXPORT, range, &payload).map(Some)
+}
+
+/// `wasm` with the contents of its section `id` (at `range`) replaced by `payload`.
+fn replace_section(wasm: &[u8], id: u8, range: std::ops::Range<usize>, payload: &[u8]) -> Result<Vec<u8>, SplitError> {
     // The section's id and its size (a LEB128 of 1 to 5 bytes) come just before its contents.
     let header_start = (1..=5)
-        .filter_map(|size_bytes| section.start.checked_sub(size_bytes + 1))
-        .find(|&at| wasm[at] == 11 && read_leb(&wasm[at + 1..section.start]) == Some(section.len()))
-        .ok_or(SplitError::Shape("a data section whose header cannot be found"))?;
-    let mut code_only = Vec::with_capacity(wasm.len() - section.len() + payload.len());
-    code_only.extend_from_slice(&wasm[..header_start]);
-    code_only.push(11);
-    leb(&mut code_only, payload.len());
-    code_only.extend_from_slice(&payload);
-    code_only.extend_from_slice(&wasm[section.end..]);
-    Ok((code_only, memory))
+        .filter_map(|size_bytes| range.start.checked_sub(size_bytes + 1))
+        .find(|&at| wasm[at] == id && read_leb(&wasm[at + 1..range.start]) == Some(range.len()))
+        .ok_or(SplitError::Shape("a section whose header cannot be found"))?;
+    let mut out = Vec::with_capacity(wasm.len() - range.len() + payload.len() + 5);
+    out.extend_from_slice(&wasm[..header_start]);
+    out.push(id);
+    leb(&mut out, payload.len());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&wasm[range.end..]);
+    Ok(out)
+}
+
+/// How many bytes the unsigned LEB128 of `value` takes.
+fn leb_len(value: usize) -> usize {
+    let mut out = Vec::new();
+    leb(&mut out, value);
+    out.len()
 }
 
 /// The runtime could not be split into code and initial memory.
@@ -323,6 +403,50 @@ mod tests {
         assert_eq!(memory.len(), 64 << 10);
         assert_eq!(&memory[16..18], b"hi");
         assert!(memory[..16].iter().chain(&memory[18..]).all(|&b| b == 0));
+    }
+
+    /// A module with one function `(i32) -> i32`, exported as `f` and named `name` in the
+    /// `name` section.
+    fn one_function_module(name: &str) -> Vec<u8> {
+        let mut names = vec![1, 0, name.len() as u8];
+        names.extend_from_slice(name.as_bytes());
+        let mut custom = vec![4, b'n', b'a', b'm', b'e', 1, names.len() as u8];
+        custom.extend_from_slice(&names);
+        [
+            &HEADER[..],
+            &[1, 6, 1, 0x60, 1, 0x7f, 1, 0x7f],
+            &[3, 2, 1, 0],
+            &[7, 5, 1, 1, b'f', 0, 0],
+            &[10, 6, 1, 4, 0, 0x20, 0, 0x0b],
+            &[0, custom.len() as u8],
+            &custom,
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn the_interrupt_function_is_exported_by_its_name_section_name() {
+        let module = one_function_module(INTERRUPT_FUNCTION);
+        let exported = with_interrupt_export(&module).unwrap().expect("the function is found");
+        wasmparser::Validator::new()
+            .validate_all(&exported)
+            .expect("still a valid module");
+        let mut exports = Vec::new();
+        for payload in wasmparser::Parser::new(0).parse_all(&exported) {
+            if let wasmparser::Payload::ExportSection(reader) = payload.unwrap() {
+                for export in reader {
+                    let export = export.unwrap();
+                    exports.push((export.name.to_owned(), export.index));
+                }
+            }
+        }
+        assert_eq!(exports, [("f".to_owned(), 0), (INTERRUPT_EXPORT.to_owned(), 0)]);
+        assert!(
+            with_interrupt_export(&one_function_module("something_else"))
+                .unwrap()
+                .is_none(),
+            "no such function: nothing to export"
+        );
     }
 
     #[test]
