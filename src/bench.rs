@@ -620,7 +620,7 @@ pub struct ForkReport {
 }
 
 /// The parent's data for the fork bench: [`FORK_PARENT_DATA_MB`] of bytes that are not zero.
-const FORK_PARENT: CellKind = CellKind {
+pub const FORK_PARENT: CellKind = CellKind {
     id: "fork_parent",
     label: "fork parent",
     setup: "",
@@ -637,7 +637,7 @@ const WARM_PARENT: CellKind = CellKind {
     expected: Expected::Value("10485760"),
 };
 /// What each fork must see of its parent.
-const FORK_CHILD: CellKind = CellKind {
+pub const FORK_CHILD: CellKind = CellKind {
     id: "fork_child",
     label: "fork child",
     setup: "",

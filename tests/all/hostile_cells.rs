@@ -231,11 +231,11 @@ async fn deep_parser_nesting_parses_or_raises_and_never_crashes() {
     backend.release(&slot, true).await.unwrap();
 }
 
-/// The cell that made a 1 TiB sparse file at once (a truncation), a write far past the end, and
-/// one across the cap: each fails with `EFBIG` or is cut at the cap, nothing lands past it, a file
-/// up to the cap is written, and the slot goes on. The process backend checks all three
-/// (`RLIMIT_FSIZE`); wasm checks truncation and positioned writes (`os.pwrite`), not a plain
-/// write after a seek (docs/security.md).
+/// The cell that made a 1 TiB sparse file at once (a truncation), a write far past the end, one
+/// across the cap, and a plain write after a far seek: each fails with `EFBIG` or is cut at the
+/// cap, nothing lands past it, a file up to the cap is written, and the slot goes on, on both
+/// backends (`RLIMIT_FSIZE` on process; the host's checked `fd_pwrite`, `fd_write` and
+/// `fd_filestat_set_size` on wasm).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparse_and_long_files_stop_at_the_file_size_cap() {
     let limits = Limits {
@@ -265,8 +265,8 @@ seek_and_write = lambda f: f.seek(2**40) and f.write(b"x") and 2**41"#;
     let cases: [(&dyn Backend, &str, &str); 2] = [
         (
             &wasm,
-            "check([truncate, pwrite_far, pwrite_across])",
-            "([True, True, True], True, 1048576)",
+            "check([truncate, pwrite_far, pwrite_across, seek_and_write])",
+            "([True, True, True, True], True, 1048576)",
         ),
         (
             &process,
