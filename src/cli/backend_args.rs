@@ -105,6 +105,16 @@ impl ProcessArgs {
             || self.native_python.is_some()
     }
 
+    /// `--shared-cache`, when given.
+    pub(crate) fn shared_cache(&self) -> Option<&std::path::Path> {
+        self.shared_cache.as_deref()
+    }
+
+    /// Sets the shared cache a command chose for the user (an SWE rollout's persistent one).
+    pub(crate) fn set_shared_cache(&mut self, dir: PathBuf) {
+        self.shared_cache = Some(dir);
+    }
+
     /// The process backend's settings, with `limits` and at most `max_slots` slots.
     pub(crate) fn config(&self, limits: Limits, max_slots: usize) -> anyhow::Result<ProcessBackendConfig> {
         anyhow::ensure!(

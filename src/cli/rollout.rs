@@ -429,6 +429,7 @@ pub(crate) async fn run(mut args: RolloutArgs, backend_given: bool, printer: Pri
     if args.backend.dry_run(&limits, &args.runtime).await? {
         return Ok(ExitCode::SUCCESS);
     }
+    super::swe::prepare_for_rollout(&mut args.backend, &dataset, printer).await?;
     let backend = args.backend.start(limits, &args.runtime, printer).await?;
     let custom_reward = match &args.reward_file {
         Some(path) => Some(

@@ -19,6 +19,7 @@ mod runtime;
 mod server;
 mod support;
 mod swe;
+mod swe_bench;
 mod templates;
 mod truncation;
 mod wasm;
