@@ -1,18 +1,27 @@
 //! `rollbox swe prepare`: builds the environments of a dataset's SWE tasks ahead of time, and
 //! the same step `rollbox rollout --backend process` takes before its first trajectory.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+use rollbox::remote::ProvisionConfig;
+use rollbox::remote::provision::{ModalProvisioner, PerImageBackend};
 use rollbox::rollout::dataset::{Dataset, load_dataset};
 use rollbox::rollout::swe::{EnvironmentReporter, ensure_environments};
 use rollbox::wasm::runtime::RuntimeOptions;
+use rollbox::{Backend, Limits};
+use serde_json::json;
 
-use super::Printer;
-use super::backend_args::{BackendArgs, BackendChoice};
+use super::backend_args::{BackendArgs, BackendChoice, start_remote_backend};
+use super::{Printer, RuntimeArgs};
+
+/// The name of the default image's group when `--modal-image` is not given.
+const DEBIAN_IMAGE: &str = "modal debian_slim (--modal-python-version, --modal-apt)";
 
 /// The shared cache, under rollbox's cache folder, that `swe prepare` fills and that a process
 /// rollout over tasks with environments uses when `--shared-cache` is not given: environments
@@ -128,4 +137,132 @@ impl EnvironmentReporter for LineReporter {
             elapsed.as_secs_f64()
         ));
     }
+}
+
+/// The image of each SWE row that names one (`image_name`), by instance id.
+fn image_routes(dataset: &Dataset) -> HashMap<String, String> {
+    dataset
+        .problems
+        .iter()
+        .filter_map(|p| Some((p.instance_id.clone(), p.swe.as_ref()?.image_name.clone()?)))
+        .collect()
+}
+
+/// Whether the rows' images apply: Modal sandboxes, and at least one row names an image. Rows
+/// with images on another backend are run there as they are, with a warning, never silently.
+fn images_apply(backend: &BackendArgs, routes: &HashMap<String, String>, printer: Printer) -> bool {
+    if routes.is_empty() {
+        return false;
+    }
+    let modal = backend.backend == BackendChoice::Remote && backend.remote.provisions_modal();
+    if !modal {
+        printer.warn(format_args!(
+            "{} SWE row(s) name an image_name, which only --backend remote --provision modal uses; \
+             they run on this backend's own environment",
+            routes.len()
+        ));
+    }
+    modal
+}
+
+/// The images of a run, each with its instances: every routed image, and the default one
+/// (`--modal-image`, or Modal's Debian image) with every instance that names none.
+fn image_groups(
+    backend: &BackendArgs,
+    dataset: &Dataset,
+    routes: &HashMap<String, String>,
+) -> BTreeMap<Option<String>, Vec<String>> {
+    let default = backend.remote.modal_image().map(str::to_owned);
+    let mut groups: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
+    for problem in &dataset.problems {
+        let image = routes.get(&problem.instance_id).cloned().or_else(|| default.clone());
+        groups.entry(image).or_default().push(problem.instance_id.clone());
+    }
+    groups
+}
+
+/// `--dry-run` for a rollout: with per-row images on Modal, what would be created for each
+/// image (its instances and every SDK call of its sandboxes); else the backend's usual plan.
+pub(crate) async fn dry_run(
+    backend: &BackendArgs,
+    dataset: &Dataset,
+    limits: &Limits,
+    runtime: &RuntimeArgs,
+    printer: Printer,
+) -> anyhow::Result<bool> {
+    let routes = image_routes(dataset);
+    if !backend.remote.dry_run_requested() || !images_apply(backend, &routes, printer) {
+        return backend.dry_run(limits, runtime).await;
+    }
+    let mut per_image = Vec::new();
+    for (image, instances) in image_groups(backend, dataset, &routes) {
+        let config = backend
+            .remote
+            .resolve_for_image(limits, runtime, &backend.process, image.as_deref())?;
+        let ProvisionConfig::Modal(modal) = &config.provision else {
+            anyhow::bail!("per-image sandboxes need --provision modal");
+        };
+        let plan = ModalProvisioner::plan(modal)
+            .await
+            .context("failed to plan the Modal sandboxes")?;
+        per_image.push(json!({
+            "image": image.as_deref().unwrap_or(DEBIAN_IMAGE),
+            "instances": instances,
+            "pool": {
+                "slots_per_sandbox": config.pool.slots_per_server,
+                "min_sandboxes": config.pool.min_servers,
+                "max_sandboxes": config.pool.max_servers,
+            },
+            "servers": plan,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({ "provision": "modal", "per_image": per_image }))?
+    );
+    Ok(true)
+}
+
+/// Starts the rollout's backend: with per-row images on Modal, one remote backend (its own pool
+/// and sandboxes) per image behind a [`PerImageBackend`]; else the backend the flags name.
+pub(crate) async fn start_backend(
+    backend: &BackendArgs,
+    dataset: &Dataset,
+    limits: Limits,
+    runtime: &RuntimeArgs,
+    printer: Printer,
+) -> anyhow::Result<Arc<dyn Backend>> {
+    let routes = image_routes(dataset);
+    if !images_apply(backend, &routes, printer) {
+        return backend.start(limits, runtime, printer).await;
+    }
+    backend.check_flags_apply(runtime)?;
+    let groups = image_groups(backend, dataset, &routes);
+    let name_of = |image: &Option<String>| image.clone().unwrap_or_else(|| DEBIAN_IMAGE.to_owned());
+    // Unrouted trajectories go to the default image; when every row names its image, one of
+    // theirs serves as the default, so no sandbox starts for an image nothing uses.
+    let default_image = groups
+        .get(&backend.remote.modal_image().map(str::to_owned))
+        .map(|_| name_of(&backend.remote.modal_image().map(str::to_owned)))
+        .or_else(|| groups.keys().next().map(name_of))
+        .unwrap_or_else(|| DEBIAN_IMAGE.to_owned());
+    let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+    for image in groups.keys() {
+        let name = name_of(image);
+        printer.line(format_args!("image {name}: its own Modal sandboxes"));
+        let config = backend
+            .remote
+            .resolve_for_image(&limits, runtime, &backend.process, image.as_deref())?;
+        match start_remote_backend(config).await {
+            Ok(started) => backends.insert(name, Arc::new(started)),
+            Err(error) => {
+                // Sandboxes of the images started so far must not outlive the failure.
+                for started in backends.values() {
+                    let _ = started.shutdown().await;
+                }
+                return Err(error);
+            }
+        };
+    }
+    Ok(Arc::new(PerImageBackend::new(routes, backends, default_image)?))
 }

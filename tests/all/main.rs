@@ -20,6 +20,7 @@ mod server;
 mod support;
 mod swe;
 mod swe_bench;
+mod swe_modal;
 mod swe_real;
 mod templates;
 mod truncation;
