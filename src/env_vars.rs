@@ -36,6 +36,9 @@ pub const SWE_ENV: &str = "ROLLBOX_SWE_ENV";
 /// SWE hooks); its `bin/` is first on the slot's `PATH`, so `python3` and `pytest` are the
 /// task's own once it is linked.
 pub const SLOT_ENV: &str = "ROLLBOX_SLOT_ENV";
+/// A fully static rollbox (`scripts/build-static-rollbox.sh` prints its path), for the opt-in
+/// test that checks it is static and runs in an otherwise empty sandbox.
+pub const STATIC_BINARY: &str = "ROLLBOX_STATIC_BINARY";
 /// Standard (Python): the active venv; not passed on to an SWE environment's setup commands.
 pub const VIRTUAL_ENV: &str = "VIRTUAL_ENV";
 /// Standard (Python): extra import paths; not passed on to an SWE environment's setup commands.

@@ -220,3 +220,60 @@ async fn slots_of_different_images_never_share_a_sandbox() {
     router.shutdown().await.expect("shutdown");
     assert_eq!(stand_in.calls_named("Sandbox.terminate").len(), 2);
 }
+
+/// Whether the ELF file's program headers include PT_INTERP (a dynamic loader's path): a
+/// dynamically linked executable has one, a static one has none.
+fn has_program_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let read = |at: usize, len: usize| -> u64 {
+        elf[at..at + len]
+            .iter()
+            .rev()
+            .fold(0, |value, byte| (value << 8) | u64::from(*byte))
+    };
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "a 64-bit ELF file");
+    let (offset, entry_size, count) = (read(0x20, 8) as usize, read(0x36, 2) as usize, read(0x38, 2) as usize);
+    (0..count).any(|index| read(offset + index * entry_size, 4) as u32 == PT_INTERP)
+}
+
+/// The static build the Modal image gets (scripts/build-static-rollbox.sh; opt-in, since the
+/// release build takes 15+ minutes): no program interpreter, and it runs in a bubblewrap sandbox
+/// that holds nothing but itself (no /lib, no /usr), as it must in any image.
+#[test]
+#[ignore = "needs the static release build: ROLLBOX_STATIC_BINARY=$(scripts/build-static-rollbox.sh)"]
+fn the_static_build_needs_no_loader_and_runs_alone_in_an_empty_sandbox() {
+    let binary = std::env::var_os(rollbox::env_vars::STATIC_BINARY)
+        .map(std::path::PathBuf::from)
+        .expect("ROLLBOX_STATIC_BINARY names the static build");
+    let elf = std::fs::read(&binary).expect("read the binary");
+    assert!(
+        !has_program_interpreter(&elf),
+        "{} asks for a dynamic loader",
+        binary.display()
+    );
+    let dynamic = std::fs::read(env!("CARGO_BIN_EXE_rollbox")).expect("read the test build");
+    assert!(
+        has_program_interpreter(&dynamic),
+        "the check tells a dynamic build apart"
+    );
+    let run = std::process::Command::new("bwrap")
+        .arg("--ro-bind")
+        .arg(&binary)
+        .args(["/rollbox", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"])
+        .args([
+            "--unshare-all",
+            "--die-with-parent",
+            "--clearenv",
+            "--",
+            "/rollbox",
+            "--version",
+        ])
+        .output()
+        .expect("run bwrap");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        String::from_utf8_lossy(&run.stdout).starts_with("rollbox "),
+        "{:?}",
+        run
+    );
+}
