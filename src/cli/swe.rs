@@ -60,7 +60,7 @@ pub(crate) async fn run(command: SweCommand, printer: Printer) -> anyhow::Result
         }
         merged.problems.extend(dataset.problems);
     }
-    let cache = args.shared_cache.unwrap_or_else(default_shared_cache);
+    let cache = absolute(args.shared_cache.unwrap_or_else(default_shared_cache))?;
     let swe_rows = merged.problems.iter().filter(|p| p.swe.is_some()).count();
     anyhow::ensure!(swe_rows > 0, "the dataset has no readable SWE tasks");
     build_environments(&merged, &cache, printer).await?;
@@ -84,7 +84,12 @@ pub(crate) async fn prepare_for_rollout(
         return Ok(());
     }
     let cache = match backend.process.shared_cache() {
-        Some(cache) => cache.to_owned(),
+        Some(cache) => {
+            // The sandbox binds it by path: make it absolute, as the environments' paths are.
+            let cache = absolute(cache.to_owned())?;
+            backend.process.set_shared_cache(cache.clone());
+            cache
+        }
         None => {
             let cache = default_shared_cache();
             printer.line(format_args!(
@@ -96,6 +101,10 @@ pub(crate) async fn prepare_for_rollout(
         }
     };
     build_environments(dataset, &cache, printer).await
+}
+
+fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
+    std::path::absolute(&path).with_context(|| format!("failed to resolve the folder {}", path.display()))
 }
 
 fn default_shared_cache() -> PathBuf {

@@ -323,19 +323,17 @@ fn a_failing_setup_command_is_an_error_that_names_it_and_the_environment_is_rebu
 }
 
 /// `rollbox swe prepare` builds each distinct environment once, with a line per environment,
-/// and finds them cached the second time.
+/// and finds them cached the second time; a relative `--shared-cache` is taken from the
+/// current folder (the setup commands, which run in the checkout, get its absolute path).
 #[test]
 fn swe_prepare_builds_each_environment_once_with_progress() {
     let dir = tempfile::tempdir().expect("tempdir");
     let counter = dir.path().join("builds.txt");
     calc_row(dir.path(), json!({ "environment_setup": local_environment(&counter) }));
-    let cache = dir.path().join("shared");
     let run = || {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
-            .args(["swe", "prepare", "--dataset"])
-            .arg(dir.path().join("tasks.jsonl"))
-            .arg("--shared-cache")
-            .arg(&cache)
+            .args(["swe", "prepare", "--dataset", "tasks.jsonl", "--shared-cache", "shared"])
+            .current_dir(dir.path())
             .env(rollbox::env_vars::CACHE_DIR, dir.path().join("rollbox-cache"))
             .output()
             .expect("run rollbox");
@@ -353,4 +351,10 @@ fn swe_prepare_builds_each_environment_once_with_progress() {
         "{second}"
     );
     assert_eq!(std::fs::read_to_string(&counter).expect("counter"), "built\n");
+    let envs: Vec<_> = std::fs::read_dir(dir.path().join("shared/swe-envs"))
+        .expect("the environments")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("env/bin/task-tool").is_file())
+        .collect();
+    assert_eq!(envs.len(), 1, "the environment is where the slots will look for it");
 }

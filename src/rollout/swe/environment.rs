@@ -151,6 +151,8 @@ pub fn ensure_environment(
     spec: &EnvironmentSpec,
     on_build_start: &mut dyn FnMut(),
 ) -> Result<bool, SweError> {
+    // The commands run in the checkout, so a relative cache path would point elsewhere there.
+    let shared_cache = &std::path::absolute(shared_cache).map_err(|e| SweError::io("resolve", shared_cache, e))?;
     let dir = environment_dir(shared_cache, spec);
     let parent = shared_cache.join(ENVIRONMENTS_SUBDIR);
     std::fs::create_dir_all(&parent).map_err(|e| SweError::io("create", &parent, e))?;

@@ -5,12 +5,20 @@
 //! slots a shared cache folder (`ROLLBOX_SHARED_CACHE`): the `process` backend, and `remote`
 //! over it. The flow for one trajectory:
 //!
+//! 0. [`ensure_environments`], on the machine that runs the slots (it needs the network): each
+//!    distinct environment of the tasks (their `environment_setup`) is built once into the
+//!    shared cache, under a lock.
 //! 1. [`prepare`]: the repository's bare clone is made once per cache, under a lock, and reused by
-//!    every slot; the slot's workspace becomes a `git worktree` of it at the task's base commit.
+//!    every slot; the slot's workspace becomes a `git worktree` of it at the task's base commit,
+//!    and the task's ready environment is linked first on the slot's `PATH`.
 //! 2. The agent works in the workspace.
-//! 3. [`verify`]: the task's test files are restored from the base commit, the test command
-//!    runs, and the reward is 1.0 when it exits 0, else 0.0, with its output kept.
+//! 3. [`verify`]: the task's test files are restored from the base commit, its test patch (if
+//!    any) is applied, and the test command runs. The reward is per test id for a
+//!    SWE-bench-format task (every FAIL_TO_PASS passes, no PASS_TO_PASS breaks), else 1.0 when
+//!    the command exits 0; the output is kept.
 //! 4. [`cleanup`], just before `release`: the worktree is removed from the cache.
+//!
+//! Rows in SWE-bench's published shape are read by [`normalize_swe_bench_row`].
 
 mod environment;
 mod hooks;
