@@ -277,3 +277,30 @@ fn the_static_build_needs_no_loader_and_runs_alone_in_an_empty_sandbox() {
         run
     );
 }
+
+/// Rows naming images on a backend that has no images run there all the same, and the rollout
+/// says their images were not used: nothing is dropped in silence.
+#[test]
+fn image_rows_on_the_process_backend_run_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dataset = dataset_with_images(dir.path());
+    let cache = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("out");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["rollout", "--backend", "process", "--dataset"])
+        .arg(&dataset)
+        .arg("--out")
+        .arg(&out_dir)
+        .env(rollbox::env_vars::CACHE_DIR, cache.path())
+        .output()
+        .expect("run rollbox");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: 2 SWE row(s) name an image_name, which only --backend remote --provision modal uses"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).expect("summary")).expect("JSON");
+    assert_eq!(summary["mean_reward"], json!(1.0), "{summary:#}");
+}
