@@ -29,6 +29,20 @@ pub const HOME: &str = "HOME";
 /// Exported into every `process` slot: the folder shared by all slots of one backend, writable
 /// from inside the sandbox, where the SWE hooks keep their bare-repository cache.
 pub const SHARED_CACHE: &str = "ROLLBOX_SHARED_CACHE";
+/// Set for an SWE task's environment setup commands: the folder the environment goes in (a
+/// venv, say), whose `bin/` is first on their `PATH` and on the slots'.
+pub const SWE_ENV: &str = "ROLLBOX_SWE_ENV";
+/// Exported into every `process` slot: where the slot's ready environment is linked (by the
+/// SWE hooks); its `bin/` is first on the slot's `PATH`, so `python3` and `pytest` are the
+/// task's own once it is linked.
+pub const SLOT_ENV: &str = "ROLLBOX_SLOT_ENV";
+/// A fully static rollbox (`scripts/build-static-rollbox.sh` prints its path), for the opt-in
+/// test that checks it is static and runs in an otherwise empty sandbox.
+pub const STATIC_BINARY: &str = "ROLLBOX_STATIC_BINARY";
+/// Standard (Python): the active venv; not passed on to an SWE environment's setup commands.
+pub const VIRTUAL_ENV: &str = "VIRTUAL_ENV";
+/// Standard (Python): extra import paths; not passed on to an SWE environment's setup commands.
+pub const PYTHONPATH: &str = "PYTHONPATH";
 /// Standard: where programs are looked up; the `process` backend searches it for `bwrap` and
 /// sets a fixed one inside its sandboxes.
 pub const PATH: &str = "PATH";

@@ -105,6 +105,16 @@ impl ProcessArgs {
             || self.native_python.is_some()
     }
 
+    /// `--shared-cache`, when given.
+    pub(crate) fn shared_cache(&self) -> Option<&std::path::Path> {
+        self.shared_cache.as_deref()
+    }
+
+    /// Sets the shared cache a command chose for the user (an SWE rollout's persistent one).
+    pub(crate) fn set_shared_cache(&mut self, dir: PathBuf) {
+        self.shared_cache = Some(dir);
+    }
+
     /// The process backend's settings, with `limits` and at most `max_slots` slots.
     pub(crate) fn config(&self, limits: Limits, max_slots: usize) -> anyhow::Result<ProcessBackendConfig> {
         anyhow::ensure!(
@@ -196,6 +206,11 @@ struct ModalArgs {
     /// Debian packages for the image.
     #[arg(long, value_name = "PKG,...", value_delimiter = ',', default_values_t = ModalConfig::default().apt_packages)]
     modal_apt: Vec<String>,
+    /// A registry image the sandboxes start from (`modal.Image.from_registry`), instead of
+    /// Modal's Debian image; a dataset row's `image_name` overrides it for that row. The image
+    /// needs bash and git; --modal-python-version and --modal-apt do not apply to it.
+    #[arg(long, value_name = "REF")]
+    modal_image: Option<String>,
     /// The server's port inside the sandbox (tunnelled with TLS).
     #[arg(long, value_name = "PORT", default_value_t = ModalConfig::default().port)]
     modal_port: u16,
@@ -278,12 +293,43 @@ impl RemoteArgs {
             sandbox_timeout: Duration::from_secs(modal.modal_lifetime),
             cpu: modal.modal_cpu,
             memory_mib: modal.modal_memory,
+            image: modal.modal_image.clone(),
             ..ModalConfig::new(binary)
         }
     }
 
+    /// Whether `--dry-run` was given.
+    pub(crate) fn dry_run_requested(&self) -> bool {
+        self.dry_run
+    }
+
+    /// Whether the servers are Modal sandboxes.
+    pub(crate) fn provisions_modal(&self) -> bool {
+        self.provision == ProvisionKind::Modal
+    }
+
+    /// `--modal-image`, when given.
+    pub(crate) fn modal_image(&self) -> Option<&str> {
+        self.modal.modal_image.as_deref()
+    }
+
+    /// [`RemoteArgs::resolve`] for sandboxes of one image (`None`: Modal's Debian image).
+    pub(crate) fn resolve_for_image(
+        &self,
+        limits: &Limits,
+        runtime: &RuntimeArgs,
+        process: &ProcessArgs,
+        image: Option<&str>,
+    ) -> anyhow::Result<RemoteBackendConfig> {
+        let mut config = self.resolve(limits, runtime, process)?;
+        if let ProvisionConfig::Modal(modal) = &mut config.provision {
+            modal.image = image.map(str::to_owned);
+        }
+        Ok(config)
+    }
+
     /// The plan `--dry-run` prints: the pool, and what the provisioner would start.
-    async fn plan(
+    pub(crate) async fn plan(
         &self,
         limits: &Limits,
         runtime: &RuntimeArgs,

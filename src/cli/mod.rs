@@ -15,6 +15,7 @@ mod report;
 mod rollout;
 mod runtime;
 mod serve;
+mod swe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +78,9 @@ enum Command {
     Runtime(runtime::RuntimeCommand),
     /// Serve a backend's slots over HTTP (the JSON API of docs/API.md, and /run_code).
     Serve(Box<serve::ServeArgs>),
+    /// SWE tasks: build their environments ahead of time.
+    #[command(subcommand)]
+    Swe(swe::SweCommand),
 }
 
 /// Flags shared by every command that runs cells.
@@ -376,6 +380,7 @@ pub fn main() -> ExitCode {
             Command::Notebook(args) => report::run_notebook(args),
             Command::Runtime(command) => runtime::run(command, printer).await,
             Command::Serve(args) => serve::run(*args, printer).await,
+            Command::Swe(command) => swe::run(command, printer).await,
         }
     });
     // A cell may still run on a blocking thread after an interrupt: exit without waiting for it.

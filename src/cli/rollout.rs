@@ -426,10 +426,11 @@ pub(crate) async fn run(mut args: RolloutArgs, backend_given: bool, printer: Pri
     check_agent_fits(&dataset, agent.kind, printer);
     let limits = args.limits.resolve()?;
     args.seed.check(&args.runtime)?;
-    if args.backend.dry_run(&limits, &args.runtime).await? {
+    if super::swe::dry_run(&args.backend, &dataset, &limits, &args.runtime, printer).await? {
         return Ok(ExitCode::SUCCESS);
     }
-    let backend = args.backend.start(limits, &args.runtime, printer).await?;
+    super::swe::prepare_for_rollout(&mut args.backend, &dataset, printer).await?;
+    let backend = super::swe::start_backend(&args.backend, &dataset, limits, &args.runtime, printer).await?;
     let custom_reward = match &args.reward_file {
         Some(path) => Some(
             std::fs::read_to_string(path)

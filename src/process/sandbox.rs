@@ -18,6 +18,10 @@ pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 const SANDBOX_LANG: &str = "C.UTF-8";
 /// Where the slot's private temporary folder appears inside bubblewrap (also `HOME`).
 const SANDBOX_TMP: &str = "/tmp";
+/// The name, under a slot's root (next to `workspace/`, outside it), where the SWE hooks link
+/// the task's ready environment: its `bin/` is first on the slot's `PATH`, and while nothing is
+/// linked that entry finds nothing and the sandbox's `PATH` applies as before.
+pub const SLOT_ENV_LINK: &str = "env";
 
 /// Whether and how a slot's programs are confined.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,9 +114,12 @@ impl Sandbox {
             Isolation::Bubblewrap(_) => Path::new(SANDBOX_TMP),
             Isolation::None => &dirs.tmp,
         };
+        let slot_env = dirs.root.join(SLOT_ENV_LINK);
+        let path = format!("{}:{SANDBOX_PATH}", slot_env.join("bin").display());
         command
             .env_clear()
-            .env(env_vars::PATH, SANDBOX_PATH)
+            .env(env_vars::PATH, path)
+            .env(env_vars::SLOT_ENV, slot_env)
             .env(env_vars::HOME, home)
             .env(env_vars::TMPDIR, home)
             .env(env_vars::LANG, SANDBOX_LANG)

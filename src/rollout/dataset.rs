@@ -166,6 +166,8 @@ fn parse_numbered(text: &str) -> (Vec<(usize, Problem)>, Vec<LineError>) {
 fn parse_line(line: &str) -> Result<Problem, String> {
     let mut value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     let object = value.as_object_mut().ok_or("not a JSON object")?;
+    // SWE-bench's published shape (problem_statement, patch, FAIL_TO_PASS as JSON text, ...).
+    crate::rollout::swe::normalize_swe_bench_row(object)?;
     // A numeric ground truth (`80`, `97.2`) is as good as its string form.
     if let Some(number @ Value::Number(_)) = object.get("ground_truth") {
         let text = number.to_string();

@@ -81,6 +81,9 @@ pub enum RewardBreakdown {
         /// Why the tests could not run at all, when they could not.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// For a per-test task (FAIL_TO_PASS / PASS_TO_PASS), each test id's outcome.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tests: Vec<crate::rollout::swe::TestOutcome>,
     },
     /// Test cases run in the slot.
     Code {
@@ -303,6 +306,7 @@ pub async fn swe_reward(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> R
                 exit_code: verified.exit_code,
                 output_tail: tail(&verified.output, SWE_OUTPUT_TAIL_CHARS),
                 error: None,
+                tests: verified.tests,
             };
             Reward::new(verified.reward, breakdown)
         }
@@ -312,6 +316,7 @@ pub async fn swe_reward(backend: &dyn Backend, slot: &Slot, task: &SweTask) -> R
                 exit_code: None,
                 output_tail: String::new(),
                 error: Some(crate::error_text::error_chain(&error)),
+                tests: Vec::new(),
             };
             Reward::new(0.0, breakdown)
         }

@@ -613,7 +613,7 @@ pub async fn shell_environment_is_clean(backend: &dyn Backend) {
         .lines()
         .filter_map(|line| line.split_once('=').map(|(name, _)| name))
         .collect();
-    const ALLOWED: [&str; 9] = [
+    const ALLOWED: [&str; 10] = [
         "PATH",
         "HOME",
         "TMPDIR",
@@ -623,6 +623,7 @@ pub async fn shell_environment_is_clean(backend: &dyn Backend) {
         "SHLVL",
         "_",
         "ROLLBOX_SHARED_CACHE",
+        "ROLLBOX_SLOT_ENV",
     ];
     for name in &names {
         assert!(

@@ -554,13 +554,14 @@ async fn value_of_output(backend: &RemoteBackend, slot: &Slot, code: &str) -> St
 /// Modal's SDK replaced by a stand-in package (tests/data/remote/modal_stand_in.py, which says
 /// what it does and does not exercise), because Modal cannot be reached from here; and a
 /// `python` wrapper that puts it first on PYTHONPATH, handed to rollbox as `--modal-python`.
-struct ModalStandIn {
+pub struct ModalStandIn {
     dir: tempfile::TempDir,
-    python: std::path::PathBuf,
+    /// The wrapper to pass as `--modal-python`.
+    pub python: std::path::PathBuf,
 }
 
 impl ModalStandIn {
-    fn new(package_source: &str, settings: serde_json::Value) -> ModalStandIn {
+    pub fn new(package_source: &str, settings: serde_json::Value) -> ModalStandIn {
         let dir = tempfile::tempdir().expect("a temp dir");
         let sdk = dir.path().join("sdk");
         std::fs::create_dir_all(sdk.join("modal")).expect("mkdir");
@@ -579,11 +580,11 @@ impl ModalStandIn {
         ModalStandIn { dir, python }
     }
 
-    fn recording(settings: serde_json::Value) -> ModalStandIn {
+    pub fn recording(settings: serde_json::Value) -> ModalStandIn {
         ModalStandIn::new(include_str!("../data/remote/modal_stand_in.py"), settings)
     }
 
-    fn config(&self) -> ModalConfig {
+    pub fn config(&self) -> ModalConfig {
         ModalConfig {
             python: self.python.clone(),
             ..ModalConfig::new(env!("CARGO_BIN_EXE_rollbox"))
@@ -598,7 +599,7 @@ impl ModalStandIn {
             .collect()
     }
 
-    fn calls_named(&self, name: &str) -> Vec<serde_json::Value> {
+    pub fn calls_named(&self, name: &str) -> Vec<serde_json::Value> {
         self.calls().into_iter().filter(|c| c["call"] == name).collect()
     }
 }

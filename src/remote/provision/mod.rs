@@ -1,10 +1,12 @@
 //! Where a [`super::RemoteBackend`]'s servers come from: a small [`Provisioner`] trait and its
 //! three implementations, [`local`] (child processes on loopback), [`listed`] (a fixed list of
-//! URLs) and [`modal`] (Modal sandboxes, through a Python helper).
+//! URLs) and [`modal`] (Modal sandboxes, through a Python helper); and [`per_image`], which
+//! puts one backend per container image behind one (each SWE task's sandbox from its image).
 
 pub mod listed;
 pub mod local;
 pub mod modal;
+pub mod per_image;
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -15,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 pub use listed::ListedProvisioner;
 pub use local::{LocalProvisioner, LocalProvisionerConfig};
 pub use modal::{ModalConfig, ModalProvisioner};
+pub use per_image::{PerImageBackend, PerImageError};
 
 pub use super::client::ServerEndpoint;
 

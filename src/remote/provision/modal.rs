@@ -42,12 +42,17 @@ pub struct ModalConfig {
     pub python: PathBuf,
     /// The Modal app the sandboxes belong to (looked up, created if missing).
     pub app_name: String,
-    /// The local rollbox binary to put in the image. It must run on the image's Linux
-    /// (x86_64, glibc no newer than Debian bookworm's 2.36).
+    /// The local rollbox binary to put in the image. It must run on the image's Linux: any
+    /// image for a static build (`scripts/build-static-rollbox.sh`); for a dynamically linked
+    /// one, x86_64 with glibc no newer than the build host's.
     pub binary: PathBuf,
+    /// An image from a registry (`modal.Image.from_registry(REF)`, an SWE-bench per-instance
+    /// image, say) instead of Modal's Debian image; it must have `bash`, `git` and whatever the
+    /// tasks' tests need (`python_version` and `apt_packages` do not apply to it).
+    pub image: Option<String>,
     /// The image's Python version (`modal.Image.debian_slim(python_version=...)`).
     pub python_version: String,
-    /// Debian packages installed in the image.
+    /// Debian packages installed in the image (the Debian image only).
     pub apt_packages: Vec<String>,
     /// The port the server listens on inside the sandbox, tunnelled with TLS.
     pub port: u16,
@@ -79,6 +84,7 @@ impl Default for ModalConfig {
             python: PathBuf::from("python3"),
             app_name: "rollbox".into(),
             binary: PathBuf::new(),
+            image: None,
             python_version: "3.11".into(),
             apt_packages: vec!["git".into(), "python3".into(), "python3-pytest".into()],
             port: 8000,
@@ -127,6 +133,7 @@ impl ModalConfig {
         HelperConfig {
             app_name: self.app_name.clone(),
             image: HelperImage {
+                registry: self.image.clone(),
                 python_version: self.python_version.clone(),
                 apt_packages: self.apt_packages.clone(),
                 binary: self.binary.display().to_string(),
@@ -159,6 +166,7 @@ struct HelperConfig {
 
 #[derive(Serialize)]
 struct HelperImage {
+    registry: Option<String>,
     python_version: String,
     apt_packages: Vec<String>,
     binary: String,

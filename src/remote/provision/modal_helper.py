@@ -39,9 +39,14 @@ def log(message):
 def image_steps(config):
     """The image as a chain of modal.Image calls: (method, args, kwargs)."""
     image = config["image"]
-    steps = [("debian_slim", [], {"python_version": image["python_version"]})]
-    if image["apt_packages"]:
-        steps.append(("apt_install", list(image["apt_packages"]), {}))
+    if image.get("registry"):
+        # A task's own image (SWE-bench's per-instance images): used as it is, the static
+        # rollbox binary added on top.
+        steps = [("from_registry", [image["registry"]], {})]
+    else:
+        steps = [("debian_slim", [], {"python_version": image["python_version"]})]
+        if image["apt_packages"]:
+            steps.append(("apt_install", list(image["apt_packages"]), {}))
     # copy=True bakes the binary into a layer, so the chmod step can run after it.
     steps.append(("add_local_file", [image["binary"], image["remote_binary"]], {"copy": True}))
     steps.append(("run_commands", [f"chmod 755 {image['remote_binary']}"], {}))

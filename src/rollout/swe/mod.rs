@@ -5,22 +5,37 @@
 //! slots a shared cache folder (`ROLLBOX_SHARED_CACHE`): the `process` backend, and `remote`
 //! over it. The flow for one trajectory:
 //!
+//! 0. [`ensure_environments`], on the machine that runs the slots (it needs the network): each
+//!    distinct environment of the tasks (their `environment_setup`) is built once into the
+//!    shared cache, under a lock.
 //! 1. [`prepare`]: the repository's bare clone is made once per cache, under a lock, and reused by
-//!    every slot; the slot's workspace becomes a `git worktree` of it at the task's base commit.
+//!    every slot; the slot's workspace becomes a `git worktree` of it at the task's base commit,
+//!    and the task's ready environment is linked first on the slot's `PATH`.
 //! 2. The agent works in the workspace.
-//! 3. [`verify`]: the task's test files are restored from the base commit, the test command
-//!    runs, and the reward is 1.0 when it exits 0, else 0.0, with its output kept.
+//! 3. [`verify`]: the task's test files are restored from the base commit, its test patch (if
+//!    any) is applied, and the test command runs. The reward is per test id for a
+//!    SWE-bench-format task (every FAIL_TO_PASS passes, no PASS_TO_PASS breaks), else 1.0 when
+//!    the command exits 0; the output is kept.
 //! 4. [`cleanup`], just before `release`: the worktree is removed from the cache.
+//!
+//! Rows in SWE-bench's published shape are read by [`normalize_swe_bench_row`].
 
+mod environment;
 mod hooks;
 mod repo;
+mod swe_bench;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use environment::{
+    EnvironmentReporter, EnvironmentSpec, SilentEnvironmentReporter, ensure_environment, ensure_environments,
+    environment_dir,
+};
 pub use hooks::{cleanup, prepare, verify};
 pub use repo::build_repo;
+pub use swe_bench::{TestExpectation, TestOutcome, TestStatus, normalize_swe_bench_row, parse_pytest_report};
 
 /// One SWE task, as a line of a JSONL dataset (`examples/swe.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,6 +66,53 @@ pub struct SweTask {
     /// repository from with [`build_repo`] (the example's way to ship a repository as source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repo_source: Option<String>,
+    /// The tests' patch (SWE-bench's `test_patch`), applied by [`verify`] over the agent's
+    /// changes after the agent finished, so the agent never sees the tests it is scored by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_patch: Option<String>,
+    /// Test ids that fail at the base commit and must pass after the fix (SWE-bench's
+    /// `FAIL_TO_PASS`). When this or [`SweTask::pass_to_pass`] is set, the reward is per test id,
+    /// not the test command's exit status.
+    #[serde(rename = "FAIL_TO_PASS", default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_to_pass: Vec<String>,
+    /// Test ids that pass at the base commit and must still pass (SWE-bench's `PASS_TO_PASS`).
+    #[serde(rename = "PASS_TO_PASS", default, skip_serializing_if = "Vec::is_empty")]
+    pub pass_to_pass: Vec<String>,
+    /// The commit the environment is set up from (SWE-bench's `environment_setup_commit`);
+    /// `base_commit` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment_setup_commit: Option<String>,
+    /// The repository version the row belongs to (SWE-bench's `version`); informational.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Shell commands that build the task's environment once per (repo, setup commit, commands),
+    /// on the machine that runs the slots, with network (see [`ensure_environment`]). Empty: the
+    /// slot's own tools only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environment_setup: Vec<String>,
+    /// The container image the task's sandbox starts from on Modal (SWE-bench's per-instance
+    /// images); ignored by local backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_name: Option<String>,
+}
+
+impl SweTask {
+    /// Whether the reward is per test id (FAIL_TO_PASS / PASS_TO_PASS), not the exit status.
+    pub fn scored_per_test(&self) -> bool {
+        !self.fail_to_pass.is_empty() || !self.pass_to_pass.is_empty()
+    }
+
+    /// The task's environment, when it names setup commands.
+    pub fn environment(&self) -> Option<EnvironmentSpec> {
+        (!self.environment_setup.is_empty()).then(|| EnvironmentSpec {
+            repo: self.repo.clone(),
+            setup_commit: self
+                .environment_setup_commit
+                .clone()
+                .unwrap_or_else(|| self.base_commit.clone()),
+            commands: self.environment_setup.clone(),
+        })
+    }
 }
 
 /// The outcome of [`verify`].
@@ -60,8 +122,12 @@ pub struct SweScore {
     pub reward: f64,
     /// The test command's exit code; `None` when it was killed (a timeout).
     pub exit_code: Option<i32>,
-    /// What the test command printed (capped by the backend's output limit).
+    /// What the test command printed (capped by the backend's output limit); for a per-test
+    /// task, its summary lines and the end of its log.
     pub output: String,
+    /// Each FAIL_TO_PASS and PASS_TO_PASS id's outcome, for a per-test task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestOutcome>,
 }
 
 /// An SWE hook or the dataset failed.
@@ -121,6 +187,18 @@ pub enum SweError {
         /// The limit.
         limit: u64,
     },
+    /// A setup command of a task's environment failed.
+    #[error("failed to build the environment {key}: `{command}` ended with {status}: {output}")]
+    EnvironmentSetup {
+        /// The environment's key.
+        key: String,
+        /// The command.
+        command: String,
+        /// How it ended.
+        status: String,
+        /// The end of what it printed.
+        output: String,
+    },
     /// A hook's command failed in the slot.
     #[error("failed to {step} for task {instance_id}: {message}")]
     Hook {
@@ -155,7 +233,10 @@ pub fn load_tasks(dataset: &Path, repos_dir: &Path) -> Result<Vec<SweTask>, SweE
             line: index + 1,
             message,
         };
-        let mut task: SweTask = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let mut row: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let object = row.as_object_mut().ok_or_else(|| bad("not a JSON object".to_owned()))?;
+        normalize_swe_bench_row(object).map_err(bad)?;
+        let mut task: SweTask = serde_json::from_value(row).map_err(|e| bad(e.to_string()))?;
         resolve_repo(&mut task, base, repos_dir)?;
         tasks.push(task);
     }

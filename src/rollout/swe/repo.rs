@@ -127,6 +127,27 @@ pub(crate) fn bundle(repo: &Path, dest: &Path) -> Result<(), SweError> {
     .map(drop)
 }
 
+/// Clones `repo` (a URL or a path) to `dest` on this machine and checks out `commit` there,
+/// detached.
+pub(crate) fn clone_at(repo: &str, commit: &str, dest: &Path) -> Result<(), SweError> {
+    let clone: [&std::ffi::OsStr; 4] = [
+        "clone".as_ref(),
+        "--quiet".as_ref(),
+        "--no-checkout".as_ref(),
+        repo.as_ref(),
+    ];
+    git(None, &clone, Some(dest))?;
+    let checkout: [&std::ffi::OsStr; 6] = [
+        "-C".as_ref(),
+        dest.as_os_str(),
+        "checkout".as_ref(),
+        "--quiet".as_ref(),
+        "--detach".as_ref(),
+        commit.as_ref(),
+    ];
+    git(None, &checkout, None).map(drop)
+}
+
 /// Runs host-side git, isolated from the user's and the system's git config, with the fixed
 /// identity and date; returns its trimmed stdout. `target` is appended as a last argument.
 fn git<S: AsRef<std::ffi::OsStr>>(

@@ -38,6 +38,13 @@ class Image:
         record("Image.debian_slim", python_version=python_version)
         return Image()
 
+    @staticmethod
+    def from_registry(tag):
+        record("Image.from_registry", tag=tag)
+        image = Image()
+        image.tag = tag
+        return image
+
     def apt_install(self, *packages):
         record("Image.apt_install", packages=list(packages))
         return self
@@ -79,7 +86,7 @@ class Sandbox:
         if number == SETTINGS.get("fail_on_create_number"):
             raise RuntimeError("the stand-in refuses this sandbox")
         object_id = f"sb-stand-in-{os.getpid()}-{number}"
-        record("Sandbox.create", id=object_id, args=list(args), encrypted_ports=list(encrypted_ports), timeout=timeout, other_kwargs=sorted(kwargs))
+        record("Sandbox.create", id=object_id, args=list(args), image=getattr(image, "tag", None), encrypted_ports=list(encrypted_ports), timeout=timeout, other_kwargs=sorted(kwargs))
         env = dict(os.environ)
         for secret in secrets:
             env.update(secret.env)
@@ -87,7 +94,9 @@ class Sandbox:
         # server as Modal would, so it cannot remove them itself.
         env["TMPDIR"] = os.path.join(HERE, "..", "..")
         process = subprocess.Popen(
-            [SETTINGS["binary"], "--quiet", "serve", "--listen", "127.0.0.1:0"],
+            # `serve_args` (optional): what a test needs the server to run, such as the process
+            # backend for SWE tasks; the real command's other flags name Modal's own paths.
+            [SETTINGS["binary"], "--quiet", "serve", "--listen", "127.0.0.1:0", *SETTINGS.get("serve_args", [])],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
         )
         url = json.loads(process.stdout.readline())["url"]
