@@ -511,3 +511,63 @@ fn the_cli_refuses_a_branch_point_that_branches_nothing() {
     let early = run(&["--branch-after-turn", "0", "--group-size", "2"]);
     assert!(early.contains("at least 1"), "{early}");
 }
+
+/// The remote backend branches on its servers when they can fork (wasm) and is refused up front
+/// when they cannot (process): real `rollbox serve` servers on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_backend_branches_when_its_servers_can_fork() {
+    use rollbox::remote::provision::{LocalProvisioner, LocalProvisionerConfig};
+    use rollbox::remote::{PoolConfig, RemoteBackend};
+    let pool = PoolConfig {
+        slots_per_server: 8,
+        min_servers: 1,
+        max_servers: 1,
+        ..PoolConfig::default()
+    };
+    let wasm = LocalProvisionerConfig::new(env!("CARGO_BIN_EXE_rollbox"));
+    let backend = RemoteBackend::with_provisioner(pool.clone(), Arc::new(LocalProvisioner::new(wasm)))
+        .await
+        .expect("the remote backend starts");
+    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let out = tempfile::tempdir().unwrap();
+    let run = run_rollout(
+        backend.clone(),
+        Arc::new(Script::default()),
+        &problems(&["m1"], None),
+        &config(out.path(), 3, Some(1)),
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await;
+    backend.shutdown().await.expect("shutdown");
+    let run = run.expect("the branched rollout runs on remote wasm servers");
+    assert_eq!(run.summary.run.written, 3);
+    for (trajectory, _) in read_lines(&run.trajectories_path) {
+        assert_eq!(trajectory.branch.as_ref().map(|b| b.prefix_messages), Some(4));
+        let output = last_output(&trajectory);
+        assert!(output.contains("1 True 3 p ['branch-"), "{output}");
+    }
+
+    let mut process = LocalProvisionerConfig::new(env!("CARGO_BIN_EXE_rollbox"));
+    process.server_backend = "process".into();
+    let backend = RemoteBackend::with_provisioner(pool, Arc::new(LocalProvisioner::new(process)))
+        .await
+        .expect("the remote backend starts");
+    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let out = tempfile::tempdir().unwrap();
+    let refused = run_rollout(
+        backend.clone(),
+        Arc::new(Script::default()),
+        &problems(&["m1"], None),
+        &config(out.path(), 3, Some(1)),
+        &SilentRolloutReporter,
+        &StopSignal::new(),
+    )
+    .await;
+    backend.shutdown().await.expect("shutdown");
+    let error = refused.expect_err("process servers cannot fork");
+    assert!(
+        matches!(&error, RolloutError::CannotBranch { backend, .. } if backend == "remote"),
+        "{error:?}"
+    );
+}
