@@ -69,7 +69,14 @@ pub(crate) struct RolloutArgs {
     /// Trajectories per problem, each in its own slot (G for GRPO).
     #[arg(long, value_name = "G", default_value_t = 1)]
     group_size: usize,
-    /// Trajectories running at once.
+    /// Branch each group after K turns: the first K turns (and the problem's setup_code) run
+    /// once per problem, then the slot and the conversation are forked into --group-size
+    /// continuations. trajectories.jsonl records the shared prefix in each line's `branch`.
+    /// Needs a backend that can fork (wasm, or remote with wasm servers).
+    #[arg(long, value_name = "K")]
+    branch_after_turn: Option<usize>,
+    /// Trajectories running at once (a branched group's samples all run at once, so a group
+    /// larger than this runs alone).
     #[arg(long, value_name = "N", default_value_t = 8)]
     concurrency: usize,
     /// Most assistant turns per trajectory.
@@ -418,6 +425,7 @@ pub(crate) async fn run(mut args: RolloutArgs, backend_given: bool, printer: Pri
         .context("--out is required: the folder for trajectories.jsonl and summary.json")?;
     anyhow::ensure!(args.group_size > 0, "--group-size must be at least 1");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    check_branching(&args)?;
     let dataset = load_datasets(&args.dataset, printer)?;
     anyhow::ensure!(!dataset.problems.is_empty(), "the dataset has no readable problems");
     apply_dataset_needs(&mut args, &dataset, backend_given, printer)?;
@@ -448,6 +456,7 @@ pub(crate) async fn run(mut args: RolloutArgs, backend_given: bool, printer: Pri
         custom_reward,
         score_in_fresh_slot: args.score_in_fresh_slot || !args.unsafe_score_in_own_slot,
         seed: args.seed.seed,
+        branch_after_turn: args.branch_after_turn,
     };
     let stop = StopSignal::new();
     let watcher = tokio::spawn(stop_on_interrupt(Interrupts::listen()?, stop.clone(), printer));
@@ -471,6 +480,24 @@ pub(crate) async fn run(mut args: RolloutArgs, backend_given: bool, printer: Pri
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Refuses a `--branch-after-turn` that would branch nothing: a group of one, no turn before
+/// the branch, or no turn after it.
+fn check_branching(args: &RolloutArgs) -> anyhow::Result<()> {
+    let Some(after) = args.branch_after_turn else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        args.group_size > 1,
+        "--branch-after-turn forks each group into its samples; give --group-size 2 or more"
+    );
+    anyhow::ensure!(
+        after >= 1 && after < args.max_turns,
+        "--branch-after-turn {after} must be at least 1 and less than --max-turns ({}): the group shares its first K turns and branches for the rest",
+        args.max_turns
+    );
+    Ok(())
 }
 
 /// Warns about problems whose reference solutions call tools, played by the notebook agent:
@@ -652,6 +679,16 @@ fn print_summary(summary: &Summary, trajectories: &std::path::Path, summary_path
         "this run: {} written, {} skipped (resume), {:.2} trajectories/s over {:.2} s",
         run.written, run.skipped, summary.trajectories_per_second, run.wall_seconds
     );
+    if run.groups_forked > 0 {
+        let shared = match summary.branch_after_turn {
+            Some(k) => format!("its setup and first {k} turns"),
+            None => "its setup_code".to_owned(),
+        };
+        eprintln!(
+            "branching: {} groups each ran {shared} once, then forked into their samples",
+            run.groups_forked
+        );
+    }
     if run.interrupted {
         eprintln!(
             "interrupted: {} abandoned, {} not started; rerun with --resume to finish",

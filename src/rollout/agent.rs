@@ -187,6 +187,46 @@ pub struct Trajectory {
     /// The seeds its slots had, in a seeded rollout (`--seed`): what `rollout --replay` needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seeds: Option<SlotSeeds>,
+    /// The problem's `setup_code` cell as it ran, before the first turn: in this trajectory's
+    /// own slot, or once for the whole group in the slot it was forked from (then `branch`
+    /// says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<StepCall>,
+    /// Where this trajectory branched off its group's shared prefix, when its slot was forked
+    /// from one (`--branch-after-turn`, or a `setup_code` run once per group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<Branch>,
+}
+
+/// Where a branched trajectory left its group's shared prefix.
+///
+/// The group's first `prefix_steps` turns ran once, in a slot of their own
+/// (`parent_trajectory_id`), which was then forked once per sample. Every trajectory of the
+/// group holds the same first `prefix_messages` messages and `prefix_steps` steps, copied from
+/// that one run: a trainer credits them once per group, and each trajectory's own tokens start
+/// at message `prefix_messages`. The trajectory's `model_ms`, `tool_ms` and `tokens` cover its
+/// own steps only; the prefix's times are here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Branch {
+    /// The group: the problem's `instance_id`.
+    pub group_id: String,
+    /// The id the shared prefix ran under (`<instance_id>/prefix`); never a line of its own.
+    pub parent_trajectory_id: String,
+    /// The turn the group branched after (`--branch-after-turn K`; 0 when only the setup was
+    /// shared).
+    pub after_turn: usize,
+    /// Messages shared by the whole group, system prompt first.
+    pub prefix_messages: usize,
+    /// Steps shared by the whole group. Less than `after_turn` when the prefix ended early (a
+    /// final answer): then every sample is that one trajectory.
+    pub prefix_steps: usize,
+    /// Which fork of the parent this trajectory's slot was (0-based; the sample's index). A
+    /// seeded slot's seed is `derive_fork_seed(seeds.prefix_slot, fork_index)`.
+    pub fork_index: usize,
+    /// Time the prefix waited for the policy, in milliseconds (once for the group).
+    pub prefix_model_ms: f64,
+    /// Time the prefix ran calls (setup included), in milliseconds (once for the group).
+    pub prefix_tool_ms: f64,
 }
 
 /// The seeds of a seeded trajectory's slots: each slot's seed as the backend used it, so one
@@ -200,6 +240,11 @@ pub struct SlotSeeds {
     /// The fresh slot its reward was computed in, if any: `derive_fork_seed(slot, 0)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_slot: Option<u64>,
+    /// For a branched trajectory, the slot its group's shared prefix ran in, which its own slot
+    /// was forked from: `derive_slot_seed(run, "<instance_id>/prefix", 0)`. Its own `slot` is
+    /// then `derive_fork_seed(prefix_slot, branch.fork_index)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_slot: Option<u64>,
 }
 
 impl SlotSeeds {
@@ -210,8 +255,31 @@ impl SlotSeeds {
             run,
             slot,
             reward_slot: Some(crate::seed::derive_fork_seed(slot, 0)),
+            prefix_slot: None,
         }
     }
+
+    /// The seed of the slot a group's shared prefix runs in, in a run seeded with `run`.
+    pub fn prefix(run: u64, instance_id: &str) -> u64 {
+        crate::seed::derive_slot_seed(run, &prefix_trajectory_id(instance_id), 0)
+    }
+
+    /// The seeds of the continuation forked as fork `fork_index` from a prefix slot seeded
+    /// with `prefix_slot`: the fork's seed is the one the backend derives for it.
+    pub fn forked(run: u64, prefix_slot: u64, fork_index: usize) -> Self {
+        let slot = crate::seed::derive_fork_seed(prefix_slot, fork_index as u64);
+        SlotSeeds {
+            run,
+            slot,
+            reward_slot: Some(crate::seed::derive_fork_seed(slot, 0)),
+            prefix_slot: Some(prefix_slot),
+        }
+    }
+}
+
+/// The trajectory id a group's shared prefix runs under.
+pub fn prefix_trajectory_id(instance_id: &str) -> String {
+    format!("{instance_id}/prefix")
 }
 
 /// An error recorded in a trajectory.
@@ -248,39 +316,120 @@ pub struct AgentContext<'a> {
 /// task's answer often defines the function and says `\boxed{done}`), so its outputs are the
 /// last message. A tools reply with calls never ends the loop: the model sees their results.
 pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Option<Episode> {
-    let system = context
-        .config
-        .system_prompt
-        .clone()
-        .unwrap_or_else(|| default_system_prompt(context.config));
-    let mut messages = vec![Message::system(system), Message::user(problem.problem.clone())];
-    let mut steps = Vec::new();
+    let state = AgentState::start(context.config, problem);
+    run_agent_from(context, problem, state).await
+}
+
+/// Runs the configured loop on `problem` from `state` (a conversation paused between turns, as
+/// [`run_turns`] leaves it) to its end; see [`run_agent`].
+pub async fn run_agent_from(context: &mut AgentContext<'_>, problem: &Problem, state: AgentState) -> Option<Episode> {
+    Some(
+        match run_turns(context, problem, state, context.config.max_turns).await? {
+            Turns::Ended(episode) => episode,
+            Turns::Paused(state) => Episode::ended(
+                state.messages,
+                state.steps,
+                StopReason::MaxTurns,
+                None,
+                state.context_tokens,
+            ),
+        },
+    )
+}
+
+/// A conversation paused between two turns: what a branch point hands to every continuation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentState {
+    /// Every message so far, system prompt first.
+    pub messages: Vec<Message>,
+    /// One entry per assistant turn taken; the next turn's index is its length.
+    pub steps: Vec<Step>,
+    /// Whether the `tools` agent's user tools are loaded in the slot (a fork inherits them).
+    pub tools_loaded: bool,
+    /// The conversation's exact token count at the last budget check.
+    pub context_tokens: Option<u64>,
+}
+
+impl AgentState {
+    /// The state before the first turn: the system prompt and the problem.
+    pub fn start(config: &AgentConfig, problem: &Problem) -> Self {
+        let system = config
+            .system_prompt
+            .clone()
+            .unwrap_or_else(|| default_system_prompt(config));
+        AgentState {
+            messages: vec![Message::system(system), Message::user(problem.problem.clone())],
+            steps: Vec::new(),
+            tools_loaded: false,
+            context_tokens: None,
+        }
+    }
+}
+
+/// Where [`run_turns`] stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Turns {
+    /// The trajectory ended (a final answer, no action, the budget, an error) before the turn
+    /// asked for.
+    Ended(Episode),
+    /// The turn asked for was reached with the trajectory still going.
+    Paused(AgentState),
+}
+
+/// Runs turns of the configured loop on `problem` from `state` until turn `until_turn` (0-based,
+/// not run) or the trajectory's end, whichever is first. `None` means the rollout was
+/// interrupted and the trajectory abandoned. A branched rollout runs a group's first K turns
+/// with `until_turn = K` once, then each continuation from the paused state.
+pub async fn run_turns(
+    context: &mut AgentContext<'_>,
+    problem: &Problem,
+    state: AgentState,
+    until_turn: usize,
+) -> Option<Turns> {
+    let AgentState {
+        mut messages,
+        mut steps,
+        mut tools_loaded,
+        mut context_tokens,
+    } = state;
     let offered: &[Value] = if context.config.kind == AgentKind::Tools {
         context.tools
     } else {
         &[]
     };
-    let mut tools_loaded = false;
-    let mut context_tokens = None;
     let budget = match BudgetCheck::new(context.config, offered) {
         Ok(budget) => budget,
-        Err(error) => return Some(Episode::engine_error(messages, steps, &error, None)),
+        Err(error) => {
+            return Some(Turns::Ended(Episode::engine_error(
+                messages,
+                steps,
+                &error,
+                context_tokens,
+            )));
+        }
     };
-    for turn in 0..context.config.max_turns {
+    for turn in steps.len()..until_turn.min(context.config.max_turns) {
         let counting = Instant::now();
         if let Some(budget) = &budget {
             match budget.count(&messages) {
                 Ok(count) => context_tokens = Some(count),
-                Err(error) => return Some(Episode::engine_error(messages, steps, &error, context_tokens)),
+                Err(error) => {
+                    return Some(Turns::Ended(Episode::engine_error(
+                        messages,
+                        steps,
+                        &error,
+                        context_tokens,
+                    )));
+                }
             }
             if context_tokens.is_some_and(|count| count > budget.budget) {
-                return Some(Episode::ended(
+                return Some(Turns::Ended(Episode::ended(
                     messages,
                     steps,
                     StopReason::ContextBudget,
                     None,
                     context_tokens,
-                ));
+                )));
             }
         }
         let counting_ms = millis(counting.elapsed());
@@ -303,14 +452,14 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
             Ok(reply) => reply,
             Err(error) => {
                 let policy_error = Some((error.kind().to_owned(), error_chain(&error)));
-                return Some(Episode {
+                return Some(Turns::Ended(Episode {
                     messages,
                     steps,
                     stop_reason: StopReason::PolicyError,
                     policy_error,
                     final_answer: None,
                     context_tokens,
-                });
+                }));
             }
         };
         let turn_started = Instant::now();
@@ -370,26 +519,25 @@ pub async fn run_agent(context: &mut AgentContext<'_>, problem: &Problem) -> Opt
             None
         };
         if let Some(stop_reason) = stop_reason {
-            return Some(Episode {
+            return Some(Turns::Ended(Episode {
                 messages,
                 steps,
                 stop_reason,
                 policy_error: None,
                 final_answer,
                 context_tokens,
-            });
+            }));
         }
         if *context.stop.borrow() {
             return None;
         }
     }
-    Some(Episode::ended(
+    Some(Turns::Paused(AgentState {
         messages,
         steps,
-        StopReason::MaxTurns,
-        None,
+        tools_loaded,
         context_tokens,
-    ))
+    }))
 }
 
 impl Episode {

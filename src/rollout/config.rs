@@ -124,4 +124,11 @@ pub struct RolloutConfig {
     /// ([`SlotSeeds`](crate::rollout::agent::SlotSeeds)) so it can be replayed alone. `None`:
     /// fresh entropy and real time.
     pub seed: Option<u64>,
+    /// Branch each group after this many turns (`--branch-after-turn K`): the first K turns
+    /// (and the problem's `setup_code`) run once per problem, then the slot and the
+    /// conversation are forked into `group_size` continuations; see
+    /// [`crate::rollout::branching`]. Needs a backend that can fork. `None`: every sample
+    /// plays all its turns in its own slot (a `setup_code` is still run once per problem when
+    /// the backend can fork and `group_size > 1`).
+    pub branch_after_turn: Option<usize>,
 }

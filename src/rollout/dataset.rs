@@ -1,5 +1,5 @@
 //! Problems from a JSONL file in the verl notebook-recipe field names: `instance_id`, `problem`,
-//! `ground_truth`, `test_cases`, `reference_solution`.
+//! `ground_truth`, `test_cases`, `reference_solution`, plus rollbox's own `setup_code`.
 //!
 //! A line that cannot be read becomes a [`LineError`] with its line number; it never aborts the
 //! whole file and is never dropped silently.
@@ -31,6 +31,13 @@ pub struct Problem {
     /// The assistant turns the offline oracle policy plays, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_solution: Option<Vec<String>>,
+    /// Python that prepares the problem's slot before the first turn (writes or loads a data
+    /// file, defines helpers), run as one `python` cell whose output the model never sees. In a
+    /// group on a backend that can fork, it runs once per problem and every sample's slot is
+    /// forked from that one; otherwise once in each sample's slot. A setup that raises fails
+    /// the problem's trajectories (`setup_failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_code: Option<String>,
     /// For an SWE row (one with `repo`, `base_commit` and `test_command`): the task, read from
     /// the same line. Its slot starts as a git worktree at the base commit and its reward is the
     /// test command (see [`crate::swe`]).

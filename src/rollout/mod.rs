@@ -13,6 +13,8 @@
 //! - [`reward`] computes math and code rewards in the trajectory's own slot, or
 //!   [`fresh_slot`] in a new one;
 //! - [`runner`] handles groups, concurrency, `trajectories.jsonl`, resume and interruption;
+//! - [`branching`] runs a group's shared prefix (its `setup_code` and first K turns) once and
+//!   forks the slot into the group's continuations;
 //! - [`summary`] adds it all up in `summary.json`;
 //! - [`replay`] runs one seeded trajectory's calls again and finds the first divergence;
 //! - [`scan_cost`] counts the bytes the parsers of model output read, to test that their cost is
@@ -21,6 +23,7 @@
 
 pub mod agent;
 pub mod answer;
+pub mod branching;
 pub mod code_blocks;
 pub mod config;
 pub mod dataset;

@@ -4,14 +4,20 @@
 //!
 //! What is compared is a call's result without its timing and slot numbering
 //! ([`strip_timing`]): the same fields a seeded rerun must repeat byte for byte.
+//!
+//! A trajectory whose problem had a `setup_code` replays that cell first. A branched trajectory
+//! (one with a `branch`, see [`crate::rollout::branching`]) replays as it ran: its group's
+//! prefix in a slot seeded as the prefix slot was, then that slot forked `fork_index + 1`
+//! times (each fork's seed comes from the parent's seed and the fork's number, so the last one
+//! is this trajectory's), then its own calls in that fork. That needs a backend that can fork.
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::rollout::agent::Trajectory;
-use crate::slot::{Backend, BackendError};
+use crate::rollout::agent::{StepCall, Trajectory};
+use crate::slot::{Backend, BackendError, Slot};
 
 /// The fields of a `trajectories.jsonl` line that measure time or depend on scheduling, and so
 /// differ between two runs of the same seed: per trajectory, per step, and per call result.
@@ -73,6 +79,9 @@ pub struct Divergence {
     pub turn: usize,
     /// The 0-based call within the turn.
     pub call: usize,
+    /// Whether it was the problem's setup cell (then `turn` and `call` are 0).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub in_setup: bool,
     /// The tool.
     pub tool: String,
     /// The recorded result, without timing.
@@ -126,6 +135,16 @@ pub enum ReplayError {
         #[source]
         source: BackendError,
     },
+    /// A branched trajectory's prefix slot could not be forked (the backend cannot fork:
+    /// replay it with the backend flags of the original run).
+    #[error("failed to fork the prefix slot to replay branched trajectory `{id}`")]
+    Fork {
+        /// The id.
+        id: String,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
 }
 
 /// Reads trajectory `id` from the `trajectories.jsonl` at `path`.
@@ -161,8 +180,14 @@ pub fn read_trajectory(path: &Path, id: &str) -> Result<Trajectory, ReplayError>
 pub async fn replay(backend: &dyn Backend, trajectory: &Trajectory) -> Result<ReplayReport, ReplayError> {
     let id = &trajectory.trajectory_id;
     let seeds = trajectory.seeds.ok_or_else(|| ReplayError::NotSeeded(id.clone()))?;
-    let slot = backend
-        .acquire_seeded(id, seeds.slot)
+    // A branched trajectory starts in its group's prefix slot, forked at the branch point.
+    let branch = trajectory.branch.as_ref().zip(seeds.prefix_slot);
+    let (start_id, start_seed) = match branch {
+        Some((branch, prefix_seed)) => (branch.parent_trajectory_id.as_str(), prefix_seed),
+        None => (id.as_str(), seeds.slot),
+    };
+    let mut slot = backend
+        .acquire_seeded(start_id, start_seed)
         .await
         .map_err(|source| ReplayError::Acquire { id: id.clone(), source })?;
     let mut report = ReplayReport {
@@ -171,29 +196,72 @@ pub async fn replay(backend: &dyn Backend, trajectory: &Trajectory) -> Result<Re
         calls_compared: 0,
         divergence: None,
     };
-    'steps: for step in &trajectory.steps {
-        for (index, recorded) in step.calls.iter().enumerate() {
-            let replayed = backend.execute(&slot, recorded.call.clone()).await;
-            report.calls_compared += 1;
-            let comparable = |result| {
-                let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
-                strip_timing(&mut value);
-                value
-            };
-            let (recorded_value, replayed_value) = (comparable(&recorded.result), comparable(&replayed));
-            if recorded_value != replayed_value {
+    if let Some(setup) = &trajectory.setup {
+        report.divergence = compare(backend, &slot, setup, &mut report.calls_compared)
+            .await
+            .map(|divergence| Divergence {
+                in_setup: true,
+                ..divergence
+            });
+    }
+    for (index, step) in trajectory.steps.iter().enumerate() {
+        if report.divergence.is_some() {
+            break;
+        }
+        if let Some((branch, _)) = branch
+            && index == branch.prefix_steps
+        {
+            let forked = fork_nth(backend, &slot, id, branch.fork_index).await;
+            let _ = backend.release(&slot, true).await;
+            slot = forked?;
+        }
+        for (call, recorded) in step.calls.iter().enumerate() {
+            if let Some(divergence) = compare(backend, &slot, recorded, &mut report.calls_compared).await {
                 report.divergence = Some(Divergence {
                     turn: step.turn,
-                    call: index,
-                    tool: recorded.call.name.clone(),
-                    recorded: recorded_value,
-                    replayed: replayed_value,
+                    call,
+                    ..divergence
                 });
-                break 'steps;
+                break;
             }
         }
     }
     // The comparison is done; a slot that fails to release does not change it.
     let _ = backend.release(&slot, true).await;
     Ok(report)
+}
+
+/// Runs `recorded`'s call again in `slot` and compares the results without timing; the
+/// divergence (at turn 0, call 0: the caller places it) when they differ.
+async fn compare(backend: &dyn Backend, slot: &Slot, recorded: &StepCall, compared: &mut usize) -> Option<Divergence> {
+    let replayed = backend.execute(slot, recorded.call.clone()).await;
+    *compared += 1;
+    let comparable = |result| {
+        let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
+        strip_timing(&mut value);
+        value
+    };
+    let (recorded_value, replayed_value) = (comparable(&recorded.result), comparable(&replayed));
+    (recorded_value != replayed_value).then(|| Divergence {
+        turn: 0,
+        call: 0,
+        in_setup: false,
+        tool: recorded.call.name.clone(),
+        recorded: recorded_value,
+        replayed: replayed_value,
+    })
+}
+
+/// The `fork_index`-th fork of `parent` (0-based), made as the rollout made it: the forks
+/// before it are made and released, so the backend derives the same seed for it.
+async fn fork_nth(backend: &dyn Backend, parent: &Slot, id: &str, fork_index: usize) -> Result<Slot, ReplayError> {
+    let failed = |source| ReplayError::Fork {
+        id: id.to_owned(),
+        source,
+    };
+    for _ in 0..fork_index {
+        let earlier = backend.fork(parent, id).await.map_err(failed)?;
+        let _ = backend.release(&earlier, true).await;
+    }
+    backend.fork(parent, id).await.map_err(failed)
 }

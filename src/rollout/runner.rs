@@ -4,6 +4,9 @@
 //! Interruption ([`StopSignal::stop`]) starts no new trajectory; running ones are abandoned at
 //! their next model call or turn boundary, their slots released, and nothing of them written,
 //! so a rerun with `resume` runs them again and skips every one already on disk.
+//!
+//! A group whose samples share a prefix (`branch_after_turn`, or a problem's `setup_code` on a
+//! backend that can fork) runs as one task; see [`crate::rollout::branching`].
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -18,7 +21,11 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::rollout::agent::{AgentContext, Episode, SlotSeeds, TokenCounts, Trajectory, TrajectoryError, run_agent};
+use crate::rollout::agent::{
+    AgentContext, AgentState, Branch, Episode, SlotSeeds, StepCall, TokenCounts, Trajectory, TrajectoryError, Turns,
+    run_agent_from,
+};
+use crate::rollout::branching::{GroupJob, SharedPrefix, can_fork, run_group};
 use crate::rollout::config::{AgentConfig, RolloutConfig};
 use crate::rollout::dataset::{Dataset, Problem};
 use crate::rollout::fresh_slot::{Scored, reward_in_fresh_slot};
@@ -26,7 +33,7 @@ use crate::rollout::policy::Policy;
 use crate::rollout::reward::{Reward, score};
 use crate::rollout::summary::{RunStats, Summary};
 use crate::slot::tools::ToolName;
-use crate::slot::{Backend, Slot};
+use crate::slot::{Backend, BackendError, Slot, ToolCall};
 
 /// The trajectories file in the output folder.
 pub const TRAJECTORIES_FILE: &str = "trajectories.jsonl";
@@ -143,17 +150,56 @@ pub enum RolloutError {
         /// The backend's name.
         backend: String,
     },
+    /// `branch_after_turn` was asked of a backend that cannot fork slots.
+    #[error(
+        "--branch-after-turn forks each group's slot after its shared turns, and the {backend} backend cannot fork slots; \
+         use --backend wasm (the default) or --backend remote with wasm servers, or run without --branch-after-turn \
+         (every sample then plays all its turns in its own slot)"
+    )]
+    CannotBranch {
+        /// The backend's name.
+        backend: String,
+        /// What the backend answered when asked to fork.
+        #[source]
+        source: BackendError,
+    },
+    /// Checking whether the backend can fork (one probe slot, forked and released) failed.
+    #[error("failed to check whether the {backend} backend can fork slots (one probe slot, forked once)")]
+    ForkProbe {
+        /// The backend's name.
+        backend: String,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
 }
 
-struct Job {
-    trajectory_id: String,
-    sample: usize,
-    problem: Problem,
+/// One trajectory to run in a slot of its own.
+pub(crate) struct Job {
+    pub(crate) trajectory_id: String,
+    pub(crate) sample: usize,
+    pub(crate) problem: Problem,
     /// Its slots' seeds, in a seeded rollout.
-    seeds: Option<SlotSeeds>,
+    pub(crate) seeds: Option<SlotSeeds>,
 }
 
-enum JobOutcome {
+/// What the scheduler runs: one trajectory, or a whole group that shares a prefix.
+enum Task {
+    One(Job),
+    Group(GroupJob),
+}
+
+impl Task {
+    /// The trajectories it runs at once, which count against the concurrency.
+    fn ids(&self) -> Vec<String> {
+        match self {
+            Task::One(job) => vec![job.trajectory_id.clone()],
+            Task::Group(group) => group.jobs.iter().map(|j| j.trajectory_id.clone()).collect(),
+        }
+    }
+}
+
+pub(crate) enum JobOutcome {
     Done(Box<Trajectory>),
     Abandoned,
     Failed {
@@ -191,9 +237,11 @@ pub async fn run_rollout(
         .iter()
         .filter_map(|v| v.get("trajectory_id")?.as_str())
         .collect();
-    let mut jobs = Vec::new();
+    let forks = forks_groups(backend.as_ref(), dataset, config).await?;
+    let mut tasks = Vec::new();
     let mut skipped = 0;
     for problem in &dataset.problems {
+        let mut jobs = Vec::new();
         for sample in 0..config.group_size.max(1) {
             let trajectory_id = format!("{}/{sample}", problem.instance_id);
             if done.contains(trajectory_id.as_str()) {
@@ -209,8 +257,21 @@ pub async fn run_rollout(
                 });
             }
         }
+        let shares_prefix = config.branch_after_turn.is_some() || problem.setup_code.is_some();
+        if forks && shares_prefix && !jobs.is_empty() {
+            tasks.push(Task::Group(GroupJob {
+                problem: problem.clone(),
+                group_size: config.group_size,
+                after_turn: config.branch_after_turn.unwrap_or(0),
+                run_seed: config.seed,
+                jobs,
+            }));
+        } else {
+            tasks.extend(jobs.into_iter().map(Task::One));
+        }
     }
-    reporter.on_start(jobs.len(), skipped);
+    let to_run = tasks.iter().map(|t| t.ids().len()).sum();
+    reporter.on_start(to_run, skipped);
     let mut writer = TrajectoryWriter::open(&trajectories_path, existing.needs_newline)?;
     let mut stats = RunStats {
         skipped,
@@ -226,17 +287,30 @@ pub async fn run_rollout(
         custom_reward: config.custom_reward.clone(),
         score_in_fresh_slot: config.score_in_fresh_slot,
     });
-    let mut pending = jobs.into_iter();
+    let mut pending = tasks.into_iter().peekable();
     let mut running = JoinSet::new();
-    // Which trajectory each task runs, to name it should its task fail outside `run_job`'s own
-    // panic catching.
-    let mut running_ids = HashMap::new();
+    // Which trajectories each task runs: to name them should the task fail outside its own
+    // panic catching, and to count them against the concurrency. A group runs all its samples
+    // at once, so it starts when they fit, or alone when the group is larger than the limit.
+    let mut running_ids: HashMap<tokio::task::Id, Vec<String>> = HashMap::new();
+    let mut running_count = 0;
     loop {
-        while running.len() < config.concurrency.max(1) && !stop.is_stopped() {
-            let Some(job) = pending.next() else { break };
-            let trajectory_id = job.trajectory_id.clone();
-            let task = running.spawn(run_job(shared.clone(), stop.subscribe(), job));
-            running_ids.insert(task.id(), trajectory_id);
+        while !stop.is_stopped() {
+            let Some(next) = pending.peek() else { break };
+            let ids = next.ids();
+            if running_count > 0 && running_count + ids.len() > config.concurrency.max(1) {
+                break;
+            }
+            let Some(task) = pending.next() else { break };
+            let handle = match task {
+                Task::One(job) => running.spawn(run_job_alone(shared.clone(), stop.subscribe(), job)),
+                Task::Group(group) => {
+                    stats.groups_forked += 1;
+                    running.spawn(run_group(shared.clone(), stop.subscribe(), group))
+                }
+            };
+            running_count += ids.len();
+            running_ids.insert(handle.id(), ids);
         }
         let Some(joined) = running.join_next_with_id().await else {
             break;
@@ -245,21 +319,13 @@ pub async fn run_rollout(
             Ok((task, _)) => *task,
             Err(join_error) => join_error.id(),
         };
-        let trajectory_id = running_ids.remove(&task).unwrap_or_default();
-        match joined.map(|(_, outcome)| outcome) {
-            Ok(JobOutcome::Done(trajectory)) => {
-                writer.append(&trajectory)?;
-                stats.written += 1;
-                reporter.on_trajectory(&trajectory);
-            }
-            Ok(JobOutcome::Abandoned) => stats.abandoned += 1,
-            Ok(JobOutcome::Failed {
-                trajectory_id,
-                kind,
-                message,
-            }) => {
-                reporter.on_trajectory_failed(&trajectory_id, &message);
-                *stats.failed_by_kind.entry(kind).or_default() += 1;
+        let ids = running_ids.remove(&task).unwrap_or_default();
+        running_count -= ids.len();
+        match joined.map(|(_, outcomes)| outcomes) {
+            Ok(outcomes) => {
+                for outcome in outcomes {
+                    record(outcome, &mut writer, &mut stats, reporter)?;
+                }
             }
             Err(join_error) => {
                 let kind = if join_error.is_panic() {
@@ -267,12 +333,14 @@ pub async fn run_rollout(
                 } else {
                     "task_cancelled"
                 };
-                reporter.on_trajectory_failed(&trajectory_id, &join_error.to_string());
-                *stats.failed_by_kind.entry(kind.to_owned()).or_default() += 1;
+                for trajectory_id in ids {
+                    reporter.on_trajectory_failed(&trajectory_id, &join_error.to_string());
+                    *stats.failed_by_kind.entry(kind.to_owned()).or_default() += 1;
+                }
             }
         }
     }
-    stats.not_started = pending.len();
+    stats.not_started = pending.map(|t| t.ids().len()).sum();
     stats.interrupted = stop.is_stopped();
     stats.wall_seconds = started.elapsed().as_secs_f64();
     let all = read_existing(&trajectories_path)?;
@@ -297,6 +365,55 @@ pub async fn run_rollout(
     })
 }
 
+/// Writes or counts one trajectory's outcome.
+fn record(
+    outcome: JobOutcome,
+    writer: &mut TrajectoryWriter,
+    stats: &mut RunStats,
+    reporter: &dyn RolloutReporter,
+) -> Result<(), RolloutError> {
+    match outcome {
+        JobOutcome::Done(trajectory) => {
+            writer.append(&trajectory)?;
+            stats.written += 1;
+            reporter.on_trajectory(&trajectory);
+        }
+        JobOutcome::Abandoned => stats.abandoned += 1,
+        JobOutcome::Failed {
+            trajectory_id,
+            kind,
+            message,
+        } => {
+            reporter.on_trajectory_failed(&trajectory_id, &message);
+            *stats.failed_by_kind.entry(kind).or_default() += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Whether groups that share a prefix run it once and fork: only when something is shared
+/// (`branch_after_turn`, or a problem with `setup_code` in groups of two or more) and the
+/// backend can fork. `branch_after_turn` on a backend that cannot fork is refused here, before
+/// anything runs; a `setup_code` then runs in every sample's slot instead.
+async fn forks_groups(backend: &dyn Backend, dataset: &Dataset, config: &RolloutConfig) -> Result<bool, RolloutError> {
+    let shares_setup = config.group_size > 1 && dataset.problems.iter().any(|p| p.setup_code.is_some());
+    if config.branch_after_turn.is_none() && !shares_setup {
+        return Ok(false);
+    }
+    match can_fork(backend).await {
+        Ok(()) => Ok(true),
+        Err(BackendError::Unsupported { .. }) if config.branch_after_turn.is_none() => Ok(false),
+        Err(source @ BackendError::Unsupported { .. }) => Err(RolloutError::CannotBranch {
+            backend: backend.name().to_owned(),
+            source,
+        }),
+        Err(source) => Err(RolloutError::ForkProbe {
+            backend: backend.name().to_owned(),
+            source,
+        }),
+    }
+}
+
 /// Refuses a backend without `bash` for a dataset with SWE tasks, before anything runs.
 fn check_backend_runs_swe(backend: &dyn Backend, dataset: &Dataset) -> Result<(), RolloutError> {
     let swe: Vec<&Problem> = dataset.problems.iter().filter(|p| p.swe.is_some()).collect();
@@ -311,14 +428,18 @@ fn check_backend_runs_swe(backend: &dyn Backend, dataset: &Dataset) -> Result<()
 }
 
 /// What every trajectory of a rollout shares.
-struct JobShared {
-    backend: Arc<dyn Backend>,
-    policy: Arc<dyn Policy>,
-    agent: AgentConfig,
+pub(crate) struct JobShared {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) policy: Arc<dyn Policy>,
+    pub(crate) agent: AgentConfig,
     /// The function schemas offered to the tools agent: the backend's, then the user tools.
-    tools: Vec<Value>,
+    pub(crate) tools: Vec<Value>,
     custom_reward: Option<Arc<str>>,
     score_in_fresh_slot: bool,
+}
+
+async fn run_job_alone(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) -> Vec<JobOutcome> {
+    vec![run_job(shared, stop, job).await]
 }
 
 /// Runs one trajectory start to finish in its own slot.
@@ -344,11 +465,24 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
             };
         }
     };
-    match CatchPanic::new(run_in_slot(&shared, stop, &job, &slot, started)).await {
+    run_caught(&shared, stop, job, slot, None, started).await
+}
+
+/// Runs a trajectory in `slot` (its own, or forked from its group's `prefix`), catching a
+/// panic: the slot is then released and the trajectory fails with the kind [`PANICKED`].
+pub(crate) async fn run_caught(
+    shared: &JobShared,
+    stop: watch::Receiver<bool>,
+    job: Job,
+    slot: Slot,
+    prefix: Option<Arc<SharedPrefix>>,
+    started: Instant,
+) -> JobOutcome {
+    match CatchPanic::new(run_in_slot(shared, stop, &job, &slot, prefix.as_deref(), started)).await {
         Ok(outcome) => outcome,
         Err(panic) => {
             // Best effort, as everywhere: the slot may already be released (fresh-slot scoring).
-            release_slot(backend, &slot, &job.problem).await;
+            release_slot(shared.backend.as_ref(), &slot, &job.problem).await;
             JobOutcome::Failed {
                 trajectory_id: job.trajectory_id,
                 kind: PANICKED.to_owned(),
@@ -358,19 +492,51 @@ async fn run_job(shared: Arc<JobShared>, stop: watch::Receiver<bool>, job: Job) 
     }
 }
 
+/// The error kind of trajectories whose problem's `setup_code` failed.
+pub const SETUP_FAILED: &str = "setup_failed";
+
+/// Runs a problem's `setup_code` in `slot`: `Ok(None)` without one, `Ok(Some(call))` when it
+/// ran without raising, and the error message (with its output) when it did not.
+pub(crate) async fn run_setup(
+    backend: &dyn Backend,
+    slot: &Slot,
+    problem: &Problem,
+) -> Result<Option<StepCall>, String> {
+    let Some(code) = &problem.setup_code else {
+        return Ok(None);
+    };
+    let call = ToolCall::python(code.clone());
+    let result = backend.execute(slot, call.clone()).await;
+    if !result.success {
+        return Err(format!(
+            "the setup_code of `{}` failed, so none of its turns ran; fix it in the dataset: {}",
+            problem.instance_id,
+            result.output.trim()
+        ));
+    }
+    Ok(Some(StepCall {
+        tool_call_id: None,
+        call,
+        result,
+    }))
+}
+
 /// The error kind of a trajectory that panicked.
 pub const PANICKED: &str = "trajectory_panicked";
 
-/// The part of a trajectory that runs in its slot, from the SWE setup to the reward.
+/// The part of a trajectory that runs in its slot, from the SWE setup to the reward. A slot
+/// forked from its group's `prefix` starts where the prefix paused (its setup already ran).
 async fn run_in_slot(
     shared: &JobShared,
     stop: watch::Receiver<bool>,
     job: &Job,
     slot: &Slot,
+    prefix: Option<&SharedPrefix>,
     started: Instant,
 ) -> JobOutcome {
     let backend = shared.backend.as_ref();
-    if let Some(task) = &job.problem.swe
+    if prefix.is_none()
+        && let Some(task) = &job.problem.swe
         && let Err(error) = crate::rollout::swe::prepare(backend, slot, task).await
     {
         release_slot(backend, slot, &job.problem).await;
@@ -380,6 +546,20 @@ async fn run_in_slot(
             message: crate::error_text::error_chain(&error),
         };
     }
+    let setup = match prefix {
+        Some(prefix) => prefix.setup.clone(),
+        None => match run_setup(backend, slot, &job.problem).await {
+            Ok(setup) => setup,
+            Err(message) => {
+                release_slot(backend, slot, &job.problem).await;
+                return JobOutcome::Failed {
+                    trajectory_id: job.trajectory_id.clone(),
+                    kind: SETUP_FAILED.to_owned(),
+                    message,
+                };
+            }
+        },
+    };
     let mut context = AgentContext {
         backend,
         slot,
@@ -389,7 +569,20 @@ async fn run_in_slot(
         stop,
         seed: job.seeds.map(|s| s.slot),
     };
-    let Some(episode) = run_agent(&mut context, &job.problem).await else {
+    let played = match prefix.map(|p| &p.turns) {
+        // The prefix ended before the branch point: every sample is that one trajectory.
+        Some(Turns::Ended(episode)) => Some(episode.clone()),
+        Some(Turns::Paused(state)) => run_agent_from(&mut context, &job.problem, state.clone()).await,
+        None => {
+            run_agent_from(
+                &mut context,
+                &job.problem,
+                AgentState::start(&shared.agent, &job.problem),
+            )
+            .await
+        }
+    };
+    let Some(episode) = played else {
         // Releasing is best effort: the trajectory is abandoned either way.
         release_slot(backend, slot, &job.problem).await;
         return JobOutcome::Abandoned;
@@ -428,15 +621,25 @@ async fn run_in_slot(
         reward
     };
     let reward_ms = reward_started.elapsed().as_secs_f64() * 1e3;
-    let trajectory = trajectory(
-        shared,
-        job,
+    let ran = Ran {
         episode,
+        setup,
+        branch: prefix.map(|p| p.branch_for(job.sample)),
         reward,
         reward_ms,
-        started.elapsed().as_secs_f64() * 1e3,
-    );
-    JobOutcome::Done(Box::new(trajectory))
+        wall_ms: started.elapsed().as_secs_f64() * 1e3,
+    };
+    JobOutcome::Done(Box::new(trajectory(shared, job, ran)))
+}
+
+/// What a trajectory's run produced, before it becomes a line of `trajectories.jsonl`.
+struct Ran {
+    episode: Episode,
+    setup: Option<StepCall>,
+    branch: Option<Branch>,
+    reward: Reward,
+    reward_ms: f64,
+    wall_ms: f64,
 }
 
 /// A future that turns a panic while it is polled into an error holding the panic's message.
@@ -478,26 +681,34 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// Releases a trajectory's slot with its workspace, removing an SWE task's worktree from the
 /// shared repository cache first. Best effort: a slot that fails to clean up or release does
 /// not change the trajectory's outcome (the server side expires what is left).
-async fn release_slot(backend: &dyn Backend, slot: &Slot, problem: &Problem) {
+pub(crate) async fn release_slot(backend: &dyn Backend, slot: &Slot, problem: &Problem) {
     if let Some(task) = &problem.swe {
         let _ = crate::rollout::swe::cleanup(backend, slot, task).await;
     }
     let _ = backend.release(slot, true).await;
 }
 
-/// The line of `trajectories.jsonl` for a scored episode.
-fn trajectory(
-    shared: &JobShared,
-    job: &Job,
-    episode: Episode,
-    reward: Reward,
-    reward_ms: f64,
-    wall_ms: f64,
-) -> Trajectory {
+/// The line of `trajectories.jsonl` for a scored episode. A branched trajectory's times and
+/// tokens cover its own steps, after the shared prefix (whose times are in its `branch`); the
+/// setup cell's time counts as tool time.
+fn trajectory(shared: &JobShared, job: &Job, ran: Ran) -> Trajectory {
+    let Ran {
+        episode,
+        setup,
+        branch,
+        reward,
+        reward_ms,
+        wall_ms,
+    } = ran;
     let scored_in_fresh_slot = reward.fresh_slot;
+    let own_steps = &episode.steps[branch.as_ref().map_or(0, |b| b.prefix_steps.min(episode.steps.len()))..];
+    let own_setup_ms = match (&setup, &branch) {
+        (Some(setup), None) => setup.result.metadata.duration_us as f64 / 1e3,
+        _ => 0.0,
+    };
     let mut anomalies = Vec::new();
     let mut tokens: Option<TokenCounts> = None;
-    for usage in episode.steps.iter().filter_map(|s| s.usage) {
+    for usage in own_steps.iter().filter_map(|s| s.usage) {
         anomalies.extend(tokens.get_or_insert_default().add(TokenCounts {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
@@ -510,8 +721,8 @@ fn trajectory(
         agent: shared.agent.kind,
         policy: shared.policy.name().to_owned(),
         turns: episode.steps.len(),
-        model_ms: episode.steps.iter().map(|s| s.model_ms).sum(),
-        tool_ms: episode.steps.iter().map(|s| s.tool_ms).sum(),
+        model_ms: own_steps.iter().map(|s| s.model_ms).sum(),
+        tool_ms: own_setup_ms + own_steps.iter().map(|s| s.tool_ms).sum::<f64>(),
         messages: episode.messages,
         steps: episode.steps,
         stop_reason: episode.stop_reason,
@@ -530,6 +741,8 @@ fn trajectory(
             reward_slot: seeds.reward_slot.filter(|_| scored_in_fresh_slot),
             ..seeds
         }),
+        setup,
+        branch,
     }
 }
 

@@ -1,10 +1,10 @@
 //! `summary.json`: what a rollout's trajectories add up to, at a glance.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::agent::{TokenCounts, Trajectory};
+use crate::rollout::agent::{Step, TokenCounts, Trajectory};
 use crate::rollout::config::RolloutConfig;
 use crate::rollout::dataset::Dataset;
 use crate::rollout::policy::Policy;
@@ -36,6 +36,10 @@ pub struct RunStats {
     pub interrupted: bool,
     /// Wall-clock seconds of this run.
     pub wall_seconds: f64,
+    /// Groups whose shared prefix (setup and first turns) ran once and was forked into their
+    /// samples' slots.
+    #[serde(default)]
+    pub groups_forked: usize,
 }
 
 /// The numbers of a rollout. Rewards, passes and times cover every trajectory in the file;
@@ -60,6 +64,9 @@ pub struct Summary {
     pub dataset_errors: Vec<String>,
     /// Trajectories per problem.
     pub group_size: usize,
+    /// The turn every group branched after (`--branch-after-turn`), when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_after_turn: Option<usize>,
     /// Trajectories in the file.
     pub trajectories: usize,
     /// Mean reward over trajectories.
@@ -71,9 +78,11 @@ pub struct Summary {
     pub mean_turns: f64,
     /// Most assistant turns in one trajectory.
     pub max_turns: usize,
-    /// Seconds waiting for the policy, summed over trajectories.
+    /// Seconds waiting for the policy, summed over trajectories; a branched group's shared
+    /// prefix counts once.
     pub model_seconds: f64,
-    /// Seconds running code and tools, summed over trajectories.
+    /// Seconds running code and tools (setup cells included), summed over trajectories; a
+    /// branched group's shared prefix counts once.
     pub tool_seconds: f64,
     /// Seconds computing rewards, summed over trajectories.
     pub reward_seconds: f64,
@@ -123,12 +132,21 @@ impl Summary {
         } else {
             format!("Model `{}` wrote the assistant's turns.", policy.name())
         };
-        let turns_with_calls: usize = trajectories
-            .iter()
-            .flat_map(|t| &t.steps)
-            .filter(|s| !s.calls.is_empty())
-            .count();
-        let tool_ms: f64 = trajectories.iter().map(|t| t.tool_ms).sum();
+        let prefixes = shared_prefixes(trajectories);
+        let steps = distinct_steps(trajectories, &prefixes);
+        let turns_with_calls: usize = steps.iter().filter(|s| !s.calls.is_empty()).count();
+        let tool_ms: f64 = trajectories.iter().map(|t| t.tool_ms).sum::<f64>()
+            + prefixes
+                .iter()
+                .filter_map(|t| t.branch.as_ref())
+                .map(|b| b.prefix_tool_ms)
+                .sum::<f64>();
+        let model_ms: f64 = trajectories.iter().map(|t| t.model_ms).sum::<f64>()
+            + prefixes
+                .iter()
+                .filter_map(|t| t.branch.as_ref())
+                .map(|b| b.prefix_model_ms)
+                .sum::<f64>();
         let mut stop_reasons = BTreeMap::new();
         let mut errors_by_kind = BTreeMap::new();
         for trajectory in trajectories {
@@ -165,7 +183,12 @@ impl Summary {
             *errors_by_kind.entry(kind.clone()).or_insert(0) += n;
         }
         let mut token_sum: Option<TokenCounts> = None;
-        for counts in trajectories.iter().filter_map(|t| t.tokens) {
+        let prefix_tokens = prefixes.iter().flat_map(|t| prefix_steps(t)).filter_map(|s| s.usage);
+        let prefix_tokens = prefix_tokens.map(|u| TokenCounts {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        });
+        for counts in trajectories.iter().filter_map(|t| t.tokens).chain(prefix_tokens) {
             let saturated = token_sum.get_or_insert_default().add(counts);
             if !saturated.is_empty() {
                 *errors_by_kind.entry(USAGE_ANOMALY.to_owned()).or_insert(0) += saturated.len();
@@ -186,12 +209,13 @@ impl Summary {
             problems: dataset.problems.len(),
             dataset_errors: dataset.errors.iter().map(ToString::to_string).collect(),
             group_size: config.group_size,
+            branch_after_turn: config.branch_after_turn,
             trajectories: count,
             mean_reward: mean(trajectories.iter().map(|t| t.reward.score).sum()),
             pass_at_k: pass_at_k(trajectories, config.group_size),
             mean_turns: mean(trajectories.iter().map(|t| t.turns as f64).sum()),
             max_turns: trajectories.iter().map(|t| t.turns).max().unwrap_or(0),
-            model_seconds: trajectories.iter().map(|t| t.model_ms).sum::<f64>() / 1e3,
+            model_seconds: model_ms / 1e3,
             tool_seconds: tool_ms / 1e3,
             reward_seconds: trajectories.iter().map(|t| t.reward_ms).sum::<f64>() / 1e3,
             tool_ms_per_turn: if turns_with_calls == 0 {
@@ -199,17 +223,10 @@ impl Summary {
             } else {
                 tool_ms / turns_with_calls as f64
             },
-            median_overhead_ms_per_turn: median(
-                trajectories
-                    .iter()
-                    .flat_map(|t| &t.steps)
-                    .map(|s| s.overhead_ms)
-                    .collect(),
-            ),
+            median_overhead_ms_per_turn: median(steps.iter().map(|s| s.overhead_ms).collect()),
             median_overhead_ms_per_turn_with_code: median(
-                trajectories
+                steps
                     .iter()
-                    .flat_map(|t| &t.steps)
                     .filter(|s| !s.calls.is_empty())
                     .map(|s| s.overhead_ms)
                     .collect(),
@@ -225,6 +242,32 @@ impl Summary {
             run: stats,
         }
     }
+}
+
+/// One trajectory of each branched group (the first in the file): whose `branch` and prefix
+/// steps stand for the group's shared prefix, counted once.
+fn shared_prefixes(trajectories: &[Trajectory]) -> Vec<&Trajectory> {
+    let mut seen = HashSet::new();
+    trajectories
+        .iter()
+        .filter(|t| {
+            t.branch
+                .as_ref()
+                .is_some_and(|b| seen.insert(b.parent_trajectory_id.as_str()))
+        })
+        .collect()
+}
+
+/// A branched trajectory's copy of its group's shared steps.
+fn prefix_steps(trajectory: &Trajectory) -> &[Step] {
+    let shared = trajectory.branch.as_ref().map_or(0, |b| b.prefix_steps);
+    &trajectory.steps[..shared.min(trajectory.steps.len())]
+}
+
+/// Every step that ran, once: each trajectory's own steps, and each shared prefix's steps once.
+fn distinct_steps<'a>(trajectories: &'a [Trajectory], prefixes: &[&'a Trajectory]) -> Vec<&'a Step> {
+    let own = trajectories.iter().flat_map(|t| &t.steps[prefix_steps(t).len()..]);
+    own.chain(prefixes.iter().flat_map(|t| prefix_steps(t))).collect()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

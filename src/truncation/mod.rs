@@ -30,6 +30,7 @@
 //! the marker). The [`TokenCounter`] remembers each message's count, so in a rollout loop, where
 //! all but the newest messages were seen on the previous call, little is tokenised again.
 
+mod added_tokens;
 mod cells;
 mod plan;
 pub mod skeleton;

@@ -15,6 +15,7 @@ use tokenizers::{Model, ModelWrapper, NormalizerWrapper, OffsetReferential, Offs
 use crate::chat::{Content, Message, Role};
 
 use super::TruncationError;
+use super::added_tokens::{AddedTokenSplit, Piece};
 use super::skeleton::SkeletonCache;
 use super::template::{JinjaChatTemplate, ModelFiles, TemplateChoice};
 
@@ -168,6 +169,8 @@ struct JinjaCounting {
     /// Whether a render's token count is the sum of its pieces between added tokens (see
     /// [`TokenCounter::count_rendered`]).
     piece_split: bool,
+    /// Our own split at added tokens, when the tokenizer's added tokens allow it.
+    added_split: Option<AddedTokenSplit>,
     /// Token counts of render pieces between added tokens, by hash.
     pieces: Mutex<HashMap<u64, usize>>,
     /// What a message adds to the render of its window, by hash of tools, window and message.
@@ -255,6 +258,7 @@ impl TokenCounter {
     /// choose how to count with it ([`Counting`]).
     pub fn with_jinja(tokenizer: Tokenizer, template: JinjaChatTemplate) -> Result<Self, TruncationError> {
         let piece_split = pieces_add_up(&tokenizer);
+        let added_split = AddedTokenSplit::of(&tokenizer);
         let origin = TemplateOrigin::Jinja(template.name().to_owned());
         let mut counter = TokenCounter::new(tokenizer, ChatTemplate::bare())?;
         counter.origin = origin;
@@ -263,6 +267,7 @@ impl TokenCounter {
             // Until the probe has chosen: the full render is right for every template.
             counting: Counting::FullRender,
             piece_split,
+            added_split,
             pieces: Mutex::new(HashMap::new()),
             deltas: Mutex::new(HashMap::new()),
         });
@@ -473,18 +478,14 @@ impl TokenCounter {
         let Some(jinja) = self.jinja.as_ref().filter(|jinja| jinja.piece_split) else {
             return self.count_text(text);
         };
-        let split = self
-            .tokenizer
-            .get_added_vocabulary()
-            .extract_and_normalize(None::<&NormalizerWrapper>, text);
         let mut count = 0;
         let mut missing: Vec<(u64, String)> = Vec::new();
         {
             let pieces = lock(&jinja.pieces);
-            for (piece, _, tokens) in split.get_splits(OffsetReferential::Original, OffsetType::None) {
-                match tokens {
-                    Some(tokens) => count += tokens.len(),
-                    None => {
+            let mut visit = |piece: Piece<'_>| -> Result<(), std::convert::Infallible> {
+                match piece {
+                    Piece::Added => count += 1,
+                    Piece::Text(piece) => {
                         let key = hash_of(piece);
                         match pieces.get(&key) {
                             Some(tokens) => count += tokens,
@@ -492,7 +493,28 @@ impl TokenCounter {
                         }
                     }
                 }
+                Ok(())
+            };
+            match &jinja.added_split {
+                // The same pieces as the library's split, without a `NormalizedString` of the
+                // whole render.
+                Some(split) => split.for_each_piece(text, visit),
+                None => {
+                    let split = self
+                        .tokenizer
+                        .get_added_vocabulary()
+                        .extract_and_normalize(None::<&NormalizerWrapper>, text);
+                    split
+                        .get_splits(OffsetReferential::Original, OffsetType::None)
+                        .into_iter()
+                        .try_for_each(|(piece, _, tokens)| match tokens {
+                            // An added token is one token; one piece holds one.
+                            Some(tokens) => (0..tokens.len()).try_for_each(|_| visit(Piece::Added)),
+                            None => visit(Piece::Text(piece)),
+                        })
+                }
             }
+            .unwrap_or_else(|never| match never {});
         }
         let counted: Vec<(u64, usize)> = missing
             .into_maybe_par_iter()

@@ -218,6 +218,7 @@ fn problem(id: &str) -> Problem {
         ground_truth: Some("42".to_owned()),
         test_cases: vec![],
         reference_solution: None,
+        setup_code: None,
         swe: None,
     }
 }
@@ -258,6 +259,7 @@ async fn rollout(
         custom_reward: None,
         score_in_fresh_slot: false,
         seed: None,
+        branch_after_turn: None,
     };
     let run = run_rollout(
         backend,

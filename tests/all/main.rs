@@ -1,6 +1,7 @@
 //! rollbox's one integration-test binary: a module per area, over the real runtime.
 
 mod bench;
+mod branching;
 mod cli;
 mod conformance;
 mod datasets;

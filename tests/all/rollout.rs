@@ -338,6 +338,7 @@ fn config(kind: AgentKind, out: &Path, group_size: usize, concurrency: usize) ->
         custom_reward: None,
         score_in_fresh_slot: false,
         seed: None,
+        branch_after_turn: None,
     }
 }
 
@@ -679,6 +680,7 @@ fn problem() -> Problem {
         ground_truth: Some("42".to_owned()),
         test_cases: vec![],
         reference_solution: None,
+        setup_code: None,
         swe: None,
     }
 }
@@ -1788,6 +1790,7 @@ fn gaming_problems() -> Dataset {
             "<code>\nimport sympy\nsympy.simplify = lambda expression: 0\n</code>".to_owned(),
             "\\boxed{\\sqrt{7}}".to_owned(),
         ]),
+        setup_code: None,
         swe: None,
     };
     let code = Problem {
@@ -1802,6 +1805,7 @@ fn gaming_problems() -> Dataset {
             "<code>\nimport math\nPI = 3\n\ndef area(r):\n    return PI * 0 * r\n\nmath.isclose = lambda *args, **kwargs: True\n</code>".to_owned(),
             "\\boxed{done}".to_owned(),
         ]),
+        setup_code: None,
         swe: None,
     };
     Dataset {

@@ -233,6 +233,7 @@ fn rollout_config(out: &Path, group_size: usize) -> RolloutConfig {
         custom_reward: None,
         score_in_fresh_slot: false,
         seed: None,
+        branch_after_turn: None,
     }
 }
 

@@ -512,3 +512,43 @@ fn cli_compact_reads_a_model_folder_and_its_template() {
         "{stderr}"
     );
 }
+
+/// Added tokens inside message text (a model that writes `<|im_end|>` or `<think>`, back to back,
+/// at the edges, cut short) split the render as the tokenizer splits it: the count still equals
+/// the full render's.
+#[test]
+fn added_tokens_inside_message_text_are_counted_as_the_tokenizer_splits_them() {
+    for case in CASES {
+        let (counter, tokenizer) = loaded(case);
+        let mut added: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|token| token.content)
+            .collect();
+        added.sort();
+        let all = added.concat();
+        let half = |token: &String| token.chars().take(token.chars().count() / 2).collect::<String>();
+        let cut = added.iter().map(half).collect::<Vec<_>>().join(" ");
+        let texts = [
+            all.clone(),
+            format!("before {all} after"),
+            format!("{} x{}y {}", added[0], added[added.len() - 1], cut),
+            format!("{cut}{all}{cut}"),
+        ];
+        for (index, text) in texts.iter().enumerate() {
+            let messages = vec![
+                Message::system(text.clone()),
+                Message::user(text.clone()),
+                Message::assistant(text.clone()),
+                Message::user(format!("and {text}")),
+            ];
+            let counted = counter.count_prompt(&messages, &[]);
+            match counted {
+                Ok(counted) => assert_eq!(counted, reference(case, &messages, &[]), "{}: text {index}", case.name),
+                // A template may refuse such text (a raise_exception on a role order it dislikes).
+                Err(TruncationError::Template { .. }) => {}
+                Err(error) => panic!("{}: {}", case.name, rollbox::error_text::error_chain(&error)),
+            }
+        }
+    }
+}
