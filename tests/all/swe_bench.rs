@@ -205,6 +205,7 @@ async fn the_oracle_rollout_of_a_swe_bench_row_lists_every_test_id_in_its_reward
         custom_reward: None,
         score_in_fresh_slot: true,
         seed: None,
+        branch_after_turn: None,
     };
     let run = run_rollout(
         Arc::new(backend),
