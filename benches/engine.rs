@@ -89,7 +89,9 @@ fn cell(c: &mut Criterion) {
 fn acquire(c: &mut Criterion) {
     let (runtime, backend) = setup();
     let mut group = c.benchmark_group("acquire");
-    group.bench_function("alone", |b| b.iter_custom(|iters| time_acquires(&runtime, &backend, iters)));
+    group.bench_function("alone", |b| {
+        b.iter_custom(|iters| time_acquires(&runtime, &backend, iters))
+    });
     group.bench_function("and_release", |b| {
         b.iter(|| {
             runtime.block_on(async {
@@ -125,7 +127,9 @@ fn acquire_bare(c: &mut Criterion) {
         ..WasmBackendConfig::from_env()
     });
     let mut group = c.benchmark_group("acquire");
-    group.bench_function("bare_alone", |b| b.iter_custom(|iters| time_acquires(&runtime, &backend, iters)));
+    group.bench_function("bare_alone", |b| {
+        b.iter_custom(|iters| time_acquires(&runtime, &backend, iters))
+    });
     group.finish();
 }
 
