@@ -278,13 +278,31 @@ pub(crate) fn user_tools(calculator: bool, tools_files: &[PathBuf]) -> anyhow::R
     }
 }
 
+/// The problems of the dataset at `path`, each SWE row that names no environment setup or image
+/// of its own given the sidecar's (`NAME.rollbox.json`), if it has them.
+pub(crate) fn load_dataset_with_sidecar(path: &std::path::Path) -> anyhow::Result<rollbox::rollout::dataset::Dataset> {
+    let mut dataset = load_dataset(path)?;
+    let Some(needs) = dataset_needs(path)? else {
+        return Ok(dataset);
+    };
+    for task in dataset.problems.iter_mut().filter_map(|p| p.swe.as_mut()) {
+        if task.environment_setup.is_empty() {
+            task.environment_setup.clone_from(&needs.environment_setup);
+        }
+        if task.image_name.is_none() {
+            task.image_name.clone_from(&needs.image_name);
+        }
+    }
+    Ok(dataset)
+}
+
 /// Every file's problems in order, one batch. Unreadable lines are reported with their file
 /// and line; an `instance_id` already seen in an earlier file is reported and skipped.
 fn load_datasets(paths: &[PathBuf], printer: Printer) -> anyhow::Result<rollbox::rollout::dataset::Dataset> {
     let mut merged = rollbox::rollout::dataset::Dataset::default();
     let mut seen = std::collections::HashSet::new();
     for path in paths {
-        let dataset = load_dataset(path)?;
+        let dataset = load_dataset_with_sidecar(path)?;
         for error in &dataset.errors {
             printer.warn(format_args!("{}: skipped {error}", path.display()));
         }
@@ -317,6 +335,11 @@ struct DatasetNeeds {
     tools_files: Vec<PathBuf>,
     /// `wasm` or `process`.
     backend: Option<BackendChoice>,
+    /// The environment setup of every SWE row that names none of its own (`environment_setup`).
+    #[serde(default)]
+    environment_setup: Vec<String>,
+    /// The Modal image of every SWE row that names none of its own (`image_name`).
+    image_name: Option<String>,
 }
 
 /// The sidecar of the dataset at `path` (`NAME.rollbox.json` beside `NAME.jsonl`), if it has
@@ -330,7 +353,7 @@ fn dataset_needs(path: &std::path::Path) -> anyhow::Result<Option<DatasetNeeds>>
     };
     let mut needs: DatasetNeeds = serde_json::from_str(&text).with_context(|| {
         format!(
-            "{} is not a dataset sidecar: it takes `agent` (notebook or tools), `tools_files` and `backend` (wasm or process)",
+            "{} is not a dataset sidecar: it takes `agent` (notebook or tools), `tools_files`, `backend` (wasm or process), and for SWE rows `environment_setup` (a list of commands) and `image_name`",
             sidecar.display()
         )
     })?;

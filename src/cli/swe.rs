@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 
 use rollbox::remote::ProvisionConfig;
 use rollbox::remote::provision::{ModalProvisioner, PerImageBackend};
-use rollbox::rollout::dataset::{Dataset, load_dataset};
+use rollbox::rollout::dataset::Dataset;
 use rollbox::rollout::swe::{EnvironmentReporter, ensure_environments};
 use rollbox::wasm::runtime::RuntimeOptions;
 use rollbox::{Backend, Limits};
@@ -54,7 +54,7 @@ pub(crate) async fn run(command: SweCommand, printer: Printer) -> anyhow::Result
     let SweCommand::Prepare(args) = command;
     let mut merged = Dataset::default();
     for path in &args.dataset {
-        let dataset = load_dataset(path)?;
+        let dataset = super::rollout::load_dataset_with_sidecar(path)?;
         for error in &dataset.errors {
             printer.warn(format_args!("{}: skipped {error}", path.display()));
         }

@@ -359,3 +359,41 @@ fn swe_prepare_builds_each_environment_once_with_progress() {
         .collect();
     assert_eq!(envs.len(), 1, "the environment is where the slots will look for it");
 }
+
+/// A dataset's sidecar (`tasks.rollbox.json`) can give every SWE row that names none of its own
+/// an environment setup and a Modal image: `swe prepare` builds the sidecar's environment, and a
+/// dry run on Modal starts the rows' sandboxes from the sidecar's image.
+#[test]
+fn a_sidecar_gives_swe_rows_their_environment_and_image() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let counter = dir.path().join("builds.txt");
+    calc_row(dir.path(), json!({}));
+    std::fs::write(
+        dir.path().join("tasks.rollbox.json"),
+        json!({ "environment_setup": local_environment(&counter), "image_name": "example/calc:1.0" }).to_string(),
+    )
+    .expect("the sidecar");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["swe", "prepare", "--dataset", "tasks.jsonl", "--shared-cache", "shared"])
+        .current_dir(dir.path())
+        .env(rollbox::env_vars::CACHE_DIR, dir.path().join("rollbox-cache"))
+        .output()
+        .expect("run rollbox");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && stderr.contains("1 built, 0 already"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&counter).expect("counter"), "built\n");
+    let dry_run = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args(["rollout", "--dataset", "tasks.jsonl", "--out", "out", "--backend", "remote"])
+        .args(["--provision", "modal", "--dry-run"])
+        .current_dir(dir.path())
+        .env(rollbox::env_vars::CACHE_DIR, dir.path().join("rollbox-cache"))
+        .output()
+        .expect("run rollbox");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&dry_run.stdout),
+        String::from_utf8_lossy(&dry_run.stderr)
+    );
+    assert!(dry_run.status.success(), "{printed}");
+    assert!(printed.contains("example/calc:1.0"), "the dry run names the sidecar's image: {printed}");
+}
