@@ -380,10 +380,21 @@ fn a_sidecar_gives_swe_rows_their_environment_and_image() {
         .output()
         .expect("run rollbox");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success() && stderr.contains("1 built, 0 already"), "{stderr}");
+    assert!(
+        output.status.success() && stderr.contains("1 built, 0 already"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read_to_string(&counter).expect("counter"), "built\n");
     let dry_run = std::process::Command::new(env!("CARGO_BIN_EXE_rollbox"))
-        .args(["rollout", "--dataset", "tasks.jsonl", "--out", "out", "--backend", "remote"])
+        .args([
+            "rollout",
+            "--dataset",
+            "tasks.jsonl",
+            "--out",
+            "out",
+            "--backend",
+            "remote",
+        ])
         .args(["--provision", "modal", "--dry-run"])
         .current_dir(dir.path())
         .env(rollbox::env_vars::CACHE_DIR, dir.path().join("rollbox-cache"))
@@ -395,5 +406,8 @@ fn a_sidecar_gives_swe_rows_their_environment_and_image() {
         String::from_utf8_lossy(&dry_run.stderr)
     );
     assert!(dry_run.status.success(), "{printed}");
-    assert!(printed.contains("example/calc:1.0"), "the dry run names the sidecar's image: {printed}");
+    assert!(
+        printed.contains("example/calc:1.0"),
+        "the dry run names the sidecar's image: {printed}"
+    );
 }
