@@ -50,6 +50,24 @@ fn must_be(what: &str, kind: &CellKind, result: &ExecutionResult) {
     check(what, kind, 0, 1, result).unwrap_or_else(|error| panic!("{error}"));
 }
 
+/// Times `iters` runs of `kind`'s cell in `slot`, each result checked outside the clock.
+fn time_cells(
+    runtime: &tokio::runtime::Runtime,
+    backend: &WasmBackend,
+    slot: &rollbox::Slot,
+    kind: &CellKind,
+    iters: u64,
+) -> Duration {
+    let mut timed = Duration::ZERO;
+    for _ in 0..iters {
+        let started = Instant::now();
+        let result = runtime.block_on(backend.execute(slot, ToolCall::python(kind.code)));
+        timed += started.elapsed();
+        must_be(kind.label, kind, &result);
+    }
+    timed
+}
+
 /// Each cell kind through `Backend::execute` in one slot, caller's view (the `block_on` included).
 fn cell(c: &mut Criterion) {
     let (runtime, backend) = setup();
@@ -67,16 +85,7 @@ fn cell(c: &mut Criterion) {
             &runtime.block_on(backend.execute(&slot, ToolCall::python(kind.setup))),
         );
         group.bench_function(kind.id, |b| {
-            b.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                for _ in 0..iters {
-                    let started = Instant::now();
-                    let result = runtime.block_on(backend.execute(&slot, ToolCall::python(kind.code)));
-                    timed += started.elapsed();
-                    must_be(kind.label, kind, &result);
-                }
-                timed
-            })
+            b.iter_custom(|iters| time_cells(&runtime, &backend, &slot, kind, iters))
         });
         runtime.block_on(backend.release(&slot, true)).expect("release");
     }
@@ -171,19 +180,19 @@ fn rollback(c: &mut Criterion) {
     });
     let kind = &CELL_KINDS[0];
     let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
-    runtime.block_on(backend.execute(&slot, ToolCall::python(kind.setup)));
+    let setup = CellKind {
+        code: kind.setup,
+        expected: rollbox::bench::Expected::Silent,
+        ..*kind
+    };
+    must_be(
+        "cell setup",
+        &setup,
+        &runtime.block_on(backend.execute(&slot, ToolCall::python(kind.setup))),
+    );
     let mut group = c.benchmark_group("rollback");
     group.bench_function(kind.id, |b| {
-        b.iter_custom(|iters| {
-            let mut timed = Duration::ZERO;
-            for _ in 0..iters {
-                let started = Instant::now();
-                let result = runtime.block_on(backend.execute(&slot, ToolCall::python(kind.code)));
-                timed += started.elapsed();
-                must_be(kind.label, kind, &result);
-            }
-            timed
-        })
+        b.iter_custom(|iters| time_cells(&runtime, &backend, &slot, kind, iters))
     });
     group.finish();
     runtime.block_on(backend.release(&slot, true)).expect("release");
