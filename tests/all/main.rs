@@ -9,6 +9,7 @@ mod guest_paths;
 mod hostile;
 mod hostile_cells;
 mod hostile_clients;
+mod hostile_corpus;
 mod parity;
 mod process;
 mod remote;
