@@ -998,6 +998,11 @@ fn server_cases() -> Vec<Request> {
         with_slot("a call timeout that is negative", execute(json!({"name": "python", "arguments": {"code": "1"}, "timeout": -5})), Status(400, "bad_request")),
         with_slot("a hostile cell through the server", execute(json!({"name": "python", "arguments": {"code": "while True: pass"}})), Status(200, "\"limit_hit\":\"time\"")),
         with_slot(
+            "a print flood through the server",
+            execute(json!({"name": "python", "arguments": {"code": "print('x' * 10**6)"}})),
+            Status(200, "\"truncated\":true"),
+        ),
+        with_slot(
             "three hundred calls in one batch",
             post(
                 "/v1/execute",
@@ -1083,9 +1088,12 @@ impl Server {
                 "2",
             ])
             .args(["--connection-idle-timeout", "2"])
-            .args(["--max-output", "4096"])
+            // Both caps: the backend keeps the larger of the two for every call (docs/API.md).
+            .args(["--max-output", "4096", "--run-code-max-output", "4096"])
             .env(rollbox::env_vars::SERVER_TOKEN, SERVER_TOKEN)
-            .stdin(std::process::Stdio::null())
+            // The server ends when this pipe closes, so a test that is killed leaves none behind.
+            .arg("--exit-on-stdin-eof")
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()

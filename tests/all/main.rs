@@ -10,6 +10,7 @@ mod hostile;
 mod hostile_cells;
 mod hostile_clients;
 mod hostile_corpus;
+mod load;
 mod parity;
 mod process;
 mod remote;
