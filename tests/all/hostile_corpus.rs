@@ -1261,3 +1261,35 @@ fn the_corpus_has_at_least_a_hundred_cases() {
     let total = wasm_cases().len() + process_cases().len() + server_cases().len();
     assert!(total >= 100, "the corpus has {total} cases");
 }
+
+/// The fuzz targets' entries (`rollbox::fuzzing`, used by `fuzz/`) run the real decoders: a
+/// forged report's huge exception comes back under the host's cap from both backends' paths,
+/// bytes that are not a report are refused, and `/run_code`'s checks refuse bad base64.
+#[test]
+fn the_fuzz_entries_run_the_real_decoders() {
+    let limits = Limits {
+        output_bytes: 100,
+        ..Limits::default()
+    };
+    let report = json!({"stdout": "s".repeat(10_000), "stderr": "", "stdout_dropped": 0, "stderr_dropped": 0,
+        "result": {"text/plain": "r".repeat(10_000)}, "display": [],
+        "error": {"name": "ValueError", "value": "v".repeat(10_000), "traceback": []}})
+    .to_string();
+    let cells = rollbox::fuzzing::guest_report(report.as_bytes(), b"out", b"", &limits).expect("a report");
+    for (cell, cut) in cells {
+        assert!(cut, "the cut is reported");
+        assert!(cell.error.expect("the error").value.len() < 400);
+        assert!(cell.result.expect("the value")["text/plain"].len() < 400);
+        assert!(cell.stdout.len() < 400, "{}", cell.stdout.len());
+    }
+    assert!(rollbox::fuzzing::guest_report(b"{not a report", b"", b"", &limits).is_none());
+
+    let bad = json!({"code": "print(1)", "files": {"a.txt": "!!!"}}).to_string();
+    assert!(matches!(
+        rollbox::fuzzing::run_code_request(bad.as_bytes()),
+        Some(Err(_))
+    ));
+    let good = json!({"code": "print(1)", "files": {"a.txt": "eA=="}}).to_string();
+    assert_eq!(rollbox::fuzzing::run_code_request(good.as_bytes()), Some(Ok(())));
+    assert_eq!(rollbox::fuzzing::run_code_request(b"[1, 2"), None);
+}
