@@ -192,12 +192,13 @@ async fn run(backend: Arc<dyn Backend>, plan: Plan, killer: Option<Killer>) -> T
                 async move { backend.execute_batch(batch).await }
             });
             // Mid-batch, every other wave: one server dies with SIGKILL.
-            if index == kill_at && (first / plan.wave) % 2 == 1 {
-                if let Some(kill) = &killer {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    if kill(dice.next(), &slots) {
-                        tally.servers_killed += 1;
-                    }
+            if index == kill_at
+                && (first / plan.wave) % 2 == 1
+                && let Some(kill) = &killer
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if kill(dice.next(), &slots) {
+                    tally.servers_killed += 1;
                 }
             }
             let results = tokio::time::timeout(NO_HANG, running)
