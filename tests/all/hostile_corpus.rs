@@ -1113,6 +1113,35 @@ impl Server {
         Server { child, address }
     }
 
+    /// Stops the server as a parent that goes away would (its stdin closes), and checks that it
+    /// exits cleanly and leaves no workspace root (`<tmp>/rollbox-<pid>-…`) behind.
+    async fn stop(mut self) -> Result<(), String> {
+        let pid = self.child.id().expect("the server runs");
+        drop(self.child.stdin.take());
+        let status = tokio::time::timeout(NO_HANG, self.child.wait())
+            .await
+            .map_err(|_| "the server did not exit when its stdin closed".to_string())?
+            .map_err(|e| format!("wait: {e}"))?;
+        if !status.success() {
+            return Err(format!("the server exited with {status}"));
+        }
+        let prefix = format!("rollbox-{pid}-");
+        let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match left.is_empty() {
+            true => Ok(()),
+            false => Err(format!(
+                "the server left {:?} behind",
+                left.iter().map(|e| e.path()).collect::<Vec<_>>()
+            )),
+        }
+    }
+
     fn descriptors(&self) -> usize {
         let pid = self.child.id().expect("the server runs");
         std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -1251,6 +1280,9 @@ async fn hostile_requests_to_the_server_get_typed_answers_and_leak_nothing() {
             "the server holds {} descriptors, {baseline} before the cases",
             server.descriptors()
         ));
+    }
+    if let Err(why) = server.stop().await {
+        failures.push(why);
     }
     assert_no_failures(failures, count);
 }
