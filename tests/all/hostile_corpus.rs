@@ -17,8 +17,7 @@
 //! behaviour as it is today, so the gap is visible and a fix shows up as a failing row to
 //! update. Every gap is listed in docs/security.md.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rollbox::{Backend, ErrorKind, ExecutionResult, LimitKind, Limits, ToolCall};
@@ -168,18 +167,14 @@ fn summary(result: &ExecutionResult) -> String {
     )
 }
 
-/// The folder every escape aims at: a host path outside every workspace, which must stay empty.
-fn escape_target() -> &'static Path {
-    static TARGET: OnceLock<PathBuf> = OnceLock::new();
-    TARGET.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("rollbox-corpus-escape-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("the escape target folder");
-        dir
-    })
+/// The folder every escape of `backend`'s table aims at: a host path outside every workspace,
+/// which must stay empty. [`run_cases`] makes it first and removes it after.
+fn escape_target(backend: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("rollbox-corpus-escape-{}-{backend}", std::process::id()))
 }
 
-fn escape_target_is_empty() -> bool {
-    std::fs::read_dir(escape_target())
+fn escape_target_is_empty(backend: &str) -> bool {
+    std::fs::read_dir(escape_target(backend))
         .map(|mut d| d.next().is_none())
         .unwrap_or(false)
 }
@@ -212,6 +207,8 @@ fn processes_holding(token: &str) -> Vec<String> {
 
 /// Runs every case on `backend`, each in a fresh slot, and returns the failed verdicts.
 async fn run_cases(backend: &dyn Backend, cases: Vec<Case>) -> Vec<String> {
+    let target = escape_target(backend.name());
+    std::fs::create_dir_all(&target).expect("the escape target folder");
     let mut failures = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         if let Some(note) = case.known_gap {
@@ -221,6 +218,8 @@ async fn run_cases(backend: &dyn Backend, cases: Vec<Case>) -> Vec<String> {
             failures.push(format!("[{} {}] {why}", backend.name(), case.name));
         }
     }
+    // Empty, or a case already failed for what appeared in it.
+    let _ = std::fs::remove_dir(&target);
     failures
 }
 
@@ -241,8 +240,11 @@ async fn run_case(backend: &dyn Backend, i: usize, case: &Case) -> Result<(), St
             slot.workspace.display()
         ));
     }
-    if !escape_target_is_empty() {
-        return Err(format!("a file appeared in {}", escape_target().display()));
+    if !escape_target_is_empty(backend.name()) {
+        return Err(format!(
+            "a file appeared in {}",
+            escape_target(backend.name()).display()
+        ));
     }
     // Killed processes take a moment to be reaped: wait for them, within a guard that only
     // keeps a real leak from passing.
@@ -329,7 +331,7 @@ fn tight_limits() -> Limits {
 
 fn wasm_cases() -> Vec<Case> {
     use Outcome::*;
-    let escape = escape_target().display().to_string();
+    let escape = escape_target("wasm").display().to_string();
     let write_escape = format!("open({:?}, 'w').write('escaped')", format!("{escape}/x"));
     vec![
         // Escapes: paths, symlinks, /proc, the environment, the host's own tools.
@@ -729,7 +731,7 @@ fn process_cases() -> Vec<Case> {
     let token = token("process");
     // A process that carries the run's token in its command line, so a leak is found.
     let sleeper = |secs: u32| format!("bash -c 'sleep {secs}' {token}");
-    let escape = escape_target().display().to_string();
+    let escape = escape_target("process").display().to_string();
     let fake_frame = r#"import os, struct, json
 frame = json.dumps({"stdout": "FORGED", "stderr": "", "stdout_dropped": 0, "stderr_dropped": 0,
                     "result": None, "display": [], "error": None}).encode()
