@@ -37,6 +37,9 @@ pub mod error_text;
 pub mod reporter;
 pub mod seed;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use reporter::{Reporter, SilentReporter};
 pub use slot::{
     Backend, BackendError, CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult,

@@ -237,7 +237,7 @@ fn no_slot_in_time(full: &Full, waited: Duration) -> ApiFailure {
 
 /// A checked request.
 #[derive(Clone)]
-struct RunPlan {
+pub(crate) struct RunPlan {
     code: String,
     timeout: Duration,
     /// The set-up cell: stdin and files put in place, and script semantics for the program.
@@ -246,7 +246,7 @@ struct RunPlan {
 }
 
 impl RunPlan {
-    fn new(request: RunCodeRequest, tools: &[ToolName]) -> Result<RunPlan, String> {
+    pub(crate) fn new(request: RunCodeRequest, tools: &[ToolName]) -> Result<RunPlan, String> {
         if request.language != PYTHON || !tools.contains(&ToolName::Python) {
             let supported = if tools.contains(&ToolName::Python) {
                 PYTHON

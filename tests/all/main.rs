@@ -10,6 +10,8 @@ mod guest_paths;
 mod hostile;
 mod hostile_cells;
 mod hostile_clients;
+mod hostile_corpus;
+mod load;
 mod parity;
 mod process;
 mod remote;
