@@ -71,7 +71,7 @@ impl MemoryImage {
     /// Writes `bytes` as an image file at `path` (a private file, then renamed into place, so a
     /// reader never sees half of one) and opens it read-only.
     pub(crate) fn create_file(path: &Path, bytes: &[u8]) -> io::Result<MemoryImage> {
-        let partial = path.with_extension(format!("partial-{}", std::process::id()));
+        let partial = staging_path(path, "partial");
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -113,6 +113,18 @@ impl MemoryImage {
     pub(crate) fn data_bytes(&self) -> usize {
         self.data_bytes
     }
+}
+
+/// A private name beside `path` to write a file under before it is renamed into place: unique
+/// per process *and* per call. Two backends of one process (parallel tests) took the same
+/// snapshot at once and, with the process id alone, wrote the same partial file: one renamed
+/// the other's half-written image into place, and slots restored from it printed nothing.
+pub(crate) fn staging_path(path: &Path, label: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{label}-{}-{call}", std::process::id()));
+    path.with_file_name(name)
 }
 
 fn memfd(name: &str) -> io::Result<File> {

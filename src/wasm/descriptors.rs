@@ -55,9 +55,8 @@ fn delegate<F>(caller: &mut Caller<'_, GuestState>, call: F) -> Option<wasmtime:
 where
     F: for<'a> FnOnce(&'a mut GuestState, wiggle::GuestMemory<'a>) -> wasmtime::Result<i32>,
 {
-    let memory = caller.get_export("memory").and_then(|export| export.into_memory())?;
-    let (bytes, state) = memory.data_and_store_mut(caller);
-    Some(call(state, wiggle::GuestMemory::Unshared(bytes)))
+    let (memory, state) = super::host::wasi_call_context(caller)?;
+    Some(call(state, memory))
 }
 
 #[allow(clippy::too_many_arguments)] // preview 1's own signature

@@ -182,11 +182,10 @@ fn delegate<F>(caller: &mut Caller<'_, GuestState>, call: F) -> wasmtime::Result
 where
     F: for<'a> FnOnce(&'a mut GuestState, &mut wiggle::GuestMemory<'a>) -> wasmtime::Result<i32>,
 {
-    let Some(memory) = caller.get_export("memory").and_then(|export| export.into_memory()) else {
+    let Some((mut memory, state)) = super::host::wasi_call_context(caller) else {
         return Ok(Errno::Fault as i32);
     };
-    let (bytes, state) = memory.data_and_store_mut(caller);
-    call(state, &mut wiggle::GuestMemory::Unshared(bytes))
+    call(state, &mut memory)
 }
 
 /// A call that makes one entry: refused with `ENOSPC` when the slot has no room for a file;

@@ -13,7 +13,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::bootstrap::{GUEST_ENV, GUEST_READY, GUEST_TMP, PREOPENS, bootstrap_chunk, preload_cell};
 use super::capture::CapturedStream;
-use super::cow::{MemoryImage, copy_pages, map_image, written_pages};
+use super::cow::{MemoryImage, copy_pages, map_image, staging_path, written_pages};
 use super::descriptors::{self, OpenFiles};
 use super::engine::ticks_for;
 use super::file_size;
@@ -195,10 +195,16 @@ impl InterpreterFactory {
         let bootstrap = bootstrap_chunk(limits.output_bytes);
         let preload =
             (!options.preload.is_empty()).then(|| (options.preload.join(", "), preload_cell(&options.preload)));
-        let snapshot_file = options.snapshot_cache.as_deref().map(|dir| {
-            let preload_cell = preload.as_ref().map_or("", |(_, cell)| cell.as_str());
-            dir.join(snapshot_cache_name(&bootstrap, preload_cell))
-        });
+        // Without a build identity a snapshot could be one another build of rollbox took, whose
+        // host calls behaved differently while the template ran: such a snapshot is not shared.
+        let snapshot_file = options
+            .snapshot_cache
+            .as_deref()
+            .zip(host_build_identity())
+            .map(|(dir, build)| {
+                let preload_cell = preload.as_ref().map_or("", |(_, cell)| cell.as_str());
+                dir.join(snapshot_cache_name(&bootstrap, preload_cell, &build))
+            });
         Ok(InterpreterFactory {
             engine,
             pre,
@@ -370,12 +376,15 @@ impl InterpreterFactory {
         if let (Ok(snapshot), Some(base)) = (&captured, &self.snapshot_file) {
             // The probe goes in last: a snapshot is only loaded once its probe is there.
             let probe = base.with_extension("probe");
-            let partial = probe.with_extension(format!("probe-partial-{}", std::process::id()));
+            let partial = staging_path(&probe, "partial");
             let kept = std::fs::write(&partial, snapshot.stack_probe.to_string())
                 .and_then(|()| std::fs::rename(&partial, &probe));
             if let Err(error) = kept {
                 let _ = std::fs::remove_file(&partial);
                 tracing::debug!(%error, path = %probe.display(), "failed to keep the snapshot for later processes");
+            }
+            if let Some(dir) = base.parent() {
+                prune_unused_snapshots(dir);
             }
         }
         captured
@@ -393,7 +402,13 @@ impl InterpreterFactory {
     /// restore.
     fn cached_snapshot(&self) -> Option<Snapshot> {
         let base = self.snapshot_file.as_ref()?;
-        let probe = std::fs::read_to_string(base.with_extension("probe")).ok()?;
+        let probe_path = base.with_extension("probe");
+        let probe = std::fs::read_to_string(&probe_path).ok()?;
+        // Marked as used, so pruning keeps it (see `prune_unused_snapshots`).
+        let _ = std::fs::File::options()
+            .append(true)
+            .open(&probe_path)
+            .and_then(|file| file.set_modified(SystemTime::now()));
         let stack_probe = probe.trim().parse().ok()?;
         let memory = MemoryImage::open(&base.with_extension("img"))
             .inspect_err(|error| tracing::debug!(%error, "the cached snapshot's image is unreadable; taking a new one"))
@@ -795,14 +810,60 @@ impl InterpreterFactory {
 /// The file name (no extension) a snapshot is kept under: a digest of everything that makes
 /// its memory what it is (the split runtime, the guest's source, the bootstrap turn with its
 /// output cap, and the preload cell).
-fn snapshot_cache_name(bootstrap: &str, preload_cell: &str) -> String {
+fn snapshot_cache_name(bootstrap: &str, preload_cell: &str, build: &str) -> String {
     use std::hash::Hash;
     super::runtime::compiled::keyed_name("snapshot", |key| {
         super::runtime::compiled::SPLIT_VERSION.hash(key);
         GUEST_SOURCE.hash(key);
         bootstrap.hash(key);
         preload_cell.hash(key);
+        build.hash(key);
     })
+}
+
+/// Which build of rollbox this process runs: its version, and the size and modification time
+/// of its executable. A snapshot holds what the template's interpreter did under this build's
+/// host calls (its WASI wrappers, the door), so another build must not load it: a development
+/// build whose `fd_write` failed once left a snapshot whose every later slot lost its stdout.
+/// `None` when the executable cannot be read: then no snapshot is shared between processes.
+fn host_build_identity() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let metadata = std::fs::metadata(exe).ok()?;
+    let modified = metadata.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(format!(
+        "{} {} {}",
+        env!("CARGO_PKG_VERSION"),
+        metadata.len(),
+        modified.as_nanos()
+    ))
+}
+
+/// How long a snapshot file nobody loaded or wrote is kept: other builds' snapshots are never
+/// loaded again, so each new build would otherwise leave 40-125 MB behind.
+const UNUSED_SNAPSHOT_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+
+/// Removes the snapshots in `dir` that no process loaded or wrote for
+/// [`UNUSED_SNAPSHOT_LIFETIME`] (a loaded snapshot's probe file is touched). Best effort.
+fn prune_unused_snapshots(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "probe") {
+            continue;
+        }
+        let unused = entry.metadata().and_then(|m| m.modified()).is_ok_and(|modified| {
+            now.duration_since(modified)
+                .is_ok_and(|age| age > UNUSED_SNAPSHOT_LIFETIME)
+        });
+        if unused {
+            // The probe first: a snapshot without one is never loaded.
+            let removed = std::fs::remove_file(&path).and_then(|()| std::fs::remove_file(path.with_extension("img")));
+            tracing::debug!(path = %path.display(), ok = removed.is_ok(), "removed an unused snapshot");
+        }
+    }
 }
 
 /// The most bytes read back as the guest module's compiled code; it is about 100 KB.
@@ -820,7 +881,7 @@ fn read_guest_code(path: &Path) -> Option<Vec<u8>> {
 /// renamed into place, so a reader never sees half a file. Best effort: without it the next
 /// process compiles the guest again.
 fn write_guest_code(path: &Path, code: &[u8]) {
-    let partial = path.with_extension(format!("partial-{}", std::process::id()));
+    let partial = staging_path(path, "partial");
     let written = path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
@@ -829,5 +890,38 @@ fn write_guest_code(path: &Path, code: &[u8]) {
     if let Err(error) = written {
         let _ = std::fs::remove_file(&partial);
         tracing::debug!(%error, path = %path.display(), "failed to cache the compiled guest module");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_unused_for_a_week_are_pruned_and_others_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = SystemTime::now() - UNUSED_SNAPSHOT_LIFETIME - Duration::from_secs(60);
+        for (name, modified) in [("snapshot-old", old), ("snapshot-used", SystemTime::now())] {
+            for extension in ["img", "probe"] {
+                let file = std::fs::File::create(dir.path().join(format!("{name}.{extension}"))).expect("create");
+                file.set_modified(modified).expect("set the time");
+            }
+        }
+        prune_unused_snapshots(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["snapshot-used.img", "snapshot-used.probe"]);
+    }
+
+    #[test]
+    fn the_snapshot_name_changes_with_the_build() {
+        assert_ne!(
+            snapshot_cache_name("boot", "", "0.1.0 1 2"),
+            snapshot_cache_name("boot", "", "0.1.0 1 3")
+        );
+        assert!(host_build_identity().is_some(), "the test binary can be read");
     }
 }

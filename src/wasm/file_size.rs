@@ -114,11 +114,9 @@ where
     C: FnOnce(&mut GuestState, &mut wiggle::GuestMemory<'_>) -> Result<(), Errno>,
     F: FnOnce(&mut GuestState, &mut wiggle::GuestMemory<'_>) -> wasmtime::Result<i32>,
 {
-    let Some(memory) = caller.get_export("memory").and_then(|export| export.into_memory()) else {
+    let Some((mut memory, state)) = super::host::wasi_call_context(caller) else {
         return Ok(Errno::Fault as i32);
     };
-    let (bytes, state) = memory.data_and_store_mut(caller);
-    let mut memory = wiggle::GuestMemory::Unshared(bytes);
     if let Err(errno) = check(state, &mut memory) {
         return Ok(errno as i32);
     }

@@ -216,6 +216,23 @@ pub(crate) fn door(
     Ok(DOOR_OK)
 }
 
+/// The caller's memory and host state, ready for a call into wasmtime-wasi's preview-1
+/// implementation the way its own linker makes one: with the store's per-call host fuel handed
+/// to the WASI context. Without it a wrapper's call runs on whatever fuel the last linked call
+/// left (none in a fresh instance), and wasmtime-wasi refuses to copy the guest's buffers with
+/// `ENOMEM`: a restored slot's every `print` failed that way. `None` when the guest exports no
+/// memory.
+pub(crate) fn wasi_call_context<'a>(
+    caller: &'a mut Caller<'_, GuestState>,
+) -> Option<(wiggle::GuestMemory<'a>, &'a mut GuestState)> {
+    use wasmtime_wasi::p1::wasi_snapshot_preview1::WasiSnapshotPreview1;
+    let memory = caller.get_export("memory").and_then(|export| export.into_memory())?;
+    let fuel = caller.as_context_mut().hostcall_fuel();
+    let (bytes, state) = memory.data_and_store_mut(caller);
+    state.wasi.set_hostcall_fuel(fuel);
+    Some((wiggle::GuestMemory::Unshared(bytes), state))
+}
+
 /// Whether `len` bytes at guest address `at` lie inside a memory of `size` bytes; guest
 /// addresses and lengths are untrusted, so the sum must not overflow either.
 pub(crate) fn fits_in_memory(size: usize, at: usize, len: usize) -> bool {

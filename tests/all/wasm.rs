@@ -667,3 +667,41 @@ async fn a_damaged_cached_guest_module_is_compiled_again() {
     let kept = std::fs::read(&path).expect("the cache is written again");
     assert_ne!(kept, b"not marshal", "the damaged file was replaced");
 }
+
+/// Two backends of one process that take the same snapshot at once (same runtime, guest,
+/// output cap and preload, so the same cache file) both restore slots that print, through the
+/// host's checked `fd_write`. Before the partial files were named per call and the wrappers
+/// passed wasmtime-wasi its host fuel, the load test's first run after a build (beside another
+/// test of the same cache key) got slots whose every `print` failed with `ENOMEM`; this test did
+/// not reproduce that on its own, so it is a check of the outcome, not a proof of the cause. The
+/// output cap is one no other test uses, so a fresh build takes this snapshot here first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_backends_taking_one_snapshot_at_once_both_restore_whole_slots() {
+    let config = || WasmBackendConfig {
+        limits: Limits {
+            output_bytes: 4093,
+            ..Limits::default()
+        },
+        default_profile: false,
+        ..WasmBackendConfig::from_env()
+    };
+    let (a, b) = (
+        backend_with(config()).expect("the backend starts"),
+        backend_with(config()).expect("the backend starts"),
+    );
+    async fn print_in_three(backend: &WasmBackend, name: &str) {
+        {
+            let ids: Vec<String> = (0..3).map(|i| format!("{name}-{i}")).collect();
+            let slots = futures_util::future::join_all(ids.iter().map(|id| backend.acquire(id))).await;
+            for (i, slot) in slots.into_iter().enumerate() {
+                let slot = slot.expect("acquire");
+                let printed = ok(backend
+                    .execute(&slot, ToolCall::python(format!("print('{name} {i}')")))
+                    .await);
+                assert_eq!(printed.output, format!("{name} {i}\n"), "{}", pretty(&printed));
+                backend.release(&slot, true).await.unwrap();
+            }
+        }
+    }
+    tokio::join!(print_in_three(&a, "a"), print_in_three(&b, "b"));
+}
