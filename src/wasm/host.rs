@@ -220,8 +220,8 @@ pub(crate) fn door(
 /// implementation the way its own linker makes one: with the store's per-call host fuel handed
 /// to the WASI context. Without it a wrapper's call runs on whatever fuel the last linked call
 /// left (none in a fresh instance), and wasmtime-wasi refuses to copy the guest's buffers with
-/// `ENOMEM`: a restored slot's every `print` failed that way. `None` when the guest exports no
-/// memory.
+/// `ENOMEM`, the error restored slots' `os.write(1, ...)` was seen to fail with. `None` when the
+/// guest exports no memory.
 pub(crate) fn wasi_call_context<'a>(
     caller: &'a mut Caller<'_, GuestState>,
 ) -> Option<(wiggle::GuestMemory<'a>, &'a mut GuestState)> {

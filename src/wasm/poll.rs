@@ -4,8 +4,8 @@
 //! the host's `poll_oneoff` where no epoch is checked. This version never sleeps past the
 //! call's deadline: at the deadline it interrupts the cell (`host::interrupt_guest`) and ends
 //! the sleep, or, once the grace period is over too, traps with [`DeadlineExceeded`], which the
-//! interpreter reports as the time limit. Descriptor subscriptions are reported ready at once: stdout and
-//! stderr are in-memory and stdin is empty, so nothing a guest can poll ever blocks.
+//! interpreter reports as the time limit. Descriptor subscriptions are reported ready at once:
+//! stdout and stderr are in-memory and stdin is empty, so nothing a guest can poll ever blocks.
 //!
 //! In a seeded slot (`world.rs`) clock subscriptions are measured in virtual time, and a sleep
 //! moves virtual time to its wake-up at once instead of waiting: `time.sleep(5)` returns at once
@@ -114,10 +114,9 @@ pub(crate) fn poll_oneoff(
         match caller.data().deadline {
             Some(deadline) if deadline < soonest => {
                 std::thread::sleep(deadline.saturating_duration_since(now));
-                // Interrupted first: the sleep ends with EINTR, so CPython checks its signals
-                // and raises `KeyboardInterrupt`; the grace period starts now.
-                // wasi-libc turns any poll error into ENOTSUP, so the sleep ends as if it
-                // were over, and CPython raises `KeyboardInterrupt` at its next check.
+                // Interrupted first, and the grace period starts now. The sleep ends as if it
+                // were over (wasi-libc turns any poll error into ENOTSUP, which CPython would
+                // raise), and CPython raises `KeyboardInterrupt` at its next check.
                 if interrupt_guest(&mut caller)?.is_some() {
                     let fired = vec![true; subscriptions.len()];
                     return write_events(&mut caller, &memory, events_at, nevents_at, &subscriptions, &fired);
