@@ -50,6 +50,22 @@ fn must_be(what: &str, kind: &CellKind, result: &ExecutionResult) {
     check(what, kind, 0, 1, result).unwrap_or_else(|error| panic!("{error}"));
 }
 
+/// A new slot with `kind`'s setup cell run in it (checked to print nothing and raise nothing).
+fn acquire_set_up(runtime: &tokio::runtime::Runtime, backend: &WasmBackend, kind: &CellKind) -> rollbox::Slot {
+    let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
+    let setup = CellKind {
+        code: kind.setup,
+        expected: rollbox::bench::Expected::Silent,
+        ..*kind
+    };
+    must_be(
+        "cell setup",
+        &setup,
+        &runtime.block_on(backend.execute(&slot, ToolCall::python(kind.setup))),
+    );
+    slot
+}
+
 /// Times `iters` runs of `kind`'s cell in `slot`, each result checked outside the clock.
 fn time_cells(
     runtime: &tokio::runtime::Runtime,
@@ -73,17 +89,7 @@ fn cell(c: &mut Criterion) {
     let (runtime, backend) = setup();
     let mut group = c.benchmark_group("cell");
     for kind in &CELL_KINDS {
-        let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
-        let setup = CellKind {
-            code: kind.setup,
-            expected: rollbox::bench::Expected::Silent,
-            ..*kind
-        };
-        must_be(
-            "cell setup",
-            &setup,
-            &runtime.block_on(backend.execute(&slot, ToolCall::python(kind.setup))),
-        );
+        let slot = acquire_set_up(&runtime, &backend, kind);
         group.bench_function(kind.id, |b| {
             b.iter_custom(|iters| time_cells(&runtime, &backend, &slot, kind, iters))
         });
@@ -179,17 +185,7 @@ fn rollback(c: &mut Criterion) {
         ..WasmBackendConfig::from_env()
     });
     let kind = &CELL_KINDS[0];
-    let slot = runtime.block_on(backend.acquire("bench")).expect("acquire");
-    let setup = CellKind {
-        code: kind.setup,
-        expected: rollbox::bench::Expected::Silent,
-        ..*kind
-    };
-    must_be(
-        "cell setup",
-        &setup,
-        &runtime.block_on(backend.execute(&slot, ToolCall::python(kind.setup))),
-    );
+    let slot = acquire_set_up(&runtime, &backend, kind);
     let mut group = c.benchmark_group("rollback");
     group.bench_function(kind.id, |b| {
         b.iter_custom(|iters| time_cells(&runtime, &backend, &slot, kind, iters))
