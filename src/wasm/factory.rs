@@ -484,15 +484,7 @@ impl InterpreterFactory {
         }
         let image = Arc::clone(&parent.image);
         let mut child = self.instantiate(dirs, &image, false, world).map_err(ForkError::Start)?;
-        let parent_size = parent.memory_bytes().len();
-        let child_size = child.memory_bytes().len();
-        if parent_size > child_size {
-            let pages = (parent_size - child_size).div_ceil(64 << 10) as u64;
-            child
-                .memory
-                .grow(&mut child.store, pages)
-                .map_err(|e| ForkError::Start(StartError::Restore(RestoreError::Grow(e.into_boxed_dyn_error()))))?;
-        }
+        child.grow_to(parent.memory_bytes().len()).map_err(ForkError::Start)?;
         let written = written_pages(parent.memory_bytes(), image.size()).map_err(ForkError::Pagemap)?;
         let copied: usize = written.iter().map(|range| range.len()).sum();
         let source = parent.memory.data(&parent.store);
@@ -578,14 +570,7 @@ impl InterpreterFactory {
         let mut fresh = self
             .instantiate(dirs, &failed.image, false, world.as_ref())
             .map_err(RollbackError::Start)?;
-        let size = fresh.memory_bytes().len();
-        if checkpoint.size > size {
-            let pages = (checkpoint.size - size).div_ceil(64 << 10) as u64;
-            fresh
-                .memory
-                .grow(&mut fresh.store, pages)
-                .map_err(|e| RollbackError::Start(StartError::Restore(RestoreError::Grow(e.into_boxed_dyn_error()))))?;
-        }
+        fresh.grow_to(checkpoint.size).map_err(RollbackError::Start)?;
         {
             let (shadow, saved) = checkpoint.saved_pages();
             let target = fresh.memory.data_mut(&mut fresh.store);

@@ -205,6 +205,19 @@ impl Interpreter {
         Ok((probe, stdout))
     }
 
+    /// Grows the memory (through the store's limiter) to at least `size` bytes, whole wasm pages;
+    /// a memory that large already is left as it is.
+    pub(crate) fn grow_to(&mut self, size: usize) -> Result<(), StartError> {
+        let current = self.memory_bytes().len();
+        if size > current {
+            let pages = (size - current).div_ceil(64 << 10) as u64;
+            self.memory
+                .grow(&mut self.store, pages)
+                .map_err(|e| StartError::Restore(RestoreError::Grow(e.into_boxed_dyn_error())))?;
+        }
+        Ok(())
+    }
+
     /// The guest's linear memory.
     pub(crate) fn memory_bytes(&self) -> &[u8] {
         self.memory.data(&self.store)
