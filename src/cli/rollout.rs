@@ -620,6 +620,15 @@ impl ProgressReporter {
         }
     }
 
+    /// Prints `text` above the bar, or as a line of its own when there is no bar (stderr is not
+    /// a terminal, where the hidden bar would drop it).
+    fn say(&self, text: String) {
+        match &self.lines {
+            Some(_) => eprintln!("{text}"),
+            None => self.bar.println(text),
+        }
+    }
+
     /// Counts one ended trajectory and prints a line when one is due.
     fn line(&self, mean_reward: Option<f64>) {
         let Some(lines) = &self.lines else { return };
@@ -646,8 +655,7 @@ impl RolloutReporter for ProgressReporter {
             lines.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(step);
         }
         if skipped > 0 {
-            self.bar
-                .println(format!("resuming: {skipped} trajectories already done"));
+            self.say(format!("resuming: {skipped} trajectories already done"));
         }
     }
 
@@ -663,8 +671,9 @@ impl RolloutReporter for ProgressReporter {
     }
 
     fn on_trajectory_failed(&self, trajectory_id: &str, message: &str) {
-        self.bar
-            .println(format!("warning: trajectory {trajectory_id} did not run: {message}"));
+        self.say(format!(
+            "warning: trajectory {trajectory_id} failed and was not written: {message}"
+        ));
         self.bar.inc(1);
         self.line(None);
     }

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::capture::{Captured, StreamCapture};
-use super::sandbox::{GroupLeader, Sandbox, SlotDirs};
+use super::sandbox::{Attempt, GroupLeader, Sandbox, SlotDirs, retry_sandbox_setup};
 use crate::env_vars;
 use crate::slot::cell::{
     GUEST_SOURCE, GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model, report_budget,
@@ -80,6 +80,36 @@ impl NativeInterpreter {
         limits: &Limits,
         seed: Option<u64>,
     ) -> Result<NativeInterpreter, NativeStartError> {
+        let interpreter = retry_sandbox_setup("python", || {
+            match Self::start_once(sandbox, dirs, python, limits, seed) {
+                Ok(interpreter) => Attempt::Ran(Ok(interpreter)),
+                Err((error, true)) => Attempt::SetupFailed(Err(error)),
+                Err((error, false)) => Attempt::Ran(Err(error)),
+            }
+        });
+        let mut interpreter = interpreter?;
+        if let Some(seed) = seed {
+            let result = interpreter.run_cell(&seed_native_cell(seed), limits, STARTUP_TIMEOUT);
+            if !result.success {
+                interpreter.leader.kill_and_reap();
+                return Err(NativeStartError::Handshake {
+                    reason: "the cell that seeds `random` failed".into(),
+                    output: result.output,
+                });
+            }
+        }
+        Ok(interpreter)
+    }
+
+    /// One start of the interpreter, up to its handshake; a failure says too whether it was
+    /// bubblewrap that failed, before Python started.
+    fn start_once(
+        sandbox: &Sandbox,
+        dirs: &SlotDirs,
+        python: &Path,
+        limits: &Limits,
+        seed: Option<u64>,
+    ) -> Result<NativeInterpreter, (NativeStartError, bool)> {
         let marker = end_marker();
         let budget = report_budget(limits);
         let (output_cap, budget_arg) = (limits.output_bytes.to_string(), budget.to_string());
@@ -92,16 +122,23 @@ impl NativeInterpreter {
             budget_arg.as_str(),
         ];
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
-        let mut command = sandbox.command(dirs, &python.to_string_lossy(), &args);
-        command.stdin(Stdio::piped());
+        let spawn_error = |source| {
+            let error = NativeStartError::Spawn {
+                python: python.display().to_string(),
+                source,
+            };
+            (error, false)
+        };
+        let mut command = sandbox
+            .command(dirs, &python.to_string_lossy(), &args)
+            .map_err(spawn_error)?;
+        command.command.stdin(Stdio::piped());
         if let Some(seed) = seed {
             // PYTHONHASHSEED takes 0 to 2**32 - 1.
-            command.env(env_vars::PYTHONHASHSEED, (seed & 0xffff_ffff).to_string());
+            command
+                .command
+                .env(env_vars::PYTHONHASHSEED, (seed & 0xffff_ffff).to_string());
         }
-        let spawn_error = |source| NativeStartError::Spawn {
-            python: python.display().to_string(),
-            source,
-        };
         let mut leader = sandbox.spawn(command, dirs).map_err(spawn_error)?;
         let (Some(input), Some(output), Some(errors)) = leader.take_pipes() else {
             return Err(spawn_error(std::io::Error::other(
@@ -120,18 +157,10 @@ impl NativeInterpreter {
             reports,
             stray,
         };
-        interpreter.handshake()?;
-        if let Some(seed) = seed {
-            let result = interpreter.run_cell(&seed_native_cell(seed), limits, STARTUP_TIMEOUT);
-            if !result.success {
-                interpreter.leader.kill_and_reap();
-                return Err(NativeStartError::Handshake {
-                    reason: "the cell that seeds `random` failed".into(),
-                    output: result.output,
-                });
-            }
+        match interpreter.handshake() {
+            Ok(()) => Ok(interpreter),
+            Err(error) => Err((error, interpreter.leader.sandbox_setup_failed())),
         }
-        Ok(interpreter)
     }
 
     fn handshake(&mut self) -> Result<(), NativeStartError> {

@@ -3,10 +3,13 @@
 //! command and everything it started.
 
 use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use super::cgroup::{ProgramCgroup, SlotCgroup};
 use super::disk::SlotDisk;
@@ -96,17 +99,29 @@ impl Sandbox {
 
     /// `program args...` to run in `dirs.workspace`, confined, with a clean environment, its
     /// own process group, the memory limit, stdin from /dev/null and stdout/stderr piped.
-    pub(crate) fn command(&self, dirs: &SlotDirs, program: &str, args: &[&OsStr]) -> Command {
-        let mut command = match &self.isolation {
+    pub(crate) fn command(&self, dirs: &SlotDirs, program: &str, args: &[&OsStr]) -> std::io::Result<SandboxCommand> {
+        let (mut command, setup_witness) = match &self.isolation {
             Isolation::Bubblewrap(bwrap) => {
+                let witness = SetupWitness::new()?;
                 let mut command = Command::new(bwrap);
-                command.args(self.bwrap_args(dirs)).arg("--").arg(program).args(args);
                 command
+                    .args(self.bwrap_args(dirs))
+                    .arg("--block-fd")
+                    .arg(witness.read_end.as_raw_fd().to_string())
+                    .arg("--")
+                    .arg(program)
+                    .args(args);
+                let inherited = witness.read_end.as_raw_fd();
+                // SAFETY: one fcntl on a descriptor the parent keeps open across the spawn.
+                unsafe {
+                    command.pre_exec(move || inherit_descriptor(inherited));
+                }
+                (command, Some(witness))
             }
             Isolation::None => {
                 let mut command = Command::new(program);
                 command.args(args);
-                command
+                (command, None)
             }
         };
         // Inside bubblewrap the slot's tmp is /tmp; on the host it is its real path.
@@ -135,7 +150,7 @@ impl Sandbox {
         unsafe {
             command.pre_exec(move || limit_child(limits));
         }
-        command
+        Ok(SandboxCommand { command, setup_witness })
     }
 
     /// Bubblewrap's options: the host read-only, a private /dev, /proc, /run and /tmp, no namespace
@@ -187,7 +202,11 @@ impl Sandbox {
     /// Starts `command` from the backend's spawner thread (see [`Spawner`]), in a new cgroup of
     /// its own inside the slot's (when the slot has one), so that everything it starts can be
     /// killed with it, however it detached.
-    pub(crate) fn spawn(&self, mut command: Command, dirs: &SlotDirs) -> std::io::Result<GroupLeader> {
+    pub(crate) fn spawn(&self, command: SandboxCommand, dirs: &SlotDirs) -> std::io::Result<GroupLeader> {
+        let SandboxCommand {
+            mut command,
+            setup_witness,
+        } = command;
         let cgroup = dirs.cgroup.as_ref().map(|slot| slot.program()).transpose()?;
         if let Some(cgroup) = &cgroup {
             let procs = cgroup.procs_path();
@@ -201,6 +220,7 @@ impl Sandbox {
             child: self.spawner.spawn(command)?,
             reaped: None,
             cgroup,
+            setup_witness,
         })
     }
 }
@@ -260,6 +280,8 @@ pub(crate) struct GroupLeader {
     reaped: Option<Option<ExitStatus>>,
     /// The program's cgroup: whatever it started, detached or not. Removed when dropped.
     cgroup: Option<ProgramCgroup>,
+    /// Whether bubblewrap got as far as the program, when the program runs in bubblewrap.
+    setup_witness: Option<SetupWitness>,
 }
 
 impl GroupLeader {
@@ -275,6 +297,12 @@ impl GroupLeader {
             self.child.stdout.take(),
             self.child.stderr.take(),
         )
+    }
+
+    /// Whether bubblewrap, now that it has ended, died before it had set the sandbox up: the
+    /// program never started, and starting it again is safe. Always false without bubblewrap.
+    pub(crate) fn sandbox_setup_failed(&self) -> bool {
+        self.setup_witness.as_ref().is_some_and(SetupWitness::unread)
     }
 
     /// Kills every process in the group and in the program's cgroup (those that left the group
@@ -303,6 +331,101 @@ impl Drop for GroupLeader {
     fn drop(&mut self) {
         self.kill_and_reap();
     }
+}
+
+/// A program for [`Sandbox::spawn`], made by [`Sandbox::command`].
+pub(crate) struct SandboxCommand {
+    /// The command itself, for the caller to add to (its stdin, its environment).
+    pub(crate) command: Command,
+    setup_witness: Option<SetupWitness>,
+}
+
+/// How often a program is started when bubblewrap fails to set its sandbox up.
+///
+/// Bubblewrap binds the host's root with all its mounts, then remounts each one read-only. A
+/// mount that goes away in between (another slot's folder is unmounted and removed, by this
+/// rollbox or another process on the host) makes it die with `Can't bind mount /oldroot/ on
+/// /newroot/: Unable to apply mount flags: remount ...` (bubblewrap issue 650). Nothing of the
+/// program ran then, so it is started again.
+const SANDBOX_SETUP_ATTEMPTS: u32 = 8;
+
+/// The pause before another attempt, times the attempts so far.
+const SANDBOX_SETUP_PAUSE: Duration = Duration::from_millis(5);
+
+/// What one start of a sandboxed program came to.
+pub(crate) enum Attempt<T> {
+    /// It ran (or failed for a reason of its own).
+    Ran(T),
+    /// Bubblewrap died before the program started; `T` says what that looked like.
+    SetupFailed(T),
+}
+
+/// Runs `start` until bubblewrap sets the sandbox up, at most [`SANDBOX_SETUP_ATTEMPTS`]
+/// times, and returns what the last attempt gave. `what` names the program in the logs.
+pub(crate) fn retry_sandbox_setup<T>(what: &str, mut start: impl FnMut() -> Attempt<T>) -> T {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Attempt::Ran(outcome) => return outcome,
+            Attempt::SetupFailed(outcome) if attempt >= SANDBOX_SETUP_ATTEMPTS => {
+                tracing::warn!(
+                    what,
+                    attempts = attempt,
+                    "bubblewrap failed to set the sandbox up every time"
+                );
+                return outcome;
+            }
+            Attempt::SetupFailed(_) => {
+                tracing::debug!(
+                    what,
+                    attempt,
+                    "bubblewrap failed to set the sandbox up; starting it again"
+                );
+                std::thread::sleep(SANDBOX_SETUP_PAUSE * attempt);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// The proof that bubblewrap set a sandbox up: a pipe holding one byte, whose read end it gets
+/// as `--block-fd`. Bubblewrap reads that byte once every mount is made, just before it starts
+/// the program, and closes its copy; the program never holds the pipe. A byte still unread
+/// after bubblewrap has ended means it died while setting up.
+struct SetupWitness {
+    read_end: OwnedFd,
+}
+
+impl SetupWitness {
+    fn new() -> std::io::Result<SetupWitness> {
+        let mut ends = [0; 2];
+        // SAFETY: `ends` is a local array of two descriptors for the kernel to fill in.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        // The byte is written now and the write end closed, so bubblewrap never waits.
+        std::fs::File::from(write_end).write_all(b"1")?;
+        Ok(SetupWitness { read_end })
+    }
+
+    /// Whether the byte is still in the pipe.
+    fn unread(&self) -> bool {
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int to a local.
+        let status = unsafe { libc::ioctl(self.read_end.as_raw_fd(), libc::FIONREAD, &mut unread) };
+        status == 0 && unread > 0
+    }
+}
+
+/// Applied in the child before exec: keeps `fd` open across the exec, for bubblewrap.
+fn inherit_descriptor(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: a plain fcntl on a descriptor the child inherited.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Blocks until `pid` has exited, without reaping it, so its process group can still be

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::capture::{Captured, StreamCapture};
-use super::sandbox::{GroupLeader, Sandbox, SlotDirs, wait_exit_keeping_zombie};
+use super::sandbox::{Attempt, GroupLeader, Sandbox, SlotDirs, retry_sandbox_setup, wait_exit_keeping_zombie};
 use crate::slot::{CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult};
 use crate::slot::{LimitKind, Limits};
 
@@ -30,47 +30,55 @@ pub(crate) fn run_bash(
     timeout: Duration,
     limits: &Limits,
 ) -> ExecutionResult {
-    let mut leader = match sandbox.spawn(sandbox.command(dirs, "bash", &["-c".as_ref(), command.as_ref()]), dirs) {
+    let deadline = Instant::now() + timeout;
+    retry_sandbox_setup("bash", || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        run_bash_once(sandbox, dirs, command, left, timeout, limits)
+    })
+}
+
+/// One start of `bash -c command`, given `left` of the call's `timeout`.
+fn run_bash_once(
+    sandbox: &Sandbox,
+    dirs: &SlotDirs,
+    command: &str,
+    left: Duration,
+    timeout: Duration,
+    limits: &Limits,
+) -> Attempt<ExecutionResult> {
+    let failure = |message: String| {
+        Attempt::Ran(ExecutionResult::failure(
+            ErrorKind::Backend,
+            message,
+            Default::default(),
+        ))
+    };
+    let spawned = sandbox
+        .command(dirs, "bash", &["-c".as_ref(), command.as_ref()])
+        .and_then(|bash| sandbox.spawn(bash, dirs));
+    let mut leader = match spawned {
         Ok(leader) => leader,
-        Err(error) => {
-            return ExecutionResult::failure(
-                ErrorKind::Backend,
-                format!("failed to start bash: {error}"),
-                Default::default(),
-            );
-        }
+        Err(error) => return failure(format!("failed to start bash: {error}")),
     };
     let (_, Some(stdout), Some(stderr)) = leader.take_pipes() else {
-        return ExecutionResult::failure(
-            ErrorKind::Backend,
-            "failed to capture the command's output",
-            Default::default(),
-        );
+        return failure("failed to capture the command's output".to_owned());
     };
     let captures = StreamCapture::start(stdout, limits.output_bytes, Vec::new())
         .and_then(|out| Ok((out, StreamCapture::start(stderr, limits.output_bytes, Vec::new())?)));
     let (stdout, stderr) = match captures {
         Ok(pair) => pair,
-        Err(error) => {
-            return ExecutionResult::failure(
-                ErrorKind::Backend,
-                format!("failed to read the command's output: {error}"),
-                Default::default(),
-            );
-        }
+        Err(error) => return failure(format!("failed to read the command's output: {error}")),
     };
-    let ending = match wait_with_timeout(&mut leader, timeout) {
+    let ending = match wait_with_timeout(&mut leader, left) {
         Ok(ending) => ending,
-        Err(error) => {
-            return ExecutionResult::failure(
-                ErrorKind::Backend,
-                format!("failed to wait for the command: {error}"),
-                Default::default(),
-            );
-        }
+        Err(error) => return failure(format!("failed to wait for the command: {error}")),
     };
     let grace = Instant::now() + PIPE_GRACE;
-    bash_result(ending, stdout.drain(grace), stderr.drain(grace), timeout)
+    let result = bash_result(ending, stdout.drain(grace), stderr.drain(grace), timeout);
+    match leader.sandbox_setup_failed() {
+        true => Attempt::SetupFailed(result),
+        false => Attempt::Ran(result),
+    }
 }
 
 /// Waits for the command to exit or the time to run out, then kills its whole group (background

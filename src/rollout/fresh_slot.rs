@@ -22,7 +22,7 @@ use crate::chat::Message;
 use crate::rollout::agent::Step;
 use crate::rollout::dataset::Problem;
 use crate::rollout::reward::{Reward, score};
-use crate::slot::{Backend, BackendError, ToolCall};
+use crate::slot::{Backend, BackendError, ErrorKind, ToolCall};
 
 /// What scoring a trajectory in a fresh slot needs from it.
 pub struct Scored<'a> {
@@ -42,14 +42,40 @@ pub struct Scored<'a> {
     pub seed: Option<u64>,
 }
 
+/// Why a trajectory could not be scored in a fresh slot. Either way it has no reward: a
+/// definition the host failed to run would otherwise show up as the tests' `NameError`, a
+/// reward of 0 that the policy did not earn.
+#[derive(Debug, thiserror::Error)]
+pub enum FreshSlotError {
+    /// No slot could be acquired.
+    #[error("failed to acquire a fresh slot for the reward")]
+    Acquire(#[source] BackendError),
+    /// The host failed to run a cell of the trajectory's definitions (not the definitions'
+    /// own error, which is the trajectory's to own).
+    #[error("the fresh slot for the reward failed to run the trajectory's definitions: {0}")]
+    Definitions(String),
+}
+
+impl FreshSlotError {
+    /// A short name for the summary's `failed_by_kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FreshSlotError::Acquire(_) => "reward_slot_acquire",
+            FreshSlotError::Definitions(_) => "reward_slot_definitions",
+        }
+    }
+}
+
 /// Scores `scored` in a new slot of `backend` holding only the trajectory's definitions (none
-/// for a math reward), then releases it. Fails only when no slot can be acquired.
-pub async fn reward_in_fresh_slot(backend: &dyn Backend, scored: Scored<'_>) -> Result<Reward, BackendError> {
+/// for a math reward), then releases it. Fails when no slot can be acquired, or when the host
+/// (not the code) fails to run the definitions.
+pub async fn reward_in_fresh_slot(backend: &dyn Backend, scored: Scored<'_>) -> Result<Reward, FreshSlotError> {
     let trajectory_id = format!("{}/reward", scored.trajectory_id);
     let slot = match scored.seed {
-        Some(seed) => backend.acquire_seeded(&trajectory_id, seed).await?,
-        None => backend.acquire(&trajectory_id).await?,
-    };
+        Some(seed) => backend.acquire_seeded(&trajectory_id, seed).await,
+        None => backend.acquire(&trajectory_id).await,
+    }
+    .map_err(FreshSlotError::Acquire)?;
     if scored.custom.is_some() || !scored.problem.test_cases.is_empty() {
         let cells: Vec<_> = scored
             .steps
@@ -60,9 +86,9 @@ pub async fn reward_in_fresh_slot(backend: &dyn Backend, scored: Scored<'_>) -> 
             .filter(|d| !d.is_empty())
             .collect();
         if !cells.is_empty() {
-            // A definition that fails (an import the fresh slot lacks) shows up as the tests'
-            // NameError, which is the honest outcome.
-            backend
+            // A definition that fails in Python (an import the fresh slot lacks) shows up as the
+            // tests' NameError, which is the honest outcome; the host failing to run it is not.
+            let results = backend
                 .execute_batch(
                     cells
                         .into_iter()
@@ -70,6 +96,13 @@ pub async fn reward_in_fresh_slot(backend: &dyn Backend, scored: Scored<'_>) -> 
                         .collect(),
                 )
                 .await;
+            if let Some(failed) = results
+                .iter()
+                .find(|r| r.error.as_ref().is_some_and(|e| host_failure(e.kind)))
+            {
+                let _ = backend.release(&slot, true).await;
+                return Err(FreshSlotError::Definitions(failed.output.trim().to_owned()));
+            }
         }
     }
     let mut reward = score(
@@ -85,6 +118,11 @@ pub async fn reward_in_fresh_slot(backend: &dyn Backend, scored: Scored<'_>) -> 
     // The reward is computed; a slot that fails to release does not change it.
     let _ = backend.release(&slot, true).await;
     Ok(reward)
+}
+
+/// Whether a call failed because of the host, not the code it ran.
+fn host_failure(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Backend | ErrorKind::Remote | ErrorKind::UnknownSlot)
 }
 
 /// The code of a `python` call, as the notebook agent and the tools agent record it.

@@ -607,11 +607,10 @@ async fn run_in_slot(
         match reward_in_fresh_slot(backend, scored).await {
             Ok(reward) => reward,
             Err(error) => {
-                let message = format!("failed to acquire a fresh slot for the reward: {error}");
                 return JobOutcome::Failed {
                     trajectory_id: job.trajectory_id.clone(),
-                    kind: "reward_slot_acquire".to_owned(),
-                    message,
+                    kind: error.kind().to_owned(),
+                    message: crate::error_text::error_chain(&error),
                 };
             }
         }

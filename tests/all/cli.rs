@@ -239,11 +239,54 @@ fn an_oracle_rollout_runs_on_the_process_backend() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap()).unwrap();
-    assert_eq!(
-        summary["mean_reward"], 1.0,
-        "every reference solution passes its tests natively too: {summary:#}"
+    let trajectories = std::fs::read_to_string(dir.path().join("trajectories.jsonl")).unwrap();
+    let below_full: Vec<String> = trajectories
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|t| t["reward"]["score"] != 1.0)
+        .map(|t| format!("{}: {}", t["trajectory_id"], t["reward"]))
+        .collect();
+    assert!(
+        below_full.is_empty(),
+        "every reference solution passes its tests natively too; these did not:\n{}",
+        below_full.join("\n")
     );
     assert_eq!(summary["trajectories"], 24, "{summary:#}");
+}
+
+/// A trajectory whose definitions the host fails to run in the fresh reward slot (here every
+/// Python of the backend dies as it starts: `/bin/false`) gets no reward, rather than the 0 its
+/// tests' `NameError`s would give it; the run says why on stderr even when it is not a terminal.
+#[test]
+fn a_reward_slot_that_cannot_run_the_definitions_fails_the_trajectory_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/code.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_rollbox"))
+        .args([
+            "rollout",
+            "--backend",
+            "process",
+            "--native-python",
+            "/bin/false",
+            "--dataset",
+            dataset,
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary["run"]["failed_by_kind"]["reward_slot_definitions"], 24,
+        "{summary:#}"
+    );
+    assert_eq!(summary["run"]["written"], 0, "{summary:#}");
+    assert!(
+        stderr.contains("warning: trajectory code-001/0 failed and was not written: the fresh slot for the reward failed to run the trajectory's definitions: failed to start the slot's Python"),
+        "{stderr}"
+    );
 }
 
 #[test]
