@@ -6,6 +6,7 @@
 //! tokenised (the one exception is the turn where the budget runs out). Counts come from the
 //! [`TokenCounter`]'s per-message cache when it has seen a message before.
 
+use std::borrow::Cow;
 use std::num::NonZero;
 use std::ops::Range;
 
@@ -110,6 +111,14 @@ pub(crate) struct Plan<'a> {
     compacted_tokens: Vec<Option<usize>>,
     /// Filled for the whole middle by [`Plan::reduce_middle`].
     reduced: Vec<Option<Reduced>>,
+    /// The names the middle's code defines, each once, in the order they are first defined;
+    /// filled by [`Plan::reduce_middle`]. A span of the oldest turns lists a prefix of them.
+    middle_names: Vec<String>,
+    /// The message each of `middle_names` is first defined in, in the same order.
+    first_defined_in: Vec<usize>,
+    /// Characters of the messages before each index (one more entry than messages), so a span's
+    /// characters cost two lookups.
+    chars_before: Vec<usize>,
 }
 
 impl<'a> Plan<'a> {
@@ -128,6 +137,14 @@ impl<'a> Plan<'a> {
             original_tokens: vec![None; messages.len()],
             compacted_tokens: vec![None; messages.len()],
             reduced: std::iter::repeat_with(|| None).take(messages.len()).collect(),
+            middle_names: Vec::new(),
+            first_defined_in: Vec::new(),
+            chars_before: std::iter::once(0)
+                .chain(messages.iter().scan(0, |total, message| {
+                    *total += chars(message);
+                    Some(*total)
+                }))
+                .collect(),
             layout,
         };
         let pinned: Vec<usize> = (0..plan.layout.head_end)
@@ -187,7 +204,14 @@ impl<'a> Plan<'a> {
                 .flat_map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
                 .collect()
         });
+        let mut seen = std::collections::HashSet::new();
         for (index, reduced) in middle.zip(reduced) {
+            for name in &reduced.names {
+                if seen.insert(name.clone()) {
+                    self.middle_names.push(name.clone());
+                    self.first_defined_in.push(index);
+                }
+            }
             self.reduced[index] = Some(reduced);
         }
     }
@@ -308,13 +332,18 @@ impl<'a> Plan<'a> {
 
     /// Top-level names defined by code in `span`, in order of first definition (empty unless
     /// [`Plan::reduce_middle`] ran).
-    pub fn names_in(&self, span: Range<usize>) -> Vec<String> {
+    pub fn names_in(&self, span: Range<usize>) -> Cow<'_, [String]> {
+        if span.start == self.layout.head_end {
+            // The oldest turns: the names first defined before the span's end.
+            let end = self.first_defined_in.partition_point(|&index| index < span.end);
+            return Cow::Borrowed(&self.middle_names[..end]);
+        }
         let mut names: Vec<String> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for reduced in self.reduced[span].iter().flatten() {
             names.extend(reduced.names.iter().filter(|name| seen.insert(name.as_str())).cloned());
         }
-        names
+        Cow::Owned(names)
     }
 
     /// The messages of the oldest `turns` middle turns, and what removing them removes.
@@ -323,7 +352,7 @@ impl<'a> Plan<'a> {
         let dropped = DroppedSpan {
             messages: span.len(),
             turns,
-            chars: self.messages[span.clone()].iter().map(chars).sum(),
+            chars: self.chars_before[span.end] - self.chars_before[span.start],
             replacement_tokens: 0,
         };
         (span, dropped)
