@@ -12,10 +12,17 @@ Then fd 0 becomes /dev/null and fd 1 a copy of fd 2, so nothing a cell, a C exte
 subprocess writes can corrupt the protocol: it all reaches the host on the stderr pipe, which
 the host reads as the cell's extra stderr. Before each frame the driver writes MARKER there, so
 the host knows where one cell's stray output ends.
+
+At a cell's time limit the host sends the interpreter SIGINT, so the cell stops with
+KeyboardInterrupt and the interpreter keeps its state, as Jupyter's interrupt does. SIGINT is
+blocked while the driver's own code runs (reading the next frame), so a late one cannot end the
+driver, and one still pending when the next cell starts is discarded: it was meant for a cell
+that had already ended.
 """
 
 import json
 import os
+import signal
 import sys
 import types
 
@@ -103,9 +110,23 @@ def _load_guest(source):
     return module
 
 
+def _run_interruptible(guest, code):
+    """Runs one cell with SIGINT deliverable, and only then."""
+    if signal.SIGINT in signal.sigpending():
+        signal.sigwait({signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        guest._turn(code, "<turn>")
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
 def main():
     marker, output_cap, budget = sys.argv[1].encode(), int(sys.argv[2]), int(sys.argv[3])
     sys.argv = [""]
+    # Python's own handler, even when rollbox was started with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     proto_in, proto_out = _private_protocol_fds()
     door = _Door(proto_out, marker, budget)
     host = types.ModuleType("_host")
@@ -121,4 +142,4 @@ def main():
         cell = _read_frame(proto_in)
         if cell is None:
             return
-        guest._turn(cell.decode("utf-8", "replace"), "<turn>")
+        _run_interruptible(guest, cell.decode("utf-8", "replace"))

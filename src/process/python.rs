@@ -15,7 +15,8 @@ use super::capture::{Captured, StreamCapture};
 use super::sandbox::{Attempt, GroupLeader, Sandbox, SlotDirs, retry_sandbox_setup};
 use crate::env_vars;
 use crate::slot::cell::{
-    GUEST_SOURCE, GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model, report_budget,
+    GUEST_SOURCE, GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, did_not_stop, finished_cell, interrupt_grace,
+    kept_after_interrupt, render_for_model, report_budget,
 };
 use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult};
 use crate::slot::{LimitKind, Limits};
@@ -192,34 +193,59 @@ impl NativeInterpreter {
 
     /// Runs `code` as one cell. A result with `metadata.state_lost` means this interpreter is
     /// dead (timed out, crashed, exited) and must be dropped.
+    ///
+    /// At the time limit the cell is interrupted first, as Jupyter stops a cell: the interpreter
+    /// is sent `SIGINT`, CPython raises `KeyboardInterrupt` in the cell and keeps its state. Only
+    /// a cell that does not stop within [`interrupt_grace`] is killed with its interpreter.
     pub(crate) fn run_cell(&mut self, code: &str, limits: &Limits, timeout: Duration) -> ExecutionResult {
         if let Err(error) = write_frame(&mut self.input, code.as_bytes()) {
             return self.lost(None, format!("the interpreter stopped taking cells ({error})"));
         }
         match self.reports.recv_timeout(timeout) {
-            Ok(frame) => {
-                let stray = self
-                    .stray
-                    .next_segment(Instant::now() + STRAY_OUTPUT_GRACE)
-                    .unwrap_or_default();
-                match serde_json::from_slice::<GuestReport>(&frame) {
-                    Ok(report) => cell_result(report, stray, limits),
-                    Err(error) => self.lost(None, format!("the interpreter sent an unreadable report ({error})")),
-                }
-            }
+            Ok(frame) => self.reported(&frame, limits),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let message = format!(
-                    "the cell ran past its {:.3} s time limit and the interpreter was killed",
-                    timeout.as_secs_f64()
-                );
-                self.lost(Some(LimitKind::Time), message)
+                if !self.leader.signal_program(libc::SIGINT) {
+                    let message = format!(
+                        "the cell ran past its {:.3} s time limit and the interpreter was killed",
+                        timeout.as_secs_f64()
+                    );
+                    return self.lost(Some(LimitKind::Time), message);
+                }
+                let mut result = match self.reports.recv_timeout(interrupt_grace(timeout)) {
+                    Ok(frame) => match self.reported(&frame, limits) {
+                        reported if reported.metadata.state_lost => reported,
+                        reported => kept_after_interrupt(reported, timeout),
+                    },
+                    Err(mpsc::RecvTimeoutError::Timeout) => self.lost(
+                        Some(LimitKind::Time),
+                        format!("{} and the interpreter was killed", did_not_stop(timeout)),
+                    ),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => self.exited(),
+                };
+                result.metadata.interrupted = true;
+                result
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = self.leader.kill_and_reap();
-                let how = status.map_or("ended".to_string(), |s| s.to_string());
-                self.lost(None, format!("the interpreter exited during the cell ({how})"))
-            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => self.exited(),
         }
+    }
+
+    /// The result of a cell from the report `frame` it sent.
+    fn reported(&mut self, frame: &[u8], limits: &Limits) -> ExecutionResult {
+        let stray = self
+            .stray
+            .next_segment(Instant::now() + STRAY_OUTPUT_GRACE)
+            .unwrap_or_default();
+        match serde_json::from_slice::<GuestReport>(frame) {
+            Ok(report) => cell_result(report, stray, limits),
+            Err(error) => self.lost(None, format!("the interpreter sent an unreadable report ({error})")),
+        }
+    }
+
+    /// The result of a cell during which the interpreter ended.
+    fn exited(&mut self) -> ExecutionResult {
+        let status = self.leader.kill_and_reap();
+        let how = status.map_or("ended".to_string(), |s| s.to_string());
+        self.lost(None, format!("the interpreter exited during the cell ({how})"))
     }
 
     /// Kills the interpreter and describes why its state is gone.

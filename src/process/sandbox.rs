@@ -305,6 +305,23 @@ impl GroupLeader {
         self.setup_witness.as_ref().is_some_and(SetupWitness::unread)
     }
 
+    /// Sends `signal` to the program itself (not its group, nor bubblewrap around it); false
+    /// when it cannot be found or signalled (it has ended).
+    pub(crate) fn signal_program(&self, signal: libc::c_int) -> bool {
+        if self.reaped.is_some() {
+            return false;
+        }
+        let pid = match self.setup_witness {
+            Some(_) => sandboxed_program(self.child.id()),
+            None => Some(self.child.id()),
+        };
+        let Some(pid) = pid.and_then(|pid| libc::pid_t::try_from(pid).ok()) else {
+            return false;
+        };
+        // SAFETY: a plain syscall; the program is a descendant of the unreaped leader.
+        unsafe { libc::kill(pid, signal) == 0 }
+    }
+
     /// Kills every process in the group and in the program's cgroup (those that left the group
     /// too), then reaps the leader and returns how it ended.
     /// Idempotent: after the first call the group is left alone.
@@ -331,6 +348,25 @@ impl Drop for GroupLeader {
     fn drop(&mut self) {
         self.kill_and_reap();
     }
+}
+
+/// The host's id of the program bubblewrap (process `leader`) runs: bubblewrap's init, its child,
+/// starts the program as process 2 of the sandbox's PID namespace.
+fn sandboxed_program(leader: u32) -> Option<u32> {
+    let children = |pid: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .map(|list| list.split_whitespace().filter_map(|id| id.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let innermost_id = |pid: u32| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ids = status.lines().find_map(|line| line.strip_prefix("NSpid:"))?;
+        ids.split_whitespace().last()?.parse().ok()
+    };
+    children(leader)
+        .into_iter()
+        .flat_map(children)
+        .find(|&pid| innermost_id(pid) == Some(2))
 }
 
 /// A program for [`Sandbox::spawn`], made by [`Sandbox::command`].

@@ -258,6 +258,45 @@ fn capped_lines(lines: Vec<String>, max_bytes: usize) -> (Vec<String>, bool) {
     (kept, true)
 }
 
+/// How long a cell interrupted at its `timeout` has to stop before it is stopped for good: a quarter of
+/// the limit, from 50 ms to 1 s. A Python loop stops at its next bytecode check, well within it.
+pub(crate) fn interrupt_grace(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// The result of a cell that reported after it was interrupted at its time limit: its own
+/// output (usually a `KeyboardInterrupt` traceback), as a time limit, with the state kept. A cell
+/// that caught the exception and finished still ran past its limit, and is reported so.
+pub(crate) fn kept_after_interrupt(mut result: ExecutionResult, timeout: Duration) -> ExecutionResult {
+    let message = format!(
+        "the cell ran past its {:.3} s time limit and was interrupted (KeyboardInterrupt); the interpreter kept its state, \
+         so variables and imports from earlier cells are still there",
+        timeout.as_secs_f64()
+    );
+    if !result.output.is_empty() && !result.output.ends_with('\n') {
+        result.output.push('\n');
+    }
+    result.output.push_str(&message);
+    result.success = false;
+    result.error = Some(ExecutionError {
+        kind: ErrorKind::LimitExceeded,
+        message,
+    });
+    result.metadata.limit_hit = Some(LimitKind::Time);
+    result
+}
+
+/// What a cell that was interrupted at its time limit and did not stop within its grace period
+/// is told, before how it was stopped.
+pub(crate) fn did_not_stop(timeout: Duration) -> String {
+    format!(
+        "the cell ran past its {:.3} s time limit, did not stop within {:.3} s of the KeyboardInterrupt it was sent \
+         (stuck in C code, or catching the exception),",
+        timeout.as_secs_f64(),
+        interrupt_grace(timeout).as_secs_f64()
+    )
+}
+
 /// The result of a cell that ran to its end, in either backend. `out_of_memory` says its
 /// `MemoryError` came from the slot's memory limit, which makes it a limit, not a cell error.
 pub(crate) fn finished_cell(

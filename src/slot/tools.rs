@@ -264,6 +264,18 @@ fn workspace_root() -> String {
     ".".to_string()
 }
 
+/// What kind of JSON value `value` is, for an error message.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Object(_) => "object",
+    }
+}
+
 /// Why a call could not be turned into a [`ToolRequest`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ToolCallError {
@@ -299,6 +311,16 @@ impl ToolRequest {
             Value::Null => &Value::Object(Default::default()),
             other => other,
         };
+        // Only an object: serde would take a list as the fields in order (`["print(1)"]`).
+        if !arguments.is_object() {
+            return Err(ToolCallError::InvalidArguments {
+                tool,
+                reason: format!(
+                    "the arguments are a JSON {}, not an object of named fields",
+                    json_kind(arguments)
+                ),
+            });
+        }
         fn typed<T: serde::de::DeserializeOwned>(tool: ToolName, v: &Value) -> Result<T, ToolCallError> {
             T::deserialize(v).map_err(|e| ToolCallError::InvalidArguments {
                 tool,

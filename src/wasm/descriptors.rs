@@ -41,12 +41,23 @@ impl OpenFiles {
 }
 
 /// Puts the counting `path_open` and `fd_close` in place of wasmtime-wasi's (the linker must
-/// allow shadowing). `fd_renumber` also closes a descriptor but is not counted: that only makes
-/// the cap stricter, and CPython on WASI never calls it (`os.dup2` is not supported there).
+/// allow shadowing), and an `fd_renumber` that keeps the standard streams. `fd_renumber` also
+/// closes a descriptor but is not counted: that only makes the cap stricter, and CPython on WASI
+/// never calls it (`os.dup2` is not supported there).
 pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
     linker.func_wrap("wasi_snapshot_preview1", "path_open", path_open)?;
     linker.func_wrap("wasi_snapshot_preview1", "fd_close", fd_close)?;
+    linker.func_wrap("wasi_snapshot_preview1", "fd_renumber", fd_renumber)?;
     Ok(())
+}
+
+/// Whether `fd` is one of the standard streams (0, 1, 2). They are the host's pipes for the
+/// slot's whole life: each cell's stdout and stderr are read from them. A guest that closed
+/// them (`os.close(1)`) made every later cell of its slot report success with empty streams,
+/// its output lost; so closing or renumbering over them is refused with `EPERM`, which Python
+/// raises as `PermissionError` at the call. Native CPython allows it (docs/parity.md).
+fn is_standard_stream(fd: i32) -> bool {
+    (0..=2).contains(&fd)
 }
 
 /// Runs one of wasmtime-wasi's preview-1 calls on the caller's memory and WASI context, as its
@@ -121,6 +132,9 @@ fn path_open(
 }
 
 fn fd_close(mut caller: Caller<'_, GuestState>, fd: i32) -> wasmtime::Result<i32> {
+    if is_standard_stream(fd) {
+        return Ok(Errno::Perm as i32);
+    }
     let errno = delegate(&mut caller, |state, mut memory| {
         wasmtime_wasi::runtime::in_tokio(wasi::fd_close(&mut state.wasi, &mut memory, fd))
     })
@@ -129,6 +143,16 @@ fn fd_close(mut caller: Caller<'_, GuestState>, fd: i32) -> wasmtime::Result<i32
         forget_one(&mut caller);
     }
     Ok(errno)
+}
+
+fn fd_renumber(mut caller: Caller<'_, GuestState>, from: i32, to: i32) -> wasmtime::Result<i32> {
+    if is_standard_stream(from) || is_standard_stream(to) {
+        return Ok(Errno::Perm as i32);
+    }
+    delegate(&mut caller, |state, mut memory| {
+        wasmtime_wasi::runtime::in_tokio(wasi::fd_renumber(&mut state.wasi, &mut memory, from, to))
+    })
+    .unwrap_or(Ok(Errno::Fault as i32))
 }
 
 /// One descriptor fewer. Saturating: closing a descriptor WASI started with (not counted)

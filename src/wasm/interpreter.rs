@@ -11,11 +11,12 @@ use super::engine::ticks_for;
 use super::host::{GuestState, InterruptPhase};
 use super::poll::DeadlineExceeded;
 use super::rollback::Checkpoint;
-use crate::slot::cell::{GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, finished_cell, render_for_model};
-use crate::slot::outputs::{Output, StreamLog, StreamName};
-use crate::slot::{
-    CellError, CellOutput, ErrorKind, ExecutionError, ExecutionMetadata, ExecutionResult, LimitKind, Limits,
+use crate::slot::cell::{
+    GuestReport, RESTART_ERROR, STARTUP_TIMEOUT, Streams, did_not_stop, finished_cell, interrupt_grace,
+    kept_after_interrupt, render_for_model,
 };
+use crate::slot::outputs::{Output, StreamLog, StreamName};
+use crate::slot::{CellError, CellOutput, ErrorKind, ExecutionMetadata, ExecutionResult, LimitKind, Limits};
 
 /// Starting an interpreter failed.
 #[derive(Debug, thiserror::Error)]
@@ -250,34 +251,6 @@ fn cell_result(
     finished_cell(cell, truncated, out_of_memory, limits)
 }
 
-/// How long a cell interrupted at its `timeout` has to stop before it is trapped: a quarter of
-/// the limit, from 50 ms to 1 s. A Python loop stops at its next bytecode check, well within it.
-fn interrupt_grace(timeout: Duration) -> Duration {
-    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
-}
-
-/// The result of a cell that reported after it was interrupted at its time limit: its own
-/// output (usually a `KeyboardInterrupt` traceback), as a time limit, with the state kept. A cell
-/// that caught the exception and finished still ran past its limit, and is reported so.
-fn kept_after_interrupt(mut result: ExecutionResult, timeout: Duration) -> ExecutionResult {
-    let message = format!(
-        "the cell ran past its {:.3} s time limit and was interrupted (KeyboardInterrupt); the interpreter kept its state, \
-         so variables and imports from earlier cells are still there",
-        timeout.as_secs_f64()
-    );
-    if !result.output.is_empty() && !result.output.ends_with('\n') {
-        result.output.push('\n');
-    }
-    result.output.push_str(&message);
-    result.success = false;
-    result.error = Some(ExecutionError {
-        kind: ErrorKind::LimitExceeded,
-        message,
-    });
-    result.metadata.limit_hit = Some(LimitKind::Time);
-    result
-}
-
 /// A result for a cell whose interpreter was stopped by `limit` (or crashed, as `crash` says)
 /// and must be replaced; `interrupted` when it had been sent a `KeyboardInterrupt` first.
 fn stopped(
@@ -289,12 +262,7 @@ fn stopped(
     interrupted: bool,
 ) -> ExecutionResult {
     let message = match limit {
-        Some(LimitKind::Time) if interrupted => format!(
-            "the cell ran past its {:.3} s time limit, did not stop within {:.3} s of the KeyboardInterrupt it was sent \
-             (stuck in C code, or catching the exception), and was stopped",
-            timeout.as_secs_f64(),
-            interrupt_grace(timeout).as_secs_f64()
-        ),
+        Some(LimitKind::Time) if interrupted => format!("{} and was stopped", did_not_stop(timeout)),
         Some(LimitKind::Time) => format!(
             "the cell ran past its {:.3} s time limit and was stopped",
             timeout.as_secs_f64()

@@ -2,7 +2,9 @@
 //! `&dyn Backend`; each backend's test module calls `run_all` (or single checks) with a real
 //! instance of itself.
 
-use rollbox::{Backend, ErrorKind, Slot, SlotId, ToolCall};
+use std::time::Duration;
+
+use rollbox::{Backend, ErrorKind, LimitKind, Slot, SlotId, ToolCall};
 use serde_json::json;
 
 use crate::support::{ok, pretty, value};
@@ -786,6 +788,36 @@ pub async fn the_default_profile_is_imported_already(backend: &dyn Backend) {
         "([], [])",
         "{}: nothing bound at first, and nothing left to import",
         backend.name()
+    );
+    backend.release(&slot, true).await.expect("release");
+}
+
+/// A cell past its time limit is interrupted as Jupyter stops one: CPython raises
+/// `KeyboardInterrupt` in it, the result is a time limit marked `interrupted`, and the slot keeps
+/// its variables, with what the cell did before the interrupt. A busy loop and a sleep.
+pub async fn a_cell_past_its_time_limit_is_interrupted_and_keeps_the_state(backend: &dyn Backend) {
+    let slot = backend.acquire("conformance-interrupt").await.expect("acquire");
+    ok(backend.execute(&slot, ToolCall::python("kept = 1")).await);
+    for code in [
+        "kept += 1\nwhile True:\n    pass",
+        "kept += 1\nimport time\ntime.sleep(3600)",
+    ] {
+        let call = ToolCall::python(code).with_timeout(Duration::from_millis(500));
+        let r = backend.execute(&slot, call).await;
+        assert!(!r.success, "{}", pretty(&r));
+        assert_eq!(r.metadata.limit_hit, Some(LimitKind::Time), "{}", pretty(&r));
+        assert_eq!(r.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded));
+        assert!(r.metadata.interrupted && !r.metadata.state_lost, "{}", pretty(&r));
+        assert!(
+            r.output.contains("KeyboardInterrupt") && r.output.contains("kept its state"),
+            "{}",
+            r.output
+        );
+    }
+    assert_eq!(
+        value(&ok(backend.execute(&slot, ToolCall::python("kept")).await)),
+        "3",
+        "the state is kept, with what the interrupted cells did before the interrupt"
     );
     backend.release(&slot, true).await.expect("release");
 }

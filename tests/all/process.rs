@@ -186,12 +186,16 @@ async fn sandboxed_commands_see_the_host_read_only_and_no_other_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_python_timeout_loses_the_state_and_the_next_cell_works() {
+async fn a_python_timeout_interrupts_first_and_kills_a_cell_that_will_not_stop() {
     let (backend, _root) = process_backend(Limits::default());
+    conformance::a_cell_past_its_time_limit_is_interrupted_and_keeps_the_state(&backend).await;
     let slot = backend.acquire("py-timeout").await.expect("acquire");
     ok(backend.execute(&slot, ToolCall::python("x = 1")).await);
-    let call = ToolCall::python("import time\nprint('before', flush=True)\ntime.sleep(1000)")
-        .with_timeout(Duration::from_secs(1));
+    // It swallows the KeyboardInterrupt, so only the kill at the end of the grace period stops it.
+    let call = ToolCall::python(
+        "import time\nprint('before', flush=True)\ntry:\n    time.sleep(1000)\nexcept BaseException:\n    time.sleep(1000)",
+    )
+    .with_timeout(Duration::from_secs(1));
     let stuck = backend.execute(&slot, call).await;
     assert_eq!(
         stuck.error.as_ref().map(|e| e.kind),
@@ -200,7 +204,12 @@ async fn a_python_timeout_loses_the_state_and_the_next_cell_works() {
         pretty(&stuck)
     );
     assert_eq!(stuck.metadata.limit_hit, Some(LimitKind::Time));
-    assert!(stuck.metadata.state_lost);
+    assert!(
+        stuck.metadata.state_lost && stuck.metadata.interrupted,
+        "{}",
+        pretty(&stuck)
+    );
+    assert!(stuck.output.contains("did not stop within"), "{}", stuck.output);
     assert_fresh_interpreter(&backend, &slot).await;
 }
 

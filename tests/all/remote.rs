@@ -57,6 +57,7 @@ async fn remote_passes_the_conformance_suite() {
     tokio::time::timeout(NO_HANG, async {
         conformance::run_all(&backend).await;
         conformance::the_default_profile_is_imported_already(&backend).await;
+        conformance::a_cell_past_its_time_limit_is_interrupted_and_keeps_the_state(&backend).await;
     })
     .await
     .expect("the suite finishes");
@@ -93,6 +94,7 @@ async fn remote_over_process_passes_the_conformance_and_shell_suites() {
     tokio::time::timeout(NO_HANG, async {
         conformance::run_all(&backend).await;
         conformance::run_shell(&backend).await;
+        conformance::a_cell_past_its_time_limit_is_interrupted_and_keeps_the_state(&backend).await;
     })
     .await
     .expect("the suites finish");

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use rollbox::{Backend, ErrorKind, LimitKind, Limits, SilentReporter, ToolCall, WasmBackend, WasmBackendConfig};
+use rollbox::{Backend, LimitKind, Limits, SilentReporter, ToolCall, WasmBackend, WasmBackendConfig};
 
 use crate::conformance;
 use crate::support::{ok, pretty, shared_wasm, value};
@@ -32,30 +32,7 @@ fn python(code: &str, timeout_ms: u64) -> ToolCall {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_and_sleeping_cells_past_their_time_limit_are_interrupted_and_keep_the_state() {
-    let backend = shared_wasm();
-    let slot = backend.acquire("interrupt").await.unwrap();
-    ok(backend.execute(&slot, ToolCall::python("kept = 1")).await);
-    for code in [
-        "kept += 1\nwhile True:\n    pass",
-        "kept += 1\nimport time\ntime.sleep(3600)",
-    ] {
-        let r = backend.execute(&slot, python(code, 300)).await;
-        assert!(!r.success, "{}", pretty(&r));
-        assert_eq!(r.metadata.limit_hit, Some(LimitKind::Time), "{}", pretty(&r));
-        assert_eq!(r.error.as_ref().map(|e| e.kind), Some(ErrorKind::LimitExceeded));
-        assert!(r.metadata.interrupted && !r.metadata.state_lost, "{}", pretty(&r));
-        assert!(
-            r.output.contains("KeyboardInterrupt") && r.output.contains("kept its state"),
-            "{}",
-            r.output
-        );
-    }
-    assert_eq!(
-        value(&ok(backend.execute(&slot, ToolCall::python("kept")).await)),
-        "3",
-        "the state is kept, with what the interrupted cells did before the interrupt"
-    );
-    backend.release(&slot, true).await.unwrap();
+    conformance::a_cell_past_its_time_limit_is_interrupted_and_keeps_the_state(shared_wasm()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
