@@ -178,6 +178,11 @@ pub(crate) struct RuntimeArgs {
     /// instead of losing its state. Costs every cell a little (BENCHMARKS.md); needs Linux 6.7+.
     #[arg(long)]
     rollback: bool,
+    /// Copy a slot's pages from the snapshot only as it writes them, rather than copying at
+    /// once the pages nearly every slot writes: less memory per slot, slower cells on hosts
+    /// where a copy-on-write fault is dear (docs/snapshots.md, "Hot pages").
+    #[arg(long)]
+    lazy_copies: bool,
     /// Where a seeded slot's virtual clock starts (with --seed): a UTC instant such as
     /// 2025-01-01T00:00:00Z (the default), or seconds since the Unix epoch.
     #[arg(long, value_name = "INSTANT", value_parser = parse_clock_start)]
@@ -275,6 +280,9 @@ impl RuntimeArgs {
         if self.rollback {
             args.push("--rollback".to_string());
         }
+        if self.lazy_copies {
+            args.push("--lazy-copies".to_string());
+        }
         if let Some(start) = self.clock_start {
             args.extend(["--clock-start".to_string(), start.to_string()]);
         }
@@ -289,6 +297,8 @@ impl RuntimeArgs {
             Some("--no-snapshot")
         } else if self.rollback {
             Some("--rollback")
+        } else if self.lazy_copies {
+            Some("--lazy-copies")
         } else if self.clock_start.is_some() {
             Some("--clock-start")
         } else {
@@ -318,6 +328,7 @@ impl RuntimeArgs {
             default_profile: !bare,
             snapshots: !self.no_snapshot,
             rollback: self.rollback,
+            copy_hot_pages: !self.lazy_copies,
             virtual_epoch: self.clock_start.map_or(defaults.virtual_epoch, |secs| {
                 std::time::UNIX_EPOCH + Duration::from_secs(secs)
             }),

@@ -65,6 +65,13 @@ pub struct WasmBackendConfig {
     /// stopped rolls the slot back instead of losing its state (docs/snapshots.md). Every cell
     /// pays for it (BENCHMARKS.md). Slots restored from a snapshot or forked only.
     pub rollback: bool,
+    /// Make a slot restored from the snapshot own, at once, the snapshot pages that nearly
+    /// every one of the first 32 slots released wrote (docs/snapshots.md, "Hot pages"). On by
+    /// default: each first write to a shared page is a fault, and one to a page already read
+    /// also interrupts every other CPU to flush its TLB, which took 46% of a `--group-size 8`
+    /// rollout's CPU on a 2-core VM. Costs memory: about 2.3 MB more per slot that has run only
+    /// a trivial cell.
+    pub copy_hot_pages: bool,
 }
 
 impl WasmBackendConfig {
@@ -83,6 +90,7 @@ impl WasmBackendConfig {
             seed: None,
             virtual_epoch: UNIX_EPOCH + Duration::from_secs(DEFAULT_VIRTUAL_EPOCH_SECS),
             rollback: false,
+            copy_hot_pages: true,
         }
     }
 
@@ -215,6 +223,7 @@ impl WasmBackend {
             snapshot_cache: Some(config.runtime.cache_dir.join("snapshots")),
             virtual_epoch: config.virtual_epoch,
             rollback: config.rollback,
+            copy_hot_pages: config.copy_hot_pages,
         };
         let factory = InterpreterFactory::new(
             engine,

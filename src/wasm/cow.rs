@@ -15,6 +15,9 @@
 //! - [`written_pages`]: which pages of a mapped memory the slot has written, read from
 //!   `/proc/self/pagemap`: a written page of a private file mapping is anonymous, an unwritten
 //!   one is the file's. A fork copies only those.
+//! - [`WriteHistory`]: the pages the first released slots of an image wrote.
+//!   [`copy_hot_pages`] makes a restored slot's own copies of the pages nearly all of them wrote
+//!   at once, before any guest code runs (see [`WriteHistory`] for why).
 //!
 //! The runtime module is compiled without its data segments (`super::runtime::code_only`), so
 //! instantiation writes nothing into memory: the image is the only source of its bytes.
@@ -43,6 +46,8 @@ pub(crate) struct MemoryImage {
     size: usize,
     /// Bytes in pages that are not all zero: what the image holds in memory or on disk.
     data_bytes: usize,
+    /// The pages its first released slots wrote.
+    history: std::sync::Mutex<WriteHistory>,
 }
 
 impl MemoryImage {
@@ -65,6 +70,7 @@ impl MemoryImage {
             file,
             size: bytes.len(),
             data_bytes,
+            history: Default::default(),
         })
     }
 
@@ -101,7 +107,19 @@ impl MemoryImage {
             file,
             size,
             data_bytes: data_bytes.min(size),
+            history: Default::default(),
         })
+    }
+
+    /// Whether the image still learns which pages its slots write ([`WriteHistory`]).
+    pub(crate) fn learns_writes(&self) -> bool {
+        lock(&self.history).learning()
+    }
+
+    /// Counts the pages (`ranges`, as [`written_pages`] gives them) a slot of this image wrote
+    /// in its life, as it ends.
+    pub(crate) fn learn_writes(&self, ranges: &[Range<usize>]) {
+        lock(&self.history).learn(ranges, self.size);
     }
 
     /// The memory's size, in bytes.
@@ -207,6 +225,93 @@ pub(crate) fn map_image(mut store: impl AsContextMut, memory: Memory, image: &Me
         return Err(RestoreError::Map(io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Makes the slot's own copies, at once, of the pages of `memory` (mapped from `image` by
+/// [`map_image`], before any guest code runs in it) that most of the image's learned slots
+/// wrote (see [`WriteHistory`]). Only the pages' owner changes, not their bytes. A kernel
+/// without `MADV_POPULATE_WRITE` (before 5.14) answers `EINVAL`, and the pages are copied at
+/// their first write instead, as without this.
+pub(crate) fn copy_hot_pages(memory: &mut [u8], image: &MemoryImage) {
+    let hot = lock(&image.history).hot.clone();
+    let len = memory.len();
+    for range in hot.iter().filter(|range| range.end <= len) {
+        // SAFETY: the range lies inside `memory`, held mutably here, so nothing reads or writes
+        // these bytes while their pages change owner; their bytes stay the same.
+        unsafe {
+            libc::madvise(
+                memory[range.start..].as_mut_ptr().cast(),
+                range.len(),
+                MADV_POPULATE_WRITE,
+            );
+        }
+    }
+}
+
+/// `madvise` advice (Linux 5.14): fault the range in writable, as writes would.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// How many released slots of an image [`WriteHistory`] learns from.
+const LEARNED_SLOTS: u16 = 32;
+
+/// The pages the first [`LEARNED_SLOTS`] released slots of an image wrote, and the *hot* ones:
+/// those at least 90% of them wrote.
+///
+/// Why: a slot's first write to a page it shares with the image is a copy-on-write fault, and
+/// when the page was read first (CPython reads an object before it changes its reference
+/// count), the kernel must also flush the old mapping from every CPU's TLB that may hold it: an
+/// interrupt to each other CPU running a thread of this process. On this VM those interrupts
+/// took 46% of the CPU of a `--group-size 8` rollout (`perf`: `do_wp_page`, `flush_tlb_mm_range`,
+/// `x2apic_send_IPI`). A page made the slot's own before any guest code runs has no mapping to
+/// flush. Slots of the same image write much the same pages (a median of 428 of its 26,000 in
+/// that rollout), so the pages nearly all of the first slots wrote are copied at once for every
+/// later slot restored from the image, with `MADV_POPULATE_WRITE` (about 2.3 MB more per slot
+/// that has run one trivial cell, BENCHMARKS.md). Learning stops after
+/// [`LEARNED_SLOTS`], so it costs a `pagemap` read in only that many releases.
+#[derive(Debug, Default)]
+pub(crate) struct WriteHistory {
+    /// Slots counted.
+    slots: u16,
+    /// For each page of the image, how many of them wrote it.
+    writers: Vec<u16>,
+    /// The page ranges at least 90% of them wrote: what a new slot copies at once.
+    hot: std::sync::Arc<[Range<usize>]>,
+}
+
+impl WriteHistory {
+    fn learning(&self) -> bool {
+        self.slots < LEARNED_SLOTS
+    }
+
+    /// Counts one slot's written `ranges` of an image of `image_size` bytes; pages past the
+    /// image (memory the slot grew) are left out.
+    fn learn(&mut self, ranges: &[Range<usize>], image_size: usize) {
+        if !self.learning() {
+            return;
+        }
+        let pages = image_size / PAGE;
+        self.writers.resize(pages, 0);
+        for range in ranges {
+            for page in range.start / PAGE..range.end.div_ceil(PAGE).min(pages) {
+                self.writers[page] += 1;
+            }
+        }
+        self.slots += 1;
+        let most = (self.slots * 9).div_ceil(10);
+        let mut hot: Vec<Range<usize>> = Vec::new();
+        for (page, _) in self.writers.iter().enumerate().filter(|(_, writers)| **writers >= most) {
+            let at = page * PAGE;
+            match hot.last_mut() {
+                Some(last) if last.end == at => last.end = at + PAGE,
+                _ => hot.push(at..at + PAGE),
+            }
+        }
+        self.hot = hot.into();
+    }
+}
+
+fn lock(history: &std::sync::Mutex<WriteHistory>) -> std::sync::MutexGuard<'_, WriteHistory> {
+    history.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The page ranges of `bytes` (a memory mapped by [`map_image`] from an image of
@@ -393,6 +498,31 @@ impl Drop for ReservedMemory {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    #[allow(clippy::single_range_in_vec_init, reason = "lists of page ranges, some of one range")]
+    fn the_hot_pages_are_those_nine_in_ten_of_the_learned_slots_wrote() {
+        let mut history = super::WriteHistory::default();
+        let image = 8 * PAGE;
+        history.learn(&[0..2 * PAGE, 5 * PAGE..6 * PAGE], image);
+        assert_eq!(
+            &*history.hot,
+            &[0..2 * PAGE, 5 * PAGE..6 * PAGE],
+            "one slot: all it wrote"
+        );
+        history.learn(&[PAGE..3 * PAGE, 7 * PAGE..9 * PAGE], image);
+        history.learn(&[PAGE..2 * PAGE], image);
+        // Page 1 by all three; pages 0, 2, 5 and 7 by one each (8 is past the image).
+        assert_eq!(&*history.hot, &[PAGE..2 * PAGE], "{:?}", history.writers);
+        history.learn(&[0..3 * PAGE], image);
+        assert_eq!(&*history.hot, &[PAGE..2 * PAGE], "pages 0 and 2 by two of four");
+        for _ in 0..100 {
+            history.learn(&[PAGE..2 * PAGE, 4 * PAGE..5 * PAGE], image);
+        }
+        assert_eq!(history.slots, super::LEARNED_SLOTS, "learning stops");
+        // Page 1 by all 32, page 4 by 28: fewer than 29 (nine in ten).
+        assert_eq!(&*history.hot, &[PAGE..2 * PAGE], "{:?}", history.writers);
+    }
+
     use super::*;
 
     #[test]

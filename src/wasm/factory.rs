@@ -13,7 +13,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::bootstrap::{GUEST_ENV, GUEST_READY, GUEST_TMP, PREOPENS, bootstrap_chunk, preload_cell};
 use super::capture::CapturedStream;
-use super::cow::{MemoryImage, copy_pages, map_image, staging_path, written_pages};
+use super::cow::{MemoryImage, copy_hot_pages, copy_pages, map_image, staging_path, written_pages};
 use super::descriptors::{self, OpenFiles};
 use super::engine::ticks_for;
 use super::file_size;
@@ -75,6 +75,8 @@ pub(crate) struct InterpreterFactory {
     snapshot_file: Option<PathBuf>,
     /// Whether slots keep a rollback checkpoint (`StartOptions::rollback`).
     rollback: bool,
+    /// Whether a restored slot copies the image's hot pages at once (`StartOptions::copy_hot_pages`).
+    copy_hot_pages: bool,
 }
 
 /// The fork's first turn: new random streams, and its stack probe (see `_forked`).
@@ -167,6 +169,9 @@ pub(crate) struct StartOptions {
     /// Keep each slot's memory from before its running cell, to roll back to when a cell has
     /// to be stopped (see `rollback.rs`).
     pub(crate) rollback: bool,
+    /// Make a restored slot's own copies of the snapshot pages nearly every earlier slot wrote
+    /// at once, before its first turn (see `cow::WriteHistory`).
+    pub(crate) copy_hot_pages: bool,
 }
 
 impl InterpreterFactory {
@@ -224,6 +229,7 @@ impl InterpreterFactory {
             snapshot_file,
             virtual_epoch: options.virtual_epoch,
             rollback: options.rollback,
+            copy_hot_pages: options.copy_hot_pages,
         })
     }
 
@@ -430,6 +436,10 @@ impl InterpreterFactory {
     ) -> Result<Interpreter, StartError> {
         let started = Instant::now();
         let mut interpreter = self.instantiate(dirs, &snapshot.memory, false, world)?;
+        if self.copy_hot_pages {
+            let memory = interpreter.memory.data_mut(&mut interpreter.store);
+            copy_hot_pages(memory, &snapshot.memory);
+        }
         let mapped = started.elapsed();
         // The fresh-slot turn reseeds from the stream: a seeded slot's starts here.
         if let Some(world) = world {

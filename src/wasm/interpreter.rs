@@ -87,6 +87,18 @@ pub(crate) struct Interpreter {
     pub(crate) checkpoint: Option<Checkpoint>,
 }
 
+impl Drop for Interpreter {
+    /// Tells the image which pages this slot wrote, while it still learns them
+    /// ([`super::cow::WriteHistory`]).
+    fn drop(&mut self) {
+        if self.image.learns_writes()
+            && let Ok(written) = super::cow::written_pages(self.memory_bytes(), self.image.size())
+        {
+            self.image.learn_writes(&written);
+        }
+    }
+}
+
 impl Interpreter {
     /// Runs `code` as one cell under `limits` (with `timeout` as its time limit). The result's
     /// `metadata.state_lost` says the interpreter must be replaced before the next call.

@@ -161,10 +161,14 @@ fn exec_on_the_process_backend_keeps_native_python_state_and_runs_subprocesses()
 
 #[test]
 fn flags_for_another_backend_are_refused_not_ignored() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["--backend", "process", "--preload", "numpy"],
             "--preload applies to the wasm backend only",
+        ),
+        (
+            &["--backend", "process", "--lazy-copies"],
+            "--lazy-copies applies to the wasm backend only",
         ),
         (&["--unsafe-no-isolation"], "apply to --backend process only"),
         (
