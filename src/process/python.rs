@@ -158,20 +158,24 @@ impl NativeInterpreter {
             reports,
             stray,
         };
+        // Only an interpreter that ended by itself can have been bubblewrap dying while it set
+        // up; one stopped for not answering in time is not started again.
         match interpreter.handshake() {
             Ok(()) => Ok(interpreter),
-            Err(error) => Err((error, interpreter.leader.sandbox_setup_failed())),
+            Err((error, ended)) => Err((error, ended && interpreter.leader.sandbox_setup_failed())),
         }
     }
 
-    fn handshake(&mut self) -> Result<(), NativeStartError> {
-        let failed = |this: &mut Self, reason: String| {
+    /// Sends the guest code and waits for the interpreter to say it is ready. A failure says too
+    /// whether the interpreter ended by itself (rather than being stopped for not answering).
+    fn handshake(&mut self) -> Result<(), (NativeStartError, bool)> {
+        let failed = |this: &mut Self, reason: String, ended: bool| {
             this.leader.kill_and_reap();
             let output = this.stray.drain(Instant::now() + STRAY_OUTPUT_GRACE).into_text();
-            NativeStartError::Handshake { reason, output }
+            (NativeStartError::Handshake { reason, output }, ended)
         };
         if let Err(error) = write_frame(&mut self.input, GUEST_SOURCE.as_bytes()) {
-            return Err(failed(self, format!("failed to send the guest code: {error}")));
+            return Err(failed(self, format!("failed to send the guest code: {error}"), true));
         }
         match self.reports.recv_timeout(STARTUP_TIMEOUT) {
             Ok(frame) if frame == br#"{"ready": true}"# => {
@@ -182,12 +186,14 @@ impl NativeInterpreter {
             Ok(frame) => Err(failed(
                 self,
                 format!("unexpected answer {:?}", String::from_utf8_lossy(&frame)),
+                false,
             )),
             Err(mpsc::RecvTimeoutError::Timeout) => Err(failed(
                 self,
                 format!("no answer within {} s", STARTUP_TIMEOUT.as_secs()),
+                false,
             )),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(failed(self, "it exited".into())),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(failed(self, "it exited".into(), true)),
         }
     }
 

@@ -73,9 +73,12 @@ fn run_bash_once(
         Ok(ending) => ending,
         Err(error) => return failure(format!("failed to wait for the command: {error}")),
     };
+    // Only bubblewrap exiting by itself can be a failed set-up; one stopped at the time limit
+    // (perhaps still setting up on a loaded host) is not started again.
+    let exited = matches!(ending, Ending::Exited(_));
     let grace = Instant::now() + PIPE_GRACE;
     let result = bash_result(ending, stdout.drain(grace), stderr.drain(grace), timeout);
-    match leader.sandbox_setup_failed() {
+    match exited && leader.sandbox_setup_failed() {
         true => Attempt::SetupFailed(result),
         false => Attempt::Ran(result),
     }
