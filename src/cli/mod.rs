@@ -179,8 +179,8 @@ pub(crate) struct RuntimeArgs {
     #[arg(long)]
     rollback: bool,
     /// Copy a slot's pages from the snapshot only as it writes them, rather than copying at
-    /// once the pages nearly every slot writes: less memory per slot, slower cells on hosts
-    /// where a copy-on-write fault is dear (docs/snapshots.md, "Hot pages").
+    /// once the pages nearly every slot writes in its first cells: slower cells on hosts where
+    /// a copy-on-write fault is dear (docs/snapshots.md, "How it works", item 6).
     #[arg(long)]
     lazy_copies: bool,
     /// Where a seeded slot's virtual clock starts (with --seed): a UTC instant such as

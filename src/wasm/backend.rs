@@ -66,11 +66,10 @@ pub struct WasmBackendConfig {
     /// pays for it (BENCHMARKS.md). Slots restored from a snapshot or forked only.
     pub rollback: bool,
     /// Make a slot restored from the snapshot own, at once, the snapshot pages that nearly
-    /// every one of the first 32 slots released wrote (docs/snapshots.md, "Hot pages"). On by
-    /// default: each first write to a shared page is a fault, and one to a page already read
-    /// also interrupts every other CPU to flush its TLB, which took 46% of a `--group-size 8`
-    /// rollout's CPU on a 2-core VM. Costs memory: about 2.3 MB more per slot that has run only
-    /// a trivial cell.
+    /// every one of the first 32 slots wrote in their first 3 cells (docs/snapshots.md, item 6
+    /// of "How it works"). On by default: each first write to a shared page is a fault, and one
+    /// to a page already read also interrupts every other CPU to flush its TLB, which took 46%
+    /// of a `--group-size 8` rollout's CPU on a 2-core VM.
     pub copy_hot_pages: bool,
 }
 

@@ -15,7 +15,7 @@
 //! - [`written_pages`]: which pages of a mapped memory the slot has written, read from
 //!   `/proc/self/pagemap`: a written page of a private file mapping is anonymous, an unwritten
 //!   one is the file's. A fork copies only those.
-//! - [`WriteHistory`]: the pages the first released slots of an image wrote.
+//! - [`WriteHistory`]: the pages the first slots of an image wrote in their first cells.
 //!   [`copy_hot_pages`] makes a restored slot's own copies of the pages nearly all of them wrote
 //!   at once, before any guest code runs (see [`WriteHistory`] for why).
 //!
@@ -46,7 +46,7 @@ pub(crate) struct MemoryImage {
     size: usize,
     /// Bytes in pages that are not all zero: what the image holds in memory or on disk.
     data_bytes: usize,
-    /// The pages its first released slots wrote.
+    /// The pages its first slots wrote in their first cells.
     history: std::sync::Mutex<WriteHistory>,
 }
 
@@ -116,8 +116,8 @@ impl MemoryImage {
         lock(&self.history).learning()
     }
 
-    /// Counts the pages (`ranges`, as [`written_pages`] gives them) a slot of this image wrote
-    /// in its life, as it ends.
+    /// Counts the pages (`ranges`, as [`written_pages`] gives them) a slot of this image has
+    /// written by the end of its first cells.
     pub(crate) fn learn_writes(&self, ranges: &[Range<usize>]) {
         lock(&self.history).learn(ranges, self.size);
     }
@@ -228,8 +228,8 @@ pub(crate) fn map_image(mut store: impl AsContextMut, memory: Memory, image: &Me
 }
 
 /// Makes the slot's own copies, at once, of the pages of `memory` (mapped from `image` by
-/// [`map_image`], before any guest code runs in it) that most of the image's learned slots
-/// wrote (see [`WriteHistory`]). Only the pages' owner changes, not their bytes. A kernel
+/// [`map_image`], before any guest code runs in it) that nearly all of the image's learned
+/// slots wrote (see [`WriteHistory`]). Only the pages' owner changes, not their bytes. A kernel
 /// without `MADV_POPULATE_WRITE` (before 5.14) answers `EINVAL`, and the pages are copied at
 /// their first write instead, as without this.
 pub(crate) fn copy_hot_pages(memory: &mut [u8], image: &MemoryImage) {
@@ -251,11 +251,15 @@ pub(crate) fn copy_hot_pages(memory: &mut [u8], image: &MemoryImage) {
 /// `madvise` advice (Linux 5.14): fault the range in writable, as writes would.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
-/// How many released slots of an image [`WriteHistory`] learns from.
+/// How many slots of an image [`WriteHistory`] learns from.
 const LEARNED_SLOTS: u16 = 32;
 
-/// The pages the first [`LEARNED_SLOTS`] released slots of an image wrote, and the *hot* ones:
-/// those at least 90% of them wrote.
+/// A slot teaches [`WriteHistory`] the pages it has written by the end of this many cells (or
+/// by its end, when it runs fewer).
+pub(crate) const LEARNED_CELLS: u32 = 3;
+
+/// The pages the first [`LEARNED_SLOTS`] slots of an image wrote in their first
+/// [`LEARNED_CELLS`] cells, and the *hot* ones: those at least 90% of them wrote.
 ///
 /// Why: a slot's first write to a page it shares with the image is a copy-on-write fault, and
 /// when the page was read first (CPython reads an object before it changes its reference
@@ -263,11 +267,12 @@ const LEARNED_SLOTS: u16 = 32;
 /// interrupt to each other CPU running a thread of this process. On this VM those interrupts
 /// took 46% of the CPU of a `--group-size 8` rollout (`perf`: `do_wp_page`, `flush_tlb_mm_range`,
 /// `x2apic_send_IPI`). A page made the slot's own before any guest code runs has no mapping to
-/// flush. Slots of the same image write much the same pages (a median of 428 of its 26,000 in
-/// that rollout), so the pages nearly all of the first slots wrote are copied at once for every
-/// later slot restored from the image, with `MADV_POPULATE_WRITE` (about 2.3 MB more per slot
-/// that has run one trivial cell, BENCHMARKS.md). Learning stops after
-/// [`LEARNED_SLOTS`], so it costs a `pagemap` read in only that many releases.
+/// flush. Slots of the same image write much the same pages at the start (the fresh-slot turn,
+/// the first cells), so the pages nearly all of the first slots wrote by then are copied at once
+/// for every later slot restored from the image, with `MADV_POPULATE_WRITE`. Learning only the
+/// first cells keeps that to pages a slot that runs a few cells writes anyway: learned over the
+/// slots' whole lives instead, an idle slot held 4.9 MB PSS against 1.6 MB (BENCHMARKS.md).
+/// Learning stops after [`LEARNED_SLOTS`], so it costs a `pagemap` read in only that many slots.
 #[derive(Debug, Default)]
 pub(crate) struct WriteHistory {
     /// Slots counted.

@@ -713,6 +713,7 @@ impl InterpreterFactory {
             stdout,
             stderr,
             checkpoint: None,
+            cells_run: 0,
         })
     }
 

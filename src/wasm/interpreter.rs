@@ -85,16 +85,16 @@ pub(crate) struct Interpreter {
     pub(crate) stderr: CapturedStream,
     /// The slot's memory as it was before its running cell, when rollback is on.
     pub(crate) checkpoint: Option<Checkpoint>,
+    /// Cells run so far (setup cells included).
+    pub(crate) cells_run: u32,
 }
 
 impl Drop for Interpreter {
-    /// Tells the image which pages this slot wrote, while it still learns them
-    /// ([`super::cow::WriteHistory`]).
+    /// A slot that ends before its [`super::cow::LEARNED_CELLS`]th cell teaches the image what
+    /// it wrote in all.
     fn drop(&mut self) {
-        if self.image.learns_writes()
-            && let Ok(written) = super::cow::written_pages(self.memory_bytes(), self.image.size())
-        {
-            self.image.learn_writes(&written);
+        if self.cells_run < super::cow::LEARNED_CELLS {
+            self.teach_image();
         }
     }
 }
@@ -154,7 +154,21 @@ impl Interpreter {
             ),
         };
         result.metadata.interrupted = interrupted;
+        self.cells_run += 1;
+        if self.cells_run == super::cow::LEARNED_CELLS {
+            self.teach_image();
+        }
         result
+    }
+
+    /// Tells the image which of its pages this slot has written so far, while the image still
+    /// learns them ([`super::cow::WriteHistory`]).
+    fn teach_image(&self) {
+        if self.image.learns_writes()
+            && let Ok(written) = super::cow::written_pages(self.memory_bytes(), self.image.size())
+        {
+            self.image.learn_writes(&written);
+        }
     }
 
     /// Brings the rollback checkpoint up to the memory as it is before a cell. A checkpoint that
