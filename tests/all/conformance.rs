@@ -7,7 +7,7 @@ use std::time::Duration;
 use rollbox::{Backend, ErrorKind, LimitKind, Slot, SlotId, ToolCall};
 use serde_json::json;
 
-use crate::support::{ok, pretty, value};
+use crate::support::{bash, ok, pretty, value};
 
 /// Every check in this module, in turn.
 pub async fn run_all(backend: &dyn Backend) {
@@ -450,10 +450,6 @@ pub async fn run_shell(backend: &dyn Backend) {
     shell_output_is_capped(backend).await;
     shell_environment_is_clean(backend).await;
     shell_and_python_share_the_workspace(backend).await;
-}
-
-fn bash(command: &str) -> ToolCall {
-    ToolCall::new("bash", json!({ "command": command }))
 }
 
 pub async fn exit_codes_are_reported(backend: &dyn Backend) {

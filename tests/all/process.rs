@@ -12,7 +12,7 @@ use rollbox::{Backend, ErrorKind, LimitKind, Limits, Slot, ToolCall};
 use serde_json::json;
 
 use crate::conformance;
-use crate::support::{ok, pretty, value};
+use crate::support::{bash, ok, pretty, value};
 
 /// A backend with `limits` and bubblewrap isolation, its folders in a fresh temporary root
 /// (returned too, so it lives as long as the backend).
@@ -32,10 +32,6 @@ pub fn process_backend_with(config: ProcessBackendConfig) -> (ProcessBackend, te
     };
     let backend = ProcessBackend::new(config).unwrap_or_else(|e| panic!("failed to start the process backend: {e:?}"));
     (backend, root)
-}
-
-fn bash(command: &str) -> ToolCall {
-    ToolCall::new("bash", json!({ "command": command }))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,14 +10,10 @@ use rollbox::{Backend, LimitKind, Limits, ToolCall};
 use serde_json::json;
 
 use crate::process::process_backend;
-use crate::support::{NO_HANG, ok, pretty, value};
+use crate::support::{NO_HANG, bash, ok, pretty, value};
 
 /// A bash fork bomb: each copy starts two more, in the background, forever.
 const BOMB: &str = ":(){ :|:& };:";
-
-fn bash(command: &str) -> ToolCall {
-    ToolCall::new("bash", json!({ "command": command }))
-}
 
 /// Processes whose cgroup (any hierarchy) is `dir` or below it, by reading /proc: the count the
 /// kernel gives, not rollbox's.

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use rollbox::{ExecutionResult, Limits, SilentReporter, WasmBackend, WasmBackendConfig};
+use rollbox::{Backend, ExecutionResult, Limits, SilentReporter, Slot, ToolCall, WasmBackend, WasmBackendConfig};
 
 /// How long a test waits for something that must finish before it calls it a hang. A guard
 /// against a stuck suite, never a speed check.
@@ -49,4 +49,20 @@ pub fn value(result: &ExecutionResult) -> String {
 /// The whole result as pretty JSON, for failure messages.
 pub fn pretty(result: &ExecutionResult) -> String {
     serde_json::to_string_pretty(result).unwrap_or_else(|e| format!("{result:?} ({e})"))
+}
+
+/// A `bash` tool call running `command`.
+pub fn bash(command: &str) -> ToolCall {
+    ToolCall::new("bash", serde_json::json!({ "command": command }))
+}
+
+/// Applies `patch` in `slot`'s workspace with `git apply`, through the bash tool, asserting
+/// that it applies.
+pub async fn apply_patch(backend: &dyn Backend, slot: &Slot, patch: &str) {
+    ok(backend
+        .execute(
+            slot,
+            bash(&format!("git apply <<'ROLLBOX_PATCH'\n{patch}ROLLBOX_PATCH")),
+        )
+        .await);
 }

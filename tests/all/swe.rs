@@ -13,7 +13,7 @@ use rollbox::{Backend, Limits, Slot, ToolCall};
 use serde_json::json;
 
 use crate::process::process_backend;
-use crate::support::{ok, pretty};
+use crate::support::{apply_patch, bash, ok, pretty};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
@@ -26,19 +26,10 @@ fn example_task(repos: &Path) -> SweTask {
     tasks.remove(0)
 }
 
-fn bash(command: &str) -> ToolCall {
-    ToolCall::new("bash", json!({ "command": command }))
-}
-
 /// Applies the task's gold patch with `git apply`, through the bash tool.
 async fn apply_gold_patch(backend: &dyn Backend, slot: &Slot, task: &SweTask) {
     let patch = task.gold_patch.as_deref().expect("the example has a gold patch");
-    ok(backend
-        .execute(
-            slot,
-            bash(&format!("git apply <<'ROLLBOX_PATCH'\n{patch}ROLLBOX_PATCH")),
-        )
-        .await);
+    apply_patch(backend, slot, patch).await;
 }
 
 #[test]

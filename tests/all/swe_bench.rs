@@ -10,27 +10,14 @@ use std::sync::Arc;
 
 use rollbox::rollout::dataset::{Dataset, load_dataset_with};
 use rollbox::rollout::swe::{self, SweTask, TestExpectation, TestStatus};
-use rollbox::{Backend, Limits, Slot, ToolCall};
+use rollbox::{Backend, Limits, ToolCall};
 use serde_json::json;
 
 use crate::process::process_backend;
-use crate::support::ok;
+use crate::support::{apply_patch, bash, ok};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
-}
-
-fn bash(command: &str) -> ToolCall {
-    ToolCall::new("bash", json!({ "command": command }))
-}
-
-async fn apply(backend: &dyn Backend, slot: &Slot, patch: &str) {
-    ok(backend
-        .execute(
-            slot,
-            bash(&format!("git apply <<'ROLLBOX_PATCH'\n{patch}ROLLBOX_PATCH")),
-        )
-        .await);
 }
 
 /// A new test file the agent never sees: one test the bug fails, one it does not.
@@ -120,7 +107,7 @@ async fn a_swe_bench_row_is_scored_per_test_id_with_the_test_patch_applied_only_
         "the agent never sees the test patch's tests"
     );
 
-    apply(&backend, &slots[0], task.gold_patch.as_deref().expect("gold")).await;
+    apply_patch(&backend, &slots[0], task.gold_patch.as_deref().expect("gold")).await;
     let gold = swe::verify(&backend, &slots[0], &task).await.expect("verify");
     assert_eq!(gold.reward, 1.0, "{}", gold.output);
     assert_eq!(gold.tests.len(), 6, "{:?}", gold.tests);
@@ -141,7 +128,7 @@ async fn a_swe_bench_row_is_scored_per_test_id_with_the_test_patch_applied_only_
     }
 
     // Fixes the median, breaks the mean: every FAIL_TO_PASS passes, two PASS_TO_PASS break.
-    apply(&backend, &slots[2], task.gold_patch.as_deref().expect("gold")).await;
+    apply_patch(&backend, &slots[2], task.gold_patch.as_deref().expect("gold")).await;
     ok(backend
         .execute(
             &slots[2],

@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use rollbox::rollout::dataset::{Dataset, load_dataset_with};
 use rollbox::rollout::swe::{self, SilentEnvironmentReporter, SweTask, TestExpectation, TestStatus};
-use rollbox::{Backend, Limits, Slot, ToolCall};
+use rollbox::{Backend, Limits};
 use serde_json::json;
 
 use crate::process::process_backend_with;
-use crate::support::ok;
+use crate::support::{apply_patch, bash, ok};
 
 /// Where the tasks, their sdists and their environments are kept between runs: the same
 /// paths give the same environment keys, so the venvs are built once per machine.
@@ -66,19 +66,6 @@ fn backend() -> (rollbox::process::ProcessBackend, tempfile::TempDir) {
     })
 }
 
-fn bash(command: &str) -> ToolCall {
-    ToolCall::new("bash", json!({ "command": command }))
-}
-
-async fn apply(backend: &dyn Backend, slot: &Slot, patch: &str) {
-    ok(backend
-        .execute(
-            slot,
-            bash(&format!("git apply <<'ROLLBOX_PATCH'\n{patch}ROLLBOX_PATCH")),
-        )
-        .await);
-}
-
 /// For each real task, on the process backend with its pip-built environment: the gold patch
 /// scores 1.0, no patch 0.0 (its FAIL_TO_PASS ids fail, the rest pass), and a patch that fixes
 /// the bug but breaks a PASS_TO_PASS test 0.0.
@@ -113,8 +100,8 @@ async fn real_tasks_score_one_for_the_gold_patch_and_zero_without_it_or_with_a_b
             "{id}: {}",
             python.output
         );
-        apply(&backend, &slots[0], task.gold_patch.as_deref().expect("gold")).await;
-        apply(&backend, &slots[2], &breaking).await;
+        apply_patch(&backend, &slots[0], task.gold_patch.as_deref().expect("gold")).await;
+        apply_patch(&backend, &slots[2], &breaking).await;
         let gold = swe::verify(&backend, &slots[0], &task).await.expect("verify");
         assert_eq!(gold.reward, 1.0, "{id}: {:?}\n{}", gold.tests, gold.output);
         let none = swe::verify(&backend, &slots[1], &task).await.expect("verify");
