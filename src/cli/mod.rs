@@ -179,7 +179,7 @@ pub(crate) struct RuntimeArgs {
     #[arg(long)]
     rollback: bool,
     /// Copy a slot's pages from the snapshot only as it writes them, rather than copying at
-    /// once the pages nearly every slot writes in its first cells: slower cells on hosts where
+    /// once the pages most slots write in their first cells: slower cells on hosts where
     /// a copy-on-write fault is dear (docs/snapshots.md, "How it works", item 6).
     #[arg(long)]
     lazy_copies: bool,

@@ -65,8 +65,8 @@ pub struct WasmBackendConfig {
     /// stopped rolls the slot back instead of losing its state (docs/snapshots.md). Every cell
     /// pays for it (BENCHMARKS.md). Slots restored from a snapshot or forked only.
     pub rollback: bool,
-    /// Make a slot restored from the snapshot own, at once, the snapshot pages that nearly
-    /// every one of the first 32 slots wrote in their first 3 cells (docs/snapshots.md, item 6
+    /// Make a slot restored from the snapshot own, at once, the snapshot pages that at least
+    /// half of the first 32 slots wrote in their first 3 cells (docs/snapshots.md, item 6
     /// of "How it works"). On by default: each first write to a shared page is a fault, and one
     /// to a page already read also interrupts every other CPU to flush its TLB, which took 46%
     /// of a `--group-size 8` rollout's CPU on a 2-core VM.

@@ -16,7 +16,7 @@
 //!   `/proc/self/pagemap`: a written page of a private file mapping is anonymous, an unwritten
 //!   one is the file's. A fork copies only those.
 //! - [`WriteHistory`]: the pages the first slots of an image wrote in their first cells.
-//!   [`copy_hot_pages`] makes a restored slot's own copies of the pages nearly all of them wrote
+//!   [`copy_hot_pages`] makes a restored slot's own copies of the pages most of them wrote
 //!   at once, before any guest code runs (see [`WriteHistory`] for why).
 //!
 //! The runtime module is compiled without its data segments (`super::runtime::code_only`), so
@@ -228,12 +228,18 @@ pub(crate) fn map_image(mut store: impl AsContextMut, memory: Memory, image: &Me
 }
 
 /// Makes the slot's own copies, at once, of the pages of `memory` (mapped from `image` by
-/// [`map_image`], before any guest code runs in it) that nearly all of the image's learned
+/// [`map_image`], before any guest code runs in it) that most of the image's learned
 /// slots wrote (see [`WriteHistory`]). Only the pages' owner changes, not their bytes. A kernel
 /// without `MADV_POPULATE_WRITE` (before 5.14) answers `EINVAL`, and the pages are copied at
 /// their first write instead, as without this.
-pub(crate) fn copy_hot_pages(memory: &mut [u8], image: &MemoryImage) {
+///
+/// Returns false when the image has no hot pages yet (it is still learning them), true when the
+/// slot got its copies.
+pub(crate) fn copy_hot_pages(memory: &mut [u8], image: &MemoryImage) -> bool {
     let hot = lock(&image.history).hot.clone();
+    if hot.is_empty() {
+        return false;
+    }
     let len = memory.len();
     for range in hot.iter().filter(|range| range.end <= len) {
         // SAFETY: the range lies inside `memory`, held mutably here, so nothing reads or writes
@@ -246,6 +252,7 @@ pub(crate) fn copy_hot_pages(memory: &mut [u8], image: &MemoryImage) {
             );
         }
     }
+    true
 }
 
 /// `madvise` advice (Linux 5.14): fault the range in writable, as writes would.
@@ -259,7 +266,7 @@ const LEARNED_SLOTS: u16 = 32;
 pub(crate) const LEARNED_CELLS: u32 = 3;
 
 /// The pages the first [`LEARNED_SLOTS`] slots of an image wrote in their first
-/// [`LEARNED_CELLS`] cells, and the *hot* ones: those at least 90% of them wrote.
+/// [`LEARNED_CELLS`] cells, and the *hot* ones: those at least half of them wrote.
 ///
 /// Why: a slot's first write to a page it shares with the image is a copy-on-write fault, and
 /// when the page was read first (CPython reads an object before it changes its reference
@@ -268,18 +275,21 @@ pub(crate) const LEARNED_CELLS: u32 = 3;
 /// took 46% of the CPU of a `--group-size 8` rollout (`perf`: `do_wp_page`, `flush_tlb_mm_range`,
 /// `x2apic_send_IPI`). A page made the slot's own before any guest code runs has no mapping to
 /// flush. Slots of the same image write much the same pages at the start (the fresh-slot turn,
-/// the first cells), so the pages nearly all of the first slots wrote by then are copied at once
+/// the first cells), so the pages most of the first slots wrote by then are copied at once
 /// for every later slot restored from the image, with `MADV_POPULATE_WRITE`. Learning only the
 /// first cells keeps that to pages a slot that runs a few cells writes anyway: learned over the
 /// slots' whole lives instead, an idle slot held 4.9 MB PSS against 1.6 MB (BENCHMARKS.md).
-/// Learning stops after [`LEARNED_SLOTS`], so it costs a `pagemap` read in only that many slots.
+/// Only slots restored without the copies are counted, and the hot pages are published once
+/// [`LEARNED_SLOTS`] are: a slot that got them would report them all as written. Learning then
+/// stops, so it costs a `pagemap` read in only that many slots.
 #[derive(Debug, Default)]
 pub(crate) struct WriteHistory {
     /// Slots counted.
     slots: u16,
     /// For each page of the image, how many of them wrote it.
     writers: Vec<u16>,
-    /// The page ranges at least 90% of them wrote: what a new slot copies at once.
+    /// The page ranges at least half of them wrote: what a new slot copies at once. Empty until
+    /// all of them are counted.
     hot: std::sync::Arc<[Range<usize>]>,
 }
 
@@ -302,7 +312,12 @@ impl WriteHistory {
             }
         }
         self.slots += 1;
-        let most = (self.slots * 9).div_ceil(10);
+        // Published only once all are counted: a slot that got the copies would report them
+        // as written, so the first slots' pages would count again in every later one.
+        if self.learning() {
+            return;
+        }
+        let most = self.slots.div_ceil(2);
         let mut hot: Vec<Range<usize>> = Vec::new();
         for (page, _) in self.writers.iter().enumerate().filter(|(_, writers)| **writers >= most) {
             let at = page * PAGE;
@@ -505,27 +520,30 @@ impl Drop for ReservedMemory {
 mod tests {
     #[test]
     #[allow(clippy::single_range_in_vec_init, reason = "lists of page ranges, some of one range")]
-    fn the_hot_pages_are_those_nine_in_ten_of_the_learned_slots_wrote() {
+    fn the_hot_pages_are_those_half_the_learned_slots_wrote() {
         let mut history = super::WriteHistory::default();
         let image = 8 * PAGE;
         history.learn(&[0..2 * PAGE, 5 * PAGE..6 * PAGE], image);
-        assert_eq!(
-            &*history.hot,
-            &[0..2 * PAGE, 5 * PAGE..6 * PAGE],
-            "one slot: all it wrote"
-        );
         history.learn(&[PAGE..3 * PAGE, 7 * PAGE..9 * PAGE], image);
         history.learn(&[PAGE..2 * PAGE], image);
-        // Page 1 by all three; pages 0, 2, 5 and 7 by one each (8 is past the image).
-        assert_eq!(&*history.hot, &[PAGE..2 * PAGE], "{:?}", history.writers);
-        history.learn(&[0..3 * PAGE], image);
-        assert_eq!(&*history.hot, &[PAGE..2 * PAGE], "pages 0 and 2 by two of four");
-        for _ in 0..100 {
+        assert!(history.hot.is_empty(), "nothing is published while learning");
+        for _ in 3..super::LEARNED_SLOTS - 1 {
             history.learn(&[PAGE..2 * PAGE, 4 * PAGE..5 * PAGE], image);
         }
-        assert_eq!(history.slots, super::LEARNED_SLOTS, "learning stops");
-        // Page 1 by all 32, page 4 by 28: fewer than 29 (nine in ten).
-        assert_eq!(&*history.hot, &[PAGE..2 * PAGE], "{:?}", history.writers);
+        assert!(history.hot.is_empty(), "one slot short");
+        history.learn(&[PAGE..2 * PAGE, 4 * PAGE..5 * PAGE, 6 * PAGE..7 * PAGE], image);
+        assert!(!history.learning(), "learning stops");
+        // Page 1 by all 32 and page 4 by 29, at least half; pages 0, 2, 5, 6 and 7 by one each
+        // (8 is past the image).
+        assert_eq!(
+            &*history.hot,
+            &[PAGE..2 * PAGE, 4 * PAGE..5 * PAGE],
+            "{:?}",
+            history.writers
+        );
+        history.learn(&[0..8 * PAGE], image);
+        assert_eq!(history.slots, super::LEARNED_SLOTS, "a later slot is not counted");
+        assert_eq!(&*history.hot, &[PAGE..2 * PAGE, 4 * PAGE..5 * PAGE]);
     }
 
     use super::*;

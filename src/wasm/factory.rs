@@ -169,7 +169,7 @@ pub(crate) struct StartOptions {
     /// Keep each slot's memory from before its running cell, to roll back to when a cell has
     /// to be stopped (see `rollback.rs`).
     pub(crate) rollback: bool,
-    /// Make a restored slot's own copies of the snapshot pages nearly every earlier slot wrote
+    /// Make a restored slot's own copies of the snapshot pages most earlier slots wrote
     /// at once, before its first turn (see `cow::WriteHistory`).
     pub(crate) copy_hot_pages: bool,
 }
@@ -438,7 +438,8 @@ impl InterpreterFactory {
         let mut interpreter = self.instantiate(dirs, &snapshot.memory, false, world)?;
         if self.copy_hot_pages {
             let memory = interpreter.memory.data_mut(&mut interpreter.store);
-            copy_hot_pages(memory, &snapshot.memory);
+            // A slot without the copies (the image is still learning) is one to learn from.
+            interpreter.teaches_image = !copy_hot_pages(memory, &snapshot.memory);
         }
         let mapped = started.elapsed();
         // The fresh-slot turn reseeds from the stream: a seeded slot's starts here.
@@ -714,6 +715,7 @@ impl InterpreterFactory {
             stderr,
             checkpoint: None,
             cells_run: 0,
+            teaches_image: false,
         })
     }
 

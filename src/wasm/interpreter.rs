@@ -87,6 +87,10 @@ pub(crate) struct Interpreter {
     pub(crate) checkpoint: Option<Checkpoint>,
     /// Cells run so far (setup cells included).
     pub(crate) cells_run: u32,
+    /// Whether this slot tells its image which pages it writes ([`super::cow::WriteHistory`]):
+    /// only a slot restored without the hot pages copied. A fork or a rollback would report
+    /// its parent's pages, a slot with the copies the copies.
+    pub(crate) teaches_image: bool,
 }
 
 impl Drop for Interpreter {
@@ -164,7 +168,8 @@ impl Interpreter {
     /// Tells the image which of its pages this slot has written so far, while the image still
     /// learns them ([`super::cow::WriteHistory`]).
     fn teach_image(&self) {
-        if self.image.learns_writes()
+        if self.teaches_image
+            && self.image.learns_writes()
             && let Ok(written) = super::cow::written_pages(self.memory_bytes(), self.image.size())
         {
             self.image.learn_writes(&written);
