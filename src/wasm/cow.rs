@@ -258,6 +258,12 @@ pub(crate) fn copy_hot_pages(memory: &mut [u8], image: &MemoryImage) -> bool {
 /// `madvise` advice (Linux 5.14): fault the range in writable, as writes would.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
+/// The most pages a restored slot copies at once (8 MiB). What the first slots write decides the
+/// hot pages, and those slots run the model's code: without a bound, slots that each wrote
+/// 100 MB in their first cells would make every later slot own 100 MB. Slots of the default
+/// profile write a few hundred pages at their start (BENCHMARKS.md, "Session 8").
+const MAX_HOT_PAGES: usize = 2048;
+
 /// How many slots of an image [`WriteHistory`] learns from.
 const LEARNED_SLOTS: u16 = 32;
 
@@ -318,8 +324,18 @@ impl WriteHistory {
             return;
         }
         let most = self.slots.div_ceil(2);
+        let mut pages: Vec<usize> = (0..self.writers.len())
+            .filter(|&page| self.writers[page] >= most)
+            .collect();
+        if pages.len() > MAX_HOT_PAGES {
+            // The most written first; a page's place breaks ties, so the choice is the same
+            // every time.
+            pages.sort_by_key(|&page| (std::cmp::Reverse(self.writers[page]), page));
+            pages.truncate(MAX_HOT_PAGES);
+            pages.sort_unstable();
+        }
         let mut hot: Vec<Range<usize>> = Vec::new();
-        for (page, _) in self.writers.iter().enumerate().filter(|(_, writers)| **writers >= most) {
+        for page in pages {
             let at = page * PAGE;
             match hot.last_mut() {
                 Some(last) if last.end == at => last.end = at + PAGE,
@@ -544,6 +560,19 @@ mod tests {
         history.learn(&[0..8 * PAGE], image);
         assert_eq!(history.slots, super::LEARNED_SLOTS, "a later slot is not counted");
         assert_eq!(&*history.hot, &[PAGE..2 * PAGE, 4 * PAGE..5 * PAGE]);
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init, reason = "lists of page ranges, some of one range")]
+    fn slots_that_write_much_make_later_slots_copy_no_more_than_the_bound() {
+        let mut history = super::WriteHistory::default();
+        let pages = super::MAX_HOT_PAGES + 100;
+        let image = pages * PAGE;
+        // Every slot writes every page, so all are hot and tie: the lowest pages are kept.
+        for _ in 0..super::LEARNED_SLOTS {
+            history.learn(&[0..image], image);
+        }
+        assert_eq!(&*history.hot, &[0..super::MAX_HOT_PAGES * PAGE]);
     }
 
     use super::*;
